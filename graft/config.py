@@ -1,0 +1,267 @@
+"""The config tree, its override grammar and strict validation.
+
+A run is described by one `Config`: a tree of small typed dataclasses. The model parts' configs
+live beside their modules (`models/vit.py`, `models/decoder.py`, `models/connectors.py`); the
+run-level ones (data, optimiser, training, evaluation) live here. Recipes (`recipes.py`) are
+functions returning a `Config`; the CLI changes single fields with `--set a.b=value`.
+
+Every unknown key and every wrong type fails with a `UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from graft.errors import UserError
+from graft.models.connectors import ConnectorConfig
+from graft.models.decoder import LMConfig
+from graft.models.vit import VisionConfig
+
+PARTS = ("vision", "connector", "lm")
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # only the built-in world for now
+    seed: int = 0  # world seed: sample i of split s is a pure function of (seed, s, i)
+    grid: int = 4  # objects sit in a grid x grid layout of cells
+    max_objects: int = 4
+    questions_per_image: int = 4  # QA turns per training conversation (amortises the image)
+    caption_prob: float = 0.25  # chance a training conversation also asks for the caption
+    tokenizer: str | None = None  # a tokenizer.json to use instead of training one on the world
+    vocab_size: int = 384
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.05  # on matrices only; norms, biases and position tables are exempt
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # per process, per optimiser step (split into grad_accum micro-batches)
+    grad_accum: int = 1
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16: auto = bf16 autocast on GPUs, fp32 on CPUs
+    device: str = "auto"  # auto | cpu | cuda
+    freeze: list[str] = field(default_factory=list)  # parts to freeze: vision, connector, lm
+    init_from: str | None = None  # a run directory whose latest weights initialise the model
+    log_every: int = 10
+    ckpt_every: int = 250
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: evaluate only at the end
+    peak_flops: float = 0.0  # for MFU; 0 = measure (CPU) or look up the datasheet (GPU)
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    splits: list[str] = field(default_factory=lambda: ["test", "compositional"])
+    vqa_per_type: int = 100  # questions per question type and split
+    captions: int = 100  # images captioned per split (CIDEr)
+    batch_size: int = 128
+    max_new_tokens: int = 24
+
+
+@dataclass
+class Config:
+    name: str = "shapes_vqa"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---- conversion between values and typed fields -------------------------------------------------
+
+
+def _coerce(key: str, value, tp):
+    """Return `value` as type `tp`, or raise UserError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise UserError(f"config key '{key}' expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise UserError(f"config key '{key}' expects an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise UserError(f"config key '{key}' expects an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"config key '{key}' expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"config key '{key}' expects a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"config key '{key}' expects a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _field_types(obj) -> dict:
+    return typing.get_type_hints(type(obj))
+
+
+def set_key(cfg: Config, dotted: str, raw) -> None:
+    """Set one field by its dotted name, e.g. set_key(cfg, "lm.layers", "8")."""
+    node, parts = cfg, dotted.split(".")
+    for i, part in enumerate(parts):
+        hints = _field_types(node)
+        if part not in hints:
+            where = ".".join(parts[:i]) or "the top level"
+            valid = ", ".join(sorted(hints))
+            raise UserError(f"unknown config key '{dotted}' ('{part}' is not in {where}; valid: {valid})")
+        if i < len(parts) - 1:
+            node = getattr(node, part)
+            if not dataclasses.is_dataclass(node):
+                raise UserError(f"unknown config key '{dotted}' ('{part}' has no sub-keys)")
+        elif dataclasses.is_dataclass(getattr(node, part)):
+            raise UserError(f"config key '{dotted}' is a section; set one of its keys instead")
+        else:
+            setattr(node, part, _coerce(dotted, raw, hints[part]))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `--set key=value` strings; the value is read as YAML (so 1e-3, true, [a, b] work)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}' is not of the form key=value")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        set_key(cfg, key.strip(), text if _expects_str(cfg, key.strip()) else value)
+    return validate(cfg)
+
+
+def _expects_str(cfg: Config, dotted: str) -> bool:
+    """Strings are taken verbatim (so `--set name=007` stays '007')."""
+    node, parts = cfg, dotted.split(".")
+    for part in parts[:-1]:
+        node = getattr(node, part, None)
+        if node is None or not dataclasses.is_dataclass(node):
+            return False
+    tp = _field_types(node).get(parts[-1])
+    return tp is str
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, cls=Config, prefix: str = ""):
+    """Build a config from a (YAML) dict, strictly: unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix or 'top level'}' must be a mapping")
+    obj, hints = cls(), typing.get_type_hints(cls)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            raise UserError(f"unknown config key '{dotted}' (valid: {', '.join(sorted(hints))})")
+        if dataclasses.is_dataclass(hints[key]):
+            setattr(obj, key, from_dict(value, hints[key], dotted + "."))
+        else:
+            setattr(obj, key, _coerce(dotted, value, hints[key]))
+    return obj
+
+
+def save(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load(path: Path) -> Config:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return validate(from_dict(data or {}))
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks; each failure names the key and the value."""
+    v, lm = cfg.vision, cfg.lm
+    if v.image_size % v.patch_size:
+        raise UserError(f"vision.image_size={v.image_size} is not divisible by vision.patch_size={v.patch_size}")
+    if v.hidden_size % v.heads:
+        raise UserError(f"vision.hidden_size={v.hidden_size} is not divisible by vision.heads={v.heads}")
+    if lm.hidden_size % lm.heads:
+        raise UserError(f"lm.hidden_size={lm.hidden_size} is not divisible by lm.heads={lm.heads}")
+    if lm.heads % lm.kv_heads:
+        raise UserError(f"lm.heads={lm.heads} is not a multiple of lm.kv_heads={lm.kv_heads}")
+    if (lm.hidden_size // lm.heads) % 2:
+        raise UserError(f"lm head dim {lm.hidden_size // lm.heads} must be even for RoPE")
+    if not -v.layers <= v.feature_layer < v.layers or v.feature_layer == 0 and v.layers == 0:
+        raise UserError(f"vision.feature_layer={v.feature_layer} is out of range for {v.layers} layers")
+    for part in cfg.train.freeze:
+        if part not in PARTS:
+            raise UserError(f"train.freeze: unknown part '{part}' (valid: {', '.join(PARTS)})")
+    choices = {
+        "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
+        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+        "data.source": (cfg.data.source, ("shapes",)),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise UserError(f"{key}={value!r} is not one of {', '.join(valid)}")
+    from graft.data.shapes import SPLITS
+
+    for split in cfg.eval.splits:
+        if split not in SPLITS:
+            raise UserError(f"eval.splits: unknown split '{split}' (valid: {', '.join(SPLITS)})")
+    positive = {
+        "train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum": cfg.train.grad_accum, "train.log_every": cfg.train.log_every,
+        "train.ckpt_every": cfg.train.ckpt_every, "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "data.max_objects": cfg.data.max_objects, "data.grid": cfg.data.grid,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{key}={value} must be positive")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by train.grad_accum={cfg.train.grad_accum}")
+    if cfg.data.max_objects > cfg.data.grid**2:
+        raise UserError(f"data.max_objects={cfg.data.max_objects} exceeds the {cfg.data.grid}x{cfg.data.grid} grid")
+    if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
+        raise UserError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
+    ConnectorConfig.check(cfg.connector)
+    return cfg

@@ -1,0 +1,95 @@
+"""Processor: image → normalised pixels; conversation → token ids with image placeholders and labels.
+
+Chat layout (one image per conversation, in the first user turn):
+
+    <bos> <|user|> <image>×N question <|assistant|> answer <eos> <|user|> question <|assistant|> ...
+
+Labels equal the ids on answer tokens and their <eos> (so the model learns to stop) and are -100
+everywhere else: the loss is on answers only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from graft.data.tokenizer import ChatTokenizer
+from graft.errors import UserError
+from graft.losses import IGNORE
+
+MAX_IMAGE_PIXELS = 64_000_000  # refuse larger images before decoding them (decompression bombs)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open any PNG/JPEG/... a user points at; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image file not found: {path}")
+    try:
+        img = Image.open(path)
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise UserError(f"image {path} is {img.width}x{img.height}, over the {MAX_IMAGE_PIXELS} pixel limit")
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path} is not a readable image ({type(e).__name__})") from None
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any mode: alpha is composited onto black, palettes and greyscale are expanded."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        base = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        return Image.alpha_composite(base, img).convert("RGB")
+    return img.convert("RGB")
+
+
+class Processor:
+    def __init__(self, tokenizer: ChatTokenizer, image_size: int, num_image_tokens: int, max_seq_len: int):
+        self.tok, self.image_size = tokenizer, image_size
+        self.num_image_tokens, self.max_seq_len = num_image_tokens, max_seq_len
+
+    def pixels(self, img: Image.Image) -> torch.Tensor:
+        """(3, S, S) float in [-1, 1] (SigLIP normalisation: mean 0.5, std 0.5)."""
+        img = to_rgb(img)
+        if img.size != (self.image_size, self.image_size):
+            img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
+        return x / 127.5 - 1.0
+
+    def prompt(self, question: str) -> list[int]:
+        """Ids for a single-turn prompt that ends where the answer should begin."""
+        t = self.tok
+        return [t.bos, t.user] + [t.image] * self.num_image_tokens + self.tok.encode(question) + [t.assistant]
+
+    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """Ids and labels for (question, answer) turns; the image belongs to the first turn.
+
+        Turns that would push the sequence past max_seq_len are dropped whole (never the image).
+        """
+        t = self.tok
+        ids = [t.bos]
+        labels = [IGNORE]
+        for i, (question, answer) in enumerate(turns):
+            image = [t.image] * self.num_image_tokens if i == 0 else []
+            prompt = [t.user] + image + t.encode(question) + [t.assistant]
+            reply = t.encode(answer) + [t.eos]
+            if i > 0 and len(ids) + len(prompt) + len(reply) > self.max_seq_len:
+                break
+            ids += prompt + reply
+            labels += [IGNORE] * len(prompt) + reply
+        return ids, labels
+
+
+def collate(items: list[tuple[list[int], list[int], torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence (causal attention never looks right, so no mask is needed)."""
+    width = max(len(ids) for ids, _, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    for row, (ids, lab, _) in enumerate(items):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": torch.stack([p for _, _, p in items])}

@@ -1,0 +1,47 @@
+"""The training stream: which samples make up step s's batch, as a pure function of s.
+
+Batch of step s on rank r holds world samples s·B·W + r·B + [0, B) of the train split, so resuming
+needs nothing but the step (the "data position" is step x global batch). Each sample becomes a
+conversation of `questions_per_image` of its questions in random order, sometimes with the
+caption request, so one image encoding supervises several answers.
+"""
+
+from __future__ import annotations
+
+import random
+
+from graft.config import Config
+from graft.data.processor import Processor, collate
+from graft.data.shapes import CAPTION_PROMPT, Sample, ShapesWorld
+
+
+def make_world(cfg: Config) -> ShapesWorld:
+    d = cfg.data
+    return ShapesWorld(cfg.vision.image_size, d.grid, d.max_objects, d.seed)
+
+
+def training_turns(sample: Sample, rng: random.Random, questions: int, caption_prob: float) -> list[tuple[str, str]]:
+    turns = [(qa.question, qa.answer) for qa in rng.sample(sample.qa, min(questions, len(sample.qa)))]
+    if rng.random() < caption_prob:
+        turns.insert(rng.randint(0, len(turns)), (CAPTION_PROMPT, sample.caption))
+    return turns
+
+
+class TrainStream:
+    def __init__(self, cfg: Config, processor: Processor, rank: int = 0, world_size: int = 1):
+        self.cfg, self.proc, self.rank, self.world_size = cfg, processor, rank, world_size
+        self.world = make_world(cfg)
+
+    def batch(self, step: int, micro: int) -> dict:
+        """Micro-batch `micro` of step `step` for this rank."""
+        b, accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
+        mb = b // accum
+        start = step * b * self.world_size + self.rank * b + micro * mb
+        return collate([self.item(i) for i in range(start, start + mb)], self.proc.tok.pad)
+
+    def item(self, index: int):
+        d = self.cfg.data
+        sample = self.world.sample("train", index)
+        rng = random.Random(f"turns/{d.seed}/{index}")
+        ids, labels = self.proc.conversation(training_turns(sample, rng, d.questions_per_image, d.caption_prob))
+        return ids, labels, self.proc.pixels(sample.image)

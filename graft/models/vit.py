@@ -1,0 +1,130 @@
+"""Vision Transformer, architecturally identical to Hugging Face `SiglipVisionModel` (no pooling head).
+
+Module names match the HF class, so weights map one-to-one (see `models/hf.py`):
+patch embedding (Conv2d, stride = patch) + learned position table → pre-LN encoder layers
+(LayerNorm → MHA with biases → residual; LayerNorm → fc1 → GELU(tanh) → fc2 → residual) →
+post LayerNorm.  SigLIP, Zhai et al. 2023; ViT, Dosovitskiy et al. 2021.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 128
+    layers: int = 3
+    heads: int = 4
+    intermediate_size: int = 512
+    layer_norm_eps: float = 1e-6
+    # Which encoder layer feeds a VLM connector: -1 = the last (before post_layernorm), as
+    # HF LLaVA's `vision_feature_layer` counts.
+    feature_layer: int = -1
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class PatchEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2)  # (B, P, D), patches in row-major order
+        return x + self.position_embedding.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.heads = cfg.heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H), bidirectional
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
+
+
+class ViT(nn.Module):
+    """`forward` gives HF's `last_hidden_state`; `features` gives one layer's output for a VLM."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = PatchEmbeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.apply(_init_weights)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.cfg.num_patches
+
+    def features(self, pixel_values: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Output of encoder layer `layer` (negative counts from the end), no post norm: (B, P, D)."""
+        layer = self.cfg.feature_layer if layer is None else layer
+        stop = layer % len(self.encoder.layers) + 1
+        x = self.embeddings(pixel_values)
+        for block in self.encoder.layers[:stop]:
+            x = block(x)
+        return x
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.post_layernorm(self.features(pixel_values, layer=-1))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)

@@ -1,0 +1,72 @@
+"""The prefix-fusion VLM (LLaVA-style): VisionEncoder → Connector → tokens spliced into the LM input.
+
+forward: embed the text → encode the images → project → scatter the image tokens into the
+placeholder positions → decode → loss on answer tokens only (labels = -100 elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graft.losses import lm_loss
+from graft.models.connectors import ConnectorConfig, build_connector
+from graft.models.decoder import KVCache, LanguageModel, LMConfig
+from graft.models.vit import ViT, VisionConfig
+
+
+class VLM(nn.Module):
+    def __init__(self, vision: VisionConfig, connector: ConnectorConfig, lm: LMConfig, image_token_id: int):
+        super().__init__()
+        self.image_token_id = image_token_id
+        self.vision = ViT(vision)
+        self.connector = build_connector(connector, vision.hidden_size, lm.hidden_size)
+        self.lm = LanguageModel(lm)
+        # The connector reads encoder-layer features (before post_layernorm, as HF LLaVA does),
+        # so the post norm is unused here; frozen so it never needs a gradient.
+        self.vision.post_layernorm.requires_grad_(False)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholders the processor must write per image."""
+        return self.connector.num_tokens(self.vision.num_patches)
+
+    def freeze(self, parts: list[str]) -> None:
+        for part in parts:
+            getattr(self, part).requires_grad_(False)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with image features at the placeholders: (B, T, D_lm)."""
+        embeds = self.lm.embed_tokens(input_ids)  # (B, T, D_lm)
+        image_tokens = self.connector(self.vision.features(pixel_values))  # (B_img, N, D_lm)
+        slots = input_ids == self.image_token_id
+        n_slots, n_feats = int(slots.sum()), image_tokens.shape[0] * image_tokens.shape[1]
+        if n_slots != n_feats:
+            # Scattering anyway would silently misalign text and images.
+            raise ValueError(
+                f"image placeholders and image features differ: {n_slots} placeholder tokens in the "
+                f"batch vs {n_feats} image features ({image_tokens.shape[0]} images x {image_tokens.shape[1]} tokens)"
+            )
+        return embeds.masked_scatter(slots[..., None], image_tokens.to(embeds.dtype))
+
+    def forward(self, input_ids, pixel_values, labels=None, cache: KVCache | None = None):
+        """Returns (logits (B, T, vocab), loss or None)."""
+        logits = self.lm(inputs_embeds=self.embed(input_ids, pixel_values), cache=cache)
+        return logits, (lm_loss(logits, labels) if labels is not None else None)
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values, max_new_tokens: int, eos_id: int) -> list[list[int]]:
+        """Greedy decoding with a KV cache for prompts of equal length (B, T); returns new ids per row."""
+        cache = KVCache()
+        logits, _ = self(input_ids, pixel_values, cache=cache)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        out = []
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)  # (B,)
+            out.append(torch.where(done, eos_id, nxt))
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+            logits = self.lm(input_ids=nxt[:, None], cache=cache)
+        rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(input_ids.shape[0])]
+        return [r[: r.index(eos_id)] if eos_id in r else r for r in rows]

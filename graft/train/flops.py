@@ -1,0 +1,39 @@
+"""FLOPs of one training step, counting vision *and* language work, for MFU.
+
+Matmul FLOPs: 2 x params x tokens forward. Backward costs 2x forward for a part whose weights
+train, 1x for a frozen part that still passes gradients down (its input needs a gradient), 0 for
+a frozen part at the bottom of the graph. Attention scores add 4·T²·d per layer forward
+(halved for causal attention). Embedding lookups are free; the LM head is a matmul.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _passes(trainable: bool, needs_input_grad: bool) -> int:
+    return 1 + (1 if needs_input_grad else 0) + (1 if trainable else 0)
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def vlm_step_flops(model, images: int, lm_tokens: int, seq_len: int) -> float:
+    """FLOPs for `images` images and `lm_tokens` LM positions (in sequences of length seq_len)."""
+    vit, lm, conn = model.vision, model.lm, model.connector
+    v_layers = vit.encoder.layers[: vit.cfg.feature_layer % len(vit.encoder.layers) + 1]
+    v_params = sum(_params(l) for l in v_layers) + _params(vit.embeddings.patch_embedding)
+    lm_train, conn_train, v_train = _trainable(lm), _trainable(conn), _trainable(vit)
+    P, dv = vit.num_patches, vit.cfg.hidden_size
+    # Inside 2·(...): params·tokens, plus 2·T²·d per attention layer (4·T²·d forward FLOPs).
+    vision = 2 * images * (v_params * P + len(v_layers) * 2 * P * P * dv) * _passes(v_train, False)
+    connector = 2 * images * _params(conn) * model.num_image_tokens * _passes(conn_train, v_train)
+    lm_params = sum(_params(l) for l in lm.layers) + lm.lm_head.weight.numel()
+    attn = len(lm.layers) * seq_len * lm.hidden_size  # per token, causal: half of 2·T·d
+    language = 2 * lm_tokens * (lm_params + attn) * _passes(lm_train, conn_train or v_train)
+    return float(vision + connector + language)

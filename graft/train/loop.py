@@ -1,0 +1,228 @@
+"""The trainer: build → resume → loop (micro-batches, guard, clip, step, log, checkpoint, eval).
+
+Re-running the same command on the same run directory resumes from the latest complete
+checkpoint with model, optimiser, scheduler, RNG and data position restored, so the losses that
+follow equal those of an uninterrupted run (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from graft import config as config_mod
+from graft.config import Config
+from graft.data.stream import TrainStream, make_world
+from graft.data.tokenizer import ChatTokenizer, world_corpus
+from graft.errors import UserError
+from graft.eval.harness import evaluate
+from graft.rundir import RunDir, build_model, build_processor
+from graft.train import checkpoint, runtime
+from graft.train.flops import vlm_step_flops
+from graft.train.metrics import MetricsLog
+from graft.train.optim import build_optimizer, build_scheduler
+
+# Keys that may change between a run and its resumption (they do not change what is learned).
+RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.ckpt_every",
+                     "train.keep_checkpoints", "train.eval_every", "eval.")
+
+
+def train(cfg: Config, out: str | Path) -> dict:
+    """Train `cfg` into run directory `out`; returns the final evaluation."""
+    run = RunDir(out)
+    rt = runtime.setup(cfg.train.device, cfg.train.precision)
+    torch.manual_seed(cfg.train.seed)
+    cfg, tok = _prepare_run_dir(cfg, run, rt)
+    model = build_model(cfg, tok)
+    if cfg.train.init_from:
+        _init_from(model, cfg.train.init_from)
+    model.freeze(cfg.train.freeze)
+    model.to(rt.device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    start = _resume(run, optimizer, scheduler, model, rt)
+    ddp = DDP(model) if rt.world_size > 1 else None
+    proc = build_processor(cfg, tok, model)
+    stream = TrainStream(cfg, proc, rt.rank, rt.world_size)
+    log = MetricsLog(run.path, start, enabled=rt.is_main)
+    peak = runtime.peak_flops(rt, cfg.train.peak_flops)
+    bar = _progress(cfg, start, rt)
+    window = _Window()
+    for step in range(start, cfg.train.steps):
+        loss, grad_norm, stats = _train_step(ddp or model, model, stream, optimizer, cfg, rt, step)
+        scheduler.step()
+        window.add(stats)
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            record = window.record(done, runtime.all_mean(loss, rt), grad_norm, scheduler, model, rt, peak)
+            log.log(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+        if bar is not None:
+            bar.update(1)
+        if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
+            _save(run, done, model, optimizer, scheduler, cfg, rt)
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps and rt.is_main:
+            log.log({"step": done, "event": "eval", **evaluate(model, proc, cfg)})
+    if bar is not None:
+        bar.close()
+    results = {}
+    if rt.is_main:
+        results = evaluate(model, proc, cfg)
+        log.log({"step": cfg.train.steps, "event": "eval", **results})
+        run.eval_path.write_text(json.dumps(results, indent=1))
+    log.close()
+    return results
+
+
+def _prepare_run_dir(cfg: Config, run: RunDir, rt) -> tuple[Config, ChatTokenizer]:
+    """Write (or check) config.yaml and tokenizer.json; returns the resolved config and tokenizer."""
+    if run.config_path.exists():
+        _check_same_run(run.config(), cfg, run)
+    if run.tokenizer_path.exists():
+        tok = run.tokenizer()
+    elif cfg.data.tokenizer:
+        tok = ChatTokenizer.load(Path(cfg.data.tokenizer))
+    else:
+        tok = ChatTokenizer.train(world_corpus(make_world(cfg)), cfg.data.vocab_size)
+    if cfg.lm.vocab_size == 0:
+        cfg.lm.vocab_size = len(tok)
+    if rt.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        if not run.tokenizer_path.exists():
+            tok.save(run.tokenizer_path)
+        config_mod.save(cfg, run.config_path)
+        checkpoint.clean_partial(run.checkpoints)
+    if rt.world_size > 1:
+        torch.distributed.barrier()
+    return cfg, tok
+
+
+def _check_same_run(old: Config, new: Config, run: RunDir) -> None:
+    a, b = _flat(config_mod.to_dict(old)), _flat(config_mod.to_dict(new))
+    if b.get("lm.vocab_size") == 0:
+        b["lm.vocab_size"] = a.get("lm.vocab_size")
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key) and not key.startswith(RESUMABLE_CHANGES):
+            raise UserError(
+                f"{run.path} holds a run with {key}={a.get(key)!r}, not {b.get(key)!r}; "
+                "use another --out, or the same settings to resume"
+            )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def _init_from(model, run_path: str) -> None:
+    src = RunDir(run_path).require()
+    ckpt = src.latest_checkpoint()
+    if ckpt is None:
+        raise UserError(f"train.init_from: {run_path} has no complete checkpoint")
+    checkpoint.load_weights(model, ckpt)
+
+
+def _resume(run: RunDir, optimizer, scheduler, model, rt) -> int:
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        return 0
+    checkpoint.load_weights(model, ckpt)
+    meta = checkpoint.load_train_state(ckpt, optimizer, scheduler)
+    if rt.is_main:
+        print(f"resuming from {ckpt} (step {meta['step']})", flush=True)
+    return int(meta["step"])
+
+
+def _train_step(engine, model, stream: TrainStream, optimizer, cfg: Config, rt, step: int):
+    """One optimiser step over grad_accum micro-batches; skips the update if gradients are non-finite."""
+    t0 = time.perf_counter()
+    accum, data_s, loss_sum = cfg.train.grad_accum, 0.0, 0.0
+    images = tokens = seq = 0
+    optimizer.zero_grad(set_to_none=True)
+    for micro in range(accum):
+        td = time.perf_counter()
+        batch = {k: v.to(rt.device, non_blocking=True) for k, v in stream.batch(step, micro).items()}
+        data_s += time.perf_counter() - td
+        sync = micro == accum - 1 or not isinstance(engine, DDP)
+        with (engine.no_sync() if not sync else contextlib.nullcontext()), rt.autocast():
+            _, loss = engine(**batch)
+        (loss / accum).backward()
+        loss_sum += loss.item() / accum
+        images += batch["pixel_values"].shape[0]
+        tokens += int((batch["input_ids"] != stream.proc.tok.pad).sum())
+        seq = max(seq, batch["input_ids"].shape[1])
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = cfg.optim.grad_clip
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    skipped = not math.isfinite(float(grad_norm))  # same on every rank: grads are already all-reduced
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)  # a non-finite update never reaches the weights
+    else:
+        optimizer.step()
+    stats = {"time": time.perf_counter() - t0, "data": data_s, "images": images, "tokens": tokens,
+             "seq": seq, "skipped": int(skipped)}
+    return loss_sum, float(grad_norm), stats
+
+
+class _Window:
+    """Throughput statistics since the last log line."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.time = self.data = 0.0
+        self.images = self.tokens = self.skipped = self.steps = 0
+        self.flops = 0.0
+
+    def add(self, s: dict) -> None:
+        self.time += s["time"]
+        self.data += s["data"]
+        self.images += s["images"]
+        self.tokens += s["tokens"]
+        self.skipped += s["skipped"]
+        self.steps += 1
+        self._last = s
+
+    def record(self, step, loss, grad_norm, scheduler, model, rt, peak) -> dict:
+        seq = self._last["seq"]
+        flops = vlm_step_flops(model, self.images, self.tokens, seq) * rt.world_size
+        t = max(self.time, 1e-9)
+        rec = {
+            "step": step,
+            "loss": loss,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "samples_per_s": self.images * rt.world_size / t,
+            "tokens_per_s": self.tokens * rt.world_size / t,
+            "mfu": flops / t / (peak * rt.world_size),
+            "data_wait_frac": self.data / t,
+            "skipped_steps": self.skipped,
+        }
+        self.reset()
+        return rec
+
+
+def _progress(cfg: Config, start: int, rt):
+    if not (cfg.train.progress and rt.is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _save(run: RunDir, step: int, model, optimizer, scheduler, cfg: Config, rt) -> None:
+    if rt.is_main:
+        meta = {"samples_seen": step * cfg.train.batch_size * rt.world_size}
+        checkpoint.save(run.checkpoints, step, model, optimizer, scheduler, meta, cfg.train.keep_checkpoints)
+    if rt.world_size > 1:
+        torch.distributed.barrier()

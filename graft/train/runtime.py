@@ -1,0 +1,91 @@
+"""Where a run executes: process group, device, precision and the machine's peak FLOP/s.
+
+Everything is read from the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK), so the
+same command runs on one CPU process or many GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), for MFU on GPUs.
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def setup(device: str = "auto", precision: str = "auto") -> Runtime:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Runtime(dev, _dtype(precision, dev), rank, world_size)
+
+
+def _dtype(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 autocast only where the hardware has bf16 units: GPUs. CPUs here lack them (10-500x slower)."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def peak_flops(rt: Runtime, configured: float = 0.0) -> float:
+    """FLOP/s the MFU is measured against: configured, datasheet (GPU) or a measured matmul (CPU)."""
+    if configured > 0:
+        return configured
+    if rt.device.type == "cuda":
+        name = torch.cuda.get_device_name(rt.device)
+        return next((v for k, v in GPU_PEAK_BF16.items() if k in name), 989e12)
+    return measure_matmul_flops()
+
+
+def measure_matmul_flops(n: int = 1024, seconds: float = 0.5) -> float:
+    """Best fp32 matmul rate over ~`seconds` on this CPU: the practical peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def all_mean(value: float, rt: Runtime) -> float:
+    if rt.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t)
+    return t.item() / rt.world_size
