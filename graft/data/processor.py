@@ -63,7 +63,7 @@ class Processor:
     def prompt(self, question: str) -> list[int]:
         """Ids for a single-turn prompt that ends where the answer should begin."""
         t = self.tok
-        return [t.bos, t.user] + [t.image] * self.num_image_tokens + self.tok.encode(question) + [t.assistant]
+        return [t.bos, t.user] + [t.image] * self.num_image_tokens + t.encode(question) + [t.assistant]
 
     def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
         """Ids and labels for (question, answer) turns; the image belongs to the first turn.

@@ -60,9 +60,4 @@ CONNECTORS = {"linear": LinearProjector, "mlp": MLPProjector}
 
 def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int) -> nn.Module:
     ConnectorConfig.check(cfg)
-    module = CONNECTORS[cfg.kind](vision_dim, lm_dim)
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-    return module
+    return CONNECTORS[cfg.kind](vision_dim, lm_dim)  # PyTorch's default (fan-in scaled) init

@@ -1,0 +1,91 @@
+"""Tiny-config model tests: shapes, splicing, placeholder checks, loss masking, freezing, generation."""
+
+import pytest
+import torch
+
+from graft.losses import IGNORE, lm_loss
+from tests.helpers import tiny_vlm
+
+
+def batch(proc, n=2):
+    convs = [proc.conversation([("what color is the circle?", "red")]) for _ in range(n)]
+    ids = torch.tensor([c[0] for c in convs])
+    labels = torch.tensor([c[1] for c in convs])
+    return ids, labels, torch.randn(n, 3, 32, 32)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_forward_shapes_and_loss(kind):
+    torch.manual_seed(0)
+    model, proc = tiny_vlm(kind)
+    ids, labels, pix = batch(proc)
+    logits, loss = model(ids, pix, labels)
+    assert logits.shape == (2, ids.shape[1], model.lm.cfg.vocab_size)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert model.vision.embeddings.patch_embedding.weight.grad is not None
+
+
+def test_image_features_land_at_placeholders():
+    torch.manual_seed(0)
+    model, proc = tiny_vlm()
+    ids, _, pix = batch(proc)
+    embeds = model.embed(ids, pix)
+    expected = model.connector(model.vision.features(pix))
+    slots = ids == proc.tok.image
+    assert torch.equal(embeds[slots].view_as(expected), expected)
+    assert torch.equal(embeds[~slots], model.lm.embed_tokens(ids)[~slots])
+
+
+def test_placeholder_mismatch_fails_with_both_counts():
+    model, proc = tiny_vlm()
+    ids, _, pix = batch(proc)
+    ids[0, 3] = proc.tok.encode("red")[0]  # remove one placeholder
+    n = model.num_image_tokens
+    with pytest.raises(ValueError, match=f"{2 * n - 1} placeholder tokens.*{2 * n} image features"):
+        model(ids, pix)
+
+
+def test_loss_ignores_everything_but_answers():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 10)
+    labels = torch.tensor([[IGNORE, IGNORE, IGNORE, 4, 7, IGNORE]])
+    expected = -(torch.log_softmax(logits[0, 2], -1)[4] + torch.log_softmax(logits[0, 3], -1)[7]) / 2
+    assert torch.allclose(lm_loss(logits, labels), expected)
+    # changing a prompt position's logits does not change the loss
+    logits2 = logits.clone()
+    logits2[0, 0] += 5
+    assert torch.allclose(lm_loss(logits2, labels), expected)
+    assert lm_loss(logits, torch.full((1, 6), IGNORE)).item() == 0.0
+
+
+def test_freeze_parts():
+    model, proc = tiny_vlm()
+    model.freeze(["vision", "lm"])
+    ids, labels, pix = batch(proc)
+    _, loss = model(ids, pix, labels)
+    loss.backward()
+    assert all(p.grad is None for p in model.vision.parameters())
+    assert all(p.grad is None for p in model.lm.parameters())
+    assert all(p.grad is not None for p in model.connector.parameters())
+
+
+def test_cached_greedy_generation_matches_full_recompute():
+    torch.manual_seed(0)
+    model, proc = tiny_vlm()
+    model.eval()
+    ids = torch.tensor([proc.prompt("what color is the circle?")] * 3)
+    pix = torch.randn(3, 3, 32, 32)
+    eos = proc.tok.eos
+    got = model.generate(ids, pix, max_new_tokens=6, eos_id=eos)
+    for row in range(3):  # recompute each token with a full forward, no cache
+        seq = ids[row : row + 1]
+        expected = []
+        for _ in range(6):
+            logits, _ = model(seq, pix[row : row + 1])
+            nxt = int(logits[0, -1].argmax())
+            if nxt == eos:
+                break
+            expected.append(nxt)
+            seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+        assert got[row] == expected
