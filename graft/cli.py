@@ -39,13 +39,12 @@ def cmd_eval(args) -> None:
 
     run = RunDir(args.dir)
     cfg, tok, model, ckpt = run.load()
-    splits = [args.split] if args.split else None
     if args.split:
         from graft.config import validate
 
         cfg.eval.splits = [args.split]
-        validate(cfg)
-    results = evaluate(model, build_processor(cfg, tok, model), cfg, splits)
+        validate(cfg)  # names a bad split in one line
+    results = evaluate(model, build_processor(cfg, tok, model), cfg)
     run.eval_path.write_text(json.dumps(results, indent=1))
     print(f"evaluated {ckpt}")
     _print_results(results)

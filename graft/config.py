@@ -230,7 +230,7 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"lm.heads={lm.heads} is not a multiple of lm.kv_heads={lm.kv_heads}")
     if (lm.hidden_size // lm.heads) % 2:
         raise UserError(f"lm head dim {lm.hidden_size // lm.heads} must be even for RoPE")
-    if not -v.layers <= v.feature_layer < v.layers or v.feature_layer == 0 and v.layers == 0:
+    if not -v.layers <= v.feature_layer < v.layers:
         raise UserError(f"vision.feature_layer={v.feature_layer} is out of range for {v.layers} layers")
     for part in cfg.train.freeze:
         if part not in PARTS:

@@ -182,7 +182,6 @@ class _Window:
     def reset(self):
         self.time = self.data = 0.0
         self.images = self.tokens = self.skipped = self.steps = 0
-        self.flops = 0.0
 
     def add(self, s: dict) -> None:
         self.time += s["time"]
