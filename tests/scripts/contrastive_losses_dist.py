@@ -39,6 +39,7 @@ def main():
     for chunk in (0, 3):
         check(f"clip chunk={chunk}", lambda a, b, s, **kw: clip_loss(a, b, s, chunk_size=chunk, **kw), 1, x, y, [scale], rank, world)
         check(f"siglip chunk={chunk}", lambda a, b, s, c, **kw: siglip_loss(a, b, s, c, chunk_size=chunk, **kw), 2, x, y, [scale, bias], rank, world)
+    dist.barrier()  # let both ranks finish their collectives before gloo tears down
     dist.destroy_process_group()
 
 
