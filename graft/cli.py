@@ -39,11 +39,14 @@ def cmd_eval(args) -> None:
 
     run = RunDir(args.dir)
     cfg, tok, model, ckpt = run.load()
-    if args.split:
-        from graft.config import validate
+    if args.split or args.set:
+        from graft.config import apply_overrides
 
-        cfg.eval.splits = [args.split]
-        validate(cfg)  # names a bad split in one line
+        bad = [item for item in args.set if not item.startswith("eval.")]
+        if bad:
+            raise UserError(f"graft eval --set takes eval.* keys only, got '{bad[0]}'")
+        cfg.eval.splits = [args.split] if args.split else cfg.eval.splits
+        apply_overrides(cfg, args.set)  # names a bad split, key or file in one line
     results = evaluate(model, build_processor(cfg, tok, model), cfg)
     run.eval_path.write_text(json.dumps(results, indent=1))
     print(f"evaluated {ckpt}")
@@ -58,6 +61,8 @@ def cmd_generate(args) -> None:
     run = RunDir(args.dir)
     image = load_image(args.image)
     cfg, tok, model, _ = run.load()
+    if cfg.model != "vlm":
+        raise UserError(f"{args.dir} holds a {cfg.model} model, which does not generate text (graft eval scores it)")
     proc = build_processor(cfg, tok, model)
     print(answer(model, proc, [(image, args.prompt)], 1, args.max_new_tokens)[0])
 
@@ -102,6 +107,8 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run; writes DIR/eval.json")
     e.add_argument("dir")
     e.add_argument("--split", help="one split (test, val, compositional, train); default: the config's")
+    e.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                   help="override an eval key, e.g. eval.zeroshot_file=prompts.yaml")
     e.set_defaults(fn=cmd_eval)
     g = sub.add_parser("generate", help="answer a prompt about an image")
     g.add_argument("dir")

@@ -21,9 +21,13 @@ import yaml
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
 from graft.models.decoder import LMConfig
+from graft.models.dual_encoder import PARTS as DUAL_PARTS
+from graft.models.dual_encoder import ContrastiveConfig
+from graft.models.text_encoder import TextConfig
 from graft.models.vit import VisionConfig
 
 PARTS = ("vision", "connector", "lm")
+MODEL_KINDS = ("vlm", "dual")  # vlm: VisionEncoder → Connector → LM; dual: contrastive image + text towers
 
 
 @dataclass
@@ -74,11 +78,16 @@ class EvalConfig:
     captions: int = 100  # images captioned per split (CIDEr)
     batch_size: int = 128
     max_new_tokens: int = 24
+    # Dual encoders (model=dual): zero-shot classification and image↔text retrieval.
+    zeroshot_images: int = 1000  # single-object images per split, labelled with their colour x shape
+    zeroshot_file: str | None = None  # YAML/JSON with `classes` and/or `templates` (default: the world's)
+    retrieval_pairs: int = 1000  # image–caption pairs per split
 
 
 @dataclass
 class Config:
     name: str = "shapes_vqa"
+    model: str = "vlm"  # vlm | dual (contrastive: CLIP, SigLIP, CLIPPO, LiT)
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)
@@ -86,6 +95,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    text: TextConfig = field(default_factory=TextConfig)  # model=dual only
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # model=dual only
 
 
 # ---- conversion between values and typed fields -------------------------------------------------
@@ -232,13 +243,15 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"lm head dim {lm.hidden_size // lm.heads} must be even for RoPE")
     if not -v.layers <= v.feature_layer < v.layers:
         raise UserError(f"vision.feature_layer={v.feature_layer} is out of range for {v.layers} layers")
+    parts = DUAL_PARTS if cfg.model == "dual" else PARTS
     for part in cfg.train.freeze:
-        if part not in PARTS:
-            raise UserError(f"train.freeze: unknown part '{part}' (valid: {', '.join(PARTS)})")
+        if part not in parts:
+            raise UserError(f"train.freeze: unknown part '{part}' (valid: {', '.join(parts)})")
     choices = {
         "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
         "data.source": (cfg.data.source, ("shapes",)),
+        "model": (cfg.model, MODEL_KINDS),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
@@ -264,4 +277,20 @@ def validate(cfg: Config) -> Config:
     if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
         raise UserError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
     ConnectorConfig.check(cfg.connector)
+    if cfg.model == "dual":
+        _validate_dual(cfg)
     return cfg
+
+
+def _validate_dual(cfg: Config) -> None:
+    TextConfig.check(cfg.text)
+    ContrastiveConfig.check(cfg.contrastive)
+    if cfg.contrastive.shared_tower and "text" in cfg.train.freeze:
+        raise UserError("train.freeze: 'text' has no tower of its own when contrastive.shared_tower=true (CLIPPO)")
+    for key in ("zeroshot_images", "retrieval_pairs"):
+        if getattr(cfg.eval, key) < 0:
+            raise UserError(f"eval.{key}={getattr(cfg.eval, key)} must not be negative")
+    if cfg.eval.zeroshot_file:
+        from graft.eval.zero_shot import load_prompts
+
+        load_prompts(cfg.eval.zeroshot_file)  # names a missing file, an empty class list, a bad template

@@ -1,5 +1,7 @@
 """Training objectives, standalone: each states its maths and its memory cost.
 
+clip_loss, siglip_loss: contrastive image–text losses, on one process or gathered across many.
+
 lm_loss: next-token cross-entropy on the positions whose label is not -100 (the answer tokens).
 """
 
@@ -24,3 +26,122 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     n = (targets != IGNORE).sum()
     total = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
     return total / n.clamp(min=1)
+
+
+# ---- contrastive losses (CLIP, SigLIP) ------------------------------------------------------------
+#
+# Both take L2-normalised features and work on one process or many. With world_size > 1 each rank
+# passes its own slice of the global batch of N = b x world_size pairs; the other ranks' features
+# are all-gathered *with autograd* (their gradients flow back to their owners), each rank computes
+# the rows of the N x N logit matrix that belong to its b samples ("local loss"), and the per-rank
+# sums are added up so that:
+#   * the returned value is the loss of the whole global batch, identical on every rank;
+#   * the gradient w.r.t. a rank's own features equals the one-process gradient for those rows;
+#   * the gradient w.r.t. a replicated input (logit_scale, logit_bias) is this rank's share: the
+#     sum over ranks is the one-process gradient. (So a DDP trainer, which averages gradients over
+#     ranks, multiplies this loss by world_size before backward; see train/loop.py.)
+# `chunk_size` > 0 computes the logits in blocks of that many rows (CLIP) or columns (SigLIP) and
+# recomputes each block in the backward pass (activation checkpointing), bounding peak memory.
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
+              rank: int = 0, world_size: int = 1, group=None, chunk_size: int = 0) -> torch.Tensor:
+    """Symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3).
+
+    x_i, y_i: the L2-normalised image / text features of pair i, (N, D); s = logit_scale (already
+    exponentiated). With l_ij = s · x_i·y_j,
+
+        L = 1/2 · [ 1/N Σ_i -log softmax_j(l_ij)[i]  +  1/N Σ_j -log softmax_i(l_ij)[j] ]
+
+    i.e. the mean of the image→text and text→image cross-entropies with the diagonal as targets.
+    Memory: on each rank two (b, N) fp32 logit blocks and their softmax (b = N / world_size, the
+    local-loss trick of open_clip), O(b·N); with chunk_size = c, O(c·N) at a time. Features
+    gathered from other ranks add O(N·D).
+    """
+    x, y, offset = _local_and_gathered(image_features, text_features, rank, world_size, group)
+    b = image_features.shape[0]
+    targets = torch.arange(offset, offset + b, device=image_features.device)
+    i2t = _chunked(_ce_rows, image_features.float(), y, logit_scale, targets, chunk_size)
+    t2i = _chunked(_ce_rows, text_features.float(), x, logit_scale, targets, chunk_size)
+    return _global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
+
+
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor, *, rank: int = 0, world_size: int = 1, group=None,
+                chunk_size: int = 0) -> torch.Tensor:
+    """Pairwise sigmoid loss of SigLIP (Zhai et al. 2023, Algorithm 1).
+
+    With z_ij = +1 if i = j else -1, t = logit_scale (already exponentiated), b = logit_bias:
+
+        L = -1/N Σ_i Σ_j log σ( z_ij · (t · x_i·y_j + b) )
+
+    Every pair is an independent binary problem, so there is no softmax over the batch. On many
+    ranks each rank scores its b images against all N gathered texts. Memory: one (b, N) fp32 logit
+    block per rank, O(b·N); with chunk_size = c, O(b·c) at a time (the paper's chunked
+    implementation bounds it the same way, passing text chunks around a ring instead of gathering
+    them; gathering costs O(N·D) more, small next to the logits).
+    """
+    _, y, offset = _local_and_gathered(None, text_features, rank, world_size, group)
+    x = image_features.float()
+    cols = torch.arange(y.shape[0], device=x.device)
+    total = x.new_zeros(())
+    step = chunk_size if chunk_size > 0 else y.shape[0]
+    for start in range(0, y.shape[0], step):
+        block = (y[start:start + step], cols[start:start + step])
+        args = (x, *block, logit_scale, logit_bias, offset)
+        total = total + (_checkpoint(_sigmoid_block, *args) if chunk_size > 0 else _sigmoid_block(*args))
+    return _global_mean(total, x.shape[0] * world_size, world_size, group)
+
+
+def _ce_rows(queries, keys, logit_scale, targets):
+    """Σ over rows of -log softmax(s · q·kᵀ)[target]: (c, D) x (N, D) → scalar."""
+    return F.cross_entropy(logit_scale * queries @ keys.T, targets, reduction="sum")
+
+
+def _sigmoid_block(x, y_block, cols, logit_scale, logit_bias, offset: int):
+    """Σ -log σ(z · (t · x·yᵀ + b)) over one (b, c) block; z = +1 where column = offset + row."""
+    logits = logit_scale * x @ y_block.T + logit_bias  # (b, c)
+    rows = torch.arange(x.shape[0], device=x.device) + offset
+    z = torch.where(rows[:, None] == cols[None, :], 1.0, -1.0)
+    return -F.logsigmoid(z * logits).sum()
+
+
+def _chunked(fn, queries, keys, logit_scale, targets, chunk_size: int):
+    """fn summed over row blocks of `queries`, each block recomputed in backward when chunked."""
+    if chunk_size <= 0 or chunk_size >= queries.shape[0]:
+        return fn(queries, keys, logit_scale, targets)
+    return sum(_checkpoint(fn, queries[i:i + chunk_size], keys, logit_scale, targets[i:i + chunk_size])
+               for i in range(0, queries.shape[0], chunk_size))
+
+
+def _checkpoint(fn, *args):
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+def _local_and_gathered(image_features, text_features, rank: int, world_size: int, group):
+    """All ranks' image and text features (N, D) in rank order, and this rank's row offset."""
+    if world_size == 1:
+        x = None if image_features is None else image_features.float()
+        return x, text_features.float(), 0
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    if dist.get_world_size(group) != world_size or dist.get_rank(group) != rank:
+        raise ValueError(f"rank={rank}, world_size={world_size} disagree with the process group "
+                         f"({dist.get_rank(group)} of {dist.get_world_size(group)})")
+    gather = lambda t: torch.cat(dist_fn.all_gather(t.float().contiguous(), group=group))  # noqa: E731
+    x = None if image_features is None else gather(image_features)
+    return x, gather(text_features), rank * text_features.shape[0]
+
+
+def _global_mean(local_sum: torch.Tensor, n: int, world_size: int, group) -> torch.Tensor:
+    """Σ_ranks local_sum / n as the value; the gradient flows through this rank's term only."""
+    if world_size == 1:
+        return local_sum / n
+    import torch.distributed as dist
+
+    total = local_sum.detach().clone()
+    dist.all_reduce(total, group=group)
+    return (local_sum + (total - local_sum.detach())) / n

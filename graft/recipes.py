@@ -61,4 +61,42 @@ def llava_stage2() -> Config:
     return cfg
 
 
-RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, tiny, llava_stage1, llava_stage2)}
+def _dual(name: str, loss: str) -> Config:
+    """A dual encoder on the same 24 px world and ViT as shapes_vqa, so its tower plugs into a VLM."""
+    cfg = Config(name=name, model="dual")
+    cfg.vision.image_size, cfg.data.grid = 24, 3
+    cfg.contrastive.loss = loss
+    cfg.text.max_len = 20  # the longest caption (4 objects) is 19 tokens + <eos>
+    cfg.train.steps, cfg.train.batch_size = 600, 128
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 50
+    return cfg
+
+
+def siglip() -> Config:
+    """SigLIP: ViT + text tower (bidirectional, last token), sigmoid loss, on the Shapes world (~3 CPU min)."""
+    return _dual("siglip", "siglip")
+
+
+def clip() -> Config:
+    """CLIP: ViT + text tower (causal, pooled at <eos>), softmax InfoNCE, on the Shapes world (~3 CPU min)."""
+    cfg = _dual("clip", "clip")
+    cfg.text.causal, cfg.text.pool = True, "eos"
+    return cfg
+
+
+def clippo() -> Config:
+    """CLIPPO: one ViT for images and for captions rendered as images, SigLIP loss (48 px canvas)."""
+    cfg = _dual("clippo", "siglip")
+    cfg.contrastive.shared_tower = True
+    cfg.vision.image_size, cfg.vision.patch_size = 48, 8  # a 24 px canvas cannot hold legible text
+    return cfg
+
+
+def lit() -> Config:
+    """LiT: locked image tower from vision.init_from=RUN (e.g. a siglip run), text tower trained."""
+    cfg = _dual("lit", "siglip")
+    cfg.train.freeze = ["vision"]
+    return cfg
+
+
+RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, tiny, llava_stage1, llava_stage2, siglip, clip, clippo, lit)}

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from graft.data.shapes import QUESTION_TYPES
+from graft.data.shapes import QUESTION_TYPES, SPLITS
 from graft.train.metrics import read
 
 
 def results_table(results: dict[str, float]) -> str:
     """Markdown table: one row per metric, one column per split present in `results`."""
-    splits = ["test"] + sorted({k.split("/")[0] for k in results if k.split("/")[0] not in ("vqa_acc", "caption_cider", "caption_exact")})
+    splits = ["test"] + sorted({k.split("/")[0] for k in results if k.split("/")[0] in SPLITS and k.split("/")[0] != "test"})
     rows = ["vqa_acc"] + [f"vqa_acc/{t}" for t in QUESTION_TYPES] + ["caption_cider", "caption_exact"]
+    rows += ["zeroshot_acc", "zeroshot_top5"] + [f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
     lines = ["| metric | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
     for row in rows:
         cells = []

@@ -10,9 +10,12 @@ from pathlib import Path
 
 from graft import config as config_mod
 from graft.config import Config
+from graft.data.contrastive import ContrastiveProcessor, ContrastiveStream
 from graft.data.processor import Processor
+from graft.data.stream import TrainStream, make_world
 from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
+from graft.models.dual_encoder import DualEncoder
 from graft.models.vlm import VLM
 from graft.train import checkpoint
 
@@ -54,6 +57,8 @@ class RunDir:
 
 
 def build_model(cfg: Config, tok: ChatTokenizer) -> VLM:
+    if cfg.model == "dual":
+        return _build_dual(cfg, tok)
     if cfg.lm.vocab_size == 0:
         cfg.lm.vocab_size = len(tok)  # resolved here and saved with the config
     elif cfg.lm.vocab_size < len(tok):
@@ -62,4 +67,54 @@ def build_model(cfg: Config, tok: ChatTokenizer) -> VLM:
 
 
 def build_processor(cfg: Config, tok: ChatTokenizer, model: VLM) -> Processor:
+    if cfg.model == "dual":
+        c = cfg.contrastive
+        return ContrastiveProcessor(tok, cfg.vision.image_size, cfg.text.max_len, c.shared_tower, c.render_font_size)
     return Processor(tok, cfg.vision.image_size, model.num_image_tokens, cfg.lm.max_seq_len)
+
+
+def build_stream(cfg: Config, proc: Processor, rank: int, world_size: int):
+    """The training stream: `batch(step, micro)` gives the micro-batch dict the model's forward takes."""
+    if cfg.model == "dual":
+        return ContrastiveStream(make_world(cfg), proc, cfg.train.batch_size, cfg.train.grad_accum, rank, world_size)
+    return TrainStream(cfg, proc, rank, world_size)
+
+
+def _build_dual(cfg: Config, tok: ChatTokenizer) -> DualEncoder:
+    if cfg.text.vocab_size == 0:
+        cfg.text.vocab_size = len(tok)  # resolved here and saved with the config
+    elif cfg.text.vocab_size < len(tok):
+        raise UserError(f"text.vocab_size={cfg.text.vocab_size} is smaller than the tokenizer's {len(tok)}")
+    return DualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos)
+
+
+# ---- vision.init_from: a tower from another run ---------------------------------------------------
+
+VISION_ARCH = ("image_size", "patch_size", "hidden_size", "layers", "heads", "intermediate_size", "layer_norm_eps")
+
+
+def adopt_vision_arch(cfg: Config) -> list[str]:
+    """Take the tower's architecture from the run `vision.init_from` names; returns the keys changed."""
+    src = RunDir(cfg.vision.init_from).require().config().vision
+    changed = []
+    for key in VISION_ARCH:
+        if getattr(cfg.vision, key) != getattr(src, key):
+            changed.append(f"vision.{key}={getattr(src, key)}")
+            setattr(cfg.vision, key, getattr(src, key))
+    return changed
+
+
+def load_vision(model, run_path: str) -> Path:
+    """Copy the ViT weights (`vision.*`) of a run's latest checkpoint, VLM or dual encoder, into `model.vision`."""
+    from safetensors.torch import load_file
+
+    ckpt = RunDir(run_path).require().latest_checkpoint()
+    if ckpt is None:
+        raise UserError(f"vision.init_from: {run_path} has no complete checkpoint")
+    weights = load_file(str(ckpt / "model.safetensors"))
+    vision = {k.removeprefix("vision."): v for k, v in weights.items() if k.startswith("vision.")}
+    missing, unexpected = model.vision.load_state_dict(vision, strict=False)
+    if missing or unexpected or not vision:
+        raise UserError(f"vision.init_from: {ckpt} holds no matching vision tower "
+                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return ckpt

@@ -27,6 +27,9 @@ class VisionConfig:
     # Which encoder layer feeds a VLM connector: -1 = the last (before post_layernorm), as
     # HF LLaVA's `vision_feature_layer` counts.
     feature_layer: int = -1
+    # A run directory (VLM or contrastive) whose latest checkpoint supplies this tower's weights
+    # and architecture, e.g. a finished `siglip` run for a LLaVA-style VLM (see rundir.py).
+    init_from: str | None = None
 
     @property
     def num_patches(self) -> int:
@@ -53,10 +56,10 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H), bidirectional
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, T, D/H); bidirectional for images
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -78,8 +81,8 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), causal)
         return x + self.mlp(self.layer_norm2(x))
 
 

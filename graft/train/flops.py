@@ -37,3 +37,26 @@ def vlm_step_flops(model, images: int, lm_tokens: int, seq_len: int) -> float:
     attn = len(lm.layers) * seq_len * lm.hidden_size  # per token, causal: half of 2·T·d
     language = 2 * lm_tokens * (lm_params + attn) * _passes(lm_train, conn_train or v_train)
     return float(vision + connector + language)
+
+
+def dual_step_flops(model, pairs: int) -> float:
+    """FLOPs for `pairs` image–text pairs through a dual encoder (texts at full padded length)."""
+    vit = model.vision
+    P, dv = vit.num_patches, vit.cfg.hidden_size
+    head = _params(model.image_pool) + _params(model.image_proj)
+    image = 2 * pairs * ((_params(vit.encoder) + _params(vit.embeddings.patch_embedding)) * P
+                         + len(vit.encoder.layers) * 2 * P * P * dv + head) * _passes(_trainable(vit), False)
+    if model.cfg.shared_tower:  # CLIPPO: the rendered text goes through the same tower
+        return float(2 * image)
+    tt, L, dt = model.text, model.text.cfg.max_len, model.text.cfg.hidden_size
+    attn = len(tt.encoder.layers) * 2 * L * L * dt // (2 if tt.cfg.causal else 1)
+    text = 2 * pairs * (_params(tt.encoder) * L + attn + _params(model.text_proj)) * _passes(_trainable(tt), False)
+    return float(image + text)
+
+
+def step_flops(model, images: int, lm_tokens: int, seq_len: int) -> float:
+    from graft.models.dual_encoder import DualEncoder
+
+    if isinstance(model, DualEncoder):
+        return dual_step_flops(model, images)
+    return vlm_step_flops(model, images, lm_tokens, seq_len)

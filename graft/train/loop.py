@@ -18,13 +18,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from graft import config as config_mod
 from graft.config import Config
-from graft.data.stream import TrainStream, make_world
+from graft.data.stream import make_world
 from graft.data.tokenizer import ChatTokenizer, world_corpus
 from graft.errors import UserError
 from graft.eval.harness import evaluate
-from graft.rundir import RunDir, build_model, build_processor
+from graft.rundir import RunDir, adopt_vision_arch, build_model, build_processor, build_stream, load_vision
 from graft.train import checkpoint, runtime
-from graft.train.flops import vlm_step_flops
+from graft.train.flops import step_flops
 from graft.train.metrics import MetricsLog
 from graft.train.optim import build_optimizer, build_scheduler
 
@@ -38,10 +38,16 @@ def train(cfg: Config, out: str | Path) -> dict:
     run = RunDir(out)
     rt = runtime.setup(cfg.train.device, cfg.train.precision)
     torch.manual_seed(cfg.train.seed)
+    if cfg.vision.init_from:
+        changes = adopt_vision_arch(cfg)
+        if changes and rt.is_main:
+            print(f"vision.init_from: took {', '.join(changes)} from {cfg.vision.init_from}", flush=True)
     cfg, tok = _prepare_run_dir(cfg, run, rt)
     model = build_model(cfg, tok)
     if cfg.train.init_from:
         _init_from(model, cfg.train.init_from)
+    if cfg.vision.init_from:
+        load_vision(model, cfg.vision.init_from)
     model.freeze(cfg.train.freeze)
     model.to(rt.device)
     optimizer = build_optimizer(model, cfg.optim)
@@ -49,7 +55,7 @@ def train(cfg: Config, out: str | Path) -> dict:
     start = _resume(run, optimizer, scheduler, model, rt)
     ddp = DDP(model) if rt.world_size > 1 else None
     proc = build_processor(cfg, tok, model)
-    stream = TrainStream(cfg, proc, rt.rank, rt.world_size)
+    stream = build_stream(cfg, proc, rt.rank, rt.world_size)
     log = MetricsLog(run.path, start, enabled=rt.is_main)
     peak = runtime.peak_flops(rt, cfg.train.peak_flops)
     bar = _progress(cfg, start, rt)
@@ -142,10 +148,13 @@ def _resume(run: RunDir, optimizer, scheduler, model, rt) -> int:
     return int(meta["step"])
 
 
-def _train_step(engine, model, stream: TrainStream, optimizer, cfg: Config, rt, step: int):
+def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int):
     """One optimiser step over grad_accum micro-batches; skips the update if gradients are non-finite."""
     t0 = time.perf_counter()
     accum, data_s, loss_sum = cfg.train.grad_accum, 0.0, 0.0
+    # A loss over features gathered from all ranks is already a global-batch mean; DDP averages
+    # gradients over ranks once more, so scale that back (see graft/losses.py).
+    grad_mult = rt.world_size if getattr(model, "global_batch_loss", False) else 1
     images = tokens = seq = 0
     optimizer.zero_grad(set_to_none=True)
     for micro in range(accum):
@@ -155,11 +164,12 @@ def _train_step(engine, model, stream: TrainStream, optimizer, cfg: Config, rt, 
         sync = micro == accum - 1 or not isinstance(engine, DDP)
         with (engine.no_sync() if not sync else contextlib.nullcontext()), rt.autocast():
             _, loss = engine(**batch)
-        (loss / accum).backward()
+        (loss * grad_mult / accum).backward()
         loss_sum += loss.item() / accum
         images += batch["pixel_values"].shape[0]
-        tokens += int((batch["input_ids"] != stream.proc.tok.pad).sum())
-        seq = max(seq, batch["input_ids"].shape[1])
+        if "input_ids" in batch:  # CLIPPO batches carry rendered text, no token ids
+            tokens += int((batch["input_ids"] != stream.proc.tok.pad).sum())
+            seq = max(seq, batch["input_ids"].shape[1])
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.optim.grad_clip
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -194,7 +204,7 @@ class _Window:
 
     def record(self, step, loss, grad_norm, scheduler, model, rt, peak) -> dict:
         seq = self._last["seq"]
-        flops = vlm_step_flops(model, self.images, self.tokens, seq) * rt.world_size
+        flops = step_flops(model, self.images, self.tokens, seq) * rt.world_size
         t = max(self.time, 1e-9)
         rec = {
             "step": step,

@@ -1,0 +1,54 @@
+"""Image–text pairs for contrastive training: which text goes with an image, how it is encoded,
+and which pairs make step s's batch (a pure function of s, as in `data/stream.py`, so resume is exact).
+
+The text paired with a Shapes image is its caption, which names every object with its size,
+colour and shape in reading order ("a small red circle and a large blue square").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graft.data.processor import Processor
+from graft.data.render import render_text
+from graft.data.shapes import Sample, ShapesWorld
+
+
+def pair_text(sample: Sample) -> str:
+    return sample.caption
+
+
+class ContrastiveProcessor(Processor):
+    """Pixels as for the VLM; texts as fixed-length ids (ending in <eos>, then <pad>) or, for a
+    shared tower (CLIPPO), as rendered images."""
+
+    def __init__(self, tokenizer, image_size: int, text_len: int, render: bool = False, font_size: int = 0):
+        super().__init__(tokenizer, image_size, num_image_tokens=0, max_seq_len=text_len)
+        self.render, self.font_size = render, font_size
+
+    def text_ids(self, text: str) -> list[int]:
+        ids = self.tok.encode(text)[: self.max_seq_len - 1] + [self.tok.eos]
+        return ids + [self.tok.pad] * (self.max_seq_len - len(ids))
+
+    def texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if self.render:
+            return {"text_pixels": torch.stack([self.pixels(render_text(t, self.image_size, self.font_size)) for t in texts])}
+        return {"input_ids": torch.tensor([self.text_ids(t) for t in texts], dtype=torch.long)}
+
+    def pairs(self, images, texts: list[str]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.stack([self.pixels(img) for img in images]), **self.texts(texts)}
+
+
+class ContrastiveStream:
+    """Batch of step s on rank r: train samples s·B·W + r·B + [0, B), each with its pair text."""
+
+    def __init__(self, world: ShapesWorld, processor: ContrastiveProcessor, batch_size: int, grad_accum: int,
+                 rank: int = 0, world_size: int = 1):
+        self.world, self.proc = world, processor
+        self.batch_size, self.grad_accum, self.rank, self.world_size = batch_size, grad_accum, rank, world_size
+
+    def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        mb = self.batch_size // self.grad_accum
+        start = step * self.batch_size * self.world_size + self.rank * self.batch_size + micro * mb
+        samples = [self.world.sample("train", i) for i in range(start, start + mb)]
+        return self.proc.pairs([s.image for s in samples], [pair_text(s) for s in samples])

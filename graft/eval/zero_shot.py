@@ -1,0 +1,93 @@
+"""Zero-shot classification with a dual encoder (CLIP §3.1.4): embed each class name in every prompt
+template, average the normalised embeddings over templates (the "ensemble"), renormalise, and
+predict the class whose embedding is closest to the image's.
+
+On the built-in world the classes are its 24 colour x shape names and the images have exactly one
+object (a world with max_objects=1), so the label — the colour and shape of *the* object — is
+unambiguous. The default templates follow the world's caption style ("a small red circle").
+A user's file (YAML or JSON) may replace `classes` (one name per world class, in the world's
+order: red circle, red square, ...) and/or `templates` (each containing `{}`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from graft.data.shapes import CLASSES, ShapesWorld
+from graft.errors import UserError
+
+TEMPLATES = ["a {}", "a small {}", "a large {}"]
+
+
+def check_prompts(classes: list[str], templates: list[str], where: str) -> None:
+    if not classes:
+        raise UserError(f"{where}: the class list is empty")
+    if not templates:
+        raise UserError(f"{where}: the template list is empty")
+    for t in templates:
+        if not isinstance(t, str) or "{}" not in t:
+            raise UserError(f"{where}: template {t!r} has no '{{}}' for the class name")
+    if len(classes) != len(CLASSES):
+        raise UserError(f"{where}: {len(classes)} classes given; the built-in world has {len(CLASSES)} "
+                        f"(one name per class, in its order: {', '.join(CLASSES[:3])}, ...)")
+
+
+def load_prompts(path: str | None) -> tuple[list[str], list[str]]:
+    """Classes and templates: the world's, or those a user's YAML/JSON file gives."""
+    if path is None:
+        return list(CLASSES), list(TEMPLATES)
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"eval.zeroshot_file: file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())  # JSON is YAML
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"eval.zeroshot_file: {path} is not YAML/JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict) or not set(data) <= {"classes", "templates"}:
+        raise UserError(f"eval.zeroshot_file: {path} must be a mapping with keys 'classes' and/or 'templates'")
+    classes = data.get("classes", list(CLASSES))
+    templates = data.get("templates", list(TEMPLATES))
+    if not isinstance(classes, list) or not isinstance(templates, list):
+        raise UserError(f"eval.zeroshot_file: {path}: 'classes' and 'templates' must be lists")
+    check_prompts([str(c) for c in classes], templates, f"eval.zeroshot_file {path}")
+    return [str(c) for c in classes], templates
+
+
+@torch.no_grad()
+def class_embeddings(model, proc, classes: list[str], templates: list[str], batch_size: int) -> torch.Tensor:
+    """(C, E): per class, the renormalised mean over templates of the normalised text embeddings."""
+    texts = [t.format(c) for c in classes for t in templates]
+    emb = embed_texts(model, proc, texts, batch_size).view(len(classes), len(templates), -1)
+    return torch.nn.functional.normalize(emb.mean(1), dim=-1)
+
+
+@torch.no_grad()
+def embed_texts(model, proc, texts: list[str], batch_size: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = [model.encode_text(**{k: v.to(device) for k, v in proc.texts(texts[i:i + batch_size]).items()})
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out).float().cpu()
+
+
+@torch.no_grad()
+def embed_images(model, proc, images, batch_size: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = [model.encode_image(torch.stack([proc.pixels(im) for im in images[i:i + batch_size]]).to(device))
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).float().cpu()
+
+
+def zero_shot(model, proc, world: ShapesWorld, split: str, n: int, prompts_file: str | None, batch_size: int) -> dict[str, float]:
+    """Top-1 / top-5 accuracy on the first n single-object images of `split`."""
+    classes, templates = load_prompts(prompts_file)
+    single = ShapesWorld(world.image_size, world.grid, max_objects=1, seed=world.seed)
+    samples = [single.sample(split, i) for i in range(n)]
+    labels = torch.tensor([s.label for s in samples])
+    sims = embed_images(model, proc, [s.image for s in samples], batch_size) @ class_embeddings(
+        model, proc, classes, templates, batch_size).T  # (n, C)
+    top = sims.topk(min(5, len(classes)), dim=1).indices
+    return {"zeroshot_acc": (top[:, 0] == labels).float().mean().item(),
+            "zeroshot_top5": (top == labels[:, None]).any(1).float().mean().item()}

@@ -1,0 +1,127 @@
+"""Dual encoders for contrastive image–text pretraining: CLIP, SigLIP, CLIPPO, LiT.
+
+    image (B, 3, S, S) → ViT → pool (attention / mean) → image_proj → L2 norm ─┐
+                                                                               ├→ clip_loss | siglip_loss
+    text ids (B, L)    → TextTower (pooled at <eos> / last) → text_proj → L2 norm ┘
+
+CLIPPO (Tschannen et al. 2023) has one tower: the text is rendered as an image (data/render.py)
+and goes through the same ViT, pooling and projection. LiT (Zhai et al. 2022) is `train.freeze`
+of the image side (`vision`, optionally `image_head`) with weights from `vision.init_from`.
+The learnable temperature starts at log(1/0.07) for CLIP (CLIP §2.5) and log 10 for SigLIP, and
+SigLIP's bias at -10 (SigLIP §3.3), so the many negatives do not swamp the first steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from graft.errors import UserError
+from graft.losses import clip_loss, siglip_loss
+from graft.models.text_encoder import TextConfig, TextTower
+from graft.models.vit import MLP, ViT, VisionConfig
+
+LOSSES = ("clip", "siglip")
+IMAGE_POOLS = ("map", "mean")
+PARTS = ("vision", "image_head", "text")
+
+
+@dataclass
+class ContrastiveConfig:
+    loss: str = "siglip"  # clip | siglip
+    embed_dim: int = 128  # the shared embedding both towers project to
+    image_pool: str = "map"  # map: attention pooling with a learned probe (SigLIP) | mean over patches
+    shared_tower: bool = False  # CLIPPO: text rendered as an image through the one ViT
+    chunk_size: int = 0  # >0: compute the loss's logits in blocks of this size (bounded memory)
+    init_logit_scale: float | None = None  # log of the temperature multiplier; None: the paper's
+    init_logit_bias: float = -10.0  # SigLIP only
+    render_font_size: int = 0  # CLIPPO: font height in pixels; 0 = derived from the image size
+
+    @staticmethod
+    def check(cfg: "ContrastiveConfig") -> None:
+        for key, value, valid in (("loss", cfg.loss, LOSSES), ("image_pool", cfg.image_pool, IMAGE_POOLS)):
+            if value not in valid:
+                raise UserError(f"contrastive.{key}={value!r} is not one of {', '.join(valid)}")
+        if cfg.embed_dim <= 0 or cfg.chunk_size < 0:
+            raise UserError("contrastive.embed_dim must be positive and contrastive.chunk_size non-negative")
+
+
+class AttentionPool(nn.Module):
+    """Multihead attention pooling (MAP) with one learned probe, as HF `SiglipMultiheadAttentionPoolingHead`."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, cfg.hidden_size) * 0.02)
+        self.attention = nn.MultiheadAttention(cfg.hidden_size, cfg.heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) → (B, D)."""
+        probe = self.probe.expand(x.shape[0], -1, -1)
+        h = self.attention(probe, x, x, need_weights=False)[0]  # (B, 1, D)
+        return (h + self.mlp(self.layernorm(h)))[:, 0]
+
+
+class MeanPool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1)
+
+
+class DualEncoder(nn.Module):
+    # The loss already averages over the global batch (features are gathered from every rank),
+    # so a DDP trainer must undo DDP's gradient averaging (train/loop.py).
+    global_batch_loss = True
+
+    def __init__(self, vision: VisionConfig, text: TextConfig, cfg: ContrastiveConfig, eos_id: int):
+        super().__init__()
+        ContrastiveConfig.check(cfg)
+        self.cfg = cfg
+        self.vision = ViT(vision)
+        self.image_pool = AttentionPool(vision) if cfg.image_pool == "map" else MeanPool()
+        self.image_proj = nn.Linear(vision.hidden_size, cfg.embed_dim, bias=False)
+        if not cfg.shared_tower:
+            self.text = TextTower(text, eos_id)
+            self.text_proj = nn.Linear(text.hidden_size, cfg.embed_dim, bias=False)
+        default_scale = math.log(1 / 0.07) if cfg.loss == "clip" else math.log(10.0)
+        init = default_scale if cfg.init_logit_scale is None else cfg.init_logit_scale
+        self.logit_scale = nn.Parameter(torch.tensor(float(init)))
+        if cfg.loss == "siglip":
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+
+    def freeze(self, parts: list[str]) -> None:
+        groups = {"vision": [self.vision], "image_head": [self.image_pool, self.image_proj],
+                  "text": [self.text, self.text_proj] if not self.cfg.shared_tower else []}
+        for part in parts:
+            for module in groups[part]:
+                module.requires_grad_(False)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) → (B, E), L2-normalised."""
+        return F.normalize(self.image_proj(self.image_pool(self.vision(pixel_values))), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor | None = None, text_pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, L), or for CLIPPO rendered text (B, 3, S, S) → (B, E), L2-normalised."""
+        if self.cfg.shared_tower:
+            return self.encode_image(text_pixels)
+        return F.normalize(self.text_proj(self.text(input_ids)), dim=-1)
+
+    def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        distributed = self.training and dist.is_available() and dist.is_initialized()
+        world = {"rank": dist.get_rank(), "world_size": dist.get_world_size()} if distributed else {}
+        if self.cfg.loss == "clip":
+            scale = self.logit_scale.exp().clamp(max=100.0)  # CLIP §2.5: clipped at 100
+            return clip_loss(image_emb, text_emb, scale, chunk_size=self.cfg.chunk_size, **world)
+        return siglip_loss(image_emb, text_emb, self.logit_scale.exp(), self.logit_bias,
+                           chunk_size=self.cfg.chunk_size, **world)
+
+    def forward(self, pixel_values, input_ids=None, text_pixels=None):
+        """Returns ((image_emb, text_emb), loss)."""
+        image_emb = self.encode_image(pixel_values)
+        text_emb = self.encode_text(input_ids, text_pixels)
+        return (image_emb, text_emb), self.loss(image_emb, text_emb)

@@ -1,0 +1,162 @@
+"""Dual encoders (CLIP, SigLIP, CLIPPO, LiT): model behaviour, zero-shot/retrieval maths, bad input,
+and the chain "contrastive run → VLM vision tower" through the CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from graft.data.contrastive import ContrastiveProcessor
+from graft.data.render import render_text
+from graft.errors import UserError
+from graft.eval.retrieval import recall_at_k
+from graft.eval.zero_shot import TEMPLATES, check_prompts, load_prompts
+from graft.models.dual_encoder import ContrastiveConfig, DualEncoder
+from graft.models.text_encoder import TextConfig
+from graft.models.vit import VisionConfig
+from helpers import tokenizer
+
+VISION = VisionConfig(image_size=24, patch_size=8, hidden_size=32, layers=1, heads=2, intermediate_size=64)
+
+
+def tiny_dual(loss="siglip", causal=False, pool="last", shared=False):
+    tok = tokenizer()
+    text = TextConfig(vocab_size=len(tok), max_len=12, hidden_size=32, layers=1, heads=2, intermediate_size=64,
+                      causal=causal, pool=pool)
+    model = DualEncoder(VISION, text, ContrastiveConfig(loss=loss, embed_dim=16, shared_tower=shared), tok.eos)
+    return model, ContrastiveProcessor(tok, 24, 12, render=shared)
+
+
+@pytest.mark.parametrize("loss,shared", [("clip", False), ("siglip", False), ("siglip", True)])
+def test_forward_gives_unit_embeddings_a_finite_loss_and_gradients_everywhere(loss, shared):
+    model, proc = tiny_dual(loss, shared=shared)
+    from PIL import Image
+
+    images = [Image.new("RGB", (24, 24), (40 * i, 0, 0)) for i in range(4)]
+    batch = proc.pairs(images, ["a small red circle", "a large blue cross", "a red square", "a white cross"])
+    (img, txt), value = model(**batch)
+    assert img.shape == txt.shape == (4, 16)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.isfinite(value)
+    value.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+def test_paper_initial_temperature_and_bias():
+    clip, _ = tiny_dual("clip")
+    sig, _ = tiny_dual("siglip")
+    assert clip.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-5)  # CLIP §2.5
+    assert sig.logit_scale.exp().item() == pytest.approx(10.0, rel=1e-5)  # SigLIP §3.3
+    assert sig.logit_bias.item() == -10.0 and not hasattr(clip, "logit_bias")
+
+
+def test_clip_text_tower_pools_at_eos_and_ignores_what_follows():
+    model, proc = tiny_dual("clip", causal=True, pool="eos")
+    ids = torch.tensor([proc.text_ids("a red circle")])
+    eos_at = ids[0].tolist().index(proc.tok.eos)
+    changed = ids.clone()
+    changed[0, eos_at + 1:] = 7  # different tokens after <eos>: causal attention never sees them
+    base = model.encode_text(ids)
+    assert torch.allclose(base, model.encode_text(changed), atol=1e-6)
+    changed[0, 0] = 9  # a different first word must change the embedding
+    assert not torch.allclose(base, model.encode_text(changed), atol=1e-4)
+
+
+def test_lit_freezes_the_image_tower_only():
+    model, _ = tiny_dual()
+    model.freeze(["vision"])
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    assert all(p.requires_grad for p in model.text.parameters())
+    assert all(p.requires_grad for p in model.image_proj.parameters())
+
+
+def test_text_is_truncated_keeping_eos_and_rendered_text_is_ink_on_white():
+    _, proc = tiny_dual()
+    ids = proc.text_ids("a small red circle, " * 10)
+    assert len(ids) == 12 and ids[-1] == proc.tok.eos
+    img = render_text("a red circle", 48)
+    pixels = torch.from_numpy(np.asarray(img.convert("L"), dtype=np.float32))
+    assert pixels.max() == 255 and pixels.min() < 100  # white canvas with dark glyphs
+
+
+def test_recall_at_k_counts_identical_texts_as_correct():
+    sims = torch.tensor([[0.1, 0.9, 0.0], [0.0, 0.2, 0.1], [0.5, 0.4, 0.3]])
+    same = torch.eye(3, dtype=torch.bool)
+    r = recall_at_k(sims, same)
+    assert r[1] == pytest.approx(1 / 3) and r[5] == pytest.approx(1.0)  # top-1 per row: 1, 1, 0
+    same[0, 1] = same[1, 0] = True  # texts 0 and 1 are the same caption
+    assert recall_at_k(sims, same)[1] == pytest.approx(2 / 3)
+
+
+def test_prompt_file_errors_name_the_problem(tmp_path):
+    with pytest.raises(UserError, match="empty"):
+        check_prompts([], TEMPLATES, "x")
+    with pytest.raises(UserError, match="has no"):
+        check_prompts(["a"] * 24, ["a photo"], "x")
+    with pytest.raises(UserError, match="not found"):
+        load_prompts(str(tmp_path / "nope.yaml"))
+    good = tmp_path / "p.yaml"
+    good.write_text("templates: ['a photo of a {}.', 'a {}']\n")
+    classes, templates = load_prompts(str(good))
+    assert len(classes) == 24 and templates == ["a photo of a {}.", "a {}"]
+
+
+def _graft(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "graft", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("setting,needle", [
+    ("eval.zeroshot_file={missing}", "file not found"),
+    ("eval.zeroshot_file={empty}", "class list is empty"),
+    ("eval.zeroshot_file={notemplate}", "has no '{}'"),
+    ("contrastive.loss=triplet", "contrastive.loss"),
+])
+def test_bad_contrastive_input_is_one_line_and_exit_2(tmp_path, setting, needle):
+    files = {"missing": tmp_path / "missing.yaml", "empty": tmp_path / "empty.yaml", "notemplate": tmp_path / "t.yaml"}
+    files["empty"].write_text("classes: []\n")
+    files["notemplate"].write_text("templates: ['a photo of a thing']\n")
+    done = _graft("train", "siglip", "--out", str(tmp_path / "run"), "--set", setting.format(**files))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], done.stderr
+
+
+TINY = ["--set", "vision.hidden_size=32", "--set", "vision.layers=1", "--set", "vision.intermediate_size=64",
+        "--set", "text.hidden_size=32", "--set", "text.layers=1", "--set", "text.intermediate_size=64",
+        "--set", "train.batch_size=32", "--set", "train.log_every=5", "--set", "train.progress=false",
+        "--set", "eval.zeroshot_images=48", "--set", "eval.retrieval_pairs=48", "--set", "eval.splits=[test]"]
+
+
+def test_contrastive_run_then_vlm_on_its_vision_tower(tmp_path):
+    run, vlm = tmp_path / "siglip", tmp_path / "vlm"
+    done = _graft("train", "siglip", "--out", str(run), "--set", "train.steps=10", "--set", "train.ckpt_every=10", *TINY)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((run / "eval.json").read_text())
+    for key in ("zeroshot_acc", "zeroshot_top5", "i2t_r@1", "i2t_r@5", "i2t_r@10", "t2i_r@1", "t2i_r@10"):
+        assert 0.0 <= results[key] <= 1.0, key
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "eval" and "zeroshot_acc" in e for e in events)
+    assert all(k in events[0] for k in ("loss", "samples_per_s", "mfu"))
+
+    # The VLM takes the tower's architecture and weights; frozen, they stay the contrastive run's.
+    done = _graft("train", "tiny", "--out", str(vlm), "--set", f"vision.init_from={run}", "--set", "train.freeze=[vision]",
+                  "--set", "train.steps=2", "--set", "train.ckpt_every=2", "--set", "eval.vqa_per_type=2",
+                  "--set", "eval.captions=0", "--set", "eval.splits=[test]", "--set", "train.progress=false")
+    assert done.returncode == 0, done.stderr
+    src = load_file(str(run / "checkpoints" / "step_00000010" / "model.safetensors"))
+    dst = load_file(str(vlm / "checkpoints" / "step_00000002" / "model.safetensors"))
+    vision_keys = [k for k in src if k.startswith("vision.")]
+    assert vision_keys and all(torch.equal(src[k], dst[k]) for k in vision_keys)
+
+    # graft eval re-scores the run; generate refuses a model that cannot generate, in one line.
+    assert _graft("eval", str(run)).returncode == 0
+    from PIL import Image
+
+    Image.new("RGB", (24, 24)).save(tmp_path / "x.png")
+    refused = _graft("generate", str(run), "--image", str(tmp_path / "x.png"), "--prompt", "hi")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
