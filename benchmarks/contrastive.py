@@ -26,7 +26,9 @@ from graft.data.shapes import ShapesWorld
 from graft.data.tokenizer import ChatTokenizer, world_corpus
 from graft.losses import clip_loss, siglip_loss
 from graft.recipes import clip, siglip
-from graft.rundir import build_model, build_processor, build_stream
+from graft.data.contrastive import ContrastiveStream
+from graft.data.stream import make_world
+from graft.rundir import build_model, build_processor
 
 
 def hf_twin(cfg, vocab: int, eos: int):
@@ -50,7 +52,7 @@ def throughput(recipe, tok, steps: int, batch: int) -> dict:
     cfg.train.batch_size = batch
     ours = build_model(cfg, tok)
     theirs = hf_twin(cfg, len(tok), tok.eos)
-    data = build_stream(cfg, build_processor(cfg, tok, ours), 0, 1).batch(0, 0)
+    data = ContrastiveStream(make_world(cfg), build_processor(cfg, tok, ours), cfg.train.batch_size, 1).batch(0, 0)
     runs = {
         "graft": (ours, lambda: ours(**data)[1]),
         "hf": (theirs, lambda: theirs(input_ids=data["input_ids"], pixel_values=data["pixel_values"], return_loss=True).loss),
@@ -111,7 +113,7 @@ def main() -> None:
     for loss in ("clip", "siglip"):
         full, chunked = loss_peak_mib(loss, n, d, 0), loss_peak_mib(loss, n, d, args.chunk)
         print(f"| {loss}_loss | {full:.1f} | {chunked:.1f} |", flush=True)
-    print(f"\nOn W processes the local loss holds a (N/W) x N block per rank: about 1/W of the full-logit figure.")
+    print("\nOn W processes the local loss holds a (N/W) x N block per rank: about 1/W of the full-logit figure.")
 
 
 if __name__ == "__main__":

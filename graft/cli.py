@@ -1,4 +1,4 @@
-"""The `graft` command: train | eval | generate | demo | recipes.
+"""The `graft` command: train | eval | generate | demo | data | recipes.
 
 User errors (bad keys, values, files) print one line and exit with code 2; never a traceback.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -83,6 +82,27 @@ def cmd_demo(args) -> None:
     print(f"\nrun directory: {out}   report: {report}")
 
 
+def cmd_data_check(args) -> int:
+    from graft.data.check import check_data, processor_for
+
+    cfg = _recipe(args.recipe, args.set)
+    result = check_data(cfg, processor_for(cfg), args.n)
+    print(f"graft data check: {cfg.name}, data.source={cfg.data.source}")
+    print(result.report())
+    return 0 if result.ok else 1
+
+
+def cmd_data_export_shapes(args) -> None:
+    from graft.data.export import export_shapes
+
+    if args.n <= 0 or args.shard_size <= 0:
+        raise UserError(f"--n={args.n} and --shard-size={args.shard_size} must be positive")
+    cfg = _recipe(args.recipe, args.set)
+    train_args = export_shapes(cfg, args.format, Path(args.out), args.n, args.shard_size)
+    print(f"wrote {args.n} samples of the {cfg.name} world to {args.out} ({args.format})")
+    print(f"train on them: graft train {args.recipe} {train_args}")
+
+
 def cmd_recipes(args) -> None:
     from graft.recipes import RECIPES
 
@@ -120,21 +140,42 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.set_defaults(fn=cmd_demo)
+    _data_parser(sub)
     r = sub.add_parser("recipes", help="list recipes")
     r.set_defaults(fn=cmd_recipes)
     return p
 
 
+def _data_parser(sub) -> None:
+    from graft.data.export import FORMATS
+
+    data = sub.add_parser("data", help="check a recipe's data; export the built-in world").add_subparsers(
+        dest="data_command", required=True)
+    c = data.add_parser("check", help="read a sample of a recipe's data through the processor; exit 1 if unusable")
+    c.add_argument("recipe")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--n", type=int, default=1000, help="records to read (at most one pass)")
+    c.set_defaults(fn=cmd_data_check)
+    x = data.add_parser("export-shapes", help="write the built-in world as webdataset shards, LLaVA JSON or an HF dataset")
+    x.add_argument("--format", required=True, choices=FORMATS)
+    x.add_argument("--out", required=True)
+    x.add_argument("--n", type=int, required=True, help="number of samples")
+    x.add_argument("--recipe", default="shapes_vqa", help="recipe whose world settings to use")
+    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    x.add_argument("--shard-size", type=int, default=1000, help="webdataset: samples per shard")
+    x.set_defaults(fn=cmd_data_export_shapes)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.fn(args)
+        rc = args.fn(args)
     except UserError as e:
         print(f"graft: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from graft.data.shapes import CAPTION_PROMPT
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
 from graft.models.decoder import LMConfig
@@ -32,7 +33,7 @@ MODEL_KINDS = ("vlm", "dual")  # vlm: VisionEncoder → Connector → LM; dual: 
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # only the built-in world for now
+    source: str = "shapes"  # shapes | webdataset | llava | hf (graft/data/sources.py)
     seed: int = 0  # world seed: sample i of split s is a pure function of (seed, s, i)
     grid: int = 4  # objects sit in a grid x grid layout of cells
     max_objects: int = 4
@@ -40,6 +41,20 @@ class DataConfig:
     caption_prob: float = 0.25  # chance a training conversation also asks for the caption
     tokenizer: str | None = None  # a tokenizer.json to use instead of training one on the world
     vocab_size: int = 384
+    # Streaming sources (graft/data/sources.py); the fields above configure the built-in world.
+    shards: list[str] = field(default_factory=list)  # webdataset: one brace pattern per source
+    weights: list[float] = field(default_factory=list)  # webdataset: mixing weight per shards entry (default equal)
+    path: str | None = None  # llava: the conversation .json/.jsonl; hf: a save_to_disk folder
+    image_root: str | None = None  # llava/hf: folder image paths are relative to (default: next to data.path)
+    image_column: str = "image"  # hf
+    text_column: str = "text"  # hf: a caption string or a conversation list
+    caption_prompt: str = CAPTION_PROMPT  # the user turn for caption-only records
+    shuffle_buffer: int = 1000  # webdataset: records held for shuffling within a worker
+    workers: int = 2  # DataLoader worker processes per rank (0: read in the training process)
+    max_image_pixels: int = 64_000_000  # bigger images are skipped, judged from the header before decoding
+    strict: bool = False  # stop at the first bad record instead of skipping and counting it
+    min_good_fraction: float = 0.5  # training (first batches) and `graft data check` stop below this
+    check_batches: int = 4  # micro-batches checked at the start of training (0: no check)
 
 
 @dataclass
@@ -250,9 +265,11 @@ def validate(cfg: Config) -> Config:
     choices = {
         "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
-        "data.source": (cfg.data.source, ("shapes",)),
         "model": (cfg.model, MODEL_KINDS),
     }
+    from graft.data.sources import SOURCES
+
+    choices["data.source"] = (cfg.data.source, tuple(SOURCES))
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise UserError(f"{key}={value!r} is not one of {', '.join(valid)}")
@@ -274,6 +291,7 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by train.grad_accum={cfg.train.grad_accum}")
     if cfg.data.max_objects > cfg.data.grid**2:
         raise UserError(f"data.max_objects={cfg.data.max_objects} exceeds the {cfg.data.grid}x{cfg.data.grid} grid")
+    _validate_streaming(cfg.data)
     if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
         raise UserError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
     ConnectorConfig.check(cfg.connector)
@@ -294,3 +312,17 @@ def _validate_dual(cfg: Config) -> None:
         from graft.eval.zero_shot import load_prompts
 
         load_prompts(cfg.eval.zeroshot_file)  # names a missing file, an empty class list, a bad template
+
+
+def _validate_streaming(d: DataConfig) -> None:
+    if d.source == "webdataset" and not d.shards:
+        raise UserError("data.source=webdataset needs data.shards (e.g. data.shards=data/shard-{000000..000009}.tar)")
+    if d.source in ("llava", "hf") and not d.path:
+        raise UserError(f"data.source={d.source} needs data.path")
+    if d.weights and (len(d.weights) != len(d.shards) or min(d.weights) <= 0):
+        raise UserError(f"data.weights={d.weights} must be {len(d.shards)} positive numbers, one per data.shards entry")
+    if d.workers < 0 or d.shuffle_buffer < 0 or d.check_batches < 0 or d.max_image_pixels <= 0:
+        raise UserError("data.workers, data.shuffle_buffer and data.check_batches must be >= 0, "
+                        "data.max_image_pixels > 0")
+    if not 0 <= d.min_good_fraction <= 1:
+        raise UserError(f"data.min_good_fraction={d.min_good_fraction} must be between 0 and 1")

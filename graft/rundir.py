@@ -10,9 +10,8 @@ from pathlib import Path
 
 from graft import config as config_mod
 from graft.config import Config
-from graft.data.contrastive import ContrastiveProcessor, ContrastiveStream
+from graft.data.contrastive import ContrastiveProcessor
 from graft.data.processor import Processor
-from graft.data.stream import TrainStream, make_world
 from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
 from graft.models.dual_encoder import DualEncoder
@@ -71,13 +70,6 @@ def build_processor(cfg: Config, tok: ChatTokenizer, model: VLM) -> Processor:
         c = cfg.contrastive
         return ContrastiveProcessor(tok, cfg.vision.image_size, cfg.text.max_len, c.shared_tower, c.render_font_size)
     return Processor(tok, cfg.vision.image_size, model.num_image_tokens, cfg.lm.max_seq_len)
-
-
-def build_stream(cfg: Config, proc: Processor, rank: int, world_size: int):
-    """The training stream: `batch(step, micro)` gives the micro-batch dict the model's forward takes."""
-    if cfg.model == "dual":
-        return ContrastiveStream(make_world(cfg), proc, cfg.train.batch_size, cfg.train.grad_accum, rank, world_size)
-    return TrainStream(cfg, proc, rank, world_size)
 
 
 def _build_dual(cfg: Config, tok: ChatTokenizer) -> DualEncoder:

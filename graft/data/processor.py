@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from graft.data.images import open_image, to_rgb
+from graft.data.samples import BadSample
 from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
 from graft.losses import IGNORE
@@ -23,28 +25,15 @@ from graft.losses import IGNORE
 MAX_IMAGE_PIXELS = 64_000_000  # refuse larger images before decoding them (decompression bombs)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open any PNG/JPEG/... a user points at; errors name the file."""
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open any PNG/JPEG/... a user points at, as RGB; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image file not found: {path}")
     try:
-        img = Image.open(path)
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise UserError(f"image {path} is {img.width}x{img.height}, over the {MAX_IMAGE_PIXELS} pixel limit")
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path} is not a readable image ({type(e).__name__})") from None
-    return img
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any mode: alpha is composited onto black, palettes and greyscale are expanded."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        base = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        return Image.alpha_composite(base, img).convert("RGB")
-    return img.convert("RGB")
+        return open_image(path, max_pixels)[0]
+    except BadSample as e:
+        raise UserError(f"{path} is not a usable image ({e})") from None
 
 
 class Processor:

@@ -18,11 +18,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from graft import config as config_mod
 from graft.config import Config
-from graft.data.stream import make_world
-from graft.data.tokenizer import ChatTokenizer, world_corpus
+from graft.data.sources import build_stream, training_corpus
+from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
 from graft.eval.harness import evaluate
-from graft.rundir import RunDir, adopt_vision_arch, build_model, build_processor, build_stream, load_vision
+from graft.rundir import RunDir, adopt_vision_arch, build_model, build_processor, load_vision
 from graft.train import checkpoint, runtime
 from graft.train.flops import step_flops
 from graft.train.metrics import MetricsLog
@@ -55,7 +55,7 @@ def train(cfg: Config, out: str | Path) -> dict:
     start = _resume(run, optimizer, scheduler, model, rt)
     ddp = DDP(model) if rt.world_size > 1 else None
     proc = build_processor(cfg, tok, model)
-    stream = build_stream(cfg, proc, rt.rank, rt.world_size)
+    stream = build_stream(cfg, proc, rt, run.latest_checkpoint() if start else None)
     log = MetricsLog(run.path, start, enabled=rt.is_main)
     peak = runtime.peak_flops(rt, cfg.train.peak_flops)
     bar = _progress(cfg, start, rt)
@@ -67,17 +67,22 @@ def train(cfg: Config, out: str | Path) -> dict:
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
             record = window.record(done, runtime.all_mean(loss, rt), grad_norm, scheduler, model, rt, peak)
+            record |= stream.stats(rt)  # data_skipped counts by reason, summed over ranks
             log.log(record)
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
         if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
-            _save(run, done, model, optimizer, scheduler, cfg, rt)
+            _save(run, done, model, optimizer, scheduler, cfg, rt, stream.state_dict(rt))
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps and rt.is_main:
             log.log({"step": done, "event": "eval", **evaluate(model, proc, cfg)})
     if bar is not None:
         bar.close()
+    data_summary = stream.summary(rt)
+    stream.close()
+    if rt.is_main and data_summary:
+        print(data_summary, flush=True)
     results = {}
     if rt.is_main:
         results = evaluate(model, proc, cfg)
@@ -96,7 +101,7 @@ def _prepare_run_dir(cfg: Config, run: RunDir, rt) -> tuple[Config, ChatTokenize
     elif cfg.data.tokenizer:
         tok = ChatTokenizer.load(Path(cfg.data.tokenizer))
     else:
-        tok = ChatTokenizer.train(world_corpus(make_world(cfg)), cfg.data.vocab_size)
+        tok = ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size)
     if cfg.lm.vocab_size == 0:
         cfg.lm.vocab_size = len(tok)
     if rt.is_main:
@@ -229,9 +234,11 @@ def _progress(cfg: Config, start: int, rt):
     return tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _save(run: RunDir, step: int, model, optimizer, scheduler, cfg: Config, rt) -> None:
+def _save(run: RunDir, step: int, model, optimizer, scheduler, cfg: Config, rt, data_state=None) -> None:
     if rt.is_main:
         meta = {"samples_seen": step * cfg.train.batch_size * rt.world_size}
+        if data_state is not None:  # streaming sources: every rank's worker positions (data/loader.py)
+            meta["data"] = data_state
         checkpoint.save(run.checkpoints, step, model, optimizer, scheduler, meta, cfg.train.keep_checkpoints)
     if rt.world_size > 1:
         torch.distributed.barrier()

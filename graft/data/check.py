@@ -1,0 +1,87 @@
+"""`graft data check RECIPE`: read a sample of the data through the real processor, count problems.
+
+Every record goes through exactly what training does (source → image decode with the pixel limit →
+chat template → tokenizer → truncation to lm.max_seq_len) and lands in one bin: usable, or skipped
+for one reason of skips.REASONS (unreadable images, empty answers, placeholder/feature mismatches,
+answers cut off by the context length so that every answer token is masked, ...). Notes count
+usable records that were converted or cut short. The data is unusable, exit code 1, when fewer
+than data.min_good_fraction of the records read are usable; otherwise exit code 0.
+
+At most one pass over the data is read (up to `n` records, mixing sources as training does).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from itertools import islice
+
+import torch
+
+from graft.config import Config
+from graft.data import skips
+from graft.data.loader import row_problems
+from graft.data.processor import collate
+from graft.data.sources import build_sources
+from graft.data.streaming import StreamDataset, fresh_position
+
+
+@dataclass
+class CheckResult:
+    used: int
+    skipped: Counter  # reason → records
+    notes: Counter
+    min_good: float
+
+    @property
+    def ok(self) -> bool:
+        bad = skips.records_skipped(self.skipped)
+        return self.used > 0 and self.used >= self.min_good * (self.used + bad)
+
+    def report(self) -> str:
+        total = self.used + skips.records_skipped(self.skipped)
+        return (skips.summary(self.skipped, self.notes, self.used) +
+                f"\nverdict: {'usable' if self.ok else 'UNUSABLE'} ({self.used} of {total} records usable; "
+                f"data.min_good_fraction={self.min_good})")
+
+
+def check_data(cfg: Config, proc, n: int) -> CheckResult:
+    """Counts for the first `n` records of the recipe's data (at most one pass)."""
+    check = _check_world if cfg.data.source == "shapes" else _check_stream
+    return CheckResult(*check(cfg, proc, n), cfg.data.min_good_fraction)
+
+
+def _check_stream(cfg: Config, proc, n: int) -> tuple[int, Counter, Counter]:
+    sources, weights = build_sources(cfg.data)
+    ds = StreamDataset(sources, weights, proc, cfg.data, 1, 0, 1, 1, {}, 0)
+    log = skips.SkipLog(where="data check", quiet=True)
+    used = 0
+    for out in islice(ds.examples(0, 1, fresh_position(len(sources)), log, epochs=1), n):
+        used += out is not None
+    return used, log.skipped, log.notes
+
+
+def _check_world(cfg: Config, proc, n: int) -> tuple[int, Counter, Counter]:
+    from graft.data.stream import TrainStream
+
+    stream = TrainStream(cfg, proc)
+    rows = [stream.item(i) for i in range(n)]
+    notes = Counter(sequence_truncated=sum(len(ids) > proc.max_seq_len for ids, _, _ in rows))
+    problems = row_problems(collate(rows, proc.tok.pad), proc) if rows else Counter()
+    return len(rows) - sum(problems.values()), problems, notes
+
+
+@torch.no_grad()
+def processor_for(cfg: Config):
+    """The processor training would use, without allocating the model (built on the meta device)."""
+    from graft.data.sources import training_corpus
+    from graft.data.tokenizer import ChatTokenizer
+    from graft.rundir import build_model, build_processor
+
+    if cfg.data.tokenizer:
+        tok = ChatTokenizer.load(cfg.data.tokenizer)
+    else:
+        tok = ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size)
+    with torch.device("meta"):
+        model = build_model(cfg, tok)
+    return build_processor(cfg, tok, model)

@@ -1,0 +1,61 @@
+"""A Hugging Face `datasets` dataset saved with `save_to_disk`: image and text columns named in the config.
+
+`data.path` is the folder; a DatasetDict uses its `train` split. `data.image_column` holds images
+(an `Image` feature, bytes, or a path relative to `data.image_root`); `data.text_column` holds a
+caption string or a conversation (a list of `{"from", "value"}` or `{"role", "content"}` messages).
+Images are read undecoded (`Image(decode=False)`) so that graft checks their size from the header
+before decoding, like every other source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from graft.config import DataConfig
+from graft.data.indexed import IndexedSource
+from graft.data.samples import BadSample, Example, text_turns
+from graft.errors import UserError
+
+
+def load_dataset_dir(path: str, split: str = "train"):
+    import datasets
+
+    if not Path(path, "dataset_info.json").is_file() and not Path(path, "dataset_dict.json").is_file():
+        raise UserError(f"data.path: {path} is not a folder written by datasets' save_to_disk")
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"data.path: {path} has splits {', '.join(ds)}, no '{split}'")
+        ds = ds[split]
+    return ds
+
+
+class HFSource(IndexedSource):
+    def __init__(self, cfg: DataConfig):
+        import datasets
+
+        if not cfg.path:
+            raise UserError("data.source=hf needs data.path (a folder written by save_to_disk)")
+        ds = load_dataset_dir(cfg.path)
+        for key, column in (("data.image_column", cfg.image_column), ("data.text_column", cfg.text_column)):
+            if column not in ds.column_names:
+                raise UserError(f"{key}={column!r} is not a column of {cfg.path} (columns: {', '.join(ds.column_names)})")
+        if isinstance(ds.features[cfg.image_column], datasets.Image):
+            ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        self.ds, self.cfg = ds, cfg
+        self.name, self.seed = Path(cfg.path).name, cfg.seed
+        self.root = Path(cfg.image_root or cfg.path)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def example(self, raw: int) -> Example:
+        row = self.ds[raw]
+        image, text = row[self.cfg.image_column], row[self.cfg.text_column]
+        if isinstance(image, dict):  # an Image feature read undecoded: {"bytes", "path"}
+            image = image.get("bytes") or image.get("path")
+        if isinstance(image, str):
+            image = self.root / image
+        if not isinstance(image, (bytes, Path)):
+            raise BadSample("image_missing", f"{self.cfg.image_column} is {type(image).__name__}")
+        return Example(self.key(raw), image, text_turns(text, self.cfg.caption_prompt))

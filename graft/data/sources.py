@@ -1,0 +1,82 @@
+"""`data.source` → the data a run trains on: the one registry of sources, and the trainer's entry points.
+
+    shapes      the built-in world (stream.py; the position is the step, resume is bit-exact)
+    webdataset  tar shards, one `data.shards` entry per source, mixed by `data.weights`
+    llava       LLaVA conversation JSON (`data.path`) + image folder (`data.image_root`)
+    hf          a Hugging Face dataset saved with `save_to_disk` (`data.path`, `data.*_column`)
+
+To add a source: write a class with `epoch(epoch, slot, nslots, log)` (its raw records for one slot,
+deterministic), `key(raw)` and `example(raw) -> samples.Example`, and add a builder here.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+from pathlib import Path
+
+from graft.config import Config, DataConfig
+
+
+def _webdataset(d: DataConfig) -> list:
+    from graft.data.webdataset import ShardSource
+
+    return [ShardSource(pattern, i, d) for i, pattern in enumerate(d.shards)]
+
+
+def _llava(d: DataConfig) -> list:
+    from graft.data.llava_json import LlavaSource
+
+    return [LlavaSource(d)]
+
+
+def _hf(d: DataConfig) -> list:
+    from graft.data.hf_dataset import HFSource
+
+    return [HFSource(d)]
+
+
+SOURCES = {"shapes": None, "webdataset": _webdataset, "llava": _llava, "hf": _hf}
+
+
+def build_sources(d: DataConfig) -> tuple[list, list[float]]:
+    sources = SOURCES[d.source](d)
+    return sources, list(d.weights) if d.weights else [1.0] * len(sources)
+
+
+def build_stream(cfg: Config, proc, rt, checkpoint: Path | None = None):
+    """The trainer's micro-batch stream for this rank, resumed from `checkpoint`'s data position."""
+    from graft.data.loader import PureBatches, ShapesBatches, StreamBatches
+    from graft.data.stream import TrainStream, make_world
+
+    if cfg.model == "dual":  # image–caption pairs from the built-in world (data/contrastive.py)
+        from graft.data.contrastive import ContrastiveStream
+
+        t = cfg.train
+        return PureBatches(ContrastiveStream(make_world(cfg), proc, t.batch_size, t.grad_accum, rt.rank, rt.world_size))
+    if cfg.data.source == "shapes":
+        return ShapesBatches(TrainStream(cfg, proc, rt.rank, rt.world_size), cfg)
+    saved = json.loads((checkpoint / "meta.json").read_text()).get("data") if checkpoint else None
+    sources, weights = build_sources(cfg.data)
+    return StreamBatches(cfg, proc, sources, weights, rt.rank, rt.world_size, saved)
+
+
+def training_corpus(cfg: Config, per_source: int = 3000) -> list[str]:
+    """Text to train the tokenizer on: the world's, or the first records' turns of each source."""
+    from graft.data.samples import BadSample
+    from graft.data.shapes import CAPTION_PROMPT
+    from graft.data.skips import SkipLog
+    from graft.data.stream import make_world
+    from graft.data.tokenizer import world_corpus
+
+    if cfg.data.source == "shapes":
+        return world_corpus(make_world(cfg))
+    texts, log = [CAPTION_PROMPT, cfg.data.caption_prompt], SkipLog(quiet=True)
+    for source in build_sources(cfg.data)[0]:
+        for raw in islice(source.epoch(0, 0, 1, log), per_source):
+            try:
+                texts += [t for turn in source.example(raw).turns for t in turn]
+            except BadSample:
+                pass  # counted and logged when training reads it
+    return texts
+
