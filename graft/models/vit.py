@@ -8,7 +8,7 @@ post LayerNorm.  SigLIP, Zhai et al. 2023; ViT, Dosovitskiy et al. 2021.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,12 @@ class VisionConfig:
     # Which encoder layer feeds a VLM connector: -1 = the last (before post_layernorm), as
     # HF LLaVA's `vision_feature_layer` counts.
     feature_layer: int = -1
+    # A local Hugging Face SiglipVisionModel / CLIPVisionModel folder to use instead of the built-in
+    # ViT; its architecture fields (and image mean/std, if it has a preprocessor_config.json) are
+    # read from the folder and written into config.yaml (models/hf_backbones.py).
+    hf_path: str | None = None
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # SigLIP: pixels in [-1, 1]
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
     @property
     def num_patches(self) -> int:
@@ -89,7 +95,22 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
 
 
-class ViT(nn.Module):
+class VisionTower(nn.Module):
+    """What a VLM needs from a vision tower (ViT here, HFVisionTower in hf_backbones.py): `cfg`
+    (a VisionConfig), `features(pixels, layer) -> (B, P, D)`, and these two numbers."""
+
+    cfg: VisionConfig
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.cfg.num_patches
+
+
+class ViT(VisionTower):
     """`forward` gives HF's `last_hidden_state`; `features` gives one layer's output for a VLM."""
 
     def __init__(self, cfg: VisionConfig):
@@ -99,14 +120,6 @@ class ViT(nn.Module):
         self.encoder = Encoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.apply(_init_weights)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.cfg.hidden_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.cfg.num_patches
 
     def features(self, pixel_values: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Output of encoder layer `layer` (negative counts from the end), no post norm: (B, P, D)."""
