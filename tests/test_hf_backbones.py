@@ -150,3 +150,20 @@ def test_two_stage_llava_recipe_with_lora_and_export(hf, tmp_path):
     with torch.no_grad():
         diff = (model(ids, proc.pixels(image)[None])[0] - model_hf(**inputs).logits).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_bad_hf_settings_are_one_line_errors(hf, tmp_path, capsys):
+    from graft.cli import main
+
+    out = str(tmp_path / "run")
+    cases = [
+        (["--set", f"lm.hf_path={tmp_path / 'nope'}"], "lm.hf_path: folder not found"),
+        (["--set", f"vision.hf_path={hf['llama']}"], "is not a SigLIP or CLIP vision tower"),
+        (["--set", f"lm.hf_path={hf['siglip']}"], "lm.hf_path"),
+        (["--set", "lm.lora_rank=4", "--set", "train.freeze=[lm]"], "adapters would be frozen"),
+        (["--set", "lm.lora_rank=4", "--set", "lm.lora_targets=[no_such_layer]"], "lm.lora_targets"),
+    ]
+    for args, message in cases:
+        assert main(["train", "tiny", "--out", out, "--set", "train.progress=false", *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err

@@ -61,15 +61,16 @@ class HFChatTokenizer:
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     @classmethod
-    def load(cls, path: str | Path) -> "HFChatTokenizer":
-        """AutoTokenizer from a local folder, plus <image> and a chat template if missing."""
+    def load(cls, path: str | Path, key: str = "tokenizer") -> "HFChatTokenizer":
+        """AutoTokenizer from a local folder, plus <image> and a chat template if missing;
+        errors name `key` (the config key that gave the folder)."""
         from tokenizers import AddedToken
         from transformers import AutoTokenizer
 
         try:
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as e:
-            raise UserError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0][:100]})") from None
+            raise UserError(f"{key}={path}: cannot load a tokenizer ({str(e).splitlines()[0][:100]})") from None
         if IMAGE_TOKEN not in tok.get_vocab():
             tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
         if not tok.chat_template:

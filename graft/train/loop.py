@@ -109,7 +109,7 @@ def _tokenizer(cfg: Config, run: RunDir):
     if run.has_tokenizer():
         return run.tokenizer()
     if cfg.lm.hf_path:
-        return HFChatTokenizer.load(cfg.lm.hf_path)
+        return HFChatTokenizer.load(cfg.lm.hf_path, key="lm.hf_path")
     if cfg.data.tokenizer:
         return ChatTokenizer.load(Path(cfg.data.tokenizer))
     src = Path(cfg.train.init_from) if cfg.train.init_from else None
