@@ -1,4 +1,4 @@
-"""The `graft` command: train | eval | generate | demo | data | recipes.
+"""The `graft` command: train | eval | generate | export | demo | data | recipes.
 
 User errors (bad keys, values, files) print one line and exit with code 2; never a traceback.
 """
@@ -64,6 +64,13 @@ def cmd_generate(args) -> None:
         raise UserError(f"{args.dir} holds a {cfg.model} model, which does not generate text (graft eval scores it)")
     proc = build_processor(cfg, tok, model)
     print(answer(model, proc, [(image, args.prompt)], 1, args.max_new_tokens)[0])
+
+
+def cmd_export(args) -> None:
+    from graft.export import export
+
+    out = export(args.dir, args.out, args.format)
+    print(f"exported {args.dir} to {out} (load with transformers.AutoModelForImageTextToText / AutoProcessor)")
 
 
 def cmd_demo(args) -> None:
@@ -136,6 +143,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.set_defaults(fn=cmd_generate)
+    x = sub.add_parser("export", help="write a run as a Hugging Face LLaVA folder")
+    x.add_argument("dir")
+    x.add_argument("--format", default="hf", help="hf (LlavaForConditionalGeneration + processor)")
+    x.add_argument("--out", required=True)
+    x.set_defaults(fn=cmd_export)
     d = sub.add_parser("demo", help="train + evaluate the default model on the built-in world")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -294,6 +294,7 @@ def validate(cfg: Config) -> Config:
     _validate_streaming(cfg.data)
     if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
         raise UserError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
+    _validate_hf(cfg)
     ConnectorConfig.check(cfg.connector)
     if cfg.model == "dual":
         _validate_dual(cfg)
@@ -326,3 +327,17 @@ def _validate_streaming(d: DataConfig) -> None:
                         "data.max_image_pixels > 0")
     if not 0 <= d.min_good_fraction <= 1:
         raise UserError(f"data.min_good_fraction={d.min_good_fraction} must be between 0 and 1")
+
+
+def _validate_hf(cfg: Config) -> None:
+    """Hugging Face backbones and LoRA (models/hf_backbones.py, models/lora.py)."""
+    for key, path in (("vision.hf_path", cfg.vision.hf_path), ("lm.hf_path", cfg.lm.hf_path)):
+        if path and not Path(path).is_dir():
+            raise UserError(f"{key}: folder not found: {path}")
+    if cfg.lm.hf_path and cfg.data.tokenizer:
+        raise UserError("data.tokenizer cannot be combined with lm.hf_path (the LM's own tokenizer is used)")
+    if cfg.lm.lora_rank < 0:
+        raise UserError(f"lm.lora_rank={cfg.lm.lora_rank} must be >= 0 (0 = no LoRA)")
+    if cfg.lm.lora_rank and "lm" in cfg.train.freeze:
+        raise UserError(f"train.freeze contains 'lm' with lm.lora_rank={cfg.lm.lora_rank}: the adapters would be frozen "
+                        "(LoRA already freezes the LM's own weights)")

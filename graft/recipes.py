@@ -99,4 +99,14 @@ def lit() -> Config:
     return cfg
 
 
-RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, tiny, llava_stage1, llava_stage2, siglip, clip, clippo, lit)}
+def llava_stage2_lora() -> Config:
+    """LLaVA stage 2 with LoRA: connector + rank-16 adapters on the LM (LM weights and vision frozen)."""
+    cfg = llava_stage2()
+    cfg.name = "llava_stage2_lora"
+    cfg.lm.lora_rank, cfg.lm.lora_alpha = 16, 32.0
+    cfg.optim.lr = 1e-3  # adapters start at zero and tolerate a larger step than full fine-tuning
+    return cfg
+
+
+RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, tiny, llava_stage1, llava_stage2, llava_stage2_lora,
+                                             siglip, clip, clippo, lit)}

@@ -2,6 +2,8 @@
 
     DIR/config.yaml  DIR/tokenizer.json  DIR/checkpoints/step_XXXXXXXX/  DIR/metrics.jsonl
     DIR/tb/  DIR/eval.json  DIR/report.md  DIR/loss.png
+
+With `lm.hf_path` the tokenizer is the LM's own, saved as a transformers folder DIR/hf_tokenizer/.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from pathlib import Path
 from graft import config as config_mod
 from graft.config import Config
 from graft.data.contrastive import ContrastiveProcessor
+from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
 from graft.data.processor import Processor
 from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
 from graft.models.dual_encoder import DualEncoder
+from graft.models.hf_backbones import HFLanguageModel, HFVisionTower, resolve_lm, resolve_vision
+from graft.models.lora import add_lora
 from graft.models.vlm import VLM
 from graft.train import checkpoint
 
@@ -24,6 +29,7 @@ class RunDir:
         self.path = Path(path)
         self.config_path = self.path / "config.yaml"
         self.tokenizer_path = self.path / "tokenizer.json"
+        self.hf_tokenizer_path = self.path / "hf_tokenizer"
         self.checkpoints = self.path / "checkpoints"
         self.eval_path = self.path / "eval.json"
 
@@ -37,8 +43,16 @@ class RunDir:
     def config(self) -> Config:
         return config_mod.load(self.config_path)
 
-    def tokenizer(self) -> ChatTokenizer:
+    def tokenizer(self) -> ChatTokenizer | HFChatTokenizer:
+        if self.hf_tokenizer_path.is_dir():
+            return HFChatTokenizer.load(self.hf_tokenizer_path)
         return ChatTokenizer.load(self.tokenizer_path)
+
+    def has_tokenizer(self) -> bool:
+        return self.tokenizer_path.is_file() or self.hf_tokenizer_path.is_dir()
+
+    def save_tokenizer(self, tok) -> None:
+        tok.save(self.hf_tokenizer_path if isinstance(tok, HFChatTokenizer) else self.tokenizer_path)
 
     def latest_checkpoint(self) -> Path | None:
         return checkpoint.latest(self.checkpoints)
@@ -50,26 +64,42 @@ class RunDir:
         ckpt = self.latest_checkpoint()
         if ckpt is None:
             raise UserError(f"{self.path} has no complete checkpoint under checkpoints/")
-        model = build_model(cfg, tok)
+        model = build_model(cfg, tok, pretrained=False)  # every weight comes from the checkpoint
+        if cfg.lm.lora_rank:
+            add_lora(model.lm, cfg.lm)
         checkpoint.load_weights(model, ckpt)
         return cfg, tok, model.eval(), ckpt
 
 
-def build_model(cfg: Config, tok: ChatTokenizer) -> VLM:
+def resolve_backbones(cfg: Config, tok) -> Config:
+    """Write the architecture of `vision.hf_path` / `lm.hf_path` folders into the config (in place)."""
+    if cfg.vision.hf_path:
+        cfg.vision = resolve_vision(cfg.vision)
+    if cfg.lm.hf_path:
+        cfg.lm = resolve_lm(cfg.lm, len(tok))
+    return config_mod.validate(cfg)  # e.g. vision.feature_layer against the tower's real depth
+
+
+def build_model(cfg: Config, tok, pretrained: bool = True) -> VLM:
+    """The VLM of `cfg`; HF backbones load their folder's weights unless pretrained=False."""
     if cfg.model == "dual":
         return _build_dual(cfg, tok)
     if cfg.lm.vocab_size == 0:
         cfg.lm.vocab_size = len(tok)  # resolved here and saved with the config
     elif cfg.lm.vocab_size < len(tok):
         raise UserError(f"lm.vocab_size={cfg.lm.vocab_size} is smaller than the tokenizer's {len(tok)}")
-    return VLM(cfg.vision, cfg.connector, cfg.lm, tok.image)
+    vision = HFVisionTower.load(cfg.vision, pretrained) if cfg.vision.hf_path else cfg.vision
+    lm = HFLanguageModel.load(cfg.lm, pretrained) if cfg.lm.hf_path else cfg.lm
+    return VLM(vision, cfg.connector, lm, tok.image)
 
 
-def build_processor(cfg: Config, tok: ChatTokenizer, model: VLM) -> Processor:
+def build_processor(cfg: Config, tok, model: VLM) -> Processor:
+    v = cfg.vision
     if cfg.model == "dual":
         c = cfg.contrastive
-        return ContrastiveProcessor(tok, cfg.vision.image_size, cfg.text.max_len, c.shared_tower, c.render_font_size)
-    return Processor(tok, cfg.vision.image_size, model.num_image_tokens, cfg.lm.max_seq_len)
+        return ContrastiveProcessor(tok, v.image_size, cfg.text.max_len, c.shared_tower, c.render_font_size)
+    cls = TemplateProcessor if isinstance(tok, HFChatTokenizer) else Processor
+    return cls(tok, v.image_size, model.num_image_tokens, cfg.lm.max_seq_len, v.image_mean, v.image_std)
 
 
 def _build_dual(cfg: Config, tok: ChatTokenizer) -> DualEncoder:

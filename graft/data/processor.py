@@ -37,17 +37,23 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
 
 
 class Processor:
-    def __init__(self, tokenizer: ChatTokenizer, image_size: int, num_image_tokens: int, max_seq_len: int):
+    def __init__(self, tokenizer: ChatTokenizer, image_size: int, num_image_tokens: int, max_seq_len: int,
+                 mean: list[float] | None = None, std: list[float] | None = None):
         self.tok, self.image_size = tokenizer, image_size
         self.num_image_tokens, self.max_seq_len = num_image_tokens, max_seq_len
+        # Per-channel normalisation of [0, 1] pixels; None = SigLIP's mean 0.5, std 0.5 ([-1, 1]).
+        self.mean, self.std = mean, std
 
     def pixels(self, img: Image.Image) -> torch.Tensor:
-        """(3, S, S) float in [-1, 1] (SigLIP normalisation: mean 0.5, std 0.5)."""
+        """(3, S, S) float: (x/255 - mean) / std, by default in [-1, 1] (SigLIP: mean 0.5, std 0.5)."""
         img = to_rgb(img)
         if img.size != (self.image_size, self.image_size):
             img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
-        return x / 127.5 - 1.0
+        if self.mean is None or (list(self.mean) == [0.5] * 3 and list(self.std) == [0.5] * 3):
+            return x / 127.5 - 1.0
+        mean, std = torch.tensor(self.mean)[:, None, None], torch.tensor(self.std)[:, None, None]
+        return (x / 255.0 - mean) / std
 
     def prompt(self, question: str) -> list[int]:
         """Ids for a single-turn prompt that ends where the answer should begin."""

@@ -8,7 +8,7 @@ length. Module names follow HF with the `model.` prefix dropped (see `models/hf.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,15 @@ class LMConfig:
     # Weight init std; 0 = 1/sqrt(hidden_size). HF's fixed 0.02 suits d~4096; at d=128 it leaves
     # attention uniform for hundreds of steps (measured on the Shapes world).
     init_std: float = 0.0
+    # A local Hugging Face AutoModelForCausalLM folder (Llama, Qwen2, GPT-2, ...) to use instead of
+    # the built-in decoder, with its own tokenizer and chat template (models/hf_backbones.py).
+    hf_path: str | None = None
+    # LoRA (Hu et al. 2021) through peft: rank 0 = off. The LM's own weights are then frozen and
+    # only the adapters train; targets [] = every linear layer of the decoder blocks (models/lora.py).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=list)
 
 
 class RMSNorm(nn.Module):
@@ -155,6 +164,9 @@ class LanguageModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.cfg.hidden_size
+
+    def new_cache(self) -> KVCache:
+        return KVCache()
 
     def forward(
         self,

@@ -8,7 +8,7 @@ post LayerNorm.  SigLIP, Zhai et al. 2023; ViT, Dosovitskiy et al. 2021.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,12 @@ class VisionConfig:
     # A run directory (VLM or contrastive) whose latest checkpoint supplies this tower's weights
     # and architecture, e.g. a finished `siglip` run for a LLaVA-style VLM (see rundir.py).
     init_from: str | None = None
+    # A local Hugging Face SiglipVisionModel / CLIPVisionModel folder to use instead of the built-in
+    # ViT; its architecture fields (and image mean/std, if it has a preprocessor_config.json) are
+    # read from the folder and written into config.yaml (models/hf_backbones.py).
+    hf_path: str | None = None
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # SigLIP: pixels in [-1, 1]
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
     @property
     def num_patches(self) -> int:
@@ -92,7 +98,22 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
 
 
-class ViT(nn.Module):
+class VisionTower(nn.Module):
+    """What a VLM needs from a vision tower (ViT here, HFVisionTower in hf_backbones.py): `cfg`
+    (a VisionConfig), `features(pixels, layer) -> (B, P, D)`, and these two numbers."""
+
+    cfg: VisionConfig
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.cfg.num_patches
+
+
+class ViT(VisionTower):
     """`forward` gives HF's `last_hidden_state`; `features` gives one layer's output for a VLM."""
 
     def __init__(self, cfg: VisionConfig):
@@ -102,14 +123,6 @@ class ViT(nn.Module):
         self.encoder = Encoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.apply(_init_weights)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.cfg.hidden_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.cfg.num_patches
 
     def features(self, pixel_values: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Output of encoder layer `layer` (negative counts from the end), no post norm: (B, P, D)."""

@@ -16,12 +16,22 @@ from graft.models.vit import ViT, VisionConfig
 
 
 class VLM(nn.Module):
-    def __init__(self, vision: VisionConfig, connector: ConnectorConfig, lm: LMConfig, image_token_id: int):
+    def __init__(
+        self,
+        vision: VisionConfig | nn.Module,
+        connector: ConnectorConfig,
+        lm: LMConfig | nn.Module,
+        image_token_id: int,
+    ):
+        """`vision` / `lm` are configs of graft's own ViT / decoder, or ready modules with the same
+        interface (e.g. the Hugging Face backbones of `models/hf_backbones.py`)."""
         super().__init__()
         self.image_token_id = image_token_id
-        self.vision = ViT(vision)
-        self.connector = build_connector(connector, vision.hidden_size, lm.hidden_size)
-        self.lm = LanguageModel(lm)
+        self.vision = vision if isinstance(vision, nn.Module) else ViT(vision)
+        # LMConfig and LM modules both have .hidden_size; built in this order (vision, connector,
+        # LM) so that a seed gives the same initial weights as before modules could be passed in.
+        self.connector = build_connector(connector, self.vision.embed_dim, lm.hidden_size)
+        self.lm = lm if isinstance(lm, nn.Module) else LanguageModel(lm)
         # The connector reads encoder-layer features (before post_layernorm, as HF LLaVA does),
         # so the post norm is unused here; frozen so it never needs a gradient.
         self.vision.post_layernorm.requires_grad_(False)
@@ -57,7 +67,7 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, pixel_values, max_new_tokens: int, eos_id: int) -> list[list[int]]:
         """Greedy decoding with a KV cache for prompts of equal length (B, T); returns new ids per row."""
-        cache = KVCache()
+        cache = self.lm.new_cache()
         logits, _ = self(input_ids, pixel_values, cache=cache)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         out = []

@@ -18,11 +18,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from graft import config as config_mod
 from graft.config import Config
+from graft.data.hf_tokenizer import HFChatTokenizer
 from graft.data.sources import build_stream, training_corpus
 from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
 from graft.eval.harness import evaluate
-from graft.rundir import RunDir, adopt_vision_arch, build_model, build_processor, load_vision
+from graft.models.lora import add_lora, merge_lora
+from graft.rundir import RunDir, adopt_vision_arch, build_model, build_processor, load_vision, resolve_backbones
 from graft.train import checkpoint, runtime
 from graft.train.flops import step_flops
 from graft.train.metrics import MetricsLog
@@ -48,6 +50,8 @@ def train(cfg: Config, out: str | Path) -> dict:
         _init_from(model, cfg.train.init_from)
     if cfg.vision.init_from:
         load_vision(model, cfg.vision.init_from)
+    if cfg.lm.lora_rank:  # after init_from, so a run without adapters can initialise one with them
+        add_lora(model.lm, cfg.lm)
     model.freeze(cfg.train.freeze)
     model.to(rt.device)
     optimizer = build_optimizer(model, cfg.optim)
@@ -94,25 +98,37 @@ def train(cfg: Config, out: str | Path) -> dict:
 
 def _prepare_run_dir(cfg: Config, run: RunDir, rt) -> tuple[Config, ChatTokenizer]:
     """Write (or check) config.yaml and tokenizer.json; returns the resolved config and tokenizer."""
+    tok = _tokenizer(cfg, run)
+    cfg = resolve_backbones(cfg, tok)  # HF folders' architecture, so config.yaml says what trains
     if run.config_path.exists():
         _check_same_run(run.config(), cfg, run)
-    if run.tokenizer_path.exists():
-        tok = run.tokenizer()
-    elif cfg.data.tokenizer:
-        tok = ChatTokenizer.load(Path(cfg.data.tokenizer))
-    else:
-        tok = ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size)
     if cfg.lm.vocab_size == 0:
         cfg.lm.vocab_size = len(tok)
     if rt.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
-        if not run.tokenizer_path.exists():
-            tok.save(run.tokenizer_path)
+        if not run.has_tokenizer():
+            run.save_tokenizer(tok)
         config_mod.save(cfg, run.config_path)
         checkpoint.clean_partial(run.checkpoints)
     if rt.world_size > 1:
         torch.distributed.barrier()
     return cfg, tok
+
+
+def _tokenizer(cfg: Config, run: RunDir):
+    """The run's own; else the HF LM's; else data.tokenizer; else init_from's; else trained on the world."""
+    if run.has_tokenizer():
+        return run.tokenizer()
+    if cfg.lm.hf_path:
+        return HFChatTokenizer.load(cfg.lm.hf_path, key="lm.hf_path")
+    if cfg.data.tokenizer:
+        return ChatTokenizer.load(Path(cfg.data.tokenizer))
+    src = Path(cfg.train.init_from) if cfg.train.init_from else None
+    if src is not None and RunDir(src).has_tokenizer():
+        return RunDir(src).tokenizer()
+    if src is not None and (src / "tokenizer.json").is_file():  # an exported HF folder
+        return ChatTokenizer.load(src / "tokenizer.json")
+    return ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size)
 
 
 def _check_same_run(old: Config, new: Config, run: RunDir) -> None:
@@ -134,12 +150,28 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _init_from(model, run_path: str) -> None:
-    src = RunDir(run_path).require()
+def _init_from(model, path: str) -> None:
+    """Weights from a graft run (LoRA merged) or an exported HF LLaVA folder (config.json)."""
+    src = RunDir(path)
+    if not src.config_path.is_file() and (Path(path) / "config.json").is_file():
+        from graft.models.hf_llava import load_llava_weights  # imports transformers: only when needed
+
+        load_llava_weights(model, path)
+        return
+    src.require()
     ckpt = src.latest_checkpoint()
     if ckpt is None:
-        raise UserError(f"train.init_from: {run_path} has no complete checkpoint")
-    checkpoint.load_weights(model, ckpt)
+        raise UserError(f"train.init_from: {path} has no complete checkpoint")
+    if not src.config().lm.lora_rank:
+        checkpoint.load_weights(model, ckpt)
+        return
+    with torch.random.fork_rng():  # building the source model must not move this run's RNG
+        _, _, source, _ = src.load()
+    merge_lora(source.lm)  # adapters folded in: the names are those of a model without LoRA
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as e:
+        raise UserError(f"train.init_from: {path} does not fit this model ({str(e).splitlines()[1].strip()[:160]})") from None
 
 
 def _resume(run: RunDir, optimizer, scheduler, model, rt) -> int:

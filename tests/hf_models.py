@@ -1,0 +1,88 @@
+"""Tiny random Hugging Face models and tokenizers, built and `save_pretrained` by the tests (no hub).
+
+LMs: Llama (Llama-2-style [INST] template), Qwen2 (ChatML template, <|im_end|> ends a turn),
+GPT-2 (no chat template: graft's fallback is used). Vision: SigLIP (with its pooling head, unused)
+and CLIP (with a CLIP preprocessor_config.json, so its mean/std must be picked up). Tokenizers are
+byte-level BPEs trained on the Shapes world's text, without an <image> token (graft adds it).
+"""
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+    PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from graft.data.shapes import ShapesWorld
+from graft.data.tokenizer import world_corpus
+
+LLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+_CORPUS = None
+
+
+def _tokenizer(folder: Path, specials: list[str], template: str | None, **names) -> PreTrainedTokenizerFast:
+    global _CORPUS
+    if _CORPUS is None:
+        _CORPUS = world_corpus(ShapesWorld(), n=300) + ["user", "assistant", "[INST]", "[/INST]"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, **names)
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def make_lm(kind: str, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "llama":
+        tok = _tokenizer(folder, ["<s>", "</s>"], LLAMA_TEMPLATE, bos_token="<s>", eos_token="</s>")
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, tie_word_embeddings=False))
+    elif kind == "qwen2":
+        tok = _tokenizer(folder, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=True))
+    elif kind == "gpt2":
+        tok = _tokenizer(folder, ["<|endoftext|>"], None, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def make_vision(kind: str, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=24, patch_size=8)
+    if kind == "siglip":
+        SiglipVisionModel(SiglipVisionConfig(**arch)).save_pretrained(str(folder))
+    elif kind == "clip":
+        CLIPVisionModel(CLIPVisionConfig(**arch)).save_pretrained(str(folder))
+        CLIPImageProcessorPil(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24},
+                              image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(str(folder))
+    else:
+        raise ValueError(kind)
+    return folder

@@ -1,0 +1,169 @@
+"""Hugging Face backbones in (`lm.hf_path`, `vision.hf_path`), LoRA through peft, and the two-stage
+LLaVA recipe on them, with tiny random Llama / Qwen2 / GPT-2 LMs and SigLIP / CLIP towers that
+the tests build and save themselves."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hf_models import CLIP_MEAN, make_lm, make_vision
+from safetensors.torch import load_file
+
+from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
+from graft.data.stream import TrainStream
+from graft.losses import IGNORE
+from graft.models.lora import add_lora, merge_lora
+from graft.recipes import tiny
+from graft.rundir import RunDir, build_model, build_processor, resolve_backbones
+from graft.train.metrics import read
+
+TURNS = [("what color is the circle?", "red"), ("how many shapes are there?", "2")]
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_models")
+    paths = {k: make_lm(k, root / k) for k in ("llama", "qwen2", "gpt2")}
+    paths |= {k: make_vision(k, root / k) for k in ("siglip", "clip")}
+    return paths
+
+
+def cli(*args):
+    out = subprocess.run([sys.executable, "-m", "graft", *args], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+def sets(*pairs: str) -> list[str]:
+    return [a for p in pairs for a in ("--set", p)]
+
+
+QUICK = ("train.progress=false", "train.batch_size=8", "eval.vqa_per_type=2", "eval.captions=2",
+         "eval.splits=[test]", "optim.warmup_steps=2")
+
+
+@pytest.mark.parametrize("lm", ["llama", "qwen2", "gpt2"])
+def test_chat_template_labels_only_the_answers(hf, lm):
+    tok = HFChatTokenizer.load(hf[lm])
+    proc = TemplateProcessor(tok, 24, 9, 256)
+    ids, labels = proc.conversation(TURNS)
+    assert ids.count(tok.image) == 9 and len(ids) == len(labels)
+    supervised = tok.tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+    # Exactly the answers, each followed by the template's end of turn (which holds eos).
+    assert supervised.replace(tok.tok.eos_token, "|").replace("\n", "") == "red|2|"
+    assert ids[: len(proc.prompt(TURNS[0][0]))] == proc.prompt(TURNS[0][0])  # inference prompt = training prefix
+    short = TemplateProcessor(tok, 24, 9, len(ids) - 1).conversation(TURNS)[0]
+    assert short == ids[: len(short)] and short.count(tok.image) == 9  # the second turn is dropped whole
+
+
+@pytest.mark.parametrize("lm,vision", [("llama", "siglip"), ("qwen2", "clip"), ("gpt2", "siglip")])
+def test_train_hf_backbones_through_the_cli(hf, tmp_path, lm, vision):
+    run = tmp_path / "run"
+    cli("train", "tiny", "--out", str(run), *sets(*QUICK, f"lm.hf_path={hf[lm]}", f"vision.hf_path={hf[vision]}",
+                                                    "train.steps=16", "train.log_every=4", "optim.lr=1e-2"))
+    losses = [r["loss"] for r in read(run) if "loss" in r]
+    assert losses[-1] < losses[0], losses
+    cfg = RunDir(run).config()  # the folders' architecture is what config.yaml records
+    assert (cfg.lm.hidden_size, cfg.lm.layers, cfg.vision.hidden_size, cfg.vision.image_size) == (32, 2, 32, 24)
+    assert cfg.lm.vocab_size == 321  # 320 tokens + the <image> graft added
+    if vision == "clip":
+        assert cfg.vision.image_mean == pytest.approx(CLIP_MEAN)  # from its preprocessor_config.json
+    assert (run / "hf_tokenizer" / "tokenizer.json").is_file()
+    assert (run / "eval.json").is_file()  # evaluation generated through the HF LM's KV cache
+    if lm == "llama":  # the same command with more steps resumes (the resolved config matches)
+        cli("train", "tiny", "--out", str(run), *sets(*QUICK, f"lm.hf_path={hf[lm]}", f"vision.hf_path={hf[vision]}",
+                                                        "train.steps=20", "train.log_every=4", "optim.lr=1e-2"))
+        assert [r["step"] for r in read(run) if "loss" in r][-1] == 20
+
+
+def test_lora_trains_only_adapters_and_connector(hf):
+    cfg = tiny()
+    cfg.lm.hf_path, cfg.vision.hf_path, cfg.lm.lora_rank = str(hf["llama"]), str(hf["siglip"]), 4
+    cfg.train.batch_size = 8
+    tok = HFChatTokenizer.load(hf["llama"])
+    resolve_backbones(cfg, tok)
+    torch.manual_seed(0)
+    model = build_model(cfg, tok)
+    add_lora(model.lm, cfg.lm)
+    model.freeze(["vision"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(".lora_A." in n or ".lora_B." in n or n.startswith("connector.") for n in trainable), trainable
+    assert sum(".lora_A." in n for n in trainable) == 14  # q,k,v,o,gate,up,down x 2 layers
+    assert {n for n in trainable if n.startswith("connector.")} == {f"connector.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+    batch = TrainStream(cfg, build_processor(cfg, tok, model)).batch(0, 0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = model(**batch)[1]
+        loss.backward()
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+    # Merging folds B·A into the base weights: same function, the names of a model without LoRA.
+    model.eval()
+    with torch.no_grad():
+        before = model(batch["input_ids"], batch["pixel_values"])[0]
+        assert merge_lora(model.lm) == 14
+        after = model(batch["input_ids"], batch["pixel_values"])[0]
+    assert (before - after).abs().max() <= 1e-5
+    assert not [n for n in model.state_dict() if "lora_" in n or "base_layer" in n]
+
+
+def test_two_stage_llava_recipe_with_lora_and_export(hf, tmp_path):
+    """Stage 1 trains the connector only; stage 2 (LoRA) starts from it; the result exports to HF."""
+    from test_hf_export import load_hf
+
+    from graft.export import export
+
+    s1, s2, out = tmp_path / "s1", tmp_path / "s2", tmp_path / "hf"
+    backbones = (f"lm.hf_path={hf['qwen2']}", f"vision.hf_path={hf['siglip']}", "train.steps=6")
+    cli("train", "llava_stage1", "--out", str(s1), *sets(*QUICK, *backbones))
+    cli("train", "llava_stage2_lora", "--out", str(s2), *sets(*QUICK, *backbones, f"train.init_from={s1}"))
+    w1 = load_file(str(RunDir(s1).latest_checkpoint() / "model.safetensors"))
+    w2 = load_file(str(RunDir(s2).latest_checkpoint() / "model.safetensors"))
+    lm_base = [k for k in w1 if k.startswith("lm.")]
+    for k in lm_base:  # stage 2's frozen base weights are stage 1's (LoRA-wrapped layers renamed)
+        module, _, leaf = k.rpartition(".")
+        wrapped = f"{module}.base_layer.{leaf}"
+        assert torch.equal(w1[k], w2[wrapped if wrapped in w2 else k]), k
+    assert any(".lora_B." in k and w2[k].abs().max() > 0 for k in w2)  # the adapters trained
+    assert not torch.equal(w1["connector.linear_1.weight"], w2["connector.linear_1.weight"])
+
+    export(s2, out)
+    model_hf, processor, info, warnings = load_hf(out)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not [w for w in warnings if "weight" in w.lower()], warnings
+    cfg, tok, model, _ = RunDir(s2).load()  # adapters still separate here
+    proc = build_processor(cfg, tok, model)
+    image = TrainStream(cfg, proc).world.sample("test", 0).image
+    inputs = processor(images=image, text=proc.prompt_text("what color is the circle?"), return_tensors="pt")
+    ids = torch.tensor([proc.prompt("what color is the circle?")])
+    assert torch.equal(inputs["input_ids"], ids)
+    with torch.no_grad():
+        diff = (model(ids, proc.pixels(image)[None])[0] - model_hf(**inputs).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_bad_hf_settings_are_one_line_errors(hf, tmp_path, capsys):
+    from graft.cli import main
+
+    out = str(tmp_path / "run")
+    cases = [
+        (["--set", f"lm.hf_path={tmp_path / 'nope'}"], "lm.hf_path: folder not found"),
+        (["--set", f"vision.hf_path={hf['llama']}"], "is not a SigLIP or CLIP vision tower"),
+        (["--set", f"lm.hf_path={hf['siglip']}"], "lm.hf_path"),
+        (["--set", "lm.lora_rank=4", "--set", "train.freeze=[lm]"], "adapters would be frozen"),
+        (["--set", "lm.lora_rank=4", "--set", "lm.lora_targets=[no_such_layer]"], "lm.lora_targets"),
+    ]
+    for args, message in cases:
+        assert main(["train", "tiny", "--out", out, "--set", "train.progress=false", *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
