@@ -81,6 +81,7 @@ def clip() -> Config:
     """CLIP: ViT + text tower (causal, pooled at <eos>), softmax InfoNCE, on the Shapes world (~3 CPU min)."""
     cfg = _dual("clip", "clip")
     cfg.text.causal, cfg.text.pool = True, "eos"
+    cfg.optim.lr = 2e-3  # the setting behind the README figures (600 steps: zero-shot 0.79, i2t R@1 0.94)
     return cfg
 
 
