@@ -113,8 +113,9 @@ def cmd_data_export_shapes(args) -> None:
 def cmd_recipes(args) -> None:
     from graft.recipes import RECIPES
 
+    width = max(map(len, RECIPES)) + 2
     for name, fn in RECIPES.items():
-        print(f"{name:16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        print(f"{name:{width}s}{(fn.__doc__ or '').strip().splitlines()[0]}")
 
 
 def _print_results(results: dict) -> None:
