@@ -7,14 +7,14 @@ import sys
 
 from graft.train.metrics import read
 
-STEPS = 320
+STEPS = 480
 
 
 def test_short_training_run_learns_from_images(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "graft", "train", "shapes_vqa", "--out", str(run),
            "--set", f"train.steps={STEPS}", "--set", "train.batch_size=32", "--set", "train.log_every=20",
-           "--set", "train.ckpt_every=160", "--set", "train.progress=false", "--set", "data.max_objects=2",
+           "--set", "train.ckpt_every=240", "--set", "train.progress=false", "--set", "data.max_objects=2",
            "--set", "data.questions_per_image=6", "--set", "eval.vqa_per_type=40", "--set", "eval.captions=20"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=900)
 
@@ -33,8 +33,8 @@ def test_short_training_run_learns_from_images(tmp_path):
     assert records[-1]["loss"] < 0.6 * records[0]["loss"]
     assert 0 < records[-1]["mfu"] < 1
     assert [e for e in read(run) if e.get("event") == "eval"]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000160", "step_00000320"]
-    assert (run / "checkpoints" / "step_00000320" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000240", "step_00000480"]
+    assert (run / "checkpoints" / "step_00000480" / "model.safetensors").is_file()
     assert (run / "config.yaml").is_file() and (run / "tokenizer.json").is_file()
     assert list((run / "tb").glob("events.out.tfevents.*"))
 

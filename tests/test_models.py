@@ -89,3 +89,17 @@ def test_cached_greedy_generation_matches_full_recompute():
             expected.append(nxt)
             seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
         assert got[row] == expected
+
+
+def test_weight_decay_groups():
+    # Matrices decay (embedding tables included); norms and biases do not.
+    from graft.train.optim import param_groups
+
+    model, _ = tiny_vlm()
+    decay, no_decay = (set(map(id, g["params"])) for g in param_groups(model, 0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert id(model.vision.embeddings.position_embedding.weight) in decay
+    assert id(model.lm.embed_tokens.weight) in decay and id(model.connector.linear_1.weight) in decay
+    assert id(model.lm.norm.weight) in no_decay
+    assert all(p.ndim >= 2 for p in model.parameters() if id(p) in decay)
+    assert not {names[i] for i in decay} & {n for n, p in model.named_parameters() if "norm" in n or n.endswith("bias")}

@@ -58,10 +58,22 @@ def failure(what_happened: str, used: int, skipped: Counter, records: str, min_g
             "Run `graft data check RECIPE` for details")
 
 
+def _conversations(batch: dict, pad_id: int):
+    """(ids, labels) of each conversation of a padded or packed (data/packing.py) batch."""
+    if "doc_ids" not in batch:
+        yield from zip(batch["input_ids"], batch["labels"])
+        return
+    for ids, labels, docs in zip(batch["input_ids"], batch["labels"], batch["doc_ids"]):
+        for doc in docs.unique():
+            at = docs == doc
+            if bool((ids[at] != pad_id).any()):  # the row's trailing padding is a document of its own
+                yield ids[at], labels[at]
+
+
 def row_problems(batch: dict, proc) -> Counter:
-    """Rows of a collated batch that cannot teach anything: no answer token, wrong image-token count."""
+    """Conversations of a batch that cannot teach anything: no answer token, wrong image-token count."""
     problems = Counter()
-    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+    for ids, labels in _conversations(batch, proc.tok.pad):
         if int((ids == proc.tok.image).sum()) != proc.num_image_tokens:
             problems["placeholder_mismatch"] += 1
         elif bool((labels == IGNORE).all()):
@@ -103,7 +115,7 @@ class ShapesBatches(PureBatches):
         batch = self.stream.batch(step, micro)
         if not self.check.done:
             bad = row_problems(batch, self.proc)
-            self.used += batch["input_ids"].shape[0] - sum(bad.values())
+            self.used += batch["pixel_values"].shape[0] - sum(bad.values())  # one image per conversation
             self.bad.update(bad)
             self.check.update(self.used, self.bad, batch_arrived=True)
         return batch

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 
 from graft.config import Config
+from graft.data.packing import pack
 from graft.data.processor import Processor, collate
 from graft.data.shapes import CAPTION_PROMPT, Sample, ShapesWorld
 
@@ -37,7 +38,10 @@ class TrainStream:
         b, accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
         mb = b // accum
         start = step * b * self.world_size + self.rank * b + micro * mb
-        return collate([self.item(i) for i in range(start, start + mb)], self.proc.tok.pad)
+        items = [self.item(i) for i in range(start, start + mb)]
+        if self.cfg.data.pack:
+            return pack(items, self.proc.tok.pad, self.cfg.lm.max_seq_len)
+        return collate(items, self.proc.tok.pad)
 
     def item(self, index: int):
         d = self.cfg.data

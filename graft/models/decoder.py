@@ -99,7 +99,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, dkv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (B, 1, T, T), True = may attend: packed documents (training, no cache)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -113,7 +114,9 @@ class Attention(nn.Module):
         if self.kv_heads != self.heads:  # GQA: each kv head serves heads/kv_heads query heads
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        if past == 0:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:  # one new token attends to everything cached
             y = F.scaled_dot_product_attention(q, k, v)
@@ -142,8 +145,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, mask=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -173,15 +176,25 @@ class LanguageModel(nn.Module):
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) from token ids (B, T) or embeddings (B, T, D)."""
+        """Logits (B, T, vocab) from token ids (B, T) or embeddings (B, T, D).
+
+        Packed rows (data/packing.py) pass `position_ids` (B, T), restarting at each document, and
+        `doc_ids` (B, T): attention is then causal within a document and blind across documents.
+        """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         start = cache.seen() if cache is not None else 0
-        positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+        positions = torch.arange(start, start + T, device=x.device).expand(B, T) if position_ids is None else position_ids
         cos, sin = rope_tables(positions, self.cfg.hidden_size // self.cfg.heads, self.cfg.rope_theta, x.dtype)
+        mask = None
+        if doc_ids is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
+            x = layer(x, cos, sin, cache, mask)
         return self.lm_head(self.norm(x))
 
 

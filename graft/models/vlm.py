@@ -59,9 +59,10 @@ class VLM(nn.Module):
             )
         return embeds.masked_scatter(slots[..., None], image_tokens.to(embeds.dtype))
 
-    def forward(self, input_ids, pixel_values, labels=None, cache: KVCache | None = None):
-        """Returns (logits (B, T, vocab), loss or None)."""
-        logits = self.lm(inputs_embeds=self.embed(input_ids, pixel_values), cache=cache)
+    def forward(self, input_ids, pixel_values, labels=None, cache: KVCache | None = None, **packed):
+        """Returns (logits (B, T, vocab), loss or None). `packed`: position_ids and doc_ids of packed
+        rows (data/packing.py), for the built-in decoder."""
+        logits = self.lm(inputs_embeds=self.embed(input_ids, pixel_values), cache=cache, **packed)
         return logits, (lm_loss(logits, labels) if labels is not None else None)
 
     @torch.no_grad()

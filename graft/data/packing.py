@@ -1,0 +1,66 @@
+"""Packing: several conversations share one row, so a batch carries (almost) no padding.
+
+Right-padding a batch to its longest conversation wastes the LM's work on pad tokens (29 % of
+the positions of a `shapes_vqa` batch). Packing fills rows of at most `max_len` tokens with whole
+conversations, first fit in decreasing length. Every token gets a document id and a position
+inside its document; the decoder attends causally *within* a document and restarts RoPE at each
+one (`LanguageModel.forward(position_ids=, doc_ids=)`), so each conversation gets exactly the
+logits it would get alone, and the loss (the mean over the same supervised tokens) is unchanged.
+
+Images keep the order of their placeholders when the rows are read left to right, top to
+bottom, which is the order `VLM.embed` scatters image features in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graft.losses import IGNORE
+
+Item = tuple[list[int], list[int], torch.Tensor]  # (ids, labels, pixels) of one conversation
+
+
+def first_fit(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Item indices per row: each item, longest first, goes into the first row with room."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if r is None:  # a new row; an item longer than max_len gets a row of its own
+            rows.append([])
+            room.append(max(max_len, lengths[i]))
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def pack(items: list[Item], pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
+    """input_ids, labels, position_ids, doc_ids (R, W) and pixel_values (N, 3, S, S).
+
+    Padding at the end of a row is a document of its own (id = number of documents in the row),
+    so no token's attention row is empty.
+    """
+    rows = first_fit([len(ids) for ids, _, _ in items], max_len)
+    width = max(sum(len(items[i][0]) for i in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    doc_ids = torch.zeros(shape, dtype=torch.long)
+    pixels = []
+    for r, row in enumerate(rows):
+        at = 0
+        for doc, i in enumerate(row):
+            ids, lab, pix = items[i]
+            n = len(ids)
+            input_ids[r, at:at + n] = torch.tensor(ids)
+            labels[r, at:at + n] = torch.tensor(lab)
+            position_ids[r, at:at + n] = torch.arange(n)
+            doc_ids[r, at:at + n] = doc
+            pixels.append(pix)
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+        doc_ids[r, at:] = len(row)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "doc_ids": doc_ids,
+            "pixel_values": torch.stack(pixels)}

@@ -1,0 +1,61 @@
+"""Packing: several conversations per row give each one the logits, and the batch the loss and
+gradients, of the padded batch."""
+
+import torch
+
+from graft.data.packing import first_fit, pack
+from graft.data.processor import collate
+from graft.data.shapes import ShapesWorld
+from graft.losses import IGNORE
+from tests.helpers import tiny_vlm
+
+
+def conversations(proc, n):
+    w = ShapesWorld(image_size=32)
+    items = []
+    for i in range(n):
+        s = w.sample("train", i)
+        turns = [(qa.question, qa.answer) for qa in s.qa[: 1 + i % 5]]  # lengths differ
+        ids, labels = proc.conversation(turns)
+        items.append((ids, labels, proc.pixels(s.image)))
+    return items
+
+
+def test_first_fit_fills_rows_without_overflow():
+    lengths = [70, 30, 50, 20, 90, 10, 40]
+    rows = first_fit(lengths, 100)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 100 for row in rows)
+    assert rows == [[4, 5], [0, 1], [2, 6], [3]]  # longest first: 90+10, 70+30, 50+40, then 20
+    assert first_fit([150], 100) == [[0]]  # too long for a row: a row of its own
+
+
+def test_packed_batch_matches_padded_batch():
+    torch.manual_seed(0)
+    model, proc = tiny_vlm()
+    items = conversations(proc, 7)
+    padded, packed = collate(items, proc.tok.pad), pack(items, proc.tok.pad, max_len=128)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # fewer rows: it packed
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    assert int((packed["labels"] != IGNORE).sum()) == int((padded["labels"] != IGNORE).sum())
+
+    logits_pad, loss_pad = model(**padded)
+    loss_pad.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads_pad = [p.grad.clone() for p in params]
+    model.zero_grad()
+    logits_pack, loss_pack = model(**packed)
+    loss_pack.backward()
+    torch.testing.assert_close(loss_pack, loss_pad, rtol=1e-5, atol=1e-6)
+    for g_pad, p in zip(grads_pad, params):
+        torch.testing.assert_close(p.grad, g_pad, rtol=1e-4, atol=1e-6)
+
+    # every conversation's logits, found in its packed row, equal its padded logits
+    rows = first_fit([len(ids) for ids, _, _ in items], 128)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = len(items[i][0])
+            torch.testing.assert_close(logits_pack[r, at:at + n], logits_pad[i, :n], rtol=1e-4, atol=1e-5)
+            assert packed["position_ids"][r, at] == 0
+            at += n
