@@ -153,6 +153,16 @@ def test_contrastive_run_then_vlm_on_its_vision_tower(tmp_path):
     vision_keys = [k for k in src if k.startswith("vision.")]
     assert vision_keys and all(torch.equal(src[k], dst[k]) for k in vision_keys)
 
+    # LiT locks the run's whole image side (tower, pooling head, projection) and trains the text tower.
+    lit = tmp_path / "lit"
+    done = _graft("train", "lit", "--out", str(lit), "--set", f"vision.init_from={run}", "--set", "train.steps=2",
+                  "--set", "train.ckpt_every=2", *TINY)
+    assert done.returncode == 0, done.stderr
+    dst = load_file(str(lit / "checkpoints" / "step_00000002" / "model.safetensors"))
+    image_keys = [k for k in src if k.startswith(("vision.", "image_pool.", "image_proj."))]
+    assert any(k.startswith("image_proj.") for k in image_keys) and all(torch.equal(src[k], dst[k]) for k in image_keys)
+    assert not all(torch.equal(src[k], dst[k]) for k in src if k.startswith("text."))
+
     # graft eval re-scores the run; generate refuses a model that cannot generate, in one line.
     assert _graft("eval", str(run)).returncode == 0
     from PIL import Image
