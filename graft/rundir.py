@@ -126,17 +126,23 @@ def adopt_vision_arch(cfg: Config) -> list[str]:
     return changed
 
 
-def load_vision(model, run_path: str) -> Path:
-    """Copy the ViT weights (`vision.*`) of a run's latest checkpoint, VLM or dual encoder, into `model.vision`."""
+def load_vision(model, run_path: str, image_head: bool = False) -> Path:
+    """Copy the ViT weights (`vision.*`) of a run's latest checkpoint, VLM or dual encoder, into `model.vision`.
+
+    image_head: also copy a dual encoder's pooling head and projection (`image_pool.*`, `image_proj.*`),
+    so the whole image side is the run's — LiT locks it all (big_vision `lit_coco.py` freezes `img/.*`).
+    """
     from safetensors.torch import load_file
 
     ckpt = RunDir(run_path).require().latest_checkpoint()
     if ckpt is None:
         raise UserError(f"vision.init_from: {run_path} has no complete checkpoint")
     weights = load_file(str(ckpt / "model.safetensors"))
-    vision = {k.removeprefix("vision."): v for k, v in weights.items() if k.startswith("vision.")}
-    missing, unexpected = model.vision.load_state_dict(vision, strict=False)
-    if missing or unexpected or not vision:
-        raise UserError(f"vision.init_from: {ckpt} holds no matching vision tower "
-                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    parts = ("vision", "image_pool", "image_proj") if image_head else ("vision",)
+    for part in parts:
+        sub = {k.removeprefix(f"{part}."): v for k, v in weights.items() if k.startswith(f"{part}.")}
+        missing, unexpected = getattr(model, part).load_state_dict(sub, strict=False)
+        if missing or unexpected or not sub:
+            raise UserError(f"vision.init_from: {ckpt} holds no matching {part} "
+                            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     return ckpt

@@ -84,6 +84,16 @@ def test_text_is_truncated_keeping_eos_and_rendered_text_is_ink_on_white():
     assert pixels.max() == 255 and pixels.min() < 100  # white canvas with dark glyphs
 
 
+@pytest.mark.parametrize("text", ["a small yellow triangle, a small yellow triangle, a small yellow triangle and "
+                                  "a small purple triangle", "triangle" * 5])
+def test_rendered_text_stays_inside_the_canvas(text):
+    """The longest Shapes caption (4 objects) is drawn whole; a word wider than a line is broken, not cut."""
+    ink = np.argwhere(np.asarray(render_text(text, 48).convert("L")) < 128)  # (row, col) of dark pixels
+    assert ink[:, 0].max() < 47 and ink[:, 1].max() < 47  # the lowest and rightmost ink is inside
+    if "," in text:  # all 8 wrapped lines are there: ink reaches the canvas's lower part
+        assert ink[:, 0].max() > 36
+
+
 def test_recall_at_k_counts_identical_texts_as_correct():
     sims = torch.tensor([[0.1, 0.9, 0.0], [0.0, 0.2, 0.1], [0.5, 0.4, 0.3]])
     same = torch.eye(3, dtype=torch.bool)
@@ -152,6 +162,16 @@ def test_contrastive_run_then_vlm_on_its_vision_tower(tmp_path):
     dst = load_file(str(vlm / "checkpoints" / "step_00000002" / "model.safetensors"))
     vision_keys = [k for k in src if k.startswith("vision.")]
     assert vision_keys and all(torch.equal(src[k], dst[k]) for k in vision_keys)
+
+    # LiT locks the run's whole image side (tower, pooling head, projection) and trains the text tower.
+    lit = tmp_path / "lit"
+    done = _graft("train", "lit", "--out", str(lit), "--set", f"vision.init_from={run}", "--set", "train.steps=2",
+                  "--set", "train.ckpt_every=2", *TINY)
+    assert done.returncode == 0, done.stderr
+    dst = load_file(str(lit / "checkpoints" / "step_00000002" / "model.safetensors"))
+    image_keys = [k for k in src if k.startswith(("vision.", "image_pool.", "image_proj."))]
+    assert any(k.startswith("image_proj.") for k in image_keys) and all(torch.equal(src[k], dst[k]) for k in image_keys)
+    assert not all(torch.equal(src[k], dst[k]) for k in src if k.startswith("text."))
 
     # graft eval re-scores the run; generate refuses a model that cannot generate, in one line.
     assert _graft("eval", str(run)).returncode == 0

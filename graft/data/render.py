@@ -8,6 +8,7 @@ every machine. Drawn at 4x and downsampled (box filter) so small glyphs keep ant
 from __future__ import annotations
 
 import functools
+import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -24,30 +25,23 @@ def _font(px: int) -> ImageFont.FreeTypeFont:
 
 
 def render_text(text: str, size: int, font_size: int = 0) -> Image.Image:
-    """`text` wrapped into lines on a (size, size) RGB canvas; font_size 0 = fit ~4 lines."""
-    px = (font_size or max(4, size // 4)) * _SUPERSAMPLE
+    """`text` wrapped into lines on a (size, size) RGB canvas, font_size pixels per line.
+
+    font_size 0 = size // 9: at 48 px, 9 lines of 15 characters, so the longest Shapes caption
+    (4 objects, ~100 characters) fits in 8 lines, and a 5 px glyph still spans most of an 8 px
+    patch. A larger font (size // 4 before) cut most multi-object captions after the first object.
+    """
+    px = (font_size or max(4, size // 9)) * _SUPERSAMPLE
     s = size * _SUPERSAMPLE
     font = _font(px)
+    ascent, descent = font.getmetrics()
     img = Image.new("RGB", (s, s), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    char_w = max(1.0, font.getlength("m"))
-    per_line = max(1, int(s // char_w))
+    per_line = max(1, int(s // max(1.0, font.getlength("m"))))  # monospace: every glyph is as wide
     y = 0
-    for line in _wrap(text, per_line):
-        if y + px > s:
+    for line in textwrap.wrap(text, per_line):  # a word longer than a line is broken, not drawn past the edge
+        if y + ascent + descent > s:
             break  # text that does not fit is cut, as CLIPPO crops long texts
         draw.text((0, y), line, fill=(0, 0, 0), font=font)
         y += px
     return img.resize((size, size), Image.BOX)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if len(candidate) <= width or not line:
-            line = candidate
-        else:
-            lines.append(line)
-            line = word
-    return lines + ([line] if line else [])

@@ -49,7 +49,8 @@ def train(cfg: Config, out: str | Path) -> dict:
     if cfg.train.init_from:
         _init_from(model, cfg.train.init_from)
     if cfg.vision.init_from:
-        load_vision(model, cfg.vision.init_from)
+        # A locked image head must be the run's too: a random projection, frozen, could not be learned around.
+        load_vision(model, cfg.vision.init_from, image_head="image_head" in cfg.train.freeze)
     if cfg.lm.lora_rank:  # after init_from, so a run without adapters can initialise one with them
         add_lora(model.lm, cfg.lm)
     model.freeze(cfg.train.freeze)
