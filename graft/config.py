@@ -40,8 +40,9 @@ class DataConfig:
     questions_per_image: int = 4  # QA turns per training conversation (amortises the image)
     caption_prob: float = 0.25  # chance a training conversation also asks for the caption
     # Several conversations per row up to lm.max_seq_len tokens instead of padding every one to the
-    # longest (data/packing.py): same loss, less work. Built-in world and built-in LM only.
-    pack: bool = False
+    # longest (data/packing.py): same loss, less work. Supported for the built-in world with the
+    # built-in LM; None (default) = pack there, pad elsewhere; true = pack or fail; false = pad.
+    pack: bool | None = None
     tokenizer: str | None = None  # a tokenizer.json to use instead of training one on the world
     vocab_size: int = 384
     # Streaming sources (graft/data/sources.py); the fields above configure the built-in world.
@@ -300,7 +301,7 @@ def validate(cfg: Config) -> Config:
     if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
         raise UserError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
     _validate_hf(cfg)
-    if cfg.data.pack and (cfg.data.source != "shapes" or cfg.lm.hf_path or cfg.model != "vlm"):
+    if cfg.data.pack is True and (cfg.data.source != "shapes" or cfg.lm.hf_path or cfg.model != "vlm"):
         raise UserError("data.pack=true needs data.source=shapes, model=vlm and the built-in LM (no lm.hf_path)")
     ConnectorConfig.check(cfg.connector)
     if cfg.model == "dual":

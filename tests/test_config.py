@@ -87,3 +87,11 @@ def test_cli_generate_rejects_missing_and_non_image_files(tmp_path):
     Image.new("P", (20, 20)).save(img)
     ok = graft("generate", str(run), "--image", str(img), "--prompt", "what color is the circle?")
     assert ok.returncode == 0, ok.stderr
+
+
+def test_pack_defaults_to_the_built_in_world_and_fails_loudly_elsewhere():
+    cfg = C.apply_overrides(RECIPES["shapes_vqa"](), ["data.source=webdataset", "data.shards=a.tar"])
+    assert cfg.data.pack is None  # unset: the webdataset stream pads, no error
+    assert C.apply_overrides(RECIPES["shapes_vqa"](), ["data.pack=false"]).data.pack is False
+    with pytest.raises(UserError, match="data.pack=true needs data.source=shapes"):
+        C.apply_overrides(RECIPES["shapes_vqa"](), ["data.pack=true", "data.source=webdataset", "data.shards=a.tar"])

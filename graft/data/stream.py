@@ -32,6 +32,8 @@ class TrainStream:
     def __init__(self, cfg: Config, processor: Processor, rank: int = 0, world_size: int = 1):
         self.cfg, self.proc, self.rank, self.world_size = cfg, processor, rank, world_size
         self.world = make_world(cfg)
+        # data.pack unset: pack with the built-in LM (an HF LM gets no document mask, so it pads)
+        self.packs = cfg.data.pack if cfg.data.pack is not None else not cfg.lm.hf_path
 
     def batch(self, step: int, micro: int) -> dict:
         """Micro-batch `micro` of step `step` for this rank."""
@@ -39,7 +41,7 @@ class TrainStream:
         mb = b // accum
         start = step * b * self.world_size + self.rank * b + micro * mb
         items = [self.item(i) for i in range(start, start + mb)]
-        if self.cfg.data.pack:
+        if self.packs:
             return pack(items, self.proc.tok.pad, self.cfg.lm.max_seq_len)
         return collate(items, self.proc.tok.pad)
 
