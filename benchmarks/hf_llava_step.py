@@ -53,6 +53,9 @@ def build(args):
     hf.train()
     proc = build_processor(cfg, tok, model)
     cfg.train.batch_size, cfg.train.grad_accum = args.batch_size, 1
+    # Like for like: both models get the same right-padded batches. graft's default packing
+    # (data/packing.py), which HF's LLaVA forward cannot take, saves another ~20 % per step.
+    cfg.data.pack = False
     return cfg, model, hf, TrainStream(cfg, proc)
 
 
