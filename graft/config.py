@@ -301,12 +301,22 @@ def validate(cfg: Config) -> Config:
     if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
         raise UserError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
     _validate_hf(cfg)
-    if cfg.data.pack is True and (cfg.data.source != "shapes" or cfg.lm.hf_path or cfg.model != "vlm"):
+    if cfg.data.pack is True and not _can_pack(cfg):
         raise UserError("data.pack=true needs data.source=shapes, model=vlm and the built-in LM (no lm.hf_path)")
     ConnectorConfig.check(cfg.connector)
     if cfg.model == "dual":
         _validate_dual(cfg)
     return cfg
+
+
+def _can_pack(cfg: Config) -> bool:
+    """Packing (data/packing.py) needs the built-in world's stream and the built-in LM's document mask."""
+    return cfg.data.source == "shapes" and cfg.model == "vlm" and not cfg.lm.hf_path
+
+
+def uses_packing(cfg: Config) -> bool:
+    """data.pack, or where unset, whether this run can pack."""
+    return _can_pack(cfg) if cfg.data.pack is None else cfg.data.pack
 
 
 def _validate_dual(cfg: Config) -> None:

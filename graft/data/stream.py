@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from graft.config import Config
+from graft.config import Config, uses_packing
 from graft.data.packing import pack
 from graft.data.processor import Processor, collate
 from graft.data.shapes import CAPTION_PROMPT, Sample, ShapesWorld
@@ -32,8 +32,7 @@ class TrainStream:
     def __init__(self, cfg: Config, processor: Processor, rank: int = 0, world_size: int = 1):
         self.cfg, self.proc, self.rank, self.world_size = cfg, processor, rank, world_size
         self.world = make_world(cfg)
-        # data.pack unset: pack with the built-in LM (an HF LM gets no document mask, so it pads)
-        self.packs = cfg.data.pack if cfg.data.pack is not None else not cfg.lm.hf_path
+        self.packs = uses_packing(cfg)
 
     def batch(self, step: int, micro: int) -> dict:
         """Micro-batch `micro` of step `step` for this rank."""
