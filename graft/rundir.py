@@ -141,6 +141,11 @@ def load_vision(model, run_path: str, image_head: bool = False) -> Path:
     parts = ("vision", "image_pool", "image_proj") if image_head else ("vision",)
     for part in parts:
         sub = {k.removeprefix(f"{part}."): v for k, v in weights.items() if k.startswith(f"{part}.")}
+        own = getattr(model, part).state_dict()
+        for key, value in sub.items():  # load_state_dict would raise a multi-line RuntimeError
+            if key in own and own[key].shape != value.shape:
+                raise UserError(f"vision.init_from: {ckpt} has {part}.{key} of shape {tuple(value.shape)}, "
+                                f"this model's is {tuple(own[key].shape)}")
         missing, unexpected = getattr(model, part).load_state_dict(sub, strict=False)
         if missing or unexpected or not sub:
             raise UserError(f"vision.init_from: {ckpt} holds no matching {part} "

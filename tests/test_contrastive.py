@@ -172,6 +172,11 @@ def test_contrastive_run_then_vlm_on_its_vision_tower(tmp_path):
     image_keys = [k for k in src if k.startswith(("vision.", "image_pool.", "image_proj."))]
     assert any(k.startswith("image_proj.") for k in image_keys) and all(torch.equal(src[k], dst[k]) for k in image_keys)
     assert not all(torch.equal(src[k], dst[k]) for k in src if k.startswith("text."))
+    # A locked head of another width is named in one line, not a load_state_dict traceback.
+    refused = _graft("train", "lit", "--out", str(tmp_path / "lit64"), "--set", f"vision.init_from={run}",
+                     "--set", "contrastive.embed_dim=64", "--set", "train.steps=2", *TINY)
+    assert refused.returncode == 2 and "image_proj.weight of shape" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
 
     # graft eval re-scores the run; generate refuses a model that cannot generate, in one line.
     assert _graft("eval", str(run)).returncode == 0
