@@ -7,6 +7,7 @@ from graft.data.packing import first_fit, pack
 from graft.data.processor import collate
 from graft.data.shapes import ShapesWorld
 from graft.losses import IGNORE
+from graft.train.flops import causal_context, vlm_step_flops
 from tests.helpers import tiny_vlm
 
 
@@ -59,3 +60,17 @@ def test_packed_batch_matches_padded_batch():
             torch.testing.assert_close(logits_pack[r, at:at + n], logits_pad[i, :n], rtol=1e-4, atol=1e-5)
             assert packed["position_ids"][r, at] == 0
             at += n
+
+
+def test_mfu_counts_the_same_attention_work_packed_or_padded():
+    # Each token attends to its own conversation's earlier tokens only: n(n+1)/2 per conversation,
+    # whether the conversations are padded to one width or packed several to a row.
+    torch.manual_seed(0)
+    model, proc = tiny_vlm()
+    items = conversations(proc, 7)
+    padded, packed = collate(items, proc.tok.pad), pack(items, proc.tok.pad, max_len=128)
+    expected = sum(len(ids) * (len(ids) + 1) // 2 for ids, _, _ in items)
+    assert causal_context(padded["input_ids"], proc.tok.pad) == expected
+    assert causal_context(packed["input_ids"], proc.tok.pad, packed["position_ids"]) == expected
+    tokens = sum(len(ids) for ids, _, _ in items)
+    assert vlm_step_flops(model, 7, tokens, expected) > vlm_step_flops(model, 7, tokens, 0)

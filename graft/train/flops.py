@@ -2,12 +2,15 @@
 
 Matmul FLOPs: 2 x params x tokens forward. Backward costs 2x forward for a part whose weights
 train, 1x for a frozen part that still passes gradients down (its input needs a gradient), 0 for
-a frozen part at the bottom of the graph. Attention scores add 4·T²·d per layer forward
-(halved for causal attention). Embedding lookups are free; the LM head is a matmul.
+a frozen part at the bottom of the graph. Attention scores add 4·c·d per layer forward for a
+token that attends to c positions (c = T for bidirectional attention; for the LM, the token's
+index in its own conversation + 1, so padding and the other conversations of a packed row are
+not counted). Embedding lookups are free; the LM head is a matmul.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -23,8 +26,17 @@ def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-def vlm_step_flops(model, images: int, lm_tokens: int, seq_len: int) -> float:
-    """FLOPs for `images` images and `lm_tokens` LM positions (in sequences of length seq_len)."""
+def causal_context(input_ids: torch.Tensor, pad_id: int, position_ids: torch.Tensor | None = None) -> int:
+    """Σ over the real (non-pad) tokens of the positions each attends to causally: its index in its
+    own conversation + 1 (`position_ids` of a packed row, the column of a padded one)."""
+    real = input_ids != pad_id
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return int(((position_ids + 1) * real).sum())
+
+
+def vlm_step_flops(model, images: int, lm_tokens: int, lm_context: int) -> float:
+    """FLOPs for `images` images and `lm_tokens` LM positions attending to `lm_context` positions in all."""
     vit, lm, conn = model.vision, model.lm, model.connector
     v_layers = vit.encoder.layers[: vit.cfg.feature_layer % len(vit.encoder.layers) + 1]
     v_params = sum(_params(l) for l in v_layers) + _params(vit.embeddings.patch_embedding)
@@ -34,8 +46,8 @@ def vlm_step_flops(model, images: int, lm_tokens: int, seq_len: int) -> float:
     vision = 2 * images * (v_params * P + len(v_layers) * 2 * P * P * dv) * _passes(v_train, False)
     connector = 2 * images * _params(conn) * model.num_image_tokens * _passes(conn_train, v_train)
     lm_params = sum(_params(l) for l in lm.layers) + lm.lm_head.weight.numel()
-    attn = len(lm.layers) * seq_len * lm.hidden_size  # per token, causal: half of 2·T·d
-    language = 2 * lm_tokens * (lm_params + attn) * _passes(lm_train, conn_train or v_train)
+    attn = len(lm.layers) * 2 * lm_context * lm.hidden_size  # 4·c·d per token and layer, inside 2·(...)
+    language = 2 * (lm_tokens * lm_params + attn) * _passes(lm_train, conn_train or v_train)
     return float(vision + connector + language)
 
 
@@ -54,9 +66,9 @@ def dual_step_flops(model, pairs: int) -> float:
     return float(image + text)
 
 
-def step_flops(model, images: int, lm_tokens: int, seq_len: int) -> float:
+def step_flops(model, images: int, lm_tokens: int, lm_context: int) -> float:
     from graft.models.dual_encoder import DualEncoder
 
     if isinstance(model, DualEncoder):
         return dual_step_flops(model, images)
-    return vlm_step_flops(model, images, lm_tokens, seq_len)
+    return vlm_step_flops(model, images, lm_tokens, lm_context)

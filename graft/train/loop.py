@@ -26,7 +26,7 @@ from graft.eval.harness import evaluate
 from graft.models.lora import add_lora, merge_lora
 from graft.rundir import RunDir, adopt_vision_arch, build_model, build_processor, load_vision, resolve_backbones
 from graft.train import checkpoint, runtime
-from graft.train.flops import step_flops
+from graft.train.flops import causal_context, step_flops
 from graft.train.metrics import MetricsLog
 from graft.train.optim import build_optimizer, build_scheduler
 
@@ -193,7 +193,7 @@ def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int):
     # A loss over features gathered from all ranks is already a global-batch mean; DDP averages
     # gradients over ranks once more, so scale that back (see graft/losses.py).
     grad_mult = rt.world_size if getattr(model, "global_batch_loss", False) else 1
-    images = tokens = seq = 0
+    images = tokens = context = 0
     optimizer.zero_grad(set_to_none=True)
     for micro in range(accum):
         td = time.perf_counter()
@@ -207,7 +207,7 @@ def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int):
         images += batch["pixel_values"].shape[0]
         if "input_ids" in batch:  # CLIPPO batches carry rendered text, no token ids
             tokens += int((batch["input_ids"] != stream.proc.tok.pad).sum())
-            seq = max(seq, batch["input_ids"].shape[1])
+            context += causal_context(batch["input_ids"], stream.proc.tok.pad, batch.get("position_ids"))
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.optim.grad_clip
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -217,7 +217,7 @@ def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int):
     else:
         optimizer.step()
     stats = {"time": time.perf_counter() - t0, "data": data_s, "images": images, "tokens": tokens,
-             "seq": seq, "skipped": int(skipped)}
+             "context": context, "skipped": int(skipped)}
     return loss_sum, float(grad_norm), stats
 
 
@@ -229,20 +229,19 @@ class _Window:
 
     def reset(self):
         self.time = self.data = 0.0
-        self.images = self.tokens = self.skipped = self.steps = 0
+        self.images = self.tokens = self.context = self.skipped = self.steps = 0
 
     def add(self, s: dict) -> None:
         self.time += s["time"]
         self.data += s["data"]
         self.images += s["images"]
         self.tokens += s["tokens"]
+        self.context += s["context"]
         self.skipped += s["skipped"]
         self.steps += 1
-        self._last = s
 
     def record(self, step, loss, grad_norm, scheduler, model, rt, peak) -> dict:
-        seq = self._last["seq"]
-        flops = step_flops(model, self.images, self.tokens, seq) * rt.world_size
+        flops = step_flops(model, self.images, self.tokens, self.context) * rt.world_size
         t = max(self.time, 1e-9)
         rec = {
             "step": step,
