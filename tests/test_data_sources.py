@@ -8,23 +8,20 @@ from collections import Counter
 from itertools import islice
 
 import pytest
-import torch
 
 from graft.cli import main
 from graft.config import apply_overrides
 from graft.data.check import processor_for
 from graft.data.llava_json import LlavaSource
-from graft.data.loader import PureBatches, StreamBatches
+from graft.data.loader import StreamBatches
 from graft.data.samples import encode
 from graft.data.skips import SkipLog
 from graft.data.sources import build_sources
-from graft.data.stream import TrainStream
 from graft.data.streaming import StreamDataset, fresh_position
 from graft.losses import IGNORE
 from graft.recipes import tiny
 from graft.train.metrics import read
 from tests.data_helpers import SMALL, export, llava_json
-from tests.helpers import tiny_vlm
 
 SOURCE_ARGS = {
     "webdataset": lambda d: ["--set", "data.source=webdataset", "--set", f"data.shards={d}/shapes-{{000000..000003}}.tar"],
@@ -135,19 +132,3 @@ def test_llava_multi_turn_loss_is_on_assistant_turns_only(tmp_path):
     assert supervised == [t for a in answers for t in a] and not truncated
     assert ids.count(tok.image) == proc.num_image_tokens
     assert all(label in (IGNORE, i) for i, label in zip(ids, labels))
-
-
-def test_read_ahead_workers_give_the_batches_of_the_step_in_order():
-    # The built-in world's batches are built by DataLoader workers ahead of the step; they must be
-    # exactly the batches the training process would build itself, from any starting step (resume).
-    cfg = tiny()
-    cfg.vision.image_size, cfg.data.grid = 32, 4
-    cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum = 5, 8, 2
-    _, proc = tiny_vlm()
-    stream = TrainStream(cfg, proc)
-    ahead, inline = PureBatches(stream, cfg.train, workers=2), PureBatches(stream, cfg.train, workers=0)
-    for step in (2, 3, 4):  # starts at step 2, as a resumed run would
-        for micro in range(2):
-            a, b = ahead.batch(step, micro), inline.batch(step, micro)
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ahead.close()

@@ -81,42 +81,14 @@ def row_problems(batch: dict, proc) -> Counter:
     return problems
 
 
-class _MicroBatches(torch.utils.data.Dataset):
-    """Micro-batch i of a pure stream is (step, micro) = divmod(i, accum)."""
-
-    def __init__(self, stream, accum: int, total: int):
-        self.stream, self.accum, self.total = stream, accum, total
-
-    def __len__(self) -> int:
-        return self.total
-
-    def __getitem__(self, i: int) -> dict:
-        return self.stream.batch(*divmod(i, self.accum))
-
-
 class PureBatches:
-    """A stream whose batches are a pure function of the step: the position is the step itself.
+    """A stream whose batches are a pure function of the step: the position is the step itself."""
 
-    With `workers` > 0, DataLoader processes build the coming micro-batches while the model
-    trains on the current one (in order, so the batches are the same as without workers).
-    """
-
-    def __init__(self, stream, train_cfg=None, workers: int = 0):
+    def __init__(self, stream):
         self.stream, self.proc = stream, stream.proc
-        self.workers = workers if train_cfg is not None else 0
-        self.accum = train_cfg.grad_accum if train_cfg is not None else 1
-        self.total = train_cfg.steps * self.accum if train_cfg is not None else 0
-        self._ahead, self._next = None, -1
 
     def batch(self, step: int, micro: int) -> dict:
-        i = step * self.accum + micro
-        if not self.workers or i >= self.total:
-            return self.stream.batch(step, micro)
-        if i != self._next:  # first call, or a jump: start reading ahead from here
-            self._ahead = iter(DataLoader(_MicroBatches(self.stream, self.accum, self.total), batch_size=None,
-                                          sampler=range(i, self.total), num_workers=self.workers))
-        self._next = i + 1
-        return next(self._ahead)
+        return self.stream.batch(step, micro)
 
     def stats(self, rt) -> dict:
         return {"data_skipped": 0}
@@ -128,14 +100,14 @@ class PureBatches:
         return ""
 
     def close(self) -> None:
-        self._ahead = None  # stops the workers
+        pass
 
 
 class ShapesBatches(PureBatches):
     """The built-in world's VQA stream, with the start-up check on its first batches (read-only)."""
 
     def __init__(self, stream, cfg):
-        super().__init__(stream, cfg.train, cfg.data.workers)
+        super().__init__(stream)
         self.check = StartupCheck(cfg.data, cfg.train.batch_size // cfg.train.grad_accum)
         self.used, self.bad = 0, Counter()
 

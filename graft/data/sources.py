@@ -53,8 +53,7 @@ def build_stream(cfg: Config, proc, rt, checkpoint: Path | None = None):
         from graft.data.contrastive import ContrastiveStream
 
         t = cfg.train
-        stream = ContrastiveStream(make_world(cfg), proc, t.batch_size, t.grad_accum, rt.rank, rt.world_size)
-        return PureBatches(stream, t, cfg.data.workers)
+        return PureBatches(ContrastiveStream(make_world(cfg), proc, t.batch_size, t.grad_accum, rt.rank, rt.world_size))
     if cfg.data.source == "shapes":
         return ShapesBatches(TrainStream(cfg, proc, rt.rank, rt.world_size), cfg)
     saved = json.loads((checkpoint / "meta.json").read_text()).get("data") if checkpoint else None
