@@ -26,9 +26,9 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from graft.models.decoder import _rotate_half, rope_tables
-from graft.rundir import RunDir, build_processor
 from graft.data.stream import make_world
+from graft.models.decoder import apply_rope, rope_tables
+from graft.rundir import RunDir, build_processor
 
 
 def scenes(world, split: str, n: int):
@@ -82,13 +82,12 @@ def attention_to_objects(model, proc, world, question: str, n: int, grid: int) -
         color_pos = len(proc.prompt(f"{question} {named.color}")) - 2  # last token of the colour word
         targets = [first_image + o.row * grid + o.col for o in (named, other)]
         cos, sin = rope_tables(torch.arange(T)[None], lm.cfg.hidden_size // lm.cfg.heads, lm.cfg.rope_theta, torch.float32)
+        causal = torch.full((T, T), float("-inf")).triu(1)
         for i, layer in enumerate(lm.layers):
             a, x = layer.self_attn, seen[i]
-            q = a.q_proj(x).view(1, T, a.heads, a.head_dim).transpose(1, 2)
-            k = a.k_proj(x).view(1, T, a.kv_heads, a.head_dim).transpose(1, 2)
-            q, k = (t * cos[:, None] + _rotate_half(t) * sin[:, None] for t in (q, k))
+            q = apply_rope(a.q_proj(x).view(1, T, a.heads, a.head_dim).transpose(1, 2), cos, sin)
+            k = apply_rope(a.k_proj(x).view(1, T, a.kv_heads, a.head_dim).transpose(1, 2), cos, sin)
             k = k.repeat_interleave(a.heads // a.kv_heads, 1)
-            causal = torch.full((T, T), float("-inf")).triu(1)
             att = ((q @ k.transpose(-1, -2)) * a.head_dim**-0.5 + causal).softmax(-1)[0]  # (H, T, T)
             for name, pos in (("colour word", color_pos), ("last prompt token", T - 1)):
                 key = (i, name)
