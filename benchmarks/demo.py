@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 
 from graft.config import apply_overrides
-from graft.data.shapes import ShapesWorld
+from graft.data.stream import make_world
 from graft.recipes import RECIPES
 from graft.train.loop import train
 from graft.train.metrics import read
 
 
-def world_speed(n: int = 3000) -> float:
-    """Samples per second of the Shapes world on one thread (render + captions + questions)."""
-    w = ShapesWorld()
+def world_speed(cfg, n: int = 3000) -> float:
+    """Samples per second of the recipe's Shapes world on one thread (render + captions + questions)."""
+    w = make_world(cfg)
     t = time.perf_counter()
     for i in range(n):
         w.sample("train", i)
@@ -58,7 +58,7 @@ def main() -> None:
         "tokens_per_s": round(mean("tokens_per_s")),
         "mfu": round(mean("mfu"), 3),
         "data_wait_frac": round(mean("data_wait_frac"), 3),
-        "world_samples_per_s_per_core": round(world_speed()),
+        "world_samples_per_s_per_core": round(world_speed(cfg)),
         **{k: v for k, v in results.items() if k.count("/") <= 1},
     }
     print(json.dumps(figures, indent=1))

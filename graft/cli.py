@@ -63,6 +63,10 @@ def cmd_generate(args) -> None:
     if cfg.model != "vlm":
         raise UserError(f"{args.dir} holds a {cfg.model} model, which does not generate text (graft eval scores it)")
     proc = build_processor(cfg, tok, model)
+    if (n := proc.prompt(args.prompt).count(tok.image)) != proc.num_image_tokens:
+        # An image marker typed in the text would become placeholders with no image features.
+        raise UserError(f"--prompt contains the image placeholder token ({n - proc.num_image_tokens}x); "
+                        "the image comes from --image, so leave it out of the text")
     print(answer(model, proc, [(image, args.prompt)], 1, args.max_new_tokens)[0])
 
 

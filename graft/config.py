@@ -268,6 +268,8 @@ def validate(cfg: Config) -> Config:
     for part in cfg.train.freeze:
         if part not in parts:
             raise UserError(f"train.freeze: unknown part '{part}' (valid: {', '.join(parts)})")
+    if cfg.model == "vlm" and set(PARTS) <= set(cfg.train.freeze):
+        raise UserError(f"train.freeze freezes every part ({', '.join(PARTS)}): nothing would train")
     choices = {
         "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),

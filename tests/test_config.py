@@ -72,7 +72,12 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     assert_user_error(graft("train", "tiny", "--out", str(tmp_path / "r"), "--set", "optim.lr=abc"), "optim.lr")
     assert_user_error(graft("train", "nosuchrecipe"), "nosuchrecipe")
     assert_user_error(graft("eval", str(tmp_path / "missing_run")), "missing_run")
+    assert_user_error(graft("train", "tiny", "--out", str(tmp_path / "r"), "--set", "train.freeze=[vision,connector,lm]"),
+                      "train.freeze")
     assert not (tmp_path / "r").exists()  # nothing was written for a rejected config
+    (tmp_path / "a_file").write_text("keep me")
+    assert_user_error(graft("train", "tiny", "--out", str(tmp_path / "a_file")), "a_file")
+    assert (tmp_path / "a_file").read_text() == "keep me"
 
 
 def test_cli_generate_rejects_missing_and_non_image_files(tmp_path):
@@ -87,6 +92,7 @@ def test_cli_generate_rejects_missing_and_non_image_files(tmp_path):
     Image.new("P", (20, 20)).save(img)
     ok = graft("generate", str(run), "--image", str(img), "--prompt", "what color is the circle?")
     assert ok.returncode == 0, ok.stderr
+    assert_user_error(graft("generate", str(run), "--image", str(img), "--prompt", "what is <image> here?"), "--prompt")
 
 
 def test_pack_defaults_to_the_built_in_world_and_fails_loudly_elsewhere():

@@ -99,6 +99,8 @@ def train(cfg: Config, out: str | Path) -> dict:
 
 def _prepare_run_dir(cfg: Config, run: RunDir, rt) -> tuple[Config, ChatTokenizer]:
     """Write (or check) config.yaml and tokenizer.json; returns the resolved config and tokenizer."""
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"--out {run.path} exists and is not a directory")
     tok = _tokenizer(cfg, run)
     cfg = resolve_backbones(cfg, tok)  # HF folders' architecture, so config.yaml says what trains
     if run.config_path.exists():

@@ -7,6 +7,7 @@ import math
 import torch
 
 from graft.config import OptimConfig
+from graft.errors import UserError
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -23,7 +24,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     if not any(g["params"] for g in groups):
-        raise ValueError("nothing to train: every part is frozen (train.freeze)")
+        raise UserError("nothing to train: train.freeze freezes every part")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
