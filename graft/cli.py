@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from graft import atomic
 from graft.errors import UserError
 
 
@@ -47,7 +48,7 @@ def cmd_eval(args) -> None:
         cfg.eval.splits = [args.split] if args.split else cfg.eval.splits
         apply_overrides(cfg, args.set)  # names a bad split, key or file in one line
     results = evaluate(model, build_processor(cfg, tok, model), cfg)
-    run.eval_path.write_text(json.dumps(results, indent=1))
+    atomic.write_text(run.eval_path, json.dumps(results, indent=1))
     print(f"evaluated {ckpt}")
     _print_results(results)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from graft import atomic
 from graft.data.shapes import CAPTION_PROMPT
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
@@ -236,7 +237,7 @@ def from_dict(data: dict, cls=Config, prefix: str = ""):
 
 
 def save(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def load(path: Path) -> Config:

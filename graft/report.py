@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from graft import atomic
 from graft.data.shapes import QUESTION_TYPES, SPLITS
 from graft.train.metrics import read
 
@@ -64,5 +65,5 @@ def write_report(run_dir: Path, name: str, results: dict[str, float], train_seco
     if plot is not None:
         lines += ["## Training loss", "", f"![training loss]({plot.name})", ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    atomic.write_text(path, "\n".join(lines))
     return path

@@ -9,8 +9,10 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 
+from graft import atomic
 from graft.train import checkpoint
 
 ARGS = ["--set", "train.steps=240", "--set", "train.ckpt_every=7", "--set", "train.log_every=1",
@@ -89,8 +91,6 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
 
 
 def test_pickled_objects_in_a_checkpoint_are_refused(tmp_path):
-    import pytest
-
     ckpt = tmp_path / "step_00000001"
     ckpt.mkdir()
     model = torch.nn.Linear(2, 2)
@@ -107,3 +107,13 @@ def test_pickled_objects_in_a_checkpoint_are_refused(tmp_path):
 class Evil:
     def __reduce__(self):
         return (print, ("pickle executed",))
+
+
+def test_run_files_are_replaced_whole_or_not_at_all(tmp_path):
+    """config.yaml, eval.json, report.md and the trimmed metrics.jsonl go through atomic.write_text."""
+    path = tmp_path / "eval.json"
+    atomic.write_text(path, '{"vqa_acc": 0.5}')
+    with pytest.raises(TypeError):
+        atomic.write_text(path, None)  # the write fails after the temporary file was opened
+    assert path.read_text() == '{"vqa_acc": 0.5}'
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temporary file left behind

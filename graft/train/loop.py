@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from graft import atomic
 from graft import config as config_mod
 from graft.config import Config
 from graft.data.hf_tokenizer import HFChatTokenizer
@@ -92,7 +93,7 @@ def train(cfg: Config, out: str | Path) -> dict:
     if rt.is_main:
         results = evaluate(model, proc, cfg)
         log.log({"step": cfg.train.steps, "event": "eval", **results})
-        run.eval_path.write_text(json.dumps(results, indent=1))
+        atomic.write_text(run.eval_path, json.dumps(results, indent=1))
     log.close()
     return results
 

@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+from graft import atomic
+
 
 class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int, enabled: bool = True):
@@ -19,7 +21,7 @@ class MetricsLog:
             return
         if self.path.exists():
             kept = [l for l in self.path.read_text().splitlines() if _keep(l, resume_step)]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            atomic.write_text(self.path, "".join(l + "\n" for l in kept))  # a kill here keeps the old log
         try:
             from torch.utils.tensorboard import SummaryWriter
 
