@@ -16,7 +16,7 @@ def shapes_vqa() -> Config:
     # 24 px images on a 3x3 board with 8 px patches: one patch per cell, 9 image tokens.
     cfg.vision.image_size, cfg.data.grid = 24, 3
     cfg.data.questions_per_image = 6  # every question the scene allows: one image, many answers
-    cfg.train.steps = 800  # 267-310 s of training on a 2-core CPU (README benchmarks)
+    cfg.train.steps = 800  # 263-310 s of training on a 2-core CPU (README benchmarks)
     return cfg
 
 
