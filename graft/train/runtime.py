@@ -67,7 +67,13 @@ def peak_flops(rt: Runtime, configured: float = 0.0) -> float:
         return configured
     if rt.device.type == "cuda":
         name = torch.cuda.get_device_name(rt.device)
-        return next((v for k, v in GPU_PEAK_BF16.items() if k in name), 989e12)
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+        if peak is None:
+            peak = 989e12
+            if rt.is_main:
+                print(f"MFU: no datasheet peak for {name!r}; measured against 989 TFLOP/s (H100 bf16). "
+                      "Set train.peak_flops for a true figure.", flush=True)
+        return peak
     return measure_matmul_flops()
 
 
