@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 
 import torch
 from torch import nn
@@ -170,6 +171,27 @@ def patch_bidirectional_image() -> None:
     vlm.VLM.forward, decoder.LanguageModel.forward = vlm_forward, lm_forward
 
 
+def where_accuracy(run: str, n: int = 600) -> dict:
+    """Accuracy on "where is the X?" over test scenes, overall and by object count (answering
+    with a random object's position scores 1/count)."""
+    from graft.data.stream import make_world
+    from graft.eval.vqa import answer
+    from graft.rundir import RunDir, build_processor
+
+    cfg, tok, model, _ = RunDir(run).load()
+    proc, world, rng = build_processor(cfg, tok, model), make_world(cfg), random.Random(0)
+    items = []
+    for i in range(n):
+        s = world.sample("test", i)
+        o = rng.choice(s.objects)
+        if sum(p.name == o.name for p in s.objects) == 1:
+            items.append((s.image, f"where is the {o.name}?", where(o), len(s.objects)))
+    preds = answer(model, proc, [(img, q) for img, q, _, _ in items], cfg.eval.batch_size, 12)
+    ok = [(pred.strip() == truth, count) for pred, (_, _, truth, count) in zip(preds, items)]
+    by_count = {c: round(sum(r for r, k in ok if k == c) / max(1, sum(k == c for _, k in ok)), 2) for c in range(1, 5)}
+    return {"where": round(sum(r for r, _ in ok) / len(ok), 3), "where_by_object_count": by_count}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -191,6 +213,8 @@ def main() -> None:
     cfg = apply_overrides(RECIPES["shapes_vqa"](), base + args.set)
     results = loop.train(cfg, args.out)
     print(json.dumps({k: round(v, 3) for k, v in results.items() if "vqa" in k}))
+    if args.mix.startswith("where"):
+        print(json.dumps(where_accuracy(args.out)))
     flags = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
              if k not in ("out", "set", "bidir", "oracle") and v and v != "default"]
     flags += ["--bidir"] * args.bidir + ["--oracle"] * args.oracle + [f"--set {s}" for s in args.set]
