@@ -14,6 +14,8 @@ otherwise) and prints the VQA accuracy per question type on the test split.
 --vit-pos sincos:R   ViT position table set to a 2-D sin-cos table of rms R
 --lm-pos sincos:R    a fixed 2-D sin-cos table of rms R added to the connector's output (LM space)
 --bidir              image tokens attend to each other both ways in the LM (prefix-LM mask)
+--mrope              2-D rotary positions for image tokens (M-RoPE, Qwen2-VL, with the rotary
+                     frequencies interleaved over the time / row / column axes); text keeps 1-D
 --oracle             no ViT: each image token is a sum of learned embeddings of its cell's
                      colour, shape, size, row and column (perfect, symbolic vision)
 """
@@ -145,8 +147,9 @@ def patch_model(args) -> None:
     loop.build_model = build_model
 
 
-def patch_bidirectional_image() -> None:
-    """The LM's mask lets image placeholders see each other both ways (prefill and training only)."""
+def patch_lm(bidir: bool, mrope: bool) -> None:
+    """`bidir`: the LM's mask lets image placeholders see each other both ways. `mrope`: image
+    tokens get (start, start + row, start + col) rotary positions. Prefill and training only."""
     forward = vlm.VLM.forward
     causal_forward = decoder.LanguageModel.forward
 
@@ -161,14 +164,29 @@ def patch_bidirectional_image() -> None:
         x = inputs_embeds
         B, T, _ = x.shape
         positions = torch.arange(T).expand(B, T) if position_ids is None else position_ids
-        cos, sin = decoder.rope_tables(positions, self.cfg.hidden_size // self.cfg.heads, self.cfg.rope_theta, x.dtype)
+        cos, sin = (mrope_tables if mrope else decoder.rope_tables)(
+            *((positions, img) if mrope else (positions,)), self.cfg.hidden_size // self.cfg.heads, self.cfg.rope_theta, x.dtype)
         same = torch.ones(B, T, T, dtype=torch.bool) if doc_ids is None else doc_ids[:, :, None] == doc_ids[:, None, :]
-        mask = ((torch.ones(T, T, dtype=torch.bool).tril() | (img[:, :, None] & img[:, None, :])) & same)[:, None]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        mask = ((causal | (img[:, :, None] & img[:, None, :]) if bidir else causal) & same)[:, None]
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask)
         return self.lm_head(self.norm(x))
 
     vlm.VLM.forward, decoder.LanguageModel.forward = vlm_forward, lm_forward
+
+
+def mrope_tables(positions, img, head_dim: int, theta: float, dtype, grid: int = 3, start: int = 2):
+    """Like decoder.rope_tables, but frequency pair j rotates by axis j % 3 of (time, row, column).
+    Image token k of the <bos> <|user|> <image>x9 layout sits at position start + k."""
+    k = (positions - start).clamp(min=0)
+    axes = torch.stack([torch.where(img, start, positions), torch.where(img, start + k // grid, positions),
+                        torch.where(img, start + k % grid, positions)])  # (3, B, T)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (head_dim/2,)
+    axis_of_pair = torch.arange(head_dim // 2) % 3
+    freqs = axes[axis_of_pair].permute(1, 2, 0).float() * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def where_accuracy(run: str, n: int = 600) -> dict:
@@ -199,6 +217,7 @@ def main() -> None:
     p.add_argument("--vit-pos")
     p.add_argument("--lm-pos")
     p.add_argument("--bidir", action="store_true")
+    p.add_argument("--mrope", action="store_true")
     p.add_argument("--oracle", action="store_true")
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
@@ -206,8 +225,8 @@ def main() -> None:
         patch_mix(args.mix)
     if args.oracle:
         patch_oracle()
-    if args.bidir:
-        patch_bidirectional_image()
+    if args.bidir or args.mrope:
+        patch_lm(args.bidir, args.mrope)
     patch_model(args)
     base = ["train.progress=false", "eval.captions=0", "eval.splits=[test]", "eval.vqa_per_type=200"]
     cfg = apply_overrides(RECIPES["shapes_vqa"](), base + args.set)
@@ -216,8 +235,8 @@ def main() -> None:
     if args.mix.startswith("where"):
         print(json.dumps(where_accuracy(args.out)))
     flags = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-             if k not in ("out", "set", "bidir", "oracle") and v and v != "default"]
-    flags += ["--bidir"] * args.bidir + ["--oracle"] * args.oracle + [f"--set {s}" for s in args.set]
+             if k not in ("out", "set", "bidir", "mrope", "oracle") and v and v != "default"]
+    flags += [f"--{f}" for f in ("bidir", "mrope", "oracle") if getattr(args, f)] + [f"--set {s}" for s in args.set]
     print(" ".join(["command: python benchmarks/spatial_ablations.py --out", args.out, *flags]))
 
 
