@@ -164,8 +164,11 @@ def patch_lm(bidir: bool, mrope: bool) -> None:
         x = inputs_embeds
         B, T, _ = x.shape
         positions = torch.arange(T).expand(B, T) if position_ids is None else position_ids
-        cos, sin = (mrope_tables if mrope else decoder.rope_tables)(
-            *((positions, img) if mrope else (positions,)), self.cfg.hidden_size // self.cfg.heads, self.cfg.rope_theta, x.dtype)
+        head_dim = self.cfg.hidden_size // self.cfg.heads
+        if mrope:
+            cos, sin = mrope_tables(positions, img, head_dim, self.cfg.rope_theta, x.dtype)
+        else:
+            cos, sin = decoder.rope_tables(positions, head_dim, self.cfg.rope_theta, x.dtype)
         same = torch.ones(B, T, T, dtype=torch.bool) if doc_ids is None else doc_ids[:, :, None] == doc_ids[:, None, :]
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         mask = ((causal | (img[:, :, None] & img[:, None, :]) if bidir else causal) & same)[:, None]
