@@ -196,7 +196,7 @@ def where_accuracy(run: str, n: int = 600) -> dict:
     """Accuracy on "where is the X?" over test scenes, overall and by object count (answering
     with a random object's position scores 1/count)."""
     from graft.data.stream import make_world
-    from graft.eval.vqa import answer
+    from graft.eval.vqa import answer, normalise
     from graft.rundir import RunDir, build_processor
 
     cfg, tok, model, _ = RunDir(run).load()
@@ -208,7 +208,7 @@ def where_accuracy(run: str, n: int = 600) -> dict:
         if sum(p.name == o.name for p in s.objects) == 1:
             items.append((s.image, f"where is the {o.name}?", where(o), len(s.objects)))
     preds = answer(model, proc, [(img, q) for img, q, _, _ in items], cfg.eval.batch_size, 12)
-    ok = [(pred.strip() == truth, count) for pred, (_, _, truth, count) in zip(preds, items)]
+    ok = [(normalise(pred) == truth, count) for pred, (_, _, truth, count) in zip(preds, items)]
     by_count = {c: round(sum(r for r, k in ok if k == c) / max(1, sum(k == c for _, k in ok)), 2) for c in range(1, 5)}
     return {"where": round(sum(r for r, _ in ok) / len(ok), 3), "where_by_object_count": by_count}
 
