@@ -63,12 +63,13 @@ def cmd_generate(args) -> None:
     cfg, tok, model, _ = run.load()
     if cfg.model != "vlm":
         raise UserError(f"{args.dir} holds a {cfg.model} model, which does not generate text (graft eval scores it)")
-    proc = build_processor(cfg, tok, model)
-    if (n := proc.prompt(args.prompt).count(tok.image)) != proc.num_image_tokens:
-        # An image marker typed in the text would become placeholders with no image features.
-        raise UserError(f"--prompt contains the image placeholder token ({n - proc.num_image_tokens}x); "
-                        "the image comes from --image, so leave it out of the text")
-    print(answer(model, proc, [(image, args.prompt)], 1, args.max_new_tokens)[0])
+    proc = build_processor(cfg, tok, model)  # "<image>" typed in the prompt is plain text, never a placeholder
+    from graft.data.samples import BadSample
+
+    try:
+        print(answer(model, proc, [(image, args.prompt)], 1, args.max_new_tokens)[0])
+    except BadSample as e:  # e.g. a chat template that rewrites a prompt holding a control-token string
+        raise UserError(f"--prompt cannot be encoded: {e}") from None
 
 
 def cmd_export(args) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from graft import atomic
+from graft.data.limits import IMAGE_FORMATS, check_image_formats
 from graft.data.shapes import CAPTION_PROMPT
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
@@ -56,7 +57,14 @@ class DataConfig:
     caption_prompt: str = CAPTION_PROMPT  # the user turn for caption-only records
     shuffle_buffer: int = 1000  # webdataset: records held for shuffling within a worker
     workers: int = 2  # DataLoader worker processes per rank (0: read in the training process)
+    # Bounded work per record (data/limits.py): over-limit records are skipped and counted.
     max_image_pixels: int = 64_000_000  # bigger images are skipped, judged from the header before decoding
+    max_image_bytes: int = 32 << 20  # an encoded image file / tar member; bigger ones are never read
+    image_formats: list[str] = field(default_factory=lambda: list(IMAGE_FORMATS))  # Pillow format names decoded
+    max_text_bytes: int = 64 << 10  # a record's caption or conversation, all turns, UTF-8 bytes
+    max_json_bytes: int = 1 << 20  # a .json member or one JSONL line
+    max_json_depth: int = 32  # nesting of arrays/objects in a record's JSON
+    max_turns: int = 64  # question/answer turns kept per conversation (later ones are dropped, noted)
     strict: bool = False  # stop at the first bad record instead of skipping and counting it
     min_good_fraction: float = 0.5  # training (first batches) and `graft data check` stop below this
     check_batches: int = 4  # micro-batches checked at the start of training (0: no check)
@@ -343,9 +351,12 @@ def _validate_streaming(d: DataConfig) -> None:
         raise UserError(f"data.source={d.source} needs data.path")
     if d.weights and (len(d.weights) != len(d.shards) or min(d.weights) <= 0):
         raise UserError(f"data.weights={d.weights} must be {len(d.shards)} positive numbers, one per data.shards entry")
-    if d.workers < 0 or d.shuffle_buffer < 0 or d.check_batches < 0 or d.max_image_pixels <= 0:
-        raise UserError("data.workers, data.shuffle_buffer and data.check_batches must be >= 0, "
-                        "data.max_image_pixels > 0")
+    if d.workers < 0 or d.shuffle_buffer < 0 or d.check_batches < 0:
+        raise UserError("data.workers, data.shuffle_buffer and data.check_batches must be >= 0")
+    for key in ("max_image_pixels", "max_image_bytes", "max_text_bytes", "max_json_bytes", "max_json_depth", "max_turns"):
+        if getattr(d, key) <= 0:
+            raise UserError(f"data.{key}={getattr(d, key)} must be positive")
+    check_image_formats(d.image_formats)
     if not 0 <= d.min_good_fraction <= 1:
         raise UserError(f"data.min_good_fraction={d.min_good_fraction} must be between 0 and 1")
 

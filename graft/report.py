@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from graft import atomic
@@ -41,8 +42,9 @@ def plot_loss(run_dir: Path) -> Path | None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = run_dir / "loss.png"
-    fig.savefig(path, dpi=110)
+    path, png = run_dir / "loss.png", io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    atomic.write_bytes(path, png.getvalue())
     plt.close(fig)
     return path
 

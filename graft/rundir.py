@@ -8,8 +8,11 @@ With `lm.hf_path` the tokenizer is the LM's own, saved as a transformers folder 
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
+from graft import atomic
 from graft import config as config_mod
 from graft.config import Config
 from graft.data.contrastive import ContrastiveProcessor
@@ -52,7 +55,14 @@ class RunDir:
         return self.tokenizer_path.is_file() or self.hf_tokenizer_path.is_dir()
 
     def save_tokenizer(self, tok) -> None:
-        tok.save(self.hf_tokenizer_path if isinstance(tok, HFChatTokenizer) else self.tokenizer_path)
+        """Atomically: a kill while saving leaves no tokenizer (the next start writes it), never half of one."""
+        if not isinstance(tok, HFChatTokenizer):
+            atomic.write_text(self.tokenizer_path, tok.tok.to_str(pretty=True))
+            return
+        tmp = self.path / f".hf_tokenizer.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save(tmp)
+        os.replace(tmp, self.hf_tokenizer_path)  # has_tokenizer() was false: the target does not exist
 
     def latest_checkpoint(self) -> Path | None:
         return checkpoint.latest(self.checkpoints)

@@ -91,7 +91,9 @@ def bad_shards(root: Path, marker: Path, good: int = 24) -> tuple[str, int]:
         ("badjson", {"png": png, "json": b"{'caption': not json"}),
         ("noimage", {"txt": cap, "json": b'{"caption": "a red circle"}'}),
         ("blank", {"png": png, "txt": b"   "}),
-        ("marker", {"png": png, "txt": b"a <image> inside a caption"}),
+        ("marker", {"png": png, "json": b'{"conversations": [{"from": "human", "value": "<image> <image> q"}, '
+                                        b'{"from": "gpt", "value": "a"}]}'}),  # two images' markers
+        ("plain", {"png": png, "txt": b"a <image> inside a caption"}),  # usable: the marker is plain text
         ("pickle", {"png": png, "txt": cap, "pyd": pickle.dumps(Evil(marker))}),  # usable; .pyd never read
         ("cmyk", {"jpg": encoded(img.convert("CMYK"), "JPEG"), "txt": cap}),
         ("grey16", {"png": encoded(grey16), "txt": cap}),
@@ -104,7 +106,7 @@ def bad_shards(root: Path, marker: Path, good: int = 24) -> tuple[str, int]:
         cut = next(m for m in tf.getmembers() if m.name == "t00003.png").offset_data + 10
     (root / "trunc.tar").write_bytes((root / "trunc.tar").read_bytes()[:cut])
     write_tar(root / "good.tar", good_records("g", good))
-    usable = 5 + 3 + good  # pickle + 4 converted, 3 from the truncated tar, the good shard
+    usable = 6 + 3 + good  # plain, pickle + 4 converted, 3 from the truncated tar, the good shard
     return f"{root}/{{bad,trunc,missing,good}}.tar", usable
 
 

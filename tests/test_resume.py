@@ -117,3 +117,23 @@ def test_run_files_are_replaced_whole_or_not_at_all(tmp_path):
         atomic.write_text(path, None)  # the write fails after the temporary file was opened
     assert path.read_text() == '{"vqa_acc": 0.5}'
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temporary file left behind
+
+
+def test_tokenizer_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """tokenizer.json goes through atomic.py too: a failed write leaves no tokenizer and no temporary file."""
+    from graft.data.tokenizer import ChatTokenizer
+    from graft.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    tok = ChatTokenizer.train(["a red circle"], 300)
+
+    def fail(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError):
+        run.save_tokenizer(tok)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    run.save_tokenizer(tok)
+    assert ChatTokenizer.load(run.tokenizer_path).encode("a red circle") == tok.encode("a red circle")

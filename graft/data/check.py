@@ -29,9 +29,10 @@ from graft.data.streaming import StreamDataset, fresh_position
 @dataclass
 class CheckResult:
     used: int
-    skipped: Counter  # reason → records
+    skipped: Counter  # reason → records (and shard_* → shards)
     notes: Counter
     min_good: float
+    read: int  # records that came out of the sources: used + skipped records, each exactly once
 
     @property
     def ok(self) -> bool:
@@ -40,7 +41,10 @@ class CheckResult:
 
     def report(self) -> str:
         total = self.used + skips.records_skipped(self.skipped)
-        return (skips.summary(self.skipped, self.notes, self.used) +
+        shards = ", ".join(f"{self.skipped[r]} {r}" for r in skips.SHARD_REASONS if self.skipped[r])
+        accounts = (f"\naccounting: {self.read} records read = {self.used} used + {total - self.used} skipped"
+                    + (f"; shard errors: {shards}" if shards else ""))
+        return (skips.summary(self.skipped, self.notes, self.used) + accounts +
                 f"\nverdict: {'usable' if self.ok else 'UNUSABLE'} ({self.used} of {total} records usable; "
                 f"data.min_good_fraction={self.min_good})")
 
@@ -48,27 +52,29 @@ class CheckResult:
 def check_data(cfg: Config, proc, n: int) -> CheckResult:
     """Counts for the first `n` records of the recipe's data (at most one pass)."""
     check = _check_world if cfg.data.source == "shapes" else _check_stream
-    return CheckResult(*check(cfg, proc, n), cfg.data.min_good_fraction)
+    used, skipped, notes, read = check(cfg, proc, n)
+    return CheckResult(used, skipped, notes, cfg.data.min_good_fraction, read)
 
 
-def _check_stream(cfg: Config, proc, n: int) -> tuple[int, Counter, Counter]:
+def _check_stream(cfg: Config, proc, n: int) -> tuple[int, Counter, Counter, int]:
     sources, weights = build_sources(cfg.data)
     ds = StreamDataset(sources, weights, proc, cfg.data, 1, 0, 1, 1, {}, 0)
-    log = skips.SkipLog(where="data check", quiet=True)
+    log = skips.SkipLog()
+    position = fresh_position(len(sources))
     used = 0
-    for out in islice(ds.examples(0, 1, fresh_position(len(sources)), log, epochs=1), n):
+    for out in islice(ds.examples(0, 1, position, log, epochs=1), n):
         used += out is not None
-    return used, log.skipped, log.notes
+    return used, log.skipped, log.notes, position["mix"]  # mix counts every record drawn from a source
 
 
-def _check_world(cfg: Config, proc, n: int) -> tuple[int, Counter, Counter]:
+def _check_world(cfg: Config, proc, n: int) -> tuple[int, Counter, Counter, int]:
     from graft.data.stream import TrainStream
 
     stream = TrainStream(cfg, proc)
     rows = [stream.item(i) for i in range(n)]
     notes = Counter(sequence_truncated=sum(len(ids) > proc.max_seq_len for ids, _, _ in rows))
     problems = row_problems(collate(rows, proc.tok.pad), proc) if rows else Counter()
-    return len(rows) - sum(problems.values()), problems, notes
+    return len(rows) - sum(problems.values()), problems, notes, len(rows)
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@
 (an `Image` feature, bytes, or a path relative to `data.image_root`); `data.text_column` holds a
 caption string or a conversation (a list of `{"from", "value"}` or `{"role", "content"}` messages).
 Images are read undecoded (`Image(decode=False)`) so that graft checks their size from the header
-before decoding, like every other source.
+before decoding, like every other source; a path in the image column may not leave `data.image_root`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from graft.config import DataConfig
 from graft.data.indexed import IndexedSource
+from graft.data.limits import image_path
 from graft.data.samples import BadSample, Example, text_turns
 from graft.errors import UserError
 
@@ -52,10 +53,14 @@ class HFSource(IndexedSource):
     def example(self, raw: int) -> Example:
         row = self.ds[raw]
         image, text = row[self.cfg.image_column], row[self.cfg.text_column]
+        if isinstance(image, list):  # a list of images
+            if len(image) > 1:
+                raise BadSample("too_many_images", f"{len(image)} images")
+            image = image[0] if image else None
         if isinstance(image, dict):  # an Image feature read undecoded: {"bytes", "path"}
             image = image.get("bytes") or image.get("path")
         if isinstance(image, str):
-            image = self.root / image
+            image = image_path(self.root, image)
         if not isinstance(image, (bytes, Path)):
             raise BadSample("image_missing", f"{self.cfg.image_column} is {type(image).__name__}")
         return Example(self.key(raw), image, text_turns(text, self.cfg.caption_prompt))

@@ -12,19 +12,41 @@ conversation is tokenised as one string, and labels are set on the tokens that o
 characters of an assistant reply (found by rendering the conversation turn by turn), so training
 sees the same tokens inference does.
 
+Text from data never becomes a control token. Tokenising the rendered string as one would turn a
+"<|im_end|>", "</s>" or "<image>" typed in a question or answer into the token itself (ending a
+turn early, or adding image placeholders with no image). So each question and answer is first
+searched for the tokenizer's control strings (`HFChatTokenizer.controls`: its special tokens,
+<image>, bos/eos/pad). Nearly always there are none, and the string is tokenised in one piece as
+above (bit for bit what it always was). When there are some, the conversation is rendered once
+more with each question and answer between two private-use marker characters, which show where
+the template put them; the text is then tokenised piece by piece: the template's text with its
+control tokens, the data strings as plain text. The cost: a piece is tokenised on its own, so the
+tokens at its edges can differ from a joint encoding (as if a space separated the piece from its
+neighbours; for SentencePiece tokenizers each piece is encoded after a newline that is then dropped,
+as `transformers`' `encode_marked_chat` does, so no word-start mark is added). A template that
+rewrites message text (so the markers no longer bracket it exactly) makes such a record a
+`BadSample("text_control_token")` rather than a guess; markers, not a search for the string, are
+used because a template's own text can contain the same control token just before the data.
+
 `GRAFT_TEMPLATE` reproduces `Processor`'s built-in layout exactly; export attaches it to graft's
 own tokenizer so that `AutoProcessor` builds the same input ids as graft.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 from graft.data.processor import Processor
+from graft.data.samples import BadSample
 from graft.errors import UserError
 from graft.losses import IGNORE
 
 IMAGE_TOKEN = "<image>"
+# Private-use characters around each question and answer while rendering, to find them in the output.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_MARKED = re.compile(f"{_OPEN}(.*?){_CLOSE}", re.DOTALL)
 
 # Content may be a string or HF's list form [{"type": "image"}, {"type": "text", "text": ...}].
 _CONTENT = (
@@ -59,6 +81,14 @@ class HFChatTokenizer:
         self.image = tok.convert_tokens_to_ids(IMAGE_TOKEN)
         self.eos, self.bos = tok.eos_token_id, tok.bos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # Strings data text must not turn into ids: special added tokens (chat markers, <image>) and
+        # bos/eos/pad/unk, which may be ordinary vocabulary entries. Longest first, so a match is whole.
+        controls = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+        controls |= {t for t in tok.all_special_tokens if t} | {IMAGE_TOKEN}
+        self.controls = re.compile("|".join(map(re.escape, sorted(controls, key=len, reverse=True))))
+        # unk is left out: plain text may legitimately need it.
+        self.control_ids = {tok.convert_tokens_to_ids(t) for t in controls if t != tok.unk_token}
+        self.newline = tok.encode("\n", add_special_tokens=False)
 
     @classmethod
     def load(cls, path: str | Path, key: str = "tokenizer") -> "HFChatTokenizer":
@@ -81,7 +111,8 @@ class HFChatTokenizer:
         return len(self.tok)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
+        """Ids of `text` as plain text: a special token written in it is spelled out, never its id."""
+        return self.tok.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True).strip()
@@ -92,14 +123,46 @@ class HFChatTokenizer:
     def save(self, folder: Path) -> None:
         self.tok.save_pretrained(str(folder))
 
+    def encode_pieces(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of the concatenated (text, is_data) pieces of a rendered chat:
+        data as plain text, the template's text with its control tokens."""
+        ids, offsets, at = [], [], 0
+        for text, data in pieces:
+            piece_ids, piece_offsets = self._encode_piece(text, data, at == 0)
+            if data and not self.control_ids.isdisjoint(piece_ids):  # e.g. eos as an ordinary BPE word
+                raise BadSample("text_control_token", f"plain text encodes to a control token: {text[:60]!r}")
+            ids += piece_ids
+            offsets += [(start + at, end + at) for start, end in piece_offsets]
+            at += len(text)
+        return ids, offsets
+
+    def _encode_piece(self, text: str, plain: bool, first: bool) -> tuple[list[int], list[tuple[int, int]]]:
+        def encode(s):
+            enc = self.tok(s, add_special_tokens=False, split_special_tokens=plain, return_offsets_mapping=True)
+            return enc["input_ids"], enc["offset_mapping"]
+
+        if not first:  # after a newline, which is then dropped: see the module docstring
+            ids, offsets = encode("\n" + text)
+            n = len(self.newline)
+            if ids[:n] == self.newline:
+                return ids[n:], [(start - 1, end - 1) for start, end in offsets[n:]]
+        return encode(text)
+
 
 class TemplateProcessor(Processor):
     """Processor whose text side is the tokenizer's chat template (pixels as in `Processor`)."""
 
     tok: HFChatTokenizer
 
-    def _user(self, question: str, first: bool) -> dict:
-        return {"role": "user", "content": (IMAGE_TOKEN + "\n" if first else "") + question}
+    def _messages(self, turns: list[tuple[str, str | None]], wrap: Callable[[str], str] = str) -> list[dict]:
+        """Chat messages for (question, answer) turns, the image in the first; `wrap` is applied to
+        each question and answer; an answer None ends the messages on a question."""
+        messages = []
+        for i, (question, answer) in enumerate(turns):
+            messages.append({"role": "user", "content": (IMAGE_TOKEN + "\n" if i == 0 else "") + wrap(question)})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": wrap(answer)})
+        return messages
 
     def _expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Each <image> id becomes num_image_tokens placeholders (unsupervised)."""
@@ -110,28 +173,39 @@ class TemplateProcessor(Processor):
             out_labels += [lab if n == 1 else IGNORE] * n
         return out_ids, out_labels
 
+    def _encode(self, turns: list[tuple[str, str | None]], generation: bool,
+                text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of `text`, the rendering of `turns`, with no control token from data."""
+        data = [s for turn in turns for s in turn if s is not None]
+        if not any(self.tok.controls.search(s) for s in data):  # nearly always: one string, as inference sees it
+            enc = self.tok.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            return enc["input_ids"], enc["offset_mapping"]
+        marked = self.tok.render(self._messages(turns, lambda s: _OPEN + s + _CLOSE), generation)
+        parts = _MARKED.split(marked)  # [template, data, template, ..., data, template]
+        if parts[1::2] != data or "".join(parts) != text:
+            raise BadSample("text_control_token", "the chat template rewrites message text, so control tokens "
+                            "in it cannot be told from the template's own")
+        return self.tok.encode_pieces([(part, i % 2 == 1) for i, part in enumerate(parts) if part])
+
     def prompt_text(self, question: str) -> str:
-        return self.tok.render([self._user(question, True)], generation=True)
+        return self.tok.render(self._messages([(question, None)]), generation=True)
 
     def prompt(self, question: str) -> list[int]:
-        ids = self.tok.encode(self.prompt_text(question))
+        ids, _ = self._encode([(question, None)], True, self.prompt_text(question))
         return self._expand(ids, ids)[0]
 
     def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
         """Ids and labels (answers and their end-of-turn tokens); turns past max_seq_len are dropped."""
-        messages, spans, text = [], [], ""
-        for i, (question, answer) in enumerate(turns):
-            messages.append(self._user(question, i == 0))
-            prompt = self.tok.render(messages, generation=True)
-            messages.append({"role": "assistant", "content": answer})
-            full = self.tok.render(messages, generation=False)
+        messages, spans, text = self._messages(turns), [], ""
+        for k in range(len(turns)):
+            prompt = self.tok.render(messages[: 2 * k + 1], generation=True)
+            full = self.tok.render(messages[: 2 * k + 2], generation=False)
             if not (prompt.startswith(text) and full.startswith(prompt)):
                 raise UserError(f"{self.tok.tok.name_or_path}: its chat template does not render turns as "
                                 "prefixes of one another, so answers cannot be located for the loss")
             spans.append((len(prompt), len(full)))
             text = full
-        enc = self.tok.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        ids, offsets = self._encode(turns, False, text)
         labels = [i if any(s < end and start < e for s, e in spans) else IGNORE for i, (start, end) in zip(ids, offsets)]
         # Keep whole turns while the sequence (with the image expanded) fits; always the first.
         extra = self.num_image_tokens - 1

@@ -1,10 +1,15 @@
 """LLaVA conversation JSON: `[{"id", "image", "conversations": [{"from", "value"}, ...]}, ...]`.
 
 `data.path` is the `.json` file (a list of records) or a `.jsonl` file (one record per line);
-`image` paths are relative to `data.image_root` (default: the JSON file's folder). One image per
-record, placed where the first human turn's `<image>` marker was; multi-turn conversations put the
-loss on every assistant (`gpt`) turn and nothing else. Records without `image` (text-only) are
-skipped as `image_missing`: graft trains vision-language pairs.
+`image` paths are relative to `data.image_root` (default: the JSON file's folder) and may not leave
+it. One image per record (a one-element list counts as one), placed where the first human turn's
+`<image>` marker was; multi-turn conversations put the loss on every assistant (`gpt`) turn and
+nothing else. Records without `image` (text-only) are skipped as `image_missing`: graft trains
+vision-language pairs.
+
+A `.json` file is one document: if it cannot be parsed the whole file is refused (one line naming
+it). A `.jsonl` file keeps its lines as text and parses each when it is read, within the limits of
+limits.py, so one bad line is one skipped record.
 """
 
 from __future__ import annotations
@@ -14,23 +19,32 @@ from pathlib import Path
 
 from graft.config import DataConfig
 from graft.data.indexed import IndexedSource
+from graft.data.limits import MAX_INT_DIGITS, check_depth, image_path, parse_json
 from graft.data.samples import BadSample, Example, conversation_turns
 from graft.errors import UserError
 
 
 def read_records(path: Path) -> list:
+    """The records of a .json file, or the (unparsed) lines of a .jsonl file."""
     if not path.is_file():
         raise UserError(f"data.path: LLaVA JSON file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        records = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"data.path: {path} is not valid JSON ({str(e).splitlines()[0][:80]})") from None
+            return [line for line in text.splitlines() if line.strip()]
+        records = json.loads(text, parse_int=_int)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        why = "nested too deep" if isinstance(e, RecursionError) else str(e).splitlines()[0][:80]
+        raise UserError(f"data.path: {path} is not valid JSON ({why})") from None
     if not isinstance(records, list):
         raise UserError(f"data.path: {path} holds a {type(records).__name__}, not a list of records")
     return records
+
+
+def _int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
 
 
 class LlavaSource(IndexedSource):
@@ -38,7 +52,7 @@ class LlavaSource(IndexedSource):
         if not cfg.path:
             raise UserError("data.source=llava needs data.path (the conversation JSON file)")
         path = Path(cfg.path)
-        self.name, self.seed = path.name, cfg.seed
+        self.name, self.seed, self.cfg = path.name, cfg.seed, cfg
         self.records = read_records(path)
         self.root = Path(cfg.image_root) if cfg.image_root else path.parent
         if not self.root.is_dir():
@@ -49,14 +63,24 @@ class LlavaSource(IndexedSource):
 
     def key(self, raw: int) -> str:
         rec = self.records[raw]
-        return f"{self.name}[{raw}]" + (f" id={rec['id']}" if isinstance(rec, dict) and "id" in rec else "")
+        has_id = isinstance(rec, dict) and isinstance(rec.get("id"), (str, int))
+        return f"{self.name}[{raw}]" + (f" id={str(rec['id'])[:60]}" if has_id else "")  # escaped when logged
 
     def example(self, raw: int) -> Example:
         rec = self.records[raw]
+        if isinstance(rec, str):  # a JSONL line, parsed now
+            rec = parse_json(rec, self.cfg, f"line {raw + 1}")
+        else:  # a record of the parsed .json document
+            check_depth(rec, self.cfg, "record")
         if not isinstance(rec, dict):
             raise BadSample("bad_conversation", "record is not an object")
-        if not isinstance(rec.get("image"), str) or not rec["image"]:
+        image = rec.get("image")
+        if isinstance(image, list) and len(image) > 1:
+            raise BadSample("too_many_images", f"{len(image)} images")
+        image = image[0] if isinstance(image, list) and image else image
+        if not isinstance(image, str) or not image:
             raise BadSample("image_missing", "no `image` field")
         if "conversations" not in rec:
             raise BadSample("text_missing", "no `conversations` field")
-        return Example(self.key(raw), self.root / rec["image"], conversation_turns(rec["conversations"]))
+        return Example(self.key(raw), image_path(self.root, image), conversation_turns(rec["conversations"]))
+

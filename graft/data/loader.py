@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from graft.data.skips import NOTES, REASONS, records_skipped, summary
+from graft.data.skips import NOTES, REASONS, SkipReporter, records_skipped, summary
 from graft.data.streaming import StreamDataset, fresh_position
 from graft.errors import UserError
 from graft.losses import IGNORE
@@ -127,6 +127,7 @@ class StreamBatches:
         self.rank, self.world_size, self.workers = rank, world_size, max(1, d.workers)
         self.micro_batch = cfg.train.batch_size // cfg.train.grad_accum
         positions, self.offset, self.skipped, self.notes, self.used = self._restore(saved, len(sources))
+        self.reporter = SkipReporter(f"data (rank {rank})", self.skipped)  # running totals across resume
         self.consumed = 0  # items taken since (re)start; the next item comes from worker offset + consumed
         self.positions = dict(positions)
         self.check = StartupCheck(d, self.micro_batch)
@@ -149,7 +150,7 @@ class StreamBatches:
                                         "all records read", self.check.min_good)) from None
             self.consumed += 1
             self.positions[item.worker] = item.position
-            self.skipped.update(item.skipped)
+            self.reporter.add(item.skipped, item.examples)  # adds to self.skipped
             self.notes.update(item.notes)
             if item.error:
                 raise UserError(item.error)

@@ -11,6 +11,8 @@ Conversations (LLaVA layout: `[{"from": "human"|"gpt", "value": ...}]`, or the c
 `[{"role": "user"|"assistant", "content": ...}]`) become (user, assistant) turns; the loss is on
 assistant turns only (see processor.py). The `<image>` marker is removed from the text: the
 processor puts the image's tokens at the start of the first user turn wherever the marker was.
+Anywhere else (a caption, an answer) `<image>`, like every other control-token string, is plain
+text: special tokens come only from the template code (processor.py, hf_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def encode(proc, turns: list[tuple[str, str]]) -> tuple[list[int], list[int], bo
     truncated = len(ids) > proc.max_seq_len or answers < len(turns)
     ids, labels = ids[: proc.max_seq_len], labels[: proc.max_seq_len]
     placeholders = ids.count(proc.tok.image)
-    if placeholders != proc.num_image_tokens:  # e.g. "<image>" typed inside an answer
+    if placeholders != proc.num_image_tokens:  # a safety net: text never encodes to the image token
         raise BadSample("placeholder_mismatch", f"{placeholders} image tokens for {proc.num_image_tokens} features")
     if all(label == IGNORE for label in labels):
         raise BadSample("answer_truncated", f"prompt is longer than lm.max_seq_len={proc.max_seq_len}")

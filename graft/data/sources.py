@@ -61,8 +61,12 @@ def build_stream(cfg: Config, proc, rt, checkpoint: Path | None = None):
     return StreamBatches(cfg, proc, sources, weights, rt.rank, rt.world_size, saved)
 
 
-def training_corpus(cfg: Config, per_source: int = 3000) -> list[str]:
-    """Text to train the tokenizer on: the world's, or the first records' turns of each source."""
+def training_corpus(cfg: Config, per_source: int = 3000, max_bytes: int = 8 << 20) -> list[str]:
+    """Text to train the tokenizer on: the world's, or the first records' turns of each source.
+
+    Only texts within the data limits (limits.py) are kept, and at most `max_bytes` in all, so the
+    tokenizer's training cost is bounded whatever the data holds."""
+    from graft.data.limits import bounded_turns
     from graft.data.samples import BadSample
     from graft.data.shapes import CAPTION_PROMPT
     from graft.data.skips import SkipLog
@@ -71,12 +75,15 @@ def training_corpus(cfg: Config, per_source: int = 3000) -> list[str]:
 
     if cfg.data.source == "shapes":
         return world_corpus(make_world(cfg))
-    texts, log = [CAPTION_PROMPT, cfg.data.caption_prompt], SkipLog(quiet=True)
+    texts, size = [CAPTION_PROMPT, cfg.data.caption_prompt], 0
     for source in build_sources(cfg.data)[0]:
-        for raw in islice(source.epoch(0, 0, 1, log), per_source):
+        for raw in islice(source.epoch(0, 0, 1, SkipLog()), per_source):
             try:
-                texts += [t for turn in source.example(raw).turns for t in turn]
+                turns, _ = bounded_turns(source.example(raw).turns, cfg.data)
             except BadSample:
-                pass  # counted and logged when training reads it
+                continue  # counted and logged when training reads it
+            texts += [t for turn in turns for t in turn]
+            size += sum(len(q) + len(a) for q, a in turns)
+            if size >= max_bytes:
+                return texts
     return texts
-

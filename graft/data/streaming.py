@@ -10,9 +10,18 @@ draw per (slot, j), redrawn when that source has no data for this slot). Each so
 epochs forever; a source with no record for this slot in a whole epoch is dropped, and when
 every source is dropped the worker ends its stream.
 
-Bad records are skipped and counted (skips.py); the counts, the position and the slot travel to
-the trainer with every micro-batch (`Item`). A worker that meets only bad records still reports
-every `REPORT_EVERY` of them, so the trainer never waits silently.
+Bad records are skipped and counted (skips.py); the counts, the first examples of each reason, the
+position and the slot travel to the trainer with every micro-batch (`Item`). A worker that meets
+only bad records still reports every `REPORT_EVERY` of them, so the trainer never waits silently.
+
+The boundary between "this record is bad" and "graft is broken" is `record`: a source's
+`example(raw)` and the limits (limits.py) turn one record's bytes into checked Python values or a
+`BadSample`; what follows (template, tokenizer, image decode) raises `BadSample` for anything in
+the data. Nothing wider is caught, so a bug in graft still surfaces as a traceback.
+
+Resuming re-reads the records of the current epoch a worker had taken (webdataset) without
+decoding them; shard problems met during that fast-forward were counted before the checkpoint and
+are not counted again.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from itertools import islice
 from torch.utils.data import IterableDataset, get_worker_info
 
 from graft.data.images import open_image
+from graft.data.limits import bounded_turns
 from graft.data.processor import Processor, collate
 from graft.data.samples import BadSample, encode
 from graft.data.skips import SkipLog, StrictError
@@ -43,6 +53,7 @@ class Item:
     position: dict
     skipped: Counter
     notes: Counter
+    examples: list  # (reason, key, detail) of the first skips of each reason since the last item
     batch: dict | None = None
     keys: list[str] = field(default_factory=list)
     end: bool = False
@@ -72,7 +83,7 @@ class StreamDataset(IterableDataset):
         logical = ((info.id if info else 0) + self.offset) % self.workers
         slot, nslots = self.rank * self.workers + logical, self.world_size * self.workers
         position = copy.deepcopy(self.positions.get(logical)) or fresh_position(len(self.sources))
-        log = SkipLog(self.cfg.strict, where=f"data (rank {self.rank}, worker {logical})")
+        log = SkipLog(self.cfg.strict)
         try:
             yield from self._batches(logical, slot, nslots, position, log)
         except StrictError as e:
@@ -100,18 +111,25 @@ class StreamDataset(IterableDataset):
         for i, raw in self.records(slot, nslots, position, log, epochs):
             source = self.sources[i]
             try:
-                ex = source.example(raw)
-                ids, labels, truncated = encode(self.proc, ex.turns)  # text first: cheaper than pixels
-                image, converted = open_image(ex.image, self.cfg.max_image_pixels)
+                ids, labels, pixels, notes = self.record(source, raw)
             except BadSample as e:
                 log.skip(e.reason, source.key(raw), e.detail)
                 yield None
                 continue
-            if converted:
-                log.note(f"converted_{converted}")
-            if truncated:
-                log.note("sequence_truncated")
-            yield ex.key, (ids, labels, self.proc.pixels(image))
+            for name in notes:
+                log.note(name)
+            yield source.key(raw), (ids, labels, pixels)
+
+    def record(self, source, raw):
+        """ids, labels, pixels and notes of one raw record, or BadSample (the boundary: see above)."""
+        d, notes = self.cfg, []
+        ex = source.example(raw)
+        turns, cut = bounded_turns(ex.turns, d)
+        ids, labels, truncated = encode(self.proc, turns)  # text first: cheaper than pixels
+        image, converted = open_image(ex.image, d.max_image_pixels, d.image_formats, d.max_image_bytes)
+        notes += ["turns_truncated"] * cut + ["sequence_truncated"] * truncated
+        notes += [f"converted_{converted}"] if converted else []
+        return ids, labels, self.proc.pixels(image), notes
 
     def records(self, slot: int, nslots: int, position: dict, log: SkipLog, epochs: int | None = None):
         """(source index, raw record), mixing the sources by weight; advances `position`.
@@ -140,8 +158,11 @@ class StreamDataset(IterableDataset):
     def _source_records(self, i: int, slot: int, nslots: int, position: dict, log: SkipLog, epochs: int | None):
         epoch, start = position["sources"][i]
         while epochs is None or epoch < epochs:
-            taken = start
-            for raw in islice(self.sources[i].epoch(epoch, slot, nslots, log), start, None):
+            gate = _Gate(log, open=start == 0)  # shard problems of the fast-forward were counted already
+            records = self.sources[i].epoch(epoch, slot, nslots, gate)
+            taken = sum(1 for _ in islice(records, start))
+            gate.open = True
+            for raw in records:
                 taken += 1
                 position["sources"][i] = [epoch, taken]
                 yield raw
@@ -149,3 +170,14 @@ class StreamDataset(IterableDataset):
                 return  # a whole epoch with nothing for this slot
             epoch, start = epoch + 1, 0
             position["sources"][i] = [epoch, 0]
+
+
+class _Gate:
+    """A SkipLog that drops what it is told while closed."""
+
+    def __init__(self, log: SkipLog, open: bool):
+        self.log, self.open = log, open
+
+    def skip(self, reason: str, key: str, detail: str = "") -> None:
+        if self.open:
+            self.log.skip(reason, key, detail)

@@ -3,13 +3,25 @@
 Trained in a fraction of a second on the built-in world's text, or loaded from a user's
 `tokenizer.json`; every run saves the one it used next to its checkpoints. Byte-level means any
 prompt a user types can be encoded, even words the world never used.
+
+Text is only ever text: `encode` spells a literal "<eos>" or "<image>" in a caption as plain
+characters, so the special ids come only from the chat layout the processor writes (a caption
+could otherwise end an answer early or add image placeholders with no image behind them).
+
+Training cost is bounded whatever the data. BPE training costs about the square of the longest
+word, so one 800 KB caption without spaces took minutes, and a huge or repetitive text can spend
+the whole small vocabulary on its own merges. So (a) the pre-tokenizer cuts runs of more than
+`MAX_WORD` letters, digits, symbols or spaces into `MAX_WORD`-character pieces (words of normal text
+are far shorter and tokenise exactly as with plain byte-level BPE; the cut is saved with the
+tokenizer, so encoding sees the same words), and (b) `train` reads at most `MAX_TEXT_CHARS` of
+each text and `MAX_CORPUS_CHARS` in all.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from graft.errors import UserError
 
@@ -21,6 +33,9 @@ SPECIAL_TOKENS = {
     "user": "<|user|>",
     "assistant": "<|assistant|>",
 }
+MAX_WORD = 64  # characters; longer runs of one character class are cut (BPE training is quadratic in it)
+MAX_TEXT_CHARS = 8192  # of each training text: one huge or repetitive caption cannot buy many merges
+MAX_CORPUS_CHARS = 8 << 20  # in all: ~5 s of BPE training on one core at worst (random letters)
 
 
 class ChatTokenizer:
@@ -33,12 +48,17 @@ class ChatTokenizer:
             if token_id is None:
                 raise UserError(f"tokenizer lacks the special token {token!r} (needed for '{name}')")
             setattr(self, name, token_id)
+        # A copy that spells special tokens as text, for `encode` (the flag is not saved; `tok` itself
+        # keeps matching them, as the exported HF tokenizer must when it reads a rendered chat).
+        self._plain = Tokenizer.from_str(tok.to_str())
+        self._plain.encode_special_tokens = True
 
     def __len__(self) -> int:
         return self.tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        """Ids of `text` as plain text: a literal special token in it is spelled out, never its id."""
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True).strip()
@@ -60,8 +80,9 @@ class ChatTokenizer:
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int) -> "ChatTokenizer":
+        """A byte-level BPE on the start of `texts` (see the module docstring for the bounds)."""
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = _pre_tokenizer()
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
@@ -69,8 +90,29 @@ class ChatTokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(texts, trainer=trainer)
+        tok.train_from_iterator(_bounded(texts), trainer=trainer)
         return cls(tok)
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """GPT-2's byte-level split, after cutting runs of MAX_WORD letters, digits, symbols or spaces."""
+    classes = [r"\p{L}", r"\p{N}", r"[^\s\p{L}\p{N}]", r"\s"]  # ByteLevel's own word classes
+    long_run = Regex("|".join(f"{c}{{{MAX_WORD}}}" for c in classes))
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(long_run, behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+
+
+def _bounded(texts: list[str]) -> list[str]:
+    """The first MAX_TEXT_CHARS of each text, until MAX_CORPUS_CHARS are taken."""
+    out, total = [], 0
+    for text in texts:
+        if total >= MAX_CORPUS_CHARS:
+            break
+        out.append(text[: min(MAX_TEXT_CHARS, MAX_CORPUS_CHARS - total)])
+        total += len(out[-1])
+    return out
 
 
 def world_corpus(world, n: int = 3000) -> list[str]:

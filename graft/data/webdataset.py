@@ -1,9 +1,9 @@
 """webdataset tar shards in the img2dataset layout: `KEY.jpg|.png|.webp` + `KEY.txt` and/or `KEY.json`.
 
 One `ShardSource` is one brace pattern (`data/laion-{000000..000099}.tar`); several are mixed with
-weights by streaming.py. Reading, key grouping and the shuffle buffer are the `webdataset`
-library's (`tarfile_samples`, `shuffle`); the split is graft's, because resuming needs it to be a
-pure function of (seed, epoch, slot):
+weights by streaming.py. Brace expansion and the shuffle buffer are the `webdataset` library's
+(`expand_urls`, `shuffle`); reading a shard is tar.py's (bounded memory, every kind of damage
+counted); the split is graft's, because resuming needs it to be a pure function of (seed, epoch, slot):
 
 - each epoch the shard list is shuffled with a seed of (data.seed, source, epoch), identically on
   every rank and worker;
@@ -12,14 +12,15 @@ pure function of (seed, epoch, slot):
   way the slots' records are disjoint and together cover the epoch;
 - a per-(epoch, slot) seeded shuffle buffer of `data.shuffle_buffer` records mixes within the slot.
 
-Only the image and text members are ever read: any other member (`.pyd`, `.pickle`, `.npy`, ...)
-is skipped unread, so nothing in a shard is unpickled. The text is `.json`'s `conversations`
-(multi-turn) when present, else `.txt`, else `.json`'s `caption`.
+Only the image and text members are ever read, each only up to its limit (an image up to
+`data.max_image_bytes`, `.txt` up to `data.max_text_bytes`, `.json` up to `data.max_json_bytes`;
+a bigger member is left unread and its record skipped): any other member (`.pyd`, `.pickle`,
+`.npy`, ...) is skipped unread, so nothing in a shard is unpickled. The text is `.json`'s
+`conversations` (multi-turn) when present, else `.txt`, else `.json`'s `caption`.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from itertools import islice
 
@@ -27,21 +28,14 @@ import webdataset as wds
 from webdataset.shardlists import expand_urls
 
 from graft.config import DataConfig
+from graft.data.limits import parse_json
 from graft.data.samples import BadSample, Example, text_turns
 from graft.data.skips import SkipLog
+from graft.data.tar import read_shard
 from graft.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-TEXT_EXTS = ("txt", "json")
-
-
-def _member_ext(fname: str) -> str:
-    base = fname.rsplit("/", 1)[-1]
-    return base.split(".", 1)[1].lower() if "." in base else ""
-
-
-def _wanted(fname: str) -> bool:
-    return _member_ext(fname) in IMAGE_EXTS + TEXT_EXTS
+OVERSIZE = {"txt": ("text_too_long", "data.max_text_bytes"), "json": ("json_too_large", "data.max_json_bytes")}
 
 
 class ShardSource:
@@ -50,18 +44,19 @@ class ShardSource:
         self.urls = expand_urls(pattern)
         if not self.urls:
             raise UserError(f"data.shards: {pattern!r} expands to no shard")
+        self.limits = {ext: cfg.max_image_bytes for ext in IMAGE_EXTS} | {
+            "txt": cfg.max_text_bytes, "json": cfg.max_json_bytes}
 
     def __len__(self) -> int:
         return len(self.urls)
 
     def epoch(self, epoch: int, slot: int, nslots: int, log: SkipLog):
-        """This slot's raw records (webdataset sample dicts) of `epoch`, in a seeded order."""
+        """This slot's raw records (dicts of member bytes) of `epoch`, in a seeded order."""
         urls = list(self.urls)
         random.Random(f"shards/{self.cfg.seed}/{self.index}/{epoch}").shuffle(urls)
         by_shard = len(urls) >= nslots
         mine = urls[slot::nslots] if by_shard else urls
-        shards = _ShardList(mine)
-        samples = wds.tarfile_samples(shards, handler=_ShardErrors(log, shards), select_files=_wanted)
+        samples = (rec for url in mine for rec in read_shard(url, self.limits, log))
         if not by_shard:
             samples = islice(samples, slot, None, nslots)
         if self.cfg.shuffle_buffer > 1:
@@ -73,57 +68,23 @@ class ShardSource:
         return f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
 
     def example(self, raw: dict) -> Example:
+        for ext, size in raw.get("__oversize__", {}).items():
+            reason, key = OVERSIZE.get(ext, ("image_too_large", "data.max_image_bytes"))
+            raise BadSample(reason, f".{ext} of {size} bytes > {key}")
         image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
         if image is None:
             raise BadSample("image_missing", f"members: {', '.join(k for k in raw if not k.startswith('__'))}")
-        text = _text(raw)
-        return Example(self.key(raw), image, text_turns(text, self.cfg.caption_prompt))
+        return Example(self.key(raw), image, text_turns(self._text(raw), self.cfg.caption_prompt))
 
-
-def _text(raw: dict):
-    meta = None
-    if "json" in raw:
-        try:
-            meta = json.loads(raw["json"].decode("utf-8"))
-        except UnicodeDecodeError:
-            raise BadSample("text_not_utf8", ".json") from None
-        except json.JSONDecodeError:
-            raise BadSample("text_bad_json") from None
+    def _text(self, raw: dict):
+        meta = parse_json(raw["json"], self.cfg, ".json") if "json" in raw else None
         if isinstance(meta, dict) and "conversations" in meta:
             return meta
-    if "txt" in raw:
-        try:
-            return raw["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadSample("text_not_utf8", ".txt") from None
-    if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
-        return meta["caption"]
-    raise BadSample("text_missing")
-
-
-class _ShardList:
-    """The url stream webdataset opens, remembering which shard is being read (for error counts)."""
-
-    def __init__(self, urls: list[str]):
-        self.urls, self.current = urls, None
-
-    def __iter__(self):
-        for url in self.urls:
-            self.current = url
-            yield {"url": url}
-
-
-class _ShardErrors:
-    """webdataset's exception handler: count a broken shard once per epoch, then carry on."""
-
-    def __init__(self, log: SkipLog, shards: _ShardList):
-        self.log, self.shards, self.seen = log, shards, set()
-
-    def __call__(self, exn: Exception) -> bool:
-        missing = isinstance(exn, (FileNotFoundError, PermissionError, IsADirectoryError))
-        reason = "shard_missing" if missing else "shard_corrupt"
-        where = self.shards.current or "?"
-        if (reason, where) not in self.seen:
-            self.seen.add((reason, where))
-            self.log.skip(reason, where, type(exn).__name__)
-        return True  # continue with the next member or shard
+        if "txt" in raw:
+            try:
+                return raw["txt"].decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadSample("text_not_utf8", ".txt") from None
+        if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+            return meta["caption"]
+        raise BadSample("text_missing")
