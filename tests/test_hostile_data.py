@@ -234,3 +234,20 @@ def test_hf_dataset_rows_are_bounded_like_every_other_source(tmp_path):
     result = check_data(cfg, processor_for(cfg), 100)
     assert dict(result.skipped) == {"text_too_long": 1, "image_outside_root": 1}
     assert result.used == 2 and result.read == 4
+
+
+def test_a_bug_in_graft_still_surfaces_instead_of_being_counted_as_bad_data(tmp_path, monkeypatch):
+    root = tmp_path / "s"
+    root.mkdir()
+    write_tar(root / "a.tar", good_records("g", 4))
+    cfg = apply_overrides(tiny(), ["data.source=webdataset", f'data.shards=["{root}/a.tar"]'])
+    proc = processor_for(cfg)
+    sources, _ = build_sources(cfg.data)
+    ds = StreamDataset(sources, [1.0], proc, cfg.data, 1, 0, 1, 1, {}, 0)
+
+    def buggy(proc, turns):
+        raise ZeroDivisionError("a bug in graft")
+
+    monkeypatch.setattr("graft.data.streaming.encode", buggy)
+    with pytest.raises(ZeroDivisionError):
+        next(ds.examples(0, 1, {"mix": 0, "sources": [[0, 0]]}, SkipLog()))

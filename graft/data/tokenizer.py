@@ -10,11 +10,12 @@ could otherwise end an answer early or add image placeholders with no image behi
 
 Training cost is bounded whatever the data. BPE training costs about the square of the longest
 word, so one 800 KB caption without spaces took minutes, and a huge or repetitive text can spend
-the whole small vocabulary on its own merges. So (a) the pre-tokenizer cuts runs of more than
-`MAX_WORD` letters, digits, symbols or spaces into `MAX_WORD`-character pieces (words of normal text
-are far shorter and tokenise exactly as with plain byte-level BPE; the cut is saved with the
-tokenizer, so encoding sees the same words), and (b) `train` reads at most `MAX_TEXT_CHARS` of
-each text and `MAX_CORPUS_CHARS` in all.
+the whole small vocabulary on its own merges. So (a) while training, the pre-tokenizer cuts runs
+of more than `MAX_WORD` letters, digits, symbols or spaces into `MAX_WORD`-character pieces (words
+of normal text are far shorter and tokenise exactly as with plain byte-level BPE; the saved
+tokenizer is plain byte-level BPE, and what it encodes is bounded by data.max_text_bytes: 40 ms for
+64 KiB without a space), and (b) `train` reads at most `MAX_TEXT_CHARS` of each text and
+`MAX_CORPUS_CHARS` in all.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ class ChatTokenizer:
             show_progress=False,
         )
         tok.train_from_iterator(_bounded(texts), trainer=trainer)
+        # Encoding needs no cut: a text is at most data.max_text_bytes by then, and the cut costs
+        # about 1.4 us per text (the pipeline's records/s were 4 % lower with it).
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         return cls(tok)
 
 
