@@ -213,7 +213,7 @@ def test_control_token_strings_in_captions_stay_text(tmp_path):
     proc = processor_for(cfg)
     (source,), _ = build_sources(cfg.data)
     raw = next(iter(source.epoch(0, 0, 1, SkipLog())))
-    ids, labels, _, _ = StreamDataset([source], [1], proc, cfg.data, 1, 0, 1, 1, {}, 0).record(source, raw)
+    (ids, labels, _), _ = StreamDataset([source], [1], proc, cfg.data, 1, 0, 1, 1, {}, 0).record(source, raw)
     t = proc.tok
     specials = {"bos": 1, "user": 1, "assistant": 1, "eos": 1, "pad": 0, "image": proc.num_image_tokens}
     assert {name: ids.count(getattr(t, name)) for name in specials} == specials
@@ -248,6 +248,6 @@ def test_a_bug_in_graft_still_surfaces_instead_of_being_counted_as_bad_data(tmp_
     def buggy(proc, turns):
         raise ZeroDivisionError("a bug in graft")
 
-    monkeypatch.setattr("graft.data.streaming.encode", buggy)
+    monkeypatch.setattr("graft.data.processor.encode", buggy)
     with pytest.raises(ZeroDivisionError):
         next(ds.examples(0, 1, {"mix": 0, "sources": [[0, 0]]}, SkipLog()))

@@ -1,5 +1,7 @@
 """Image–text pairs for contrastive training: which text goes with an image, how it is encoded,
 and which pairs make step s's batch (a pure function of s, as in `data/stream.py`, so resume is exact).
+On a streaming source (`data.source` webdataset | llava | hf) the pairs are the records' images and
+captions, through the same pipeline as the VLM's (data/streaming.py, via `text_row`/`row`/`collate`).
 
 The text paired with a Shapes image is its caption, which names every object with its size,
 colour and shape in reading order ("a small red circle and a large blue square").
@@ -11,6 +13,7 @@ import torch
 
 from graft.data.processor import Processor
 from graft.data.render import render_text
+from graft.data.samples import BadSample
 from graft.data.shapes import Sample, ShapesWorld
 
 
@@ -27,7 +30,10 @@ class ContrastiveProcessor(Processor):
         self.render, self.font_size = render, font_size
 
     def text_ids(self, text: str) -> list[int]:
-        ids = self.tok.encode(text)[: self.max_seq_len - 1] + [self.tok.eos]
+        return self._fixed(self.tok.encode(text))
+
+    def _fixed(self, ids: list[int]) -> list[int]:
+        ids = ids[: self.max_seq_len - 1] + [self.tok.eos]
         return ids + [self.tok.pad] * (self.max_seq_len - len(ids))
 
     def texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -37,6 +43,28 @@ class ContrastiveProcessor(Processor):
 
     def pairs(self, images, texts: list[str]) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.stack([self.pixels(img) for img in images]), **self.texts(texts)}
+
+    # The streaming pipeline's interface (see processor.Processor.text_row): a record's text is its
+    # caption: the caption of a caption record, the first answer of a conversation (LLaVA-Pretrain's
+    # "describe the image" → caption layout).
+
+    def text_row(self, turns: list[tuple[str, str]]):
+        caption = turns[0][1]
+        if not caption:
+            raise BadSample("empty_answer", "empty caption")
+        if self.render:
+            return caption, False
+        ids = self.tok.encode(caption)
+        return self._fixed(ids), len(ids) > self.max_seq_len - 1
+
+    def row(self, text, image):
+        return self.pixels(image), text
+
+    def collate(self, rows: list) -> dict[str, torch.Tensor]:
+        pixels = torch.stack([p for p, _ in rows])
+        if self.render:
+            return {"pixel_values": pixels, **self.texts([t for _, t in rows])}
+        return {"pixel_values": pixels, "input_ids": torch.tensor([t for _, t in rows], dtype=torch.long)}
 
 
 class ContrastiveStream:

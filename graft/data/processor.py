@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from graft.data.images import open_image, to_rgb
-from graft.data.samples import BadSample
+from graft.data.samples import BadSample, encode
 from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
 from graft.losses import IGNORE
@@ -77,6 +77,21 @@ class Processor:
             ids += prompt + reply
             labels += [IGNORE] * len(prompt) + reply
         return ids, labels
+
+    # The streaming pipeline's view of a processor (data/streaming.py): one record's text, then its
+    # row, then a batch of rows. A dual encoder's processor (data/contrastive.py) answers the same.
+
+    def text_row(self, turns: list[tuple[str, str]]):
+        """(ids, labels) of the conversation, and whether turns were cut to fit; BadSample if unusable."""
+        ids, labels, truncated = encode(self, turns)
+        return (ids, labels), truncated
+
+    def row(self, text, image: Image.Image):
+        ids, labels = text
+        return ids, labels, self.pixels(image)
+
+    def collate(self, rows: list) -> dict[str, torch.Tensor]:
+        return collate(rows, self.tok.pad)
 
 
 def collate(items: list[tuple[list[int], list[int], torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -49,13 +49,14 @@ def build_stream(cfg: Config, proc, rt, checkpoint: Path | None = None):
     from graft.data.loader import PureBatches, ShapesBatches, StreamBatches
     from graft.data.stream import TrainStream, make_world
 
-    if cfg.model == "dual":  # image–caption pairs from the built-in world (data/contrastive.py)
+    if cfg.data.source == "shapes" and cfg.model == "dual":  # the world's image–caption pairs
         from graft.data.contrastive import ContrastiveStream
 
         t = cfg.train
         return PureBatches(ContrastiveStream(make_world(cfg), proc, t.batch_size, t.grad_accum, rt.rank, rt.world_size))
     if cfg.data.source == "shapes":
         return ShapesBatches(TrainStream(cfg, proc, rt.rank, rt.world_size), cfg)
+    # every design reads a streaming source the same way; the processor makes its rows and batches
     saved = json.loads((checkpoint / "meta.json").read_text()).get("data") if checkpoint else None
     sources, weights = build_sources(cfg.data)
     return StreamBatches(cfg, proc, sources, weights, rt.rank, rt.world_size, saved)

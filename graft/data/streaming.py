@@ -37,8 +37,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from graft.data.images import open_image
 from graft.data.limits import bounded_turns
-from graft.data.processor import Processor, collate
-from graft.data.samples import BadSample, encode
+from graft.data.processor import Processor
+from graft.data.samples import BadSample
 from graft.data.skips import SkipLog, StrictError
 
 REPORT_EVERY = 256  # consecutive bad records after which a worker reports its counts anyway
@@ -101,35 +101,36 @@ class StreamDataset(IterableDataset):
             keys.append(out[0])
             rows.append(out[1])
             if len(rows) == self.micro_batch:
-                batch = collate(rows, self.proc.tok.pad)
+                batch = self.proc.collate(rows)
                 yield Item(logical, copy.deepcopy(position), *log.take(), batch=batch, keys=keys)
                 rows, keys = [], []
         yield Item(logical, copy.deepcopy(position), *log.take(), end=True)
 
     def examples(self, slot: int, nslots: int, position: dict, log: SkipLog, epochs: int | None = None):
-        """(key, (ids, labels, pixels)) per usable record, None per skipped one (counted in `log`)."""
+        """(key, row) per usable record (the processor's row: (ids, labels, pixels) for a VLM), None per
+        skipped one (counted in `log`)."""
         for i, raw in self.records(slot, nslots, position, log, epochs):
             source = self.sources[i]
             try:
-                ids, labels, pixels, notes = self.record(source, raw)
+                row, notes = self.record(source, raw)
             except BadSample as e:
                 log.skip(e.reason, source.key(raw), e.detail)
                 yield None
                 continue
             for name in notes:
                 log.note(name)
-            yield source.key(raw), (ids, labels, pixels)
+            yield source.key(raw), row
 
     def record(self, source, raw):
         """ids, labels, pixels and notes of one raw record, or BadSample (the boundary: see above)."""
-        d, notes = self.cfg, []
+        d = self.cfg
         ex = source.example(raw)
         turns, cut = bounded_turns(ex.turns, d)
-        ids, labels, truncated = encode(self.proc, turns)  # text first: cheaper than pixels
+        text, truncated = self.proc.text_row(turns)  # text first: cheaper than pixels
         image, converted = open_image(ex.image, d.max_image_pixels, d.image_formats, d.max_image_bytes)
-        notes += ["turns_truncated"] * cut + ["sequence_truncated"] * truncated
+        notes = ["turns_truncated"] * cut + ["sequence_truncated"] * truncated
         notes += [f"converted_{converted}"] if converted else []
-        return ids, labels, self.proc.pixels(image), notes
+        return self.proc.row(text, image), notes
 
     def records(self, slot: int, nslots: int, position: dict, log: SkipLog, epochs: int | None = None):
         """(source index, raw record), mixing the sources by weight; advances `position`.
