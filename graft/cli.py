@@ -45,12 +45,32 @@ def cmd_eval(args) -> None:
         bad = [item for item in args.set if not item.startswith("eval.")]
         if bad:
             raise UserError(f"graft eval --set takes eval.* keys only, got '{bad[0]}'")
-        cfg.eval.splits = [args.split] if args.split else cfg.eval.splits
+        cfg.eval.splits = [] if args.task else [args.split] if args.split else cfg.eval.splits
         apply_overrides(cfg, args.set)  # names a bad split, key or file in one line
-    results = evaluate(model, build_processor(cfg, tok, model), cfg)
+    proc = build_processor(cfg, tok, model)
+    if args.task or args.data:
+        results = _eval_task(args, run, model, proc, cfg)
+        table = "\n".join([f"| metric | {args.data} |", "|---|---|"] + [f"| {k} | {v:g} |" for k, v in results.items()])
+    else:
+        results = evaluate(model, proc, cfg)
+        table = None
     atomic.write_text(run.eval_path, json.dumps(results, indent=1))
     print(f"evaluated {ckpt}")
-    _print_results(results)
+    print(table) if table else _print_results(results)
+
+
+def _eval_task(args, run, model, proc, cfg) -> dict:
+    from graft.eval.tasks import TASKS
+
+    if not (args.task and args.data):
+        raise UserError("graft eval: --task and --data go together (e.g. --task zeroshot --data DIR)")
+    if args.task not in TASKS:
+        raise UserError(f"graft eval --task {args.task!r}: unknown task (valid: {', '.join(TASKS)})")
+    results, predictions = TASKS[args.task](model, proc, cfg, args.data)
+    path = run.path / f"eval_{args.task}.jsonl"
+    atomic.write_text(path, "".join(json.dumps(p) + "\n" for p in predictions))
+    print(f"{len(predictions)} predictions in {path}")
+    return {k: round(v, 4) for k, v in results.items()}
 
 
 def cmd_generate(args) -> None:
@@ -127,7 +147,7 @@ def cmd_recipes(args) -> None:
 def _print_results(results: dict) -> None:
     from graft.report import results_table
 
-    print(results_table(results))
+    print(results_table(results) if results else "no evaluation: eval.splits is empty")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -143,6 +163,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--split", help="one split (test, val, compositional, train); default: the config's")
     e.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
                    help="override an eval key, e.g. eval.zeroshot_file=prompts.yaml")
+    e.add_argument("--task", help="one task on your own data (with --data): zeroshot")
+    e.add_argument("--data", help="the task's data: a folder per class, or CLIP_benchmark-layout shards")
     e.set_defaults(fn=cmd_eval)
     g = sub.add_parser("generate", help="answer a prompt about an image")
     g.add_argument("dir")

@@ -338,10 +338,12 @@ def _validate_dual(cfg: Config) -> None:
     for key in ("zeroshot_images", "retrieval_pairs"):
         if getattr(cfg.eval, key) < 0:
             raise UserError(f"eval.{key}={getattr(cfg.eval, key)} must not be negative")
-    if cfg.eval.zeroshot_file:
-        from graft.eval.zero_shot import load_prompts
+    if cfg.eval.zeroshot_file:  # names a missing file, an empty class list, a bad template
+        from graft.eval.zero_shot import load_prompts, read_prompts
 
-        load_prompts(cfg.eval.zeroshot_file)  # names a missing file, an empty class list, a bad template
+        # with the built-in world's evaluation on, the classes must be the world's (checked now,
+        # not after training); for a user's data set (graft eval --task) they are checked there
+        load_prompts(cfg.eval.zeroshot_file) if cfg.eval.splits else read_prompts(cfg.eval.zeroshot_file)
 
 
 def _validate_streaming(d: DataConfig) -> None:

@@ -25,7 +25,7 @@ from graft.errors import UserError
 TEMPLATES = ["a small {}", "a large {}"]
 
 
-def check_prompts(classes: list[str], templates: list[str], where: str) -> None:
+def check_prompts(classes: list[str], templates: list[str], where: str, expected: int = len(CLASSES)) -> None:
     if not classes:
         raise UserError(f"{where}: the class list is empty")
     if not templates:
@@ -33,15 +33,13 @@ def check_prompts(classes: list[str], templates: list[str], where: str) -> None:
     for t in templates:
         if not isinstance(t, str) or "{}" not in t:
             raise UserError(f"{where}: template {t!r} has no '{{}}' for the class name")
-    if len(classes) != len(CLASSES):
-        raise UserError(f"{where}: {len(classes)} classes given; the built-in world has {len(CLASSES)} "
-                        f"(one name per class, in its order: {', '.join(CLASSES[:3])}, ...)")
+    if len(classes) != expected:
+        world = f" (one name per class, in its order: {', '.join(CLASSES[:3])}, ...)" if expected == len(CLASSES) else ""
+        raise UserError(f"{where}: {len(classes)} classes given; the data has {expected}{world}")
 
 
-def load_prompts(path: str | None) -> tuple[list[str], list[str]]:
-    """Classes and templates: the world's, or those a user's YAML/JSON file gives."""
-    if path is None:
-        return list(CLASSES), list(TEMPLATES)
+def read_prompts(path: str) -> tuple[list[str] | None, list[str] | None]:
+    """`classes` and `templates` of a user's YAML/JSON file (None where it gives none)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"eval.zeroshot_file: file not found: {path}")
@@ -51,12 +49,19 @@ def load_prompts(path: str | None) -> tuple[list[str], list[str]]:
         raise UserError(f"eval.zeroshot_file: {path} is not YAML/JSON ({type(e).__name__})") from None
     if not isinstance(data, dict) or not set(data) <= {"classes", "templates"}:
         raise UserError(f"eval.zeroshot_file: {path} must be a mapping with keys 'classes' and/or 'templates'")
-    classes = data.get("classes", list(CLASSES))
-    templates = data.get("templates", list(TEMPLATES))
-    if not isinstance(classes, list) or not isinstance(templates, list):
+    classes, templates = data.get("classes"), data.get("templates")
+    if not isinstance(classes, (list, type(None))) or not isinstance(templates, (list, type(None))):
         raise UserError(f"eval.zeroshot_file: {path}: 'classes' and 'templates' must be lists")
-    check_prompts([str(c) for c in classes], templates, f"eval.zeroshot_file {path}")
-    return [str(c) for c in classes], templates
+    return ([str(c) for c in classes] if classes is not None else None), templates
+
+
+def load_prompts(path: str | None) -> tuple[list[str], list[str]]:
+    """Classes and templates for the built-in world: its own, or those a user's YAML/JSON file gives."""
+    classes, templates = read_prompts(path) if path else (None, None)
+    classes = list(CLASSES) if classes is None else classes
+    templates = list(TEMPLATES) if templates is None else templates
+    check_prompts(classes, templates, f"eval.zeroshot_file {path}")
+    return classes, templates
 
 
 @torch.no_grad()
@@ -94,3 +99,52 @@ def zero_shot(model, proc, world: ShapesWorld, split: str, n: int, prompts_file:
     top = sims.topk(min(5, len(classes)), dim=1).indices
     return {"zeroshot_acc": (top[:, 0] == labels).float().mean().item(),
             "zeroshot_top5": (top == labels[:, None]).any(1).float().mean().item()}
+
+
+# ---- a user's labelled images (eval/labelled.py): `graft eval RUN --task zeroshot --data PATH` ----
+
+USER_TEMPLATES = ["a photo of a {}."]  # CLIP's default prompt, for data sets that ship none
+
+
+@torch.no_grad()
+def zero_shot_on(model, proc, data, cfg) -> tuple[dict[str, float], list[dict]]:
+    """Top-1, top-5 and mean per-class recall on a LabelledSet, and one prediction per image.
+
+    Classes and templates: `eval.zeroshot_file` where it gives them, else the data set's own, else
+    CLIP's "a photo of a {}."; images through the training data's limits (skipped, counted)."""
+    from graft.data.images import open_image
+    from graft.data.samples import BadSample
+
+    given_classes, given_templates = read_prompts(cfg.eval.zeroshot_file) if cfg.eval.zeroshot_file else (None, None)
+    classes = given_classes if given_classes is not None else data.classes
+    templates = given_templates or data.templates or USER_TEMPLATES
+    check_prompts(classes, templates, f"zero-shot prompts for {data.name}", len(data.classes))
+    text = class_embeddings(model, proc, classes, templates, cfg.eval.batch_size)
+    d, labels, tops, predictions, batch = cfg.data, [], [], [], []
+
+    def flush():
+        sims = embed_images(model, proc, [im for _, im, _ in batch], cfg.eval.batch_size) @ text.T
+        for (key, _, label), top in zip(batch, sims.topk(min(5, len(classes)), dim=1).indices.tolist()):
+            labels.append(label), tops.append(top)
+            predictions.append({"id": key, "prediction": classes[top[0]], "reference": classes[label],
+                                "correct": top[0] == label})
+        batch.clear()
+
+    for key, raw, label in data.items():
+        try:
+            image, _ = open_image(raw, d.max_image_pixels, d.image_formats, d.max_image_bytes)
+        except BadSample as e:
+            data.log.skip(e.reason, key, e.detail)
+            continue
+        batch.append((key, image, label))
+        if len(batch) == cfg.eval.batch_size:
+            flush()
+    if batch:
+        flush()
+    if not labels:
+        raise UserError(f"--data {data.name}: no usable image (skipped: {dict(data.log.skipped)})")
+    lab, top = torch.tensor(labels), torch.tensor([t + [-1] * (5 - len(t)) for t in tops])
+    hit = top[:, 0] == lab
+    recall = [hit[lab == c].float().mean().item() for c in lab.unique().tolist()]
+    return {"zeroshot_acc": hit.float().mean().item(), "zeroshot_top5": (top == lab[:, None]).any(1).float().mean().item(),
+            "zeroshot_mean_per_class_recall": sum(recall) / len(recall)}, predictions

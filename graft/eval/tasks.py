@@ -1,0 +1,28 @@
+"""Evaluation tasks on a user's own data: `graft eval RUN --task NAME --data PATH [--set eval.KEY=...]`.
+
+One registry entry per task: a function (model, processor, config, path) → (metrics, predictions).
+The metrics go to `RUN/eval.json`, the per-example predictions (id, prediction, reference,
+correct) to `RUN/eval_<task>.jsonl`. Today: `zeroshot` for dual encoders. The built-in world's
+evaluations (eval/harness.py) are not yet entries of this registry, and retrieval, VQA and
+captioning on a user's data are not there yet.
+"""
+
+from __future__ import annotations
+
+from graft.data.skips import records_skipped
+from graft.errors import UserError
+
+
+def _zeroshot(model, proc, cfg, path: str):
+    from graft.eval.labelled import load_labelled
+    from graft.eval.zero_shot import zero_shot_on
+
+    if cfg.model != "dual":
+        raise UserError("--task zeroshot needs a dual-encoder run (clip, siglip, clippo, lit); "
+                        "scoring class names with a VLM is not there yet")
+    data = load_labelled(path, cfg.data.max_image_bytes)
+    metrics, predictions = zero_shot_on(model, proc, data, cfg)
+    return metrics | {"zeroshot_skipped": records_skipped(data.log.skipped)}, predictions
+
+
+TASKS = {"zeroshot": _zeroshot}
