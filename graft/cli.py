@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
-import time
 from pathlib import Path
 
 from graft import atomic
@@ -28,9 +28,11 @@ def cmd_train(args) -> None:
     from graft.train.loop import train
 
     cfg = _recipe(args.recipe, args.set)
-    results = train(cfg, args.out or f"runs/{cfg.name}")
+    out = args.out or f"runs/{cfg.name}"
+    results = train(cfg, out)
     if results:
         _print_results(results)
+        print(f"\nrun directory: {out}   report: {Path(out) / 'report.md'}")
 
 
 def cmd_eval(args) -> None:
@@ -101,18 +103,14 @@ def cmd_export(args) -> None:
 
 def cmd_demo(args) -> None:
     from graft.recipes import shapes_vqa
-    from graft.report import write_report
     from graft.train.loop import train
 
     out = Path(args.out)
     cfg = _recipe("shapes_vqa", args.set) if args.set else shapes_vqa()
     print(f"graft demo: training '{cfg.name}' on the built-in Shapes world into {out}", flush=True)
-    t0 = time.perf_counter()
-    results = train(cfg, out)
-    seconds = time.perf_counter() - t0
-    report = write_report(out, cfg.name, results, seconds)
+    results = train(cfg, out)  # writes report.md and loss.png, as every `graft train` does
     _print_results(results)
-    print(f"\nrun directory: {out}   report: {report}")
+    print(f"\nrun directory: {out}   report: {out / 'report.md'}")
 
 
 def cmd_data_check(args) -> int:
@@ -131,14 +129,25 @@ def cmd_data_export_shapes(args) -> None:
     if args.n <= 0 or args.shard_size <= 0:
         raise UserError(f"--n={args.n} and --shard-size={args.shard_size} must be positive")
     cfg = _recipe(args.recipe, args.set)
-    train_args = export_shapes(cfg, args.format, Path(args.out), args.n, args.shard_size)
+    settings = export_shapes(cfg, args.format, Path(args.out), args.n, args.shard_size)
     print(f"wrote {args.n} samples of the {cfg.name} world to {args.out} ({args.format})")
-    print(f"train on them: graft train {args.recipe} {train_args}")
+    command = ["graft", "train", args.recipe, "--out", f"runs/{args.recipe}-{args.format}"]
+    command += [x for kv in settings for x in ("--set", kv)]
+    print(f"train on them: {shlex.join(command)}")  # quoted: pasted into a shell, braces stay braces
 
 
 def cmd_recipes(args) -> None:
     from graft.recipes import RECIPES
 
+    if args.show:
+        import yaml
+
+        from graft.config import to_dict
+
+        print(yaml.safe_dump(to_dict(_recipe(args.show, args.set)), sort_keys=False), end="")
+        return
+    if args.set:
+        raise UserError("graft recipes: --set needs --show NAME")
     width = max(map(len, RECIPES)) + 2
     for name, fn in RECIPES.items():
         print(f"{name:{width}s}{(fn.__doc__ or '').strip().splitlines()[0]}")
@@ -182,7 +191,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.set_defaults(fn=cmd_demo)
     _data_parser(sub)
-    r = sub.add_parser("recipes", help="list recipes")
+    r = sub.add_parser("recipes", help="list recipes, or print one's whole config (--show NAME [--set ...])")
+    r.add_argument("--show", metavar="NAME", help="print the recipe's resolved config (YAML), with --set applied")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r.set_defaults(fn=cmd_recipes)
     return p
 

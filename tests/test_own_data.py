@@ -86,3 +86,26 @@ def test_missing_shards_stop_a_dual_encoder_run(tmp_path, capsys):
             for x in ("--set", kv)]
     assert main(["train", "clip", "--out", str(tmp_path / "run"), *sets]) == 2
     assert "shard_missing=2" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_printed_train_command_is_shell_safe_and_trains(tmp_path, capsys):
+    import shlex
+
+    out = tmp_path / "exported"
+    assert main(["data", "export-shapes", "--format", "webdataset", "--out", str(out), "--n", "24", "--shard-size", "12"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    argv = shlex.split(line.removeprefix("train on them: "))  # what a shell makes of the pasted line
+    assert argv[:3] == ["graft", "train", "shapes_vqa"] and "--out" in argv
+    assert f"data.shards={out}/shapes-{{000000..000001}}.tar" in argv  # braces survive the shell
+    argv[argv.index("--out") + 1] = str(tmp_path / "run")
+    assert main([*argv[1:], *[x for kv in SMALL for x in ("--set", kv)]]) == 0
+    assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "loss.png").is_file()
+
+
+def test_recipes_show_prints_the_resolved_config(capsys):
+    import yaml
+
+    assert main(["recipes", "--show", "clip", "--set", "text.layers=3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["name"] == "clip" and shown["text"]["layers"] == 3 and shown["model"] == "dual"
+    assert main(["recipes", "--show", "nope"]) == 2

@@ -42,8 +42,8 @@ def records(cfg: Config, n: int, split: str = "train"):
         yield f"{i:08d}", buf.getvalue(), sample.caption, llava_conversation(turns)
 
 
-def export_shapes(cfg: Config, fmt: str, out: Path, n: int, shard_size: int = 1000) -> str:
-    """Write n samples; returns the `--set` arguments that train on what was written."""
+def export_shapes(cfg: Config, fmt: str, out: Path, n: int, shard_size: int = 1000) -> list[str]:
+    """Write n samples; returns the `key=value` settings that train on what was written."""
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "webdataset":
         return _webdataset(cfg, out, n, shard_size)
@@ -55,7 +55,7 @@ def export_shapes(cfg: Config, fmt: str, out: Path, n: int, shard_size: int = 10
             (images / f"{key}.png").write_bytes(png)
             entries.append({"id": key, "image": f"images/{key}.png", "conversations": conv})
         (out / "llava.json").write_text(json.dumps(entries))
-        return f"--set data.source=llava --set data.path={out / 'llava.json'}"
+        return ["data.source=llava", f"data.path={out / 'llava.json'}"]
     if fmt == "hf":
         import datasets
 
@@ -67,11 +67,11 @@ def export_shapes(cfg: Config, fmt: str, out: Path, n: int, shard_size: int = 10
                                          "caption": [r[2] for r in rows], "text": [r[3] for r in rows]},
                                         features=features)
         ds.save_to_disk(str(out))
-        return f"--set data.source=hf --set data.path={out}"
+        return ["data.source=hf", f"data.path={out}"]
     raise ValueError(fmt)
 
 
-def _webdataset(cfg: Config, out: Path, n: int, shard_size: int) -> str:
+def _webdataset(cfg: Config, out: Path, n: int, shard_size: int) -> list[str]:
     import webdataset as wds
 
     with wds.ShardWriter(str(out / "shapes-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
@@ -79,4 +79,4 @@ def _webdataset(cfg: Config, out: Path, n: int, shard_size: int) -> str:
             meta = {"caption": caption, "conversations": conv}
             sink.write({"__key__": key, "png": png, "txt": caption.encode(), "json": json.dumps(meta).encode()})
     last = (n - 1) // shard_size
-    return f"--set data.source=webdataset --set data.shards={out}/shapes-{{000000..{last:06d}}}.tar"
+    return ["data.source=webdataset", f"data.shards={out}/shapes-{{000000..{last:06d}}}.tar"]

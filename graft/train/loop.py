@@ -25,6 +25,7 @@ from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
 from graft.eval.harness import evaluate
 from graft.models.lora import add_lora, merge_lora
+from graft.report import write_report
 from graft.rundir import RunDir, adopt_vision_arch, build_model, build_processor, load_vision, resolve_backbones
 from graft.train import checkpoint, runtime
 from graft.train.flops import causal_context, step_flops
@@ -37,7 +38,8 @@ RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.
 
 
 def train(cfg: Config, out: str | Path) -> dict:
-    """Train `cfg` into run directory `out`; returns the final evaluation."""
+    """Train `cfg` into run directory `out`; returns the final evaluation (and writes report.md)."""
+    started = time.perf_counter()
     run = RunDir(out)
     rt = runtime.setup(cfg.train.device, cfg.train.precision)
     torch.manual_seed(cfg.train.seed)
@@ -95,6 +97,8 @@ def train(cfg: Config, out: str | Path) -> dict:
         log.log({"step": cfg.train.steps, "event": "eval", **results})
         atomic.write_text(run.eval_path, json.dumps(results, indent=1))
     log.close()
+    if rt.is_main:
+        write_report(run.path, cfg.name, results, time.perf_counter() - started)
     return results
 
 
