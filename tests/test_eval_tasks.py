@@ -132,3 +132,50 @@ def test_a_dual_encoder_trained_on_real_digit_shards_classifies_held_out_digits(
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((run / "eval.json").read_text())
     assert results["zeroshot_acc"] >= 0.4 and results["zeroshot_skipped"] == 0, results
+
+
+def test_retrieval_on_shards_coco_and_karpathy_json_agree_and_match_a_direct_computation(clip_run, tmp_path):
+    import torch
+
+    from graft.eval.retrieval import recall_at_k
+    from graft.eval.zero_shot import embed_images, embed_texts
+
+    run, _, _, _ = clip_run
+    cfg, tok, model, _ = RunDir(run).load()
+    world = ShapesWorld(cfg.vision.image_size, cfg.data.grid, cfg.data.max_objects, cfg.data.seed)
+    samples = [world.sample("test", i) for i in range(40)]
+    captions = [[s.caption, f"a picture of {s.caption}"] for s in samples]  # two captions per image
+    (tmp_path / "images").mkdir()
+    for i, s in enumerate(samples):
+        (tmp_path / "images" / f"{i:03d}.png").write_bytes(encoded(s.image))
+    write_tar(tmp_path / "0.tar", [(f"{i:03d}", {"png": encoded(s.image), "txt": "\n".join(c).encode()})
+                                   for i, (s, c) in enumerate(zip(samples, captions))])
+    coco = {"images": [{"id": i, "file_name": f"images/{i:03d}.png"} for i in range(40)],
+            "annotations": [{"image_id": i, "caption": c} for i, cs in enumerate(captions) for c in cs]}
+    karpathy = {"images": [{"filepath": "images", "filename": f"{i:03d}.png", "split": "test",
+                            "sentences": [{"raw": c} for c in cs]} for i, cs in enumerate(captions)]
+                + [{"filepath": "images", "filename": "000.png", "split": "train", "sentences": [{"raw": "x"}]}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    (tmp_path / "karpathy.json").write_text(json.dumps(karpathy))
+    results = []
+    for data in (tmp_path / "0.tar", tmp_path / "coco.json", tmp_path / "karpathy.json"):
+        assert main(["eval", str(run), "--task", "retrieval", "--data", str(data)]) == 0
+        results.append(json.loads((run / "eval.json").read_text()))
+        assert len((run / "eval_retrieval.jsonl").read_text().splitlines()) == 40
+    assert results[0] == results[1] == results[2]
+    proc = build_processor(cfg, tok, model)
+    flat = [c for cs in captions for c in cs]
+    sims = embed_images(model, proc, [s.image for s in samples], 32) @ embed_texts(model, proc, flat, 32).T
+    same = torch.arange(40)[:, None] == torch.tensor([i for i in range(40) for _ in range(2)])[None, :]
+    assert results[0]["i2t_r@1"] == round(recall_at_k(sims, same)[1], 4)
+    assert results[0]["t2i_r@5"] == round(recall_at_k(sims.T, same.T)[5], 4)
+    assert results[0]["i2t_r@1"] <= results[0]["i2t_r@5"] <= results[0]["i2t_r@10"]
+
+    coco["images"][0]["file_name"] = "../outside.png"  # a path leaving the image folder: skipped, counted
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    assert main(["eval", str(run), "--task", "retrieval", "--data", str(tmp_path / "coco.json")]) == 0
+    assert json.loads((run / "eval.json").read_text())["retrieval_skipped"] == 1
+    coco["annotations"].append({"image_id": 999, "caption": "orphan"})
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    done = _graft("eval", str(run), "--task", "retrieval", "--data", str(tmp_path / "coco.json"))
+    assert done.returncode == 2 and "annotation 80 names image_id 999" in done.stderr.strip().splitlines()[-1]

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from graft.data.contrastive import pair_text
+from graft.data.samples import BadSample
 from graft.data.shapes import ShapesWorld
+from graft.errors import UserError
 from graft.eval.zero_shot import embed_images, embed_texts
 
 KS = (1, 5, 10)
@@ -36,3 +38,32 @@ def retrieval(model, proc, world: ShapesWorld, split: str, n: int, batch_size: i
         out |= {f"{name}_r@{k}": v for k, v in recall_at_k(s, m).items()}
     out["retrieval_unique_texts"] = float(len(ids)) / n  # share of distinct captions among the n pairs
     return out
+
+
+@torch.no_grad()
+def retrieval_on(model, proc, data, cfg) -> tuple[dict[str, float], list[dict]]:
+    """R@1/5/10 both ways on a CaptionedSet (eval/captioned.py), several captions per image: an
+    image is found when any of its captions ranks in the top K; a caption when its image does."""
+    from graft.data.images import open_image
+
+    d, images, captions, owner, keys = cfg.data, [], [], [], []
+    for key, raw, caps in data.items():
+        try:
+            images.append(open_image(raw, d.max_image_pixels, d.image_formats, d.max_image_bytes)[0])
+        except BadSample as e:
+            data.log.skip(e.reason, key, e.detail)
+            continue
+        keys.append(key)
+        owner += [len(keys) - 1] * len(caps)
+        captions += caps
+    if not images:
+        raise UserError(f"--data {data.name}: no usable image (skipped: {dict(data.log.skipped)})")
+    sims = embed_images(model, proc, images, cfg.eval.batch_size) @ embed_texts(model, proc, captions, cfg.eval.batch_size).T
+    owner_t = torch.tensor(owner)
+    same = torch.arange(len(images))[:, None] == owner_t[None, :]  # (images, captions)
+    out = {f"i2t_r@{k}": v for k, v in recall_at_k(sims, same).items()}
+    out |= {f"t2i_r@{k}": v for k, v in recall_at_k(sims.T, same.T).items()}
+    best = sims.argmax(1).tolist()
+    predictions = [{"id": key, "prediction": captions[j], "reference": [c for c, o in zip(captions, owner) if o == i],
+                    "correct": owner[j] == i} for i, (key, j) in enumerate(zip(keys, best))]
+    return out, predictions

@@ -2,9 +2,9 @@
 
 One registry entry per task: a function (model, processor, config, path) → (metrics, predictions).
 The metrics go to `RUN/eval.json`, the per-example predictions (id, prediction, reference,
-correct) to `RUN/eval_<task>.jsonl`. Today: `zeroshot` for dual encoders. The built-in world's
-evaluations (eval/harness.py) are not yet entries of this registry, and retrieval, VQA and
-captioning on a user's data are not there yet.
+correct) to `RUN/eval_<task>.jsonl`. Today: `zeroshot` (eval/labelled.py) and `retrieval`
+(eval/captioned.py) for dual encoders. The built-in world's evaluations (eval/harness.py) are not
+yet entries of this registry, and VQA and captioning on a user's data are not there yet.
 """
 
 from __future__ import annotations
@@ -25,4 +25,15 @@ def _zeroshot(model, proc, cfg, path: str):
     return metrics | {"zeroshot_skipped": records_skipped(data.log.skipped)}, predictions
 
 
-TASKS = {"zeroshot": _zeroshot}
+def _retrieval(model, proc, cfg, path: str):
+    from graft.eval.captioned import load_captioned
+    from graft.eval.retrieval import retrieval_on
+
+    if cfg.model != "dual":
+        raise UserError("--task retrieval needs a dual-encoder run (clip, siglip, clippo, lit)")
+    data = load_captioned(path, cfg.data)
+    metrics, predictions = retrieval_on(model, proc, data, cfg)
+    return metrics | {"retrieval_skipped": records_skipped(data.log.skipped)}, predictions
+
+
+TASKS = {"zeroshot": _zeroshot, "retrieval": _retrieval}
