@@ -179,3 +179,27 @@ def test_retrieval_on_shards_coco_and_karpathy_json_agree_and_match_a_direct_com
     (tmp_path / "coco.json").write_text(json.dumps(coco))
     done = _graft("eval", str(run), "--task", "retrieval", "--data", str(tmp_path / "coco.json"))
     assert done.returncode == 2 and "annotation 80 names image_id 999" in done.stderr.strip().splitlines()[-1]
+
+
+def test_captioning_on_coco_json_matches_the_builtin_cider(tmp_path):
+    from graft.eval.captioning import caption_cider
+
+    run = tmp_path / "vlm"
+    assert main(["train", "tiny", "--out", str(run), *SETS, "--set", "train.steps=80", "--set", "train.ckpt_every=80",
+                 "--set", "data.questions_per_image=0", "--set", "data.caption_prob=1.0"]) == 0  # captions only
+    cfg, tok, model, _ = RunDir(run).load()
+    world = ShapesWorld(cfg.vision.image_size, cfg.data.grid, cfg.data.max_objects, cfg.data.seed)
+    samples = [world.sample("test", i) for i in range(24)]
+    for i, s in enumerate(samples):
+        (tmp_path / f"{i:03d}.png").write_bytes(encoded(s.image))
+    coco = {"images": [{"id": i, "file_name": f"{i:03d}.png"} for i in range(24)],
+            "annotations": [{"image_id": i, "caption": s.caption} for i, s in enumerate(samples)]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    assert main(["eval", str(run), "--task", "caption", "--data", str(tmp_path / "captions.json")]) == 0
+    results = json.loads((run / "eval.json").read_text())
+    reference = caption_cider(model, build_processor(cfg, tok, model), world, "test", 24, 8, cfg.eval.max_new_tokens)
+    assert results["caption_cider"] == round(reference["caption_cider"], 4) and reference["caption_cider"] > 0
+    assert results["caption_exact"] == round(reference["caption_exact"], 4)
+    assert 0 <= results["caption_bleu4"] <= 1 and results["caption_skipped"] == 0
+    done = _graft("eval", str(run), "--task", "zeroshot", "--data", str(tmp_path))
+    assert done.returncode == 2 and "dual-encoder" in done.stderr

@@ -7,10 +7,16 @@ COCO PTB tokenizer needs Java; the world's captions are plain lower-case words).
 from __future__ import annotations
 
 import re
+import sys
 
+import torch
+from tqdm import tqdm
+
+from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
 from graft.data.shapes import CAPTION_PROMPT, ShapesWorld
+from graft.errors import UserError
 from graft.eval.vqa import answer
 
 
@@ -31,3 +37,42 @@ def caption_cider(model, proc, world: ShapesWorld, split: str, n: int, batch_siz
     preds = answer(model, proc, [(s.image, CAPTION_PROMPT) for s in samples], batch_size, max_new_tokens)
     exact = sum(tokenize(p) == tokenize(s.caption) for p, s in zip(preds, samples)) / n
     return {"caption_cider": cider(preds, [[s.caption] for s in samples]), "caption_exact": exact}
+
+
+def bleu4(candidates: list[str], references: list[list[str]]) -> float:
+    """Corpus BLEU-4 (pycocoevalcap, as the COCO caption evaluation reports it)."""
+    gts = {i: [tokenize(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [tokenize(c)] for i, c in enumerate(candidates)}
+    scores, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return float(scores[3])
+
+
+@torch.no_grad()
+def caption_on(model, proc, data, cfg, chunk: int = 256) -> tuple[dict[str, float], list[dict]]:
+    """CIDEr-D and BLEU-4 of greedy captions (prompt: the run's data.caption_prompt) for a
+    CaptionedSet (eval/captioned.py); images decoded with the data limits, bad ones counted."""
+    from graft.data.images import open_image
+    from graft.data.samples import BadSample
+
+    d, e = cfg.data, cfg.eval
+    keys, preds, refs, pending = [], [], [], []
+
+    def flush():
+        preds.extend(answer(model, proc, [(img, d.caption_prompt) for _, img, _ in pending], e.batch_size, e.max_new_tokens))
+        keys.extend(k for k, _, _ in pending), refs.extend(r for _, _, r in pending)
+        pending.clear()
+
+    for key, raw, captions in tqdm(data.items(), desc="caption", unit="image", disable=not sys.stderr.isatty()):
+        try:
+            pending.append((key, open_image(raw, d.max_image_pixels, d.image_formats, d.max_image_bytes)[0], captions))
+        except BadSample as err:
+            data.log.skip(err.reason, key, err.detail)
+        if len(pending) == chunk:
+            flush()
+    flush() if pending else None
+    if not preds:
+        raise UserError(f"--data {data.name}: no usable image (skipped: {dict(data.log.skipped)})")
+    predictions = [{"id": k, "prediction": p, "reference": r, "correct": tokenize(p) in {tokenize(x) for x in r}}
+                   for k, p, r in zip(keys, preds, refs)]
+    return {"caption_cider": cider(preds, refs), "caption_bleu4": bleu4(preds, refs),
+            "caption_exact": sum(p["correct"] for p in predictions) / len(predictions)}, predictions

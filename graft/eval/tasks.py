@@ -3,8 +3,9 @@
 One registry entry per task: a function (model, processor, config, path) → (metrics, predictions).
 The metrics go to `RUN/eval.json`, the per-example predictions (id, prediction, reference,
 correct) to `RUN/eval_<task>.jsonl`. Today: `zeroshot` (eval/labelled.py) and `retrieval`
-(eval/captioned.py) for dual encoders. The built-in world's evaluations (eval/harness.py) are not
-yet entries of this registry, and VQA and captioning on a user's data are not there yet.
+(eval/captioned.py) for dual encoders, `caption` (CIDEr-D, BLEU-4 on the same image–caption
+layouts) for VLMs. The built-in world's evaluations (eval/harness.py) are not yet entries of this
+registry, and VQA on a user's data is not there yet.
 """
 
 from __future__ import annotations
@@ -36,4 +37,15 @@ def _retrieval(model, proc, cfg, path: str):
     return metrics | {"retrieval_skipped": records_skipped(data.log.skipped)}, predictions
 
 
-TASKS = {"zeroshot": _zeroshot, "retrieval": _retrieval}
+def _caption(model, proc, cfg, path: str):
+    from graft.eval.captioned import load_captioned
+    from graft.eval.captioning import caption_on
+
+    if cfg.model == "dual":
+        raise UserError("--task caption needs a VLM run (a dual encoder does not generate text)")
+    data = load_captioned(path, cfg.data)
+    metrics, predictions = caption_on(model, proc, data, cfg)
+    return metrics | {"caption_skipped": records_skipped(data.log.skipped)}, predictions
+
+
+TASKS = {"zeroshot": _zeroshot, "retrieval": _retrieval, "caption": _caption}
