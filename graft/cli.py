@@ -172,9 +172,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--split", help="one split (test, val, compositional, train); default: the config's")
     e.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
                    help="override an eval key, e.g. eval.zeroshot_file=prompts.yaml")
-    e.add_argument("--task", help="one task on your own data (with --data): zeroshot | retrieval | caption")
+    e.add_argument("--task", help="one task on your own data (with --data): zeroshot | retrieval | caption | vqa")
     e.add_argument("--data", help="zeroshot: a folder per class or CLIP_benchmark shards; retrieval, "
-                   "caption: image-caption shards, COCO-captions or Karpathy JSON")
+                   "caption: image-caption shards, COCO-captions or Karpathy JSON; vqa: LLaVA JSON or VLMEvalKit TSV")
     e.set_defaults(fn=cmd_eval)
     g = sub.add_parser("generate", help="answer a prompt about an image")
     g.add_argument("dir")

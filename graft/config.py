@@ -112,6 +112,9 @@ class EvalConfig:
     zeroshot_images: int = 1000  # single-object images per split, labelled with their colour x shape
     zeroshot_file: str | None = None  # YAML/JSON with `classes` and/or `templates` (default: the world's)
     retrieval_pairs: int = 1000  # image–caption pairs per split
+    # `graft eval RUN --task vqa --data PATH` on a user's questions (eval/questions.py)
+    vqa_prompt: str = "{question}"  # open questions
+    mc_prompt: str = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
 
 
 @dataclass
@@ -309,6 +312,10 @@ def validate(cfg: Config) -> Config:
     if cfg.data.max_objects > cfg.data.grid**2:
         raise UserError(f"data.max_objects={cfg.data.max_objects} exceeds the {cfg.data.grid}x{cfg.data.grid} grid")
     _validate_streaming(cfg.data)
+    for key, fields in (("vqa_prompt", ("question",)), ("mc_prompt", ("question", "options"))):
+        template = getattr(cfg.eval, key)
+        if any("{" + f + "}" not in template for f in fields):
+            raise UserError(f"eval.{key}={template!r} must contain " + " and ".join("{" + f + "}" for f in fields))
     if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
         raise UserError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
     _validate_hf(cfg)

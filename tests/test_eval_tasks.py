@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from graft.cli import main
-from graft.data.shapes import CLASSES, ShapesWorld
+from graft.data.shapes import CLASSES, COLORS, ShapesWorld
 from graft.eval.zero_shot import TEMPLATES, zero_shot
 from graft.rundir import RunDir, build_processor
 from tests.data_helpers import encoded, write_tar
@@ -203,3 +203,62 @@ def test_captioning_on_coco_json_matches_the_builtin_cider(tmp_path):
     assert 0 <= results["caption_bleu4"] <= 1 and results["caption_skipped"] == 0
     done = _graft("eval", str(run), "--task", "zeroshot", "--data", str(tmp_path))
     assert done.returncode == 2 and "dual-encoder" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def vlm_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("vqa") / "vlm"
+    assert main(["train", "tiny", "--out", str(run), *SETS, "--set", "train.steps=80", "--set", "train.ckpt_every=80"]) == 0
+    return run
+
+
+def test_vqa_on_llava_json_matches_the_builtin_accuracy(vlm_run, tmp_path):
+    from graft.eval.vqa import questions, vqa_accuracy
+
+    cfg, tok, model, _ = RunDir(vlm_run).load()
+    world = ShapesWorld(cfg.vision.image_size, cfg.data.grid, cfg.data.max_objects, cfg.data.seed)
+    items = questions(world, "test", 8)  # the built-in question set: 8 per type
+    records = []
+    for n, (index, qa) in enumerate(items):
+        (tmp_path / f"{n:03d}.png").write_bytes(encoded(world.sample("test", index).image))
+        records.append({"id": n, "image": f"{n:03d}.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{qa.question}"}, {"from": "gpt", "value": qa.answer}]})
+    (tmp_path / "qa.json").write_text(json.dumps(records))
+    assert main(["eval", str(vlm_run), "--task", "vqa", "--data", str(tmp_path / "qa.json")]) == 0
+    results = json.loads((vlm_run / "eval.json").read_text())
+    reference = vqa_accuracy(model, build_processor(cfg, tok, model), world, "test", 8, 32)
+    assert results["vqa_acc"] == round(reference["vqa_acc"], 4) and reference["vqa_acc"] > 0.2
+    # the prompt template reaches the model: a different wording gives other answers
+    assert main(["eval", str(vlm_run), "--task", "vqa", "--data", str(tmp_path / "qa.json"),
+                 "--set", "eval.vqa_prompt=answer this: {question} please"]) == 0
+    assert json.loads((vlm_run / "eval.json").read_text())["vqa_acc"] != results["vqa_acc"]
+
+
+def test_vqa_multiple_choice_from_a_vlmevalkit_tsv(vlm_run, tmp_path):
+    import base64
+
+    from graft.eval.vqa import option_letter
+
+    assert option_letter("B", {"A": "red", "B": "blue"}) == "B"
+    assert option_letter("the answer is (A).", {"A": "red", "B": "blue"}) == "A"
+    assert option_letter("blue", {"A": "red", "B": "blue"}) == "B" and option_letter("green", {"A": "red"}) is None
+    cfg = RunDir(vlm_run).config()
+    world = ShapesWorld(cfg.vision.image_size, cfg.data.grid, cfg.data.max_objects, cfg.data.seed)
+    rows = ["index\tquestion\tA\tB\tC\tD\tanswer\timage"]
+    samples = [s for s in (world.sample("test", i) for i in range(200)) if s.question("color")][:12]
+    for i, s in enumerate(samples):
+        qa = s.question("color")
+        options = [qa.answer] + [c for c in COLORS if c != qa.answer][:3]
+        b64 = base64.b64encode(encoded(s.image)).decode()
+        rows.append("\t".join([str(i), qa.question, *options, "A", b64]))
+    rows.append("\t".join(["99", "what color?", "red", "blue", "", "", "A", "not-base64!!"]))  # skipped, counted
+    (tmp_path / "mc.tsv").write_text("\n".join(rows) + "\n")
+    assert main(["eval", str(vlm_run), "--task", "vqa", "--data", str(tmp_path / "mc.tsv")]) == 0
+    results = json.loads((vlm_run / "eval.json").read_text())
+    assert 0 <= results["vqa_acc"] <= 1 and results["vqa_skipped"] == 1
+    assert len((vlm_run / "eval_vqa.jsonl").read_text().splitlines()) == 12
+    (tmp_path / "bad.tsv").write_text("index\tquestion\tA\tB\timage\n0\tq\tx\ty\t\n")
+    for extra, needle in ((["--data", str(tmp_path / "bad.tsv")], "no 'answer' column"),
+                          (["--data", str(tmp_path / "mc.tsv"), "--set", "eval.mc_prompt={question}"], "{options}")):
+        done = _graft("eval", str(vlm_run), "--task", "vqa", *extra)
+        assert done.returncode == 2 and needle in done.stderr.strip().splitlines()[-1], done.stderr

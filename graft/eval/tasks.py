@@ -4,8 +4,9 @@ One registry entry per task: a function (model, processor, config, path) → (me
 The metrics go to `RUN/eval.json`, the per-example predictions (id, prediction, reference,
 correct) to `RUN/eval_<task>.jsonl`. Today: `zeroshot` (eval/labelled.py) and `retrieval`
 (eval/captioned.py) for dual encoders, `caption` (CIDEr-D, BLEU-4 on the same image–caption
-layouts) for VLMs. The built-in world's evaluations (eval/harness.py) are not yet entries of this
-registry, and VQA on a user's data is not there yet.
+layouts) and `vqa` (eval/questions.py: LLaVA-style JSON, exact match; VLMEvalKit TSV, multiple
+choice) for VLMs. Not yet: VQAv2's soft accuracy over 10 human answers, zero-shot with a VLM, and
+the built-in world's evaluations as entries of this registry (eval/harness.py).
 """
 
 from __future__ import annotations
@@ -48,4 +49,15 @@ def _caption(model, proc, cfg, path: str):
     return metrics | {"caption_skipped": records_skipped(data.log.skipped)}, predictions
 
 
-TASKS = {"zeroshot": _zeroshot, "retrieval": _retrieval, "caption": _caption}
+def _vqa(model, proc, cfg, path: str):
+    from graft.eval.questions import load_questions
+    from graft.eval.vqa import vqa_on
+
+    if cfg.model == "dual":
+        raise UserError("--task vqa needs a VLM run (a dual encoder does not generate text)")
+    data = load_questions(path, cfg.data)
+    metrics, predictions = vqa_on(model, proc, data, cfg)
+    return metrics | {"vqa_skipped": records_skipped(data.log.skipped)}, predictions
+
+
+TASKS = {"zeroshot": _zeroshot, "retrieval": _retrieval, "caption": _caption, "vqa": _vqa}

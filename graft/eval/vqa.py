@@ -8,11 +8,15 @@ and stripping spaces and a final full stop.
 
 from __future__ import annotations
 
+import re
+import sys
 from collections import defaultdict
 
 import torch
+from tqdm import tqdm
 
 from graft.data.shapes import QA, QUESTION_TYPES, ShapesWorld
+from graft.errors import UserError
 
 
 def questions(world: ShapesWorld, split: str, per_type: int) -> list[tuple[int, QA]]:
@@ -63,3 +67,49 @@ def vqa_accuracy(model, proc, world: ShapesWorld, split: str, per_type: int, bat
         if right[kind]:
             result[f"vqa_acc/{kind}"] = sum(right[kind]) / len(right[kind])
     return result
+
+
+def option_letter(text: str, options: dict[str, str]) -> str | None:
+    """The option a free-form answer picks: its first standalone option letter ("B", "(B)", "B. cat",
+    "the answer is B"), else the option whose text it equals."""
+    for word in re.findall(r"\b[A-J]\b", text):
+        if word in options:
+            return word
+    return next((k for k, v in options.items() if normalise(v) == normalise(text)), None)
+
+
+@torch.no_grad()
+def vqa_on(model, proc, data, cfg, chunk: int = 256) -> tuple[dict[str, float], list[dict]]:
+    """Accuracy on a QuestionSet (eval/questions.py): exact match for open questions, the picked
+    option for multiple choice; prompts from eval.vqa_prompt / eval.mc_prompt."""
+    from graft.data.images import open_image
+    from graft.data.samples import BadSample
+
+    d, e = cfg.data, cfg.eval
+    done, pending = [], []
+
+    def prompt(q) -> str:
+        if q.options is None:
+            return e.vqa_prompt.format(question=q.question)
+        return e.mc_prompt.format(question=q.question, options="\n".join(f"{k}. {v}" for k, v in q.options.items()))
+
+    def flush():
+        preds = answer(model, proc, [(img, prompt(q)) for q, img in pending], e.batch_size, e.max_new_tokens)
+        done.extend((q, p) for (q, _), p in zip(pending, preds))
+        pending.clear()
+
+    for q in tqdm(data.items(), desc="vqa", unit="question", disable=not sys.stderr.isatty()):
+        try:
+            pending.append((q, open_image(q.image, d.max_image_pixels, d.image_formats, d.max_image_bytes)[0]))
+        except BadSample as err:
+            data.log.skip(err.reason, q.id, err.detail)
+        if len(pending) == chunk:
+            flush()
+    flush() if pending else None
+    if not done:
+        raise UserError(f"--data {data.name}: no usable question (skipped: {dict(data.log.skipped)})")
+    predictions = []
+    for q, pred in done:
+        ok = option_letter(pred, q.options) == q.answer if q.options else normalise(pred) == normalise(q.answer)
+        predictions.append({"id": q.id, "prediction": pred, "reference": q.answer, "correct": ok})
+    return {"vqa_acc": sum(p["correct"] for p in predictions) / len(predictions)}, predictions

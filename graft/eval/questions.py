@@ -1,0 +1,123 @@
+"""A user's visual questions, for `graft eval RUN --task vqa --data PATH`.
+
+- **LLaVA-style JSON / JSONL** (`.json` list or `.jsonl` lines of `{id, image, conversations}`):
+  every human → gpt turn is one open question, asked on its own with the image; scored by exact
+  match after the harness's normalisation (lower case, outer spaces and a final full stop).
+- **VLMEvalKit-style TSV** (multiple choice): columns `index`, `question`, `answer` (a letter),
+  options `A`, `B`, ... (empty cells are no option), and `image` (base64) or `image_path`
+  (relative to `data.image_root`, else the TSV's folder). Scored by the first option letter in the
+  answer.
+
+Records go through the data limits (limits.py): a JSONL line is parsed on its own, image paths may
+not leave the image folder, images are decoded with the training limits; a bad record or image is
+skipped and counted. A TSV without a required column is one line naming the file and the column.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from graft.data.limits import image_path
+from graft.data.samples import BadSample, IMAGE_MARKER
+from graft.data.skips import SkipLog
+from graft.errors import UserError
+
+OPTIONS = "ABCDEFGHIJ"
+
+
+@dataclass
+class Question:
+    id: str
+    image: bytes | Path
+    question: str
+    answer: str  # the reference: free text, or an option letter
+    options: dict[str, str] | None = None  # letter → option text, for multiple choice
+
+
+@dataclass
+class QuestionSet:
+    name: str
+    items: object  # a callable giving Question per usable record
+    log: SkipLog
+
+
+def load_questions(path: str, d) -> QuestionSet:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--data {path}: file not found (a LLaVA-style .json/.jsonl or a VLMEvalKit .tsv)")
+    if p.suffix == ".tsv":
+        return _tsv(p, d)
+    if p.suffix in (".json", ".jsonl"):
+        return _llava(p, d)
+    raise UserError(f"--data {path}: expected .json, .jsonl (LLaVA layout) or .tsv (VLMEvalKit layout)")
+
+
+def _llava(path: Path, d) -> QuestionSet:
+    from dataclasses import replace
+
+    from graft.data.llava_json import LlavaSource
+
+    source = LlavaSource(replace(d, path=str(path)))
+    log = SkipLog()
+
+    def items():
+        for raw in range(len(source)):
+            try:
+                ex = source.example(raw)
+            except BadSample as e:
+                log.skip(e.reason, source.key(raw), e.detail)
+                continue
+            for turn, (question, answer) in enumerate(ex.turns):
+                yield Question(f"{ex.key}#{turn}", ex.image, question.replace(IMAGE_MARKER, "").strip(), answer)
+
+    return QuestionSet(path.name, items, log)
+
+
+def _tsv(path: Path, d) -> QuestionSet:
+    csv.field_size_limit(min(sys.maxsize, 1 << 31))  # base64 images are long cells
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f, delimiter="\t"), [])
+    for column in ("index", "question", "answer", "A", "B"):
+        if column not in header:
+            raise UserError(f"{path}: no '{column}' column (VLMEvalKit TSV: index, image or image_path, question, A, B, ..., answer)")
+    if "image" not in header and "image_path" not in header:
+        raise UserError(f"{path}: no 'image' (base64) or 'image_path' column")
+    root = Path(d.image_root) if d.image_root else path.parent
+    log = SkipLog()
+
+    def items():
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            for line, row in enumerate(csv.DictReader(f, delimiter="\t"), start=2):
+                key = f"{path.name}:{line} index={row.get('index')}"
+                try:
+                    yield _mc(row, root, d)
+                except BadSample as e:
+                    log.skip(e.reason, key, e.detail)
+
+    return QuestionSet(path.name, items, log)
+
+
+def _mc(row: dict, root: Path, d) -> Question:
+    options = {k: row[k].strip() for k in OPTIONS if (row.get(k) or "").strip() and row[k].strip().lower() != "nan"}
+    answer = (row.get("answer") or "").strip().upper()
+    if answer not in options:
+        raise BadSample("text_missing", f"answer {answer[:10]!r} is not one of the options {''.join(options)}")
+    if len(row.get("question") or "") + sum(map(len, options.values())) > d.max_text_bytes:
+        raise BadSample("text_too_long", f"over data.max_text_bytes={d.max_text_bytes}")
+    if row.get("image"):
+        if len(row["image"]) > d.max_image_bytes * 4 // 3 + 4:
+            raise BadSample("image_too_large", "base64 image over data.max_image_bytes")
+        try:
+            image = base64.b64decode(row["image"], validate=True)
+        except (binascii.Error, ValueError):
+            raise BadSample("image_unreadable", "the image cell is not base64") from None
+    elif row.get("image_path"):
+        image = image_path(root, row["image_path"])
+    else:
+        raise BadSample("image_missing")
+    return Question(str(row.get("index")), image, row["question"].strip(), answer, options)
