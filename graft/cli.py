@@ -62,13 +62,11 @@ def cmd_eval(args) -> None:
 
 
 def _eval_task(args, run, model, proc, cfg) -> dict:
-    from graft.eval.tasks import TASKS
+    from graft.eval.tasks import run_task
 
     if not (args.task and args.data):
         raise UserError("graft eval: --task and --data go together (e.g. --task zeroshot --data DIR)")
-    if args.task not in TASKS:
-        raise UserError(f"graft eval --task {args.task!r}: unknown task (valid: {', '.join(TASKS)})")
-    results, predictions = TASKS[args.task](model, proc, cfg, args.data)
+    results, predictions = run_task(args.task, model, proc, cfg, args.data)
     path = run.path / f"eval_{args.task}.jsonl"
     atomic.write_text(path, "".join(json.dumps(p) + "\n" for p in predictions))
     print(f"{len(predictions)} predictions in {path}")

@@ -36,11 +36,11 @@ class LabelledSet:
     log: SkipLog  # records skipped while listing (e.g. no image, no .cls)
 
 
-def load_labelled(path: str, max_image_bytes: int) -> LabelledSet:
+def load_labelled(path: str, d) -> LabelledSet:
     p = Path(path)
     if p.is_dir() and not list(p.glob("*.tar")) and any(q.is_dir() for q in p.iterdir()):
         return _folders(p)
-    return _shards(path, max_image_bytes)
+    return _shards(path, d.max_image_bytes)
 
 
 def _folders(root: Path) -> LabelledSet:
