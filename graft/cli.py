@@ -54,7 +54,7 @@ def cmd_eval(args) -> None:
         results = _eval_task(args, run, model, proc, cfg)
         table = "\n".join([f"| metric | {args.data} |", "|---|---|"] + [f"| {k} | {v:g} |" for k, v in results.items()])
     else:
-        results = evaluate(model, proc, cfg)
+        results = evaluate(model, proc, cfg, out=run.path)
         table = None
     atomic.write_text(run.eval_path, json.dumps(results, indent=1))
     print(f"evaluated {ckpt}")

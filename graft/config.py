@@ -112,6 +112,9 @@ class EvalConfig:
     zeroshot_images: int = 1000  # single-object images per split, labelled with their colour x shape
     zeroshot_file: str | None = None  # YAML/JSON with `classes` and/or `templates` (default: the world's)
     retrieval_pairs: int = 1000  # image–caption pairs per split
+    # Tasks on a user's data (eval/tasks.py), `TASK=PATH` each, e.g. ["zeroshot=/data/pets"]: run at
+    # the end of training, every train.eval_every steps, and by `graft eval RUN`.
+    tasks: list[str] = field(default_factory=list)
     # `graft eval RUN --task vqa --data PATH` on a user's questions (eval/questions.py)
     vqa_prompt: str = "{question}"  # open questions
     mc_prompt: str = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
@@ -312,6 +315,7 @@ def validate(cfg: Config) -> Config:
     if cfg.data.max_objects > cfg.data.grid**2:
         raise UserError(f"data.max_objects={cfg.data.max_objects} exceeds the {cfg.data.grid}x{cfg.data.grid} grid")
     _validate_streaming(cfg.data)
+    _validate_tasks(cfg)
     for key, fields in (("vqa_prompt", ("question",)), ("mc_prompt", ("question", "options"))):
         template = getattr(cfg.eval, key)
         if any("{" + f + "}" not in template for f in fields):
@@ -335,6 +339,24 @@ def _can_pack(cfg: Config) -> bool:
 def uses_packing(cfg: Config) -> bool:
     """data.pack, or where unset, whether this run can pack."""
     return _can_pack(cfg) if cfg.data.pack is None else cfg.data.pack
+
+
+def _validate_tasks(cfg: Config) -> None:
+    """eval.tasks: known tasks that fit this run's model, on data that exists — checked before training."""
+    if not cfg.eval.tasks:
+        return
+    from graft.eval.tasks import NEEDS, TASKS
+
+    for entry in cfg.eval.tasks:
+        name, sep, path = entry.partition("=")
+        if not sep or not path:
+            raise UserError(f"eval.tasks: {entry!r} is not TASK=PATH (e.g. zeroshot=/data/pets)")
+        if name not in TASKS:
+            raise UserError(f"eval.tasks: unknown task {name!r} in {entry!r} (valid: {', '.join(TASKS)})")
+        if TASKS[name].model != cfg.model:
+            raise UserError(f"eval.tasks: {name} needs {NEEDS[TASKS[name].model]}; this run is model={cfg.model}")
+        if "{" not in path and not Path(path).exists():
+            raise UserError(f"eval.tasks: {path} (for {name}) not found")
 
 
 def _validate_dual(cfg: Config) -> None:

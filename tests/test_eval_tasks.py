@@ -262,3 +262,34 @@ def test_vqa_multiple_choice_from_a_vlmevalkit_tsv(vlm_run, tmp_path):
                           (["--data", str(tmp_path / "mc.tsv"), "--set", "eval.mc_prompt={question}"], "{options}")):
         done = _graft("eval", str(vlm_run), "--task", "vqa", *extra)
         assert done.returncode == 2 and needle in done.stderr.strip().splitlines()[-1], done.stderr
+
+
+def test_eval_tasks_run_at_training_time_with_prefixes_and_are_checked_before_training(clip_run, tmp_path, capsys):
+    _, root, samples, _ = clip_run
+    folders = root / "folders"  # written by the folder test above, or here
+    if not folders.exists():
+        for name in CLASSES:
+            (folders / name).mkdir(parents=True)
+        for i, s in enumerate(samples):
+            (folders / CLASSES[s.label] / f"{i:04d}.png").write_bytes(encoded(s.image))
+    coco = {"images": [{"id": i, "file_name": f"folders/{CLASSES[s.label]}/{i:04d}.png"} for i, s in enumerate(samples)],
+            "annotations": [{"image_id": i, "caption": s.caption} for i, s in enumerate(samples)]}
+    (root / "pairs.json").write_text(json.dumps(coco))
+    run = tmp_path / "run"
+    tasks = f'eval.tasks=["zeroshot={folders}", "retrieval={root / "pairs.json"}"]'
+    assert main(["train", "clip", "--out", str(run), *SETS, "--set", "train.steps=4", "--set", "train.ckpt_every=4",
+                 "--set", "train.eval_every=2", "--set", tasks]) == 0
+    results = json.loads((run / "eval.json").read_text())
+    assert {"folders/zeroshot_acc", "folders/zeroshot_top5", "pairs.json/i2t_r@1", "pairs.json/t2i_r@10"} <= set(results)
+    events = [r for r in json.loads("[" + ",".join((run / "metrics.jsonl").read_text().splitlines()) + "]")
+              if r.get("event") == "eval"]
+    assert [e["step"] for e in events] == [2, 4] and all("folders/zeroshot_acc" in e for e in events)
+    assert (run / "eval_folders_zeroshot.jsonl").is_file() and (run / "eval_pairs.json_retrieval.jsonl").is_file()
+    # `graft eval RUN` runs the run's tasks again: the same figures
+    assert main(["eval", str(run)]) == 0
+    assert json.loads((run / "eval.json").read_text()) == results
+    for bad, needle in (('eval.tasks=["nope=x"]', "unknown task"), ('eval.tasks=["vqa=x"]', "needs a VLM run"),
+                        (f'eval.tasks=["zeroshot={tmp_path}/missing"]', "not found"), ('eval.tasks=["zeroshot"]', "TASK=PATH")):
+        assert main(["train", "clip", "--out", str(tmp_path / "bad"), *SETS, "--set", bad]) == 2
+        assert needle in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "bad").exists()  # refused before anything was written

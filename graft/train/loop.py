@@ -84,7 +84,7 @@ def train(cfg: Config, out: str | Path) -> dict:
         if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
             _save(run, done, model, optimizer, scheduler, cfg, rt, stream.state_dict(rt))
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps and rt.is_main:
-            log.log({"step": done, "event": "eval", **evaluate(model, proc, cfg)})
+            log.log({"step": done, "event": "eval", **evaluate(model, proc, cfg, out=run.path)})
     if bar is not None:
         bar.close()
     data_summary = stream.summary(rt)
@@ -93,7 +93,7 @@ def train(cfg: Config, out: str | Path) -> dict:
         print(data_summary, flush=True)
     results = {}
     if rt.is_main:
-        results = evaluate(model, proc, cfg)
+        results = evaluate(model, proc, cfg, out=run.path)
         log.log({"step": cfg.train.steps, "event": "eval", **results})
         atomic.write_text(run.eval_path, json.dumps(results, indent=1))
     log.close()
