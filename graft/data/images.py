@@ -96,3 +96,8 @@ def _read(path: Path, max_bytes: int) -> bytes:
             return f.read(max_bytes + 1)  # a file growing while read is still cut off
     except OSError as e:
         raise BadSample("image_not_found", f"{path}: {type(e).__name__}") from None
+
+
+def open_within(data: bytes | str | Path, d) -> tuple[Image.Image, str | None]:
+    """`open_image` with the data config's limits (data.max_image_pixels, .image_formats, .max_image_bytes)."""
+    return open_image(data, d.max_image_pixels, d.image_formats, d.max_image_bytes)

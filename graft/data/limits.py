@@ -11,6 +11,8 @@ plain, size-checked Python values or raises `BadSample` with a named reason (ski
 - `bounded_turns`: a caption or conversation of at most `data.max_text_bytes` (all turns) and at
   most `data.max_turns` turns (later turns are dropped and noted, as a reader of a long chat would
   expect; an over-long text is skipped: cutting it would train on half a sentence).
+- `read_document`: a whole JSON file a user names (LLaVA .json, COCO captions) parsed at once;
+  if it cannot be, that is the file's problem: one line naming it.
 - `image_path`: a path from the data stays inside `data.image_root` (lexically: no absolute path,
   no `..` out of it; symlinks a user put in the folder are followed).
 - Images (images.py) are read only up to `data.max_image_bytes`, decoded only in the formats of
@@ -121,3 +123,13 @@ def image_path(root: Path, name: str) -> Path:
     if os.path.isabs(name) or not path.is_relative_to(os.path.normpath(root)):
         raise BadSample("image_outside_root", name)
     return path
+
+
+def read_document(path: Path, key: str):
+    """A whole JSON file a user names (`key` is the option or config key that named it): parsed at
+    once, integers within 4300 digits; a file that cannot be parsed is one line naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), parse_int=_int)
+    except (UnicodeDecodeError, ValueError, RecursionError, BadSample) as e:  # JSONDecodeError is a ValueError
+        why = "nested too deep" if isinstance(e, RecursionError) else str(e).splitlines()[0][:80]
+        raise UserError(f"{key}: {path} is not valid JSON ({why})") from None

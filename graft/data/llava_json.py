@@ -14,12 +14,11 @@ limits.py, so one bad line is one skipped record.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from graft.config import DataConfig
 from graft.data.indexed import IndexedSource
-from graft.data.limits import MAX_INT_DIGITS, check_depth, image_path, parse_json
+from graft.data.limits import check_depth, image_path, parse_json, read_document
 from graft.data.samples import BadSample, Example, conversation_turns
 from graft.errors import UserError
 
@@ -28,23 +27,15 @@ def read_records(path: Path) -> list:
     """The records of a .json file, or the (unparsed) lines of a .jsonl file."""
     if not path.is_file():
         raise UserError(f"data.path: LLaVA JSON file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            return [line for line in text.splitlines() if line.strip()]
-        records = json.loads(text, parse_int=_int)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        why = "nested too deep" if isinstance(e, RecursionError) else str(e).splitlines()[0][:80]
-        raise UserError(f"data.path: {path} is not valid JSON ({why})") from None
+    if path.suffix == ".jsonl":
+        try:
+            return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise UserError(f"data.path: {path} is not UTF-8 text") from None
+    records = read_document(path, "data.path")
     if not isinstance(records, list):
         raise UserError(f"data.path: {path} holds a {type(records).__name__}, not a list of records")
     return records
-
-
-def _int(text: str) -> int:
-    if len(text) > MAX_INT_DIGITS:
-        raise ValueError(f"an integer of {len(text)} digits")
-    return int(text)
 
 
 class LlavaSource(IndexedSource):

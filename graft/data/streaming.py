@@ -35,7 +35,7 @@ from itertools import islice
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from graft.data.images import open_image
+from graft.data.images import open_within
 from graft.data.limits import bounded_turns
 from graft.data.processor import Processor
 from graft.data.samples import BadSample
@@ -127,7 +127,7 @@ class StreamDataset(IterableDataset):
         ex = source.example(raw)
         turns, cut = bounded_turns(ex.turns, d)
         text, truncated = self.proc.text_row(turns)  # text first: cheaper than pixels
-        image, converted = open_image(ex.image, d.max_image_pixels, d.image_formats, d.max_image_bytes)
+        image, converted = open_within(ex.image, d)
         notes = ["turns_truncated"] * cut + ["sequence_truncated"] * truncated
         notes += [f"converted_{converted}"] if converted else []
         return self.proc.row(text, image), notes

@@ -14,18 +14,15 @@ Images are decoded later with the training data's limits: a bad image is skipped
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from webdataset.shardlists import expand_urls
-
-from graft.data.limits import image_path
+from graft.data.limits import image_path, parse_json, read_document
 from graft.data.samples import BadSample
 from graft.data.skips import SkipLog, printable
 from graft.data.tar import read_shard
 from graft.errors import UserError
-from graft.eval.labelled import SHARD_IMAGE_EXTS
+from graft.eval.labelled import SHARD_IMAGE_EXTS, shard_urls
 
 
 @dataclass
@@ -39,9 +36,7 @@ def load_captioned(path: str, d) -> CaptionedSet:
     p = Path(path)
     if p.suffix == ".json" and p.is_file():
         return _json(p, d)
-    urls = sorted(str(u) for u in p.glob("*.tar")) if p.is_dir() else expand_urls(path)
-    if not urls or not all(Path(u).is_file() for u in urls):
-        raise UserError(f"--data {path}: not a COCO / Karpathy captions .json, nor webdataset shards that exist")
+    urls = shard_urls(path, "not a COCO / Karpathy captions .json, nor webdataset shards that exist")
     log, limits = SkipLog(), {**{e: d.max_image_bytes for e in SHARD_IMAGE_EXTS}, "txt": d.max_text_bytes,
                               "json": d.max_json_bytes}
 
@@ -50,7 +45,11 @@ def load_captioned(path: str, d) -> CaptionedSet:
             for rec in read_shard(url, limits, log):
                 key = f"{Path(url).name}:{rec['__key__']}"
                 image = next((rec[e] for e in SHARD_IMAGE_EXTS if e in rec), None)
-                captions = _captions(rec)
+                try:
+                    captions = _captions(rec, d)
+                except BadSample as e:
+                    log.skip(e.reason, key, e.detail)
+                    continue
                 if image is None or not captions:
                     log.skip("image_missing" if image is None else "text_missing", key)
                     continue
@@ -59,22 +58,20 @@ def load_captioned(path: str, d) -> CaptionedSet:
     return CaptionedSet(p.name, items, log)
 
 
-def _captions(rec: dict) -> list[str]:
-    try:
-        if "txt" in rec:
+def _captions(rec: dict, d) -> list[str]:
+    """The record's captions (BadSample if its text cannot be read)."""
+    if "txt" in rec:
+        try:
             return [line.strip() for line in rec["txt"].decode("utf-8").splitlines() if line.strip()]
-        meta = json.loads(rec["json"]) if "json" in rec else {}
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return []
+        except UnicodeDecodeError:
+            raise BadSample("text_not_utf8", ".txt") from None
+    meta = parse_json(rec["json"], d, ".json") if "json" in rec else {}
     caps = meta.get("captions", [meta.get("caption")]) if isinstance(meta, dict) else []
     return [c.strip() for c in caps if isinstance(c, str) and c.strip()] if isinstance(caps, list) else []
 
 
 def _json(path: Path, d) -> CaptionedSet:
-    try:  # one document: if it does not parse, the file is refused in one line
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UserError(f"--data {path} is not valid JSON ({type(e).__name__})") from None
+    data = read_document(path, "--data")
     root = Path(d.image_root) if d.image_root else path.parent
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise UserError(f"--data {path}: expected an object with an `images` list (COCO or Karpathy layout)")

@@ -51,7 +51,7 @@ def bleu4(candidates: list[str], references: list[list[str]]) -> float:
 def caption_on(model, proc, data, cfg, chunk: int = 256) -> tuple[dict[str, float], list[dict]]:
     """CIDEr-D and BLEU-4 of greedy captions (prompt: the run's data.caption_prompt) for a
     CaptionedSet (eval/captioned.py); images decoded with the data limits, bad ones counted."""
-    from graft.data.images import open_image
+    from graft.data.images import open_within
     from graft.data.samples import BadSample
 
     d, e = cfg.data, cfg.eval
@@ -64,7 +64,7 @@ def caption_on(model, proc, data, cfg, chunk: int = 256) -> tuple[dict[str, floa
 
     for key, raw, captions in tqdm(data.items(), desc="caption", unit="image", disable=not sys.stderr.isatty()):
         try:
-            pending.append((key, open_image(raw, d.max_image_pixels, d.image_formats, d.max_image_bytes)[0], captions))
+            pending.append((key, open_within(raw, d)[0], captions))
         except BadSample as err:
             data.log.skip(err.reason, key, err.detail)
         if len(pending) == chunk:

@@ -54,10 +54,8 @@ def _folders(root: Path) -> LabelledSet:
 
 def _shards(pattern: str, max_image_bytes: int) -> LabelledSet:
     p = Path(pattern)
-    urls = sorted(str(u) for u in p.glob("*.tar")) if p.is_dir() else expand_urls(pattern)
-    folder = p if p.is_dir() else Path(urls[0]).parent if urls else p.parent
-    if not urls or not all(Path(u).is_file() for u in urls):
-        raise UserError(f"--data {pattern}: not a folder of class folders, nor webdataset shards that exist")
+    urls = shard_urls(pattern, "not a folder of class folders, nor webdataset shards that exist")
+    folder = p if p.is_dir() else Path(urls[0]).parent
     names = folder / "classnames.txt"
     if not names.is_file():
         raise UserError(f"--data {pattern}: {names} not found (CLIP_benchmark layout: one class name per line)")
@@ -82,6 +80,15 @@ def _shards(pattern: str, max_image_bytes: int) -> LabelledSet:
                 yield key, image, _label(rec["cls"], len(classes), url, key)
 
     return LabelledSet(folder.name, classes, templates, items, log)
+
+
+def shard_urls(path: str, what: str) -> list[str]:
+    """The shards `--data` names: a folder's `*.tar`, or a path / brace pattern; each must exist."""
+    p = Path(path)
+    urls = sorted(str(u) for u in p.glob("*.tar")) if p.is_dir() else expand_urls(path)
+    if not urls or not all(Path(u).is_file() for u in urls):
+        raise UserError(f"--data {path}: {what}")
+    return urls
 
 
 def _label(raw: bytes, n: int, url: str, key: str) -> int:

@@ -44,12 +44,12 @@ def retrieval(model, proc, world: ShapesWorld, split: str, n: int, batch_size: i
 def retrieval_on(model, proc, data, cfg) -> tuple[dict[str, float], list[dict]]:
     """R@1/5/10 both ways on a CaptionedSet (eval/captioned.py), several captions per image: an
     image is found when any of its captions ranks in the top K; a caption when its image does."""
-    from graft.data.images import open_image
+    from graft.data.images import open_within
 
     d, images, captions, owner, keys = cfg.data, [], [], [], []
     for key, raw, caps in data.items():
         try:
-            images.append(open_image(raw, d.max_image_pixels, d.image_formats, d.max_image_bytes)[0])
+            images.append(open_within(raw, d)[0])
         except BadSample as e:
             data.log.skip(e.reason, key, e.detail)
             continue

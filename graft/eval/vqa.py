@@ -82,7 +82,7 @@ def option_letter(text: str, options: dict[str, str]) -> str | None:
 def vqa_on(model, proc, data, cfg, chunk: int = 256) -> tuple[dict[str, float], list[dict]]:
     """Accuracy on a QuestionSet (eval/questions.py): exact match for open questions, the picked
     option for multiple choice; prompts from eval.vqa_prompt / eval.mc_prompt."""
-    from graft.data.images import open_image
+    from graft.data.images import open_within
     from graft.data.samples import BadSample
 
     d, e = cfg.data, cfg.eval
@@ -100,7 +100,7 @@ def vqa_on(model, proc, data, cfg, chunk: int = 256) -> tuple[dict[str, float], 
 
     for q in tqdm(data.items(), desc="vqa", unit="question", disable=not sys.stderr.isatty()):
         try:
-            pending.append((q, open_image(q.image, d.max_image_pixels, d.image_formats, d.max_image_bytes)[0]))
+            pending.append((q, open_within(q.image, d)[0]))
         except BadSample as err:
             data.log.skip(err.reason, q.id, err.detail)
         if len(pending) == chunk:

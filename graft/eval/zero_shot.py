@@ -112,7 +112,7 @@ def zero_shot_on(model, proc, data, cfg) -> tuple[dict[str, float], list[dict]]:
 
     Classes and templates: `eval.zeroshot_file` where it gives them, else the data set's own, else
     CLIP's "a photo of a {}."; images through the training data's limits (skipped, counted)."""
-    from graft.data.images import open_image
+    from graft.data.images import open_within
     from graft.data.samples import BadSample
 
     given_classes, given_templates = read_prompts(cfg.eval.zeroshot_file) if cfg.eval.zeroshot_file else (None, None)
@@ -132,7 +132,7 @@ def zero_shot_on(model, proc, data, cfg) -> tuple[dict[str, float], list[dict]]:
 
     for key, raw, label in data.items():
         try:
-            image, _ = open_image(raw, d.max_image_pixels, d.image_formats, d.max_image_bytes)
+            image, _ = open_within(raw, d)
         except BadSample as e:
             data.log.skip(e.reason, key, e.detail)
             continue

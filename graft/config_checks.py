@@ -1,0 +1,166 @@
+"""Cross-field checks of a `Config` (config.py): each failure names the key and the value.
+
+`validate` runs after every override and on every loaded config, before anything is written, so a
+run that cannot work (a split that does not exist, a task whose data is missing, a format that
+would shell out) stops in one line instead of after training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from graft.data.limits import check_image_formats
+from graft.errors import UserError
+from graft.models.connectors import ConnectorConfig
+from graft.models.dual_encoder import PARTS as DUAL_PARTS
+from graft.models.dual_encoder import ContrastiveConfig
+from graft.models.text_encoder import TextConfig
+
+if TYPE_CHECKING:
+    from graft.config import Config, DataConfig
+
+PARTS = ("vision", "connector", "lm")
+MODEL_KINDS = ("vlm", "dual")  # vlm: VisionEncoder → Connector → LM; dual: contrastive image + text towers
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks; each failure names the key and the value."""
+    v, lm = cfg.vision, cfg.lm
+    if v.image_size % v.patch_size:
+        raise UserError(f"vision.image_size={v.image_size} is not divisible by vision.patch_size={v.patch_size}")
+    if v.hidden_size % v.heads:
+        raise UserError(f"vision.hidden_size={v.hidden_size} is not divisible by vision.heads={v.heads}")
+    if lm.hidden_size % lm.heads:
+        raise UserError(f"lm.hidden_size={lm.hidden_size} is not divisible by lm.heads={lm.heads}")
+    if lm.heads % lm.kv_heads:
+        raise UserError(f"lm.heads={lm.heads} is not a multiple of lm.kv_heads={lm.kv_heads}")
+    if (lm.hidden_size // lm.heads) % 2:
+        raise UserError(f"lm head dim {lm.hidden_size // lm.heads} must be even for RoPE")
+    if not -v.layers <= v.feature_layer < v.layers:
+        raise UserError(f"vision.feature_layer={v.feature_layer} is out of range for {v.layers} layers")
+    parts = DUAL_PARTS if cfg.model == "dual" else PARTS
+    for part in cfg.train.freeze:
+        if part not in parts:
+            raise UserError(f"train.freeze: unknown part '{part}' (valid: {', '.join(parts)})")
+    if cfg.model == "vlm" and set(PARTS) <= set(cfg.train.freeze):
+        raise UserError(f"train.freeze freezes every part ({', '.join(PARTS)}): nothing would train")
+    choices = {
+        "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
+        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+        "model": (cfg.model, MODEL_KINDS),
+    }
+    from graft.data.sources import SOURCES
+
+    choices["data.source"] = (cfg.data.source, tuple(SOURCES))
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise UserError(f"{key}={value!r} is not one of {', '.join(valid)}")
+    from graft.data.shapes import SPLITS
+
+    for split in cfg.eval.splits:
+        if split not in SPLITS:
+            raise UserError(f"eval.splits: unknown split '{split}' (valid: {', '.join(SPLITS)})")
+    positive = {
+        "train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum": cfg.train.grad_accum, "train.log_every": cfg.train.log_every,
+        "train.ckpt_every": cfg.train.ckpt_every, "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "data.max_objects": cfg.data.max_objects, "data.grid": cfg.data.grid,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{key}={value} must be positive")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by train.grad_accum={cfg.train.grad_accum}")
+    if cfg.data.max_objects > cfg.data.grid**2:
+        raise UserError(f"data.max_objects={cfg.data.max_objects} exceeds the {cfg.data.grid}x{cfg.data.grid} grid")
+    _validate_streaming(cfg.data)
+    _validate_tasks(cfg)
+    for key, fields in (("vqa_prompt", ("question",)), ("mc_prompt", ("question", "options"))):
+        template = getattr(cfg.eval, key)
+        if any("{" + f + "}" not in template for f in fields):
+            raise UserError(f"eval.{key}={template!r} must contain " + " and ".join("{" + f + "}" for f in fields))
+    if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
+        raise UserError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
+    _validate_hf(cfg)
+    if cfg.data.pack is True and not _can_pack(cfg):
+        raise UserError("data.pack=true needs data.source=shapes, model=vlm and the built-in LM (no lm.hf_path)")
+    ConnectorConfig.check(cfg.connector)
+    if cfg.model == "dual":
+        _validate_dual(cfg)
+    return cfg
+
+
+def _can_pack(cfg: Config) -> bool:
+    """Packing (data/packing.py) needs the built-in world's stream and the built-in LM's document mask."""
+    return cfg.data.source == "shapes" and cfg.model == "vlm" and not cfg.lm.hf_path
+
+
+def uses_packing(cfg: Config) -> bool:
+    """data.pack, or where unset, whether this run can pack."""
+    return _can_pack(cfg) if cfg.data.pack is None else cfg.data.pack
+
+
+def _validate_tasks(cfg: Config) -> None:
+    """eval.tasks: known tasks that fit this run's model, on data that exists — checked before training."""
+    if not cfg.eval.tasks:
+        return
+    from graft.eval.tasks import NEEDS, TASKS
+
+    for entry in cfg.eval.tasks:
+        name, sep, path = entry.partition("=")
+        if not sep or not path:
+            raise UserError(f"eval.tasks: {entry!r} is not TASK=PATH (e.g. zeroshot=/data/pets)")
+        if name not in TASKS:
+            raise UserError(f"eval.tasks: unknown task {name!r} in {entry!r} (valid: {', '.join(TASKS)})")
+        if TASKS[name].model != cfg.model:
+            raise UserError(f"eval.tasks: {name} needs {NEEDS[TASKS[name].model]}; this run is model={cfg.model}")
+        if "{" not in path and not Path(path).exists():
+            raise UserError(f"eval.tasks: {path} (for {name}) not found")
+
+
+def _validate_dual(cfg: Config) -> None:
+    TextConfig.check(cfg.text)
+    ContrastiveConfig.check(cfg.contrastive)
+    if cfg.contrastive.shared_tower and "text" in cfg.train.freeze:
+        raise UserError("train.freeze: 'text' has no tower of its own when contrastive.shared_tower=true (CLIPPO)")
+    for key in ("zeroshot_images", "retrieval_pairs"):
+        if getattr(cfg.eval, key) < 0:
+            raise UserError(f"eval.{key}={getattr(cfg.eval, key)} must not be negative")
+    if cfg.eval.zeroshot_file:  # names a missing file, an empty class list, a bad template
+        from graft.eval.zero_shot import load_prompts, read_prompts
+
+        # with the built-in world's evaluation on, the classes must be the world's (checked now,
+        # not after training); for a user's data set (graft eval --task) they are checked there
+        load_prompts(cfg.eval.zeroshot_file) if cfg.eval.splits else read_prompts(cfg.eval.zeroshot_file)
+
+
+def _validate_streaming(d: DataConfig) -> None:
+    if d.source == "webdataset" and not d.shards:
+        raise UserError("data.source=webdataset needs data.shards (e.g. data.shards=data/shard-{000000..000009}.tar)")
+    if d.source in ("llava", "hf") and not d.path:
+        raise UserError(f"data.source={d.source} needs data.path")
+    if d.weights and (len(d.weights) != len(d.shards) or min(d.weights) <= 0):
+        raise UserError(f"data.weights={d.weights} must be {len(d.shards)} positive numbers, one per data.shards entry")
+    if d.workers < 0 or d.shuffle_buffer < 0 or d.check_batches < 0:
+        raise UserError("data.workers, data.shuffle_buffer and data.check_batches must be >= 0")
+    for key in ("max_image_pixels", "max_image_bytes", "max_text_bytes", "max_json_bytes", "max_json_depth", "max_turns"):
+        if getattr(d, key) <= 0:
+            raise UserError(f"data.{key}={getattr(d, key)} must be positive")
+    check_image_formats(d.image_formats)
+    if not 0 <= d.min_good_fraction <= 1:
+        raise UserError(f"data.min_good_fraction={d.min_good_fraction} must be between 0 and 1")
+
+
+def _validate_hf(cfg: Config) -> None:
+    """Hugging Face backbones and LoRA (models/hf_backbones.py, models/lora.py)."""
+    for key, path in (("vision.hf_path", cfg.vision.hf_path), ("lm.hf_path", cfg.lm.hf_path)):
+        if path and not Path(path).is_dir():
+            raise UserError(f"{key}: folder not found: {path}")
+    if cfg.lm.hf_path and cfg.data.tokenizer:
+        raise UserError("data.tokenizer cannot be combined with lm.hf_path (the LM's own tokenizer is used)")
+    if cfg.lm.lora_rank < 0:
+        raise UserError(f"lm.lora_rank={cfg.lm.lora_rank} must be >= 0 (0 = no LoRA)")
+    if cfg.lm.lora_rank and "lm" in cfg.train.freeze:
+        raise UserError(f"train.freeze contains 'lm' with lm.lora_rank={cfg.lm.lora_rank}: the adapters would be frozen "
+                        "(LoRA already freezes the LM's own weights)")
