@@ -25,69 +25,60 @@ def _recipe(name: str, overrides: list[str]):
 
 
 def cmd_train(args) -> None:
+    from graft.eval.harness import entries, unprefixed
     from graft.train.loop import train
 
     cfg = _recipe(args.recipe, args.set)
     out = args.out or f"runs/{cfg.name}"
     results = train(cfg, out)
-    if results:
-        _print_results(results)
-        print(f"\nrun directory: {out}   report: {Path(out) / 'report.md'}")
+    _print_results(results, unprefixed(entries(cfg)))
+    print(f"\nrun directory: {out}   report: {Path(out) / 'report.md'}")
 
 
 def cmd_eval(args) -> None:
-    from graft.eval.harness import evaluate
+    """The run's own evaluations (eval.splits, eval.tasks), one split (--split), or a task on
+    one or more data sets (--task NAME --data PATH [--data PATH2])."""
+    from graft.eval.harness import entries, evaluate, unprefixed
     from graft.rundir import RunDir, build_processor
 
+    if bool(args.task) != bool(args.data):
+        raise UserError("graft eval: --task and --data go together (e.g. --task zeroshot --data DIR)")
+    if args.split and args.task:
+        raise UserError("graft eval: --split is the built-in world's; use --task shapes --data SPLIT beside other data")
+    bad = [item for item in args.set if not item.startswith("eval.")]
+    if bad:
+        raise UserError(f"graft eval --set takes eval.* keys only, got '{bad[0]}'")
     run = RunDir(args.dir)
     cfg, tok, model, ckpt = run.load()
-    if args.split or args.set:
+    if args.task:
+        from graft.eval.tasks import check_task
+
+        task = check_task(args.task, cfg.model, f"--task {args.task}")
+        for data in args.data:
+            if not task.exists(data):
+                raise UserError(f"--data {data}: not found (for --task {args.task})")
+    if args.split or args.task:  # only what is asked: the run's own splits and tasks are not validated or run
+        cfg.eval.splits, cfg.eval.tasks = ([args.split], []) if args.split else ([], [f"{args.task}={d}" for d in args.data])
+    if args.set or args.split or args.task:
         from graft.config import apply_overrides
 
-        bad = [item for item in args.set if not item.startswith("eval.")]
-        if bad:
-            raise UserError(f"graft eval --set takes eval.* keys only, got '{bad[0]}'")
-        cfg.eval.splits = [] if args.task else [args.split] if args.split else cfg.eval.splits
-        apply_overrides(cfg, args.set)  # names a bad split, key or file in one line
-    proc = build_processor(cfg, tok, model)
-    if args.task or args.data:
-        results = _eval_task(args, run, model, proc, cfg)
-        table = "\n".join([f"| metric | {args.data} |", "|---|---|"] + [f"| {k} | {v:g} |" for k, v in results.items()])
-    else:
-        results = evaluate(model, proc, cfg, out=run.path)
-        table = None
+        apply_overrides(cfg, args.set)  # validates: names a bad split, task, key or file in one line
+    todo = entries(cfg)
+    results = evaluate(model, build_processor(cfg, tok, model), cfg, todo, out=run.path)
     atomic.write_text(run.eval_path, json.dumps(results, indent=1))
-    print(f"evaluated {ckpt}")
-    print(table) if table else _print_results(results)
-
-
-def _eval_task(args, run, model, proc, cfg) -> dict:
-    from graft.eval.tasks import run_task
-
-    if not (args.task and args.data):
-        raise UserError("graft eval: --task and --data go together (e.g. --task zeroshot --data DIR)")
-    results, predictions = run_task(args.task, model, proc, cfg, args.data)
-    path = run.path / f"eval_{args.task}.jsonl"
-    atomic.write_text(path, "".join(json.dumps(p) + "\n" for p in predictions))
-    print(f"{len(predictions)} predictions in {path}")
-    return {k: round(v, 4) for k, v in results.items()}
+    print(f"evaluated {ckpt}; predictions in {run.path}/eval_*.jsonl")
+    _print_results(results, unprefixed(todo))
 
 
 def cmd_generate(args) -> None:
+    from graft.api import load
     from graft.data.processor import load_image
-    from graft.eval.vqa import answer
-    from graft.rundir import RunDir, build_processor
-
-    run = RunDir(args.dir)
-    image = load_image(args.image)
-    cfg, tok, model, _ = run.load()
-    if cfg.model != "vlm":
-        raise UserError(f"{args.dir} holds a {cfg.model} model, which does not generate text (graft eval scores it)")
-    proc = build_processor(cfg, tok, model)  # "<image>" typed in the prompt is plain text, never a placeholder
     from graft.data.samples import BadSample
 
+    image = load_image(args.image)
+    run = load(args.dir)  # "<image>" typed in the prompt is plain text, never a placeholder
     try:
-        print(answer(model, proc, [(image, args.prompt)], 1, args.max_new_tokens)[0])
+        print(run.generate(image, args.prompt, args.max_new_tokens))
     except BadSample as e:  # e.g. a chat template that rewrites a prompt holding a control-token string
         raise UserError(f"--prompt cannot be encoded: {e}") from None
 
@@ -121,6 +112,12 @@ def cmd_data_check(args) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_data_show(args) -> None:
+    from graft.data.show import show
+
+    print(show(_recipe(args.recipe, args.set), args.n, args.out, args.run, args.split).line())
+
+
 def cmd_data_export_shapes(args) -> None:
     from graft.data.export import export_shapes
 
@@ -151,10 +148,11 @@ def cmd_recipes(args) -> None:
         print(f"{name:{width}s}{(fn.__doc__ or '').strip().splitlines()[0]}")
 
 
-def _print_results(results: dict) -> None:
+def _print_results(results: dict, first: str = "test") -> None:
     from graft.report import results_table
 
-    print(results_table(results) if results else "no evaluation: eval.splits is empty")
+    print(results_table(results, first) if results else
+          "no evaluation: eval.splits and eval.tasks are empty (e.g. --set 'eval.tasks=[\"zeroshot=DIR\"]')")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -170,9 +168,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--split", help="one split (test, val, compositional, train); default: the config's")
     e.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
                    help="override an eval key, e.g. eval.zeroshot_file=prompts.yaml")
-    e.add_argument("--task", help="one task on your own data (with --data): zeroshot | retrieval | caption | vqa")
-    e.add_argument("--data", help="zeroshot: a folder per class or CLIP_benchmark shards; retrieval, "
-                   "caption: image-caption shards, COCO-captions or Karpathy JSON; vqa: LLaVA JSON or VLMEvalKit TSV")
+    e.add_argument("--task", help="a task on your own data (with --data): zeroshot | retrieval | caption | vqa; "
+                   "shapes (--data SPLIT) is the built-in world's")
+    e.add_argument("--data", action="append", help="repeatable; zeroshot: a folder per class or CLIP_benchmark shards; retrieval, "
+                   "caption: image-caption shards, COCO-captions or Karpathy JSON; vqa: LLaVA JSON, VLMEvalKit TSV, "
+                   "or VQAv2 (a folder with the questions and annotations JSON, or the questions JSON)")
     e.set_defaults(fn=cmd_eval)
     g = sub.add_parser("generate", help="answer a prompt about an image")
     g.add_argument("dir")
@@ -200,13 +200,22 @@ def parser() -> argparse.ArgumentParser:
 def _data_parser(sub) -> None:
     from graft.data.export import FORMATS
 
-    data = sub.add_parser("data", help="check a recipe's data; export the built-in world").add_subparsers(
+    data = sub.add_parser("data", help="check or show a recipe's data; export the built-in world").add_subparsers(
         dest="data_command", required=True)
     c = data.add_parser("check", help="read a sample of a recipe's data through the processor; exit 1 if unusable")
     c.add_argument("recipe")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--n", type=int, default=1000, help="records to read (at most one pass)")
     c.set_defaults(fn=cmd_data_check)
+    s = data.add_parser("show", help="draw a recipe's first training samples and their text to a PNG "
+                        "(with --run, a VLM's answers too)")
+    s.add_argument("recipe")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--n", type=int, default=8, help="samples to draw (first usable records)")
+    s.add_argument("--run", metavar="RUN_DIR", help="a trained VLM run: draw its answer to each question")
+    s.add_argument("--split", default="train", help="built-in world: train (default), val, test or compositional")
+    s.add_argument("--out", required=True, metavar="FILE.png")
+    s.set_defaults(fn=cmd_data_show)
     x = data.add_parser("export-shapes", help="write the built-in world as webdataset shards, LLaVA JSON or an HF dataset")
     x.add_argument("--format", required=True, choices=FORMATS)
     x.add_argument("--out", required=True)

@@ -109,13 +109,18 @@ class EvalConfig:
     # Dual encoders (model=dual): zero-shot classification and image↔text retrieval.
     zeroshot_images: int = 1000  # single-object images per split, labelled with their colour x shape
     zeroshot_file: str | None = None  # YAML/JSON with `classes` and/or `templates` (default: the world's)
+    zeroshot_prompt: str | None = None  # VLMs: the question class names answer (default: data.caption_prompt)
     retrieval_pairs: int = 1000  # image–caption pairs per split
     # Tasks on a user's data (eval/tasks.py), `TASK=PATH` each, e.g. ["zeroshot=/data/pets"]: run at
     # the end of training, every train.eval_every steps, and by `graft eval RUN`.
     tasks: list[str] = field(default_factory=list)
+    image_root: str | None = None  # image files named in a task's JSON/TSV (default: the file's own folder)
     # `graft eval RUN --task vqa --data PATH` on a user's questions (eval/questions.py)
     vqa_prompt: str = "{question}"  # open questions
     mc_prompt: str = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
+    # VQAv2 (eval/vqav2.py): the annotations JSON (human answers) for the questions in --data;
+    # None: the one *annotations*.json beside the questions file
+    vqa_annotations: str | None = None
 
 
 @dataclass

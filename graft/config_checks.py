@@ -76,6 +76,12 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"data.max_objects={cfg.data.max_objects} exceeds the {cfg.data.grid}x{cfg.data.grid} grid")
     _validate_streaming(cfg.data)
     _validate_tasks(cfg)
+    if cfg.eval.image_root and not Path(cfg.eval.image_root).is_dir():
+        raise UserError(f"eval.image_root: folder not found: {cfg.eval.image_root}")
+    if cfg.eval.zeroshot_file:  # names a missing file, an empty class list, a bad template
+        from graft.eval.zero_shot import read_prompts
+
+        read_prompts(cfg.eval.zeroshot_file)  # a user's data set's classes are checked against it when read
     for key, fields in (("vqa_prompt", ("question",)), ("mc_prompt", ("question", "options"))):
         template = getattr(cfg.eval, key)
         if any("{" + f + "}" not in template for f in fields):
@@ -105,34 +111,30 @@ def _validate_tasks(cfg: Config) -> None:
     """eval.tasks: known tasks that fit this run's model, on data that exists — checked before training."""
     if not cfg.eval.tasks:
         return
-    from graft.eval.tasks import NEEDS, TASKS
+    from graft.eval.tasks import check_task
 
     for entry in cfg.eval.tasks:
         name, sep, path = entry.partition("=")
         if not sep or not path:
             raise UserError(f"eval.tasks: {entry!r} is not TASK=PATH (e.g. zeroshot=/data/pets)")
-        if name not in TASKS:
-            raise UserError(f"eval.tasks: unknown task {name!r} in {entry!r} (valid: {', '.join(TASKS)})")
-        if TASKS[name].model != cfg.model:
-            raise UserError(f"eval.tasks: {name} needs {NEEDS[TASKS[name].model]}; this run is model={cfg.model}")
-        if "{" not in path and not Path(path).exists():
+        if not check_task(name, cfg.model, f"eval.tasks {entry!r}").exists(path):
             raise UserError(f"eval.tasks: {path} (for {name}) not found")
 
 
 def _validate_dual(cfg: Config) -> None:
     TextConfig.check(cfg.text)
     ContrastiveConfig.check(cfg.contrastive)
+    if cfg.eval.zeroshot_prompt is not None:
+        raise UserError("eval.zeroshot_prompt is for VLM runs (a dual encoder scores class names by their embeddings)")
     if cfg.contrastive.shared_tower and "text" in cfg.train.freeze:
         raise UserError("train.freeze: 'text' has no tower of its own when contrastive.shared_tower=true (CLIPPO)")
     for key in ("zeroshot_images", "retrieval_pairs"):
         if getattr(cfg.eval, key) < 0:
             raise UserError(f"eval.{key}={getattr(cfg.eval, key)} must not be negative")
-    if cfg.eval.zeroshot_file:  # names a missing file, an empty class list, a bad template
-        from graft.eval.zero_shot import load_prompts, read_prompts
+    if cfg.eval.zeroshot_file and cfg.eval.splits:
+        from graft.eval.zero_shot import load_prompts
 
-        # with the built-in world's evaluation on, the classes must be the world's (checked now,
-        # not after training); for a user's data set (graft eval --task) they are checked there
-        load_prompts(cfg.eval.zeroshot_file) if cfg.eval.splits else read_prompts(cfg.eval.zeroshot_file)
+        load_prompts(cfg.eval.zeroshot_file)  # the world's zero-shot: its 24 classes (checked now, not after training)
 
 
 def _validate_streaming(d: DataConfig) -> None:

@@ -6,23 +6,26 @@ import io
 from pathlib import Path
 
 from graft import atomic
-from graft.data.shapes import QUESTION_TYPES, SPLITS
 from graft.train.metrics import read
 
 
-def results_table(results: dict[str, float]) -> str:
-    """Markdown table: one row per metric, one column per split present in `results`."""
-    splits = ["test"] + sorted({k.split("/")[0] for k in results if k.split("/")[0] in SPLITS and k.split("/")[0] != "test"})
-    rows = ["vqa_acc"] + [f"vqa_acc/{t}" for t in QUESTION_TYPES] + ["caption_cider", "caption_exact"]
-    rows += ["zeroshot_acc", "zeroshot_top5"] + [f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
-    lines = ["| metric | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+def results_table(results: dict[str, float], first: str = "test") -> str:
+    """Markdown table: one row per metric, one column per data set (split or task data) in `results`.
+
+    A key's first segment is a column when it is not itself a metric (`compositional/vqa_acc`,
+    `pets/zeroshot_acc`; not `vqa_acc/color`); unprefixed keys form the column named `first`."""
+    cells: dict[str, dict[str, float]] = {}
+    for key, value in results.items():
+        head, _, rest = key.partition("/")
+        column, metric = (head, rest) if rest and head not in results else (first, key)
+        cells.setdefault(column, {})[metric] = value
+    columns = sorted(cells, key=lambda c: c != first)  # the unprefixed column first, then in order
+    rows = list(dict.fromkeys(m for c in columns for m in cells[c]))
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
-        cells = []
-        for split in splits:
-            key = row if split == "test" else f"{split}/{row}"
-            cells.append(f"{results[key]:.3f}" if key in results else "-")
-        if any(c != "-" for c in cells):
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        values = [cells[c].get(row) for c in columns]
+        shown = ["-" if v is None else f"{v:.0f}" if row.endswith("_skipped") else f"{v:.3f}" for v in values]
+        lines.append(f"| {row} | " + " | ".join(shown) + " |")
     return "\n".join(lines)
 
 
@@ -49,7 +52,8 @@ def plot_loss(run_dir: Path) -> Path | None:
     return path
 
 
-def write_report(run_dir: Path, name: str, results: dict[str, float], train_seconds: float | None) -> Path:
+def write_report(run_dir: Path, name: str, results: dict[str, float], train_seconds: float | None,
+                 first: str = "test") -> Path:
     records = [r for r in read(run_dir) if r.get("event") != "eval" and "loss" in r]
     plot = plot_loss(run_dir)
     lines = [f"# graft run: {name}", ""]
@@ -63,7 +67,8 @@ def write_report(run_dir: Path, name: str, results: dict[str, float], train_seco
         ]
     if train_seconds is not None:
         lines.append(f"- wall time of this training invocation: {train_seconds:.0f} s")
-    lines += ["", "## Evaluation", "", results_table(results), ""]
+    table = results_table(results, first) if results else "no evaluation: eval.splits and eval.tasks are empty"
+    lines += ["", "## Evaluation", "", table, ""]
     if plot is not None:
         lines += ["## Training loss", "", f"![training loss]({plot.name})", ""]
     path = run_dir / "report.md"

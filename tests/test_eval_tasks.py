@@ -36,7 +36,7 @@ def clip_run(tmp_path_factory):
 def builtin(run):
     cfg, tok, model, _ = RunDir(run).load()
     world = ShapesWorld(cfg.vision.image_size, cfg.data.grid, cfg.data.max_objects, cfg.data.seed)
-    return zero_shot(model, build_processor(cfg, tok, model), world, "test", N, None, 32)
+    return zero_shot(model, build_processor(cfg, tok, model), world, "test", N, None, 32)[0]
 
 
 def test_zeroshot_on_a_folder_per_class_matches_the_builtin_evaluation(clip_run, capsys):
@@ -197,12 +197,48 @@ def test_captioning_on_coco_json_matches_the_builtin_cider(tmp_path):
     (tmp_path / "captions.json").write_text(json.dumps(coco))
     assert main(["eval", str(run), "--task", "caption", "--data", str(tmp_path / "captions.json")]) == 0
     results = json.loads((run / "eval.json").read_text())
-    reference = caption_cider(model, build_processor(cfg, tok, model), world, "test", 24, 8, cfg.eval.max_new_tokens)
+    reference = caption_cider(model, build_processor(cfg, tok, model), world, "test", 24, 8, cfg.eval.max_new_tokens)[0]
     assert results["caption_cider"] == round(reference["caption_cider"], 4) and reference["caption_cider"] > 0
     assert results["caption_exact"] == round(reference["caption_exact"], 4)
     assert 0 <= results["caption_bleu4"] <= 1 and results["caption_skipped"] == 0
-    done = _graft("eval", str(run), "--task", "zeroshot", "--data", str(tmp_path))
+    done = _graft("eval", str(run), "--task", "retrieval", "--data", str(tmp_path / "captions.json"))
     assert done.returncode == 2 and "dual-encoder" in done.stderr
+    _zeroshot_with_a_vlm(run, model, build_processor(cfg, tok, model), cfg.data, tmp_path)
+
+
+def _zeroshot_with_a_vlm(run, model, proc, d, tmp_path):
+    """A VLM classifies by the likelihood of each class name as the answer: the batched scores equal
+    the log-likelihood from a plain forward pass of each (image, answer) conversation, and a
+    captioning model trained for 80 steps is twice as good as chance (1/24) on 240 single-object images."""
+    import torch
+
+    from graft.eval.class_scores import answer_logprobs
+    from graft.losses import IGNORE
+
+    single = ShapesWorld(proc.image_size, d.grid, max_objects=1, seed=d.seed)
+    samples = [single.sample("test", i) for i in range(240)]
+    images, answers = [s.image for s in samples[:3]], ["a small red circle", "a large blue square", "x"]
+    fast = answer_logprobs(model, proc, images, "describe the image.", answers, batch_size=4)
+    for i, image in enumerate(images):
+        for j, text in enumerate(answers):
+            ids, labels = proc.conversation([("describe the image.", text)])
+            logits, _ = model(torch.tensor([ids]), proc.pixels(image)[None])
+            logp = logits[0, :-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+            assert fast[i, j].item() == pytest.approx(logp[torch.tensor(labels[1:]) != IGNORE].sum().item(), abs=1e-4)
+    for name in CLASSES:
+        (tmp_path / "classes" / name).mkdir(parents=True)
+    for i, s in enumerate(samples):
+        (tmp_path / "classes" / CLASSES[s.label] / f"{i:03d}.png").write_bytes(encoded(s.image))
+    (tmp_path / "prompts.yaml").write_text(yaml.safe_dump({"templates": TEMPLATES}))
+    assert main(["eval", str(run), "--task", "zeroshot", "--data", str(tmp_path / "classes"),
+                 "--set", f"eval.zeroshot_file={tmp_path / 'prompts.yaml'}"]) == 0
+    results = json.loads((run / "eval.json").read_text())
+    assert results["zeroshot_acc"] > 2 / 24 and results["zeroshot_skipped"] == 0, results
+    # the prompt reaches the model: another question gives other scores
+    assert main(["eval", str(run), "--task", "zeroshot", "--data", str(tmp_path / "classes"),
+                 "--set", f"eval.zeroshot_file={tmp_path / 'prompts.yaml'}", "--set", "eval.zeroshot_prompt=what is it?"]) == 0
+    other = [json.loads(l) for l in (run / "eval_zeroshot.jsonl").read_text().splitlines()]
+    assert len(other) == 240 and json.loads((run / "eval.json").read_text()) != results
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +262,7 @@ def test_vqa_on_llava_json_matches_the_builtin_accuracy(vlm_run, tmp_path):
     (tmp_path / "qa.json").write_text(json.dumps(records))
     assert main(["eval", str(vlm_run), "--task", "vqa", "--data", str(tmp_path / "qa.json")]) == 0
     results = json.loads((vlm_run / "eval.json").read_text())
-    reference = vqa_accuracy(model, build_processor(cfg, tok, model), world, "test", 8, 32)
+    reference = vqa_accuracy(model, build_processor(cfg, tok, model), world, "test", 8, 32)[0]
     assert results["vqa_acc"] == round(reference["vqa_acc"], 4) and reference["vqa_acc"] > 0.2
     # the prompt template reaches the model: a different wording gives other answers
     assert main(["eval", str(vlm_run), "--task", "vqa", "--data", str(tmp_path / "qa.json"),

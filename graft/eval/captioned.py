@@ -4,7 +4,7 @@
   and `KEY.txt` (one caption per line, as CLIP_benchmark's retrieval shards have) or `KEY.json`
   (`captions` list, or `caption`).
 - **COCO captions JSON** (`captions_val2017.json` layout): `images` [{id, file_name}] and
-  `annotations` [{image_id, caption}]; image files relative to `data.image_root`, else the JSON's folder.
+  `annotations` [{image_id, caption}]; image files relative to `eval.image_root`, else the JSON's folder.
 - **Karpathy split JSON** (`dataset_coco.json` / `dataset_flickr30k.json`): `images` [{filename,
   filepath?, split, sentences: [{raw}]}]; the `test` split is used.
 
@@ -22,7 +22,7 @@ from graft.data.samples import BadSample
 from graft.data.skips import SkipLog, printable
 from graft.data.tar import read_shard
 from graft.errors import UserError
-from graft.eval.labelled import SHARD_IMAGE_EXTS, shard_urls
+from graft.eval.labelled import SHARD_IMAGE_EXTS, image_folder, shard_urls
 
 
 @dataclass
@@ -32,10 +32,10 @@ class CaptionedSet:
     log: SkipLog
 
 
-def load_captioned(path: str, d) -> CaptionedSet:
-    p = Path(path)
+def load_captioned(path: str, cfg) -> CaptionedSet:
+    p, d = Path(path), cfg.data
     if p.suffix == ".json" and p.is_file():
-        return _json(p, d)
+        return _json(p, d, image_folder(cfg, p))
     urls = shard_urls(path, "not a COCO / Karpathy captions .json, nor webdataset shards that exist")
     log, limits = SkipLog(), {**{e: d.max_image_bytes for e in SHARD_IMAGE_EXTS}, "txt": d.max_text_bytes,
                               "json": d.max_json_bytes}
@@ -70,9 +70,8 @@ def _captions(rec: dict, d) -> list[str]:
     return [c.strip() for c in caps if isinstance(c, str) and c.strip()] if isinstance(caps, list) else []
 
 
-def _json(path: Path, d) -> CaptionedSet:
+def _json(path: Path, d, root: Path) -> CaptionedSet:
     data = read_document(path, "--data")
-    root = Path(d.image_root) if d.image_root else path.parent
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise UserError(f"--data {path}: expected an object with an `images` list (COCO or Karpathy layout)")
     if "annotations" in data:

@@ -32,11 +32,14 @@ def cider(candidates: list[str], references: list[list[str]]) -> float:
     return float(score)
 
 
-def caption_cider(model, proc, world: ShapesWorld, split: str, n: int, batch_size: int, max_new_tokens: int) -> dict[str, float]:
+def caption_cider(model, proc, world: ShapesWorld, split: str, n: int, batch_size: int,
+                  max_new_tokens: int) -> tuple[dict[str, float], list[dict]]:
     samples = [world.sample(split, i) for i in range(n)]
     preds = answer(model, proc, [(s.image, CAPTION_PROMPT) for s in samples], batch_size, max_new_tokens)
-    exact = sum(tokenize(p) == tokenize(s.caption) for p, s in zip(preds, samples)) / n
-    return {"caption_cider": cider(preds, [[s.caption] for s in samples]), "caption_exact": exact}
+    predictions = [{"id": f"{split}/{i}", "question": CAPTION_PROMPT, "prediction": p, "reference": s.caption,
+                    "correct": tokenize(p) == tokenize(s.caption)} for i, (p, s) in enumerate(zip(preds, samples))]
+    exact = sum(p["correct"] for p in predictions) / n
+    return {"caption_cider": cider(preds, [[s.caption] for s in samples]), "caption_exact": exact}, predictions
 
 
 def bleu4(candidates: list[str], references: list[list[str]]) -> float:

@@ -1,12 +1,13 @@
-"""One evaluation entry point for training-time and `graft eval`: every metric of every split,
-and every task on a user's data named in `eval.tasks`.
+"""One evaluation entry point for training time and `graft eval`: a list of (task, data) entries,
+each run through the task registry (eval/tasks.py).
 
-Returns a flat dict. The `test` split's metrics are unprefixed (`vqa_acc`, `vqa_acc/color`,
-`caption_cider`; for dual encoders `zeroshot_acc`, `i2t_r@1`, `t2i_r@1`, ...); other splits
-are prefixed with their name (`compositional/vqa_acc`). `eval.tasks` entries are `TASK=PATH`
-(eval/tasks.py); with one entry its metrics are unprefixed, with several each is prefixed with its
-data's name (`pets/zeroshot_acc`). Their per-example predictions go to `OUT/eval_<task>.jsonl`
-(`OUT/eval_<name>_<task>.jsonl` with several).
+The entries are the built-in world's splits (`eval.splits`, task `shapes`) followed by the user's
+`eval.tasks` (`TASK=PATH`), or what `graft eval --task --data` names. Returns a flat dict. The
+world's `test` split is unprefixed (`vqa_acc`, `vqa_acc/color`, `caption_cider`; for dual
+encoders `zeroshot_acc`, `i2t_r@1`, ...), its other splits prefixed with their name
+(`compositional/vqa_acc`). A user's task is unprefixed when it is the only entry, else prefixed
+with its data's name (`pets/zeroshot_acc`). Per-example predictions go to
+`OUT/eval_shapes_<split>.jsonl` for the world, `OUT/eval_<task>.jsonl` or `OUT/eval_<name>_<task>.jsonl`.
 """
 
 from __future__ import annotations
@@ -18,52 +19,40 @@ import torch
 
 from graft import atomic
 from graft.config import Config
-from graft.data.stream import make_world
-from graft.eval.captioning import caption_cider
-from graft.eval.retrieval import retrieval
-from graft.eval.vqa import vqa_accuracy
-from graft.eval.zero_shot import zero_shot
+from graft.eval.tasks import run_task
+from graft.eval.world import WORLD
+
+
+def entries(cfg: Config) -> list[tuple[str, str]]:
+    """The run's evaluations: (task, data) for each split of `eval.splits` and entry of `eval.tasks`."""
+    return [(WORLD, split) for split in cfg.eval.splits] + [tuple(t.split("=", 1)) for t in cfg.eval.tasks]
+
+
+def prefix(task: str, data: str, alone: bool) -> str:
+    if task == WORLD:
+        return "" if data == "test" else f"{data}/"
+    return "" if alone else f"{Path(data.rstrip('/')).name}/"
+
+
+def unprefixed(todo: list[tuple[str, str]]) -> str:
+    """The name of the data set whose metrics are unprefixed (a results table's first column)."""
+    alone = len(todo) == 1
+    return next((d if t == WORLD else Path(d.rstrip("/")).name for t, d in todo if not prefix(t, d, alone)), "test")
 
 
 @torch.no_grad()
-def evaluate(model, proc, cfg: Config, splits: list[str] | None = None, out: Path | None = None) -> dict[str, float]:
+def evaluate(model, proc, cfg: Config, todo: list[tuple[str, str]] | None = None, out: Path | None = None) -> dict[str, float]:
+    """Metrics of every entry of `todo` (default: the run's own, `entries(cfg)`); predictions into `out`."""
     was_training = model.training
     model.eval()
-    world, e = make_world(cfg), cfg.eval
+    todo = entries(cfg) if todo is None else todo
     results: dict[str, float] = {}
-    for split in splits or e.splits:
-        prefix = "" if split == "test" else f"{split}/"
-        if cfg.model == "dual":
-            metrics = _contrastive(model, proc, world, split, e)
-        else:
-            metrics = vqa_accuracy(model, proc, world, split, e.vqa_per_type, e.batch_size)
-            if e.captions > 0:
-                metrics |= caption_cider(model, proc, world, split, e.captions, e.batch_size, e.max_new_tokens)
-        results |= {prefix + k: round(v, 4) for k, v in metrics.items()}
-    for entry in e.tasks:
-        results |= _task(model, proc, cfg, entry, len(e.tasks) > 1, out)
+    for task, data in todo:
+        head = prefix(task, data, len(todo) == 1)
+        metrics, predictions = run_task(task, model, proc, cfg, data)
+        if out is not None:
+            file = out / (f"eval_{WORLD}_{data}.jsonl" if task == WORLD else f"eval_{head.replace('/', '_')}{task}.jsonl")
+            atomic.write_text(file, "".join(json.dumps(p) + "\n" for p in predictions))
+        results |= {head + k: round(v, 4) for k, v in metrics.items()}
     model.train(was_training)
     return results
-
-
-def _task(model, proc, cfg: Config, entry: str, several: bool, out: Path | None) -> dict[str, float]:
-    from graft.eval.tasks import run_task
-
-    name, path = entry.split("=", 1)
-    data_name = Path(path.rstrip("/")).name
-    metrics, predictions = run_task(name, model, proc, cfg, path)
-    if out is not None:
-        file = out / (f"eval_{data_name}_{name}.jsonl" if several else f"eval_{name}.jsonl")
-        atomic.write_text(file, "".join(json.dumps(p) + "\n" for p in predictions))
-    prefix = f"{data_name}/" if several else ""
-    return {prefix + k: round(v, 4) for k, v in metrics.items()}
-
-
-def _contrastive(model, proc, world, split: str, e) -> dict[str, float]:
-    """Dual encoders: zero-shot top-1/top-5 and image↔text Recall@1/5/10."""
-    metrics = {}
-    if e.zeroshot_images > 0:
-        metrics |= zero_shot(model, proc, world, split, e.zeroshot_images, e.zeroshot_file, e.batch_size)
-    if e.retrieval_pairs > 0:
-        metrics |= retrieval(model, proc, world, split, e.retrieval_pairs, e.batch_size)
-    return metrics

@@ -36,11 +36,11 @@ class LabelledSet:
     log: SkipLog  # records skipped while listing (e.g. no image, no .cls)
 
 
-def load_labelled(path: str, d) -> LabelledSet:
+def load_labelled(path: str, cfg) -> LabelledSet:
     p = Path(path)
     if p.is_dir() and not list(p.glob("*.tar")) and any(q.is_dir() for q in p.iterdir()):
         return _folders(p)
-    return _shards(path, d.max_image_bytes)
+    return _shards(path, cfg.data.max_image_bytes)
 
 
 def _folders(root: Path) -> LabelledSet:
@@ -80,6 +80,11 @@ def _shards(pattern: str, max_image_bytes: int) -> LabelledSet:
                 yield key, image, _label(rec["cls"], len(classes), url, key)
 
     return LabelledSet(folder.name, classes, templates, items, log)
+
+
+def image_folder(cfg, data_file: Path) -> Path:
+    """Where the image files a task's JSON / TSV names live: `eval.image_root`, else beside the file."""
+    return Path(cfg.eval.image_root) if cfg.eval.image_root else data_file.parent
 
 
 def shard_urls(path: str, what: str) -> list[str]:

@@ -5,8 +5,11 @@
   match after the harness's normalisation (lower case, outer spaces and a final full stop).
 - **VLMEvalKit-style TSV** (multiple choice): columns `index`, `question`, `answer` (a letter),
   options `A`, `B`, ... (empty cells are no option), and `image` (base64) or `image_path`
-  (relative to `data.image_root`, else the TSV's folder). Scored by the first option letter in the
+  (relative to `eval.image_root`, else the TSV's folder). Scored by the first option letter in the
   answer.
+- **VQAv2** (a folder with the `*questions*.json` and `*annotations*.json`, or the questions `.json`
+  itself, told from LLaVA by its top level: an object with a `questions` list): 10 human answers
+  per question, scored by the official soft accuracy, overall and per answer type (eval/vqav2.py).
 
 Records go through the data limits (limits.py): a JSONL line is parsed on its own, image paths may
 not leave the image folder, images are decoded with the training limits; a bad record or image is
@@ -26,6 +29,7 @@ from graft.data.limits import image_path
 from graft.data.samples import BadSample, IMAGE_MARKER
 from graft.data.skips import SkipLog
 from graft.errors import UserError
+from graft.eval.labelled import image_folder
 
 OPTIONS = "ABCDEFGHIJ"
 
@@ -35,8 +39,10 @@ class Question:
     id: str
     image: bytes | Path
     question: str
-    answer: str  # the reference: free text, or an option letter
+    answer: str  # the reference: free text, or an option letter (VQAv2: the most common human answer)
     options: dict[str, str] | None = None  # letter → option text, for multiple choice
+    answers: list[str] | None = None  # VQAv2: the human answers, scored by soft accuracy
+    kind: str | None = None  # VQAv2: the answer_type (yes/no, number, other), for per-type accuracy
 
 
 @dataclass
@@ -46,23 +52,35 @@ class QuestionSet:
     log: SkipLog
 
 
-def load_questions(path: str, d) -> QuestionSet:
-    p = Path(path)
+def load_questions(path: str, cfg) -> QuestionSet:
+    p, d = Path(path), cfg.data
+    if p.is_dir() or (p.suffix == ".json" and p.is_file() and _holds_an_object(p)):
+        from graft.eval.vqav2 import load_vqav2
+
+        return load_vqav2(p, cfg)
     if not p.is_file():
-        raise UserError(f"--data {path}: file not found (a LLaVA-style .json/.jsonl or a VLMEvalKit .tsv)")
+        raise UserError(f"--data {path}: file not found (a LLaVA-style .json/.jsonl, a VLMEvalKit .tsv "
+                        "or a VQAv2 folder / questions .json)")
     if p.suffix == ".tsv":
-        return _tsv(p, d)
+        return _tsv(p, d, image_folder(cfg, p))
     if p.suffix in (".json", ".jsonl"):
-        return _llava(p, d)
-    raise UserError(f"--data {path}: expected .json, .jsonl (LLaVA layout) or .tsv (VLMEvalKit layout)")
+        return _llava(p, d, image_folder(cfg, p))
+    raise UserError(f"--data {path}: expected .json, .jsonl (LLaVA layout), .tsv (VLMEvalKit layout) "
+                    "or a folder (VQAv2 layout)")
 
 
-def _llava(path: Path, d) -> QuestionSet:
+def _holds_an_object(path: Path) -> bool:
+    """Whether a .json file's top level is an object (VQAv2 questions) rather than a list (LLaVA)."""
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip()[:1] == b"{"
+
+
+def _llava(path: Path, d, root: Path) -> QuestionSet:
     from dataclasses import replace
 
     from graft.data.llava_json import LlavaSource
 
-    source = LlavaSource(replace(d, path=str(path)))
+    source = LlavaSource(replace(d, path=str(path), image_root=str(root)))
     log = SkipLog()
 
     def items():
@@ -78,7 +96,7 @@ def _llava(path: Path, d) -> QuestionSet:
     return QuestionSet(path.name, items, log)
 
 
-def _tsv(path: Path, d) -> QuestionSet:
+def _tsv(path: Path, d, root: Path) -> QuestionSet:
     csv.field_size_limit(min(sys.maxsize, 1 << 31))  # base64 images are long cells
     with open(path, newline="", encoding="utf-8") as f:
         header = next(csv.reader(f, delimiter="\t"), [])
@@ -87,7 +105,6 @@ def _tsv(path: Path, d) -> QuestionSet:
             raise UserError(f"{path}: no '{column}' column (VLMEvalKit TSV: index, image or image_path, question, A, B, ..., answer)")
     if "image" not in header and "image_path" not in header:
         raise UserError(f"{path}: no 'image' (base64) or 'image_path' column")
-    root = Path(d.image_root) if d.image_root else path.parent
     log = SkipLog()
 
     def items():

@@ -26,7 +26,7 @@ def recall_at_k(sims: torch.Tensor, same: torch.Tensor) -> dict[int, float]:
     return {k: hits[:, :k].any(1).float().mean().item() for k in KS}
 
 
-def retrieval(model, proc, world: ShapesWorld, split: str, n: int, batch_size: int) -> dict[str, float]:
+def retrieval(model, proc, world: ShapesWorld, split: str, n: int, batch_size: int) -> tuple[dict[str, float], list[dict]]:
     samples = [world.sample(split, i) for i in range(n)]
     texts = [pair_text(s) for s in samples]
     ids = {t: i for i, t in enumerate(dict.fromkeys(texts))}
@@ -37,7 +37,10 @@ def retrieval(model, proc, world: ShapesWorld, split: str, n: int, batch_size: i
     for name, (s, m) in {"i2t": (sims, same), "t2i": (sims.T, same.T)}.items():
         out |= {f"{name}_r@{k}": v for k, v in recall_at_k(s, m).items()}
     out["retrieval_unique_texts"] = float(len(ids)) / n  # share of distinct captions among the n pairs
-    return out
+    best = sims.argmax(1).tolist()
+    predictions = [{"id": f"{split}/{i}", "prediction": texts[j], "reference": texts[i], "correct": texts[j] == texts[i]}
+                   for i, j in enumerate(best)]
+    return out, predictions
 
 
 @torch.no_grad()

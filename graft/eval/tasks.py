@@ -1,54 +1,74 @@
-"""Evaluation tasks on a user's own data: `graft eval RUN --task NAME --data PATH [--set eval.KEY=...]`.
+"""The registry of evaluation tasks: `graft eval RUN --task NAME --data PATH [--data PATH2] [--set eval.KEY=...]`,
+`eval.tasks: [NAME=PATH, ...]` at training time, and the built-in world's evaluation (`shapes`).
 
-One registry entry per task (a `Task`): the run kind it needs, a loader (path, data config) → a
-data set, and a scorer (model, processor, data set, config) → (metrics, predictions). A new task is
-one loader, one scorer and one line in `TASKS`. The metrics go to `RUN/eval.json`, the per-example predictions (id, prediction, reference,
-correct) to `RUN/eval_<task>.jsonl`. Today: `zeroshot` (eval/labelled.py) and `retrieval`
-(eval/captioned.py) for dual encoders, `caption` (CIDEr-D, BLEU-4 on the same image–caption
-layouts) and `vqa` (eval/questions.py: LLaVA-style JSON, exact match; VLMEvalKit TSV, multiple
-choice) for VLMs. Not yet: VQAv2's soft accuracy over 10 human answers, zero-shot with a VLM, and
-the built-in world's evaluations as entries of this registry (eval/harness.py).
+One entry per task (a `Task`): a loader (path, config) → a data set, and one scorer per run kind it
+can score — "dual" (a dual encoder: embeddings) and/or "vlm" (a VLM: text likelihoods and
+generation) — each (model, processor, data set, config) → (metrics, per-example predictions). A new
+task is one loader, its scorers and one line in `TASKS`. The harness (eval/harness.py) writes the
+metrics to `RUN/eval.json` and the predictions (id, prediction, reference, correct) to
+`RUN/eval_<task>.jsonl`.
+
+- `shapes` (eval/world.py): the built-in world; `--data` is a split (test, val, compositional, train).
+- `zeroshot` (eval/labelled.py): a folder per class or CLIP_benchmark shards; dual encoders by
+  embedding similarity (eval/zero_shot.py), VLMs by the likelihood of each class name (eval/class_scores.py).
+- `retrieval` (eval/captioned.py): image–caption shards, COCO or Karpathy JSON; dual encoders.
+- `caption` (the same layouts): CIDEr-D and BLEU-4 of a VLM's captions.
+- `vqa` (eval/questions.py): LLaVA-style JSON (exact match), VLMEvalKit TSV (multiple choice),
+  VQAv2 questions + annotations JSON (soft accuracy over 10 human answers, eval/vqav2.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
+from graft.data.shapes import SPLITS
 from graft.data.skips import records_skipped
 from graft.errors import UserError
 from graft.eval.captioned import load_captioned
 from graft.eval.captioning import caption_on
+from graft.eval.class_scores import zero_shot_vlm
 from graft.eval.labelled import load_labelled
 from graft.eval.questions import load_questions
 from graft.eval.retrieval import retrieval_on
 from graft.eval.vqa import vqa_on
+from graft.eval.world import WORLD, load_split, world_dual, world_vlm
 from graft.eval.zero_shot import zero_shot_on
 
 
 @dataclass(frozen=True)
 class Task:
-    model: str  # the run kind it needs: "dual" (scores embeddings) or "vlm" (generates text)
-    load: Callable  # (path, data config) → a data set with `.log` (records skipped while reading)
-    score: Callable  # (model, processor, data set, config) → (metrics, predictions)
+    load: Callable  # (path, config) → a data set with `.name` and `.log` (records skipped while reading, or None)
+    score: dict[str, Callable]  # run kind ("dual" | "vlm") → (model, processor, data set, config) → (metrics, predictions)
+    exists: Callable[[str], bool] = lambda path: "{" in path or Path(path).exists()  # checked before training
 
 
 TASKS = {
-    "zeroshot": Task("dual", load_labelled, zero_shot_on),
-    "retrieval": Task("dual", load_captioned, retrieval_on),
-    "caption": Task("vlm", load_captioned, caption_on),
-    "vqa": Task("vlm", load_questions, vqa_on),
+    WORLD: Task(load_split, {"vlm": world_vlm, "dual": world_dual}, exists=lambda split: split in SPLITS),
+    "zeroshot": Task(load_labelled, {"dual": zero_shot_on, "vlm": zero_shot_vlm}),
+    "retrieval": Task(load_captioned, {"dual": retrieval_on}),
+    "caption": Task(load_captioned, {"vlm": caption_on}),
+    "vqa": Task(load_questions, {"vlm": vqa_on}),
 }
-NEEDS = {"dual": "a dual-encoder run (clip, siglip, clippo, lit)", "vlm": "a VLM run (it generates text)"}
+KINDS = {"dual": "a dual-encoder run (clip, siglip, clippo, lit)", "vlm": "a VLM run (it generates text)"}
+
+
+def check_task(name: str, kind: str, where: str) -> Task:
+    """The task `name`, if it can score a run of this kind; else a one-line UserError."""
+    if name not in TASKS:
+        raise UserError(f"{where}: unknown task {name!r} (valid: {', '.join(TASKS)})")
+    task = TASKS[name]
+    if kind not in task.score:
+        raise UserError(f"{where}: {name} needs {' or '.join(KINDS[k] for k in task.score)}; this run is model={kind}")
+    return task
 
 
 def run_task(name: str, model, proc, cfg, path: str) -> tuple[dict[str, float], list[dict]]:
     """Metrics (with `<name>_skipped`: records and images skipped as bad) and per-example predictions."""
-    if name not in TASKS:
-        raise UserError(f"graft eval --task {name!r}: unknown task (valid: {', '.join(TASKS)})")
-    task = TASKS[name]
-    if cfg.model != task.model:
-        raise UserError(f"--task {name} needs {NEEDS[task.model]}; this run is model={cfg.model}")
-    data = task.load(path, cfg.data)
-    metrics, predictions = task.score(model, proc, data, cfg)
-    return metrics | {f"{name}_skipped": records_skipped(data.log.skipped)}, predictions
+    task = check_task(name, cfg.model, f"--task {name}")
+    data = task.load(path, cfg)
+    metrics, predictions = task.score[cfg.model](model, proc, data, cfg)
+    if data.log is not None:
+        metrics |= {f"{name}_skipped": records_skipped(data.log.skipped)}
+    return metrics, predictions

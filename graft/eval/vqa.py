@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from graft.data.shapes import QA, QUESTION_TYPES, ShapesWorld
 from graft.errors import UserError
+from graft.eval.vqav2 import soft_accuracy
 
 
 def questions(world: ShapesWorld, split: str, per_type: int) -> list[tuple[int, QA]]:
@@ -55,18 +56,21 @@ def answer(model, proc, prompts: list[tuple[object, str]], batch_size: int, max_
     return out
 
 
-def vqa_accuracy(model, proc, world: ShapesWorld, split: str, per_type: int, batch_size: int) -> dict[str, float]:
+def vqa_accuracy(model, proc, world: ShapesWorld, split: str, per_type: int, batch_size: int) -> tuple[dict[str, float], list[dict]]:
+    """Accuracy overall and per question type, and one prediction per question."""
     items = questions(world, split, per_type)
     prompts = [(world.sample(split, i).image, qa.question) for i, qa in items]
     preds = answer(model, proc, prompts, batch_size, max_new_tokens=4)
-    right = defaultdict(list)
-    for (_, qa), pred in zip(items, preds):
+    right, predictions = defaultdict(list), []
+    for (index, qa), pred in zip(items, preds):
         right[qa.kind].append(normalise(pred) == normalise(qa.answer))
+        predictions.append({"id": f"{split}/{index}", "question": qa.question, "prediction": pred,
+                            "reference": qa.answer, "correct": right[qa.kind][-1]})
     result = {"vqa_acc": sum(sum(v) for v in right.values()) / max(1, len(items))}
     for kind in QUESTION_TYPES:
         if right[kind]:
             result[f"vqa_acc/{kind}"] = sum(right[kind]) / len(right[kind])
-    return result
+    return result, predictions
 
 
 def option_letter(text: str, options: dict[str, str]) -> str | None:
@@ -81,7 +85,8 @@ def option_letter(text: str, options: dict[str, str]) -> str | None:
 @torch.no_grad()
 def vqa_on(model, proc, data, cfg, chunk: int = 256) -> tuple[dict[str, float], list[dict]]:
     """Accuracy on a QuestionSet (eval/questions.py): exact match for open questions, the picked
-    option for multiple choice; prompts from eval.vqa_prompt / eval.mc_prompt."""
+    option for multiple choice, VQAv2's soft accuracy (eval/vqav2.py) where a question has human
+    answers, then also per answer type; prompts from eval.vqa_prompt / eval.mc_prompt."""
     from graft.data.images import open_within
     from graft.data.samples import BadSample
 
@@ -108,8 +113,21 @@ def vqa_on(model, proc, data, cfg, chunk: int = 256) -> tuple[dict[str, float], 
     flush() if pending else None
     if not done:
         raise UserError(f"--data {data.name}: no usable question (skipped: {dict(data.log.skipped)})")
-    predictions = []
+    predictions, scores = [], defaultdict(list)
     for q, pred in done:
-        ok = option_letter(pred, q.options) == q.answer if q.options else normalise(pred) == normalise(q.answer)
-        predictions.append({"id": q.id, "prediction": pred, "reference": q.answer, "correct": ok})
-    return {"vqa_acc": sum(p["correct"] for p in predictions) / len(predictions)}, predictions
+        predictions.append(_judged(q, pred))
+        score = predictions[-1].get("score", predictions[-1]["correct"])
+        scores["vqa_acc"].append(score)
+        if q.kind is not None:  # VQAv2's answer_type
+            scores[f"vqa_acc/{q.kind}"].append(score)
+    return {k: sum(v) / len(v) for k, v in scores.items()}, predictions
+
+
+def _judged(q, pred: str) -> dict:
+    """One prediction record. With human answers (VQAv2) `score` is the soft accuracy that vqa_acc
+    averages, and `correct` says that at least one human gave this answer (score > 0)."""
+    if q.answers is not None:
+        score = soft_accuracy(pred, q.answers)
+        return {"id": q.id, "prediction": pred, "reference": q.answers, "correct": score > 0, "score": score}
+    ok = option_letter(pred, q.options) == q.answer if q.options else normalise(pred) == normalise(q.answer)
+    return {"id": q.id, "prediction": pred, "reference": q.answer, "correct": ok}

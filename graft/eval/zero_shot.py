@@ -11,10 +11,12 @@ order: red circle, red square, ...) and/or `templates` (each containing `{}`).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from graft.data.shapes import CLASSES, ShapesWorld
 from graft.errors import UserError
@@ -88,8 +90,9 @@ def embed_images(model, proc, images, batch_size: int) -> torch.Tensor:
     return torch.cat(out).float().cpu()
 
 
-def zero_shot(model, proc, world: ShapesWorld, split: str, n: int, prompts_file: str | None, batch_size: int) -> dict[str, float]:
-    """Top-1 / top-5 accuracy on the first n single-object images of `split`."""
+def zero_shot(model, proc, world: ShapesWorld, split: str, n: int, prompts_file: str | None,
+              batch_size: int) -> tuple[dict[str, float], list[dict]]:
+    """Top-1 / top-5 accuracy on the first n single-object images of `split`, and the predictions."""
     classes, templates = load_prompts(prompts_file)
     single = ShapesWorld(world.image_size, world.grid, max_objects=1, seed=world.seed)
     samples = [single.sample(split, i) for i in range(n)]
@@ -97,8 +100,10 @@ def zero_shot(model, proc, world: ShapesWorld, split: str, n: int, prompts_file:
     sims = embed_images(model, proc, [s.image for s in samples], batch_size) @ class_embeddings(
         model, proc, classes, templates, batch_size).T  # (n, C)
     top = sims.topk(min(5, len(classes)), dim=1).indices
+    predictions = [{"id": f"{split}/single/{i}", "prediction": classes[t], "reference": classes[s.label],
+                    "correct": t == s.label} for i, (t, s) in enumerate(zip(top[:, 0].tolist(), samples))]
     return {"zeroshot_acc": (top[:, 0] == labels).float().mean().item(),
-            "zeroshot_top5": (top == labels[:, None]).any(1).float().mean().item()}
+            "zeroshot_top5": (top == labels[:, None]).any(1).float().mean().item()}, predictions
 
 
 # ---- a user's labelled images (eval/labelled.py): `graft eval RUN --task zeroshot --data PATH` ----
@@ -106,31 +111,42 @@ def zero_shot(model, proc, world: ShapesWorld, split: str, n: int, prompts_file:
 USER_TEMPLATES = ["a photo of a {}."]  # CLIP's default prompt, for data sets that ship none
 
 
-@torch.no_grad()
-def zero_shot_on(model, proc, data, cfg) -> tuple[dict[str, float], list[dict]]:
-    """Top-1, top-5 and mean per-class recall on a LabelledSet, and one prediction per image.
-
-    Classes and templates: `eval.zeroshot_file` where it gives them, else the data set's own, else
-    CLIP's "a photo of a {}."; images through the training data's limits (skipped, counted)."""
-    from graft.data.images import open_within
-    from graft.data.samples import BadSample
-
+def user_prompts(data, cfg) -> tuple[list[str], list[str]]:
+    """Classes and templates for a LabelledSet: `eval.zeroshot_file` where it gives them, else the
+    data set's own, else CLIP's "a photo of a {}."."""
     given_classes, given_templates = read_prompts(cfg.eval.zeroshot_file) if cfg.eval.zeroshot_file else (None, None)
     classes = given_classes if given_classes is not None else data.classes
     templates = given_templates or data.templates or USER_TEMPLATES
     check_prompts(classes, templates, f"zero-shot prompts for {data.name}", len(data.classes))
+    return classes, templates
+
+
+@torch.no_grad()
+def zero_shot_on(model, proc, data, cfg) -> tuple[dict[str, float], list[dict]]:
+    """A dual encoder on a LabelledSet: the class whose text embedding is closest to the image's."""
+    classes, templates = user_prompts(data, cfg)
     text = class_embeddings(model, proc, classes, templates, cfg.eval.batch_size)
+    return classify(data, cfg, classes, lambda images: embed_images(model, proc, images, cfg.eval.batch_size) @ text.T)
+
+
+def classify(data, cfg, classes: list[str], scores) -> tuple[dict[str, float], list[dict]]:
+    """Top-1, top-5 and mean per-class recall on a LabelledSet, and one prediction per image.
+
+    `scores(images)` gives (len(images), len(classes)) class scores for a batch of PIL images;
+    images are decoded through the training data's limits (a bad one is skipped and counted)."""
+    from graft.data.images import open_within
+    from graft.data.samples import BadSample
+
     d, labels, tops, predictions, batch = cfg.data, [], [], [], []
 
     def flush():
-        sims = embed_images(model, proc, [im for _, im, _ in batch], cfg.eval.batch_size) @ text.T
-        for (key, _, label), top in zip(batch, sims.topk(min(5, len(classes)), dim=1).indices.tolist()):
+        for (key, _, label), top in zip(batch, scores([im for _, im, _ in batch]).topk(min(5, len(classes)), dim=1).indices.tolist()):
             labels.append(label), tops.append(top)
             predictions.append({"id": key, "prediction": classes[top[0]], "reference": classes[label],
                                 "correct": top[0] == label})
         batch.clear()
 
-    for key, raw, label in data.items():
+    for key, raw, label in tqdm(data.items(), desc="zeroshot", unit="image", disable=not sys.stderr.isatty()):
         try:
             image, _ = open_within(raw, d)
         except BadSample as e:

@@ -45,10 +45,17 @@ class VLM(nn.Module):
         for part in parts:
             getattr(self, part).requires_grad_(False)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with image features at the placeholders: (B, T, D_lm)."""
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B_img, N, D_lm): what an image becomes in the LM's input."""
+        return self.connector(self.vision.features(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features at the placeholders: (B, T, D_lm). The images come as
+        pixels or, already encoded (to reuse one image across many texts), as `image_tokens`."""
         embeds = self.lm.embed_tokens(input_ids)  # (B, T, D_lm)
-        image_tokens = self.connector(self.vision.features(pixel_values))  # (B_img, N, D_lm)
+        if image_tokens is None:
+            image_tokens = self.image_tokens(pixel_values)  # (B_img, N, D_lm)
         slots = input_ids == self.image_token_id
         n_slots, n_feats = int(slots.sum()), image_tokens.shape[0] * image_tokens.shape[1]
         if n_slots != n_feats:

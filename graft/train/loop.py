@@ -23,7 +23,7 @@ from graft.data.hf_tokenizer import HFChatTokenizer
 from graft.data.sources import build_stream, training_corpus
 from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
-from graft.eval.harness import evaluate
+from graft.eval.harness import entries, evaluate, unprefixed
 from graft.models.lora import add_lora, merge_lora
 from graft.report import write_report
 from graft.rundir import RunDir, adopt_vision_arch, build_model, build_processor, load_vision, resolve_backbones
@@ -98,7 +98,7 @@ def train(cfg: Config, out: str | Path) -> dict:
         atomic.write_text(run.eval_path, json.dumps(results, indent=1))
     log.close()
     if rt.is_main:
-        write_report(run.path, cfg.name, results, time.perf_counter() - started)
+        write_report(run.path, cfg.name, results, time.perf_counter() - started, unprefixed(entries(cfg)))
     return results
 
 

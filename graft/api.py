@@ -1,0 +1,66 @@
+"""graft from Python: the same recipes, trainer, evaluation tasks and generation as the CLI.
+
+    import graft
+    cfg = graft.recipe("shapes_vqa", {"train.steps": 400})
+    graft.train(cfg, "runs/py")                       # trains, evaluates, writes the run directory
+    run = graft.load("runs/py")                       # its latest checkpoint
+    run.evaluate("shapes", "compositional")           # any task of the registry, e.g. ("vqa", "qa.json")
+    run.generate(image, "what color is the circle?")  # a PIL image or a path
+
+Overrides are the `--set` keys, validated the same way (a bad key or value raises UserError).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from graft.config import Config
+
+
+def recipe(name: str, overrides: dict | None = None) -> Config:
+    """The recipe's config with `{"section.key": value}` overrides applied and validated."""
+    import yaml
+
+    from graft.cli import _recipe
+
+    return _recipe(name, [f"{k}={v if isinstance(v, str) else yaml.safe_dump(v, default_flow_style=True).strip()}"
+                          for k, v in (overrides or {}).items()])
+
+
+def train(cfg: Config, out: str | Path) -> dict[str, float]:
+    """Train (or resume) into the run directory `out`; returns the final evaluation."""
+    from graft.train.loop import train as train_loop
+
+    return train_loop(cfg, out)
+
+
+class Run:
+    """A trained run, loaded from its latest checkpoint."""
+
+    def __init__(self, path: str | Path):
+        from graft.rundir import RunDir, build_processor
+
+        self.dir = RunDir(path)
+        self.cfg, tok, self.model, self.checkpoint = self.dir.load()
+        self.processor = build_processor(self.cfg, tok, self.model)
+
+    def evaluate(self, task: str, data: str) -> dict[str, float]:
+        """Metrics of one task (eval/tasks.py) on one data set; predictions to RUN/eval_<task>.jsonl."""
+        from graft.eval.harness import evaluate
+
+        return evaluate(self.model, self.processor, self.cfg, [(task, data)], out=self.dir.path)
+
+    def generate(self, image, prompt: str, max_new_tokens: int = 32) -> str:
+        """The VLM's greedy answer to `prompt` about `image` (a PIL image or a file path)."""
+        from graft.data.processor import load_image
+        from graft.errors import UserError
+        from graft.eval.vqa import answer
+
+        if self.cfg.model != "vlm":
+            raise UserError(f"{self.dir.path} holds a {self.cfg.model} model, which does not generate text")
+        image = load_image(image) if isinstance(image, (str, Path)) else image
+        return answer(self.model, self.processor, [(image, prompt)], 1, max_new_tokens)[0]
+
+
+def load(path: str | Path) -> Run:
+    return Run(path)

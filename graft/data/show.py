@@ -1,0 +1,267 @@
+"""`graft data show RECIPE`: a PNG grid of the first usable records of a recipe's data, with their text.
+
+The records are the ones training would read first: the built-in world's train samples with the
+turns `TrainStream.item` gives them (a dual encoder: the caption), or the user's sources
+(`data.source` webdataset | llava | hf) read through the recipe's processor, with bad records
+skipped and counted as in training (streaming.py, `graft data check`). Under each image: a VLM
+recipe's first turns (question → answer), a dual encoder's caption. With a trained VLM run, each
+shown question is also put to the model, and its answer is drawn under the reference, green when
+it matches after `vqa.normalise`, red when not.
+
+Text from data is untrusted: it is escaped (`skips.printable`), cut to the cell's lines and drawn
+with mathtext off, so a caption holding `$`, control characters or megabytes draws as plain text.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import textwrap
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+from PIL import Image
+
+from graft import atomic
+from graft.config import Config
+from graft.data import skips
+from graft.data.samples import BadSample
+from graft.errors import UserError
+
+MAX_SAMPLES = 64  # one figure; beyond this the PNG gets unwieldy
+MAX_READ = 10_000  # records read at most while looking for usable ones
+TURNS = 3  # conversation turns drawn per image
+# Layout at DPI: 4 columns of 250 px (1000 px, a README's width), images 192 px high (24 px x 8, 32 px x 6),
+# 42 characters to a text line.
+DPI, COLS, CELL_W, IMAGE_H, FONT, WRAP = 100, 4, 2.5, 1.92, 7.5, 42
+LINE_H = FONT * 1.3 / 72  # inches
+RIGHT, WRONG, KEY = "#1a7f37", "#cf222e", "#6e7781"
+
+
+@dataclass
+class Record:
+    key: str
+    image: Image.Image
+    turns: list[tuple[str, str]]  # (question, answer); a dual encoder pairs the image with turns[0][1]
+    answers: list[str | None] = field(default_factory=list)  # the model's, per shown turn (--run)
+
+
+@dataclass
+class Shown:
+    path: Path
+    texts: list[str]  # the text drawn under each image, as drawn
+    skipped: Counter  # reason → records (and shard_* → shards)
+    right: int = 0
+    asked: int = 0
+
+    def line(self) -> str:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+        model = f"; model right on {self.right} of {self.asked} answers" if self.asked else ""
+        return (f"graft data show: {len(self.texts)} samples drawn; skipped: {skipped or 'none'}"
+                f"{model}; wrote {self.path}")
+
+
+def show(cfg: Config, n: int, out: str | Path, run: str | None = None, split: str = "train") -> Shown:
+    """Draw the first `n` usable records of `cfg`'s data to the PNG `out` (with `run`'s answers);
+    `split`: which of the built-in world's splits (held-out ones show what a run has not seen)."""
+    out = _check_out(n, Path(out))
+    if split != "train" and cfg.data.source != "shapes":
+        raise UserError(f"--split {split}: splits are the built-in world's; data.source={cfg.data.source} is shown as it trains")
+    vlm = _load_vlm(run, cfg) if run else None
+    records, skipped = world_records(cfg, n, split) if cfg.data.source == "shapes" else stream_records(cfg, n)
+    if not records:
+        raise UserError(f"no usable record in {cfg.name}'s data (data.source={cfg.data.source}); "
+                        f"skipped: {', '.join(f'{k} {r}' for r, k in skipped.items()) or 'none'}")
+    if vlm:
+        ask(*vlm, records)
+    cells = [cell_lines(r, dual=cfg.model == "dual") for r in records]
+    atomic.write_bytes(out, draw(records, cells))
+    marks = [_right(a, ref) for r in records for a, (_, ref) in zip(r.answers, r.turns) if a is not None]
+    return Shown(out, ["\n".join(text for text, _ in lines) for lines in cells], skipped, sum(marks), len(marks))
+
+
+def _check_out(n: int, out: Path) -> Path:
+    if not 1 <= n <= MAX_SAMPLES:
+        raise UserError(f"--n={n}: draw 1 to {MAX_SAMPLES} samples")
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the picture is a PNG, name it FILE.png")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder")
+    return out
+
+
+def _load_vlm(path: str, cfg: Config):
+    from graft.rundir import RunDir, build_processor
+
+    run = RunDir(path).require()
+    kind = run.config().model
+    if kind != "vlm":
+        raise UserError(f"--run {path} holds a {kind} model, which does not answer questions (--run takes a VLM run)")
+    if cfg.model != "vlm":
+        raise UserError(f"--run asks a VLM the records' questions; recipe {cfg.name} is a {cfg.model} model "
+                        "(show its data with a VLM recipe and the same --set data.* keys)")
+    run_cfg, tok, model, _ = run.load()
+    return model, build_processor(run_cfg, tok, model), run_cfg
+
+
+def world_records(cfg: Config, n: int, split: str = "train") -> tuple[list[Record], Counter]:
+    """The first `n` samples of a split of the built-in world, with the turns training gives each."""
+    from graft.data.shapes import SPLITS
+    from graft.data.stream import make_world, training_turns
+
+    if split not in SPLITS:
+        raise UserError(f"--split {split!r}: not a split of the built-in world ({', '.join(SPLITS)})")
+    world, d = make_world(cfg), cfg.data
+    records = []
+    for i in range(n):
+        sample = world.sample(split, i)
+        if cfg.model == "dual":  # contrastive.pair_text
+            turns = [(d.caption_prompt, sample.caption)]
+        else:  # as TrainStream.item
+            rng = random.Random(f"turns/{d.seed}/{i}")
+            turns = training_turns(sample, rng, d.questions_per_image, d.caption_prob)
+        records.append(Record(f"{split} #{i}", sample.image, turns))
+    return records, Counter()
+
+
+def stream_records(cfg: Config, n: int) -> tuple[list[Record], Counter]:
+    """The first `n` usable records of the user's sources (one pass, at most MAX_READ records), each
+    checked by exactly what training runs (`StreamDataset.record`); the rest skipped and counted."""
+    from graft.data.check import processor_for
+    from graft.data.images import open_within
+    from graft.data.limits import bounded_turns
+    from graft.data.sources import build_sources
+    from graft.data.streaming import StreamDataset, fresh_position
+
+    sources, weights = build_sources(cfg.data)
+    ds = StreamDataset(sources, weights, processor_for(cfg), cfg.data, 1, 0, 1, 1, {}, 0)
+    log, records = skips.SkipLog(), []
+    for i, raw in islice(ds.records(0, 1, fresh_position(len(sources)), log, epochs=1), MAX_READ):
+        source = sources[i]
+        try:
+            ds.record(source, raw)  # every check training makes; then the parts to draw
+            example = source.example(raw)
+            turns, _ = bounded_turns(example.turns, cfg.data)
+            image, _ = open_within(example.image, cfg.data)
+        except BadSample as e:
+            log.skip(e.reason, source.key(raw), e.detail)
+            continue
+        records.append(Record(source.key(raw), image, turns))
+        if len(records) == n:
+            break
+    return records, log.skipped
+
+
+def ask(model, proc, run_cfg: Config, records: list[Record]) -> None:
+    """Each record's shown questions, answered greedily by the model (one turn each, image resized by
+    the processor); a question the processor cannot encode gets None."""
+    from graft.eval.vqa import answer
+
+    prompts, where = [], []
+    for r in records:
+        r.answers = [None] * min(TURNS, len(r.turns))
+        for t, (question, _) in enumerate(r.turns[:TURNS]):
+            try:
+                proc.prompt(question)
+            except BadSample:
+                continue
+            prompts.append((r.image, question))
+            where.append((r, t))
+    e = run_cfg.eval
+    for (r, t), text in zip(where, answer(model, proc, prompts, e.batch_size, e.max_new_tokens)):
+        r.answers[t] = text
+
+
+def cell_lines(r: Record, dual: bool) -> list[tuple[str, str]]:
+    """(text, colour) lines under one image: the record's key, then its caption (dual) or its first
+    TURNS turns, each with the model's answer when asked; escaped, wrapped, each part cut short."""
+    lines = [(_trim(r.key, WRAP), KEY)]
+    if dual:
+        return lines + _wrap(r.turns[0][1], "black", 4)
+    for t, (question, reference) in enumerate(r.turns[:TURNS]):
+        lines += _wrap("Q: " + question, "black", 2) + _wrap("A: " + reference, "black", 3)
+        if t < len(r.answers):
+            lines += _model_lines(r.answers[t], reference)
+    if len(r.turns) > TURNS:
+        lines.append((f"(+{len(r.turns) - TURNS} more turns)", KEY))
+    return lines
+
+
+def _model_lines(got: str | None, reference: str) -> list[tuple[str, str]]:
+    if got is None:
+        return [("model: (question not encodable)", WRONG)]
+    ok = _right(got, reference)
+    lines = _wrap("model: " + (got.strip() or "(empty)"), RIGHT if ok else WRONG, 3)
+    lines[-1] = (lines[-1][0] + (" ✓" if ok else " ✗"), lines[-1][1])  # after escaping: the mark is ours
+    return lines
+
+
+def _right(answer: str, reference: str) -> bool:
+    from graft.eval.vqa import normalise
+
+    return normalise(answer) == normalise(reference)
+
+
+def _trim(text: str, width: int) -> str:
+    """The last `width` characters of an escaped key (its record id, not its folder)."""
+    text = skips.printable(text, limit=10_000)
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def _wrap(text: str, colour: str, max_lines: int) -> list[tuple[str, str]]:
+    text = skips.printable(text, limit=WRAP * max_lines + 3)
+    lines = textwrap.wrap(text, WRAP) or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: WRAP - 3] + "..."
+    return [(line, colour) for line in lines]
+
+
+def draw(records: list[Record], cells: list[list[tuple[str, str]]]) -> bytes:
+    """A grid of COLS columns, each image over its lines; a row is as tall as its longest text.
+    Returns the PNG's bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(COLS, len(records))
+    rows = range(0, len(records), cols)
+    text_hs = [max(len(lines) for lines in cells[i : i + cols]) * LINE_H + 0.1 for i in rows]  # inches
+    W, H = cols * CELL_W, len(rows) * (IMAGE_H + 0.1) + sum(text_hs)
+    fig = plt.figure(figsize=(W, H), dpi=DPI)
+    top = H
+    for first, text_h in zip(rows, text_hs):
+        for k in range(first, min(first + cols, len(records))):
+            x = (k - first) * CELL_W + 0.08  # inches from the left; `top` from the bottom
+            image = fig.add_axes((x / W, (top - 0.05 - IMAGE_H) / H, (CELL_W - 0.1) / W, IMAGE_H / H))
+            text = fig.add_axes((x / W, (top - IMAGE_H - 0.1 - text_h) / H, (CELL_W - 0.16) / W, text_h / H))
+            _draw_cell(image, text, records[k].image, cells[k], text_h)
+        top -= IMAGE_H + 0.1 + text_h
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=DPI)
+    plt.close(fig)
+    return png.getvalue()
+
+
+def _draw_cell(image_ax, text_ax, image: Image.Image, lines: list[tuple[str, str]], text_h: float) -> None:
+    box = (round(image_ax.get_position().width * image_ax.figure.get_figwidth() * DPI), round(IMAGE_H * DPI))
+    image_ax.imshow(_scaled(image, box), interpolation="nearest")
+    image_ax.set_anchor("W")  # flush left, over its text
+    for ax in (image_ax, text_ax):
+        ax.set_axis_off()
+    for j, (text, colour) in enumerate(lines):  # data text: no mathtext, clipped to the cell
+        text_ax.text(0, 1 - j * LINE_H / text_h, text, color=colour, fontsize=FONT, va="top", ha="left",
+                     transform=text_ax.transAxes, clip_on=True, parse_math=False, usetex=False)
+
+
+def _scaled(img: Image.Image, box: tuple[int, int]) -> Image.Image:
+    """`img` fitted into `box` (w, h) pixels: blocky when enlarged, so a 24 px image stays readable."""
+    img = img.convert("RGB")
+    scale = min(box[0] / img.width, box[1] / img.height)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.NEAREST if scale > 1 else Image.BOX)

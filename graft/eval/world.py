@@ -1,0 +1,54 @@
+"""The built-in Shapes world's evaluation as one task of the registry (eval/tasks.py): `shapes`.
+
+`--data` (or an `eval.splits` entry) is a split name. A VLM is scored on VQA per question type and,
+with `eval.captions > 0`, on captions (CIDEr-D); a dual encoder on zero-shot classification and
+image↔text retrieval. The sizes come from `eval.*` (vqa_per_type, captions, zeroshot_images,
+retrieval_pairs). The world has no bad records, so the data set's `log` is None (no skip count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from graft.data.shapes import SPLITS, ShapesWorld
+from graft.data.stream import make_world
+from graft.errors import UserError
+from graft.eval.captioning import caption_cider
+from graft.eval.retrieval import retrieval
+from graft.eval.vqa import vqa_accuracy
+from graft.eval.zero_shot import zero_shot
+
+WORLD = "shapes"
+
+
+@dataclass
+class WorldSplit:
+    name: str  # the split
+    world: ShapesWorld
+    log: None = None
+
+
+def load_split(split: str, cfg) -> WorldSplit:
+    if split not in SPLITS:
+        raise UserError(f"--data {split!r}: the {WORLD} task takes a split of the built-in world ({', '.join(SPLITS)})")
+    return WorldSplit(split, make_world(cfg))
+
+
+def world_vlm(model, proc, data: WorldSplit, cfg) -> tuple[dict[str, float], list[dict]]:
+    e = cfg.eval
+    metrics, predictions = vqa_accuracy(model, proc, data.world, data.name, e.vqa_per_type, e.batch_size)
+    if e.captions > 0:
+        more, captions = caption_cider(model, proc, data.world, data.name, e.captions, e.batch_size, e.max_new_tokens)
+        metrics, predictions = metrics | more, predictions + captions
+    return metrics, predictions
+
+
+def world_dual(model, proc, data: WorldSplit, cfg) -> tuple[dict[str, float], list[dict]]:
+    """Zero-shot top-1/top-5 and image↔text Recall@1/5/10."""
+    e, metrics, predictions = cfg.eval, {}, []
+    if e.zeroshot_images > 0:
+        metrics, predictions = zero_shot(model, proc, data.world, data.name, e.zeroshot_images, e.zeroshot_file, e.batch_size)
+    if e.retrieval_pairs > 0:
+        more, pairs = retrieval(model, proc, data.world, data.name, e.retrieval_pairs, e.batch_size)
+        metrics, predictions = metrics | more, predictions + pairs
+    return metrics, predictions
