@@ -329,3 +329,20 @@ def test_eval_tasks_run_at_training_time_with_prefixes_and_are_checked_before_tr
         assert main(["train", "clip", "--out", str(tmp_path / "bad"), *SETS, "--set", bad]) == 2
         assert needle in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_several_data_sets_in_one_call_are_prefixed_by_name(clip_run, tmp_path, capsys):
+    run, _, samples, prompts = clip_run
+    for name, part in (("pets", samples[:40]), ("cars", samples[40:])):
+        for i, s in enumerate(part):
+            folder = tmp_path / name / CLASSES[s.label]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:03d}.png").write_bytes(encoded(s.image))
+    assert main(["eval", str(run), "--task", "zeroshot", "--data", str(tmp_path / "pets"), "--data",
+                 str(tmp_path / "cars"), "--set", "eval.zeroshot_file=" + str(prompts)]) == 0
+    results = json.loads((run / "eval.json").read_text())
+    assert {"pets/zeroshot_acc", "cars/zeroshot_acc", "pets/zeroshot_skipped"} <= set(results)
+    assert "zeroshot_acc" not in results
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| metric"))
+    assert "pets" in header and "cars" in header  # one column per data set
+    assert len((run / "eval_pets_zeroshot.jsonl").read_text().splitlines()) == 40

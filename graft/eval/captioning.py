@@ -1,4 +1,5 @@
-"""Caption quality as CIDEr-D (Vedantam et al. 2015), computed by `pycocoevalcap`'s scorer.
+"""Caption quality as CIDEr-D (Vedantam et al. 2015), BLEU-4 and ROUGE-L, computed by `pycocoevalcap`'s
+scorers (its METEOR and SPICE need Java, so they are left out).
 
 Captions are lower-cased and split on whitespace with punctuation removed before scoring (the
 COCO PTB tokenizer needs Java; the world's captions are plain lower-case words).
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
 
 from graft.data.shapes import CAPTION_PROMPT, ShapesWorld
 from graft.errors import UserError
@@ -50,6 +52,14 @@ def bleu4(candidates: list[str], references: list[list[str]]) -> float:
     return float(scores[3])
 
 
+def rouge_l(candidates: list[str], references: list[list[str]]) -> float:
+    """Mean ROUGE-L F-score (pycocoevalcap: longest common subsequence, beta 1.2, best reference)."""
+    gts = {i: [tokenize(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [tokenize(c)] for i, c in enumerate(candidates)}
+    score, _ = Rouge().compute_score(gts, res)
+    return float(score)
+
+
 @torch.no_grad()
 def caption_on(model, proc, data, cfg, chunk: int = 256) -> tuple[dict[str, float], list[dict]]:
     """CIDEr-D and BLEU-4 of greedy captions (prompt: the run's data.caption_prompt) for a
@@ -77,5 +87,5 @@ def caption_on(model, proc, data, cfg, chunk: int = 256) -> tuple[dict[str, floa
         raise UserError(f"--data {data.name}: no usable image (skipped: {dict(data.log.skipped)})")
     predictions = [{"id": k, "prediction": p, "reference": r, "correct": tokenize(p) in {tokenize(x) for x in r}}
                    for k, p, r in zip(keys, preds, refs)]
-    return {"caption_cider": cider(preds, refs), "caption_bleu4": bleu4(preds, refs),
+    return {"caption_cider": cider(preds, refs), "caption_bleu4": bleu4(preds, refs), "caption_rouge_l": rouge_l(preds, refs),
             "caption_exact": sum(p["correct"] for p in predictions) / len(predictions)}, predictions

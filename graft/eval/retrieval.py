@@ -8,7 +8,10 @@ caption, not only when it is the very same index.
 
 from __future__ import annotations
 
+import sys
+
 import torch
+from tqdm import tqdm
 
 from graft.data.contrastive import pair_text
 from graft.data.samples import BadSample
@@ -50,7 +53,7 @@ def retrieval_on(model, proc, data, cfg) -> tuple[dict[str, float], list[dict]]:
     from graft.data.images import open_within
 
     d, images, captions, owner, keys = cfg.data, [], [], [], []
-    for key, raw, caps in data.items():
+    for key, raw, caps in tqdm(data.items(), desc="retrieval", unit="image", disable=not sys.stderr.isatty()):
         try:
             images.append(open_within(raw, d)[0])
         except BadSample as e:
