@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from graft.data.shapes import ShapesWorld
 from graft.data.tokenizer import ChatTokenizer, world_corpus
-from graft.losses import clip_loss, siglip_loss
+from graft.losses import batch_loss, clip_loss, siglip_loss
 from graft.recipes import clip, siglip
 from graft.data.contrastive import ContrastiveStream
 from graft.data.stream import make_world
@@ -54,7 +54,7 @@ def throughput(recipe, tok, steps: int, batch: int) -> dict:
     theirs = hf_twin(cfg, len(tok), tok.eos)
     data = ContrastiveStream(make_world(cfg), build_processor(cfg, tok, ours), cfg.train.batch_size, 1).batch(0, 0)
     runs = {
-        "graft": (ours, lambda: ours(**data)[1]),
+        "graft": (ours, lambda: batch_loss(ours, data)),
         "hf": (theirs, lambda: theirs(input_ids=data["input_ids"], pixel_values=data["pixel_values"], return_loss=True).loss),
     }
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in runs.items()}

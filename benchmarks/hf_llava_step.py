@@ -25,6 +25,7 @@ import torch
 from graft.config import apply_overrides
 from graft.data.stream import TrainStream, make_world
 from graft.data.tokenizer import ChatTokenizer, world_corpus
+from graft.losses import batch_loss
 from graft.models.hf_llava import to_llava
 from graft.recipes import RECIPES
 from graft.rundir import build_model, build_processor
@@ -60,7 +61,7 @@ def build(args):
 
 
 def graft_loss(model, batch):
-    return model(**batch)[1]
+    return batch_loss(model, batch)
 
 
 def hf_loss(model, batch):

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from graft import atomic
-from graft.config_checks import MODEL_KINDS, PARTS, uses_packing, validate  # noqa: F401 (re-exported)
+from graft.config_checks import uses_packing, validate  # noqa: F401 (re-exported)
 from graft.data.limits import IMAGE_FORMATS
 from graft.data.shapes import CAPTION_PROMPT
 from graft.errors import UserError
@@ -96,6 +96,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: evaluate only at the end
     peak_flops: float = 0.0  # for MFU; 0 = measure (CPU) or look up the datasheet (GPU)
+    # Weight of each named loss of the model (e.g. {itc: 1, itm: 0.5}); a loss not listed weighs 1.
+    objectives: dict[str, float] = field(default_factory=dict)
     progress: bool = True
 
 
@@ -151,6 +153,11 @@ def _coerce(key: str, value, tp):
                 return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0])
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' expects a mapping such as {{lm: 1}}, got {value!r}")
+        return {_coerce(key, k, key_type): _coerce(key, v, value_type) for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
@@ -219,7 +226,21 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         except yaml.YAMLError:
             value = text
         set_key(cfg, key.strip(), text if _expects_str(cfg, key.strip()) else value)
+    _check_sections(cfg, [item.partition("=")[0].strip() for item in overrides])
     return validate(cfg)
+
+
+def _check_sections(cfg: Config, keys: list[str]) -> None:
+    """A key of a model section the chosen design does not read (e.g. `connector.*` for a dual
+    encoder) would change nothing: refuse it."""
+    from graft.designs import MODEL_SECTIONS, design
+
+    reads = design(cfg.model).sections
+    for key in keys:
+        section = key.split(".")[0]
+        if section in MODEL_SECTIONS and section not in reads:
+            raise UserError(f"--set {key}: model={cfg.model} does not read the '{section}' section "
+                            f"(it reads {', '.join(reads)})")
 
 
 def _expects_str(cfg: Config, dotted: str) -> bool:

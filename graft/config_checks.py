@@ -12,16 +12,10 @@ from typing import TYPE_CHECKING
 
 from graft.data.limits import check_image_formats
 from graft.errors import UserError
-from graft.models.connectors import ConnectorConfig
-from graft.models.dual_encoder import PARTS as DUAL_PARTS
-from graft.models.dual_encoder import ContrastiveConfig
-from graft.models.text_encoder import TextConfig
 
 if TYPE_CHECKING:
     from graft.config import Config, DataConfig
 
-PARTS = ("vision", "connector", "lm")
-MODEL_KINDS = ("vlm", "dual")  # vlm: VisionEncoder → Connector → LM; dual: contrastive image + text towers
 
 
 def validate(cfg: Config) -> Config:
@@ -39,16 +33,22 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"lm head dim {lm.hidden_size // lm.heads} must be even for RoPE")
     if not -v.layers <= v.feature_layer < v.layers:
         raise UserError(f"vision.feature_layer={v.feature_layer} is out of range for {v.layers} layers")
-    parts = DUAL_PARTS if cfg.model == "dual" else PARTS
+    from graft.designs import design
+
+    entry = design(cfg.model)  # names an unknown model
     for part in cfg.train.freeze:
-        if part not in parts:
-            raise UserError(f"train.freeze: unknown part '{part}' (valid: {', '.join(parts)})")
-    if cfg.model == "vlm" and set(PARTS) <= set(cfg.train.freeze):
-        raise UserError(f"train.freeze freezes every part ({', '.join(PARTS)}): nothing would train")
+        if part not in entry.parts:
+            raise UserError(f"train.freeze: unknown part '{part}' (valid: {', '.join(entry.parts)})")
+    for name, weight in cfg.train.objectives.items():
+        if name not in entry.losses:
+            raise UserError(f"train.objectives: {name!r} is not a loss of model={cfg.model} (its losses: {', '.join(entry.losses)})")
+        if not 0 <= weight < float("inf"):
+            raise UserError(f"train.objectives: the weight of {name} is {weight}; it must be finite and ≥ 0")
+    if not any(cfg.train.objectives.get(name, 1.0) > 0 for name in entry.losses):
+        raise UserError("train.objectives: every loss weighs 0, nothing would train")
     choices = {
         "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
-        "model": (cfg.model, MODEL_KINDS),
     }
     from graft.data.sources import SOURCES
 
@@ -91,15 +91,15 @@ def validate(cfg: Config) -> Config:
     _validate_hf(cfg)
     if cfg.data.pack is True and not _can_pack(cfg):
         raise UserError("data.pack=true needs data.source=shapes, model=vlm and the built-in LM (no lm.hf_path)")
-    ConnectorConfig.check(cfg.connector)
-    if cfg.model == "dual":
-        _validate_dual(cfg)
+    design(cfg.model).validate(cfg)
     return cfg
 
 
 def _can_pack(cfg: Config) -> bool:
     """Packing (data/packing.py) needs the built-in world's stream and the built-in LM's document mask."""
-    return cfg.data.source == "shapes" and cfg.model == "vlm" and not cfg.lm.hf_path
+    from graft.designs import design
+
+    return cfg.data.source == "shapes" and design(cfg.model).packs and not cfg.lm.hf_path
 
 
 def uses_packing(cfg: Config) -> bool:
@@ -119,22 +119,6 @@ def _validate_tasks(cfg: Config) -> None:
             raise UserError(f"eval.tasks: {entry!r} is not TASK=PATH (e.g. zeroshot=/data/pets)")
         if not check_task(name, cfg.model, f"eval.tasks {entry!r}").exists(path):
             raise UserError(f"eval.tasks: {path} (for {name}) not found")
-
-
-def _validate_dual(cfg: Config) -> None:
-    TextConfig.check(cfg.text)
-    ContrastiveConfig.check(cfg.contrastive)
-    if cfg.eval.zeroshot_prompt is not None:
-        raise UserError("eval.zeroshot_prompt is for VLM runs (a dual encoder scores class names by their embeddings)")
-    if cfg.contrastive.shared_tower and "text" in cfg.train.freeze:
-        raise UserError("train.freeze: 'text' has no tower of its own when contrastive.shared_tower=true (CLIPPO)")
-    for key in ("zeroshot_images", "retrieval_pairs"):
-        if getattr(cfg.eval, key) < 0:
-            raise UserError(f"eval.{key}={getattr(cfg.eval, key)} must not be negative")
-    if cfg.eval.zeroshot_file and cfg.eval.splits:
-        from graft.eval.zero_shot import load_prompts
-
-        load_prompts(cfg.eval.zeroshot_file)  # the world's zero-shot: its 24 classes (checked now, not after training)
 
 
 def _validate_streaming(d: DataConfig) -> None:

@@ -3,6 +3,10 @@
 clip_loss, siglip_loss: contrastive image–text losses, on one process or gathered across many.
 
 lm_loss: next-token cross-entropy on the positions whose label is not -100 (the answer tokens).
+
+Models return their objectives by name as *local sums* (`lm_loss_sum`, `as_local_sum`), and state
+what each sum counts (`model.loss_counts(**batch)`); the trainer divides by the count summed over
+micro-batches and processes, so that accumulation and N processes give one big batch's gradients.
 """
 
 from __future__ import annotations
@@ -13,15 +17,54 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """`t` in fp32, or in its own precision when higher (fp64 stays fp64: gradcheck can check a loss)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ over supervised positions of -log p(labels[t+1] | tokens ≤ t): `lm_loss` before dividing by
+    the number of supervised positions (`supervised(labels)`)."""
+    logits = at_least_fp32(logits[:, :-1]).reshape(-1, logits.shape[-1])
+    return F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def supervised(labels: torch.Tensor) -> torch.Tensor:
+    """How many positions `lm_loss_sum` sums over."""
+    return (labels[:, 1:] != IGNORE).sum()
+
+
+def as_local_sum(global_mean: torch.Tensor, local: int, total: int) -> torch.Tensor:
+    """A loss over gathered features (value: the global batch's mean, gradient: this rank's share of
+    it, as `clip_loss` / `siglip_loss` return it) as a local sum over `local` of `total` items:
+    value mean x local, gradient total x the share, so that dividing by `total` restores both."""
+    scaled = global_mean * total
+    return scaled - (scaled - global_mean.detach() * local).detach()
+
+
+def weighted(losses: dict, counts: dict, weights: dict | None = None) -> torch.Tensor:
+    """Σ_name weight x local sum / count: the objective of named local-sum losses (weight 1 each
+    unless given; counts as the trainer sums them over micro-batches and processes)."""
+    weights = weights or dict.fromkeys(losses, 1.0)
+    return sum(weights[name] * losses[name] / max(counts[name], 1) for name in weights)
+
+
+def batch_loss(model, batch: dict) -> torch.Tensor:
+    """A model's loss on one batch as one process would train on it: its named losses, each a mean."""
+    _, losses = model(**batch)
+    return weighted(losses, model.loss_counts(**batch))
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over supervised positions of -log p(labels[t+1] | tokens ≤ t).
 
     logits (B, T, V), labels (B, T) aligned with the input ids (the shift happens here); labels are
-    -100 on prompt, image and padding positions so only answer tokens are learned. Computed in fp32.
+    -100 on prompt, image and padding positions so only answer tokens are learned. Computed in fp32
+    (fp64 logits: in fp64).
     Memory: one (B·T, V) fp32 copy of the logits.  If no position is supervised the loss is 0
     (with a gradient), never NaN.
     """
-    logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    logits = at_least_fp32(logits[:, :-1]).reshape(-1, logits.shape[-1])
     targets = labels[:, 1:].reshape(-1)
     n = (targets != IGNORE).sum()
     total = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
@@ -61,8 +104,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     x, y, offset = _local_and_gathered(image_features, text_features, rank, world_size, group)
     b = image_features.shape[0]
     targets = torch.arange(offset, offset + b, device=image_features.device)
-    i2t = _chunked(_ce_rows, image_features.float(), y, logit_scale, targets, chunk_size)
-    t2i = _chunked(_ce_rows, text_features.float(), x, logit_scale, targets, chunk_size)
+    i2t = _chunked(_ce_rows, at_least_fp32(image_features), y, logit_scale, targets, chunk_size)
+    t2i = _chunked(_ce_rows, at_least_fp32(text_features), x, logit_scale, targets, chunk_size)
     return _global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
 
 
@@ -82,7 +125,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     them; gathering costs O(N·D) more, small next to the logits).
     """
     _, y, offset = _local_and_gathered(None, text_features, rank, world_size, group)
-    x = image_features.float()
+    x = at_least_fp32(image_features)
     cols = torch.arange(y.shape[0], device=x.device)
     total = x.new_zeros(())
     step = chunk_size if chunk_size > 0 else y.shape[0]
@@ -102,7 +145,7 @@ def _sigmoid_block(x, y_block, cols, logit_scale, logit_bias, offset: int):
     """Σ -log σ(z · (t · x·yᵀ + b)) over one (b, c) block; z = +1 where column = offset + row."""
     logits = logit_scale * x @ y_block.T + logit_bias  # (b, c)
     rows = torch.arange(x.shape[0], device=x.device) + offset
-    z = torch.where(rows[:, None] == cols[None, :], 1.0, -1.0)
+    z = torch.where(rows[:, None] == cols[None, :], 1.0, -1.0).to(logits.dtype)
     return -F.logsigmoid(z * logits).sum()
 
 
@@ -123,15 +166,15 @@ def _checkpoint(fn, *args):
 def _local_and_gathered(image_features, text_features, rank: int, world_size: int, group):
     """All ranks' image and text features (N, D) in rank order, and this rank's row offset."""
     if world_size == 1:
-        x = None if image_features is None else image_features.float()
-        return x, text_features.float(), 0
+        x = None if image_features is None else at_least_fp32(image_features)
+        return x, at_least_fp32(text_features), 0
     import torch.distributed as dist
     import torch.distributed.nn.functional as dist_fn
 
     if dist.get_world_size(group) != world_size or dist.get_rank(group) != rank:
         raise ValueError(f"rank={rank}, world_size={world_size} disagree with the process group "
                          f"({dist.get_rank(group)} of {dist.get_world_size(group)})")
-    gather = lambda t: torch.cat(dist_fn.all_gather(t.float().contiguous(), group=group))  # noqa: E731
+    gather = lambda t: torch.cat(dist_fn.all_gather(at_least_fp32(t).contiguous(), group=group))  # noqa: E731
     x = None if image_features is None else gather(image_features)
     return x, gather(text_features), rank * text_features.shape[0]
 

@@ -12,18 +12,16 @@ import os
 import shutil
 from pathlib import Path
 
+from torch import nn
+
 from graft import atomic
 from graft import config as config_mod
 from graft.config import Config
-from graft.data.contrastive import ContrastiveProcessor
-from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
-from graft.data.processor import Processor
+from graft.data.hf_tokenizer import HFChatTokenizer
 from graft.data.tokenizer import ChatTokenizer
+from graft.designs import design
 from graft.errors import UserError
-from graft.models.dual_encoder import DualEncoder
-from graft.models.hf_backbones import HFLanguageModel, HFVisionTower, resolve_lm, resolve_vision
-from graft.models.lora import add_lora
-from graft.models.vlm import VLM
+from graft.models.hf_backbones import resolve_lm, resolve_vision
 from graft.train import checkpoint
 
 
@@ -67,16 +65,16 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         return checkpoint.latest(self.checkpoints)
 
-    def load(self) -> tuple[Config, ChatTokenizer, VLM, Path]:
+    def load(self) -> tuple[Config, ChatTokenizer, nn.Module, Path]:
         """Config, tokenizer and the model with the latest checkpoint's weights (eval mode, CPU)."""
         self.require()
         cfg, tok = self.config(), self.tokenizer()
         ckpt = self.latest_checkpoint()
         if ckpt is None:
             raise UserError(f"{self.path} has no complete checkpoint under checkpoints/")
-        model = build_model(cfg, tok, pretrained=False)  # every weight comes from the checkpoint
-        if cfg.lm.lora_rank:
-            add_lora(model.lm, cfg.lm)
+        from graft.build import assemble
+
+        model = assemble(cfg, tok, init=False)  # every weight comes from the checkpoint
         checkpoint.load_weights(model, ckpt)
         return cfg, tok, model.eval(), ckpt
 
@@ -90,34 +88,15 @@ def resolve_backbones(cfg: Config, tok) -> Config:
     return config_mod.validate(cfg)  # e.g. vision.feature_layer against the tower's real depth
 
 
-def build_model(cfg: Config, tok, pretrained: bool = True) -> VLM:
-    """The VLM of `cfg`; HF backbones load their folder's weights unless pretrained=False."""
-    if cfg.model == "dual":
-        return _build_dual(cfg, tok)
-    if cfg.lm.vocab_size == 0:
-        cfg.lm.vocab_size = len(tok)  # resolved here and saved with the config
-    elif cfg.lm.vocab_size < len(tok):
-        raise UserError(f"lm.vocab_size={cfg.lm.vocab_size} is smaller than the tokenizer's {len(tok)}")
-    vision = HFVisionTower.load(cfg.vision, pretrained) if cfg.vision.hf_path else cfg.vision
-    lm = HFLanguageModel.load(cfg.lm, pretrained) if cfg.lm.hf_path else cfg.lm
-    return VLM(vision, cfg.connector, lm, tok.image)
+def build_model(cfg: Config, tok, pretrained: bool = True):
+    """The model of `cfg`'s design (graft/designs.py); HF backbones load their folder's weights
+    unless pretrained=False."""
+    return design(cfg.model).build(cfg, tok, pretrained)
 
 
-def build_processor(cfg: Config, tok, model: VLM) -> Processor:
-    v = cfg.vision
-    if cfg.model == "dual":
-        c = cfg.contrastive
-        return ContrastiveProcessor(tok, v.image_size, cfg.text.max_len, c.shared_tower, c.render_font_size)
-    cls = TemplateProcessor if isinstance(tok, HFChatTokenizer) else Processor
-    return cls(tok, v.image_size, model.num_image_tokens, cfg.lm.max_seq_len, v.image_mean, v.image_std)
-
-
-def _build_dual(cfg: Config, tok: ChatTokenizer) -> DualEncoder:
-    if cfg.text.vocab_size == 0:
-        cfg.text.vocab_size = len(tok)  # resolved here and saved with the config
-    elif cfg.text.vocab_size < len(tok):
-        raise UserError(f"text.vocab_size={cfg.text.vocab_size} is smaller than the tokenizer's {len(tok)}")
-    return DualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos)
+def build_processor(cfg: Config, tok, model):
+    """What turns records into the model's rows and batches, for `cfg`'s design."""
+    return design(cfg.model).processor(cfg, tok, model)
 
 
 # ---- vision.init_from: a tower from another run ---------------------------------------------------

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
 from graft.data.stream import TrainStream
-from graft.losses import IGNORE
+from graft.losses import IGNORE, batch_loss
 from graft.models.lora import add_lora, merge_lora
 from graft.recipes import tiny
 from graft.rundir import RunDir, build_model, build_processor, resolve_backbones
@@ -98,7 +98,7 @@ def test_lora_trains_only_adapters_and_connector(hf):
     losses = []
     for _ in range(6):
         opt.zero_grad()
-        loss = model(**batch)[1]
+        loss = batch_loss(model, batch)
         loss.backward()
         assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -167,3 +167,30 @@ def test_bad_hf_settings_are_one_line_errors(hf, tmp_path, capsys):
         assert main(["train", "tiny", "--out", out, "--set", "train.progress=false", *args]) == 2, args
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_data_check_reads_records_as_the_run_will(hf, tmp_path):
+    """`graft data check` (and `data show`) go through the one assembly path (graft/build.py): with
+    lm.hf_path the LM's own tokenizer and chat template judge truncation and placeholders, with
+    train.init_from the initialising run's tokenizer (a bug: both used to be graft's own)."""
+    from graft.build import processor_for, resolve, tokenizer_for
+    from graft.config import apply_overrides
+    from graft.data.check import check_data
+    from graft.recipes import llava_stage1
+
+    cfg = apply_overrides(llava_stage1(), [f"lm.hf_path={hf['qwen2']}", f"vision.hf_path={hf['siglip']}",
+                                           "lm.max_seq_len=40"])
+    before = repr(cfg)
+    proc = processor_for(cfg)
+    assert repr(cfg) == before  # the assembly path never changes the config it is given
+    assert isinstance(proc, TemplateProcessor) and proc.tok.tok.name_or_path == str(hf["qwen2"])
+    resolved, _ = resolve(cfg, proc.tok)
+    assert proc.num_image_tokens == build_model(resolved, proc.tok).num_image_tokens  # the HF tower's grid
+    result = check_data(cfg, proc, 20)
+    assert result.used + sum(result.skipped.values()) == 20 and result.used > 0
+
+    run = tmp_path / "tiny"
+    assert cli("train", "tiny", "--out", str(run), *sets("train.steps=2", "eval.splits=", "train.progress=false"))
+    init = apply_overrides(tiny(), [f"train.init_from={run}"])
+    assert tokenizer_for(init).tok.to_str() == RunDir(run).tokenizer().tok.to_str()
+    assert processor_for(init).tok.tok.to_str() == RunDir(run).tokenizer().tok.to_str()

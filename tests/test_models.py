@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from graft.losses import IGNORE, lm_loss
+from graft.losses import IGNORE, batch_loss, lm_loss
 from tests.helpers import tiny_vlm
 
 
@@ -19,7 +19,8 @@ def test_forward_shapes_and_loss(kind):
     torch.manual_seed(0)
     model, proc = tiny_vlm(kind)
     ids, labels, pix = batch(proc)
-    logits, loss = model(ids, pix, labels)
+    logits, _ = model(ids, pix, labels)
+    loss = batch_loss(model, {"input_ids": ids, "pixel_values": pix, "labels": labels})
     assert logits.shape == (2, ids.shape[1], model.lm.cfg.vocab_size)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
@@ -63,8 +64,7 @@ def test_freeze_parts():
     model, proc = tiny_vlm()
     model.freeze(["vision", "lm"])
     ids, labels, pix = batch(proc)
-    _, loss = model(ids, pix, labels)
-    loss.backward()
+    batch_loss(model, {"input_ids": ids, "pixel_values": pix, "labels": labels}).backward()
     assert all(p.grad is None for p in model.vision.parameters())
     assert all(p.grad is None for p in model.lm.parameters())
     assert all(p.grad is not None for p in model.connector.parameters())

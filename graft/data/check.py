@@ -16,8 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
 
-import torch
-
+from graft.build import processor_for  # noqa: F401 (re-exported: what data check reads records with)
 from graft.config import Config
 from graft.data import skips
 from graft.data.loader import row_problems
@@ -75,19 +74,3 @@ def _check_world(cfg: Config, proc, n: int) -> tuple[int, Counter, Counter, int]
     notes = Counter(sequence_truncated=sum(len(ids) > proc.max_seq_len for ids, _, _ in rows))
     problems = row_problems(collate(rows, proc.tok.pad), proc) if rows else Counter()
     return len(rows) - sum(problems.values()), problems, notes, len(rows)
-
-
-@torch.no_grad()
-def processor_for(cfg: Config):
-    """The processor training would use, without allocating the model (built on the meta device)."""
-    from graft.data.sources import training_corpus
-    from graft.data.tokenizer import ChatTokenizer
-    from graft.rundir import build_model, build_processor
-
-    if cfg.data.tokenizer:
-        tok = ChatTokenizer.load(cfg.data.tokenizer)
-    else:
-        tok = ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size)
-    with torch.device("meta"):
-        model = build_model(cfg, tok)
-    return build_processor(cfg, tok, model)

@@ -46,16 +46,11 @@ def build_sources(d: DataConfig) -> tuple[list, list[float]]:
 
 def build_stream(cfg: Config, proc, rt, checkpoint: Path | None = None):
     """The trainer's micro-batch stream for this rank, resumed from `checkpoint`'s data position."""
-    from graft.data.loader import PureBatches, ShapesBatches, StreamBatches
-    from graft.data.stream import TrainStream, make_world
+    from graft.data.loader import StreamBatches
+    from graft.designs import design
 
-    if cfg.data.source == "shapes" and cfg.model == "dual":  # the world's image–caption pairs
-        from graft.data.contrastive import ContrastiveStream
-
-        t = cfg.train
-        return PureBatches(ContrastiveStream(make_world(cfg), proc, t.batch_size, t.grad_accum, rt.rank, rt.world_size))
-    if cfg.data.source == "shapes":
-        return ShapesBatches(TrainStream(cfg, proc, rt.rank, rt.world_size), cfg)
+    if cfg.data.source == "shapes":  # the built-in world, as the design trains on it
+        return design(cfg.model).world_batches(cfg, proc, rt)
     # every design reads a streaming source the same way; the processor makes its rows and batches
     saved = json.loads((checkpoint / "meta.json").read_text()).get("data") if checkpoint else None
     sources, weights = build_sources(cfg.data)

@@ -1,9 +1,9 @@
 """The registry of evaluation tasks: `graft eval RUN --task NAME --data PATH [--data PATH2] [--set eval.KEY=...]`,
 `eval.tasks: [NAME=PATH, ...]` at training time, and the built-in world's evaluation (`shapes`).
 
-One entry per task (a `Task`): a loader (path, config) → a data set, and one scorer per run kind it
-can score — "dual" (a dual encoder: embeddings) and/or "vlm" (a VLM: text likelihoods and
-generation) — each (model, processor, data set, config) → (metrics, per-example predictions). A new
+One entry per task (a `Task`): a loader (path, config) → a data set, and one scorer per design kind it
+can score (graft/designs.py) — "dual" (a dual encoder: embeddings) and/or "vlm" (a VLM: text
+likelihoods and generation) — each (model, processor, data set, config) → (metrics, per-example predictions). A new
 task is one loader, its scorers and one line in `TASKS`. The harness (eval/harness.py) writes the
 metrics to `RUN/eval.json` and the predictions (id, prediction, reference, correct) to
 `RUN/eval_<task>.jsonl`.
@@ -25,6 +25,7 @@ from typing import Callable
 
 from graft.data.shapes import SPLITS
 from graft.data.skips import records_skipped
+from graft.designs import design
 from graft.errors import UserError
 from graft.eval.captioned import load_captioned
 from graft.eval.captioning import caption_on
@@ -54,13 +55,13 @@ TASKS = {
 KINDS = {"dual": "a dual-encoder run (clip, siglip, clippo, lit)", "vlm": "a VLM run (it generates text)"}
 
 
-def check_task(name: str, kind: str, where: str) -> Task:
-    """The task `name`, if it can score a run of this kind; else a one-line UserError."""
+def check_task(name: str, model: str, where: str) -> Task:
+    """The task `name`, if it can score a run of this design (`model`); else a one-line UserError."""
     if name not in TASKS:
         raise UserError(f"{where}: unknown task {name!r} (valid: {', '.join(TASKS)})")
     task = TASKS[name]
-    if kind not in task.score:
-        raise UserError(f"{where}: {name} needs {' or '.join(KINDS[k] for k in task.score)}; this run is model={kind}")
+    if design(model).kind not in task.score:
+        raise UserError(f"{where}: {name} needs {' or '.join(KINDS[k] for k in task.score)}; this run is model={model}")
     return task
 
 
@@ -68,7 +69,7 @@ def run_task(name: str, model, proc, cfg, path: str) -> tuple[dict[str, float], 
     """Metrics (with `<name>_skipped`: records and images skipped as bad) and per-example predictions."""
     task = check_task(name, cfg.model, f"--task {name}")
     data = task.load(path, cfg)
-    metrics, predictions = task.score[cfg.model](model, proc, data, cfg)
+    metrics, predictions = task.score[design(cfg.model).kind](model, proc, data, cfg)
     if data.log is not None:
         metrics |= {f"{name}_skipped": records_skipped(data.log.skipped)}
     return metrics, predictions

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.errors import UserError
-from graft.losses import clip_loss, siglip_loss
+from graft.losses import as_local_sum, clip_loss, siglip_loss
 from graft.models.text_encoder import TextConfig, TextTower
 from graft.models.vit import MLP, ViT, VisionConfig
 
@@ -74,9 +74,8 @@ class MeanPool(nn.Module):
 
 
 class DualEncoder(nn.Module):
-    # The loss already averages over the global batch (features are gathered from every rank),
-    # so a DDP trainer must undo DDP's gradient averaging (train/loop.py).
-    global_batch_loss = True
+    # The loss already averages over the global batch (features are gathered from every rank), so
+    # a DDP trainer must undo DDP's gradient averaging: `global_batch_loss` of its design entry.
 
     def __init__(self, vision: VisionConfig, text: TextConfig, cfg: ContrastiveConfig, eos_id: int):
         super().__init__()
@@ -121,7 +120,15 @@ class DualEncoder(nn.Module):
                            chunk_size=self.cfg.chunk_size, **world)
 
     def forward(self, pixel_values, input_ids=None, text_pixels=None):
-        """Returns ((image_emb, text_emb), loss)."""
+        """Returns ((image_emb, text_emb), {"itc": the contrastive loss as a local sum over this
+        process's pairs}) — divided by the pairs of all processes it is the global batch's loss."""
         image_emb = self.encode_image(pixel_values)
         text_emb = self.encode_text(input_ids, text_pixels)
-        return (image_emb, text_emb), self.loss(image_emb, text_emb)
+        n = image_emb.shape[0]
+        world = dist.get_world_size() if self.training and dist.is_available() and dist.is_initialized() else 1
+        return (image_emb, text_emb), {"itc": as_local_sum(self.loss(image_emb, text_emb), n, n * world)}
+
+    @staticmethod
+    def loss_counts(pixel_values, **batch) -> dict[str, int]:
+        """What each loss of `forward` sums over: the image–text pairs."""
+        return {"itc": pixel_values.shape[0]}

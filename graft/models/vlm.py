@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graft.losses import lm_loss
+from graft.losses import lm_loss_sum, supervised
 from graft.models.connectors import ConnectorConfig, build_connector
 from graft.models.decoder import KVCache, LanguageModel, LMConfig
 from graft.models.vit import ViT, VisionConfig
@@ -67,10 +67,15 @@ class VLM(nn.Module):
         return embeds.masked_scatter(slots[..., None], image_tokens.to(embeds.dtype))
 
     def forward(self, input_ids, pixel_values, labels=None, cache: KVCache | None = None, **packed):
-        """Returns (logits (B, T, vocab), loss or None). `packed`: position_ids and doc_ids of packed
-        rows (data/packing.py), for the built-in decoder."""
+        """Returns (logits (B, T, vocab), {"lm": Σ answer-token losses} or {} without labels).
+        `packed`: position_ids and doc_ids of packed rows (data/packing.py), for the built-in decoder."""
         logits = self.lm(inputs_embeds=self.embed(input_ids, pixel_values), cache=cache, **packed)
-        return logits, (lm_loss(logits, labels) if labels is not None else None)
+        return logits, ({"lm": lm_loss_sum(logits, labels)} if labels is not None else {})
+
+    @staticmethod
+    def loss_counts(labels, **batch) -> dict[str, int]:
+        """What each loss of `forward` sums over: the supervised (answer) tokens."""
+        return {"lm": int(supervised(labels))}
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values, max_new_tokens: int, eos_id: int) -> list[list[int]]:

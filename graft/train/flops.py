@@ -64,11 +64,3 @@ def dual_step_flops(model, pairs: int) -> float:
     attn = len(tt.encoder.layers) * 2 * L * L * dt // (2 if tt.cfg.causal else 1)
     text = 2 * pairs * (_params(tt.encoder) * L + attn + _params(model.text_proj)) * _passes(_trainable(tt), False)
     return float(image + text)
-
-
-def step_flops(model, images: int, lm_tokens: int, lm_context: int) -> float:
-    from graft.models.dual_encoder import DualEncoder
-
-    if isinstance(model, DualEncoder):
-        return dual_step_flops(model, images)
-    return vlm_step_flops(model, images, lm_tokens, lm_context)

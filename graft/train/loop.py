@@ -19,16 +19,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from graft import atomic
 from graft import config as config_mod
 from graft.config import Config
-from graft.data.hf_tokenizer import HFChatTokenizer
-from graft.data.sources import build_stream, training_corpus
-from graft.data.tokenizer import ChatTokenizer
+from graft.build import assemble, resolve, tokenizer_for
+from graft.data.sources import build_stream
+from graft.designs import design
 from graft.errors import UserError
 from graft.eval.harness import entries, evaluate, unprefixed
-from graft.models.lora import add_lora, merge_lora
+from graft.losses import weighted
 from graft.report import write_report
-from graft.rundir import RunDir, adopt_vision_arch, build_model, build_processor, load_vision, resolve_backbones
+from graft.rundir import RunDir, build_processor
 from graft.train import checkpoint, runtime
-from graft.train.flops import causal_context, step_flops
 from graft.train.metrics import MetricsLog
 from graft.train.optim import build_optimizer, build_scheduler
 
@@ -43,20 +42,12 @@ def train(cfg: Config, out: str | Path) -> dict:
     run = RunDir(out)
     rt = runtime.setup(cfg.train.device, cfg.train.precision)
     torch.manual_seed(cfg.train.seed)
-    if cfg.vision.init_from:
-        changes = adopt_vision_arch(cfg)
-        if changes and rt.is_main:
-            print(f"vision.init_from: took {', '.join(changes)} from {cfg.vision.init_from}", flush=True)
-    cfg, tok = _prepare_run_dir(cfg, run, rt)
-    model = build_model(cfg, tok)
-    if cfg.train.init_from:
-        _init_from(model, cfg.train.init_from)
-    if cfg.vision.init_from:
-        # A locked image head must be the run's too: a random projection, frozen, could not be learned around.
-        load_vision(model, cfg.vision.init_from, image_head="image_head" in cfg.train.freeze)
-    if cfg.lm.lora_rank:  # after init_from, so a run without adapters can initialise one with them
-        add_lora(model.lm, cfg.lm)
-    model.freeze(cfg.train.freeze)
+    tok = tokenizer_for(cfg, run)
+    cfg, changes = resolve(cfg, tok)
+    if changes and rt.is_main:
+        print(f"vision.init_from: took {', '.join(changes)} from {cfg.vision.init_from}", flush=True)
+    _prepare_run_dir(cfg, tok, run, rt)
+    model = assemble(cfg, tok)
     model.to(rt.device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
@@ -74,7 +65,7 @@ def train(cfg: Config, out: str | Path) -> dict:
         window.add(stats)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            record = window.record(done, runtime.all_mean(loss, rt), grad_norm, scheduler, model, rt, peak)
+            record = window.record(done, loss, grad_norm, scheduler, model, rt, peak, cfg)  # loss: global already
             record |= stream.stats(rt)  # data_skipped counts by reason, summed over ranks
             log.log(record)
             if bar is not None:
@@ -102,16 +93,12 @@ def train(cfg: Config, out: str | Path) -> dict:
     return results
 
 
-def _prepare_run_dir(cfg: Config, run: RunDir, rt) -> tuple[Config, ChatTokenizer]:
-    """Write (or check) config.yaml and tokenizer.json; returns the resolved config and tokenizer."""
+def _prepare_run_dir(cfg: Config, tok, run: RunDir, rt) -> None:
+    """Write (or check against the run's) config.yaml and the tokenizer."""
     if run.path.exists() and not run.path.is_dir():
         raise UserError(f"--out {run.path} exists and is not a directory")
-    tok = _tokenizer(cfg, run)
-    cfg = resolve_backbones(cfg, tok)  # HF folders' architecture, so config.yaml says what trains
     if run.config_path.exists():
         _check_same_run(run.config(), cfg, run)
-    if cfg.lm.vocab_size == 0:
-        cfg.lm.vocab_size = len(tok)
     if rt.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         if not run.has_tokenizer():
@@ -120,23 +107,6 @@ def _prepare_run_dir(cfg: Config, run: RunDir, rt) -> tuple[Config, ChatTokenize
         checkpoint.clean_partial(run.checkpoints)
     if rt.world_size > 1:
         torch.distributed.barrier()
-    return cfg, tok
-
-
-def _tokenizer(cfg: Config, run: RunDir):
-    """The run's own; else the HF LM's; else data.tokenizer; else init_from's; else trained on the world."""
-    if run.has_tokenizer():
-        return run.tokenizer()
-    if cfg.lm.hf_path:
-        return HFChatTokenizer.load(cfg.lm.hf_path, key="lm.hf_path")
-    if cfg.data.tokenizer:
-        return ChatTokenizer.load(Path(cfg.data.tokenizer))
-    src = Path(cfg.train.init_from) if cfg.train.init_from else None
-    if src is not None and RunDir(src).has_tokenizer():
-        return RunDir(src).tokenizer()
-    if src is not None and (src / "tokenizer.json").is_file():  # an exported HF folder
-        return ChatTokenizer.load(src / "tokenizer.json")
-    return ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size)
 
 
 def _check_same_run(old: Config, new: Config, run: RunDir) -> None:
@@ -158,30 +128,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _init_from(model, path: str) -> None:
-    """Weights from a graft run (LoRA merged) or an exported HF LLaVA folder (config.json)."""
-    src = RunDir(path)
-    if not src.config_path.is_file() and (Path(path) / "config.json").is_file():
-        from graft.models.hf_llava import load_llava_weights  # imports transformers: only when needed
-
-        load_llava_weights(model, path)
-        return
-    src.require()
-    ckpt = src.latest_checkpoint()
-    if ckpt is None:
-        raise UserError(f"train.init_from: {path} has no complete checkpoint")
-    if not src.config().lm.lora_rank:
-        checkpoint.load_weights(model, ckpt)
-        return
-    with torch.random.fork_rng():  # building the source model must not move this run's RNG
-        _, _, source, _ = src.load()
-    merge_lora(source.lm)  # adapters folded in: the names are those of a model without LoRA
-    try:
-        model.load_state_dict(source.state_dict())
-    except RuntimeError as e:
-        raise UserError(f"train.init_from: {path} does not fit this model ({str(e).splitlines()[1].strip()[:160]})") from None
-
-
 def _resume(run: RunDir, optimizer, scheduler, model, rt) -> int:
     ckpt = run.latest_checkpoint()
     if ckpt is None:
@@ -194,27 +140,37 @@ def _resume(run: RunDir, optimizer, scheduler, model, rt) -> int:
 
 
 def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int):
-    """One optimiser step over grad_accum micro-batches; skips the update if gradients are non-finite."""
+    """One optimiser step over grad_accum micro-batches; skips the update if gradients are non-finite.
+
+    Each named loss of the model is a local sum; it is divided by what it counts over every
+    micro-batch and process (`model.loss_counts`), weighted by `train.objectives`, and multiplied
+    by the world size (DDP averages gradients over ranks), so that the gradient is the global
+    batch's. Returns the weighted loss, the gradient norm, and statistics with `loss/<name>`."""
     t0 = time.perf_counter()
-    accum, data_s, loss_sum = cfg.train.grad_accum, 0.0, 0.0
-    # A loss over features gathered from all ranks is already a global-batch mean; DDP averages
-    # gradients over ranks once more, so scale that back (see graft/losses.py).
-    grad_mult = rt.world_size if getattr(model, "global_batch_loss", False) else 1
+    accum, entry = cfg.train.grad_accum, design(cfg.model)
+    batches = [stream.batch(step, micro) for micro in range(accum)]
+    data_s = time.perf_counter() - t0
+    counts = runtime.all_sum(_sum_counts(model.loss_counts(**b) for b in batches), rt)
+    weights = {name: cfg.train.objectives.get(name, 1.0) for name in counts}
+    sums = dict.fromkeys(counts, 0.0)
     images = tokens = context = 0
     optimizer.zero_grad(set_to_none=True)
-    for micro in range(accum):
+    for micro, batch in enumerate(batches):
         td = time.perf_counter()
-        batch = {k: v.to(rt.device, non_blocking=True) for k, v in stream.batch(step, micro).items()}
+        batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
         data_s += time.perf_counter() - td
         sync = micro == accum - 1 or not isinstance(engine, DDP)
         with (engine.no_sync() if not sync else contextlib.nullcontext()), rt.autocast():
-            _, loss = engine(**batch)
-        (loss * grad_mult / accum).backward()
-        loss_sum += loss.item() / accum
+            _, losses = engine(**batch)
+        objective = weighted(losses, counts, weights)
+        (objective * rt.world_size).backward()
+        for name, value in losses.items():
+            sums[name] += value.item()
         images += batch["pixel_values"].shape[0]
-        if "input_ids" in batch:  # CLIPPO batches carry rendered text, no token ids
-            tokens += int((batch["input_ids"] != stream.proc.tok.pad).sum())
-            context += causal_context(batch["input_ids"], stream.proc.tok.pad, batch.get("position_ids"))
+        n_tokens, n_context = entry.counts(batch, stream.proc.tok.pad)
+        tokens, context = tokens + n_tokens, context + n_context
+    named = {name: total / max(counts[name], 1) for name, total in runtime.all_sum(sums, rt).items()}
+    loss_sum = sum(weights[name] * named[name] for name in weights)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.optim.grad_clip
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -224,8 +180,16 @@ def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int):
     else:
         optimizer.step()
     stats = {"time": time.perf_counter() - t0, "data": data_s, "images": images, "tokens": tokens,
-             "context": context, "skipped": int(skipped)}
+             "context": context, "skipped": int(skipped), "losses": named}
     return loss_sum, float(grad_norm), stats
+
+
+def _sum_counts(per_batch) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in per_batch:
+        for name, n in counts.items():
+            total[name] = total.get(name, 0) + n
+    return total
 
 
 class _Window:
@@ -237,6 +201,7 @@ class _Window:
     def reset(self):
         self.time = self.data = 0.0
         self.images = self.tokens = self.context = self.skipped = self.steps = 0
+        self.losses: dict[str, float] = {}
 
     def add(self, s: dict) -> None:
         self.time += s["time"]
@@ -246,9 +211,10 @@ class _Window:
         self.context += s["context"]
         self.skipped += s["skipped"]
         self.steps += 1
+        self.losses = s["losses"]  # the last step's, like `loss`
 
-    def record(self, step, loss, grad_norm, scheduler, model, rt, peak) -> dict:
-        flops = step_flops(model, self.images, self.tokens, self.context) * rt.world_size
+    def record(self, step, loss, grad_norm, scheduler, model, rt, peak, cfg) -> dict:
+        flops = design(cfg.model).flops(model, self.images, self.tokens, self.context) * rt.world_size
         t = max(self.time, 1e-9)
         rec = {
             "step": step,
@@ -260,7 +226,7 @@ class _Window:
             "mfu": flops / t / (peak * rt.world_size),
             "data_wait_frac": self.data / t,
             "skipped_steps": self.skipped,
-        }
+        } | {f"loss/{name}": value for name, value in self.losses.items()}
         self.reset()
         return rec
 

@@ -89,9 +89,10 @@ def measure_matmul_flops(n: int = 1024, seconds: float = 0.5) -> float:
     return best
 
 
-def all_mean(value: float, rt: Runtime) -> float:
+def all_sum(values: dict, rt: Runtime) -> dict:
+    """Each value summed over every rank (ints stay ints); the same dict on one process."""
     if rt.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+        return dict(values)
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=rt.device)
     dist.all_reduce(t)
-    return t.item() / rt.world_size
+    return {k: type(v)(x) if isinstance(v, int) else x for (k, v), x in zip(values.items(), t.tolist())}

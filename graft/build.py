@@ -1,0 +1,113 @@
+"""One assembly path: tokenizer → resolved config → model → initialised parts → surgery → frozen parts.
+
+Training (train/loop.py), loading a run (`RunDir.load`), `graft data check` and `graft data show`
+all come through here, so they see the same tokenizer, chat layout and architecture. Nothing here
+changes the config it is given: `resolve` returns a resolved copy.
+
+- `tokenizer_for(cfg, run)`: the run's own; else the HF LM's (`lm.hf_path`); else
+  `data.tokenizer`; else `train.init_from`'s; else one trained on the data.
+- `resolve(cfg, tok)`: the tower architecture of `vision.init_from`, the HF folders'
+  architectures, the vocabulary sizes — what `config.yaml` then records.
+- `assemble(cfg, tok)`: the design's model (graft/designs.py), initialised from `train.init_from`
+  (a graft run or an exported HF LLaVA folder) and `vision.init_from` (a tower), LoRA adapters
+  added (`lm.lora_rank`), `train.freeze` applied.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from graft.config import Config
+from graft.data.hf_tokenizer import HFChatTokenizer
+from graft.data.tokenizer import ChatTokenizer
+from graft.errors import UserError
+from graft.rundir import RunDir, adopt_vision_arch, build_model, load_vision, resolve_backbones
+
+
+def tokenizer_for(cfg: Config, run: RunDir | None = None):
+    """The tokenizer a run of `cfg` trains with (its own, when `run` already has one)."""
+    if run is not None and run.has_tokenizer():
+        return run.tokenizer()
+    if cfg.lm.hf_path:
+        return HFChatTokenizer.load(cfg.lm.hf_path, key="lm.hf_path")
+    if cfg.data.tokenizer:
+        return ChatTokenizer.load(Path(cfg.data.tokenizer))
+    src = Path(cfg.train.init_from) if cfg.train.init_from else None
+    if src is not None and RunDir(src).has_tokenizer():
+        return RunDir(src).tokenizer()
+    if src is not None and (src / "tokenizer.json").is_file():  # an exported HF folder
+        return ChatTokenizer.load(src / "tokenizer.json")
+    from graft.data.sources import training_corpus
+
+    return ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size)
+
+
+def resolve(cfg: Config, tok) -> tuple[Config, list[str]]:
+    """A copy of `cfg` with every architecture and size that comes from elsewhere filled in, and
+    the `vision.*` keys taken from `vision.init_from` (to tell the user)."""
+    cfg = copy.deepcopy(cfg)
+    changes = adopt_vision_arch(cfg) if cfg.vision.init_from else []
+    cfg = resolve_backbones(cfg, tok)  # HF folders' architecture, so config.yaml says what trains
+    if cfg.lm.vocab_size == 0:
+        cfg.lm.vocab_size = len(tok)
+    return cfg, changes
+
+
+def assemble(cfg: Config, tok, init: bool = True):
+    """The model of a resolved `cfg`: built, initialised (`init`: from HF folders and the
+    `*.init_from` settings; else left for a checkpoint to fill), LoRA added, parts frozen."""
+    model = build_model(cfg, tok, pretrained=init)
+    if init and cfg.train.init_from:
+        init_from(model, cfg.train.init_from)
+    if init and cfg.vision.init_from:
+        # A locked image head must be the run's too: a random projection, frozen, could not be learned around.
+        load_vision(model, cfg.vision.init_from, image_head="image_head" in cfg.train.freeze)
+    if cfg.lm.lora_rank:  # after init_from, so a run without adapters can initialise one with them
+        from graft.models.lora import add_lora
+
+        add_lora(model.lm, cfg.lm)
+    model.freeze(cfg.train.freeze)
+    return model
+
+
+def init_from(model, path: str) -> None:
+    """Weights from a graft run (LoRA merged) or an exported HF LLaVA folder (config.json)."""
+    from graft.train import checkpoint
+
+    src = RunDir(path)
+    if not src.config_path.is_file() and (Path(path) / "config.json").is_file():
+        from graft.models.hf_llava import load_llava_weights  # imports transformers: only when needed
+
+        load_llava_weights(model, path)
+        return
+    src.require()
+    ckpt = src.latest_checkpoint()
+    if ckpt is None:
+        raise UserError(f"train.init_from: {path} has no complete checkpoint")
+    if not src.config().lm.lora_rank:
+        checkpoint.load_weights(model, ckpt)
+        return
+    from graft.models.lora import merge_lora
+
+    with torch.random.fork_rng():  # building the source model must not move this run's RNG
+        _, _, source, _ = src.load()
+    merge_lora(source.lm)  # adapters folded in: the names are those of a model without LoRA
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as e:
+        raise UserError(f"train.init_from: {path} does not fit this model ({str(e).splitlines()[1].strip()[:160]})") from None
+
+
+def processor_for(cfg: Config):
+    """The processor a run of `cfg` would train with — its tokenizer, chat layout and placeholders —
+    without allocating the model (built on the meta device)."""
+    from graft.rundir import build_processor
+
+    tok = tokenizer_for(cfg)
+    resolved, _ = resolve(cfg, tok)
+    with torch.device("meta"):
+        model = build_model(resolved, tok, pretrained=False)
+    return build_processor(resolved, tok, model)

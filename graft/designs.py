@@ -1,0 +1,176 @@
+"""The registry of designs: the ways a model is made to see. `model: NAME` in a config picks one.
+
+A `Design` states everything the rest of graft asks of it, so that no other file decides by the
+design's name or the model's type:
+
+- `kind`: what evaluation can do with it — "vlm" (answers in text: VQA, captions, class-name
+  likelihoods) or "dual" (embeds images and texts: zero-shot by similarity, retrieval).
+- `sections`: the config sections it reads besides the shared ones (name, model, data, optim,
+  train, eval); `--set` on a model section it does not read is an error (config.py).
+- `parts`: the module names `train.freeze` may list.
+- `build(cfg, tok, pretrained)` → the model; `processor(cfg, tok, model)` → what turns records
+  into rows (and how many placeholders an image gets); `world_batches(cfg, proc, rt)` → the
+  trainer's micro-batches from the built-in world; `counts(batch, pad)` → (text tokens, causal
+  context) of a micro-batch, for throughput; `flops(model, images, tokens, context)` → training
+  FLOPs of a step, for MFU; `validate(cfg)` → design-specific config checks.
+- `losses`: the names of the losses its model returns; `train.objectives` may weigh them. The
+  model's `forward(**batch)` returns (output, {name: local sum}) and `loss_counts(**batch)` what
+  each sum is over (graft/losses.py). `packs`: its world batches can pack several conversations
+  into one row (with the built-in LM).
+
+A new design is one entry here (and its model file).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from graft.errors import UserError
+from graft.models.dual_encoder import PARTS as DUAL_PARTS
+
+SHARED_SECTIONS = ("name", "model", "data", "optim", "train", "eval")
+
+
+@dataclass(frozen=True)
+class Design:
+    kind: str
+    sections: tuple[str, ...]
+    parts: tuple[str, ...]
+    build: Callable
+    processor: Callable
+    world_batches: Callable
+    counts: Callable
+    flops: Callable
+    validate: Callable
+    losses: tuple[str, ...] = ()  # the named losses its model returns (`train.objectives` weighs them)
+    packs: bool = False  # its world batches can pack conversations into rows (data/packing.py)
+
+
+# ---- prefix fusion (LLaVA): vision → connector → image tokens spliced into the LM's input --------
+
+
+def _build_vlm(cfg, tok, pretrained: bool = True):
+    from graft.models.hf_backbones import HFLanguageModel, HFVisionTower
+    from graft.models.vlm import VLM
+
+    if cfg.lm.vocab_size == 0:
+        cfg.lm.vocab_size = len(tok)  # resolved here and saved with the config
+    elif cfg.lm.vocab_size < len(tok):
+        raise UserError(f"lm.vocab_size={cfg.lm.vocab_size} is smaller than the tokenizer's {len(tok)}")
+    vision = HFVisionTower.load(cfg.vision, pretrained) if cfg.vision.hf_path else cfg.vision
+    lm = HFLanguageModel.load(cfg.lm, pretrained) if cfg.lm.hf_path else cfg.lm
+    return VLM(vision, cfg.connector, lm, tok.image)
+
+
+def _vlm_processor(cfg, tok, model):
+    from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
+    from graft.data.processor import Processor
+
+    v = cfg.vision
+    cls = TemplateProcessor if isinstance(tok, HFChatTokenizer) else Processor
+    return cls(tok, v.image_size, model.num_image_tokens, cfg.lm.max_seq_len, v.image_mean, v.image_std)
+
+
+def _vlm_world(cfg, proc, rt):
+    from graft.data.loader import ShapesBatches
+    from graft.data.stream import TrainStream
+
+    return ShapesBatches(TrainStream(cfg, proc, rt.rank, rt.world_size), cfg)
+
+
+def _vlm_counts(batch, pad: int) -> tuple[int, int]:
+    from graft.train.flops import causal_context
+
+    ids = batch["input_ids"]
+    return int((ids != pad).sum()), causal_context(ids, pad, batch.get("position_ids"))
+
+
+def _vlm_flops(model, images: int, tokens: int, context: int) -> float:
+    from graft.train.flops import vlm_step_flops
+
+    return vlm_step_flops(model, images, tokens, context)
+
+
+def _validate_vlm(cfg) -> None:
+    from graft.models.connectors import ConnectorConfig
+
+    parts = DESIGNS["vlm"].parts
+    if set(parts) <= set(cfg.train.freeze):
+        raise UserError(f"train.freeze freezes every part ({', '.join(parts)}): nothing would train")
+    ConnectorConfig.check(cfg.connector)
+
+
+# ---- dual encoders (CLIP, SigLIP, CLIPPO, LiT): image and text towers, a contrastive loss -----
+
+
+def _build_dual(cfg, tok, pretrained: bool = True):
+    from graft.models.dual_encoder import DualEncoder
+
+    if cfg.text.vocab_size == 0:
+        cfg.text.vocab_size = len(tok)  # resolved here and saved with the config
+    elif cfg.text.vocab_size < len(tok):
+        raise UserError(f"text.vocab_size={cfg.text.vocab_size} is smaller than the tokenizer's {len(tok)}")
+    return DualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos)
+
+
+def _dual_processor(cfg, tok, model):
+    from graft.data.contrastive import ContrastiveProcessor
+
+    c = cfg.contrastive
+    return ContrastiveProcessor(tok, cfg.vision.image_size, cfg.text.max_len, c.shared_tower, c.render_font_size)
+
+
+def _dual_world(cfg, proc, rt):
+    from graft.data.contrastive import ContrastiveStream
+    from graft.data.loader import PureBatches
+    from graft.data.stream import make_world
+
+    t = cfg.train
+    return PureBatches(ContrastiveStream(make_world(cfg), proc, t.batch_size, t.grad_accum, rt.rank, rt.world_size))
+
+
+def _dual_counts(batch, pad: int) -> tuple[int, int]:
+    ids = batch.get("input_ids")  # CLIPPO batches carry rendered text, no token ids
+    return (0, 0) if ids is None else (int((ids != pad).sum()), 0)
+
+
+def _dual_flops(model, images: int, tokens: int, context: int) -> float:
+    from graft.train.flops import dual_step_flops
+
+    return dual_step_flops(model, images)
+
+
+def _validate_dual(cfg) -> None:
+    from graft.models.dual_encoder import ContrastiveConfig
+    from graft.models.text_encoder import TextConfig
+
+    TextConfig.check(cfg.text)
+    ContrastiveConfig.check(cfg.contrastive)
+    if cfg.eval.zeroshot_prompt is not None:
+        raise UserError("eval.zeroshot_prompt is for VLM runs (a dual encoder scores class names by their embeddings)")
+    if cfg.contrastive.shared_tower and "text" in cfg.train.freeze:
+        raise UserError("train.freeze: 'text' has no tower of its own when contrastive.shared_tower=true (CLIPPO)")
+    for key in ("zeroshot_images", "retrieval_pairs"):
+        if getattr(cfg.eval, key) < 0:
+            raise UserError(f"eval.{key}={getattr(cfg.eval, key)} must not be negative")
+    if cfg.eval.zeroshot_file and cfg.eval.splits:
+        from graft.eval.zero_shot import load_prompts
+
+        load_prompts(cfg.eval.zeroshot_file)  # the world's zero-shot: its 24 classes (checked now, not after training)
+
+
+DESIGNS = {
+    "vlm": Design("vlm", ("vision", "connector", "lm"), ("vision", "connector", "lm"), _build_vlm,
+                  _vlm_processor, _vlm_world, _vlm_counts, _vlm_flops, _validate_vlm, losses=("lm",), packs=True),
+    "dual": Design("dual", ("vision", "text", "contrastive"), DUAL_PARTS,
+                   _build_dual, _dual_processor, _dual_world, _dual_counts, _dual_flops, _validate_dual,
+                   losses=("itc",)),
+}
+MODEL_SECTIONS = tuple(dict.fromkeys(s for d in DESIGNS.values() for s in d.sections))
+
+
+def design(name: str) -> Design:
+    if name not in DESIGNS:
+        raise UserError(f"model={name!r} is not one of {', '.join(DESIGNS)}")
+    return DESIGNS[name]
