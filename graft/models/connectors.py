@@ -1,8 +1,11 @@
 """Connectors: map vision features (B, P, D_vision) to LM-space tokens (B, N, D_lm).
 
-To add one: write an `nn.Module` with that signature and a `num_tokens(num_patches)` rule, add
-its name to `CONNECTORS` below. The VLM asks the connector how many image tokens it makes, and
-the processor writes that many placeholders.
+To add one: write an `nn.Module` taking `(vision_dim, lm_dim, cfg)` with that forward and a
+`num_tokens(num_patches)` rule (and, if its settings constrain the patch grid, a static
+`check(cfg, num_patches)` raising UserError), add its name to `CONNECTORS` and the
+`ConnectorConfig` fields it reads to `KEYS`. The VLM asks the connector how many image tokens it
+makes, and the processor writes that many placeholders. A field set for a kind that does not read
+it is an error.
 """
 
 from __future__ import annotations
@@ -17,18 +20,32 @@ from graft.errors import UserError
 
 @dataclass
 class ConnectorConfig:
-    kind: str = "mlp"  # linear | mlp
+    kind: str = "mlp"  # linear | mlp (one token per patch); more in CONNECTORS
+    scale_factor: int = 2  # pixel_shuffle: r x r patches become one token (P → P / r²)
+    tokens: int = 16  # avgpool: image tokens after average pooling (a square number)
+    latents: int = 16  # resampler: learned queries, one image token each
+    layers: int = 2  # resampler: cross-attention layers
+    heads: int = 4  # resampler: attention heads
 
     @staticmethod
-    def check(cfg: "ConnectorConfig") -> None:
+    def check(cfg: "ConnectorConfig", num_patches: int | None = None) -> None:
+        """The kind exists, reads every field set away from its default, and fits the patch grid."""
         if cfg.kind not in CONNECTORS:
             raise UserError(f"connector.kind={cfg.kind!r} is not one of {', '.join(CONNECTORS)}")
+        default = ConnectorConfig()
+        for name in ("scale_factor", "tokens", "latents", "layers", "heads"):
+            if getattr(cfg, name) != getattr(default, name) and name not in KEYS.get(cfg.kind, ()):
+                raise UserError(f"connector.{name}={getattr(cfg, name)} is not read by connector.kind={cfg.kind} "
+                                f"(it reads: {', '.join(KEYS.get(cfg.kind, ())) or 'no other key'})")
+        check = getattr(CONNECTORS[cfg.kind], "check", None)
+        if check is not None and num_patches is not None:
+            check(cfg, num_patches)
 
 
 class LinearProjector(nn.Module):
     """One linear map per patch (LLaVA, Liu et al. 2023)."""
 
-    def __init__(self, vision_dim: int, lm_dim: int):
+    def __init__(self, vision_dim: int, lm_dim: int, cfg: ConnectorConfig | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(vision_dim, lm_dim)
 
@@ -42,7 +59,7 @@ class LinearProjector(nn.Module):
 class MLPProjector(nn.Module):
     """Linear → GELU → Linear per patch (LLaVA-1.5 `mlp2x_gelu`; HF `LlavaMultiModalProjector`)."""
 
-    def __init__(self, vision_dim: int, lm_dim: int):
+    def __init__(self, vision_dim: int, lm_dim: int, cfg: ConnectorConfig | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(vision_dim, lm_dim)
         self.act = nn.GELU()
@@ -55,9 +72,14 @@ class MLPProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-CONNECTORS = {"linear": LinearProjector, "mlp": MLPProjector}
+CONNECTORS = {
+    "linear": LinearProjector,
+    "mlp": MLPProjector,
+}
+KEYS = {  # the ConnectorConfig fields each kind reads, besides `kind`
+}
 
 
-def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int) -> nn.Module:
-    ConnectorConfig.check(cfg)
-    return CONNECTORS[cfg.kind](vision_dim, lm_dim)  # PyTorch's default (fan-in scaled) init
+def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_patches: int | None = None) -> nn.Module:
+    ConnectorConfig.check(cfg, num_patches)
+    return CONNECTORS[cfg.kind](vision_dim, lm_dim, cfg)  # PyTorch's default (fan-in scaled) init

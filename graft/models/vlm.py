@@ -30,7 +30,7 @@ class VLM(nn.Module):
         self.vision = vision if isinstance(vision, nn.Module) else ViT(vision)
         # LMConfig and LM modules both have .hidden_size; built in this order (vision, connector,
         # LM) so that a seed gives the same initial weights as before modules could be passed in.
-        self.connector = build_connector(connector, self.vision.embed_dim, lm.hidden_size)
+        self.connector = build_connector(connector, self.vision.embed_dim, lm.hidden_size, self.vision.num_patches)
         self.lm = lm if isinstance(lm, nn.Module) else LanguageModel(lm)
         # The connector reads encoder-layer features (before post_layernorm, as HF LLaVA does),
         # so the post norm is unused here; frozen so it never needs a gradient.
