@@ -10,9 +10,9 @@ design's name or the model's type:
 - `parts`: the module names `train.freeze` may list.
 - `build(cfg, tok, pretrained)` → the model; `processor(cfg, tok, model)` → what turns records
   into rows (and how many placeholders an image gets); `world_batches(cfg, proc, rt)` → the
-  trainer's micro-batches from the built-in world; `counts(batch, pad)` → (text tokens, causal
-  context) of a micro-batch, for throughput; `flops(model, images, tokens, context)` → training
-  FLOPs of a step, for MFU; `validate(cfg)` → design-specific config checks.
+  trainer's micro-batches from the built-in world; `tokens(batch, pad)` → the text tokens of a
+  micro-batch, for throughput; `validate(cfg)` → design-specific config checks. (FLOPs need no
+  entry: the trainer counts them on the real forward and backward, train/flops.py.)
 - `losses`: the names of the losses its model returns; `train.objectives` may weigh them. The
   model's `forward(**batch)` returns (output, {name: local sum}) and `loss_counts(**batch)` what
   each sum is over (graft/losses.py). `packs`: its world batches can pack several conversations
@@ -40,8 +40,7 @@ class Design:
     build: Callable
     processor: Callable
     world_batches: Callable
-    counts: Callable
-    flops: Callable
+    tokens: Callable
     validate: Callable
     losses: tuple[str, ...] = ()  # the named losses its model returns (`train.objectives` weighs them)
     packs: bool = False  # its world batches can pack conversations into rows (data/packing.py)
@@ -79,17 +78,8 @@ def _vlm_world(cfg, proc, rt):
     return ShapesBatches(TrainStream(cfg, proc, rt.rank, rt.world_size), cfg)
 
 
-def _vlm_counts(batch, pad: int) -> tuple[int, int]:
-    from graft.train.flops import causal_context
-
-    ids = batch["input_ids"]
-    return int((ids != pad).sum()), causal_context(ids, pad, batch.get("position_ids"))
-
-
-def _vlm_flops(model, images: int, tokens: int, context: int) -> float:
-    from graft.train.flops import vlm_step_flops
-
-    return vlm_step_flops(model, images, tokens, context)
+def _vlm_tokens(batch, pad: int) -> int:
+    return int((batch["input_ids"] != pad).sum())
 
 
 def _validate_vlm(cfg) -> None:
@@ -131,15 +121,9 @@ def _dual_world(cfg, proc, rt):
     return PureBatches(ContrastiveStream(make_world(cfg), proc, t.batch_size, t.grad_accum, rt.rank, rt.world_size))
 
 
-def _dual_counts(batch, pad: int) -> tuple[int, int]:
+def _dual_tokens(batch, pad: int) -> int:
     ids = batch.get("input_ids")  # CLIPPO batches carry rendered text, no token ids
-    return (0, 0) if ids is None else (int((ids != pad).sum()), 0)
-
-
-def _dual_flops(model, images: int, tokens: int, context: int) -> float:
-    from graft.train.flops import dual_step_flops
-
-    return dual_step_flops(model, images)
+    return 0 if ids is None else int((ids != pad).sum())
 
 
 def _validate_dual(cfg) -> None:
@@ -163,9 +147,9 @@ def _validate_dual(cfg) -> None:
 
 DESIGNS = {
     "vlm": Design("vlm", ("vision", "connector", "lm"), ("vision", "connector", "lm"), _build_vlm,
-                  _vlm_processor, _vlm_world, _vlm_counts, _vlm_flops, _validate_vlm, losses=("lm",), packs=True),
+                  _vlm_processor, _vlm_world, _vlm_tokens, _validate_vlm, losses=("lm",), packs=True),
     "dual": Design("dual", ("vision", "text", "contrastive"), DUAL_PARTS,
-                   _build_dual, _dual_processor, _dual_world, _dual_counts, _dual_flops, _validate_dual,
+                   _build_dual, _dual_processor, _dual_world, _dual_tokens, _validate_dual,
                    losses=("itc",)),
 }
 MODEL_SECTIONS = tuple(dict.fromkeys(s for d in DESIGNS.values() for s in d.sections))

@@ -1,5 +1,12 @@
 """FLOPs of one training step, counting vision *and* language work, for MFU.
 
+`MeasuredFlops` is what the trainer uses: it counts the real forward and backward of a micro-batch
+with torch's `FlopCounterMode`, once per batch shape (and set of trainable parameters), for any
+design. The counter has no formula for the fused CPU attention kernel, so its terms are added here
+(the same ones as for the GPU kernels). It counts attention over the whole row (causal and
+document masks are not subtracted), as torch's counter does.
+
+The hand formulas below (`vlm_step_flops`, `dual_step_flops`) stay as a cross-check in the tests.
 Matmul FLOPs: 2 x params x tokens forward. Backward costs 2x forward for a part whose weights
 train, 1x for a frozen part that still passes gradients down (its input needs a gradient), 0 for
 a frozen part at the bottom of the graph. Attention scores add 4·c·d per layer forward for a
@@ -12,6 +19,49 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+aten = torch.ops.aten
+
+
+class MeasuredFlops:
+    """Training FLOPs (forward + backward) of a micro-batch, counted once per shape and cached."""
+
+    def __init__(self):
+        self.cache: dict[tuple, int] = {}
+
+    def __call__(self, model, batch: dict) -> int:
+        trainable = tuple(name for name, p in model.named_parameters() if p.requires_grad)
+        key = (tuple((k, tuple(v.shape)) for k, v in sorted(batch.items())), hash(trainable))
+        if key not in self.cache:
+            self.cache[key] = count_step(model, batch)
+        return self.cache[key]
+
+
+def count_step(model, batch: dict) -> int:
+    """FLOPs of one forward and backward of `model` on `batch`; leaves no gradient behind (run it
+    where gradients are about to be zeroed anyway)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+
+    from graft.losses import batch_loss
+
+    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: _as_raw(sdpa_flop),
+                     aten._scaled_dot_product_flash_attention_for_cpu_backward: _as_raw(sdpa_backward_flop)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        loss = batch_loss(model, batch)
+        if loss.requires_grad:
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def _as_raw(formula):
+    """torch's registered formulas already take tensors; mark them so FlopCounterMode does not
+    wrap them a second time."""
+    def raw(*args, **kwargs):
+        return formula(*args, **kwargs)
+
+    raw._get_raw = True
+    return raw
 
 
 def _params(module: nn.Module) -> int:
@@ -35,32 +85,47 @@ def causal_context(input_ids: torch.Tensor, pad_id: int, position_ids: torch.Ten
     return int(((position_ids + 1) * real).sum())
 
 
+def _tower(vit, images: int, layers) -> tuple[float, bool]:
+    """FLOPs of `layers` of a ViT over `images` images, and whether its output needs gradients. The
+    patch embedding sits at the bottom (no input gradient); the blocks above it pass gradients
+    down whenever anything below them trains."""
+    P, d = vit.num_patches, vit.cfg.hidden_size
+    pe_train = _trainable(vit.embeddings.patch_embedding)
+    layers_train = any(_trainable(l) for l in layers)
+    embed = 2 * images * _params(vit.embeddings.patch_embedding) * P * _passes(pe_train, False)
+    # Inside 2·(...): params·tokens, plus 2·T²·d per attention layer (4·T²·d forward FLOPs).
+    blocks = 2 * images * (sum(_params(l) for l in layers) * P + len(layers) * 2 * P * P * d)
+    return embed + blocks * _passes(layers_train, pe_train), pe_train or layers_train
+
+
 def vlm_step_flops(model, images: int, lm_tokens: int, lm_context: int) -> float:
     """FLOPs for `images` images and `lm_tokens` LM positions attending to `lm_context` positions in all."""
     vit, lm, conn = model.vision, model.lm, model.connector
     v_layers = vit.encoder.layers[: vit.cfg.feature_layer % len(vit.encoder.layers) + 1]
-    v_params = sum(_params(l) for l in v_layers) + _params(vit.embeddings.patch_embedding)
-    lm_train, conn_train, v_train = _trainable(lm), _trainable(conn), _trainable(vit)
-    P, dv = vit.num_patches, vit.cfg.hidden_size
-    # Inside 2·(...): params·tokens, plus 2·T²·d per attention layer (4·T²·d forward FLOPs).
-    vision = 2 * images * (v_params * P + len(v_layers) * 2 * P * P * dv) * _passes(v_train, False)
-    connector = 2 * images * _params(conn) * model.num_image_tokens * _passes(conn_train, v_train)
+    vision, v_grad = _tower(vit, images, v_layers)
+    conn_train = _trainable(conn)
+    connector = 2 * images * _params(conn) * model.num_image_tokens * _passes(conn_train, v_grad)
     lm_params = sum(_params(l) for l in lm.layers) + lm.lm_head.weight.numel()
     attn = len(lm.layers) * 2 * lm_context * lm.hidden_size  # 4·c·d per token and layer, inside 2·(...)
-    language = 2 * (lm_tokens * lm_params + attn) * _passes(lm_train, conn_train or v_train)
+    # The token embedding sits below the blocks: if it trains, they pass gradients down too.
+    below = conn_train or v_grad or _trainable(lm.embed_tokens)
+    language = 2 * (lm_tokens * lm_params + attn) * _passes(_trainable(lm), below)
     return float(vision + connector + language)
 
 
 def dual_step_flops(model, pairs: int) -> float:
     """FLOPs for `pairs` image–text pairs through a dual encoder (texts at full padded length)."""
     vit = model.vision
-    P, dv = vit.num_patches, vit.cfg.hidden_size
-    head = _params(model.image_pool) + _params(model.image_proj)
-    image = 2 * pairs * ((_params(vit.encoder) + _params(vit.embeddings.patch_embedding)) * P
-                         + len(vit.encoder.layers) * 2 * P * P * dv + head) * _passes(_trainable(vit), False)
+    tower, v_grad = _tower(vit, pairs, list(vit.encoder.layers))
+    pool_train = _trainable(model.image_pool) or _trainable(model.image_proj)
+    # The attention-pooling head (MAP) runs once per image, except its keys and values: per patch.
+    kv = 2 * vit.cfg.hidden_size ** 2 if _params(model.image_pool) else 0
+    head = 2 * pairs * (_params(model.image_pool) + kv * (vit.num_patches - 1) + _params(model.image_proj))
+    image = tower + head * _passes(pool_train, v_grad)
     if model.cfg.shared_tower:  # CLIPPO: the rendered text goes through the same tower
         return float(2 * image)
     tt, L, dt = model.text, model.text.cfg.max_len, model.text.cfg.hidden_size
-    attn = len(tt.encoder.layers) * 2 * L * L * dt // (2 if tt.cfg.causal else 1)
-    text = 2 * pairs * (_params(tt.encoder) * L + attn + _params(model.text_proj)) * _passes(_trainable(tt), False)
+    attn = len(tt.encoder.layers) * 2 * L * L * dt  # every position scored, causal or not
+    below = _trainable(tt.token_embedding)
+    text = 2 * pairs * (_params(tt.encoder) * L + attn + _params(model.text_proj)) * _passes(_trainable(tt), below)
     return float(image + text)

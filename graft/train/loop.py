@@ -28,6 +28,7 @@ from graft.losses import weighted
 from graft.report import write_report
 from graft.rundir import RunDir, build_processor
 from graft.train import checkpoint, runtime
+from graft.train.flops import MeasuredFlops
 from graft.train.metrics import MetricsLog
 from graft.train.optim import build_optimizer, build_scheduler
 
@@ -58,14 +59,14 @@ def train(cfg: Config, out: str | Path) -> dict:
     log = MetricsLog(run.path, start, enabled=rt.is_main)
     peak = runtime.peak_flops(rt, cfg.train.peak_flops)
     bar = _progress(cfg, start, rt)
-    window = _Window()
+    window, flops = _Window(), MeasuredFlops()
     for step in range(start, cfg.train.steps):
-        loss, grad_norm, stats = _train_step(ddp or model, model, stream, optimizer, cfg, rt, step)
+        loss, grad_norm, stats = _train_step(ddp or model, model, stream, optimizer, cfg, rt, step, flops)
         scheduler.step()
         window.add(stats)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            record = window.record(done, loss, grad_norm, scheduler, model, rt, peak, cfg)  # loss: global already
+            record = window.record(done, loss, grad_norm, scheduler, rt, peak)  # loss: global already
             record |= stream.stats(rt)  # data_skipped counts by reason, summed over ranks
             log.log(record)
             if bar is not None:
@@ -139,7 +140,7 @@ def _resume(run: RunDir, optimizer, scheduler, model, rt) -> int:
     return int(meta["step"])
 
 
-def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int):
+def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int, flops: MeasuredFlops):
     """One optimiser step over grad_accum micro-batches; skips the update if gradients are non-finite.
 
     Each named loss of the model is a local sum; it is divided by what it counts over every
@@ -148,17 +149,18 @@ def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int):
     batch's. Returns the weighted loss, the gradient norm, and statistics with `loss/<name>`."""
     t0 = time.perf_counter()
     accum, entry = cfg.train.grad_accum, design(cfg.model)
-    batches = [stream.batch(step, micro) for micro in range(accum)]
+    batches = [{k: v.to(rt.device, non_blocking=True) for k, v in stream.batch(step, micro).items()}
+               for micro in range(accum)]
     data_s = time.perf_counter() - t0
     counts = runtime.all_sum(_sum_counts(model.loss_counts(**b) for b in batches), rt)
     weights = {name: cfg.train.objectives.get(name, 1.0) for name in counts}
     sums = dict.fromkeys(counts, 0.0)
-    images = tokens = context = 0
+    tc = time.perf_counter()
+    step_flops = sum(flops(model, b) for b in batches)  # counted once per new shape, then cached
+    counting = time.perf_counter() - tc  # not training time: left out of the step's time
+    images = tokens = 0
     optimizer.zero_grad(set_to_none=True)
     for micro, batch in enumerate(batches):
-        td = time.perf_counter()
-        batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
-        data_s += time.perf_counter() - td
         sync = micro == accum - 1 or not isinstance(engine, DDP)
         with (engine.no_sync() if not sync else contextlib.nullcontext()), rt.autocast():
             _, losses = engine(**batch)
@@ -167,8 +169,7 @@ def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int):
         for name, value in losses.items():
             sums[name] += value.item()
         images += batch["pixel_values"].shape[0]
-        n_tokens, n_context = entry.counts(batch, stream.proc.tok.pad)
-        tokens, context = tokens + n_tokens, context + n_context
+        tokens += entry.tokens(batch, stream.proc.tok.pad)
     named = {name: total / max(counts[name], 1) for name, total in runtime.all_sum(sums, rt).items()}
     loss_sum = sum(weights[name] * named[name] for name in weights)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -179,8 +180,8 @@ def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int):
         optimizer.zero_grad(set_to_none=True)  # a non-finite update never reaches the weights
     else:
         optimizer.step()
-    stats = {"time": time.perf_counter() - t0, "data": data_s, "images": images, "tokens": tokens,
-             "context": context, "skipped": int(skipped), "losses": named}
+    stats = {"time": time.perf_counter() - t0 - counting, "data": data_s, "images": images, "tokens": tokens,
+             "flops": step_flops, "skipped": int(skipped), "losses": named}
     return loss_sum, float(grad_norm), stats
 
 
@@ -200,7 +201,7 @@ class _Window:
 
     def reset(self):
         self.time = self.data = 0.0
-        self.images = self.tokens = self.context = self.skipped = self.steps = 0
+        self.images = self.tokens = self.flops = self.skipped = self.steps = 0
         self.losses: dict[str, float] = {}
 
     def add(self, s: dict) -> None:
@@ -208,13 +209,13 @@ class _Window:
         self.data += s["data"]
         self.images += s["images"]
         self.tokens += s["tokens"]
-        self.context += s["context"]
+        self.flops += s["flops"]
         self.skipped += s["skipped"]
         self.steps += 1
         self.losses = s["losses"]  # the last step's, like `loss`
 
-    def record(self, step, loss, grad_norm, scheduler, model, rt, peak, cfg) -> dict:
-        flops = design(cfg.model).flops(model, self.images, self.tokens, self.context) * rt.world_size
+    def record(self, step, loss, grad_norm, scheduler, rt, peak) -> dict:
+        flops = self.flops * rt.world_size  # measured on this rank; the others' batches are alike
         t = max(self.time, 1e-9)
         rec = {
             "step": step,
