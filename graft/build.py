@@ -9,8 +9,10 @@ changes the config it is given: `resolve` returns a resolved copy.
 - `resolve(cfg, tok)`: the tower architecture of `vision.init_from`, the HF folders'
   architectures, the vocabulary sizes — what `config.yaml` then records.
 - `assemble(cfg, tok)`: the design's model (graft/designs.py), initialised from `train.init_from`
-  (a graft run or an exported HF LLaVA folder) and `vision.init_from` (a tower), LoRA adapters
-  added (`lm.lora_rank`), `train.freeze` applied.
+  (a graft run or an exported HF LLaVA folder), `vision.init_from` (a tower) and
+  `train.init_parts` (any part from any run, e.g. the connector of a stage-1 run; the LM and the
+  tower may also come from HF folders, `lm.hf_path` / `vision.hf_path`), LoRA adapters added
+  (`lm.lora_rank`), `train.freeze` applied.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from graft.config import Config
 from graft.data.hf_tokenizer import HFChatTokenizer
 from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
-from graft.rundir import RunDir, adopt_vision_arch, build_model, load_vision, resolve_backbones
+from graft.rundir import RunDir, adopt_vision_arch, build_model, load_modules, load_vision, resolve_backbones
 
 
 def tokenizer_for(cfg: Config, run: RunDir | None = None):
@@ -65,6 +67,8 @@ def assemble(cfg: Config, tok, init: bool = True):
     if init and cfg.vision.init_from:
         # A locked image head must be the run's too: a random projection, frozen, could not be learned around.
         load_vision(model, cfg.vision.init_from, image_head="image_head" in cfg.train.freeze)
+    for part, path in cfg.train.init_parts.items() if init else ():
+        load_modules(model, model.part_modules(part), path, f"train.init_parts.{part}")
     if cfg.lm.lora_rank:  # after init_from, so a run without adapters can initialise one with them
         from graft.models.lora import add_lora
 

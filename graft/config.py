@@ -91,6 +91,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     freeze: list[str] = field(default_factory=list)  # parts to freeze: vision, connector, lm
     init_from: str | None = None  # a run directory whose latest weights initialise the model
+    # Parts initialised from other runs, e.g. {connector: runs/stage1}: that run's weights of the
+    # part (its latest checkpoint), after init_from; parts are those of train.freeze.
+    init_parts: dict[str, str] = field(default_factory=dict)
     log_every: int = 10
     ckpt_every: int = 250
     keep_checkpoints: int = 2

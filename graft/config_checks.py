@@ -39,6 +39,11 @@ def validate(cfg: Config) -> Config:
     for part in cfg.train.freeze:
         if part not in entry.parts:
             raise UserError(f"train.freeze: unknown part '{part}' (valid: {', '.join(entry.parts)})")
+    for part, path in cfg.train.init_parts.items():
+        if part not in entry.parts:
+            raise UserError(f"train.init_parts: unknown part '{part}' (valid: {', '.join(entry.parts)})")
+        if not Path(path, "config.yaml").is_file():
+            raise UserError(f"train.init_parts.{part}: {path} is not a graft run directory (no config.yaml)")
     for name, weight in cfg.train.objectives.items():
         if name not in entry.losses:
             raise UserError(f"train.objectives: {name!r} is not a loss of model={cfg.model} (its losses: {', '.join(entry.losses)})")

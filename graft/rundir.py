@@ -121,22 +121,29 @@ def load_vision(model, run_path: str, image_head: bool = False) -> Path:
     image_head: also copy a dual encoder's pooling head and projection (`image_pool.*`, `image_proj.*`),
     so the whole image side is the run's — LiT locks it all (big_vision `lit_coco.py` freezes `img/.*`).
     """
+    modules = ["vision", "image_pool", "image_proj"] if image_head else ["vision"]
+    return load_modules(model, modules, run_path, "vision.init_from")
+
+
+def load_modules(model, modules: list[str], run_path: str, key: str) -> Path:
+    """Copy the weights of `modules` (attribute names, e.g. ["connector"]) from a run's latest
+    checkpoint into `model`; every shape must match and every weight be found (else a UserError
+    naming `key`)."""
     from safetensors.torch import load_file
 
     ckpt = RunDir(run_path).require().latest_checkpoint()
     if ckpt is None:
-        raise UserError(f"vision.init_from: {run_path} has no complete checkpoint")
+        raise UserError(f"{key}: {run_path} has no complete checkpoint")
     weights = load_file(str(ckpt / "model.safetensors"))
-    parts = ("vision", "image_pool", "image_proj") if image_head else ("vision",)
-    for part in parts:
+    for part in modules:
         sub = {k.removeprefix(f"{part}."): v for k, v in weights.items() if k.startswith(f"{part}.")}
         own = getattr(model, part).state_dict()
-        for key, value in sub.items():  # load_state_dict would raise a multi-line RuntimeError
-            if key in own and own[key].shape != value.shape:
-                raise UserError(f"vision.init_from: {ckpt} has {part}.{key} of shape {tuple(value.shape)}, "
-                                f"this model's is {tuple(own[key].shape)}")
+        for name, value in sub.items():  # load_state_dict would raise a multi-line RuntimeError
+            if name in own and own[name].shape != value.shape:
+                raise UserError(f"{key}: {ckpt} has {part}.{name} of shape {tuple(value.shape)}, "
+                                f"this model's is {tuple(own[name].shape)}")
         missing, unexpected = getattr(model, part).load_state_dict(sub, strict=False)
         if missing or unexpected or not sub:
-            raise UserError(f"vision.init_from: {ckpt} holds no matching {part} "
+            raise UserError(f"{key}: {ckpt} holds no matching {part} "
                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     return ckpt

@@ -93,12 +93,16 @@ class DualEncoder(nn.Module):
         if cfg.loss == "siglip":
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
 
+    def part_modules(self, part: str) -> list[str]:
+        """The submodules (by attribute name) that make up a part of `train.freeze` / `train.init_parts`."""
+        groups = {"vision": ["vision"], "image_head": ["image_pool", "image_proj"],
+                  "text": ["text", "text_proj"] if not self.cfg.shared_tower else []}
+        return groups[part]
+
     def freeze(self, parts: list[str]) -> None:
-        groups = {"vision": [self.vision], "image_head": [self.image_pool, self.image_proj],
-                  "text": [self.text, self.text_proj] if not self.cfg.shared_tower else []}
         for part in parts:
-            for module in groups[part]:
-                module.requires_grad_(False)
+            for name in self.part_modules(part):
+                getattr(self, name).requires_grad_(False)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) → (B, E), L2-normalised."""

@@ -41,6 +41,10 @@ class VLM(nn.Module):
         """Placeholders the processor must write per image."""
         return self.connector.num_tokens(self.vision.num_patches)
 
+    def part_modules(self, part: str) -> list[str]:
+        """The submodules (by attribute name) that make up a part of `train.freeze` / `train.init_parts`."""
+        return [part]
+
     def freeze(self, parts: list[str]) -> None:
         for part in parts:
             getattr(self, part).requires_grad_(False)
