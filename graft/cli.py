@@ -131,6 +131,14 @@ def cmd_data_export_shapes(args) -> None:
     print(f"train on them: {shlex.join(command)}")  # quoted: pasted into a shell, braces stay braces
 
 
+def cmd_compare(args) -> None:
+    from graft.compare import compare
+
+    path = compare(args.recipes, args.budget, args.seeds, args.set, Path(args.out))
+    print(path.read_text())
+    print(f"report: {path}")
+
+
 def cmd_recipes(args) -> None:
     from graft.recipes import RECIPES
 
@@ -190,6 +198,13 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.set_defaults(fn=cmd_demo)
     _data_parser(sub)
+    c = sub.add_parser("compare", help="train recipes to the same training FLOPs and compare them (DIR/report.md)")
+    c.add_argument("recipes", nargs="+")
+    c.add_argument("--budget", type=float, required=True, help="training FLOPs per run, vision included (e.g. 1e14)")
+    c.add_argument("--seeds", type=int, default=1)
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every recipe")
+    c.add_argument("--out", required=True)
+    c.set_defaults(fn=cmd_compare)
     r = sub.add_parser("recipes", help="list recipes, or print one's whole config (--show NAME [--set ...])")
     r.add_argument("--show", metavar="NAME", help="print the recipe's resolved config (YAML), with --set applied")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

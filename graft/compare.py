@@ -1,0 +1,135 @@
+"""`graft compare RECIPE... --budget FLOPS [--seeds K] [--set KEY=VALUE ...] --out DIR`: designs at
+matched training compute.
+
+Every recipe is trained to the same training FLOPs — forward and backward of every part, vision
+included, counted by torch's FLOP counter on the recipe's first batch (train/flops.py) — with the
+same seeds (and so the same data order where the data settings agree), evaluated on the same
+splits and tasks, and summarised in `DIR/report.md`: parameters, image tokens per image, FLOPs,
+wall time, samples/s, MFU, and every metric as mean ± standard deviation over seeds, plus
+`DIR/loss_vs_flops.png`. Runs live in `DIR/<recipe>-seed<k>/`; re-running reuses finished runs
+and resumes an interrupted one (it is `graft train` underneath). `--set` applies to every recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+
+from graft import atomic
+from graft.errors import UserError
+
+
+def compare(recipes: list[str], budget: float, seeds: int, overrides: list[str], out: Path) -> Path:
+    from graft.cli import _recipe
+
+    if seeds < 1:
+        raise UserError(f"--seeds={seeds} must be at least 1")
+    plans = [(name, _recipe(name, overrides)) for name in dict.fromkeys(recipes)]  # every name checked first
+    rows = []
+    for name, cfg in plans:
+        info = _measure(cfg)
+        steps = int(budget // info["flops_per_step"])
+        if steps < 1:
+            raise UserError(f"--budget {budget:.3g} is smaller than one step of {name} ({info['flops_per_step']:.3g} FLOPs)")
+        runs = [_run(cfg, steps, seed, out / f"{name}-seed{seed}") for seed in range(seeds)]
+        rows.append({"recipe": name, "steps": steps, **info, "runs": runs})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out / "compare.json", json.dumps(rows, indent=1))
+    _plot(rows, out / "loss_vs_flops.png")
+    path = out / "report.md"
+    atomic.write_text(path, _report(rows, budget, seeds, overrides))
+    return path
+
+
+def _measure(cfg) -> dict:
+    """Training FLOPs of one step (the first batch), parameters, image tokens per image."""
+    import torch
+
+    from graft.build import assemble, resolve, tokenizer_for
+    from graft.data.sources import build_stream
+    from graft.rundir import build_processor
+    from graft.train.flops import count_step
+    from graft.train.runtime import Runtime
+
+    tok = tokenizer_for(cfg)
+    resolved, _ = resolve(cfg, tok)
+    with torch.random.fork_rng():
+        model = assemble(resolved, tok)
+    proc = build_processor(resolved, tok, model)
+    stream = build_stream(resolved, proc, Runtime(torch.device("cpu"), torch.float32))
+    flops = sum(count_step(model, stream.batch(0, m)) for m in range(resolved.train.grad_accum))
+    stream.close()
+    return {"flops_per_step": float(flops), "params": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "image_tokens": getattr(proc, "num_image_tokens", None)}
+
+
+def _run(cfg, steps: int, seed: int, run: Path) -> dict:
+    """Train one seed to `steps` (or reuse it); its metrics, wall time and last throughput."""
+    from graft.train.loop import train
+    from graft.train.metrics import read
+
+    done = run / "compare_run.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = copy.deepcopy(cfg)
+    cfg.train.steps, cfg.train.seed, cfg.train.ckpt_every = steps, seed, min(cfg.train.ckpt_every, steps)
+    start = time.perf_counter()
+    results = train(cfg, run)
+    last = [r for r in read(run) if "mfu" in r][-1]
+    entry = {"seed": seed, "metrics": results, "wall_s": time.perf_counter() - start,
+             "samples_per_s": last["samples_per_s"], "mfu": last["mfu"]}
+    atomic.write_text(done, json.dumps(entry))
+    return entry
+
+
+def _mean_sd(values: list[float], fmt: str = ".3f") -> str:
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+
+def _report(rows: list[dict], budget: float, seeds: int, overrides: list[str]) -> str:
+    metrics = list(dict.fromkeys(k for row in rows for run in row["runs"] for k in run["metrics"]))
+    head = ["recipe", "params (trainable)", "image tokens", "FLOPs/step", "steps", "wall s", "samples/s", "MFU"]
+    lines = [f"# graft compare: {len(rows)} designs at {budget:.3g} training FLOPs, {seeds} seed(s)", "",
+             "Overrides: " + (" ".join(f"`{o}`" for o in overrides) or "none") + ".", "",
+             "| " + " | ".join(head + metrics) + " |", "|---" * (len(head) + len(metrics)) + "|"]
+    for row in rows:
+        runs = row["runs"]
+        cells = [row["recipe"], f"{row['params']:,} ({row['trainable']:,})", str(row["image_tokens"]),
+                 f"{row['flops_per_step']:.3g}", str(row["steps"]), _mean_sd([r["wall_s"] for r in runs], ".1f"),
+                 _mean_sd([r["samples_per_s"] for r in runs], ".0f"), _mean_sd([r["mfu"] for r in runs])]
+        cells += [_mean_sd([r["metrics"][m] for r in runs if m in r["metrics"]]) if any(m in r["metrics"] for r in runs)
+                  else "-" for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", "![training loss against training FLOPs](loss_vs_flops.png)", ""])
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from graft.train.metrics import read
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for row in rows:
+        run = path.parent / f"{row['recipe']}-seed0"
+        records = [r for r in read(run) if "loss" in r and r.get("event") != "eval"]
+        ax.plot([r["step"] * row["flops_per_step"] for r in records], [r["loss"] for r in records], label=row["recipe"])
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    atomic.write_bytes(path, png.getvalue())

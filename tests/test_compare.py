@@ -1,0 +1,38 @@
+"""`graft compare`: recipes trained to the same training FLOPs, summarised over seeds; re-runs reuse."""
+
+import json
+
+from graft.cli import main
+
+SMALL = [f"--set={part}.{key}={value}" for part in ("vision", "lm")
+         for key, value in (("hidden_size", 32), ("layers", 1), ("intermediate_size", 64))]
+QUIET = ["--set", "train.progress=false", "--set", "eval.vqa_per_type=4", "--set", "eval.captions=0",
+         "--set", "eval.splits=[test]", "--set", "train.batch_size=16", "--set", "train.log_every=1", *SMALL]
+
+
+def test_two_designs_at_matched_flops_with_seeds_and_reuse(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "shapes_vqa", "shapes_linear", "--budget", "2e9", "--seeds", "2", "--out", str(out), *QUIET]
+    assert main(args) == 0
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["recipe"] for r in rows] == ["shapes_vqa", "shapes_linear"]
+    for row in rows:
+        assert row["steps"] == int(2e9 // row["flops_per_step"]) >= 2  # the same compute, in steps of each design
+        assert row["steps"] * row["flops_per_step"] <= 2e9 < (row["steps"] + 1) * row["flops_per_step"]
+        assert len(row["runs"]) == 2 and all("vqa_acc" in r["metrics"] for r in row["runs"])
+        assert row["image_tokens"] == 9 and row["trainable"] <= row["params"]
+    assert rows[0]["flops_per_step"] > rows[1]["flops_per_step"]  # the MLP connector costs more than the linear one
+    report = (out / "report.md").read_text()
+    assert "| shapes_linear |" in report and "±" in report and (out / "loss_vs_flops.png").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/compare_run.json")}
+    assert len(stamps) == 4
+    assert main(args) == 0  # the same command again: every run reused, nothing retrained
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/compare_run.json")} == stamps
+    capsys.readouterr()
+    for extra, needle in ((["shapes_vqa", "--budget", "10"], "smaller than one step of shapes_vqa"),
+                          (["shapes_vqa", "--budget", "1e9", "--seeds", "0"], "--seeds=0"),
+                          (["nope", "--budget", "1e9"], "unknown recipe 'nope'")):
+        capsys.readouterr()
+        assert main(["compare", *extra, "--out", str(tmp_path / "bad"), *QUIET]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
