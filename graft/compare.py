@@ -6,7 +6,8 @@ included, counted by torch's FLOP counter on the recipe's first batch (train/flo
 same seeds (and so the same data order where the data settings agree), evaluated on the same
 splits and tasks, and summarised in `DIR/report.md`: parameters, image tokens per image, FLOPs,
 wall time, samples/s, MFU, and every metric as mean ± standard deviation over seeds, plus
-`DIR/loss_vs_flops.png`. Runs live in `DIR/<recipe>-seed<k>/`; re-running reuses finished runs
+`DIR/loss_vs_flops.png` (training loss and the first metric, evaluated 4 times along each run,
+against training FLOPs). Runs live in `DIR/<recipe>-seed<k>/`; re-running reuses finished runs
 and resumes an interrupted one (it is `graft train` underneath). `--set` applies to every recipe.
 """
 
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from graft import atomic
 from graft.errors import UserError
+
+EVAL_POINTS = 4  # evaluations per run (the last at the end), for the metric-vs-FLOPs plot
 
 
 def compare(recipes: list[str], budget: float, seeds: int, overrides: list[str], out: Path) -> Path:
@@ -78,6 +81,8 @@ def _run(cfg, steps: int, seed: int, run: Path) -> dict:
         return json.loads(done.read_text())
     cfg = copy.deepcopy(cfg)
     cfg.train.steps, cfg.train.seed, cfg.train.ckpt_every = steps, seed, min(cfg.train.ckpt_every, steps)
+    cfg.train.eval_every = max(1, steps // EVAL_POINTS)  # metric-vs-FLOPs points along the run
+    cfg.train.log_every = max(1, min(cfg.train.log_every, steps // 20))  # a loss curve even for short runs
     start = time.perf_counter()
     results = train(cfg, run)
     last = [r for r in read(run) if "mfu" in r][-1]
@@ -107,7 +112,7 @@ def _report(rows: list[dict], budget: float, seeds: int, overrides: list[str]) -
         cells += [_mean_sd([r["metrics"][m] for r in runs if m in r["metrics"]]) if any(m in r["metrics"] for r in runs)
                   else "-" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", "![training loss against training FLOPs](loss_vs_flops.png)", ""])
+    return "\n".join(lines + ["", "![training loss and the first metric against training FLOPs](loss_vs_flops.png)", ""])
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -118,16 +123,22 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     from graft.train.metrics import read
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 3.5))
+    metric = next(iter(rows[0]["runs"][0]["metrics"]), None)
     for row in rows:
-        run = path.parent / f"{row['recipe']}-seed0"
-        records = [r for r in read(run) if "loss" in r and r.get("event") != "eval"]
-        ax.plot([r["step"] * row["flops_per_step"] for r in records], [r["loss"] for r in records], label=row["recipe"])
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+        records = read(path.parent / f"{row['recipe']}-seed0")
+        train = [r for r in records if "loss" in r and r.get("event") != "eval"]
+        evals = [r for r in records if r.get("event") == "eval" and metric in r]
+        flops = row["flops_per_step"]
+        loss_ax.plot([r["step"] * flops for r in train], [r["loss"] for r in train], label=row["recipe"])
+        metric_ax.plot([r["step"] * flops for r in evals], [r[metric] for r in evals], "o-", label=row["recipe"])
+    loss_ax.set_ylabel("training loss")
+    loss_ax.set_yscale("log")
+    metric_ax.set_ylabel(f"{metric} (seed 0)")
+    for ax in (loss_ax, metric_ax):
+        ax.set_xlabel("training FLOPs")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)

@@ -22,6 +22,9 @@ def test_two_designs_at_matched_flops_with_seeds_and_reuse(tmp_path, capsys):
         assert len(row["runs"]) == 2 and all("vqa_acc" in r["metrics"] for r in row["runs"])
         assert row["image_tokens"] == 9 and row["trainable"] <= row["params"]
     assert rows[0]["flops_per_step"] > rows[1]["flops_per_step"]  # the MLP connector costs more than the linear one
+    events = [json.loads(line) for line in (out / "shapes_linear-seed1" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e["step"] for e in events if e.get("event") == "eval"]
+    assert len(evals) >= 4 and evals[-1] == rows[1]["steps"]  # evaluated along the run, for metric vs FLOPs
     report = (out / "report.md").read_text()
     assert "| shapes_linear |" in report and "±" in report and (out / "loss_vs_flops.png").is_file()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/compare_run.json")}
