@@ -53,6 +53,7 @@ def hf_processor(cfg, tok, model):
 
 def export(run_dir: str | Path, out: str | Path, fmt: str = "hf") -> Path:
     """Write the latest checkpoint of `run_dir` to `out` in format `fmt`; returns `out`."""
+    from graft.designs import design
     from graft.models.hf_llava import to_llava
     from graft.models.lora import merge_lora
     from graft.rundir import RunDir
@@ -62,6 +63,10 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "hf") -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty directory")
+    cfg = RunDir(run_dir).require().config()
+    if design(cfg.model).kind != "vlm" or cfg.connector.kind not in ("linear", "mlp"):
+        what = f"model={cfg.model}" if design(cfg.model).kind != "vlm" else f"connector.kind={cfg.connector.kind}"
+        raise UserError(f"--format hf writes LLaVA (a ViT, a linear or MLP connector, an LM); {run_dir} has {what}")
     cfg, tok, model, ckpt = RunDir(run_dir).load()
     merge_lora(model.lm)  # LLaVA has no adapters: fold them into the weights
     hf = to_llava(model, cfg, tok)

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from graft.errors import UserError
+from graft.models.compress import AvgPoolProjector, PixelShuffleProjector
+from graft.models.resampler import ResamplerConnector
 
 
 @dataclass
@@ -75,8 +77,14 @@ class MLPProjector(nn.Module):
 CONNECTORS = {
     "linear": LinearProjector,
     "mlp": MLPProjector,
+    "pixel_shuffle": PixelShuffleProjector,
+    "avgpool": AvgPoolProjector,
+    "resampler": ResamplerConnector,
 }
 KEYS = {  # the ConnectorConfig fields each kind reads, besides `kind`
+    "pixel_shuffle": ("scale_factor",),
+    "avgpool": ("tokens",),
+    "resampler": ("latents", "layers", "heads"),
 }
 
 
