@@ -88,8 +88,9 @@ def _validate_vlm(cfg) -> None:
     parts = DESIGNS["vlm"].parts
     if set(parts) <= set(cfg.train.freeze):
         raise UserError(f"train.freeze freezes every part ({', '.join(parts)}): nothing would train")
-    v = cfg.vision  # the built-in tower's grid (an HF tower's is checked when the model is built)
-    ConnectorConfig.check(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2)
+    v = cfg.vision  # the built-in tower's grid and LM's width (HF ones are checked when the model is built)
+    ConnectorConfig.check(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2,
+                          None if cfg.lm.hf_path else cfg.lm.hidden_size)
 
 
 # ---- dual encoders (CLIP, SigLIP, CLIPPO, LiT): image and text towers, a contrastive loss -----

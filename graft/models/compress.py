@@ -64,7 +64,7 @@ class PixelShuffleProjector(nn.Module):
         self.proj = nn.Linear(vision_dim * self.r**2, lm_dim, bias=False)
 
     @staticmethod
-    def check(cfg: ConnectorConfig, num_patches: int) -> None:
+    def check(cfg: ConnectorConfig, num_patches: int, lm_dim: int | None = None) -> None:
         side, r = grid_side(num_patches, "pixel_shuffle"), cfg.scale_factor
         if r < 1:
             raise UserError(f"connector.scale_factor={r} must be at least 1")
@@ -90,7 +90,7 @@ class AvgPoolProjector(nn.Module):
         self.mlp = MLPProjector(vision_dim, lm_dim)
 
     @staticmethod
-    def check(cfg: ConnectorConfig, num_patches: int) -> None:
+    def check(cfg: ConnectorConfig, num_patches: int, lm_dim: int | None = None) -> None:
         side, n = grid_side(num_patches, "avgpool"), cfg.tokens
         if n < 1 or math.isqrt(n) ** 2 != n:
             raise UserError(f"connector.tokens={n} is not a square number (1, 4, 9, 16, ...)")

@@ -30,8 +30,9 @@ class ConnectorConfig:
     heads: int = 4  # resampler: attention heads
 
     @staticmethod
-    def check(cfg: "ConnectorConfig", num_patches: int | None = None) -> None:
-        """The kind exists, reads every field set away from its default, and fits the patch grid."""
+    def check(cfg: "ConnectorConfig", num_patches: int | None = None, lm_dim: int | None = None) -> None:
+        """The kind exists, reads every field set away from its default, and fits the patch grid
+        and the LM width (each checked when known)."""
         if cfg.kind not in CONNECTORS:
             raise UserError(f"connector.kind={cfg.kind!r} is not one of {', '.join(CONNECTORS)}")
         default = ConnectorConfig()
@@ -41,7 +42,7 @@ class ConnectorConfig:
                                 f"(it reads: {', '.join(KEYS.get(cfg.kind, ())) or 'no other key'})")
         check = getattr(CONNECTORS[cfg.kind], "check", None)
         if check is not None and num_patches is not None:
-            check(cfg, num_patches)
+            check(cfg, num_patches, lm_dim=lm_dim)
 
 
 class LinearProjector(nn.Module):
@@ -89,5 +90,5 @@ KEYS = {  # the ConnectorConfig fields each kind reads, besides `kind`
 
 
 def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_patches: int | None = None) -> nn.Module:
-    ConnectorConfig.check(cfg, num_patches)
+    ConnectorConfig.check(cfg, num_patches, lm_dim)
     return CONNECTORS[cfg.kind](vision_dim, lm_dim, cfg)  # PyTorch's default (fan-in scaled) init
