@@ -14,7 +14,6 @@ and resumes an interrupted one (it is `graft train` underneath). `--set` applies
 from __future__ import annotations
 
 import copy
-import io
 import json
 import statistics
 import time
@@ -116,14 +115,10 @@ def _report(rows: list[dict], budget: float, seeds: int, overrides: list[str]) -
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from graft.report import png_bytes, pyplot
     from graft.train.metrics import read
 
-    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 3.5))
+    fig, (loss_ax, metric_ax) = pyplot().subplots(1, 2, figsize=(11, 3.5))
     metric = next(iter(rows[0]["runs"][0]["metrics"]), None)
     for row in rows:
         records = read(path.parent / f"{row['recipe']}-seed0")
@@ -140,7 +135,4 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    atomic.write_bytes(path, png.getvalue())
+    atomic.write_bytes(path, png_bytes(fig, 110))

@@ -29,26 +29,37 @@ def results_table(results: dict[str, float], first: str = "test") -> str:
     return "\n".join(lines)
 
 
-def plot_loss(run_dir: Path) -> Path | None:
-    records = [r for r in read(run_dir) if "loss" in r and r.get("event") != "eval"]
-    if not records:
-        return None
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    return plt
+
+
+def png_bytes(fig, dpi: int) -> bytes:
+    """The figure as PNG bytes (to write atomically); the figure is closed."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi)
+    pyplot().close(fig)
+    return png.getvalue()
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    records = [r for r in read(run_dir) if "loss" in r and r.get("event") != "eval"]
+    if not records:
+        return None
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records])
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (answer tokens)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path, png = run_dir / "loss.png", io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    atomic.write_bytes(path, png.getvalue())
-    plt.close(fig)
+    path = run_dir / "loss.png"
+    atomic.write_bytes(path, png_bytes(fig, 110))
     return path
 
 

@@ -14,7 +14,6 @@ with mathtext off, so a caption holding `$`, control characters or megabytes dra
 
 from __future__ import annotations
 
-import io
 import random
 import textwrap
 from collections import Counter
@@ -225,16 +224,13 @@ def _wrap(text: str, colour: str, max_lines: int) -> list[tuple[str, str]]:
 def draw(records: list[Record], cells: list[list[tuple[str, str]]]) -> bytes:
     """A grid of COLS columns, each image over its lines; a row is as tall as its longest text.
     Returns the PNG's bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from graft.report import png_bytes, pyplot
 
     cols = min(COLS, len(records))
     rows = range(0, len(records), cols)
     text_hs = [max(len(lines) for lines in cells[i : i + cols]) * LINE_H + 0.1 for i in rows]  # inches
     W, H = cols * CELL_W, len(rows) * (IMAGE_H + 0.1) + sum(text_hs)
-    fig = plt.figure(figsize=(W, H), dpi=DPI)
+    fig = pyplot().figure(figsize=(W, H), dpi=DPI)
     top = H
     for first, text_h in zip(rows, text_hs):
         for k in range(first, min(first + cols, len(records))):
@@ -243,10 +239,7 @@ def draw(records: list[Record], cells: list[list[tuple[str, str]]]) -> bytes:
             text = fig.add_axes((x / W, (top - IMAGE_H - 0.1 - text_h) / H, (CELL_W - 0.16) / W, text_h / H))
             _draw_cell(image, text, records[k].image, cells[k], text_h)
         top -= IMAGE_H + 0.1 + text_h
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=DPI)
-    plt.close(fig)
-    return png.getvalue()
+    return png_bytes(fig, DPI)
 
 
 def _draw_cell(image_ax, text_ax, image: Image.Image, lines: list[tuple[str, str]], text_h: float) -> None:

@@ -11,11 +11,10 @@ import re
 import sys
 
 import torch
-from tqdm import tqdm
-
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
+from tqdm import tqdm
 
 from graft.data.shapes import CAPTION_PROMPT, ShapesWorld
 from graft.errors import UserError

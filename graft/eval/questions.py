@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graft.data.limits import image_path
-from graft.data.samples import BadSample, IMAGE_MARKER
+from graft.data.samples import IMAGE_MARKER, BadSample
 from graft.data.skips import SkipLog
 from graft.errors import UserError
 from graft.eval.labelled import image_folder

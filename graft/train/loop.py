@@ -18,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from graft import atomic
 from graft import config as config_mod
-from graft.config import Config
 from graft.build import assemble, resolve, tokenizer_for
+from graft.config import Config
 from graft.data.sources import build_stream
 from graft.designs import design
 from graft.errors import UserError
