@@ -83,7 +83,8 @@ def _vlm_tokens(batch, pad: int) -> int:
 
 
 def _validate_vlm(cfg) -> None:
-    from graft.models.connectors import ConnectorConfig
+    from graft.models.connectors import CONNECTORS, ConnectorConfig
+    from graft.models.decoder import LMConfig
 
     parts = DESIGNS["vlm"].parts
     if set(parts) <= set(cfg.train.freeze):
@@ -91,6 +92,18 @@ def _validate_vlm(cfg) -> None:
     v = cfg.vision  # the built-in tower's grid and LM's width (HF ones are checked when the model is built)
     ConnectorConfig.check(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2,
                           None if cfg.lm.hf_path else cfg.lm.hidden_size)
+    LMConfig.check(cfg.lm, image_grid=CONNECTORS[cfg.connector.kind].grid)
+    _validate_vision(cfg)
+
+
+def _validate_vision(cfg) -> None:
+    """The built-in tower's settings (shared by every design with a ViT)."""
+    from graft.models.vit import VisionConfig
+
+    VisionConfig.check(cfg.vision)
+    if cfg.vision.position_init_std != 0.02 and (cfg.train.init_from or "vision" in cfg.train.init_parts):
+        raise UserError(f"vision.position_init_std={cfg.vision.position_init_std} has no effect: the tower's weights "
+                        "come from train.init_from / train.init_parts")
 
 
 # ---- dual encoders (CLIP, SigLIP, CLIPPO, LiT): image and text towers, a contrastive loss -----
@@ -133,6 +146,7 @@ def _validate_dual(cfg) -> None:
 
     TextConfig.check(cfg.text)
     ContrastiveConfig.check(cfg.contrastive)
+    _validate_vision(cfg)
     if cfg.eval.zeroshot_prompt is not None:
         raise UserError("eval.zeroshot_prompt is for VLM runs (a dual encoder scores class names by their embeddings)")
     if cfg.contrastive.shared_tower and "text" in cfg.train.freeze:

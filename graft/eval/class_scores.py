@@ -35,7 +35,7 @@ def answer_logprobs(model, proc, images: list, prompt: str, answers: list[str], 
     for chunk in pairs.split(batch_size):
         image, answer = chunk[:, 0], chunk[:, 1]
         x, y = ids[answer].to(device), labels[answer, 1:].to(device)
-        logits = model.lm(inputs_embeds=model.embed(x, image_tokens=feats[image.to(device)]))[:, :-1].float()
+        logits = model(x, image_tokens=feats[image.to(device)])[0][:, :-1].float()
         token = logits.log_softmax(-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
         scores[image, answer] = (token * (y != IGNORE)).sum(1).cpu()
     return scores

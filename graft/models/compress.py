@@ -57,6 +57,7 @@ def avg_pool(x: torch.Tensor, side: int) -> torch.Tensor:
 
 class PixelShuffleProjector(nn.Module):
     """Space-to-depth by r, then a bias-free linear map (Idefics3; HF `Idefics3Connector`)."""
+    grid = True  # its tokens keep the patches' row-major grid (lm.image_positions=mrope)
 
     def __init__(self, vision_dim: int, lm_dim: int, cfg: ConnectorConfig):
         super().__init__()
@@ -80,6 +81,7 @@ class PixelShuffleProjector(nn.Module):
 
 class AvgPoolProjector(nn.Module):
     """Adaptive average pooling of the grid to √N x √N, then Linear → GELU → Linear (MM1)."""
+    grid = True  # its tokens keep the patches' row-major grid (lm.image_positions=mrope)
 
     def __init__(self, vision_dim: int, lm_dim: int, cfg: ConnectorConfig):
         # Imported here, not at the top: connectors.py imports this file to register its classes.

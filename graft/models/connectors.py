@@ -2,7 +2,8 @@
 
 To add one: write an `nn.Module` taking `(vision_dim, lm_dim, cfg)` with that forward and a
 `num_tokens(num_patches)` rule (and, if its settings constrain the patch grid, a static
-`check(cfg, num_patches)` raising UserError), add its name to `CONNECTORS` and the
+`check(cfg, num_patches)` raising UserError) and a class attribute `grid` (whether its tokens
+keep the image's row-major grid), add its name to `CONNECTORS` and the
 `ConnectorConfig` fields it reads to `KEYS`. The VLM asks the connector how many image tokens it
 makes, and the processor writes that many placeholders. A field set for a kind that does not read
 it is an error.
@@ -47,6 +48,7 @@ class ConnectorConfig:
 
 class LinearProjector(nn.Module):
     """One linear map per patch (LLaVA, Liu et al. 2023)."""
+    grid = True  # its tokens keep the patches' row-major grid (lm.image_positions=mrope)
 
     def __init__(self, vision_dim: int, lm_dim: int, cfg: ConnectorConfig | None = None):
         super().__init__()
@@ -61,6 +63,7 @@ class LinearProjector(nn.Module):
 
 class MLPProjector(nn.Module):
     """Linear → GELU → Linear per patch (LLaVA-1.5 `mlp2x_gelu`; HF `LlavaMultiModalProjector`)."""
+    grid = True  # its tokens keep the patches' row-major grid (lm.image_positions=mrope)
 
     def __init__(self, vision_dim: int, lm_dim: int, cfg: ConnectorConfig | None = None):
         super().__init__()

@@ -4,6 +4,12 @@ RMSNorm (computed in fp32) → grouped-query attention with rotary position embe
 rotate-half convention) via `scaled_dot_product_attention` → RMSNorm → SwiGLU MLP; final RMSNorm
 and an LM head, optionally tied to the token embeddings. A `KVCache` makes generation linear in
 length. Module names follow HF with the `model.` prefix dropped (see `models/hf.py`).
+
+Every layer gets one `Context` per forward call — rotary tables, the attention mask, per-token
+modality ids, and a dict where a layer may add an auxiliary loss — built by `LanguageModel.forward`
+and passed down explicitly, never stored on a module between calls. How image tokens attend
+(`lm.image_attention`) and where they sit (`lm.image_positions`) are decided there, from the
+modality ids (models/image_layout.py).
 """
 
 from __future__ import annotations
@@ -13,6 +19,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from graft.errors import UserError
+from graft.models.image_layout import image_mask, mrope_positions
+
+IMAGE_ATTENTION = ("causal", "bidirectional")
+IMAGE_POSITIONS = ("1d", "mrope")
 
 
 @dataclass
@@ -39,6 +51,25 @@ class LMConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=list)
+    # Image tokens in the built-in decoder (docs/spatial.md measured both on the built-in world):
+    # causal = like text | bidirectional = every token of an image sees the whole image (the
+    # prefix-LM mask of PaliGemma); 1d = consecutive positions | mrope = 2-D rotary positions,
+    # (time, row, column) over interleaved frequency pairs (M-RoPE, Qwen2-VL), text staying 1-D.
+    image_attention: str = "causal"
+    image_positions: str = "1d"
+
+    @staticmethod
+    def check(cfg: "LMConfig", image_grid: bool = True) -> None:
+        """Values exist; the image keys need the built-in decoder, and `mrope` a connector whose
+        tokens form a square grid (`image_grid`)."""
+        for key, valid in (("image_attention", IMAGE_ATTENTION), ("image_positions", IMAGE_POSITIONS)):
+            value = getattr(cfg, key)
+            if value not in valid:
+                raise UserError(f"lm.{key}={value!r} is not one of {', '.join(valid)}")
+            if cfg.hf_path and value != valid[0]:
+                raise UserError(f"lm.{key}={value} needs the built-in decoder (lm.hf_path is set)")
+        if cfg.image_positions == "mrope" and not image_grid:
+            raise UserError("lm.image_positions=mrope needs image tokens on a grid; this connector's tokens have none")
 
 
 class RMSNorm(nn.Module):
@@ -54,9 +85,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (B, T, head_dim) for integer `positions` (B, T); RoFormer, Su et al. 2021."""
+    """cos/sin of shape (B, T, head_dim) for integer `positions` (B, T); RoFormer, Su et al. 2021.
+    Positions (3, B, T) on (time, row, column) axes rotate frequency pair j by axis j % 3 (M-RoPE)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    if positions.dim() == 3:  # each frequency pair takes its axis' position
+        positions = positions[torch.arange(head_dim // 2, device=positions.device) % 3].permute(1, 2, 0)
+        freqs = positions.float() * inv_freq  # (B, T, head_dim/2)
+    else:
+        freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -69,6 +105,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate queries or keys (B, H, T, head_dim) by the tables of `rope_tables` (B, T, head_dim)."""
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+@dataclass
+class Context:
+    """What one forward call gives every layer; built per call, never kept on a module.
+
+    cos, sin: rotary tables (B, T, head_dim). mask: (B, 1, T, T), True = may attend, or None for
+    plain causal attention. modality_ids: (B, T), 0 = text, 1 = image, or None (text only). aux:
+    auxiliary losses a layer adds by name, as local sums over the batch's positions (the caller
+    returns them beside its own; none of graft's built-in layers adds one yet)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None = None
+    modality_ids: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class KVCache:
@@ -104,9 +156,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, dkv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask` (B, 1, T, T), True = may attend: packed documents (training, no cache)."""
+    def forward(self, x, ctx: Context, cache: KVCache | None) -> torch.Tensor:
+        """`ctx.mask` (B, 1, T, T), True = may attend: packed documents, image tokens seeing their
+        whole image (training and prefill; a cached decoding step passes none)."""
         B, T, _ = x.shape
+        cos, sin, mask = ctx.cos, ctx.sin, ctx.mask
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -149,8 +203,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, mask=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+    def forward(self, x, ctx: Context, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -172,6 +226,11 @@ class LanguageModel(nn.Module):
     def hidden_size(self) -> int:
         return self.cfg.hidden_size
 
+    @property
+    def aux_losses(self) -> tuple[str, ...]:
+        """Names of the auxiliary losses its layers add to `Context.aux` (none yet)."""
+        return ()
+
     def new_cache(self) -> KVCache:
         return KVCache()
 
@@ -182,24 +241,44 @@ class LanguageModel(nn.Module):
         cache: KVCache | None = None,
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | None = None,
+        image_grid: int | None = None,
+        aux: dict | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) from token ids (B, T) or embeddings (B, T, D).
 
         Packed rows (data/packing.py) pass `position_ids` (B, T), restarting at each document, and
         `doc_ids` (B, T): attention is then causal within a document and blind across documents.
+        `modality_ids` (B, T) mark image tokens (1), whose attention and positions follow
+        `lm.image_attention` / `lm.image_positions`; `image_grid` is the side of one image's
+        square grid of tokens. Auxiliary losses of the layers are added to `aux` when given.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        ctx = self.context(x, cache, position_ids, doc_ids, modality_ids, image_grid)
+        for layer in self.layers:
+            x = layer(x, ctx, cache)
+        if aux is not None:
+            aux.update(ctx.aux)
+        return self.lm_head(self.norm(x))
+
+    def context(self, x, cache, position_ids, doc_ids, modality_ids, image_grid) -> Context:
         B, T, _ = x.shape
         start = cache.seen() if cache is not None else 0
         positions = torch.arange(start, start + T, device=x.device).expand(B, T) if position_ids is None else position_ids
+        images = modality_ids == 1 if modality_ids is not None and start == 0 else None  # decoding: text
+        if images is not None and self.cfg.image_positions == "mrope":
+            positions = mrope_positions(positions, images, image_grid)
         cos, sin = rope_tables(positions, self.cfg.hidden_size // self.cfg.heads, self.cfg.rope_theta, x.dtype)
+        bidirectional = images is not None and self.cfg.image_attention == "bidirectional"
         mask = None
-        if doc_ids is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
-        for layer in self.layers:
-            x = layer(x, cos, sin, cache, mask)
-        return self.lm_head(self.norm(x))
+        if doc_ids is not None or bidirectional:
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, T, T)
+            if bidirectional:
+                mask = mask | image_mask(images)
+            if doc_ids is not None:
+                mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
+            mask = mask[:, None]  # (B, 1, T, T)
+        return Context(cos, sin, mask, modality_ids)
 
 
 def _init_weights(module: nn.Module, std: float) -> None:

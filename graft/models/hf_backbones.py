@@ -97,8 +97,13 @@ class HFLanguageModel(nn.Module):
 
         return DynamicCache(config=self.model.config)
 
-    def forward(self, input_ids=None, inputs_embeds=None, cache=None) -> torch.Tensor:
-        """Logits (B, T, vocab). Right padding needs no mask: causal attention never looks right."""
+    aux_losses: tuple[str, ...] = ()
+
+    def forward(self, input_ids=None, inputs_embeds=None, cache=None, modality_ids=None, image_grid=None,
+                aux=None) -> torch.Tensor:
+        """Logits (B, T, vocab). Right padding needs no mask: causal attention never looks right.
+        The image context of the built-in decoder has no use here: an HF decoder treats image tokens
+        as text (config checks refuse `lm.image_attention` / `lm.image_positions` with lm.hf_path)."""
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=cache,
                          use_cache=cache is not None)
         return out.logits

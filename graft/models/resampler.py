@@ -113,6 +113,7 @@ class PerceiverResampler(nn.Module):
 
 class ResamplerConnector(nn.Module):
     """Project patches to the LM width (SwiGLU), then resample them to N latents (HF `Idefics2Connector`)."""
+    grid = False  # its tokens are learned queries, not places in the image
 
     def __init__(self, vision_dim: int, lm_dim: int, cfg: ConnectorConfig):
         super().__init__()

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graft.errors import UserError
+
 
 @dataclass
 class VisionConfig:
@@ -34,8 +36,20 @@ class VisionConfig:
     # ViT; its architecture fields (and image mean/std, if it has a preprocessor_config.json) are
     # read from the folder and written into config.yaml (models/hf_backbones.py).
     hf_path: str | None = None
+    # Std of the learned position table at init (HF SigLIP: 0.02). At 0.02 the table stays near its
+    # init while the patches' content grows ~100x; 0.2 keeps each patch's column readable from its
+    # token (docs/spatial.md). Built-in tower trained from scratch only.
+    position_init_std: float = 0.02
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # SigLIP: pixels in [-1, 1]
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    @staticmethod
+    def check(cfg: "VisionConfig") -> None:
+        if cfg.position_init_std != 0.02 and (cfg.hf_path or cfg.init_from):
+            key = "vision.hf_path" if cfg.hf_path else "vision.init_from"
+            raise UserError(f"vision.position_init_std={cfg.position_init_std} has no effect: the tower's weights come from {key}")
+        if cfg.position_init_std <= 0:
+            raise UserError(f"vision.position_init_std={cfg.position_init_std} must be positive")
 
     @property
     def num_patches(self) -> int:
@@ -108,6 +122,14 @@ class VisionTower(nn.Module):
     def embed_dim(self) -> int:
         return self.cfg.hidden_size
 
+    @staticmethod
+    def check(cfg: "VisionConfig") -> None:
+        if cfg.position_init_std != 0.02 and (cfg.hf_path or cfg.init_from):
+            key = "vision.hf_path" if cfg.hf_path else "vision.init_from"
+            raise UserError(f"vision.position_init_std={cfg.position_init_std} has no effect: the tower's weights come from {key}")
+        if cfg.position_init_std <= 0:
+            raise UserError(f"vision.position_init_std={cfg.position_init_std} must be positive")
+
     @property
     def num_patches(self) -> int:
         return self.cfg.num_patches
@@ -123,6 +145,8 @@ class ViT(VisionTower):
         self.encoder = Encoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.apply(_init_weights)
+        if cfg.position_init_std != 0.02:  # drawn in place of _init_weights' table, same RNG draws
+            nn.init.normal_(self.embeddings.position_embedding.weight, std=cfg.position_init_std)
 
     def features(self, pixel_values: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Output of encoder layer `layer` (negative counts from the end), no post norm: (B, P, D)."""

@@ -6,6 +6,8 @@ placeholder positions → decode → loss on answer tokens only (labels = -100 e
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -49,6 +51,12 @@ class VLM(nn.Module):
         for part in parts:
             getattr(self, part).requires_grad_(False)
 
+    @property
+    def image_grid(self) -> int | None:
+        """The side of one image's square grid of tokens, or None when its tokens have no grid."""
+        side = math.isqrt(self.num_image_tokens)
+        return side if self.connector.grid and side * side == self.num_image_tokens else None
+
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B_img, N, D_lm): what an image becomes in the LM's input."""
         return self.connector(self.vision.features(pixel_values))
@@ -70,16 +78,22 @@ class VLM(nn.Module):
             )
         return embeds.masked_scatter(slots[..., None], image_tokens.to(embeds.dtype))
 
-    def forward(self, input_ids, pixel_values, labels=None, cache: KVCache | None = None, **packed):
-        """Returns (logits (B, T, vocab), {"lm": Σ answer-token losses} or {} without labels).
-        `packed`: position_ids and doc_ids of packed rows (data/packing.py), for the built-in decoder."""
-        logits = self.lm(inputs_embeds=self.embed(input_ids, pixel_values), cache=cache, **packed)
-        return logits, ({"lm": lm_loss_sum(logits, labels)} if labels is not None else {})
+    def forward(self, input_ids, pixel_values=None, labels=None, cache: KVCache | None = None,
+                image_tokens: torch.Tensor | None = None, **packed):
+        """Returns (logits (B, T, vocab), {"lm": Σ answer-token losses, and the LM's auxiliary
+        losses} or {} without labels). The images come as `pixel_values` or encoded as
+        `image_tokens` (see `embed`). `packed`: position_ids and doc_ids of packed rows
+        (data/packing.py), for the built-in decoder."""
+        aux: dict = {}
+        logits = self.lm(inputs_embeds=self.embed(input_ids, pixel_values, image_tokens), cache=cache,
+                         modality_ids=(input_ids == self.image_token_id).long(), image_grid=self.image_grid,
+                         aux=aux, **packed)
+        return logits, ({"lm": lm_loss_sum(logits, labels), **aux} if labels is not None else {})
 
-    @staticmethod
-    def loss_counts(labels, **batch) -> dict[str, int]:
-        """What each loss of `forward` sums over: the supervised (answer) tokens."""
-        return {"lm": int(supervised(labels))}
+    def loss_counts(self, input_ids, labels, **batch) -> dict[str, int]:
+        """What each loss of `forward` sums over: the supervised (answer) tokens; the LM's auxiliary
+        losses, every position."""
+        return {"lm": int(supervised(labels)), **dict.fromkeys(self.lm.aux_losses, input_ids.numel())}
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values, max_new_tokens: int, eos_id: int) -> list[list[int]]:
