@@ -122,14 +122,6 @@ class VisionTower(nn.Module):
     def embed_dim(self) -> int:
         return self.cfg.hidden_size
 
-    @staticmethod
-    def check(cfg: "VisionConfig") -> None:
-        if cfg.position_init_std != 0.02 and (cfg.hf_path or cfg.init_from):
-            key = "vision.hf_path" if cfg.hf_path else "vision.init_from"
-            raise UserError(f"vision.position_init_std={cfg.position_init_std} has no effect: the tower's weights come from {key}")
-        if cfg.position_init_std <= 0:
-            raise UserError(f"vision.position_init_std={cfg.position_init_std} must be positive")
-
     @property
     def num_patches(self) -> int:
         return self.cfg.num_patches
@@ -145,7 +137,7 @@ class ViT(VisionTower):
         self.encoder = Encoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.apply(_init_weights)
-        if cfg.position_init_std != 0.02:  # drawn in place of _init_weights' table, same RNG draws
+        if cfg.position_init_std != 0.02:  # re-drawn; at the default a seed gives the weights it always did
             nn.init.normal_(self.embeddings.position_embedding.weight, std=cfg.position_init_std)
 
     def features(self, pixel_values: torch.Tensor, layer: int | None = None) -> torch.Tensor:
