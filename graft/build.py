@@ -9,7 +9,8 @@ changes the config it is given: `resolve` returns a resolved copy.
 - `resolve(cfg, tok)`: the tower architecture of `vision.init_from`, the HF folders'
   architectures, the vocabulary sizes — what `config.yaml` then records.
 - `assemble(cfg, tok)`: the design's model (graft/designs.py), initialised from `train.init_from`
-  (a graft run or an exported HF LLaVA folder), `vision.init_from` (a tower) and
+  (a graft run or an exported HF LLaVA folder), `vision.init_from` (a tower),
+  `connector.init_from` (a Q-Former stage-1 run's tower and Q-Former, models/blip2.py) and
   `train.init_parts` (any part from any run, e.g. the connector of a stage-1 run; the LM and the
   tower may also come from HF folders, `lm.hf_path` / `vision.hf_path`), LoRA adapters added
   (`lm.lora_rank`), `train.freeze` applied.
@@ -67,6 +68,10 @@ def assemble(cfg: Config, tok, init: bool = True):
     if init and cfg.vision.init_from:
         # A locked image head must be the run's too: a random projection, frozen, could not be learned around.
         load_vision(model, cfg.vision.init_from, image_head="image_head" in cfg.train.freeze)
+    if init and cfg.connector.init_from:  # BLIP-2 stage 2: the stage-1 run's image encoder and Q-Former
+        from graft.models.blip2 import load_stage1
+
+        load_stage1(model, cfg.connector.init_from)
     for part, path in cfg.train.init_parts.items() if init else ():
         load_modules(model, model.part_modules(part), path, f"train.init_parts.{part}")
     if cfg.lm.lora_rank:  # after init_from, so a run without adapters can initialise one with them

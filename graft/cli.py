@@ -199,9 +199,10 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
     _data_parser(sub)
     c = sub.add_parser("compare", help="train recipes to the same training FLOPs and compare them (DIR/report.md)")
-    c.add_argument("recipes", nargs="+")
-    c.add_argument("--budget", type=float, required=True, help="training FLOPs per run, vision included (e.g. 1e14)")
-    c.add_argument("--seeds", type=int, default=1)
+    c.add_argument("recipes", nargs="*", help="default: every connector design (graft/compare.py DEFAULT_RECIPES)")
+    c.add_argument("--budget", type=float, help="training FLOPs per run, vision included (default: DEFAULT_BUDGET, "
+                   "6e12, ≤ 30 minutes on a 2-core CPU for the default designs and 3 seeds)")
+    c.add_argument("--seeds", type=int, default=3, help="seeds per design (default 3: mean ± sd)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every recipe")
     c.add_argument("--out", required=True)
     c.set_defaults(fn=cmd_compare)

@@ -9,6 +9,13 @@ wall time, samples/s, MFU, and every metric as mean ± standard deviation over s
 `DIR/loss_vs_flops.png` (training loss and the first metric, evaluated 4 times along each run,
 against training FLOPs). Runs live in `DIR/<recipe>-seed<k>/`; re-running reuses finished runs
 and resumes an interrupted one (it is `graft train` underneath). `--set` applies to every recipe.
+
+A recipe that starts from another recipe's run (`recipes.STAGES`: BLIP-2 stage 2 from a stage-1
+Q-Former, LLaVA stage 2 from stage 1) gets it trained once per seed in `DIR/stages/`, however
+many recipes share it, with its own recipe's steps (and the `--set` keys of the sections it
+reads); its compute is reported beside the budget, not inside it.
+
+With no recipe, the default comparison: `DEFAULT_RECIPES` at `DEFAULT_BUDGET` (docs/compare.md).
 """
 
 from __future__ import annotations
@@ -23,38 +30,88 @@ from graft import atomic
 from graft.errors import UserError
 
 EVAL_POINTS = 4  # evaluations per run (the last at the end), for the metric-vs-FLOPs plot
+# Every connector design on the default recipe's world, model and data order (docs/compare.md).
+DEFAULT_RECIPES = ("shapes_linear", "shapes_vqa", "shapes_pixel_shuffle", "shapes_avgpool", "shapes_resampler",
+                   "shapes_qformer")
+DEFAULT_BUDGET = 6e12  # training FLOPs per run (~215 steps of shapes_vqa): 3 seeds of all six in ≤ 30 CPU minutes
 
 
-def compare(recipes: list[str], budget: float, seeds: int, overrides: list[str], out: Path) -> Path:
+def compare(recipes: list[str], budget: float | None, seeds: int, overrides: list[str], out: Path) -> Path:
     from graft.cli import _recipe
 
+    recipes, budget = recipes or list(DEFAULT_RECIPES), DEFAULT_BUDGET if budget is None else budget
     if seeds < 1:
         raise UserError(f"--seeds={seeds} must be at least 1")
     plans = [(name, _recipe(name, overrides)) for name in dict.fromkeys(recipes)]  # every name checked first
+    stages = _Stages(overrides, seeds, out / "stages")
     rows = []
     for name, cfg in plans:
-        info = _measure(cfg)
+        per_seed = [stages.apply(name, cfg, seed) for seed in range(seeds)]  # trains a shared stage once
+        info = _measure(per_seed[0])
         steps = int(budget // info["flops_per_step"])
         if steps < 1:
             raise UserError(f"--budget {budget:.3g} is smaller than one step of {name} ({info['flops_per_step']:.3g} FLOPs)")
-        runs = [_run(cfg, steps, seed, out / f"{name}-seed{seed}") for seed in range(seeds)]
-        rows.append({"recipe": name, "steps": steps, **info, "runs": runs})
+        runs = [_run(c, steps, seed, out / f"{name}-seed{seed}") for seed, c in enumerate(per_seed)]
+        rows.append({"recipe": name, "steps": steps, **info, "runs": runs, "stage": stages.used_by(name)})
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out / "compare.json", json.dumps(rows, indent=1))
+    atomic.write_text(out / "compare.json", json.dumps({"rows": rows, "stages": stages.summary()}, indent=1))
     _plot(rows, out / "loss_vs_flops.png")
     path = out / "report.md"
-    atomic.write_text(path, _report(rows, budget, seeds, overrides))
+    atomic.write_text(path, _report(rows, stages.summary(), budget, seeds, overrides))
     return path
 
 
-def _measure(cfg) -> dict:
-    """Training FLOPs of one step (the first batch), parameters, image tokens per image."""
+class _Stages:
+    """The runs that recipes start from (`recipes.STAGES`), trained once per seed and shared."""
+
+    def __init__(self, overrides: list[str], seeds: int, root: Path):
+        self.overrides, self.seeds, self.root = overrides, seeds, root
+        self.done: dict[str, dict] = {}  # stage recipe → {"runs": [...], "flops_per_step", "steps"}
+        self.users: dict[str, str] = {}  # recipe → its stage recipe
+
+    def apply(self, name: str, cfg, seed: int):
+        """`cfg` with its stage key pointing at the stage run of `seed` (trained now if missing)."""
+        from graft.config import apply_overrides
+        from graft.recipes import STAGES
+
+        if name not in STAGES:
+            return cfg
+        key, stage = STAGES[name]
+        self.users[name] = stage
+        if stage not in self.done:
+            self.done[stage] = self._train(stage)
+        return apply_overrides(copy.deepcopy(cfg), [f"{key}={self.done[stage]['runs'][seed]['run']}"])
+
+    def used_by(self, name: str) -> str | None:
+        return self.users.get(name)
+
+    def summary(self) -> dict:
+        return {stage: {**info, "used_by": [r for r, s in self.users.items() if s == stage]}
+                for stage, info in self.done.items()}
+
+    def _train(self, stage: str) -> dict:
+        from graft.cli import _recipe
+        from graft.designs import SHARED_SECTIONS, design
+        from graft.recipes import RECIPES
+
+        reads = set(design(RECIPES[stage]().model).sections) | set(SHARED_SECTIONS)
+        cfg = _recipe(stage, [o for o in self.overrides if o.partition("=")[0].split(".")[0] in reads])
+        info = _measure(cfg)
+        runs = []
+        for seed in range(self.seeds):
+            run = self.root / f"{stage}-seed{seed}"
+            runs.append({"run": str(run), **_run(cfg, cfg.train.steps, seed, run, eval_points=1)})
+        return {"steps": cfg.train.steps, "flops_per_step": info["flops_per_step"], "runs": runs}
+
+
+def first_batches(cfg):
+    """The assembled model of `cfg` (without moving the global RNG), its processor, and the
+    micro-batches of its first step."""
     import torch
 
     from graft.build import assemble, resolve, tokenizer_for
     from graft.data.sources import build_stream
     from graft.rundir import build_processor
-    from graft.train.flops import count_step
     from graft.train.runtime import Runtime
 
     tok = tokenizer_for(cfg)
@@ -63,14 +120,23 @@ def _measure(cfg) -> dict:
         model = assemble(resolved, tok)
     proc = build_processor(resolved, tok, model)
     stream = build_stream(resolved, proc, Runtime(torch.device("cpu"), torch.float32))
-    flops = sum(count_step(model, stream.batch(0, m)) for m in range(resolved.train.grad_accum))
+    batches = [stream.batch(0, m) for m in range(resolved.train.grad_accum)]
     stream.close()
-    return {"flops_per_step": float(flops), "params": sum(p.numel() for p in model.parameters()),
+    return model, proc, batches
+
+
+def _measure(cfg) -> dict:
+    """Training FLOPs of one step (the first batch), parameters, image tokens per image."""
+    from graft.train.flops import count_step
+
+    model, proc, batches = first_batches(cfg)
+    return {"flops_per_step": float(sum(count_step(model, b) for b in batches)),
+            "params": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "image_tokens": getattr(proc, "num_image_tokens", None)}
 
 
-def _run(cfg, steps: int, seed: int, run: Path) -> dict:
+def _run(cfg, steps: int, seed: int, run: Path, eval_points: int = EVAL_POINTS) -> dict:
     """Train one seed to `steps` (or reuse it); its metrics, wall time and last throughput."""
     from graft.train.loop import train
     from graft.train.metrics import read
@@ -80,7 +146,7 @@ def _run(cfg, steps: int, seed: int, run: Path) -> dict:
         return json.loads(done.read_text())
     cfg = copy.deepcopy(cfg)
     cfg.train.steps, cfg.train.seed, cfg.train.ckpt_every = steps, seed, min(cfg.train.ckpt_every, steps)
-    cfg.train.eval_every = max(1, steps // EVAL_POINTS)  # metric-vs-FLOPs points along the run
+    cfg.train.eval_every = max(1, steps // eval_points)  # metric-vs-FLOPs points along the run
     cfg.train.log_every = max(1, min(cfg.train.log_every, steps // 20))  # a loss curve even for short runs
     start = time.perf_counter()
     results = train(cfg, run)
@@ -97,7 +163,7 @@ def _mean_sd(values: list[float], fmt: str = ".3f") -> str:
     return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
-def _report(rows: list[dict], budget: float, seeds: int, overrides: list[str]) -> str:
+def _report(rows: list[dict], stages: dict, budget: float, seeds: int, overrides: list[str]) -> str:
     metrics = list(dict.fromkeys(k for row in rows for run in row["runs"] for k in run["metrics"]))
     head = ["recipe", "params (trainable)", "image tokens", "FLOPs/step", "steps", "wall s", "samples/s", "MFU"]
     lines = [f"# graft compare: {len(rows)} designs at {budget:.3g} training FLOPs, {seeds} seed(s)", "",
@@ -111,6 +177,12 @@ def _report(rows: list[dict], budget: float, seeds: int, overrides: list[str]) -
         cells += [_mean_sd([r["metrics"][m] for r in runs if m in r["metrics"]]) if any(m in r["metrics"] for r in runs)
                   else "-" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
+    for stage, info in stages.items():
+        users, runs = info["used_by"], info["runs"]
+        scores = ", ".join(f"{k} {_mean_sd([r['metrics'][k] for r in runs])}" for k in list(runs[0]["metrics"])[:3])
+        lines += ["", f"{', '.join(users)} start{'s' if len(users) == 1 else ''} from `{stage}`, trained once per "
+                  f"seed for {info['steps']} steps ({info['steps'] * info['flops_per_step']:.3g} training FLOPs, "
+                  f"not in the budget) in `stages/`: {scores}."]
     return "\n".join(lines + ["", "![training loss and the first metric against training FLOPs](loss_vs_flops.png)", ""])
 
 

@@ -27,6 +27,7 @@ from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
 from graft.models.decoder import LMConfig
 from graft.models.dual_encoder import ContrastiveConfig
+from graft.models.qformer import QFormerConfig
 from graft.models.text_encoder import TextConfig
 from graft.models.vit import VisionConfig
 
@@ -131,7 +132,7 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = "shapes_vqa"
-    model: str = "vlm"  # vlm | dual (contrastive: CLIP, SigLIP, CLIPPO, LiT)
+    model: str = "vlm"  # vlm | dual (contrastive: CLIP, SigLIP, CLIPPO, LiT) | qformer_stage1 (BLIP-2 stage 1)
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)
@@ -141,6 +142,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     text: TextConfig = field(default_factory=TextConfig)  # model=dual only
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # model=dual only
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)  # model=qformer_stage1 only
 
 
 # ---- conversion between values and typed fields -------------------------------------------------

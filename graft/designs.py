@@ -92,6 +92,8 @@ def _validate_vlm(cfg) -> None:
     v = cfg.vision  # the built-in tower's grid and LM's width (HF ones are checked when the model is built)
     ConnectorConfig.check(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2,
                           None if cfg.lm.hf_path else cfg.lm.hidden_size)
+    if cfg.connector.init_from:
+        _check_stage1_run(cfg)
     LMConfig.check(cfg.lm, image_grid=CONNECTORS[cfg.connector.kind].grid)
     _validate_vision(cfg)
 
@@ -151,6 +153,11 @@ def _validate_dual(cfg) -> None:
         raise UserError("eval.zeroshot_prompt is for VLM runs (a dual encoder scores class names by their embeddings)")
     if cfg.contrastive.shared_tower and "text" in cfg.train.freeze:
         raise UserError("train.freeze: 'text' has no tower of its own when contrastive.shared_tower=true (CLIPPO)")
+    _validate_embedding_eval(cfg)
+
+
+def _validate_embedding_eval(cfg) -> None:
+    """What the dual evaluation (zero-shot by similarity, retrieval) reads of `eval.*`."""
     for key in ("zeroshot_images", "retrieval_pairs"):
         if getattr(cfg.eval, key) < 0:
             raise UserError(f"eval.{key}={getattr(cfg.eval, key)} must not be negative")
@@ -160,12 +167,82 @@ def _validate_dual(cfg) -> None:
         load_prompts(cfg.eval.zeroshot_file)  # the world's zero-shot: its 24 classes (checked now, not after training)
 
 
+# ---- BLIP-2 stage 1 (Q-Former): queries learn to read the image encoder, ITC + ITM + ITG ----------
+# Stage 2 is the `vlm` design with `connector.kind=qformer` and `connector.init_from=STAGE1_RUN`.
+
+QFORMER_STAGE1 = "qformer_stage1"
+
+
+def _build_qformer_stage1(cfg, tok, pretrained: bool = True):
+    from graft.models.blip2 import QFormerStage1
+    from graft.models.hf_backbones import HFVisionTower
+
+    vision = HFVisionTower.load(cfg.vision, pretrained) if cfg.vision.hf_path else cfg.vision
+    return QFormerStage1(vision, cfg.qformer, len(tok), tok.pad)
+
+
+def _qformer_processor(cfg, tok, model):
+    from graft.data.contrastive import ContrastiveProcessor
+
+    return ContrastiveProcessor(tok, cfg.vision.image_size, cfg.qformer.max_text_len)
+
+
+def _validate_qformer_stage1(cfg) -> None:
+    from graft.models.blip2 import PARTS
+    from graft.models.qformer import QFormerConfig
+
+    QFormerConfig.check(cfg.qformer)
+    if set(PARTS) <= set(cfg.train.freeze):
+        raise UserError(f"train.freeze freezes every part ({', '.join(PARTS)}): nothing would train")
+    if cfg.train.batch_size // cfg.train.grad_accum < 2:
+        raise UserError(f"train.batch_size={cfg.train.batch_size} / train.grad_accum={cfg.train.grad_accum} "
+                        "gives micro-batches of one pair: ITM draws its negatives from the micro-batch (need ≥ 2)")
+    if cfg.eval.zeroshot_prompt is not None:
+        raise UserError("eval.zeroshot_prompt is for VLM runs (a Q-Former scores class names by their embeddings)")
+    _validate_embedding_eval(cfg)
+    _validate_vision(cfg)
+
+
+def _check_stage1_run(cfg) -> None:
+    """`connector.init_from` names a finished stage-1 Q-Former run with this config's Q-Former and
+    image-encoder architecture (its tower comes with its Q-Former: the queries read its features)."""
+    from pathlib import Path
+
+    from graft.models.qformer import QFormerConfig
+    from graft.rundir import VISION_ARCH, RunDir
+
+    path, key = cfg.connector.init_from, "connector.init_from"
+    run = RunDir(path)
+    if not run.config_path.is_file():
+        raise UserError(f"{key}={path} is not a graft run directory (no config.yaml)")
+    src = run.config()
+    if src.model != QFORMER_STAGE1:
+        raise UserError(f"{key}={path} is a model={src.model} run, not a Q-Former stage-1 run (model={QFORMER_STAGE1})")
+    if run.latest_checkpoint() is None:
+        raise UserError(f"{key}={path} has no complete checkpoint")
+    for name in QFormerConfig.ARCH:
+        mine, theirs = getattr(cfg.connector.qformer, name), getattr(src.qformer, name)
+        if mine != theirs:
+            raise UserError(f"connector.qformer.{name}={mine} differs from qformer.{name}={theirs} of the stage-1 run {path}")
+    if cfg.vision.init_from and Path(cfg.vision.init_from).resolve() != Path(path).resolve():
+        raise UserError(f"vision.init_from={cfg.vision.init_from} conflicts with {key}={path}, which brings "
+                        "the image encoder its Q-Former was trained on")
+    for name in () if cfg.vision.init_from else (*VISION_ARCH, "feature_layer", "hf_path"):
+        mine, theirs = getattr(cfg.vision, name), getattr(src.vision, name)
+        if mine != theirs:
+            raise UserError(f"vision.{name}={mine} differs from vision.{name}={theirs} of the stage-1 run {path} "
+                            "(its Q-Former reads that image encoder)")
+
+
 DESIGNS = {
     "vlm": Design("vlm", ("vision", "connector", "lm"), ("vision", "connector", "lm"), _build_vlm,
                   _vlm_processor, _vlm_world, _vlm_tokens, _validate_vlm, losses=("lm",), packs=True),
     "dual": Design("dual", ("vision", "text", "contrastive"), DUAL_PARTS,
                    _build_dual, _dual_processor, _dual_world, _dual_tokens, _validate_dual,
                    losses=("itc",)),
+    QFORMER_STAGE1: Design("dual", ("vision", "qformer"), ("vision", "qformer", "heads"), _build_qformer_stage1,
+                           _qformer_processor, _dual_world, _dual_tokens, _validate_qformer_stage1,
+                           losses=("itc", "itm", "itg")),
 }
 MODEL_SECTIONS = tuple(dict.fromkeys(s for d in DESIGNS.values() for s in d.sections))
 

@@ -195,5 +195,44 @@ def llava_stage2_lora() -> Config:
     return cfg
 
 
+def shapes_qformer_stage1() -> Config:
+    """BLIP-2 stage 1: ViT + Q-Former (9 queries) trained with ITC + ITM + ITG on the Shapes world's captions.
+
+    The same 24 px world and ViT as shapes_vqa, so stage 2 (`shapes_qformer`) can take this run's
+    tower and Q-Former; 9 queries: as many image tokens as shapes_vqa's 9 patches and
+    shapes_resampler's 9 latents. The ViT trains with the Q-Former (BLIP-2 freezes a pretrained
+    one; from scratch there is none to freeze: `train.freeze=[vision]` with `vision.init_from`).
+    """
+    cfg = Config(name="shapes_qformer_stage1", model="qformer_stage1")
+    cfg.vision.image_size, cfg.data.grid = 24, 3
+    cfg.qformer.queries = 9
+    cfg.train.objectives = {"itc": 1.0, "itm": 1.0, "itg": 1.0}  # BLIP-2 weighs the three equally
+    cfg.train.steps, cfg.train.batch_size = 400, 64
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 40
+    return cfg
+
+
+def shapes_qformer() -> Config:
+    """BLIP-2 stage 2: the Q-Former connector (9 query tokens) + LM on questions; set connector.init_from=STAGE1_RUN.
+
+    `connector.init_from` brings the stage-1 run's image encoder and Q-Former (frozen tower, as
+    BLIP-2); the projection to the LM width and the LM (from scratch here) train with the Q-Former.
+    """
+    cfg = shapes_vqa()
+    cfg.name = "shapes_qformer"
+    cfg.connector.kind = "qformer"
+    cfg.connector.qformer.queries = 9  # = shapes_qformer_stage1's
+    cfg.train.freeze = ["vision"]
+    return cfg
+
+
 RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, shapes_resampler, shapes_pixel_shuffle, shapes_avgpool,
-                                   tiny, llava_stage1, llava_stage2, llava_stage2_lora, siglip, clip, clippo, lit)}
+                                   tiny, llava_stage1, llava_stage2, llava_stage2_lora, siglip, clip, clippo, lit,
+                                   shapes_qformer_stage1, shapes_qformer)}
+# Recipes that start from another recipe's run: recipe → (the key naming that run, the recipe that
+# makes it). `graft compare` trains such a stage once per seed and points the key at it.
+STAGES = {
+    "shapes_qformer": ("connector.init_from", "shapes_qformer_stage1"),
+    "llava_stage2": ("train.init_from", "llava_stage1"),
+    "llava_stage2_lora": ("train.init_from", "llava_stage1"),
+}

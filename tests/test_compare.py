@@ -3,6 +3,7 @@
 import json
 
 from graft.cli import main
+from graft.config import load
 
 SMALL = [f"--set={part}.{key}={value}" for part in ("vision", "lm")
          for key, value in (("hidden_size", 32), ("layers", 1), ("intermediate_size", 64))]
@@ -14,7 +15,7 @@ def test_two_designs_at_matched_flops_with_seeds_and_reuse(tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "shapes_vqa", "shapes_linear", "--budget", "2e9", "--seeds", "2", "--out", str(out), *QUIET]
     assert main(args) == 0
-    rows = json.loads((out / "compare.json").read_text())
+    rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [r["recipe"] for r in rows] == ["shapes_vqa", "shapes_linear"]
     for row in rows:
         assert row["steps"] == int(2e9 // row["flops_per_step"]) >= 2  # the same compute, in steps of each design
@@ -39,3 +40,26 @@ def test_two_designs_at_matched_flops_with_seeds_and_reuse(tmp_path, capsys):
         assert main(["compare", *extra, "--out", str(tmp_path / "bad"), *QUIET]) == 2
         assert needle in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_shared_stage_trains_once_per_seed(tmp_path, capsys):
+    """llava_stage2 and llava_stage2_lora both start from llava_stage1: it trains once per seed, in
+    stages/, with its own steps (`--set train.steps` reaches it; the budget sets the others')."""
+    out = tmp_path / "cmp"
+    args = ["compare", "llava_stage2", "llava_stage2_lora", "--budget", "3e9", "--seeds", "2", "--out", str(out),
+            "--set", "train.steps=3", *QUIET]
+    assert main(args) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    stage = summary["stages"]["llava_stage1"]
+    assert stage["steps"] == 3 and stage["used_by"] == ["llava_stage2", "llava_stage2_lora"]
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["llava_stage1-seed0", "llava_stage1-seed1"]
+    steps = {row["recipe"]: row["steps"] for row in summary["rows"]}
+    for recipe in ("llava_stage2", "llava_stage2_lora"):
+        for seed in (0, 1):
+            cfg = load(out / f"{recipe}-seed{seed}" / "config.yaml")
+            assert cfg.train.init_from == str(out / "stages" / f"llava_stage1-seed{seed}")
+            assert cfg.train.seed == seed and cfg.train.steps == steps[recipe] > 3
+    report = (out / "report.md").read_text()
+    assert "llava_stage2, llava_stage2_lora start from `llava_stage1`, trained once per seed for 3 steps" in report
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("stages/*/compare_run.json")}
+    assert main(args) == 0 and {p: p.stat().st_mtime_ns for p in out.glob("stages/*/compare_run.json")} == stamps

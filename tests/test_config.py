@@ -34,7 +34,7 @@ def test_overrides_set_typed_values():
     ("train.progress=maybe", "'train.progress' expects true/false"),
     ("lm=3", "'lm' is a section"),
     ("lm.layers", "not of the form key=value"),
-    ("connector.kind=qformer", "connector.kind='qformer'"),
+    ("connector.kind=nope", "connector.kind='nope'"),
     ("train.freeze=vison", "unknown part 'vison'"),
     ("vision.patch_size=7", "not divisible by vision.patch_size=7"),
     ("lm.kv_heads=3", "lm.kv_heads=3"),

@@ -11,13 +11,14 @@ it is an error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
 from graft.errors import UserError
 from graft.models.compress import AvgPoolProjector, PixelShuffleProjector
+from graft.models.qformer import QFormerConfig, QFormerConnector
 from graft.models.resampler import ResamplerConnector
 
 
@@ -29,6 +30,10 @@ class ConnectorConfig:
     latents: int = 16  # resampler: learned queries, one image token each
     layers: int = 2  # resampler: cross-attention layers
     heads: int = 4  # resampler: attention heads
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)  # qformer: the Q-Former's architecture
+    # qformer: a stage-1 run (model=qformer_stage1) whose image encoder and Q-Former this one starts
+    # from (BLIP-2 stage 2); its architecture must be this config's (checked before training)
+    init_from: str | None = None
 
     @staticmethod
     def check(cfg: "ConnectorConfig", num_patches: int | None = None, lm_dim: int | None = None) -> None:
@@ -36,14 +41,25 @@ class ConnectorConfig:
         and the LM width (each checked when known)."""
         if cfg.kind not in CONNECTORS:
             raise UserError(f"connector.kind={cfg.kind!r} is not one of {', '.join(CONNECTORS)}")
-        default = ConnectorConfig()
-        for name in ("scale_factor", "tokens", "latents", "layers", "heads"):
-            if getattr(cfg, name) != getattr(default, name) and name not in KEYS.get(cfg.kind, ()):
-                raise UserError(f"connector.{name}={getattr(cfg, name)} is not read by connector.kind={cfg.kind} "
+        for name, value in _changed(cfg, ConnectorConfig()):
+            if name != "kind" and name.split(".")[0] not in KEYS.get(cfg.kind, ()):
+                raise UserError(f"connector.{name}={value} is not read by connector.kind={cfg.kind} "
                                 f"(it reads: {', '.join(KEYS.get(cfg.kind, ())) or 'no other key'})")
         check = getattr(CONNECTORS[cfg.kind], "check", None)
         if check is not None and num_patches is not None:
             check(cfg, num_patches, lm_dim=lm_dim)
+
+
+def _changed(cfg, default, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted name, value) of every field of `cfg` set away from `default`, into nested sections."""
+    out = []
+    for f in fields(cfg):
+        value, base = getattr(cfg, f.name), getattr(default, f.name)
+        if hasattr(value, "__dataclass_fields__"):
+            out += _changed(value, base, f"{prefix}{f.name}.")
+        elif value != base:
+            out.append((f"{prefix}{f.name}", value))
+    return out
 
 
 class LinearProjector(nn.Module):
@@ -84,11 +100,13 @@ CONNECTORS = {
     "pixel_shuffle": PixelShuffleProjector,
     "avgpool": AvgPoolProjector,
     "resampler": ResamplerConnector,
+    "qformer": QFormerConnector,
 }
 KEYS = {  # the ConnectorConfig fields each kind reads, besides `kind`
     "pixel_shuffle": ("scale_factor",),
     "avgpool": ("tokens",),
     "resampler": ("latents", "layers", "heads"),
+    "qformer": ("qformer", "init_from"),
 }
 
 
