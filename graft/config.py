@@ -283,11 +283,13 @@ def save(cfg: Config, path: Path) -> None:
     atomic.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def load(path: Path) -> Config:
+def load(path: Path, sources: bool = True) -> Config:
+    """A config file, validated; `sources=False` skips the checks of the runs it initialises from
+    (a run's own config.yaml: its checkpoints hold the weights, and the sources may be gone)."""
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return validate(from_dict(data or {}))
+    return validate(from_dict(data or {}), sources=sources)

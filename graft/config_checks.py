@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 
 
-def validate(cfg: Config) -> Config:
-    """Cross-field checks; each failure names the key and the value."""
+def validate(cfg: Config, sources: bool = True) -> Config:
+    """Cross-field checks; each failure names the key and the value. `sources`: also check the runs
+    the config initialises from (`train.init_parts`, the design's own, e.g. `connector.init_from`)."""
     v, lm = cfg.vision, cfg.lm
     if v.image_size % v.patch_size:
         raise UserError(f"vision.image_size={v.image_size} is not divisible by vision.patch_size={v.patch_size}")
@@ -42,7 +43,7 @@ def validate(cfg: Config) -> Config:
     for part, path in cfg.train.init_parts.items():
         if part not in entry.parts:
             raise UserError(f"train.init_parts: unknown part '{part}' (valid: {', '.join(entry.parts)})")
-        if not Path(path, "config.yaml").is_file():
+        if sources and not Path(path, "config.yaml").is_file():
             raise UserError(f"train.init_parts.{part}: {path} is not a graft run directory (no config.yaml)")
     for name, weight in cfg.train.objectives.items():
         if name not in entry.losses:
@@ -97,6 +98,8 @@ def validate(cfg: Config) -> Config:
     if cfg.data.pack is True and not _can_pack(cfg):
         raise UserError("data.pack=true needs data.source=shapes, model=vlm and the built-in LM (no lm.hf_path)")
     design(cfg.model).validate(cfg)
+    if sources:
+        design(cfg.model).sources(cfg)
     return cfg
 
 

@@ -44,6 +44,7 @@ class Design:
     validate: Callable
     losses: tuple[str, ...] = ()  # the named losses its model returns (`train.objectives` weighs them)
     packs: bool = False  # its world batches can pack conversations into rows (data/packing.py)
+    sources: Callable = lambda cfg: None  # checks of the runs it initialises from (before training, not on load)
 
 
 # ---- prefix fusion (LLaVA): vision → connector → image tokens spliced into the LM's input --------
@@ -92,8 +93,6 @@ def _validate_vlm(cfg) -> None:
     v = cfg.vision  # the built-in tower's grid and LM's width (HF ones are checked when the model is built)
     ConnectorConfig.check(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2,
                           None if cfg.lm.hf_path else cfg.lm.hidden_size)
-    if cfg.connector.init_from:
-        _check_stage1_run(cfg)
     LMConfig.check(cfg.lm, image_grid=CONNECTORS[cfg.connector.kind].grid)
     _validate_vision(cfg)
 
@@ -204,14 +203,17 @@ def _validate_qformer_stage1(cfg) -> None:
 
 
 def _check_stage1_run(cfg) -> None:
-    """`connector.init_from` names a finished stage-1 Q-Former run with this config's Q-Former and
-    image-encoder architecture (its tower comes with its Q-Former: the queries read its features)."""
+    """`connector.init_from`, when set, names a finished stage-1 Q-Former run with this config's
+    Q-Former and image-encoder architecture (its tower comes with its Q-Former: the queries read
+    its features)."""
     from pathlib import Path
 
     from graft.models.qformer import QFormerConfig
     from graft.rundir import VISION_ARCH, RunDir
 
     path, key = cfg.connector.init_from, "connector.init_from"
+    if not path:
+        return
     run = RunDir(path)
     if not run.config_path.is_file():
         raise UserError(f"{key}={path} is not a graft run directory (no config.yaml)")
@@ -236,7 +238,8 @@ def _check_stage1_run(cfg) -> None:
 
 DESIGNS = {
     "vlm": Design("vlm", ("vision", "connector", "lm"), ("vision", "connector", "lm"), _build_vlm,
-                  _vlm_processor, _vlm_world, _vlm_tokens, _validate_vlm, losses=("lm",), packs=True),
+                  _vlm_processor, _vlm_world, _vlm_tokens, _validate_vlm, losses=("lm",), packs=True,
+                  sources=_check_stage1_run),
     "dual": Design("dual", ("vision", "text", "contrastive"), DUAL_PARTS,
                    _build_dual, _dual_processor, _dual_world, _dual_tokens, _validate_dual,
                    losses=("itc",)),

@@ -42,7 +42,7 @@ class RunDir:
         return self
 
     def config(self) -> Config:
-        return config_mod.load(self.config_path)
+        return config_mod.load(self.config_path, sources=False)  # its weights are in its checkpoints
 
     def tokenizer(self) -> ChatTokenizer | HFChatTokenizer:
         if self.hf_tokenizer_path.is_dir():

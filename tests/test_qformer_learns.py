@@ -107,3 +107,21 @@ def test_stage2_starts_from_the_stage1_qformer(tmp_path):
     left = [k for k in src if k.startswith("qformer.") and k not in copied]
     assert left and all(re.match(r"qformer\.qformer\.encoder\.layer\.\d+\.(intermediate|output)\.", k)
                         for k in left), left  # the text FFNs only
+
+
+def test_a_stage2_run_loads_without_its_stage1_run(tmp_path):
+    """The stage-1 run initialises stage 2 once; the stage-2 run's checkpoints hold every weight, so
+    it loads (and evaluates) after the stage-1 run is gone."""
+    from graft.rundir import RunDir
+
+    tiny = ["vision.layers=1", "vision.hidden_size=32", "vision.intermediate_size=32"]
+    q1 = ["qformer.layers=1", "qformer.hidden_size=32", "qformer.intermediate_size=32"]
+    q2 = ["connector.qformer.layers=1", "connector.qformer.hidden_size=32", "connector.qformer.intermediate_size=32"]
+    s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
+    _train("shapes_qformer_stage1", s1, "train.steps=2", "train.ckpt_every=2", "train.batch_size=8",
+           "eval.splits=[]", *tiny, *q1)
+    _train("shapes_qformer", s2, f"connector.init_from={s1}", "train.steps=2", "train.ckpt_every=2",
+           "train.batch_size=8", "eval.splits=[]", "lm.layers=1", *tiny, *q2)
+    s1.rename(tmp_path / "gone")
+    cfg, _, model, _ = RunDir(s2).load()
+    assert cfg.connector.init_from == str(s1) and model.num_image_tokens == 9
