@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 from graft.cli import main
-from graft.data.shapes import CLASSES, ShapesWorld
 
 STAGE1_STEPS, STAGE2_STEPS = 300, 200
 EVAL = ["--set", "train.progress=false", "--set", "train.log_every=50", "--set", "eval.splits=[test]"]
@@ -29,23 +28,6 @@ def _train(recipe: str, out, *settings: str) -> dict:
     return json.loads((out / "eval.json").read_text())
 
 
-def _max_over_queries_zero_shot(run, n: int = 300) -> float:
-    """Zero-shot top-1 scored by ITC's own similarity (the best query per class text) rather than
-    the dual harness's one vector per image (QFormerStage1.encode_image)."""
-    from graft.eval.zero_shot import TEMPLATES, class_embeddings
-    from graft.rundir import RunDir, build_processor
-
-    cfg, tok, model, _ = RunDir(run).load()
-    proc = build_processor(cfg, tok, model)
-    world = ShapesWorld(cfg.vision.image_size, cfg.data.grid, max_objects=1, seed=cfg.data.seed)
-    samples = [world.sample("test", i) for i in range(n)]
-    with torch.no_grad():
-        classes = class_embeddings(model, proc, list(CLASSES), TEMPLATES, 128)
-        queries = model.image_query_embeddings(torch.stack([proc.pixels(s.image) for s in samples]))
-        pred = model.similarity(queries, classes).argmax(1)
-    return (pred == torch.tensor([s.label for s in samples])).float().mean().item()
-
-
 def test_stage1_then_stage2_learn_from_the_images(tmp_path, capsys):
     s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
     r1 = _train("shapes_qformer_stage1", s1, f"train.steps={STAGE1_STEPS}", f"train.ckpt_every={STAGE1_STEPS}",
@@ -56,7 +38,6 @@ def test_stage1_then_stage2_learn_from_the_images(tmp_path, capsys):
     # ITM starts at its class prior (-(1/3 log 1/3 + 2/3 log 2/3) = 0.64); below it, it reads the pair
     assert last["loss/itm"] < 0.5, last
     # 24 classes: chance 0.042; 300 pairs: R@1 chance ~0.005 (a few captions repeat)
-    mq = _max_over_queries_zero_shot(s1)
     # A stage-2 config whose Q-Former differs from the run's is named in one line, nothing written.
     assert main(["train", "shapes_qformer", "--out", str(tmp_path / "bad"), "--set", f"connector.init_from={s1}",
                  "--set", "connector.qformer.layers=3"]) == 2
@@ -64,8 +45,8 @@ def test_stage1_then_stage2_learn_from_the_images(tmp_path, capsys):
     assert len(err) == 1 and "connector.qformer.layers=3 differs from qformer.layers=2" in err[0], err
     assert not (tmp_path / "bad").exists()
     with capsys.disabled():
-        print(f"\nstage 1, {STAGE1_STEPS} steps: {r1}; zero-shot by max over queries {mq:.3f}")
-    assert r1["zeroshot_acc"] >= 0.3 and mq >= 0.3, (r1, mq)
+        print(f"\nstage 1, {STAGE1_STEPS} steps: {r1}")
+    assert r1["zeroshot_acc"] >= 0.3, r1  # ranked by ITC's best query per class text
     assert r1["i2t_r@1"] >= 0.15 and r1["t2i_r@1"] >= 0.15, r1
 
     r2 = _train("shapes_qformer", s2, f"connector.init_from={s1}", f"train.steps={STAGE2_STEPS}",

@@ -35,7 +35,8 @@ def retrieval(model, proc, world: ShapesWorld, split: str, n: int, batch_size: i
     ids = {t: i for i, t in enumerate(dict.fromkeys(texts))}
     text_id = torch.tensor([ids[t] for t in texts])
     same = text_id[:, None] == text_id[None, :]  # (n, n), symmetric
-    sims = embed_images(model, proc, [s.image for s in samples], batch_size) @ embed_texts(model, proc, texts, batch_size).T
+    sims = model.similarity(embed_images(model, proc, [s.image for s in samples], batch_size),
+                            embed_texts(model, proc, texts, batch_size))
     out = {}
     for name, (s, m) in {"i2t": (sims, same), "t2i": (sims.T, same.T)}.items():
         out |= {f"{name}_r@{k}": v for k, v in recall_at_k(s, m).items()}
@@ -64,7 +65,8 @@ def retrieval_on(model, proc, data, cfg) -> tuple[dict[str, float], list[dict]]:
         captions += caps
     if not images:
         raise UserError(f"--data {data.name}: no usable image (skipped: {dict(data.log.skipped)})")
-    sims = embed_images(model, proc, images, cfg.eval.batch_size) @ embed_texts(model, proc, captions, cfg.eval.batch_size).T
+    sims = model.similarity(embed_images(model, proc, images, cfg.eval.batch_size),
+                            embed_texts(model, proc, captions, cfg.eval.batch_size))
     owner_t = torch.tensor(owner)
     same = torch.arange(len(images))[:, None] == owner_t[None, :]  # (images, captions)
     out = {f"i2t_r@{k}": v for k, v in recall_at_k(sims, same).items()}

@@ -97,8 +97,8 @@ def zero_shot(model, proc, world: ShapesWorld, split: str, n: int, prompts_file:
     single = ShapesWorld(world.image_size, world.grid, max_objects=1, seed=world.seed)
     samples = [single.sample(split, i) for i in range(n)]
     labels = torch.tensor([s.label for s in samples])
-    sims = embed_images(model, proc, [s.image for s in samples], batch_size) @ class_embeddings(
-        model, proc, classes, templates, batch_size).T  # (n, C)
+    sims = model.similarity(embed_images(model, proc, [s.image for s in samples], batch_size),
+                            class_embeddings(model, proc, classes, templates, batch_size))  # (n, C)
     top = sims.topk(min(5, len(classes)), dim=1).indices
     predictions = [{"id": f"{split}/single/{i}", "prediction": classes[t], "reference": classes[s.label],
                     "correct": t == s.label} for i, (t, s) in enumerate(zip(top[:, 0].tolist(), samples))]
@@ -126,7 +126,8 @@ def zero_shot_on(model, proc, data, cfg) -> tuple[dict[str, float], list[dict]]:
     """A dual encoder on a LabelledSet: the class whose text embedding is closest to the image's."""
     classes, templates = user_prompts(data, cfg)
     text = class_embeddings(model, proc, classes, templates, cfg.eval.batch_size)
-    return classify(data, cfg, classes, lambda images: embed_images(model, proc, images, cfg.eval.batch_size) @ text.T)
+    return classify(data, cfg, classes,
+                    lambda images: model.similarity(embed_images(model, proc, images, cfg.eval.batch_size), text))
 
 
 def classify(data, cfg, classes: list[str], scores) -> tuple[dict[str, float], list[dict]]:

@@ -20,9 +20,9 @@ self-attention. Per image–caption pair:
 
 The Q-Former's text vocabulary is the tokenizer's plus two task tokens appended after it, [CLS]
 (ITC, ITM) and [DEC] (ITG), written by the model in front of the caption (BLIP-2 uses BERT's
-[CLS] and an added [DEC]). `encode_image` / `encode_text` give dual-encoder embeddings for
-zero-shot and retrieval (eval/zero_shot.py, eval/retrieval.py); see `encode_image` for how the
-image side is reduced to one vector there.
+[CLS] and an added [DEC]). `encode_image` (one embedding per query) / `encode_text` and
+`similarity` (ITC's best query per text) are what zero-shot and retrieval rank by
+(eval/zero_shot.py, eval/retrieval.py), as for the other dual models.
 """
 
 from __future__ import annotations
@@ -166,20 +166,14 @@ class QFormerStage1(nn.Module):
         out = self.qformer.qformer(self.embeddings(ids), 0, mask=real)
         return F.normalize(self.text_projection(out[:, 0]), dim=-1)
 
-    def image_query_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) → (B, N, E): one L2-normalised embedding per query (ITC's image side)."""
         return self.image_side(pixel_values)[1]
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, E), L2-normalised: the mean of the normalised query embeddings, renormalised. Its dot
-        product with a text embedding ranks texts for one image as the mean over queries of the
-        cosines does; ITC trains the max (`similarity`), which the dual evaluation cannot express
-        with one vector per image."""
-        return F.normalize(self.image_query_embeddings(pixel_values).mean(1), dim=-1)
-
     @staticmethod
     def similarity(image_queries: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """ITC's score: (n, N, E) x (m, E) → (n, m), the best query per text."""
+        """ITC's score, what zero-shot and retrieval rank by: (n, N, E) x (m, E) → (n, m), the
+        best query per text."""
         return torch.einsum("nqe,me->nmq", image_queries, text).amax(-1)
 
     # ---- training ---------------------------------------------------------------------------

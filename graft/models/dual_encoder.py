@@ -114,6 +114,11 @@ class DualEncoder(nn.Module):
             return self.encode_image(text_pixels)
         return F.normalize(self.text_proj(self.text(input_ids)), dim=-1)
 
+    @staticmethod
+    def similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """What zero-shot and retrieval rank by: (n, E) x (m, E) → (n, m) cosines."""
+        return image_emb @ text_emb.T
+
     def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         distributed = self.training and dist.is_available() and dist.is_initialized()
         world = {"rank": dist.get_rank(), "world_size": dist.get_world_size()} if distributed else {}
