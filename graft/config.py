@@ -64,6 +64,10 @@ class DataConfig:
     max_json_bytes: int = 1 << 20  # a .json member or one JSONL line
     max_json_depth: int = 32  # nesting of arrays/objects in a record's JSON
     max_turns: int = 64  # question/answer turns kept per conversation (later ones are dropped, noted)
+    # Images per record (LLaVA `image` list, numbered webdataset members, an HF list column); more are
+    # skipped (too_many_images) before any is read. 8: multi-image instruction data rarely has more,
+    # and each image costs its placeholders in lm.max_seq_len (8 x 576 fills a 4k context).
+    max_images: int = 8
     strict: bool = False  # stop at the first bad record instead of skipping and counting it
     min_good_fraction: float = 0.5  # training (first batches) and `graft data check` stop below this
     check_batches: int = 4  # micro-batches checked at the start of training (0: no check)

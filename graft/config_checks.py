@@ -138,7 +138,8 @@ def _validate_streaming(d: DataConfig) -> None:
         raise UserError(f"data.weights={d.weights} must be {len(d.shards)} positive numbers, one per data.shards entry")
     if d.workers < 0 or d.shuffle_buffer < 0 or d.check_batches < 0:
         raise UserError("data.workers, data.shuffle_buffer and data.check_batches must be >= 0")
-    for key in ("max_image_pixels", "max_image_bytes", "max_text_bytes", "max_json_bytes", "max_json_depth", "max_turns"):
+    for key in ("max_image_pixels", "max_image_bytes", "max_text_bytes", "max_json_bytes", "max_json_depth", "max_turns",
+                "max_images"):
         if getattr(d, key) <= 0:
             raise UserError(f"data.{key}={getattr(d, key)} must be positive")
     check_image_formats(d.image_formats)

@@ -23,8 +23,8 @@ A new design is one entry here (and its model file).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from graft.errors import UserError
 from graft.models.dual_encoder import PARTS as DUAL_PARTS
@@ -206,14 +206,14 @@ def _check_stage1_run(cfg) -> None:
     """`connector.init_from`, when set, names a finished stage-1 Q-Former run with this config's
     Q-Former and image-encoder architecture (its tower comes with its Q-Former: the queries read
     its features)."""
+    path, key = cfg.connector.init_from, "connector.init_from"
+    if not path:
+        return
     from pathlib import Path
 
     from graft.models.qformer import QFormerConfig
     from graft.rundir import VISION_ARCH, RunDir
 
-    path, key = cfg.connector.init_from, "connector.init_from"
-    if not path:
-        return
     run = RunDir(path)
     if not run.config_path.is_file():
         raise UserError(f"{key}={path} is not a graft run directory (no config.yaml)")

@@ -17,7 +17,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_the_readme_python_example_runs(tmp_path):
-    block = re.search(r"### From Python\n\n```python\n(.*?)```", README.read_text(), re.S)
+    block = re.search(r"### From Python\n\n```python\n(.*?)```", README.read_text(), re.DOTALL)
     assert block, "README: no ```python block under '### From Python'"
     code = block.group(1)
     assert '"shapes_vqa", {"train.steps": 400' in code
@@ -41,3 +41,14 @@ def test_recipe_overrides_are_validated_and_reach_the_config():
         graft.recipe("nope")
     with pytest.raises(AttributeError):
         graft.nothing_here  # noqa: B018
+
+
+def test_graft_train_stays_callable_after_its_package_is_imported(tmp_path):
+    """`import graft.train.loop` (or any module that imports it) makes `graft.train` the package;
+    the API function must still be what `graft.train(...)` calls."""
+    code = ("import graft, graft.train.loop, graft.rundir\n"
+            f"run = graft.train(graft.recipe('tiny', {{'train.steps': 2, 'eval.splits': []}}), {str(tmp_path / 'r')!r})\n"
+            "print(type(run).__name__)")  # the final evaluation (empty: no splits)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "dict", done.stderr[-2000:]
+    assert (tmp_path / "r" / "config.yaml").is_file()

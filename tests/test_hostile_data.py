@@ -195,7 +195,7 @@ def test_llava_jsonl_lines_and_paths_from_json_are_records_not_crashes(tmp_path)
     lines = [json.dumps(r) for r in good]
     lines += ['{"id": 1, "n": ' + "9" * 20_000 + "}", "[" * 3000 + "]" * 3000, "{not json",
               json.dumps(dict(good[0], image="../secret.png")), json.dumps(dict(good[0], image=str(tmp_path / "secret.png"))),
-              json.dumps(dict(good[0], image=[good[0]["image"]] * 2)), json.dumps(dict(good[0], image=[good[0]["image"]]))]
+              json.dumps(dict(good[0], image=[good[0]["image"]] * 9)), json.dumps(dict(good[0], image=[good[0]["image"]]))]
     (root / "data.jsonl").write_text("\n".join(lines))
     cfg = apply_overrides(tiny(), ["data.source=llava", f"data.path={root / 'data.jsonl'}"])
     result = check_data(cfg, processor_for(cfg), 100)
@@ -249,7 +249,7 @@ def test_a_bug_in_graft_still_surfaces_instead_of_being_counted_as_bad_data(tmp_
     sources, _ = build_sources(cfg.data)
     ds = StreamDataset(sources, [1.0], proc, cfg.data, 1, 0, 1, 1, {}, 0)
 
-    def buggy(proc, turns):
+    def buggy(proc, turns, places):
         raise ZeroDivisionError("a bug in graft")
 
     monkeypatch.setattr("graft.data.processor.encode", buggy)

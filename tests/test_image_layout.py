@@ -9,7 +9,7 @@ import torch
 
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
-from graft.models.decoder import LanguageModel, LMConfig
+from graft.models.decoder import LMConfig
 from graft.models.image_layout import image_mask, mrope_positions
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM
@@ -31,10 +31,18 @@ def two_image_ids() -> torch.Tensor:
 
 def test_image_mask_joins_tokens_of_one_image_only():
     images = two_image_ids() == IMG
-    m = image_mask(images)[0]
+    m = image_mask(images, 4)[0]
     assert m[2:6, 2:6].all() and m[8:12, 8:12].all()
     assert not m[2:6, 8:12].any() and not m[8:12, 2:6].any()  # two images never see each other both ways
     assert not m[0].any() and not m[:, 6].any()  # text rows and columns are untouched
+
+
+def test_adjacent_images_are_told_apart_by_their_token_count():
+    ids = torch.tensor([[1, 2] + [IMG] * 8 + [9]])  # two 2x2 images with nothing between them
+    m = image_mask(ids == IMG, 4)[0]
+    assert m[2:6, 2:6].all() and m[6:10, 6:10].all() and not m[2:6, 6:10].any()
+    t, row, col = mrope_positions(torch.arange(11)[None], ids == IMG, grid=2)[:, 0].tolist()
+    assert t[2:10] == [2] * 4 + [6] * 4 and row[6:10] == [6, 6, 7, 7] and col[6:10] == [6, 7, 6, 7]
 
 
 def test_mrope_positions_put_image_tokens_on_their_grid():
@@ -71,7 +79,8 @@ def test_cached_generation_equals_recomputing_the_whole_sequence(key, value):
         tail = torch.tensor([new[:i]], dtype=torch.long)
         with torch.no_grad():
             logits = model.lm(inputs_embeds=torch.cat([prefix, model.lm.embed_tokens(tail)], 1),
-                              modality_ids=torch.cat([images, torch.zeros_like(tail)], 1), image_grid=model.image_grid)
+                              modality_ids=torch.cat([images, torch.zeros_like(tail)], 1),
+                              tokens_per_image=model.num_image_tokens, image_grid=model.image_grid)
         assert int(logits[0, -1].argmax()) == token
 
 

@@ -48,17 +48,19 @@ class ContrastiveProcessor(Processor):
     # caption: the caption of a caption record, the first answer of a conversation (LLaVA-Pretrain's
     # "describe the image" → caption layout).
 
-    def text_row(self, turns: list[tuple[str, str]]):
+    def text_row(self, turns: list[tuple[str, str]], places):
+        if len(places) != 1:  # a pair is one image and its caption
+            raise BadSample("too_many_images", f"{len(places)} images for one caption (a contrastive pair has one)")
         caption = turns[0][1]
         if not caption:
             raise BadSample("empty_answer", "empty caption")
         if self.render:
-            return caption, False
+            return caption, False, 1
         ids = self.tok.encode(caption)
-        return self._fixed(ids), len(ids) > self.max_seq_len - 1
+        return self._fixed(ids), len(ids) > self.max_seq_len - 1, 1
 
-    def row(self, text, image):
-        return self.pixels(image), text
+    def row(self, text, images):
+        return self.pixels(next(iter(images))), text
 
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
         pixels = torch.stack([p for p, _ in rows])

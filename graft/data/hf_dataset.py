@@ -1,10 +1,12 @@
 """A Hugging Face `datasets` dataset saved with `save_to_disk`: image and text columns named in the config.
 
-`data.path` is the folder; a DatasetDict uses its `train` split. `data.image_column` holds images
-(an `Image` feature, bytes, or a path relative to `data.image_root`); `data.text_column` holds a
-caption string or a conversation (a list of `{"from", "value"}` or `{"role", "content"}` messages).
-Images are read undecoded (`Image(decode=False)`) so that graft checks their size from the header
-before decoding, like every other source; a path in the image column may not leave `data.image_root`.
+`data.path` is the folder; a DatasetDict uses its `train` split. `data.image_column` holds an image
+(an `Image` feature, bytes, or a path relative to `data.image_root`) or a list of them (e.g. an
+`images` column of `List(Image())`, at most `data.max_images`; the conversation's `<image>` markers
+place them); `data.text_column` holds a caption string or a conversation (a list of `{"from",
+"value"}` or `{"role", "content"}` messages). Images are read undecoded (`Image(decode=False)`) so
+that graft checks their size from the header before decoding, like every other source; a path in
+the image column may not leave `data.image_root`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from pathlib import Path
 from graft.config import DataConfig
 from graft.data.indexed import IndexedSource
 from graft.data.limits import image_path
-from graft.data.samples import BadSample, Example, text_turns
+from graft.data.samples import (
+    BadSample,
+    Example,
+    check_image_count,
+    make_example,
+    text_turns,
+)
 from graft.errors import UserError
 
 
@@ -41,8 +49,11 @@ class HFSource(IndexedSource):
         for key, column in (("data.image_column", cfg.image_column), ("data.text_column", cfg.text_column)):
             if column not in ds.column_names:
                 raise UserError(f"{key}={column!r} is not a column of {cfg.path} (columns: {', '.join(ds.column_names)})")
-        if isinstance(ds.features[cfg.image_column], datasets.Image):
+        feature = ds.features[cfg.image_column]
+        if isinstance(feature, datasets.Image):
             ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        elif isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image):
+            ds = ds.cast_column(cfg.image_column, datasets.List(datasets.Image(decode=False)))
         self.ds, self.cfg = ds, cfg
         self.name, self.seed = Path(cfg.path).name, cfg.seed
         self.root = Path(cfg.image_root or cfg.path)
@@ -53,14 +64,18 @@ class HFSource(IndexedSource):
     def example(self, raw: int) -> Example:
         row = self.ds[raw]
         image, text = row[self.cfg.image_column], row[self.cfg.text_column]
-        if isinstance(image, list):  # a list of images
-            if len(image) > 1:
-                raise BadSample("too_many_images", f"{len(image)} images")
-            image = image[0] if image else None
+        images = image if isinstance(image, list) else [image]
+        check_image_count(len(images), self.cfg.max_images)
+        images = [self._image(im) for im in images]
+        if not images:
+            raise BadSample("image_missing", f"{self.cfg.image_column} is an empty list")
+        return make_example(self.key(raw), images, text_turns(text, self.cfg.caption_prompt))
+
+    def _image(self, image) -> bytes | Path:
         if isinstance(image, dict):  # an Image feature read undecoded: {"bytes", "path"}
             image = image.get("bytes") or image.get("path")
         if isinstance(image, str):
             image = image_path(self.root, image)
         if not isinstance(image, (bytes, Path)):
             raise BadSample("image_missing", f"{self.cfg.image_column} is {type(image).__name__}")
-        return Example(self.key(raw), image, text_turns(text, self.cfg.caption_prompt))
+        return image

@@ -5,8 +5,9 @@
 if the tokenizer lacks one (the LM's embeddings are resized to match).
 
 `TemplateProcessor` renders conversations with the tokenizer's own chat template (or
-`FALLBACK_TEMPLATE` when it has none). The image goes at the start of the first user message as
-one `<image>` followed by a newline (LLaVA's layout); after tokenisation that one id becomes N
+`FALLBACK_TEMPLATE` when it has none). An image at the start of a user message is one `<image>`
+followed by a newline (LLaVA's layout; by default one image, in the first message), an image
+inside the text one `<image>` where the data put it; after tokenisation each such id becomes N
 placeholders, exactly what `transformers.LlavaProcessor` does to the text. The whole
 conversation is tokenised as one string, and labels are set on the tokens that overlap the
 characters of an assistant reply (found by rendering the conversation turn by turn), so training
@@ -39,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from graft.data.processor import Processor
-from graft.data.samples import BadSample
+from graft.data.samples import ONE_IMAGE, BadSample, Place
 from graft.errors import UserError
 from graft.losses import IGNORE
 
@@ -91,7 +92,7 @@ class HFChatTokenizer:
         self.newline = tok.encode("\n", add_special_tokens=False)
 
     @classmethod
-    def load(cls, path: str | Path, key: str = "tokenizer") -> "HFChatTokenizer":
+    def load(cls, path: str | Path, key: str = "tokenizer") -> HFChatTokenizer:
         """AutoTokenizer from a local folder, plus <image> and a chat template if missing;
         errors name `key` (the config key that gave the folder)."""
         from tokenizers import AddedToken
@@ -154,15 +155,29 @@ class TemplateProcessor(Processor):
 
     tok: HFChatTokenizer
 
-    def _messages(self, turns: list[tuple[str, str | None]], wrap: Callable[[str], str] = str) -> list[dict]:
-        """Chat messages for (question, answer) turns, the image in the first; `wrap` is applied to
-        each question and answer; an answer None ends the messages on a question."""
+    def _messages(self, turns: list[tuple[str, str | None]], wrap: Callable[[str], str] = str,
+                  places: list[Place] = ONE_IMAGE) -> list[dict]:
+        """Chat messages for (question, answer) turns with <image> at `places`; `wrap` is applied to
+        each piece of data text (`_pieces`); an answer None ends the messages on a question."""
         messages = []
         for i, (question, answer) in enumerate(turns):
-            messages.append({"role": "user", "content": (IMAGE_TOKEN + "\n" if i == 0 else "") + wrap(question)})
+            pieces = _pieces(question, [at for turn, at in places if turn == i])
+            # an image at the start is followed by a newline (LLaVA), as is one right before another
+            content = "".join(wrap(piece) if piece is not None else IMAGE_TOKEN + (
+                "\n" if at == 0 or pieces[k + 1][0] is None else "") for k, (piece, at) in enumerate(pieces))
+            messages.append({"role": "user", "content": content})
             if answer is not None:
                 messages.append({"role": "assistant", "content": wrap(answer)})
         return messages
+
+    @staticmethod
+    def _data(turns: list[tuple[str, str | None]], places: list[Place]) -> list[str]:
+        """The data strings `_messages` wraps, in order."""
+        out = []
+        for i, (question, answer) in enumerate(turns):
+            out += [p for p, _ in _pieces(question, [at for turn, at in places if turn == i]) if p is not None]
+            out += [answer] if answer is not None else []
+        return out
 
     def _expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """Each <image> id becomes num_image_tokens placeholders (unsupervised)."""
@@ -173,30 +188,34 @@ class TemplateProcessor(Processor):
             out_labels += [lab if n == 1 else IGNORE] * n
         return out_ids, out_labels
 
-    def _encode(self, turns: list[tuple[str, str | None]], generation: bool,
-                text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    def _encode(self, turns: list[tuple[str, str | None]], generation: bool, text: str,
+                places: list[Place] = ONE_IMAGE) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and character offsets of `text`, the rendering of `turns`, with no control token from data."""
-        data = [s for turn in turns for s in turn if s is not None]
+        data = self._data(turns, places)
         if not any(self.tok.controls.search(s) for s in data):  # nearly always: one string, as inference sees it
             enc = self.tok.tok(text, add_special_tokens=False, return_offsets_mapping=True)
             return enc["input_ids"], enc["offset_mapping"]
-        marked = self.tok.render(self._messages(turns, lambda s: _OPEN + s + _CLOSE), generation)
+        marked = self.tok.render(self._messages(turns, lambda s: _OPEN + s + _CLOSE, places), generation)
         parts = _MARKED.split(marked)  # [template, data, template, ..., data, template]
         if parts[1::2] != data or "".join(parts) != text:
             raise BadSample("text_control_token", "the chat template rewrites message text, so control tokens "
                             "in it cannot be told from the template's own")
         return self.tok.encode_pieces([(part, i % 2 == 1) for i, part in enumerate(parts) if part])
 
-    def prompt_text(self, question: str) -> str:
-        return self.tok.render(self._messages([(question, None)]), generation=True)
+    def prompt_text(self, question: str, images: int = 1) -> str:
+        return self.tok.render(self._messages([(question, None)], places=[(0, 0)] * images), generation=True)
 
-    def prompt(self, question: str) -> list[int]:
-        ids, _ = self._encode([(question, None)], True, self.prompt_text(question))
+    def prompt(self, question: str, images: int = 1) -> list[int]:
+        places = [(0, 0)] * images
+        ids, _ = self._encode([(question, None)], True, self.prompt_text(question, images), places)
         return self._expand(ids, ids)[0]
 
-    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
-        """Ids and labels (answers and their end-of-turn tokens); turns past max_seq_len are dropped."""
-        messages, spans, text = self._messages(turns), [], ""
+    def encode_conversation(self, turns: list[tuple[str, str]],
+                            places: list[Place] | None = None) -> tuple[list[int], list[int], int]:
+        """Ids, labels (answers and their end-of-turn tokens) and the number of turns kept: turns
+        past max_seq_len (counting each image's N placeholders) are dropped whole, with their images."""
+        places = ONE_IMAGE if places is None else places
+        messages, spans, text = self._messages(turns, places=places), [], ""
         for k in range(len(turns)):
             prompt = self.tok.render(messages[: 2 * k + 1], generation=True)
             full = self.tok.render(messages[: 2 * k + 2], generation=False)
@@ -205,10 +224,22 @@ class TemplateProcessor(Processor):
                                 "prefixes of one another, so answers cannot be located for the loss")
             spans.append((len(prompt), len(full)))
             text = full
-        ids, offsets = self._encode(turns, False, text)
+        ids, offsets = self._encode(turns, False, text, places)
         labels = [i if any(s < end and start < e for s, e in spans) else IGNORE for i, (start, end) in zip(ids, offsets)]
-        # Keep whole turns while the sequence (with the image expanded) fits; always the first.
-        extra = self.num_image_tokens - 1
+        # Keep whole turns while the sequence (each image expanded) fits; always the first.
         cuts = [sum(1 for start, _ in offsets if start < e) for _, e in spans]  # tokens through turn k
-        keep = max([c for c in cuts[1:] if c + extra <= self.max_seq_len], default=cuts[0])
-        return self._expand(ids[:keep], labels[:keep])
+        extra = [ids[:c].count(self.tok.image) * (self.num_image_tokens - 1) for c in cuts]
+        kept = max([k + 1 for k in range(1, len(cuts)) if cuts[k] + extra[k] <= self.max_seq_len], default=1)
+        return (*self._expand(ids[: cuts[kept - 1]], labels[: cuts[kept - 1]]), kept)
+
+
+def _pieces(question: str, offsets: list[int]) -> list[tuple[str | None, int]]:
+    """A question as (text, offset) pieces with (None, offset) for each image: the text before each
+    image when there is some, and always the text after the last one (possibly empty)."""
+    out, at = [], 0
+    for offset in offsets:
+        if offset > at:
+            out.append((question[at:offset], at))
+        out.append((None, offset))
+        at = offset
+    return out + [(question[at:], at)]

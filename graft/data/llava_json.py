@@ -1,10 +1,11 @@
 """LLaVA conversation JSON: `[{"id", "image", "conversations": [{"from", "value"}, ...]}, ...]`.
 
 `data.path` is the `.json` file (a list of records) or a `.jsonl` file (one record per line);
-`image` paths are relative to `data.image_root` (default: the JSON file's folder) and may not leave
-it. One image per record (a one-element list counts as one), placed where the first human turn's
-`<image>` marker was; multi-turn conversations put the loss on every assistant (`gpt`) turn and
-nothing else. Records without `image` (text-only) are skipped as `image_missing`: graft trains
+`image` is one path or a list of paths (LLaVA-OneVision / LLaVA-Interleave multi-image records),
+relative to `data.image_root` (default: the JSON file's folder), none leaving it; at most
+`data.max_images` of them. The `<image>` markers of the human turns place the images, in order
+(samples.py); multi-turn conversations put the loss on every assistant (`gpt`) turn and nothing
+else. Records without `image` (text-only) are skipped as `image_missing`: graft trains
 vision-language pairs.
 
 A `.json` file is one document: if it cannot be parsed the whole file is refused (one line naming
@@ -19,7 +20,13 @@ from pathlib import Path
 from graft.config import DataConfig
 from graft.data.indexed import IndexedSource
 from graft.data.limits import check_depth, image_path, parse_json, read_document
-from graft.data.samples import BadSample, Example, conversation_turns
+from graft.data.samples import (
+    BadSample,
+    Example,
+    check_image_count,
+    conversation_turns,
+    make_example,
+)
 from graft.errors import UserError
 
 
@@ -65,13 +72,12 @@ class LlavaSource(IndexedSource):
             check_depth(rec, self.cfg, "record")
         if not isinstance(rec, dict):
             raise BadSample("bad_conversation", "record is not an object")
-        image = rec.get("image")
-        if isinstance(image, list) and len(image) > 1:
-            raise BadSample("too_many_images", f"{len(image)} images")
-        image = image[0] if isinstance(image, list) and image else image
-        if not isinstance(image, str) or not image:
-            raise BadSample("image_missing", "no `image` field")
+        names = rec.get("image")
+        names = names if isinstance(names, list) else [names]
+        check_image_count(len(names), self.cfg.max_images)
+        if not names or not all(isinstance(name, str) and name for name in names):
+            raise BadSample("image_missing", "no `image` field (a path or a list of paths)")
+        images = [image_path(self.root, name) for name in names]
         if "conversations" not in rec:
             raise BadSample("text_missing", "no `conversations` field")
-        return Example(self.key(raw), image_path(self.root, image), conversation_turns(rec["conversations"]))
-
+        return make_example(self.key(raw), images, conversation_turns(rec["conversations"]))

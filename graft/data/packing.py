@@ -7,17 +7,20 @@ inside its document; the decoder attends causally *within* a document and restar
 one (`LanguageModel.forward(position_ids=, doc_ids=)`), so each conversation gets exactly the
 logits it would get alone, and the loss (the mean over the same supervised tokens) is unchanged.
 
-Images keep the order of their placeholders when the rows are read left to right, top to
-bottom, which is the order `VLM.embed` scatters image features in.
+A conversation may hold several images (or none); images keep the order of their placeholder
+runs when the rows are read left to right, top to bottom, which is the order `VLM.embed` scatters
+image features in.
 """
 
 from __future__ import annotations
 
 import torch
 
+from graft.data.processor import images_of, stack_images
 from graft.losses import IGNORE
 
-Item = tuple[list[int], list[int], torch.Tensor]  # (ids, labels, pixels) of one conversation
+# (ids, labels, pixels) of one conversation; pixels: one (3, S, S) tensor or a list, in run order
+Item = tuple[list[int], list[int], object]
 
 
 def first_fit(lengths: list[int], max_len: int) -> list[list[int]]:
@@ -35,8 +38,8 @@ def first_fit(lengths: list[int], max_len: int) -> list[list[int]]:
     return rows
 
 
-def pack(items: list[Item], pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
-    """input_ids, labels, position_ids, doc_ids (R, W) and pixel_values (N, 3, S, S).
+def pack(items: list[Item], pad_id: int, max_len: int, image_size: int | None = None) -> dict[str, torch.Tensor]:
+    """input_ids, labels, position_ids, doc_ids (R, W) and pixel_values (images, 3, S, S).
 
     Padding at the end of a row is a document of its own (id = number of documents in the row),
     so no token's attention row is empty.
@@ -58,9 +61,9 @@ def pack(items: list[Item], pad_id: int, max_len: int) -> dict[str, torch.Tensor
             labels[r, at:at + n] = torch.tensor(lab)
             position_ids[r, at:at + n] = torch.arange(n)
             doc_ids[r, at:at + n] = doc
-            pixels.append(pix)
+            pixels += images_of(pix)
             at += n
         position_ids[r, at:] = torch.arange(width - at)
         doc_ids[r, at:] = len(row)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "doc_ids": doc_ids,
-            "pixel_values": torch.stack(pixels)}
+            "pixel_values": stack_images(pixels, image_size)}

@@ -1,8 +1,13 @@
 """Processor: image → normalised pixels; conversation → token ids with image placeholders and labels.
 
-Chat layout (one image per conversation, in the first user turn):
+Chat layout (by default one image, at the start of the first user turn):
 
     <bos> <|user|> <image>×N question <|assistant|> answer <eos> <|user|> question <|assistant|> ...
+
+With several images each gets its own run of N placeholders where the data put it (`places`:
+(turn, character offset in the question), see samples.py), e.g. `<|user|> <image>×N \n <image>×N
+which is bigger? <|assistant|>` or `<|user|> first: <image>×N second: <image>×N <|assistant|>`;
+two images with no text between them are kept apart by a newline, so every run is one image.
 
 Labels equal the ids on answer tokens and their <eos> (so the model learns to stop) and are -100
 everywhere else: the loss is on answers only.
@@ -17,7 +22,7 @@ import torch
 from PIL import Image
 
 from graft.data.images import open_image, to_rgb
-from graft.data.samples import BadSample, encode
+from graft.data.samples import ONE_IMAGE, BadSample, Place, encode
 from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
 from graft.losses import IGNORE
@@ -55,51 +60,87 @@ class Processor:
         mean, std = torch.tensor(self.mean)[:, None, None], torch.tensor(self.std)[:, None, None]
         return (x / 255.0 - mean) / std
 
-    def prompt(self, question: str) -> list[int]:
-        """Ids for a single-turn prompt that ends where the answer should begin."""
+    def prompt(self, question: str, images: int = 1) -> list[int]:
+        """Ids for a single-turn prompt with `images` images at its start, ending where the answer
+        should begin."""
         t = self.tok
-        return [t.bos, t.user] + [t.image] * self.num_image_tokens + t.encode(question) + [t.assistant]
+        return [t.bos, t.user] + self._question(question, [0] * images) + [t.assistant]
 
-    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
-        """Ids and labels for (question, answer) turns; the image belongs to the first turn.
+    def _question(self, question: str, offsets: list[int]) -> list[int]:
+        """A question's ids with N placeholders per image, at the images' character offsets. Two
+        images with no text between them are kept apart by a newline, so that each image is one run
+        of image tokens (what the decoder's image masks and positions see as one image)."""
+        t, ids, at = self.tok, [], 0
+        for k, offset in enumerate(offsets):
+            ids += t.encode(question[at:offset]) if offset > at else t.encode("\n") if k else []
+            ids += [t.image] * self.num_image_tokens
+            at = offset
+        return ids + t.encode(question[at:])
 
-        Turns that would push the sequence past max_seq_len are dropped whole (never the image).
-        """
-        t = self.tok
+    def conversation(self, turns: list[tuple[str, str]], places: list[Place] | None = None) -> tuple[list[int], list[int]]:
+        """Ids and labels for (question, answer) turns; `places` says where the images go (default:
+        one image at the start of the first turn). Turns past max_seq_len are dropped whole."""
+        ids, labels, _ = self.encode_conversation(turns, places)
+        return ids, labels
+
+    def encode_conversation(self, turns: list[tuple[str, str]],
+                            places: list[Place] | None = None) -> tuple[list[int], list[int], int]:
+        """`conversation`, and how many turns it kept: those that would push the sequence past
+        max_seq_len are dropped whole, with their images (never the first turn, nor part of a run)."""
+        t, places = self.tok, ONE_IMAGE if places is None else places
         ids = [t.bos]
         labels = [IGNORE]
         for i, (question, answer) in enumerate(turns):
-            image = [t.image] * self.num_image_tokens if i == 0 else []
-            prompt = [t.user] + image + t.encode(question) + [t.assistant]
+            prompt = [t.user] + self._question(question, [at for turn, at in places if turn == i]) + [t.assistant]
             reply = t.encode(answer) + [t.eos]
             if i > 0 and len(ids) + len(prompt) + len(reply) > self.max_seq_len:
-                break
+                return ids, labels, i
             ids += prompt + reply
             labels += [IGNORE] * len(prompt) + reply
-        return ids, labels
+        return ids, labels, len(turns)
 
     # The streaming pipeline's view of a processor (data/streaming.py): one record's text, then its
     # row, then a batch of rows. A dual encoder's processor (data/contrastive.py) answers the same.
 
-    def text_row(self, turns: list[tuple[str, str]]):
-        """(ids, labels) of the conversation, and whether turns were cut to fit; BadSample if unusable."""
-        ids, labels, truncated = encode(self, turns)
-        return (ids, labels), truncated
+    def text_row(self, turns: list[tuple[str, str]], places: list[Place]):
+        """(ids, labels) of the conversation, whether turns were cut to fit, and how many of the
+        record's images (the first ones) the kept turns hold; BadSample if unusable."""
+        ids, labels, truncated = encode(self, turns, places)
+        return (ids, labels), truncated, ids.count(self.tok.image) // self.num_image_tokens
 
-    def row(self, text, image: Image.Image):
+    def row(self, text, images) -> tuple[list[int], list[int], list[torch.Tensor]]:
+        """`images`: the kept images (PIL), an iterable read one at a time (one decoded image in memory)."""
         ids, labels = text
-        return ids, labels, self.pixels(image)
+        return ids, labels, [self.pixels(image) for image in images]
 
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
-        return collate(rows, self.tok.pad)
+        return collate(rows, self.tok.pad, self.image_size)
 
 
-def collate(items: list[tuple[list[int], list[int], torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence (causal attention never looks right, so no mask is needed)."""
+def images_of(pixels) -> list[torch.Tensor]:
+    """A row's images: one (3, S, S) tensor (the built-in world) or a list of them, in run order."""
+    return [pixels] if isinstance(pixels, torch.Tensor) else list(pixels)
+
+
+def stack_images(images: list[torch.Tensor], image_size: int | None) -> torch.Tensor:
+    """(n, 3, S, S); a batch of text-only rows gives (0, 3, S, S)."""
+    if images:
+        return torch.stack(images)
+    if image_size is None:
+        raise ValueError("a batch without images needs the image size for its empty pixel_values")
+    return torch.zeros(0, 3, image_size, image_size)
+
+
+def collate(items: list[tuple[list[int], list[int], object]], pad_id: int,
+            image_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence (causal attention never looks right, so no mask is needed).
+    pixel_values (total images, 3, S, S): every row's images in order, rows top to bottom, which is
+    the order of their placeholder runs read row by row (the order `VLM.embed` fills them in)."""
     width = max(len(ids) for ids, _, _ in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
     for row, (ids, lab, _) in enumerate(items):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(lab)] = torch.tensor(lab)
-    return {"input_ids": input_ids, "labels": labels, "pixel_values": torch.stack([p for _, _, p in items])}
+    pixels = stack_images([p for _, _, pix in items for p in images_of(pix)], image_size)
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels}

@@ -1,23 +1,30 @@
 """One record of user data → one training example, or the reason it cannot be one.
 
 Every data source (webdataset shards, LLaVA JSON, a Hugging Face dataset) turns a record into an
-`Example` (a key, the image's bytes or path, and (question, answer) turns); `encode` then runs it
-through the real processor and checks what would silently break training:
+`Example` (a key, its images' bytes or paths, (question, answer) turns, and where each image goes);
+`encode` then runs it through the real processor and checks what would silently break training:
 
-- the text's image placeholders must match the image features (one image, in the first turn);
+- every image's placeholder run must match the image features (per image: the error names the
+  image and both counts; the skip log adds the record's key);
 - at least one answer token must survive truncation to `lm.max_seq_len`, else the loss is empty.
 
 Conversations (LLaVA layout: `[{"from": "human"|"gpt", "value": ...}]`, or the chat layout
 `[{"role": "user"|"assistant", "content": ...}]`) become (user, assistant) turns; the loss is on
-assistant turns only (see processor.py). The `<image>` marker is removed from the text: the
-processor puts the image's tokens at the start of the first user turn wherever the marker was.
-Anywhere else (a caption, an answer) `<image>`, like every other control-token string, is plain
-text: special tokens come only from the template code (processor.py, hf_tokenizer.py).
+assistant turns only (see processor.py). The `<image>` markers of the user messages say where the
+images go, in order, and are removed from the text:
+- a user message with one marker gets its image at its start (LLaVA's preprocessing moves a lone
+  `<image>` there too, so one-image data keeps the layout it always had);
+- a message with several markers gets each image where its marker was ("Image 1: <image> ...");
+- with no marker at all, every image goes at the start of the first user message.
+Markers and images must be as many (else `placeholder_mismatch`, naming both counts). Anywhere else
+(a caption, an answer) `<image>`, like every other control-token string, is plain text: special
+tokens come only from the template code (processor.py, hf_tokenizer.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 from graft.losses import IGNORE
@@ -25,6 +32,8 @@ from graft.losses import IGNORE
 IMAGE_MARKER = "<image>"
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant", "model")
+Place = tuple[int, int]  # where an image goes: (turn, character offset in that turn's question)
+ONE_IMAGE: list[Place] = [(0, 0)]  # the default layout: one image at the start of the first question
 
 
 class BadSample(Exception):
@@ -38,15 +47,44 @@ class BadSample(Exception):
 @dataclass
 class Example:
     key: str
-    image: bytes | Path | None
+    images: list[bytes | Path]  # in the order of their placeholder runs
     turns: list[tuple[str, str]]
+    places: list[Place]  # one per image, in order
 
 
-def conversation_turns(messages) -> list[tuple[str, str]]:
-    """(user, assistant) pairs from a LLaVA or chat-style message list; system messages are dropped."""
+def check_image_count(n: int, max_images: int) -> None:
+    """A record's number of images against `data.max_images` (checked before any image is read)."""
+    if n > max_images:
+        raise BadSample("too_many_images", f"{n} images > data.max_images={max_images}")
+
+
+def make_example(key: str, images: list, text: tuple[list[tuple[str, str]], list[Place]]) -> Example:
+    """An Example from a source's images and (turns, marker places): images go at their markers, or
+    all at the start of the first question when the text has no marker."""
+    turns, markers = text
+    if markers and len(markers) != len(images):
+        raise BadSample("placeholder_mismatch", f"{len(markers)} {IMAGE_MARKER} markers for {len(images)} images")
+    return Example(key, list(images), turns, markers or [(0, 0)] * len(images))
+
+
+def _question(text: str) -> tuple[str, list[int]]:
+    """A user message without its markers, and the character offset of each marker in it."""
+    parts = text.split(IMAGE_MARKER)
+    if len(parts) <= 2:  # no marker, or one: the image (if any) goes at the start
+        return "".join(parts).strip(), [0] * (len(parts) - 1)
+    joined = "".join(parts)
+    lead = len(joined) - len(joined.lstrip())
+    question = joined.strip()
+    ends = list(accumulate(len(p) for p in parts[:-1]))  # linear: a text may hold many markers
+    return question, [min(max(e - lead, 0), len(question)) for e in ends]
+
+
+def conversation_turns(messages) -> tuple[list[tuple[str, str]], list[Place]]:
+    """(user, assistant) pairs from a LLaVA or chat-style message list (system messages are
+    dropped), and the place of every `<image>` marker of the user messages, in order."""
     if not isinstance(messages, list):
         raise BadSample("bad_conversation", f"expected a list of messages, got {type(messages).__name__}")
-    turns, question, markers = [], None, 0
+    turns, question, places = [], None, []
     for m in messages:
         if not isinstance(m, dict):
             raise BadSample("bad_conversation", "a message is not an object")
@@ -56,22 +94,21 @@ def conversation_turns(messages) -> list[tuple[str, str]]:
         if not isinstance(text, str):
             raise BadSample("bad_conversation", f"message text is {type(text).__name__}, not a string")
         if role in USER_ROLES and question is None:
-            markers += text.count(IMAGE_MARKER)
-            question = text.replace(IMAGE_MARKER, "").strip()
+            question, offsets = _question(text)
+            places += [(len(turns), at) for at in offsets]
         elif role in ASSISTANT_ROLES and question is not None:
             turns.append((question, text.strip()))
             question = None
         else:
             raise BadSample("bad_conversation", f"unexpected {role!r} message after {len(turns)} turns")
-    if markers > 1:
-        raise BadSample("placeholder_mismatch", f"{markers} {IMAGE_MARKER} markers for one image")
     if not turns:
         raise BadSample("text_missing", "no user/assistant turn")
-    return turns
+    return turns, places
 
 
-def text_turns(value, caption_prompt: str) -> list[tuple[str, str]]:
-    """Turns from a text field: a caption string, a message list, or an object with either."""
+def text_turns(value, caption_prompt: str) -> tuple[list[tuple[str, str]], list[Place]]:
+    """Turns (and marker places) from a text field: a caption string, a message list, or an object
+    with either. A caption has no markers: `<image>` in it is plain text."""
     if isinstance(value, dict):
         if "conversations" in value:
             return conversation_turns(value["conversations"])
@@ -80,20 +117,48 @@ def text_turns(value, caption_prompt: str) -> list[tuple[str, str]]:
         return conversation_turns(value)
     if not isinstance(value, str):
         raise BadSample("text_missing")
-    return [(caption_prompt, value.strip())]
+    return [(caption_prompt, value.strip())], []
 
 
-def encode(proc, turns: list[tuple[str, str]]) -> tuple[list[int], list[int], bool]:
-    """ids, labels (answer tokens only) and whether anything was cut to fit `proc.max_seq_len`."""
+def image_runs(ids: list[int], image_id: int, n: int) -> list[int]:
+    """Placeholders per image, in order: each run of image ids is read as whole images of `n`
+    placeholders, then one image holding the remainder (adjacent images make one run)."""
+    runs, length = [], 0
+    for i in [*ids, None]:
+        if i == image_id:
+            length += 1
+        elif length:
+            runs += [n] * (length // n) + ([length % n] if length % n else [])
+            length = 0
+    return runs
+
+
+def check_placeholders(ids: list[int], image_id: int, n: int, images: int) -> None:
+    """Every image has its run of `n` placeholders, and there are as many runs as `images`."""
+    runs = image_runs(ids, image_id, n)
+    for k, found in enumerate(runs):
+        if found != n:
+            raise BadSample("placeholder_mismatch", f"image {k}: {found} placeholders found, {n} expected "
+                            f"(its image features)")
+    if len(runs) != images:  # a safety net: text never encodes to the image token
+        raise BadSample("placeholder_mismatch", f"{len(runs)} placeholder runs of {n} for {images} images")
+
+
+def encode(proc, turns: list[tuple[str, str]], places: list[Place] | None = None) -> tuple[list[int], list[int], bool]:
+    """ids, labels (answer tokens only) and whether anything was cut to fit `proc.max_seq_len`.
+    `places`: where the images go (default: one image at the start of the first question); the
+    images of turns dropped to fit go with them (`proc.text_row` counts those kept)."""
     if any(not answer for _, answer in turns):
         raise BadSample("empty_answer")
-    ids, labels = proc.conversation(turns)
-    answers = sum(1 for i, label in zip(ids, labels) if label == proc.tok.eos)
-    truncated = len(ids) > proc.max_seq_len or answers < len(turns)
+    places = ONE_IMAGE if places is None else places
+    ids, labels, kept = proc.encode_conversation(turns, places)
+    truncated = len(ids) > proc.max_seq_len or kept < len(turns)
     ids, labels = ids[: proc.max_seq_len], labels[: proc.max_seq_len]
-    placeholders = ids.count(proc.tok.image)
-    if placeholders != proc.num_image_tokens:  # a safety net: text never encodes to the image token
-        raise BadSample("placeholder_mismatch", f"{placeholders} image tokens for {proc.num_image_tokens} features")
+    images = sum(1 for turn, _ in places if turn < kept)
     if all(label == IGNORE for label in labels):
-        raise BadSample("answer_truncated", f"prompt is longer than lm.max_seq_len={proc.max_seq_len}")
+        what = f" (with {images} images of {proc.num_image_tokens} placeholders)" if images > 1 else ""
+        raise BadSample("answer_truncated", f"prompt{what} is longer than lm.max_seq_len={proc.max_seq_len}")
+    if places and not images:  # the image turns were dropped: what is left would train text only
+        raise BadSample("answer_truncated", f"no turn with an image fits in lm.max_seq_len={proc.max_seq_len}")
+    check_placeholders(ids, proc.tok.image, proc.num_image_tokens, images)
     return ids, labels, truncated

@@ -146,7 +146,7 @@ def stream_records(cfg: Config, n: int) -> tuple[list[Record], Counter]:
             ds.record(source, raw)  # every check training makes; then the parts to draw
             example = source.example(raw)
             turns, _ = bounded_turns(example.turns, cfg.data)
-            image, _ = open_within(example.image, cfg.data)
+            image, _ = open_within(example.images[0], cfg.data)  # the first image of a multi-image record
         except BadSample as e:
             log.skip(e.reason, source.key(raw), e.detail)
             continue

@@ -23,13 +23,14 @@ REASONS = {
     "shard_missing": "a shard could not be opened (counted once per shard per epoch)",
     "shard_corrupt": "a tar shard is truncated, cut inside a header or has garbage; records after the damage are lost",
     "image_missing": "the record has no image (no .jpg/.png/.webp, or no `image` field)",
+    "image_members": "webdataset image members other than one KEY.jpg or KEY.0.jpg, KEY.1.jpg, ... without a gap",
     "image_not_found": "the image file the record names does not exist",
     "image_outside_root": "the image path from the data leaves data.image_root (absolute, or .. out of it)",
     "image_empty": "zero-byte image",
     "image_unreadable": "not an image in data.image_formats (e.g. HTML saved as .jpg, an EPS file)",
     "image_truncated": "the image data ends early or is corrupt",
     "image_too_large": "over data.max_image_pixels (judged from the header) or data.max_image_bytes",
-    "too_many_images": "several images in one record (one image per example for now)",
+    "too_many_images": "more images than data.max_images (a dual encoder's pair: more than one)",
     "text_missing": "no caption or conversation",
     "text_not_utf8": "the caption is not UTF-8 (or holds a lone surrogate escape)",
     "text_too_long": "caption or conversation over data.max_text_bytes",
@@ -39,8 +40,8 @@ REASONS = {
     "text_control_token": "a control-token string in the text that the chat template would not keep as text",
     "bad_conversation": "messages are not user/assistant turns",
     "empty_answer": "an assistant turn or caption is empty",
-    "placeholder_mismatch": "image placeholders in the text do not match the image features",
-    "answer_truncated": "no answer token fits in lm.max_seq_len (the loss would be empty)",
+    "placeholder_mismatch": "<image> markers and images differ in number, or an image's placeholders do not match its features",
+    "answer_truncated": "no answer token (or no turn with an image) fits in lm.max_seq_len",
 }
 SHARD_REASONS = ("shard_missing", "shard_corrupt")  # not records: left out of the usable fraction
 NOTES = {

@@ -107,8 +107,8 @@ class StreamDataset(IterableDataset):
         yield Item(logical, copy.deepcopy(position), *log.take(), end=True)
 
     def examples(self, slot: int, nslots: int, position: dict, log: SkipLog, epochs: int | None = None):
-        """(key, row) per usable record (the processor's row: (ids, labels, pixels) for a VLM), None per
-        skipped one (counted in `log`)."""
+        """(key, row) per usable record (the processor's row: (ids, labels, [pixels per image]) for a
+        VLM), None per skipped one (counted in `log`)."""
         for i, raw in self.records(slot, nslots, position, log, epochs):
             source = self.sources[i]
             try:
@@ -122,15 +122,22 @@ class StreamDataset(IterableDataset):
             yield source.key(raw), row
 
     def record(self, source, raw):
-        """ids, labels, pixels and notes of one raw record, or BadSample (the boundary: see above)."""
+        """The processor's row and the notes of one raw record, or BadSample (the boundary: see above).
+        Images are decoded one at a time, each turned into pixels before the next is read."""
         d = self.cfg
         ex = source.example(raw)
         turns, cut = bounded_turns(ex.turns, d)
-        text, truncated = self.proc.text_row(turns)  # text first: cheaper than pixels
-        image, converted = open_within(ex.image, d)
+        places = [p for p in ex.places if p[0] < len(turns)]  # the images of dropped turns go with them
+        text, truncated, kept = self.proc.text_row(turns, places)  # text first: cheaper than pixels
         notes = ["turns_truncated"] * cut + ["sequence_truncated"] * truncated
-        notes += [f"converted_{converted}"] if converted else []
-        return self.proc.row(text, image), notes
+
+        def images():
+            for data in ex.images[:kept]:
+                image, converted = open_within(data, d)
+                notes.extend([f"converted_{converted}"] if converted else [])
+                yield image
+
+        return self.proc.row(text, images()), notes
 
     def records(self, slot: int, nslots: int, position: dict, log: SkipLog, epochs: int | None = None):
         """(source index, raw record), mixing the sources by weight; advances `position`.

@@ -1,5 +1,13 @@
 """webdataset tar shards in the img2dataset layout: `KEY.jpg|.png|.webp` + `KEY.txt` and/or `KEY.json`.
 
+Several images per record are numbered members `KEY.0.jpg`, `KEY.1.png`, ... (webdataset's
+`KEY.<field>.<ext>` naming, the field being the image's index: 0, 1, ... without a gap, at most
+`data.max_images`); their order is the order of the `<image>` markers of the `.json` conversation,
+or, without markers, the order they go in at the start of the first question. A record holds
+either one `KEY.jpg` or numbered images, not both (`image_members`). A member numbered
+`data.max_images` makes the record `too_many_images` without being read; higher numbers are
+never read.
+
 One `ShardSource` is one brace pattern (`data/laion-{000000..000099}.tar`); several are mixed with
 weights by streaming.py. Brace expansion and the shuffle buffer are the `webdataset` library's
 (`expand_urls`, `shuffle`); reading a shard is tar.py's (bounded memory, every kind of damage
@@ -22,6 +30,7 @@ a bigger member is left unread and its record skipped): any other member (`.pyd`
 from __future__ import annotations
 
 import random
+import re
 from itertools import islice
 
 import webdataset as wds
@@ -29,12 +38,13 @@ from webdataset.shardlists import expand_urls
 
 from graft.config import DataConfig
 from graft.data.limits import parse_json
-from graft.data.samples import BadSample, Example, text_turns
+from graft.data.samples import BadSample, Example, make_example, text_turns
 from graft.data.skips import SkipLog
 from graft.data.tar import read_shard
 from graft.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+NUMBERED = re.compile(r"(\d+)\.(?:" + "|".join(IMAGE_EXTS) + ")")  # KEY.3.png's extension: image 3
 OVERSIZE = {"txt": ("text_too_long", "data.max_text_bytes"), "json": ("json_too_large", "data.max_json_bytes")}
 
 
@@ -44,7 +54,10 @@ class ShardSource:
         self.urls = expand_urls(pattern)
         if not self.urls:
             raise UserError(f"data.shards: {pattern!r} expands to no shard")
-        self.limits = {ext: cfg.max_image_bytes for ext in IMAGE_EXTS} | {
+        n = cfg.max_images
+        numbered = {f"{i}.{ext}": cfg.max_image_bytes for i in range(n) for ext in IMAGE_EXTS}
+        past = {f"{n}.{ext}": -1 for ext in IMAGE_EXTS}  # noted as present (oversize), never read
+        self.limits = {ext: cfg.max_image_bytes for ext in IMAGE_EXTS} | numbered | past | {
             "txt": cfg.max_text_bytes, "json": cfg.max_json_bytes}
 
     def __len__(self) -> int:
@@ -68,13 +81,28 @@ class ShardSource:
         return f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
 
     def example(self, raw: dict) -> Example:
-        for ext, size in raw.get("__oversize__", {}).items():
+        oversize = raw.get("__oversize__", {})
+        if any(f"{self.cfg.max_images}.{ext}" in oversize for ext in IMAGE_EXTS):
+            raise BadSample("too_many_images", f"an image numbered {self.cfg.max_images} > data.max_images - 1")
+        for ext, size in oversize.items():
             reason, key = OVERSIZE.get(ext, ("image_too_large", "data.max_image_bytes"))
             raise BadSample(reason, f".{ext} of {size} bytes > {key}")
-        image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
-        if image is None:
+        images = self._images(raw)
+        return make_example(self.key(raw), images, text_turns(self._text(raw), self.cfg.caption_prompt))
+
+    def _images(self, raw: dict) -> list[bytes]:
+        """The one `KEY.jpg` (first of IMAGE_EXTS), or the numbered images 0, 1, ... in order."""
+        plain = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
+        numbered = {int(m.group(1)) for k in raw if (m := NUMBERED.fullmatch(k))}
+        if plain is None and not numbered:
             raise BadSample("image_missing", f"members: {', '.join(k for k in raw if not k.startswith('__'))}")
-        return Example(self.key(raw), image, text_turns(self._text(raw), self.cfg.caption_prompt))
+        if plain is not None and numbered:
+            raise BadSample("image_members", "both KEY.<ext> and numbered KEY.<n>.<ext> images")
+        if plain is not None:
+            return [plain]
+        if numbered != set(range(len(numbered))):
+            raise BadSample("image_members", f"images numbered {sorted(numbered)}, not 0..{len(numbered) - 1}")
+        return [next(raw[f"{i}.{e}"] for e in IMAGE_EXTS if f"{i}.{e}" in raw) for i in range(len(numbered))]
 
     def _text(self, raw: dict):
         meta = parse_json(raw["json"], self.cfg, ".json") if "json" in raw else None

@@ -90,8 +90,11 @@ def _llava(path: Path, d, root: Path) -> QuestionSet:
             except BadSample as e:
                 log.skip(e.reason, source.key(raw), e.detail)
                 continue
+            if len(ex.images) != 1:  # a question here is asked about one image
+                log.skip("too_many_images", source.key(raw), f"{len(ex.images)} images")
+                continue
             for turn, (question, answer) in enumerate(ex.turns):
-                yield Question(f"{ex.key}#{turn}", ex.image, question.replace(IMAGE_MARKER, "").strip(), answer)
+                yield Question(f"{ex.key}#{turn}", ex.images[0], question.replace(IMAGE_MARKER, "").strip(), answer)
 
     return QuestionSet(path.name, items, log)
 

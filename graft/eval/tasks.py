@@ -19,9 +19,9 @@ metrics to `RUN/eval.json` and the predictions (id, prediction, reference, corre
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from graft.data.shapes import SPLITS
 from graft.data.skips import records_skipped

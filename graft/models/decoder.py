@@ -59,7 +59,7 @@ class LMConfig:
     image_positions: str = "1d"
 
     @staticmethod
-    def check(cfg: "LMConfig", image_grid: bool = True) -> None:
+    def check(cfg: LMConfig, image_grid: bool = True) -> None:
         """Values exist; the image keys need the built-in decoder, and `mrope` a connector whose
         tokens form a square grid (`image_grid`)."""
         for key, valid in (("image_attention", IMAGE_ATTENTION), ("image_positions", IMAGE_POSITIONS)):
@@ -242,6 +242,7 @@ class LanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         modality_ids: torch.Tensor | None = None,
+        tokens_per_image: int | None = None,
         image_grid: int | None = None,
         aux: dict | None = None,
     ) -> torch.Tensor:
@@ -250,18 +251,18 @@ class LanguageModel(nn.Module):
         Packed rows (data/packing.py) pass `position_ids` (B, T), restarting at each document, and
         `doc_ids` (B, T): attention is then causal within a document and blind across documents.
         `modality_ids` (B, T) mark image tokens (1), whose attention and positions follow
-        `lm.image_attention` / `lm.image_positions`; `image_grid` is the side of one image's
-        square grid of tokens. Auxiliary losses of the layers are added to `aux` when given.
+        `lm.image_attention` / `lm.image_positions`: every `tokens_per_image` of them in a row make
+        one image, whose tokens form a square grid of side `image_grid` (None: no grid). Auxiliary losses of the layers are added to `aux` when given.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        ctx = self.context(x, cache, position_ids, doc_ids, modality_ids, image_grid)
+        ctx = self.context(x, cache, position_ids, doc_ids, modality_ids, tokens_per_image, image_grid)
         for layer in self.layers:
             x = layer(x, ctx, cache)
         if aux is not None:
             aux.update(ctx.aux)
         return self.lm_head(self.norm(x))
 
-    def context(self, x, cache, position_ids, doc_ids, modality_ids, image_grid) -> Context:
+    def context(self, x, cache, position_ids, doc_ids, modality_ids, tokens_per_image, image_grid) -> Context:
         B, T, _ = x.shape
         start = cache.seen() if cache is not None else 0
         positions = torch.arange(start, start + T, device=x.device).expand(B, T) if position_ids is None else position_ids
@@ -274,7 +275,7 @@ class LanguageModel(nn.Module):
         if doc_ids is not None or bidirectional:
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, T, T)
             if bidirectional:
-                mask = mask | image_mask(images)
+                mask = mask | image_mask(images, tokens_per_image)
             if doc_ids is not None:
                 mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
             mask = mask[:, None]  # (B, 1, T, T)

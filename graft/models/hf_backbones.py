@@ -53,7 +53,7 @@ class HFLanguageModel(nn.Module):
         self.model = model  # a transformers PreTrainedModel with an LM head
 
     @classmethod
-    def load(cls, cfg: LMConfig, pretrained: bool = True) -> "HFLanguageModel":
+    def load(cls, cfg: LMConfig, pretrained: bool = True) -> HFLanguageModel:
         """The folder's weights (or, with pretrained=False, its architecture only), with
         embeddings resized to cfg.vocab_size (the tokenizer gained an <image> token)."""
         from transformers import AutoModelForCausalLM
@@ -99,8 +99,8 @@ class HFLanguageModel(nn.Module):
 
     aux_losses: tuple[str, ...] = ()
 
-    def forward(self, input_ids=None, inputs_embeds=None, cache=None, modality_ids=None, image_grid=None,
-                aux=None) -> torch.Tensor:
+    def forward(self, input_ids=None, inputs_embeds=None, cache=None, modality_ids=None, tokens_per_image=None,
+                image_grid=None, aux=None) -> torch.Tensor:
         """Logits (B, T, vocab). Right padding needs no mask: causal attention never looks right.
         The image context of the built-in decoder has no use here: an HF decoder treats image tokens
         as text (config checks refuse `lm.image_attention` / `lm.image_positions` with lm.hf_path)."""
@@ -142,7 +142,7 @@ class HFVisionTower(VisionTower):
             head.requires_grad_(False)
 
     @classmethod
-    def load(cls, cfg: VisionConfig, pretrained: bool = True) -> "HFVisionTower":
+    def load(cls, cfg: VisionConfig, pretrained: bool = True) -> HFVisionTower:
         from transformers import CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
         hf_cfg = _vision_config(cfg.hf_path)

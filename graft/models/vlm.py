@@ -14,7 +14,7 @@ from torch import nn
 from graft.losses import lm_loss_sum, supervised
 from graft.models.connectors import ConnectorConfig, build_connector
 from graft.models.decoder import KVCache, LanguageModel, LMConfig
-from graft.models.vit import ViT, VisionConfig
+from graft.models.vit import VisionConfig, ViT
 
 
 class VLM(nn.Module):
@@ -64,17 +64,26 @@ class VLM(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features at the placeholders: (B, T, D_lm). The images come as
-        pixels or, already encoded (to reuse one image across many texts), as `image_tokens`."""
+        pixels or, already encoded (to reuse one image across many texts), as `image_tokens`; image k
+        fills the k-th run of N placeholders, reading the rows left to right, top to bottom. A batch
+        without images (text-only rows) does not run the vision tower."""
         embeds = self.lm.embed_tokens(input_ids)  # (B, T, D_lm)
-        if image_tokens is None:
+        if image_tokens is None and (pixel_values is None or pixel_values.shape[0] == 0):
+            image_tokens = embeds.new_zeros(0, self.num_image_tokens, embeds.shape[-1])
+        elif image_tokens is None:
             image_tokens = self.image_tokens(pixel_values)  # (B_img, N, D_lm)
         slots = input_ids == self.image_token_id
-        n_slots, n_feats = int(slots.sum()), image_tokens.shape[0] * image_tokens.shape[1]
-        if n_slots != n_feats:
-            # Scattering anyway would silently misalign text and images.
+        n_slots, (n_images, n) = int(slots.sum()), image_tokens.shape[:2]
+        if n_slots != n_images * n:
+            # Scattering anyway would silently misalign text and images. Say where, cheaply: the
+            # first row whose placeholders are not whole images, else the images per row.
+            per_row = slots.sum(1).tolist()
+            odd = next((r for r, c in enumerate(per_row) if n and c % n), None)
+            where = (f"row {odd} has {per_row[odd]} placeholder tokens, not a multiple of {n} per image"
+                     if odd is not None else f"the rows hold {[c // n for c in per_row] if n else per_row} images' placeholders")
             raise ValueError(
                 f"image placeholders and image features differ: {n_slots} placeholder tokens in the "
-                f"batch vs {n_feats} image features ({image_tokens.shape[0]} images x {image_tokens.shape[1]} tokens)"
+                f"batch vs {n_images * n} image features ({n_images} images x {n} tokens); {where}"
             )
         return embeds.masked_scatter(slots[..., None], image_tokens.to(embeds.dtype))
 
@@ -86,8 +95,8 @@ class VLM(nn.Module):
         (data/packing.py), for the built-in decoder."""
         aux: dict = {}
         logits = self.lm(inputs_embeds=self.embed(input_ids, pixel_values, image_tokens), cache=cache,
-                         modality_ids=(input_ids == self.image_token_id).long(), image_grid=self.image_grid,
-                         aux=aux, **packed)
+                         modality_ids=(input_ids == self.image_token_id).long(),
+                         tokens_per_image=self.num_image_tokens, image_grid=self.image_grid, aux=aux, **packed)
         return logits, ({"lm": lm_loss_sum(logits, labels), **aux} if labels is not None else {})
 
     def loss_counts(self, input_ids, labels, **batch) -> dict[str, int]:

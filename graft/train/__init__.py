@@ -1,0 +1,19 @@
+"""Training: the loop (loop.py), optimiser, checkpoints, metrics, FLOPs, runtime.
+
+`graft.train(cfg, out)` is also the Python API's entry point (graft/api.py). Importing any module
+of this package makes `graft.train` this package, which would hide that function; so the package
+itself is callable and hands the call to the API.
+"""
+
+import sys
+import types
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        from graft.api import train
+
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
