@@ -74,3 +74,18 @@ def test_an_unknown_design_is_one_line():
 
     with pytest.raises(UserError, match="model='nope' is not one of vlm, dual"):
         apply_overrides(tiny(), ["model=nope"])
+
+
+@pytest.mark.parametrize("recipe,setting,needle", [
+    ("shapes_vqa", "model=flamingo", "model='flamingo' is not one of vlm, dual, qformer_stage1"),
+    ("shapes_pixel_shuffle", "connector.scale_factor=3", "connector.scale_factor=3"),  # 4x4 patches: 3 does not divide
+    ("shapes_resampler", "connector.latents=100", "connector.latents=100 is more than 4 x the 9 patches"),
+    ("shapes_qformer", "connector.qformer.queries=0", "connector.qformer.queries=0"),
+    ("shapes_vqa", "lm.image_attention=sideways", "lm.image_attention='sideways' is not one of causal, bidirectional"),
+])
+def test_bad_design_settings_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, recipe, setting, needle):
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--out", str(out), "--set", setting]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
