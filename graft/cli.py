@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from graft import atomic
-from graft.errors import UserError
+from graft.errors import Diverged, Stopped, UserError
 
 
 def _recipe(name: str, overrides: list[str]):
@@ -249,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"graft: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # SIGINT / SIGTERM during training: checkpoint saved, resumable
+        print(f"graft: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except Diverged as e:
+        print(f"graft: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return rc if isinstance(rc, int) else 0

@@ -104,6 +104,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: evaluate only at the end
     peak_flops: float = 0.0  # for MFU; 0 = measure (CPU) or look up the datasheet (GPU)
+    # Steps in a row with non-finite gradients (each skipped, never applied) before the run stops
+    # as diverged; 0 = never stop.
+    max_skipped_steps: int = 20
     # Weight of each named loss of the model (e.g. {itc: 1, itm: 0.5}); a loss not listed weighs 1.
     objectives: dict[str, float] = field(default_factory=dict)
     progress: bool = True

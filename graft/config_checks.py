@@ -76,6 +76,8 @@ def validate(cfg: Config, sources: bool = True) -> Config:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"{key}={value} must be positive")
+    if cfg.train.max_skipped_steps < 0:
+        raise UserError(f"train.max_skipped_steps={cfg.train.max_skipped_steps} must be >= 0 (0: never stop)")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by train.grad_accum={cfg.train.grad_accum}")
     if cfg.data.max_objects > cfg.data.grid**2:

@@ -1,8 +1,26 @@
-"""The one exception type that means "the user gave us bad input".
+"""The exceptions the CLI turns into one line on stderr instead of a traceback.
 
-The CLI turns it into a one-line message on stderr and exit code 2, never a traceback.
+`UserError` means "the user gave us bad input" (exit code 2). `Stopped` means training stopped on
+SIGINT / SIGTERM with a checkpoint saved (exit 128 + the signal's number); `Diverged`, that it
+stopped after `train.max_skipped_steps` steps in a row had non-finite gradients (exit 1;
+train/stop.py).
 """
+
+import signal
 
 
 class UserError(Exception):
     """Bad input from the user: a config key, a value, a file. The message names it."""
+
+
+class Stopped(Exception):
+    """Training stopped on a signal after `step`, with a checkpoint of that step saved."""
+
+    def __init__(self, signum: int, step: int, steps: int, checkpoint: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step} of {steps}; "
+                         f"checkpoint {checkpoint} saved. The same command resumes from it.")
+        self.signum = signum
+
+
+class Diverged(Exception):
+    """Training stopped: too many steps in a row had non-finite gradients (none reached the weights)."""

@@ -55,6 +55,33 @@ def test_kill_9_and_resume_reproduces_uninterrupted_losses(tmp_path):
     assert len(losses(run)) == 240
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_checkpoints_the_step_and_the_same_command_resumes(tmp_path, sig):
+    """SIGTERM (Slurm, Kubernetes) or Ctrl-C: the step in progress finishes, its checkpoint is saved
+    (ckpt_every would not have saved it), one line says where it stopped, exit 128 + signal; the
+    same command then resumes with the uninterrupted run's losses."""
+    reference = tmp_path / "reference"
+    cmd = lambda out: train_cmd(out) + ["--set", "train.ckpt_every=1000"]  # noqa: E731
+    subprocess.run(cmd(reference), check=True, capture_output=True, timeout=600)
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen(cmd(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while logged_steps(run) < 30 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "run finished before it could be stopped"
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    step = logged_steps(run)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    line = [l for l in err.splitlines() if l.startswith("graft: stopped")]
+    assert line == [f"graft: stopped by {sig.name} after step {step} of 240; checkpoint "
+                    f"{run / 'checkpoints' / f'step_{step:08d}'} saved. The same command resumes from it."], err[-2000:]
+    assert checkpoint.latest(run / "checkpoints").name == f"step_{step:08d}"
+    resumed = subprocess.run(cmd(run), check=True, capture_output=True, text=True, timeout=600)
+    assert "resuming from" in resumed.stdout
+    assert losses(run) == losses(reference)
+
+
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     script = textwrap.dedent(f"""
@@ -137,3 +164,19 @@ def test_tokenizer_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     run.save_tokenizer(tok)
     assert ChatTokenizer.load(run.tokenizer_path).encode("a red circle") == tok.encode("a red circle")
+
+
+def test_a_diverging_run_stops_after_max_skipped_steps_with_one_line(tmp_path):
+    """lr 1e30 sends the weights to ~1e30 in one (finite) step; every later step's gradients are
+    NaN and skipped. After train.max_skipped_steps in a row the run stops: one line, exit 1."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "graft", "train", "tiny", "--out", str(run), "--set", "optim.lr=1e30",
+           "--set", "optim.warmup_steps=0", "--set", "train.max_skipped_steps=5", "--set", "train.log_every=1",
+           "--set", "train.steps=50", "--set", "train.progress=false"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = [l for l in done.stderr.splitlines() if l.startswith("graft: ")]
+    assert len(lines) == 1 and "training diverged: the 5 steps up to step" in lines[0], done.stderr[-2000:]
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["skipped_steps"] for r in records if "skipped_steps" in r]  # per logged step (log_every=1)
+    assert skipped[-5:] == [1] * 5 and records[-1]["step"] < 50

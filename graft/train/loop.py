@@ -22,7 +22,7 @@ from graft.build import assemble, resolve, tokenizer_for
 from graft.config import Config
 from graft.data.sources import build_stream
 from graft.designs import design
-from graft.errors import UserError
+from graft.errors import Stopped, UserError
 from graft.eval.harness import entries, evaluate, unprefixed
 from graft.losses import weighted
 from graft.report import write_report
@@ -31,10 +31,11 @@ from graft.train import checkpoint, runtime
 from graft.train.flops import MeasuredFlops
 from graft.train.metrics import MetricsLog
 from graft.train.optim import build_optimizer, build_scheduler
+from graft.train.stop import SkipGuard, StopOnSignal
 
 # Keys that may change between a run and its resumption (they do not change what is learned).
 RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.ckpt_every",
-                     "train.keep_checkpoints", "train.eval_every", "eval.")
+                     "train.max_skipped_steps", "train.keep_checkpoints", "train.eval_every", "eval.")
 
 
 def train(cfg: Config, out: str | Path) -> dict:
@@ -59,24 +60,29 @@ def train(cfg: Config, out: str | Path) -> dict:
     log = MetricsLog(run.path, start, enabled=rt.is_main)
     peak = runtime.peak_flops(rt, cfg.train.peak_flops)
     bar = _progress(cfg, start, rt)
-    window, flops = _Window(), MeasuredFlops()
-    for step in range(start, cfg.train.steps):
-        loss, grad_norm, stats = _train_step(ddp or model, model, stream, optimizer, cfg, rt, step, flops)
-        scheduler.step()
-        window.add(stats)
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            record = window.record(done, loss, grad_norm, scheduler, rt, peak)  # loss: global already
-            record |= stream.stats(rt)  # data_skipped counts by reason, summed over ranks
-            log.log(record)
+    window, flops, guard = _Window(), MeasuredFlops(), SkipGuard(cfg.train.max_skipped_steps)
+    with StopOnSignal() as stop:
+        for step in range(start, cfg.train.steps):
+            loss, grad_norm, stats = _train_step(ddp or model, model, stream, optimizer, cfg, rt, step, flops)
+            scheduler.step()
+            window.add(stats)
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                record = window.record(done, loss, grad_norm, scheduler, rt, peak)  # loss: global already
+                record |= stream.stats(rt)  # data_skipped counts by reason, summed over ranks
+                log.log(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
             if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-        if bar is not None:
-            bar.update(1)
-        if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
-            _save(run, done, model, optimizer, scheduler, cfg, rt, stream.state_dict(rt))
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps and rt.is_main:
-            log.log({"step": done, "event": "eval", **evaluate(model, proc, cfg, out=run.path)})
+                bar.update(1)
+            guard.update(stats["skipped"], done, run.latest_checkpoint())  # Diverged after too many in a row
+            signum = stop.requested(rt)  # SIGINT / SIGTERM: checkpoint this step, then stop
+            if signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
+                _save(run, done, model, optimizer, scheduler, cfg, rt, stream.state_dict(rt))
+            if signum:
+                _stop(signum, done, cfg, run, (bar, stream, log))
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps and rt.is_main:
+                log.log({"step": done, "event": "eval", **evaluate(model, proc, cfg, out=run.path)})
     if bar is not None:
         bar.close()
     data_summary = stream.summary(rt)
@@ -92,6 +98,14 @@ def train(cfg: Config, out: str | Path) -> dict:
     if rt.is_main:
         write_report(run.path, cfg.name, results, time.perf_counter() - started, unprefixed(entries(cfg)))
     return results
+
+
+def _stop(signum: int, done: int, cfg: Config, run: RunDir, open_things) -> None:
+    """After a signal: the step's checkpoint is saved; close what is open and say where it stopped."""
+    for thing in open_things:
+        if thing is not None:
+            thing.close()
+    raise Stopped(signum, done, cfg.train.steps, str(checkpoint.step_dir(run.checkpoints, done)))
 
 
 def _prepare_run_dir(cfg: Config, tok, run: RunDir, rt) -> None:
