@@ -61,7 +61,10 @@ def test_a_signal_checkpoints_the_step_and_the_same_command_resumes(tmp_path, si
     (ckpt_every would not have saved it), one line says where it stopped, exit 128 + signal; the
     same command then resumes with the uninterrupted run's losses."""
     reference = tmp_path / "reference"
-    cmd = lambda out: train_cmd(out) + ["--set", "train.ckpt_every=1000"]  # noqa: E731
+
+    def cmd(out):
+        return [*train_cmd(out), "--set", "train.ckpt_every=1000"]
+
     subprocess.run(cmd(reference), check=True, capture_output=True, timeout=600)
     run = tmp_path / "stopped"
     proc = subprocess.Popen(cmd(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -74,8 +77,9 @@ def test_a_signal_checkpoints_the_step_and_the_same_command_resumes(tmp_path, si
     step = logged_steps(run)
     assert proc.returncode == 128 + sig, err[-2000:]
     line = [l for l in err.splitlines() if l.startswith("graft: stopped")]
-    assert line == [f"graft: stopped by {sig.name} after step {step} of 240; checkpoint "
-                    f"{run / 'checkpoints' / f'step_{step:08d}'} saved. The same command resumes from it."], err[-2000:]
+    expected = (f"graft: stopped by {sig.name} after step {step} of 240; checkpoint "
+                f"{run / 'checkpoints' / f'step_{step:08d}'} saved. The same command resumes from it.")
+    assert line == [expected], err[-2000:]
     assert checkpoint.latest(run / "checkpoints").name == f"step_{step:08d}"
     resumed = subprocess.run(cmd(run), check=True, capture_output=True, text=True, timeout=600)
     assert "resuming from" in resumed.stdout

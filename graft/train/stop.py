@@ -15,6 +15,7 @@ all-reduced when the trainer looks); `SkipGuard` stops the run with `Diverged` o
 from __future__ import annotations
 
 import signal
+from typing import Self
 
 import torch
 
@@ -29,7 +30,7 @@ class StopOnSignal:
     def __init__(self):
         self.signum, self.previous = 0, {}
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> Self:
         for sig in SIGNALS:
             try:
                 self.previous[sig] = signal.signal(sig, self._handle)
