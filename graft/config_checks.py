@@ -21,6 +21,50 @@ if TYPE_CHECKING:
 def validate(cfg: Config, sources: bool = True) -> Config:
     """Cross-field checks; each failure names the key and the value. `sources`: also check the runs
     the config initialises from (`train.init_parts`, the design's own, e.g. `connector.init_from`)."""
+    _validate_architecture(cfg)
+    _validate_parts_and_losses(cfg, sources)
+    choices = {
+        "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
+        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+    }
+    from graft.data.sources import SOURCES
+
+    choices["data.source"] = (cfg.data.source, tuple(SOURCES))
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise UserError(f"{key}={value!r} is not one of {', '.join(valid)}")
+    from graft.data.shapes import SPLITS
+
+    for split in cfg.eval.splits:
+        if split not in SPLITS:
+            raise UserError(f"eval.splits: unknown split '{split}' (valid: {', '.join(SPLITS)})")
+    _validate_numbers(cfg)
+    _validate_streaming(cfg.data)
+    _validate_tasks(cfg)
+    if cfg.eval.image_root and not Path(cfg.eval.image_root).is_dir():
+        raise UserError(f"eval.image_root: folder not found: {cfg.eval.image_root}")
+    if cfg.eval.zeroshot_file:  # names a missing file, an empty class list, a bad template
+        from graft.eval.zero_shot import read_prompts
+
+        read_prompts(cfg.eval.zeroshot_file)  # a user's data set's classes are checked against it when read
+    for key, fields in (("vqa_prompt", ("question",)), ("mc_prompt", ("question", "options"))):
+        template = getattr(cfg.eval, key)
+        if any("{" + f + "}" not in template for f in fields):
+            raise UserError(f"eval.{key}={template!r} must contain " + " and ".join("{" + f + "}" for f in fields))
+    if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
+        raise UserError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
+    _validate_hf(cfg)
+    if cfg.data.pack is True and not _can_pack(cfg):
+        raise UserError("data.pack=true needs data.source=shapes, model=vlm and the built-in LM (no lm.hf_path)")
+    from graft.designs import design
+
+    design(cfg.model).validate(cfg)
+    if sources:
+        design(cfg.model).sources(cfg)
+    return cfg
+
+
+def _validate_architecture(cfg: Config) -> None:
     v, lm = cfg.vision, cfg.lm
     if v.image_size % v.patch_size:
         raise UserError(f"vision.image_size={v.image_size} is not divisible by vision.patch_size={v.patch_size}")
@@ -34,6 +78,10 @@ def validate(cfg: Config, sources: bool = True) -> Config:
         raise UserError(f"lm head dim {lm.hidden_size // lm.heads} must be even for RoPE")
     if not -v.layers <= v.feature_layer < v.layers:
         raise UserError(f"vision.feature_layer={v.feature_layer} is out of range for {v.layers} layers")
+
+
+def _validate_parts_and_losses(cfg: Config, sources: bool) -> None:
+    """`train.freeze`, `train.init_parts` and `train.objectives` against the design's parts and losses."""
     from graft.designs import design
 
     entry = design(cfg.model)  # names an unknown model
@@ -52,21 +100,9 @@ def validate(cfg: Config, sources: bool = True) -> Config:
             raise UserError(f"train.objectives: the weight of {name} is {weight}; it must be finite and ≥ 0")
     if not any(cfg.train.objectives.get(name, 1.0) > 0 for name in entry.losses):
         raise UserError("train.objectives: every loss weighs 0, nothing would train")
-    choices = {
-        "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
-        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
-    }
-    from graft.data.sources import SOURCES
 
-    choices["data.source"] = (cfg.data.source, tuple(SOURCES))
-    for key, (value, valid) in choices.items():
-        if value not in valid:
-            raise UserError(f"{key}={value!r} is not one of {', '.join(valid)}")
-    from graft.data.shapes import SPLITS
 
-    for split in cfg.eval.splits:
-        if split not in SPLITS:
-            raise UserError(f"eval.splits: unknown split '{split}' (valid: {', '.join(SPLITS)})")
+def _validate_numbers(cfg: Config) -> None:
     positive = {
         "train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
         "train.grad_accum": cfg.train.grad_accum, "train.log_every": cfg.train.log_every,
@@ -82,27 +118,6 @@ def validate(cfg: Config, sources: bool = True) -> Config:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by train.grad_accum={cfg.train.grad_accum}")
     if cfg.data.max_objects > cfg.data.grid**2:
         raise UserError(f"data.max_objects={cfg.data.max_objects} exceeds the {cfg.data.grid}x{cfg.data.grid} grid")
-    _validate_streaming(cfg.data)
-    _validate_tasks(cfg)
-    if cfg.eval.image_root and not Path(cfg.eval.image_root).is_dir():
-        raise UserError(f"eval.image_root: folder not found: {cfg.eval.image_root}")
-    if cfg.eval.zeroshot_file:  # names a missing file, an empty class list, a bad template
-        from graft.eval.zero_shot import read_prompts
-
-        read_prompts(cfg.eval.zeroshot_file)  # a user's data set's classes are checked against it when read
-    for key, fields in (("vqa_prompt", ("question",)), ("mc_prompt", ("question", "options"))):
-        template = getattr(cfg.eval, key)
-        if any("{" + f + "}" not in template for f in fields):
-            raise UserError(f"eval.{key}={template!r} must contain " + " and ".join("{" + f + "}" for f in fields))
-    if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
-        raise UserError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
-    _validate_hf(cfg)
-    if cfg.data.pack is True and not _can_pack(cfg):
-        raise UserError("data.pack=true needs data.source=shapes, model=vlm and the built-in LM (no lm.hf_path)")
-    design(cfg.model).validate(cfg)
-    if sources:
-        design(cfg.model).sources(cfg)
-    return cfg
 
 
 def _can_pack(cfg: Config) -> bool:
