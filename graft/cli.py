@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from graft import atomic
-from graft.errors import Diverged, Stopped, UserError
+from graft.errors import RunFailed, Stopped, UserError
 
 
 def _recipe(name: str, overrides: list[str]):
@@ -25,10 +25,17 @@ def _recipe(name: str, overrides: list[str]):
 
 
 def cmd_train(args) -> None:
+    if args.gpus is not None and not args.dry_run:
+        raise UserError("graft train: --gpus goes with --dry-run (a run's world size is torchrun's WORLD_SIZE)")
+    cfg = _recipe(args.recipe, args.set)
+    if args.dry_run:  # the plan only: nothing written, no weights made (graft/plan.py)
+        from graft.plan import dry_run
+
+        print(dry_run(cfg, args.recipe, args.out, args.gpus).render())
+        return
     from graft.eval.harness import entries, unprefixed
     from graft.train.loop import train
 
-    cfg = _recipe(args.recipe, args.set)
     out = args.out or f"runs/{cfg.name}"
     results = train(cfg, out)
     _print_results(results, unprefixed(entries(cfg)))
@@ -170,6 +177,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("recipe")
     t.add_argument("--out", help="run directory (default runs/RECIPE)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--dry-run", action="store_true", help="validate, count parameters and print the memory per "
+                   "GPU (graft/plan.py); writes nothing")
+    t.add_argument("--gpus", type=int, metavar="N",
+                   help="with --dry-run: plan for N GPU processes (default: WORLD_SIZE, else 1)")
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run; writes DIR/eval.json")
     e.add_argument("dir")
@@ -252,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as e:  # SIGINT / SIGTERM during training: checkpoint saved, resumable
         print(f"graft: {e}", file=sys.stderr)
         return 128 + e.signum
-    except Diverged as e:
+    except RunFailed as e:  # diverged, or a collective timed out (hung)
         print(f"graft: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

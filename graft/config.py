@@ -102,6 +102,9 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 250
     keep_checkpoints: int = 2
+    # Write checkpoints in a background thread (torch.distributed.checkpoint.async_save): training
+    # waits only for the copy of the state; the checkpoint counts once every process has written it.
+    async_save: bool = False
     eval_every: int = 0  # 0: evaluate only at the end
     peak_flops: float = 0.0  # for MFU; 0 = measure (CPU) or look up the datasheet (GPU)
     # Steps in a row with non-finite gradients (each skipped, never applied) before the run stops
@@ -110,6 +113,19 @@ class TrainConfig:
     # Weight of each named loss of the model (e.g. {itc: 1, itm: 0.5}); a loss not listed weighs 1.
     objectives: dict[str, float] = field(default_factory=dict)
     progress: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over processes (graft/train/parallel.py); the same recipe runs as one
+    process or under torchrun on any number of them."""
+    # auto: ddp under torchrun, none as one process | none | ddp | fsdp2 (shard parameters, gradients
+    # and optimizer state over the processes: FSDP2 fully_shard on each block, then the root)
+    kind: str = "auto"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward
+    compile: bool = False  # torch.compile each block
+    # Seconds a collective may wait before the run fails naming the rank and the operation.
+    timeout_s: int = 600
 
 
 @dataclass
@@ -147,6 +163,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     text: TextConfig = field(default_factory=TextConfig)  # model=dual only
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # model=dual only
     qformer: QFormerConfig = field(default_factory=QFormerConfig)  # model=qformer_stage1 only

@@ -26,6 +26,7 @@ def validate(cfg: Config, sources: bool = True) -> Config:
     choices = {
         "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+        "parallel.kind": (cfg.parallel.kind, ("auto", "none", "ddp", "fsdp2")),
     }
     from graft.data.sources import SOURCES
 
@@ -108,6 +109,7 @@ def _validate_numbers(cfg: Config) -> None:
         "train.grad_accum": cfg.train.grad_accum, "train.log_every": cfg.train.log_every,
         "train.ckpt_every": cfg.train.ckpt_every, "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "data.max_objects": cfg.data.max_objects, "data.grid": cfg.data.grid,
+        "parallel.timeout_s": cfg.parallel.timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -195,6 +195,47 @@ def llava_stage2_lora() -> Config:
     return cfg
 
 
+def llava_7b() -> Config:
+    """LLaVA-style 7B for GPU clusters: Llama-2-7B-sized LM + SigLIP-so400m-sized ViT, FSDP2, bf16 (see --dry-run).
+
+    Meant for GPUs, 2 nodes x 8 in deploy/ (docs/cluster.md); on a CPU, `graft train llava_7b
+    --dry-run --gpus 16` prints its memory per GPU without making a weight. The settings are
+    LLaVA-1.5's stage 2 (Liu et al. 2023): projector and LM trained, tower frozen; global batch
+    128 (8 conversations per GPU on 16 GPUs, one micro-batch; on 8 GPUs keep it with
+    train.batch_size=16, train.grad_accum=2), lr 2e-5 with 3 % warmup and cosine decay, no weight
+    decay, one epoch of its 665k conversations (5,200 steps), 2,048-token rows. FSDP2 with bf16
+    compute and activation checkpointing: ~21.5 GiB per GPU by the plan, where DDP would need ~158.
+
+    The weights start random: LLaVA starts from a trained LM and tower, so set `lm.hf_path` /
+    `vision.hf_path` (local HF folders) or `train.init_from`, and `data.*` to the data (the built-in
+    world is only the default). What differs from the originals: the decoder is HF Llama's
+    architecture at Llama-2-7B's size (RMSNorm, SwiGLU, RoPE, 32 heads without GQA, untied 32,000-row
+    embeddings: 6,738 M parameters) but its tokenizer is graft's BPE trained on the data (at most
+    32,000 tokens), not Llama's SentencePiece; the tower is SigLIP-so400m's (27 layers, width 1152,
+    16 heads, MLP 4304, 14 px patches) at 378 px: 27 x 27 = 729 patches, as SigLIP's 384 px whose
+    convolution drops the last 6 pixels (graft wants the size divisible by the patch), and without
+    the attention-pooling head, which a VLM does not use. Not yet run on GPUs.
+    """
+    cfg = Config(name="llava_7b")
+    v = cfg.vision
+    v.image_size, v.patch_size = 378, 14
+    v.hidden_size, v.layers, v.heads, v.intermediate_size = 1152, 27, 16, 4304
+    lm = cfg.lm
+    lm.hidden_size, lm.layers, lm.heads, lm.kv_heads, lm.intermediate_size = 4096, 32, 32, 32, 11008
+    lm.vocab_size, lm.tie_embeddings, lm.max_seq_len = 32000, False, 2048  # LLaVA-1.5 trains at 2,048
+    lm.init_std = 0.02  # HF Llama's initializer_range, right at this width (LMConfig.init_std)
+    cfg.data.vocab_size = 32000  # the BPE's size when graft trains one on the data (no lm.hf_path)
+    cfg.data.workers = 4
+    cfg.train.freeze = ["vision"]  # LLaVA-1.5 trains the projector and the LM
+    cfg.train.precision = "bf16"
+    cfg.train.batch_size, cfg.train.grad_accum, cfg.train.steps = 8, 1, 5200
+    cfg.train.ckpt_every, cfg.train.log_every = 250, 10
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay, cfg.optim.beta2 = 2e-5, 150, 0.0, 0.999
+    cfg.parallel.kind, cfg.parallel.activation_checkpointing = "fsdp2", True
+    cfg.eval.splits = []  # the built-in world says little about this model: set eval.tasks on held-out data
+    return cfg
+
+
 def shapes_qformer_stage1() -> Config:
     """BLIP-2 stage 1: ViT + Q-Former (9 queries) trained with ITC + ITM + ITG on the Shapes world's captions.
 
@@ -227,7 +268,7 @@ def shapes_qformer() -> Config:
 
 
 RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, shapes_resampler, shapes_pixel_shuffle, shapes_avgpool,
-                                   tiny, llava_stage1, llava_stage2, llava_stage2_lora, siglip, clip, clippo, lit,
+                                   tiny, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, clippo, lit,
                                    shapes_qformer_stage1, shapes_qformer)}
 # Recipes that start from another recipe's run: recipe → (the key naming that run, the recipe that
 # makes it). `graft compare` trains such a stage once per seed and points the key at it.

@@ -129,12 +129,10 @@ def load_modules(model, modules: list[str], run_path: str, key: str) -> Path:
     """Copy the weights of `modules` (attribute names, e.g. ["connector"]) from a run's latest
     checkpoint into `model`; every shape must match and every weight be found (else a UserError
     naming `key`)."""
-    from safetensors.torch import load_file
-
     ckpt = RunDir(run_path).require().latest_checkpoint()
     if ckpt is None:
         raise UserError(f"{key}: {run_path} has no complete checkpoint")
-    weights = load_file(str(ckpt / "model.safetensors"))
+    weights = checkpoint.read_model(ckpt)
     for part in modules:
         sub = {k.removeprefix(f"{part}."): v for k, v in weights.items() if k.startswith(f"{part}.")}
         own = getattr(model, part).state_dict()

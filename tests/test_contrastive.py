@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from graft.train.checkpoint import read_model
 
 from graft.data.contrastive import ContrastiveProcessor
 from graft.data.render import render_text
@@ -160,8 +160,8 @@ def test_contrastive_run_then_vlm_on_its_vision_tower(tmp_path):
                   "--set", "train.steps=2", "--set", "train.ckpt_every=2", "--set", "eval.vqa_per_type=2",
                   "--set", "eval.captions=0", "--set", "eval.splits=[test]", "--set", "train.progress=false")
     assert done.returncode == 0, done.stderr
-    src = load_file(str(run / "checkpoints" / "step_00000010" / "model.safetensors"))
-    dst = load_file(str(vlm / "checkpoints" / "step_00000002" / "model.safetensors"))
+    src = read_model(run / "checkpoints" / "step_00000010")
+    dst = read_model(vlm / "checkpoints" / "step_00000002")
     vision_keys = [k for k in src if k.startswith("vision.")]
     assert vision_keys and all(torch.equal(src[k], dst[k]) for k in vision_keys)
 
@@ -170,7 +170,7 @@ def test_contrastive_run_then_vlm_on_its_vision_tower(tmp_path):
     done = _graft("train", "lit", "--out", str(lit), "--set", f"vision.init_from={run}", "--set", "train.steps=2",
                   "--set", "train.ckpt_every=2", *TINY)
     assert done.returncode == 0, done.stderr
-    dst = load_file(str(lit / "checkpoints" / "step_00000002" / "model.safetensors"))
+    dst = read_model(lit / "checkpoints" / "step_00000002")
     image_keys = [k for k in src if k.startswith(("vision.", "image_pool.", "image_proj."))]
     assert any(k.startswith("image_proj.") for k in image_keys) and all(torch.equal(src[k], dst[k]) for k in image_keys)
     assert not all(torch.equal(src[k], dst[k]) for k in src if k.startswith("text."))

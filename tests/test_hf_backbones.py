@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from hf_models import CLIP_MEAN, make_lm, make_vision
-from safetensors.torch import load_file
+from graft.train.checkpoint import read_model
 
 from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
 from graft.data.stream import TrainStream
@@ -127,8 +127,8 @@ def test_two_stage_llava_recipe_with_lora_and_export(hf, tmp_path):
     backbones = (f"lm.hf_path={hf['qwen2']}", f"vision.hf_path={hf['siglip']}", "train.steps=6")
     cli("train", "llava_stage1", "--out", str(s1), *sets(*QUICK, *backbones))
     cli("train", "llava_stage2_lora", "--out", str(s2), *sets(*QUICK, *backbones, f"train.init_from={s1}"))
-    w1 = load_file(str(RunDir(s1).latest_checkpoint() / "model.safetensors"))
-    w2 = load_file(str(RunDir(s2).latest_checkpoint() / "model.safetensors"))
+    w1 = read_model(RunDir(s1).latest_checkpoint())
+    w2 = read_model(RunDir(s2).latest_checkpoint())
     lm_base = [k for k in w1 if k.startswith("lm.")]
     for k in lm_base:  # stage 2's frozen base weights are stage 1's (LoRA-wrapped layers renamed)
         module, _, leaf = k.rpartition(".")

@@ -2,16 +2,16 @@
 connector of a stage-1 run under a fresh LM."""
 
 import pytest
-from safetensors.torch import load_file
 
 from graft.cli import main
+from graft.train.checkpoint import read_model
 
 QUIET = ["--set", "eval.splits=", "--set", "train.progress=false"]
 
 
 def weights(run, prefix):
-    ckpt = sorted((run / "checkpoints").iterdir())[-1] / "model.safetensors"
-    return {k: v for k, v in load_file(str(ckpt)).items() if k.startswith(prefix)}
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    return read_model(ckpt, prefix)
 
 
 def test_a_part_comes_from_another_run(tmp_path, capsys):

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import torch
-from safetensors.torch import load_file
+from graft.train.checkpoint import read_model
 
 from graft.cli import main
 
@@ -54,8 +54,8 @@ def test_stage1_then_stage2_learn_from_the_images(tmp_path, capsys):
     with capsys.disabled():
         print(f"\nstage 2, {STAGE2_STEPS} steps: {r2}")
     # The tower came from stage 1 and stayed frozen; the Q-Former started from stage 1's and trained on.
-    a = load_file(str(s1 / "checkpoints" / f"step_{STAGE1_STEPS:08d}" / "model.safetensors"))
-    b = load_file(str(s2 / "checkpoints" / f"step_{STAGE2_STEPS:08d}" / "model.safetensors"))
+    a = read_model(s1 / "checkpoints" / f"step_{STAGE1_STEPS:08d}")
+    b = read_model(s2 / "checkpoints" / f"step_{STAGE2_STEPS:08d}")
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("vision."))
     assert not torch.equal(a["qformer.query_tokens"], b["connector.query_tokens"])
     # Colours are uniform over 6 and shapes over 4: no text-only model beats 1/6 and 1/4.
@@ -79,7 +79,7 @@ def test_stage2_starts_from_the_stage1_qformer(tmp_path):
                                                         "vision.hidden_size=32", "vision.intermediate_size=32"])
     tok = tokenizer_for(cfg)
     model = assemble(resolve(cfg, tok)[0], tok)
-    src = load_file(str(s1 / "checkpoints" / "step_00000002" / "model.safetensors"))
+    src = read_model(s1 / "checkpoints" / "step_00000002")
     mine = model.state_dict()
     copied = [k for k in src if k.startswith("qformer.") and f"connector.{k[len('qformer.'):]}" in mine]
     assert "qformer.query_tokens" in copied and any(".crossattention." in k for k in copied)

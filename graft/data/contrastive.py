@@ -76,9 +76,11 @@ class ContrastiveStream:
                  rank: int = 0, world_size: int = 1):
         self.world, self.proc = world, processor
         self.batch_size, self.grad_accum, self.rank, self.world_size = batch_size, grad_accum, rank, world_size
+        self.base = (0, 0)  # (step, samples seen): see data/stream.py first_sample
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        mb = self.batch_size // self.grad_accum
-        start = step * self.batch_size * self.world_size + self.rank * self.batch_size + micro * mb
-        samples = [self.world.sample("train", i) for i in range(start, start + mb)]
+        from graft.data.stream import first_sample
+
+        start = first_sample(step, micro, self.batch_size, self.grad_accum, self.rank, self.world_size, self.base)
+        samples = [self.world.sample("train", i) for i in range(start, start + self.batch_size // self.grad_accum)]
         return self.proc.pairs([s.image for s in samples], [pair_text(s) for s in samples])

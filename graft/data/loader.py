@@ -94,7 +94,11 @@ class PureBatches:
         return {"data_skipped": 0}
 
     def state_dict(self, rt) -> None:
-        return None  # the position is the step
+        return None  # the position is the step (and the samples seen, kept by the trainer)
+
+    def resume(self, step: int, samples_seen: int) -> None:
+        """Continue after `samples_seen` samples at `step` (the same unless the number of processes changed)."""
+        self.stream.base = (step, samples_seen)
 
     def summary(self, rt) -> str:
         return ""
@@ -160,6 +164,9 @@ class StreamBatches:
             self.check.update(self.used, self.skipped, batch_arrived=item.batch is not None)
             if item.batch is not None:
                 return item.batch
+
+    def resume(self, step: int, samples_seen: int) -> None:
+        pass  # the saved worker positions were restored when it was built (or it said why not)
 
     def stats(self, rt) -> dict:
         """Cumulative counts over all ranks, for metrics.jsonl (call on every rank)."""

@@ -1,7 +1,8 @@
 """The training stream: which samples make up step s's batch, as a pure function of s.
 
 Batch of step s on rank r holds world samples s·B·W + r·B + [0, B) of the train split, so resuming
-needs nothing but the step (the "data position" is step x global batch). Each sample becomes a
+needs nothing but the step (the "data position" is step x global batch; a run resumed on another
+number of processes continues from the samples it had seen, `first_sample`). Each sample becomes a
 conversation of `questions_per_image` of its questions in random order, sometimes with the
 caption request, so one image encoding supervises several answers.
 """
@@ -14,6 +15,15 @@ from graft.config import Config, uses_packing
 from graft.data.packing import pack
 from graft.data.processor import Processor, collate
 from graft.data.shapes import CAPTION_PROMPT, Sample, ShapesWorld
+
+
+def first_sample(step: int, micro: int, batch_size: int, grad_accum: int, rank: int, world_size: int,
+                 base: tuple[int, int] = (0, 0)) -> int:
+    """Index of the first sample of micro-batch `micro` of `step` on `rank`. `base` = (step, samples
+    seen by then): a run resumed on another number of processes continues from where it was."""
+    base_step, base_samples = base
+    return (base_samples + (step - base_step) * batch_size * world_size + rank * batch_size
+            + micro * (batch_size // grad_accum))
 
 
 def make_world(cfg: Config) -> ShapesWorld:
@@ -33,13 +43,13 @@ class TrainStream:
         self.cfg, self.proc, self.rank, self.world_size = cfg, processor, rank, world_size
         self.world = make_world(cfg)
         self.packs = uses_packing(cfg)
+        self.base = (0, 0)  # (step, samples seen): see first_sample
 
     def batch(self, step: int, micro: int) -> dict:
         """Micro-batch `micro` of step `step` for this rank."""
         b, accum = self.cfg.train.batch_size, self.cfg.train.grad_accum
-        mb = b // accum
-        start = step * b * self.world_size + self.rank * b + micro * mb
-        items = [self.item(i) for i in range(start, start + mb)]
+        start = first_sample(step, micro, b, accum, self.rank, self.world_size, self.base)
+        items = [self.item(i) for i in range(start, start + b // accum)]
         if self.packs:
             return pack(items, self.proc.tok.pad, self.cfg.lm.max_seq_len)
         return collate(items, self.proc.tok.pad)

@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import torch
 
+from graft.eval.shard import shard_map
 from graft.eval.zero_shot import classify, user_prompts
 from graft.losses import IGNORE
 
 
-@torch.no_grad()
 def answer_logprobs(model, proc, images: list, prompt: str, answers: list[str], batch_size: int) -> torch.Tensor:
-    """(len(images), len(answers)): log p(answer | image, prompt), summed over the answer's tokens."""
+    """(len(images), len(answers)): log p(answer | image, prompt), summed over the answer's tokens;
+    each process scores its share of the images (eval/shard.py)."""
+    rows = shard_map(lambda share: list(_answer_logprobs(model, proc, share, prompt, answers, batch_size)), images)
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def _answer_logprobs(model, proc, images: list, prompt: str, answers: list[str], batch_size: int) -> torch.Tensor:
     rows = [proc.conversation([(prompt, a)]) for a in answers]
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), proc.tok.pad, dtype=torch.long)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from graft.data.shapes import QA, QUESTION_TYPES, ShapesWorld
 from graft.errors import UserError
+from graft.eval.shard import shard_map
 from graft.eval.vqav2 import soft_accuracy
 
 
@@ -37,9 +38,14 @@ def normalise(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
 
 
-@torch.no_grad()
 def answer(model, proc, prompts: list[tuple[object, str]], batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers for (PIL image, question) pairs. Prompts of equal length are batched together."""
+    """Greedy answers for (PIL image, question) pairs (each process answers its share, eval/shard.py)."""
+    return shard_map(lambda share: _answer(model, proc, share, batch_size, max_new_tokens), prompts)
+
+
+@torch.no_grad()
+def _answer(model, proc, prompts, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Prompts of equal length are batched together."""
     encoded = [(proc.prompt(q), proc.pixels(img)) for img, q in prompts]
     by_len = defaultdict(list)
     for i, (ids, _) in enumerate(encoded):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from graft.data.shapes import CLASSES, ShapesWorld
 from graft.errors import UserError
+from graft.eval.shard import shard_map
 
 # The world's captions always name the size ("a small red circle"), so the default templates do
 # too and the ensemble covers both sizes. Measured on a 600-step `clip` run: "a {}" alone 0.72,
@@ -74,20 +75,28 @@ def class_embeddings(model, proc, classes: list[str], templates: list[str], batc
     return torch.nn.functional.normalize(emb.mean(1), dim=-1)
 
 
-@torch.no_grad()
 def embed_texts(model, proc, texts: list[str], batch_size: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    out = [model.encode_text(**{k: v.to(device) for k, v in proc.texts(texts[i:i + batch_size]).items()})
-           for i in range(0, len(texts), batch_size)]
-    return torch.cat(out).float().cpu()
+    """(len(texts), E), each process embedding its share (eval/shard.py)."""
+    def share(part):
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            out = [model.encode_text(**{k: v.to(device) for k, v in proc.texts(part[i:i + batch_size]).items()})
+                   for i in range(0, len(part), batch_size)]
+        return list(torch.cat(out).float().cpu())
+
+    return torch.stack(shard_map(share, texts))
 
 
-@torch.no_grad()
 def embed_images(model, proc, images, batch_size: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    out = [model.encode_image(torch.stack([proc.pixels(im) for im in images[i:i + batch_size]]).to(device))
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out).float().cpu()
+    """(len(images), ...) image embeddings, each process embedding its share (eval/shard.py)."""
+    def share(part):
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            out = [model.encode_image(torch.stack([proc.pixels(im) for im in part[i:i + batch_size]]).to(device))
+                   for i in range(0, len(part), batch_size)]
+        return list(torch.cat(out).float().cpu())
+
+    return torch.stack(shard_map(share, images))
 
 
 def zero_shot(model, proc, world: ShapesWorld, split: str, n: int, prompts_file: str | None,

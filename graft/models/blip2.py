@@ -134,7 +134,7 @@ class QFormerStage1(nn.Module):
         self.lm_head = nn.Linear(d, vocab_size)  # ITG predicts the tokenizer's ids only
         for m in (self.embeddings, self.vision_projection, self.text_projection, self.itm_head, self.lm_head):
             m.apply(lambda x: init_weights(x, init_std(cfg)))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # BLIP-2's temperature 0.07
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # BLIP-2: temperature 0.07; (1,) for FSDP2
 
     def part_modules(self, part: str) -> list[str]:
         """The submodules (by attribute name) that make up a part of `train.freeze` / `train.init_parts`."""
@@ -235,13 +235,11 @@ def load_stage1(model, path: str, key: str = "connector.init_from") -> None:
     """Copy a stage-1 run's image encoder (`vision.*`) and Q-Former query side (`qformer.*`: ln_vision,
     queries, layers; not the text FFNs nor the text embeddings) into a VLM whose connector is a
     Q-Former (stage 2). The run was checked to be a stage-1 run of this architecture (designs.py)."""
-    from safetensors.torch import load_file
-
     from graft.rundir import RunDir, load_modules
+    from graft.train.checkpoint import read_model
 
     ckpt = load_modules(model, ["vision"], path, key)
-    weights = load_file(str(ckpt / "model.safetensors"))
-    sub = {k.removeprefix("qformer."): v for k, v in weights.items() if k.startswith("qformer.")}
+    sub = {k.removeprefix("qformer."): v for k, v in read_model(ckpt, "qformer.").items()}
     try:
         missing, unexpected = model.connector.load_state_dict(sub, strict=False)
     except RuntimeError as e:

@@ -89,9 +89,9 @@ class DualEncoder(nn.Module):
             self.text_proj = nn.Linear(text.hidden_size, cfg.embed_dim, bias=False)
         default_scale = math.log(1 / 0.07) if cfg.loss == "clip" else math.log(10.0)
         init = default_scale if cfg.init_logit_scale is None else cfg.init_logit_scale
-        self.logit_scale = nn.Parameter(torch.tensor(float(init)))
+        self.logit_scale = nn.Parameter(torch.tensor([float(init)]))  # shape (1,) as in HF SiglipModel (FSDP2 shards no 0-d tensor)
         if cfg.loss == "siglip":
-            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+            self.logit_bias = nn.Parameter(torch.tensor([float(cfg.init_logit_bias)]))
 
     def part_modules(self, part: str) -> list[str]:
         """The submodules (by attribute name) that make up a part of `train.freeze` / `train.init_parts`."""

@@ -30,11 +30,28 @@ class MeasuredFlops:
         self.cache: dict[tuple, int] = {}
 
     def __call__(self, model, batch: dict) -> int:
-        trainable = tuple(name for name, p in model.named_parameters() if p.requires_grad)
-        key = (tuple((k, tuple(v.shape)) for k, v in sorted(batch.items())), hash(trainable))
+        key = self._key(model, batch)
         if key not in self.cache:
             self.cache[key] = count_step(model, batch)
         return self.cache[key]
+
+    def step(self, model, batches: list[dict], sharded: bool = False) -> int:
+        """FLOPs of a step's micro-batches. `sharded` (FSDP2): a counting forward gathers weights,
+        so every process counts whenever any one meets a new shape."""
+        keys = [self._key(model, b) for b in batches]
+        if sharded:
+            import torch.distributed as dist
+
+            new = torch.tensor([int(any(k not in self.cache for k in keys))])
+            dist.all_reduce(new, op=dist.ReduceOp.MAX)
+            if new.item():
+                self.cache |= {k: count_step(model, b) for k, b in zip(keys, batches)}
+        return sum(self(model, b) for b in batches)
+
+    @staticmethod
+    def _key(model, batch: dict) -> tuple:
+        trainable = tuple(name for name, p in model.named_parameters() if p.requires_grad)
+        return tuple((k, tuple(v.shape)) for k, v in sorted(batch.items())), hash(trainable)
 
 
 def count_step(model, batch: dict) -> int:

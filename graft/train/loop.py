@@ -7,14 +7,13 @@ follow equal those of an uninterrupted run (bit for bit on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from graft import atomic
 from graft import config as config_mod
@@ -24,25 +23,61 @@ from graft.data.sources import build_stream
 from graft.designs import design
 from graft.errors import Stopped, UserError
 from graft.eval.harness import entries, evaluate, unprefixed
+from graft.eval.shard import sharded
 from graft.losses import weighted
 from graft.report import write_report
 from graft.rundir import RunDir, build_processor
-from graft.train import checkpoint, runtime
+from graft.train import checkpoint, parallel, runtime
 from graft.train.flops import MeasuredFlops
 from graft.train.metrics import MetricsLog
 from graft.train.optim import build_optimizer, build_scheduler
 from graft.train.stop import SkipGuard, StopOnSignal
 
 # Keys that may change between a run and its resumption (they do not change what is learned).
-RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.ckpt_every",
-                     "train.max_skipped_steps", "train.keep_checkpoints", "train.eval_every", "eval.")
+RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.async_save",
+                     "train.max_skipped_steps", "train.keep_checkpoints", "train.eval_every", "eval.", "parallel.")
+
+
+@dataclass
+class _Session:
+    """Everything a run holds while it trains."""
+
+    cfg: Config
+    rt: runtime.Runtime
+    run: RunDir
+    model: torch.nn.Module
+    engine: torch.nn.Module  # what the forward goes through: DDP's wrapper, or the (FSDP2-sharded) model
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    proc: object
+    stream: object
+    start: int
+    samples_seen: int
 
 
 def train(cfg: Config, out: str | Path) -> dict:
     """Train `cfg` into run directory `out`; returns the final evaluation (and writes report.md)."""
     started = time.perf_counter()
-    run = RunDir(out)
-    rt = runtime.setup(cfg.train.device, cfg.train.precision)
+    s = _start(cfg, RunDir(out))
+    log = MetricsLog(s.run.path, s.start, enabled=s.rt.is_main)
+    _steps(s, log)
+    data_summary = s.stream.summary(s.rt)
+    s.stream.close()
+    if s.rt.is_main and data_summary:
+        print(data_summary, flush=True)
+    results = _evaluate(s.model, s.proc, s.cfg, s.run, s.rt)
+    log.log({"step": s.cfg.train.steps, "event": "eval", **results})
+    log.close()
+    if s.rt.is_main:
+        atomic.write_text(s.run.eval_path, json.dumps(results, indent=1))
+        write_report(s.run.path, s.cfg.name, results, time.perf_counter() - started, unprefixed(entries(s.cfg)))
+    return results
+
+
+def _start(cfg: Config, run: RunDir) -> _Session:
+    """Processes, run directory, model with its parallelism, optimizer, and the state of the latest
+    checkpoint (on any number of processes), and the data stream from its position."""
+    rt = runtime.setup(cfg.train.device, cfg.train.precision, cfg.parallel.timeout_s, cfg.parallel.kind == "fsdp2")
     torch.manual_seed(cfg.train.seed)
     tok = tokenizer_for(cfg, run)
     cfg, changes = resolve(cfg, tok)
@@ -51,53 +86,66 @@ def train(cfg: Config, out: str | Path) -> dict:
     _prepare_run_dir(cfg, tok, run, rt)
     model = assemble(cfg, tok)
     model.to(rt.device)
+    engine = parallel.apply(model, cfg, rt)  # DDP wrapper, or the model itself (sharded in place by FSDP2)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    start = _resume(run, optimizer, scheduler, model, rt)
-    ddp = DDP(model) if rt.world_size > 1 else None
+    ckpt = run.latest_checkpoint()
+    start, samples_seen = _resume(ckpt, model, optimizer, scheduler, cfg, rt)
     proc = build_processor(cfg, tok, model)
-    stream = build_stream(cfg, proc, rt, run.latest_checkpoint() if start else None)
-    log = MetricsLog(run.path, start, enabled=rt.is_main)
+    stream = build_stream(cfg, proc, rt, ckpt if start else None)
+    stream.resume(start, samples_seen)
+    return _Session(cfg, rt, run, model, engine, optimizer, scheduler, proc, stream, start, samples_seen)
+
+
+def _steps(s: _Session, log: MetricsLog) -> None:
+    """The training steps, each followed by its log line, checkpoint and evaluation when due; a
+    signal saves the step and stops (Stopped), a collective that times out names the silent rank."""
+    cfg, rt = s.cfg, s.rt
     peak = runtime.peak_flops(rt, cfg.train.peak_flops)
-    bar = _progress(cfg, start, rt)
+    bar = _progress(cfg, s.start, rt)
     window, flops, guard = _Window(), MeasuredFlops(), SkipGuard(cfg.train.max_skipped_steps)
-    with StopOnSignal() as stop:
-        for step in range(start, cfg.train.steps):
-            loss, grad_norm, stats = _train_step(ddp or model, model, stream, optimizer, cfg, rt, step, flops)
-            scheduler.step()
-            window.add(stats)
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                record = window.record(done, loss, grad_norm, scheduler, rt, peak)  # loss: global already
-                record |= stream.stats(rt)  # data_skipped counts by reason, summed over ranks
-                log.log(record)
+    saver = checkpoint.Saver(s.run.checkpoints, cfg.train.keep_checkpoints, cfg.train.async_save)
+    step = s.start
+    try:
+        with StopOnSignal() as stop:
+            for step in range(s.start, cfg.train.steps):
+                loss, grad_norm, stats = _train_step(s.engine, s.model, s.stream, s.optimizer, cfg, rt, step, flops)
+                s.scheduler.step()
+                s.samples_seen += cfg.train.batch_size * rt.world_size
+                window.add(stats)
+                done = step + 1
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                    record = window.record(done, loss, grad_norm, s.scheduler, rt, peak)  # loss: global already
+                    log.log(record | s.stream.stats(rt))  # data_skipped counts by reason, summed over ranks
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-            if bar is not None:
-                bar.update(1)
-            guard.update(stats["skipped"], done, run.latest_checkpoint())  # Diverged after too many in a row
-            signum = stop.requested(rt)  # SIGINT / SIGTERM: checkpoint this step, then stop
-            if signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
-                _save(run, done, model, optimizer, scheduler, cfg, rt, stream.state_dict(rt))
-            if signum:
-                _stop(signum, done, cfg, run, (bar, stream, log))
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps and rt.is_main:
-                log.log({"step": done, "event": "eval", **evaluate(model, proc, cfg, out=run.path)})
+                    bar.update(1)
+                guard.update(stats["skipped"], done, s.run.latest_checkpoint)  # Diverged after too many in a row
+                signum = stop.requested(rt)  # SIGINT / SIGTERM: checkpoint this step, then stop
+                saver.poll()  # an asynchronous save completes once every process has written its files
+                if signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
+                    t = time.perf_counter()
+                    meta = {"samples_seen": s.samples_seen, **({"data": d} if (d := s.stream.state_dict(rt)) else {})}
+                    saver.save(done, s.model, s.optimizer, s.scheduler, meta)
+                    window.blocked += time.perf_counter() - t  # training waits for this long
+                if signum:
+                    saver.wait()
+                    _stop(signum, done, cfg, s.run, (bar, s.stream, log))
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
+                    log.log({"step": done, "event": "eval", **_evaluate(s.model, s.proc, cfg, s.run, rt)})
+    except RuntimeError as e:  # a collective that timed out: name it and the silent rank
+        raise runtime.hung(e, rt, step) or e
+    saver.wait()
     if bar is not None:
         bar.close()
-    data_summary = stream.summary(rt)
-    stream.close()
-    if rt.is_main and data_summary:
-        print(data_summary, flush=True)
-    results = {}
-    if rt.is_main:
-        results = evaluate(model, proc, cfg, out=run.path)
-        log.log({"step": cfg.train.steps, "event": "eval", **results})
-        atomic.write_text(run.eval_path, json.dumps(results, indent=1))
-    log.close()
-    if rt.is_main:
-        write_report(run.path, cfg.name, results, time.perf_counter() - started, unprefixed(entries(cfg)))
-    return results
+
+
+def _evaluate(model, proc, cfg: Config, run: RunDir, rt) -> dict:
+    """Every process evaluates its share of the examples with the whole weights; process 0 writes
+    the predictions. The figures equal one process's evaluation (eval/shard.py)."""
+    with parallel.gathered(model), sharded(rt.rank, rt.world_size):
+        return evaluate(model, proc, cfg, out=run.path if rt.is_main else None)
 
 
 def _stop(signum: int, done: int, cfg: Config, run: RunDir, open_things) -> None:
@@ -143,15 +191,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _resume(run: RunDir, optimizer, scheduler, model, rt) -> int:
-    ckpt = run.latest_checkpoint()
+def _resume(ckpt, model, optimizer, scheduler, cfg: Config, rt) -> tuple[int, int]:
+    """Step and samples seen after restoring `ckpt` (model, optimizer, schedule, RNG), on any number
+    of processes; (0, 0) for a new run."""
     if ckpt is None:
-        return 0
-    checkpoint.load_weights(model, ckpt)
-    meta = checkpoint.load_train_state(ckpt, optimizer, scheduler)
+        return 0, 0
+    meta = checkpoint.load_train_state(ckpt, model, optimizer, scheduler)
+    step, saved_world = int(meta["step"]), int(meta.get("world_size", rt.world_size))
+    samples = int(meta.get("samples_seen", step * cfg.train.batch_size * saved_world))
     if rt.is_main:
-        print(f"resuming from {ckpt} (step {meta['step']})", flush=True)
-    return int(meta["step"])
+        print(f"resuming from {ckpt} (step {step})", flush=True)
+        if saved_world != rt.world_size:
+            print(f"graft: saved on {saved_world} processes, resumed on {rt.world_size}: the global batch is now "
+                  f"{cfg.train.batch_size * rt.world_size} samples (was {cfg.train.batch_size * saved_world}); "
+                  f"model and optimizer state resharded; training continues after sample {samples}", flush=True)
+    return step, samples
 
 
 def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int, flops: MeasuredFlops):
@@ -170,13 +224,12 @@ def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int, fl
     weights = {name: cfg.train.objectives.get(name, 1.0) for name in counts}
     sums = dict.fromkeys(counts, 0.0)
     tc = time.perf_counter()
-    step_flops = sum(flops(model, b) for b in batches)  # counted once per new shape, then cached
+    step_flops = flops.step(model, batches, parallel.is_sharded(model))  # once per new shape, then cached
     counting = time.perf_counter() - tc  # not training time: left out of the step's time
     images = tokens = 0
     optimizer.zero_grad(set_to_none=True)
     for micro, batch in enumerate(batches):
-        sync = micro == accum - 1 or not isinstance(engine, DDP)
-        with (engine.no_sync() if not sync else contextlib.nullcontext()), rt.autocast():
+        with parallel.gradient_sync(engine, micro == accum - 1), rt.autocast():
             _, losses = engine(**batch)
         objective = weighted(losses, counts, weights)
         (objective * rt.world_size).backward()
@@ -188,15 +241,15 @@ def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int, fl
     loss_sum = sum(weights[name] * named[name] for name in weights)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.optim.grad_clip
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    skipped = not math.isfinite(float(grad_norm))  # same on every rank: grads are already all-reduced
+    grad_norm = parallel.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+    skipped = not math.isfinite(grad_norm)  # same on every rank: grads are already reduced
     if skipped:
         optimizer.zero_grad(set_to_none=True)  # a non-finite update never reaches the weights
     else:
         optimizer.step()
     stats = {"time": time.perf_counter() - t0 - counting, "data": data_s, "images": images, "tokens": tokens,
              "flops": step_flops, "skipped": int(skipped), "losses": named}
-    return loss_sum, float(grad_norm), stats
+    return loss_sum, grad_norm, stats
 
 
 def _sum_counts(per_batch) -> dict[str, int]:
@@ -214,7 +267,7 @@ class _Window:
         self.reset()
 
     def reset(self):
-        self.time = self.data = 0.0
+        self.time = self.data = self.blocked = 0.0  # blocked: waiting for checkpoint saves
         self.images = self.tokens = self.flops = self.skipped = self.steps = 0
         self.losses: dict[str, float] = {}
 
@@ -241,6 +294,8 @@ class _Window:
             "mfu": flops / t / (peak * rt.world_size),
             "data_wait_frac": self.data / t,
             "skipped_steps": self.skipped,
+            "ckpt_blocked_s": self.blocked,  # since the previous record (not in the step times above)
+            "peak_mem_gb": runtime.peak_memory(rt) / 2**30,  # process 0's
         } | {f"loss/{name}": value for name, value in self.losses.items()}
         self.reset()
         return rec
@@ -252,13 +307,3 @@ def _progress(cfg: Config, start: int, rt):
     from tqdm import tqdm
 
     return tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-
-def _save(run: RunDir, step: int, model, optimizer, scheduler, cfg: Config, rt, data_state=None) -> None:
-    if rt.is_main:
-        meta = {"samples_seen": step * cfg.train.batch_size * rt.world_size}
-        if data_state is not None:  # streaming sources: every rank's worker positions (data/loader.py)
-            meta["data"] = data_state
-        checkpoint.save(run.checkpoints, step, model, optimizer, scheduler, meta, cfg.train.keep_checkpoints)
-    if rt.world_size > 1:
-        torch.distributed.barrier()

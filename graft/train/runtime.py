@@ -7,9 +7,12 @@ same command runs on one CPU process or many GPUs.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,6 +27,8 @@ class Runtime:
     dtype: torch.dtype  # autocast dtype; float32 means no autocast
     rank: int = 0
     world_size: int = 1
+    timeout_s: float = 600
+    monitor: object = None  # a gloo group for naming unresponsive ranks (hung)
 
     @property
     def is_main(self) -> bool:
@@ -35,7 +40,10 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
-def setup(device: str = "auto", precision: str = "auto") -> Runtime:
+def setup(device: str = "auto", precision: str = "auto", timeout_s: float = 600, group: bool = False) -> Runtime:
+    """The process group (from torchrun's environment; a collective that waits longer than
+    `timeout_s` fails the run, naming the operation), the device and the autocast dtype. `group`:
+    a group even for one process without torchrun (FSDP2 shards over a device mesh)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -45,9 +53,17 @@ def setup(device: str = "auto", precision: str = "auto") -> Runtime:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Runtime(dev, _dtype(precision, dev), rank, world_size)
+    monitor = None
+    if world_size > 1:
+        if use_cuda:  # NCCL's flight recorder: the last collectives of each rank, dumped on a timeout
+            os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+            os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        monitor = dist.new_group(backend="gloo")
+    elif group and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return Runtime(dev, _dtype(precision, dev), rank, world_size, timeout_s, monitor)
 
 
 def _dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -96,3 +112,38 @@ def all_sum(values: dict, rt: Runtime) -> dict:
     t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=rt.device)
     dist.all_reduce(t)
     return {k: type(v)(x) if isinstance(v, int) else x for (k, v), x in zip(values.items(), t.tolist())}
+
+
+def peak_memory(rt: Runtime) -> int:
+    """Bytes: the most this process's GPU memory allocator has held, or on CPUs its peak resident size."""
+    if rt.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(rt.device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def hung(error: Exception, rt: Runtime, step: int):
+    """If `error` is a collective's timeout: a `Hung` naming the operation this rank waited in and
+    the ranks that do not answer a monitored barrier (PyTorch's own check); else None."""
+    import traceback
+
+    from graft.errors import Hung
+
+    if rt.world_size == 1 or "timed out" not in str(error).lower():
+        return None
+    frames = traceback.extract_tb(error.__traceback__)
+    torch_frames = [f for f in frames if "/torch/" in f.filename]
+    op = torch_frames[-1].name if torch_frames else "a collective"
+    ours = [f for f in frames if "/graft/" in f.filename]
+    where = f" (called from {Path(ours[-1].filename).name}:{ours[-1].name})" if ours else ""
+    try:
+        dist.monitored_barrier(group=rt.monitor, timeout=datetime.timedelta(seconds=min(rt.timeout_s, 30)),
+                               wait_all_ranks=True)
+        silent = "every rank answers now"
+    except RuntimeError as e:
+        ranks = re.search(r"Ranks? ([\d, ]+) failed", str(e))
+        silent = f"rank {ranks.group(1).strip()} did not answer" if ranks else str(e).splitlines()[0]
+    return Hung(f"rank {rt.rank} waited {rt.timeout_s:g} s in {op}{where} at step {step + 1}; {silent} "
+                f"(parallel.timeout_s={rt.timeout_s:g}). Its log shows where it is; the same command resumes "
+                "from the latest checkpoint.")

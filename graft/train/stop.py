@@ -67,4 +67,4 @@ class SkipGuard:
         if self.limit and self.run >= self.limit:
             raise Diverged(f"training diverged: the {self.run} steps up to step {step} had non-finite gradients "
                            f"and were skipped (train.max_skipped_steps={self.limit}); the latest checkpoint is "
-                           f"{latest_checkpoint}. Lower optim.lr or raise optim.warmup_steps.")
+                           f"{latest_checkpoint()}. Lower optim.lr or raise optim.warmup_steps.")
