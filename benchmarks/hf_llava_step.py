@@ -1,8 +1,10 @@
 """One training step of graft's VLM vs the same model as `transformers.LlavaForConditionalGeneration`.
 
 Both models hold the same weights (graft's exported with `graft.models.hf_llava.to_llava`), see
-the same batches from the built-in world, and take a forward + backward + AdamW step; the two are
-timed alternately in one process so that machine noise hits both. Prints ms/step, samples/s and
+the same batches from the built-in world, and take a forward + backward + AdamW step; they are
+timed alternately in one process so that machine noise hits both. A third row is graft as
+`graft train` runs it on the same conversations: packed into rows, the LM head only where an
+answer token is predicted. Prints ms/step, samples/s and
 the ratio (graft speed / HF speed; > 1 means graft is faster), plus the first-step losses (they
 must agree: same function).
 
@@ -14,6 +16,7 @@ must agree: same function).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shlex
 import statistics
@@ -54,10 +57,16 @@ def build(args):
     hf.train()
     proc = build_processor(cfg, tok, model)
     cfg.train.batch_size, cfg.train.grad_accum = args.batch_size, 1
-    # Like for like: both models get the same right-padded batches. graft's default packing
-    # (data/packing.py), which HF's LLaVA forward cannot take, saves another ~20 % per step.
+    # Like for like: both models get the same right-padded batches. graft's default path (below)
+    # packs the same conversations into rows (data/packing.py), which HF's LLaVA forward cannot take.
+    packed = copy.deepcopy(cfg)
     cfg.data.pack = False
-    return cfg, model, hf, TrainStream(cfg, proc)
+    packed.data.pack = True
+    return cfg, model, hf, TrainStream(cfg, proc), TrainStream(packed, proc)
+
+
+def to(batch: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def graft_loss(model, batch):
@@ -90,30 +99,41 @@ def make_step(model, loss_fn, device, precision):
 
 def main() -> None:
     args = parse()
-    cfg, graft_model, hf_model, stream = build(args)
+    _, graft_model, hf_model, stream, packed_stream = build(args)
     graft_model.to(args.device).train()
     hf_model.to(args.device)
-    batches = [{k: v.to(args.device) for k, v in stream.batch(s, 0).items()} for s in range(args.warmup + args.steps)]
-    steps = {"graft": make_step(graft_model, graft_loss, args.device, args.precision),
-             "transformers": make_step(hf_model, hf_loss, args.device, args.precision)}
+    # graft as `graft train` runs it: the same conversations packed into rows, and the LM head and
+    # loss only at the positions that predict an answer token (VLM.supervised_logits)
+    default_model = copy.deepcopy(graft_model)
+    default_model.supervised_logits = True
+    n = args.warmup + args.steps
+    batches = {"graft (padded, like for like)": [to(stream.batch(s, 0), args.device) for s in range(n)],
+               "transformers": [to(stream.batch(s, 0), args.device) for s in range(n)],
+               "graft (its default: packed, head at answers)": [to(packed_stream.batch(s, 0), args.device) for s in range(n)]}
+    steps = {"graft (padded, like for like)": make_step(graft_model, graft_loss, args.device, args.precision),
+             "transformers": make_step(hf_model, hf_loss, args.device, args.precision),
+             "graft (its default: packed, head at answers)": make_step(default_model, graft_loss, args.device,
+                                                                        args.precision)}
     times = {k: [] for k in steps}
     first_loss = {}
-    for i, batch in enumerate(batches):  # alternate, so both see the same machine state
+    for i in range(n):  # alternate, so all see the same machine state
         for name, step in (steps.items() if i % 2 == 0 else reversed(steps.items())):
-            seconds, loss = step(batch)
+            seconds, loss = step(batches[name][i])
             first_loss.setdefault(name, loss)
             if i >= args.warmup:
                 times[name].append(seconds)
     n_params = sum(p.numel() for p in graft_model.parameters())
     print(f"model: {args.recipe} {' '.join(args.set)}  ({n_params / 1e6:.2f} M params), batch {args.batch_size}, "
           f"{args.device} {args.precision}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"first-step loss: graft {first_loss['graft']:.5f}  transformers {first_loss['transformers']:.5f}")
+    print("first-step loss: " + "  ".join(f"{k} {v:.5f}" for k, v in first_loss.items()))
     med = {k: statistics.median(v) for k, v in times.items()}
     print("| implementation | ms/step (median) | samples/s |")
     print("|---|---|---|")
     for name, m in med.items():
         print(f"| {name} | {1000 * m:.1f} | {args.batch_size / m:.0f} |")
-    print(f"speed ratio graft / transformers: {med['transformers'] / med['graft']:.2f}x")
+    for name, m in med.items():
+        if name != "transformers":
+            print(f"speed ratio {name} / transformers: {med['transformers'] / m:.2f}x")
     print("command: " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]))
 
 

@@ -172,8 +172,10 @@ def test_recipes_give_four_image_tokens(recipe):
 # neither is reliable yet: pixel_shuffle sizes 0.58-0.64, colours 0.18-0.24; avgpool colour
 # 0.34. A single linear map (pixel_shuffle, like `linear`) learns colour later than the MLP
 # connectors (mlp 0.44-0.78 at 200 steps): 0.46 at step 400 and 0.60 at 800 of an 800-step run.
-LEARNS = {"shapes_pixel_shuffle": {"vqa_acc/size": 0.7},
-          "shapes_avgpool": {"vqa_acc/size": 0.7, "vqa_acc/color": 0.45}}
+# CI runs the average-pooling recipe only (~100 s); the pixel-shuffle run (size >= 0.7) is left to
+# `graft compare` (docs/compare.md: 0.464 ± 0.010 VQA over 3 seeds against 0.17 by chance) to keep
+# the suite within 15 minutes.
+LEARNS = {"shapes_avgpool": {"vqa_acc/size": 0.7, "vqa_acc/color": 0.45}}
 
 
 @pytest.mark.parametrize("recipe", list(LEARNS))

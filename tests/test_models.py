@@ -103,3 +103,29 @@ def test_weight_decay_groups():
     assert id(model.lm.norm.weight) in no_decay
     assert all(p.ndim >= 2 for p in model.parameters() if id(p) in decay)
     assert not {names[i] for i in decay} & {n for n, p in model.named_parameters() if "norm" in n or n.endswith("bias")}
+
+
+def test_supervised_logits_give_the_same_loss_and_gradients_with_fewer_flops():
+    """The trainer's path (`supervised_logits`): the LM head and loss only where an answer token is
+    predicted — the loss and every gradient equal the full path's; the head's FLOPs shrink."""
+    from graft.train.flops import count_step
+
+    torch.manual_seed(0)
+    model, proc = tiny_vlm()
+    ids, labels, pix = batch(proc, 3)
+    grads, losses, flops = [], [], []
+    for flag in (False, True):
+        model.supervised_logits = flag
+        model.zero_grad()
+        logits, named = model(ids, pix, labels)
+        assert (logits is None) == flag
+        named["lm"].backward()
+        losses.append(named["lm"].detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        flops.append(count_step(model, {"input_ids": ids, "pixel_values": pix, "labels": labels}))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    assert grads[1].keys() == grads[0].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+    head = 2 * model.lm.lm_head.weight.numel() * 3  # per position: forward, input and weight gradients
+    assert flops[0] - flops[1] == head * (ids.numel() - int((labels[:, 1:] != IGNORE).sum()))

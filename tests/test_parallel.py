@@ -107,26 +107,46 @@ def test_save_on_two_resume_on_one_and_back(tmp_path):
     run([sys.executable, *script])
 
 
-def test_killed_rank_then_the_same_command_matches_uninterrupted(tmp_path):
-    """kill -9 of one of the two processes after a checkpoint: the run fails; the same command
-    again resumes from the checkpoint, and the losses equal an uninterrupted run's."""
+def test_kill_9_sigterm_and_max_restarts_resume_exactly(tmp_path):
+    """Against an uninterrupted 2-process FSDP2 run: (1) kill -9 of one of the two processes after a
+    checkpoint fails the run, and the same command again resumes from it; (2) SIGTERM to torchrun
+    (as Slurm sends it) makes both processes finish the step, save it (asynchronously, train.async_save)
+    and exit 143, and the same command resumes; (3) under `torchrun --max-restarts=1`, kill -9 of one
+    process restarts both, and they resume by themselves. All log exactly the uninterrupted losses."""
     args = ["train", "tiny", "--set", "parallel.kind=fsdp2", "--set", "train.steps=30", "--set", "train.ckpt_every=10",
             *QUIET, "--set", "parallel.timeout_s=20"]
     reference = tmp_path / "reference"
     run(torchrun(*args, "--out", str(reference)))
-    out = tmp_path / "killed"
-    cmd = torchrun(*args, "--out", str(out))
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "step_00000010").is_dir() and time.time() < deadline:
-        time.sleep(0.05)
-    workers = _children(proc.pid)
-    assert len(workers) == 2, workers
-    os.kill(workers[-1], signal.SIGKILL)
-    assert proc.wait(timeout=120) != 0
-    done = run(cmd)
-    assert "resuming from" in done.stdout
-    assert losses(out) == losses(reference)
+    for fault in ("kill", "sigterm", "restart"):
+        out = tmp_path / fault
+        cmd = torchrun(*args, "--out", str(out), *(["--set", "train.async_save=true"] if fault == "sigterm" else []),
+                       extra=["--max-restarts=1"] if fault == "restart" else [])
+        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + 120
+            while not (out / "checkpoints" / "step_00000010").is_dir() and time.time() < deadline:
+                time.sleep(0.05)
+            workers = _children(proc.pid)
+            assert len(workers) == 2, workers
+            if fault == "sigterm":
+                os.kill(proc.pid, signal.SIGTERM)
+            else:
+                os.kill(workers[-1], signal.SIGKILL)
+            _, err = proc.communicate(timeout=120)
+        finally:  # never leave a stray torchrun behind a failed test
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        if fault == "restart":
+            assert proc.returncode == 0, err[-3000:]
+            assert losses(out) == losses(reference), fault
+            continue
+        assert proc.returncode != 0
+        if fault == "sigterm":
+            assert "graft: stopped by SIGTERM after step" in err, err[-3000:]
+        done = run(cmd)
+        assert "resuming from" in done.stdout
+        assert losses(out) == losses(reference), fault
 
 
 def _children(pid: int) -> list[int]:
@@ -164,4 +184,16 @@ def test_a_hanging_rank_fails_the_run_naming_it(tmp_path):
     assert done.returncode != 0
     assert time.time() - t < 60
     line = [l for l in done.stderr.splitlines() if l.startswith("graft: rank 0 waited")]
-    assert line and "rank 1" in line[0] and "parallel.timeout_s=5" in line[0], done.stderr[-3000:]
+    assert line and "rank 1" in line[0] and "parallel.timeout_s=3" in line[0], done.stderr[-3000:]
+
+
+def test_compile_per_block_compiles_and_trains_like_eager(tmp_path):
+    """parallel.compile=true: the blocks are compiled (dynamo traced graphs, FLOP counting stays
+    eager) and the losses follow the eager run's."""
+    script = ("import sys, torch; from graft.cli import main; code = main(sys.argv[1:]); "
+              "print('graphs', torch._dynamo.utils.counters['stats']['unique_graphs']); sys.exit(code)")
+    args = ["train", "tiny", "--set", "train.steps=4", *QUIET]
+    compiled = run([sys.executable, "-c", script, *args, "--out", str(tmp_path / "c"), "--set", "parallel.compile=true"])
+    assert int(compiled.stdout.split("graphs")[-1]) >= 2, compiled.stdout[-2000:]  # a ViT block, a decoder block
+    run(single(*args, "--out", str(tmp_path / "e")))
+    assert losses(tmp_path / "c") == pytest.approx(losses(tmp_path / "e"), rel=1e-4)

@@ -245,8 +245,10 @@ class LanguageModel(nn.Module):
         tokens_per_image: int | None = None,
         image_grid: int | None = None,
         aux: dict | None = None,
+        head_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) from token ids (B, T) or embeddings (B, T, D).
+        """Logits (B, T, vocab) from token ids (B, T) or embeddings (B, T, D); with `head_at` (B, T)
+        bool, only those positions' logits (K, vocab): the head costs as much as a layer or more.
 
         Packed rows (data/packing.py) pass `position_ids` (B, T), restarting at each document, and
         `doc_ids` (B, T): attention is then causal within a document and blind across documents.
@@ -260,7 +262,7 @@ class LanguageModel(nn.Module):
             x = layer(x, ctx, cache)
         if aux is not None:
             aux.update(ctx.aux)
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x if head_at is None else x[head_at]))
 
     def context(self, x, cache, position_ids, doc_ids, modality_ids, tokens_per_image, image_grid) -> Context:
         B, T, _ = x.shape

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from graft.losses import lm_loss_sum, supervised
+from graft.losses import IGNORE, at_least_fp32, lm_loss_sum, supervised
 from graft.models.connectors import ConnectorConfig, build_connector
 from graft.models.decoder import KVCache, LanguageModel, LMConfig
 from graft.models.vit import VisionConfig, ViT
@@ -29,6 +29,9 @@ class VLM(nn.Module):
         interface (e.g. the Hugging Face backbones of `models/hf_backbones.py`)."""
         super().__init__()
         self.image_token_id = image_token_id
+        # The trainer sets this: with labels, forward then computes the LM head and loss only where
+        # an answer token is predicted and returns no logits (same loss, fewer FLOPs).
+        self.supervised_logits = False
         self.vision = vision if isinstance(vision, nn.Module) else ViT(vision)
         # LMConfig and LM modules both have .hidden_size; built in this order (vision, connector,
         # LM) so that a seed gives the same initial weights as before modules could be passed in.
@@ -94,10 +97,24 @@ class VLM(nn.Module):
         `image_tokens` (see `embed`). `packed`: position_ids and doc_ids of packed rows
         (data/packing.py), for the built-in decoder."""
         aux: dict = {}
-        logits = self.lm(inputs_embeds=self.embed(input_ids, pixel_values, image_tokens), cache=cache,
-                         modality_ids=(input_ids == self.image_token_id).long(),
-                         tokens_per_image=self.num_image_tokens, image_grid=self.image_grid, aux=aux, **packed)
+        lm_args = dict(inputs_embeds=self.embed(input_ids, pixel_values, image_tokens), cache=cache,
+                       modality_ids=(input_ids == self.image_token_id).long(), tokens_per_image=self.num_image_tokens,
+                       image_grid=self.image_grid, aux=aux, **packed)
+        if labels is not None and self.supervised_logits:
+            return None, {"lm": self._supervised_loss(lm_args, labels), **aux}
+        logits = self.lm(**lm_args)
         return logits, ({"lm": lm_loss_sum(logits, labels), **aux} if labels is not None else {})
+
+    def _supervised_loss(self, lm_args: dict, labels: torch.Tensor) -> torch.Tensor:
+        """`lm_loss_sum` with the LM head and the loss computed only at the positions that predict an
+        answer token (13 % of a demo batch's), the built-in decoder skipping the others' head."""
+        targets = labels[:, 1:]
+        at = nn.functional.pad(targets != IGNORE, (0, 1))  # position t predicts token t + 1
+        if isinstance(self.lm, LanguageModel):
+            logits = self.lm(**lm_args, head_at=at)
+        else:  # an HF decoder computes every position's logits
+            logits = self.lm(**lm_args)[at]
+        return nn.functional.cross_entropy(at_least_fp32(logits), targets[targets != IGNORE], reduction="sum")
 
     def loss_counts(self, input_ids, labels, **batch) -> dict[str, int]:
         """What each loss of `forward` sums over: the supervised (answer) tokens; the LM's auxiliary

@@ -16,8 +16,10 @@ moment leaves the previous checkpoint and a temporary directory, never a partial
 name. A directory that is under a final name but damaged (a file removed, truncated or garbled) is
 skipped with a warning naming it, and the run resumes from the one before.
 
-`dcp.async_save`: with `train.async_save`, a save returns once the state is copied; the files are
-written in a background thread and the checkpoint completes (meta.json, rename) at a later step.
+Asynchronous saves (`train.async_save`): a save returns once the state is copied; one background
+thread writes the files (DCP's save over a separate gloo group, so that its collectives never mix
+with training's), and the checkpoint completes (meta.json, rename) at a later step boundary, once
+every process has written its files.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import re
 import shutil
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -139,9 +142,11 @@ class Saver:
     def __init__(self, root: Path, keep: int, async_save: bool = False):
         self.root, self.keep, self.async_save = root, keep, async_save
         self.pending = None  # (futures, tmp, final, meta)
-        self.group = None
-        if async_save and dist.is_initialized():
-            self.group = dist.new_group(backend="gloo")  # background collectives off the training group
+        self.group = self.pool = None
+        if async_save:
+            self.pool = ThreadPoolExecutor(max_workers=1)  # one writer: its collectives stay in order
+            if dist.is_initialized():
+                self.group = dist.new_group(backend="gloo")  # background collectives off the training group
 
     def save(self, step: int, model, optimizer, scheduler, meta: dict) -> None:
         self.wait()  # one save in flight at a time
@@ -159,16 +164,21 @@ class Saver:
         state = {"param_groups": optim_sd["param_groups"], "scheduler": scheduler.state_dict()}
         meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1, **meta}
         parts = {"model": untied(model_sd), "optim": _optimizer_tensors(optim_sd)}
-        if self.async_save:
-            futures = [dcp.async_save(sd, storage_writer=_writer(tmp / name), process_group=self.group)
-                       for name, sd in parts.items()]
-            self.pending = (futures, tmp, final, meta, state)
+        if self.async_save:  # a copy of the state is written by one background thread
+            staged = {name: _copied(sd) for name, sd in parts.items()}
+            future = self.pool.submit(self._write, staged, tmp)
+            self.pending = ([future], tmp, final, meta, state)
             return
+        self._write(parts, tmp)
+        self._finish(tmp, final, meta, state)
+
+    def _write(self, parts: dict, tmp: Path) -> None:
+        """Every process writes its shard of each part (collective over `self.group`)."""
         for name, sd in parts.items():
             with warnings.catch_warnings():  # "saving in a single process" is what we mean
                 warnings.simplefilter("ignore", UserWarning)
-                dcp.save(sd, storage_writer=_writer(tmp / name), no_dist=not dist.is_initialized())
-        self._finish(tmp, final, meta, state)
+                dcp.save(sd, storage_writer=_writer(tmp / name), process_group=self.group,
+                         no_dist=not dist.is_initialized())
 
     def poll(self) -> None:
         """Complete an asynchronous save whose files are written on every process."""
@@ -199,6 +209,13 @@ class Saver:
             for old in complete_checkpoints(self.root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
+
+
+def _copied(tree):
+    """The state's tensors copied (DTensors stay sharded), so that training may change the originals."""
+    if isinstance(tree, dict):
+        return {k: _copied(v) for k, v in tree.items()}
+    return tree.detach().clone() if isinstance(tree, torch.Tensor) else tree
 
 
 def _writer(path: Path) -> HuggingFaceStorageWriter:

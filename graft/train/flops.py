@@ -63,7 +63,9 @@ def count_step(model, batch: dict) -> int:
 
     cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: _as_raw(sdpa_flop),
                      aten._scaled_dot_product_flash_attention_for_cpu_backward: _as_raw(sdpa_backward_flop)}
-    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+    # Eager under the counter: torch.compile does not trace under a dispatch mode, and a compiled
+    # block first called under one would stay uncompiled for the rest of the run.
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         loss = batch_loss(model, batch)
         if loss.requires_grad:
             loss.backward()

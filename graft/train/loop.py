@@ -86,6 +86,8 @@ def _start(cfg: Config, run: RunDir) -> _Session:
     _prepare_run_dir(cfg, tok, run, rt)
     model = assemble(cfg, tok)
     model.to(rt.device)
+    if hasattr(model, "supervised_logits"):  # VLMs: the LM head only where the loss needs it
+        model.supervised_logits = True
     engine = parallel.apply(model, cfg, rt)  # DDP wrapper, or the model itself (sharded in place by FSDP2)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)

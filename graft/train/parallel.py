@@ -36,6 +36,9 @@ def kind(cfg: Config, rt) -> str:
         return "ddp" if rt.world_size > 1 else "none"
     if k == "ddp" and rt.world_size == 1:
         return "none"  # DDP over one process is the model itself
+    if k == "none" and rt.world_size > 1:
+        raise UserError(f"parallel.kind=none with {rt.world_size} processes: each would train its own copy; "
+                        "use parallel.kind=ddp or fsdp2 (or auto)")
     return k
 
 
