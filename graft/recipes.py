@@ -204,7 +204,7 @@ def llava_7b() -> Config:
     128 (8 conversations per GPU on 16 GPUs, one micro-batch; on 8 GPUs keep it with
     train.batch_size=16, train.grad_accum=2), lr 2e-5 with 3 % warmup and cosine decay, no weight
     decay, one epoch of its 665k conversations (5,200 steps), 2,048-token rows. FSDP2 with bf16
-    compute and activation checkpointing: ~21.5 GiB per GPU by the plan, where DDP would need ~158.
+    compute and activation checkpointing: ~21.7 GiB per GPU by the plan, where DDP would need ~158.
 
     The weights start random: LLaVA starts from a trained LM and tower, so set `lm.hf_path` /
     `vision.hf_path` (local HF folders) or `train.init_from`, and `data.*` to the data (the built-in
