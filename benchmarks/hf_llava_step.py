@@ -10,6 +10,7 @@ must agree: same function).
 
     python benchmarks/hf_llava_step.py                                   # CPU, fp32, shapes_vqa model
     python benchmarks/hf_llava_step.py --device cuda --precision bf16    # GPU, bf16 autocast
+    python benchmarks/hf_llava_step.py --compile --fused --warmup 4      # graft's path compiled, fused AdamW
     python benchmarks/hf_llava_step.py --set lm.hidden_size=512 --set lm.layers=8 --set lm.intermediate_size=1536
 """
 
@@ -42,6 +43,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--fused", action="store_true", help="graft's default path with fused AdamW")
+    p.add_argument("--compile", action="store_true", help="graft's default path with its blocks compiled "
+                   "(parallel.compile=true), timed after its compile warm-up")
     p.add_argument("--steps", type=int, default=20, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=3)
     return p.parse_args()
@@ -77,8 +81,8 @@ def hf_loss(model, batch):
     return model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
 
 
-def make_step(model, loss_fn, device, precision):
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
+def make_step(model, loss_fn, device, precision, fused=False):
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=fused or None)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step(batch) -> tuple[float, float]:
@@ -106,6 +110,11 @@ def main() -> None:
     # loss only at the positions that predict an answer token (VLM.supervised_logits)
     default_model = copy.deepcopy(graft_model)
     default_model.supervised_logits = True
+    if args.compile:
+        from graft.train.parallel import blocks
+
+        for block in blocks(default_model):
+            block.compile()
     n = args.warmup + args.steps
     batches = {"graft (padded, like for like)": [to(stream.batch(s, 0), args.device) for s in range(n)],
                "transformers": [to(stream.batch(s, 0), args.device) for s in range(n)],
@@ -113,7 +122,7 @@ def main() -> None:
     steps = {"graft (padded, like for like)": make_step(graft_model, graft_loss, args.device, args.precision),
              "transformers": make_step(hf_model, hf_loss, args.device, args.precision),
              "graft (its default: packed, head at answers)": make_step(default_model, graft_loss, args.device,
-                                                                        args.precision)}
+                                                                        args.precision, fused=args.fused)}
     times = {k: [] for k in steps}
     first_loss = {}
     for i in range(n):  # alternate, so all see the same machine state
