@@ -197,3 +197,18 @@ def test_compile_per_block_compiles_and_trains_like_eager(tmp_path):
     assert int(compiled.stdout.split("graphs")[-1]) >= 2, compiled.stdout[-2000:]  # a ViT block, a decoder block
     run(single(*args, "--out", str(tmp_path / "e")))
     assert losses(tmp_path / "c") == pytest.approx(losses(tmp_path / "e"), rel=1e-4)
+
+
+def test_two_nodes_by_c10d_rendezvous_train_like_one_process(tmp_path):
+    """Two torchrun agents meeting through a c10d rendezvous (as on 2 nodes; here both on localhost,
+    one process each), FSDP2: the same losses as one process with the same global batch."""
+    args = ["train", "tiny", "--set", "train.steps=5", *QUIET]
+    run(single(*args, "--out", str(tmp_path / "one"), "--set", "train.batch_size=32", "--set", "train.grad_accum=2"))
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+            "--rdzv-endpoint=localhost:29533", f"--rdzv-id={tmp_path.name}", "-m", "graft", *args,
+            "--out", str(tmp_path / "nodes"), "--set", "parallel.kind=fsdp2", "--set", "train.batch_size=16"]
+    agents = [subprocess.Popen(node, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    outputs = [a.communicate(timeout=300)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert losses(tmp_path / "nodes") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
