@@ -175,6 +175,21 @@ def test_nan_on_one_rank_is_skipped_on_both_then_stops(tmp_path):
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000003"]
 
 
+def test_kill_9_during_a_checkpoint_write_resumes_from_the_one_before(tmp_path):
+    """Rank 1 dies while the checkpoint of step 6 is being written: the run fails, step 3's
+    checkpoint is the latest complete one, and the same command resumes from it to the
+    uninterrupted run's losses."""
+    faults = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPTS / "faults.py")]
+    run([*faults, "none", str(tmp_path / "reference")])
+    out = tmp_path / "run"
+    assert run([*faults, "ckptkill", str(out)], ok=False).returncode != 0
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [".tmp-step_00000006", "step_00000003"]
+    done = run([*faults, "none", str(out)])
+    assert f"resuming from {out / 'checkpoints' / 'step_00000003'}" in done.stdout
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert losses(out) == losses(tmp_path / "reference")
+
+
 def test_a_hanging_rank_fails_the_run_naming_it(tmp_path):
     """Rank 1 sleeps at step 3; within parallel.timeout_s rank 0 fails with a line naming the
     collective it waited in and the rank that did not answer."""
