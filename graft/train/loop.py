@@ -71,6 +71,7 @@ def train(cfg: Config, out: str | Path) -> dict:
     if s.rt.is_main:
         atomic.write_text(s.run.eval_path, json.dumps(results, indent=1))
         write_report(s.run.path, s.cfg.name, results, time.perf_counter() - started, unprefixed(entries(s.cfg)))
+    runtime.teardown()
     return results
 
 

@@ -68,6 +68,14 @@ def setup(device: str = "auto", precision: str = "auto", timeout_s: float = 600,
     return Runtime(dev, _dtype(precision, dev), rank, world_size, timeout_s, monitor)
 
 
+def teardown() -> None:
+    """Every process leaves together and closes its process groups: a process that exits with its
+    group open can abort (std::terminate) once the store it talks to is gone, failing a finished run."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _attempt_store(rank: int, world_size: int, timeout_s: float):
     """torchrun's store, with keys prefixed by the restart attempt. Without the prefix, processes
     restarted by `torchrun --max-restarts` read the addresses the previous attempt left in the store
