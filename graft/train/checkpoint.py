@@ -36,7 +36,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import (
     HuggingFaceStorageReader,
@@ -254,34 +253,23 @@ def _load(state_dict: dict, path: Path) -> None:
         dcp.load(state_dict, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not dist.is_initialized())
 
 
+def _saved(path: Path) -> dict:
+    """Every tensor a DCP safetensors folder holds: name → its metadata (full `size`, `properties.dtype`),
+    as DCP's reader assembles it from the files' headers."""
+    return HuggingFaceStorageReader(str(path)).read_metadata().state_dict_metadata
+
+
 def _names(path: Path) -> dict[str, tuple]:
-    """Every tensor a DCP safetensors folder holds: name → full shape."""
-    shapes: dict[str, list] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            offsets = json.loads((fh.metadata() or {}).get("DCP_SHARDING_INFO", "{}"))
-            for key in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                shape = fh.get_slice(key).get_shape()
-                start = offsets.get(key, {}).get("saved_offsets", [0] * len(shape))
-                old = shapes.get(key, [0] * len(shape))
-                shapes[key] = [max(o, s + a) for o, s, a in zip(old, shape, start)]
-    return {k: tuple(v) for k, v in shapes.items()}
+    """name → full shape of every tensor in a DCP safetensors folder."""
+    return {k: tuple(m.size) for k, m in _saved(path).items()}
 
 
 def read_model(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     """The full weights (those whose name starts with `prefix`) of a checkpoint, on the CPU."""
     if (ckpt / "model.safetensors").is_file():
         return {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if k.startswith(prefix)}
-    from safetensors.torch import _getdtype
-
-    out = {}
-    for f in sorted((ckpt / "model").glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                if key.startswith(prefix) and key not in out:
-                    out[key] = _getdtype(fh.get_slice(key).get_dtype())
-    shapes = _names(ckpt / "model")
-    tensors = {k: torch.empty(shapes[k], dtype=dtype) for k, dtype in out.items()}
+    tensors = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+               for k, m in _saved(ckpt / "model").items() if k.startswith(prefix)}
     if tensors:
         _load(tensors, ckpt / "model")
     return tensors
