@@ -4,13 +4,13 @@ Both models hold the same weights (graft's exported with `graft.models.hf_llava.
 the same batches from the built-in world, and take a forward + backward + AdamW step; they are
 timed alternately in one process so that machine noise hits both. A third row is graft as
 `graft train` runs it on the same conversations: packed into rows, the LM head only where an
-answer token is predicted. Prints ms/step, samples/s and
+answer token is predicted, its optimizer (`optim.*`) and `parallel.apply` (`parallel.compile`). Prints ms/step, samples/s and
 the ratio (graft speed / HF speed; > 1 means graft is faster), plus the first-step losses (they
 must agree: same function).
 
     python benchmarks/hf_llava_step.py                                   # CPU, fp32, shapes_vqa model
     python benchmarks/hf_llava_step.py --device cuda --precision bf16    # GPU, bf16 autocast
-    python benchmarks/hf_llava_step.py --compile --fused --warmup 4      # graft's path compiled, fused AdamW
+    python benchmarks/hf_llava_step.py --set parallel.compile=true --warmup 6   # graft's path compiled
     python benchmarks/hf_llava_step.py --set lm.hidden_size=512 --set lm.layers=8 --set lm.intermediate_size=1536
 """
 
@@ -33,7 +33,9 @@ from graft.losses import batch_loss
 from graft.models.hf_llava import to_llava
 from graft.recipes import RECIPES
 from graft.rundir import build_model, build_processor
-from graft.train.optim import param_groups
+from graft.train import parallel
+from graft.train.optim import build_optimizer, param_groups
+from graft.train.runtime import Runtime, keep_freed_memory
 
 
 def parse() -> argparse.Namespace:
@@ -43,9 +45,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--fused", action="store_true", help="graft's default path with fused AdamW")
-    p.add_argument("--compile", action="store_true", help="graft's default path with its blocks compiled "
-                   "(parallel.compile=true), timed after its compile warm-up")
     p.add_argument("--steps", type=int, default=20, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=3)
     return p.parse_args()
@@ -81,8 +80,9 @@ def hf_loss(model, batch):
     return model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
 
 
-def make_step(model, loss_fn, device, precision, fused=False):
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=fused or None)
+def make_step(model, loss_fn, device, precision, optimizer=None):
+    """A timed step; torch's default AdamW unless `optimizer` (graft's own, from its config)."""
+    opt = optimizer or torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step(batch) -> tuple[float, float]:
@@ -103,26 +103,26 @@ def make_step(model, loss_fn, device, precision, fused=False):
 
 def main() -> None:
     args = parse()
-    _, graft_model, hf_model, stream, packed_stream = build(args)
+    if args.device == "cpu" and not os.environ.get("NOKEEP"):
+        keep_freed_memory()  # as `graft train` does on a CPU; one process, so all three models get it
+    cfg, graft_model, hf_model, stream, packed_stream = build(args)
     graft_model.to(args.device).train()
     hf_model.to(args.device)
-    # graft as `graft train` runs it: the same conversations packed into rows, and the LM head and
-    # loss only at the positions that predict an answer token (VLM.supervised_logits)
+    # graft as `graft train` runs it: the same conversations packed into rows, the LM head and loss
+    # only at the positions that predict an answer token (VLM.supervised_logits), its optimizer and
+    # its parallel.apply (one process: torch.compile of the training forward if parallel.compile)
     default_model = copy.deepcopy(graft_model)
     default_model.supervised_logits = True
-    if args.compile:
-        from graft.train.parallel import blocks
-
-        for block in blocks(default_model):
-            block.compile()
+    rt = Runtime(torch.device(args.device), torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    default_engine = parallel.apply(default_model, cfg, rt)
     n = args.warmup + args.steps
     batches = {"graft (padded, like for like)": [to(stream.batch(s, 0), args.device) for s in range(n)],
                "transformers": [to(stream.batch(s, 0), args.device) for s in range(n)],
                "graft (its default: packed, head at answers)": [to(packed_stream.batch(s, 0), args.device) for s in range(n)]}
     steps = {"graft (padded, like for like)": make_step(graft_model, graft_loss, args.device, args.precision),
              "transformers": make_step(hf_model, hf_loss, args.device, args.precision),
-             "graft (its default: packed, head at answers)": make_step(default_model, graft_loss, args.device,
-                                                                        args.precision, fused=args.fused)}
+             "graft (its default: packed, head at answers)": make_step(
+                 default_engine, graft_loss, args.device, args.precision, build_optimizer(default_model, cfg.optim))}
     times = {k: [] for k in steps}
     first_loss = {}
     for i in range(n):  # alternate, so all see the same machine state

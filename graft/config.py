@@ -27,6 +27,7 @@ from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
 from graft.models.decoder import LMConfig
 from graft.models.dual_encoder import ContrastiveConfig
+from graft.models.flamingo import FlamingoConfig
 from graft.models.qformer import QFormerConfig
 from graft.models.text_encoder import TextConfig
 from graft.models.vit import VisionConfig
@@ -84,6 +85,9 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # AdamW in one fused kernel over all parameters (torch's fused=True; 1.04x the demo's step on a
+    # CPU) instead of torch's default multi-tensor loop: the same update up to float rounding.
+    fused: bool = True
 
 
 @dataclass
@@ -123,7 +127,8 @@ class ParallelConfig:
     # and optimizer state over the processes: FSDP2 fully_shard on each block, then the root)
     kind: str = "auto"
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
-    compile: bool = False  # torch.compile each block
+    # torch.compile the training forward: whole (one process, DDP) or each block (FSDP2)
+    compile: bool = False
     # Seconds a collective may wait before the run fails naming the rank and the operation.
     timeout_s: int = 600
 
@@ -155,7 +160,7 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = "shapes_vqa"
-    model: str = "vlm"  # vlm | dual (contrastive: CLIP, SigLIP, CLIPPO, LiT) | qformer_stage1 (BLIP-2 stage 1)
+    model: str = "vlm"  # vlm | dual (contrastive: CLIP, SigLIP, CLIPPO, LiT) | qformer_stage1 (BLIP-2 stage 1) | flamingo
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)
@@ -167,6 +172,7 @@ class Config:
     text: TextConfig = field(default_factory=TextConfig)  # model=dual only
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # model=dual only
     qformer: QFormerConfig = field(default_factory=QFormerConfig)  # model=qformer_stage1 only
+    flamingo: FlamingoConfig = field(default_factory=FlamingoConfig)  # model=flamingo only
 
 
 # ---- conversion between values and typed fields -------------------------------------------------

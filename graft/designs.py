@@ -54,13 +54,17 @@ def _build_vlm(cfg, tok, pretrained: bool = True):
     from graft.models.hf_backbones import HFLanguageModel, HFVisionTower
     from graft.models.vlm import VLM
 
+    _resolve_vocab(cfg, tok)
+    vision = HFVisionTower.load(cfg.vision, pretrained) if cfg.vision.hf_path else cfg.vision
+    lm = HFLanguageModel.load(cfg.lm, pretrained) if cfg.lm.hf_path else cfg.lm
+    return VLM(vision, cfg.connector, lm, tok.image)
+
+
+def _resolve_vocab(cfg, tok) -> None:
     if cfg.lm.vocab_size == 0:
         cfg.lm.vocab_size = len(tok)  # resolved here and saved with the config
     elif cfg.lm.vocab_size < len(tok):
         raise UserError(f"lm.vocab_size={cfg.lm.vocab_size} is smaller than the tokenizer's {len(tok)}")
-    vision = HFVisionTower.load(cfg.vision, pretrained) if cfg.vision.hf_path else cfg.vision
-    lm = HFLanguageModel.load(cfg.lm, pretrained) if cfg.lm.hf_path else cfg.lm
-    return VLM(vision, cfg.connector, lm, tok.image)
 
 
 def _vlm_processor(cfg, tok, model):
@@ -105,6 +109,36 @@ def _validate_vision(cfg) -> None:
     if cfg.vision.position_init_std != 0.02 and (cfg.train.init_from or "vision" in cfg.train.init_parts):
         raise UserError(f"vision.position_init_std={cfg.vision.position_init_std} has no effect: the tower's weights "
                         "come from train.init_from / train.init_parts")
+
+
+# ---- Flamingo: gated cross-attention blocks between the LM's layers read the images --------------
+
+
+def _build_flamingo(cfg, tok, pretrained: bool = True):
+    from graft.models.flamingo import Flamingo
+    from graft.models.hf_backbones import HFVisionTower
+
+    _resolve_vocab(cfg, tok)
+    vision = HFVisionTower.load(cfg.vision, pretrained) if cfg.vision.hf_path else cfg.vision
+    return Flamingo(vision, cfg.connector, cfg.lm, tok.image, cfg.flamingo)
+
+
+def _validate_flamingo(cfg) -> None:
+    from graft.models.flamingo import FlamingoConfig
+
+    if cfg.lm.hf_path:
+        raise UserError("model=flamingo needs the built-in decoder: lm.hf_path is not supported yet")
+    for key in ("image_attention", "image_positions"):
+        if getattr(cfg.lm, key) != getattr(type(cfg.lm)(), key):
+            raise UserError(f"lm.{key} has no effect with model=flamingo: images do not enter the LM's sequence")
+    FlamingoConfig.check(cfg.flamingo, cfg.lm.layers)
+    if set(DESIGNS["flamingo"].parts) <= set(cfg.train.freeze):
+        raise UserError(f"train.freeze freezes every part ({', '.join(DESIGNS['flamingo'].parts)}): nothing would train")
+    v = cfg.vision
+    from graft.models.connectors import ConnectorConfig
+
+    ConnectorConfig.check(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2, cfg.lm.hidden_size)
+    _validate_vision(cfg)
 
 
 # ---- dual encoders (CLIP, SigLIP, CLIPPO, LiT): image and text towers, a contrastive loss -----
@@ -240,6 +274,8 @@ DESIGNS = {
     "vlm": Design("vlm", ("vision", "connector", "lm"), ("vision", "connector", "lm"), _build_vlm,
                   _vlm_processor, _vlm_world, _vlm_tokens, _validate_vlm, losses=("lm",), packs=True,
                   sources=_check_stage1_run),
+    "flamingo": Design("vlm", ("vision", "connector", "lm", "flamingo"), ("vision", "connector", "lm", "xattn"),
+                       _build_flamingo, _vlm_processor, _vlm_world, _vlm_tokens, _validate_flamingo, losses=("lm",)),
     "dual": Design("dual", ("vision", "text", "contrastive"), DUAL_PARTS,
                    _build_dual, _dual_processor, _dual_world, _dual_tokens, _validate_dual,
                    losses=("itc",)),

@@ -33,9 +33,10 @@ block; a the bytes of an activation (4 fp32, 2 bf16) and r those of the residual
 blocks (4 fp32; 2 with bf16 weights; 4 under autocast, whose additions stay fp32); k = 3, m = 2
 under autocast (each matmul casts its input, a copy each), else k = m = 1:
 
-    decoder block   4(2d + 2 + h) + 2d·r + a(k·d + 4d + m·d + 4f)   [+ a·T with an attention mask]
+    decoder block   4(2d + 2 + h) + 2d·r + a(k·d + 2d + 2e + m·d + 4f)   [+ a·T with an attention mask]
                     RMSNorm's fp32 inputs and 1/rms, attention's fp32 log-sum-exp; both normalised
-                    inputs; the inputs of q/k/v, q/k/v at every head (GQA repeats k/v), attention's
+                    inputs; the inputs of q/k/v, q, k and v (e = the kv heads' width; e = d on GPUs
+                    with a mask, where k/v are repeated for every query head), attention's
                     output, the MLP's input, gate, SiLU, up and their product. A mask (packed rows,
                     bidirectional images) is made additive in each layer. LoRA: a·rank per adapter.
     ViT block       4(4 + h) + 2d·r + a(k·d + 5d + 2f)
@@ -70,6 +71,7 @@ from torch import nn
 from graft.config import Config, uses_packing
 from graft.designs import design
 from graft.errors import UserError
+from graft.models.decoder import gqa_in_kernel
 
 GIB = 1 << 30
 
@@ -93,10 +95,11 @@ BF16 = Precision("bf16 (FSDP2 mixed precision: bf16 compute, fp32 master weights
 AUTOCAST = Precision("bf16 autocast (fp32 weights, matmuls in bf16)", 2, 4)
 
 
-def decoder_block(d: int, f: int, h: int, p: Precision, mask_len: int = 0, lora: int = 0) -> int:
-    """Bytes the built-in decoder block (= HF Llama's) saves per token (module docstring)."""
+def decoder_block(d: int, f: int, h: int, p: Precision, mask_len: int = 0, lora: int = 0, kv: int | None = None) -> int:
+    """Bytes the built-in decoder block (= HF Llama's) saves per token (module docstring); `kv`:
+    the width of the saved keys and values (d when they are repeated for every query head)."""
     k, m = (3, 2) if p.casts else (1, 1)
-    saved = k * d + 4 * d + m * d + 4 * f + mask_len + lora
+    saved = k * d + 2 * d + 2 * (d if kv is None else kv) + m * d + 4 * f + mask_len + lora
     return 4 * (2 * d + 2 + h) + 2 * d * p.stream + p.act * saved
 
 
@@ -118,7 +121,7 @@ class Shape:
 
 
 def activations(cfg: Config, shape: Shape, p: Precision, trains: dict[str, bool],
-                checkpointing: bool = False) -> tuple[dict[str, int], list[str]]:
+                checkpointing: bool = False, device: str = "cpu") -> tuple[dict[str, int], list[str]]:
     """Bytes by term (module docstring) for the sections the design reads, and notes on what is
     not counted. `trains[part]`: whether that part has trainable weights."""
     sections, terms, notes, blocks = design(cfg.model).sections, {}, [], [0]
@@ -144,7 +147,7 @@ def activations(cfg: Config, shape: Shape, p: Precision, trains: dict[str, bool]
         else:
             notes.append(f"the {cfg.connector.kind} connector's activations are not counted")
     if "lm" in sections:
-        lm_terms, block = _lm(cfg, shape, p, checkpointing)
+        lm_terms, block = _lm(cfg, shape, p, checkpointing, device)
         terms |= lm_terms
         blocks.append(block)
     for section in sections:
@@ -155,13 +158,14 @@ def activations(cfg: Config, shape: Shape, p: Precision, trains: dict[str, bool]
     return terms, notes
 
 
-def _lm(cfg: Config, shape: Shape, p: Precision, checkpointing: bool) -> tuple[dict[str, int], int]:
+def _lm(cfg: Config, shape: Shape, p: Precision, checkpointing: bool, device: str) -> tuple[dict[str, int], int]:
     """The decoder's terms, and the bytes of its largest block (recomputed under checkpointing)."""
     lm, tokens = cfg.lm, shape.rows * shape.seq
     masked = not lm.hf_path and (uses_packing(cfg) or lm.image_attention == "bidirectional")
     lora = lm.lora_rank * (len(lm.lora_targets) or 7)  # default: a block's 7 linears (q k v o gate up down)
     d, hd = lm.hidden_size, lm.hidden_size // lm.heads
-    per_token = decoder_block(d, lm.intermediate_size, lm.heads, p, shape.seq if masked else 0, lora)
+    kv = hd * lm.kv_heads if gqa_in_kernel(torch.device(device), masked) else d
+    per_token = decoder_block(d, lm.intermediate_size, lm.heads, p, shape.seq if masked else 0, lora, kv)
     kept = d * p.stream if checkpointing else per_token
     # ids (int64) and image-slot mask; RoPE tables; the final norm; the boolean attention mask
     outside = 9 + 2 * hd * p.stream + 4 * (d + 1) + (p.stream + p.act) * d + (shape.seq if masked else 0)
@@ -314,7 +318,7 @@ def dry_run(cfg: Config, recipe: str, out: str | None = None, gpus: int | None =
     number = counts(model, entry.parts)
     trains = {part: number[part][1] > 0 for part in entry.parts}
     shape = _shape(cfg, model, cfg.train.batch_size // cfg.train.grad_accum)
-    terms, notes = activations(cfg, shape, p, trains, cfg.parallel.activation_checkpointing)
+    terms, notes = activations(cfg, shape, p, trains, cfg.parallel.activation_checkpointing, device)
     if changes:
         notes.insert(0, f"vision.init_from: takes {', '.join(changes)} from {cfg.vision.init_from}")
     memory = state_bytes(model, kind, p, world) | {"activations": sum(terms.values())}

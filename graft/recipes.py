@@ -77,6 +77,18 @@ def shapes_avgpool() -> Config:
     return cfg
 
 
+def shapes_flamingo() -> Config:
+    """Flamingo on the Shapes world: gated cross-attention before every LM layer reads the image's 9 projected patches.
+
+    Everything trains from scratch here (Flamingo freezes a pretrained LM and trains a resampler on
+    a pretrained tower); the MLP connector's patch tokens instead of resampler latents, for the
+    reason `shapes_resampler` gives: from scratch, a resampler learns slowly.
+    """
+    cfg = shapes_vqa()
+    cfg.name, cfg.model = "shapes_flamingo", "flamingo"
+    return cfg
+
+
 def tiny() -> Config:
     """A seconds-long smoke test: tiny model, few steps (for tests and trying the CLI)."""
     cfg = shapes_vqa()
@@ -268,6 +280,7 @@ def shapes_qformer() -> Config:
 
 
 RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, shapes_resampler, shapes_pixel_shuffle, shapes_avgpool,
+                                   shapes_flamingo,
                                    tiny, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, clippo, lit,
                                    shapes_qformer_stage1, shapes_qformer)}
 # Recipes that start from another recipe's run: recipe → (the key naming that run, the recipe that

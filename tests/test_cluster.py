@@ -19,7 +19,16 @@ import torch
 import yaml
 
 from graft.build import assemble, resolve, tokenizer_for
-from graft.plan import AUTOCAST, BF16, FP32, Shape, activations, decoder_block, dry_run, state_bytes
+from graft.plan import (
+    AUTOCAST,
+    BF16,
+    FP32,
+    Shape,
+    activations,
+    decoder_block,
+    dry_run,
+    state_bytes,
+)
 from graft.recipes import RECIPES
 from graft.rundir import build_model
 from graft.train import parallel
@@ -267,7 +276,8 @@ def test_activation_estimate_matches_what_autograd_saves(precision, kv_heads, im
     assert measured == pytest.approx(estimate, rel=2e-3), (measured, estimate)
     lm = cfg.lm
     block = ROWS * SEQ * decoder_block(lm.hidden_size, lm.intermediate_size, lm.heads, precision,
-                                       SEQ if image_attention == "bidirectional" else 0)
+                                       SEQ if image_attention == "bidirectional" else 0,
+                                       kv=lm.kv_heads * lm.hidden_size // lm.heads)  # CPU: GQA in the kernel
     if checkpointing:  # the largest block is recomputed in the backward: here a decoder block
         assert terms["recompute"] == block
     else:  # what one decoder block saves, measured alone

@@ -30,7 +30,7 @@ def test_no_design_decision_outside_the_registry():
     assert not offenders, "\n".join(offenders)
 
 
-@pytest.mark.parametrize("recipe", ["tiny", "clip", "clippo"])
+@pytest.mark.parametrize("recipe", ["tiny", "shapes_flamingo", "clip", "clippo"])
 def test_each_design_builds_what_its_entry_promises(recipe):
     from graft.data.stream import make_world
     from graft.data.tokenizer import ChatTokenizer, world_corpus
@@ -72,12 +72,16 @@ def test_an_unknown_design_is_one_line():
     from graft.errors import UserError
     from graft.recipes import tiny
 
-    with pytest.raises(UserError, match="model='nope' is not one of vlm, dual"):
+    with pytest.raises(UserError, match="model='nope' is not one of vlm, flamingo, dual"):
         apply_overrides(tiny(), ["model=nope"])
 
 
 @pytest.mark.parametrize("recipe,setting,needle", [
-    ("shapes_vqa", "model=flamingo", "model='flamingo' is not one of vlm, dual, qformer_stage1"),
+    ("shapes_vqa", "model=fuyu", "model='fuyu' is not one of vlm, flamingo, dual, qformer_stage1"),
+    ("shapes_flamingo", "flamingo.attend=next", "flamingo.attend='next' is not one of previous, all"),
+    ("shapes_flamingo", "flamingo.every=4", "flamingo.every=4 exceeds lm.layers=3"),
+    ("shapes_flamingo", "lm.image_attention=bidirectional", "lm.image_attention has no effect with model=flamingo"),
+    ("shapes_flamingo", "data.pack=true", "data.pack=true needs data.source=shapes, model=vlm"),
     ("shapes_pixel_shuffle", "connector.scale_factor=3", "connector.scale_factor=3"),  # 4x4 patches: 3 does not divide
     ("shapes_resampler", "connector.latents=100", "connector.latents=100 is more than 4 x the 9 patches"),
     ("shapes_qformer", "connector.qformer.queries=0", "connector.qformer.queries=0"),

@@ -47,6 +47,17 @@ def test_placeholder_mismatch_fails_with_both_counts():
         model(ids, pix)
 
 
+def test_placeholder_mismatch_fails_inside_a_compiled_forward_too():
+    """Compiled, the check is an assertion inside the graph (no host sync, no graph break)."""
+    model, proc = tiny_vlm()
+    ids, _, pix = batch(proc)
+    compiled = torch.compile(model)
+    compiled(ids, pix)  # the right count passes
+    ids[0, 3] = proc.tok.encode("red")[0]
+    with pytest.raises(RuntimeError, match="image placeholders and image features differ"):
+        compiled(ids, pix)
+
+
 def test_loss_ignores_everything_but_answers():
     torch.manual_seed(0)
     logits = torch.randn(1, 6, 10)
@@ -103,6 +114,30 @@ def test_weight_decay_groups():
     assert id(model.lm.norm.weight) in no_decay
     assert all(p.ndim >= 2 for p in model.parameters() if id(p) in decay)
     assert not {names[i] for i in decay} & {n for n, p in model.named_parameters() if "norm" in n or n.endswith("bias")}
+
+
+def test_fused_adamw_is_the_default_and_updates_like_torchs_default():
+    """optim.fused: one fused kernel (default) or torch's multi-tensor AdamW; same update."""
+    from graft.config import OptimConfig
+    from graft.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model, proc = tiny_vlm()
+    ids, labels, pix = batch(proc)
+    after = {}
+    for fused in (True, False):
+        copy = tiny_vlm()[0]
+        copy.load_state_dict(model.state_dict())
+        opt = build_optimizer(copy, OptimConfig(fused=fused))
+        assert bool(opt.defaults["fused"]) is fused
+        for _ in range(3):
+            opt.zero_grad()
+            batch_loss(copy, {"input_ids": ids, "labels": labels, "pixel_values": pix}).backward()
+            opt.step()
+        after[fused] = copy.state_dict()
+    assert not torch.equal(after[True]["lm.norm.weight"], model.state_dict()["lm.norm.weight"])
+    for name, value in after[True].items():
+        torch.testing.assert_close(value, after[False][name], rtol=1e-5, atol=1e-5)  # updates: 6e-3
 
 
 def test_supervised_logits_give_the_same_loss_and_gradients_with_fewer_flops():

@@ -202,16 +202,34 @@ def test_a_hanging_rank_fails_the_run_naming_it(tmp_path):
     assert line and "rank 1" in line[0] and "parallel.timeout_s=3" in line[0], done.stderr[-3000:]
 
 
-def test_compile_per_block_compiles_and_trains_like_eager(tmp_path):
-    """parallel.compile=true: the blocks are compiled (dynamo traced graphs, FLOP counting stays
-    eager) and the losses follow the eager run's."""
-    script = ("import sys, torch; from graft.cli import main; code = main(sys.argv[1:]); "
-              "print('graphs', torch._dynamo.utils.counters['stats']['unique_graphs']); sys.exit(code)")
+COUNT_GRAPHS = ("import sys, torch; from graft.cli import main; code = main(sys.argv[1:]); "
+                "from torch._dynamo.utils import counters; "
+                "print('graphs', counters['stats']['unique_graphs'], 'breaks', sum(counters['graph_break'].values())); "
+                "sys.exit(code)")
+
+
+def test_compile_traces_the_whole_forward_and_trains_like_eager(tmp_path):
+    """parallel.compile=true on one process: the whole training forward (vision, image scatter,
+    decoder, LM head at the answers, loss) compiles without a graph break, and the losses follow
+    the eager run's."""
     args = ["train", "tiny", "--set", "train.steps=4", *QUIET]
-    compiled = run([sys.executable, "-c", script, *args, "--out", str(tmp_path / "c"), "--set", "parallel.compile=true"])
-    assert int(compiled.stdout.split("graphs")[-1]) >= 2, compiled.stdout[-2000:]  # a ViT block, a decoder block
+    compiled = run([sys.executable, "-c", COUNT_GRAPHS, *args, "--out", str(tmp_path / "c"),
+                    "--set", "parallel.compile=true"])
+    counts = compiled.stdout.split("graphs")[-1].split()
+    assert int(counts[0]) >= 1 and counts[1:] == ["breaks", "0"], compiled.stdout[-2000:]
     run(single(*args, "--out", str(tmp_path / "e")))
     assert losses(tmp_path / "c") == pytest.approx(losses(tmp_path / "e"), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_compiled_on_two_processes_trains_like_one_eager_process(tmp_path, kind):
+    """torch.compile under DDP (the compiled DDP wrapper, with gradient accumulation through
+    no_sync) and under FSDP2 (each block compiled): the same losses as one eager process."""
+    args = ["train", "tiny", "--set", "train.steps=4", *QUIET]
+    run(single(*args, "--out", str(tmp_path / "one"), "--set", "train.batch_size=32", "--set", "train.grad_accum=4"))
+    run(torchrun(*args, "--out", str(tmp_path / kind), "--set", f"parallel.kind={kind}", "--set", "parallel.compile=true",
+                 "--set", "train.batch_size=16", "--set", "train.grad_accum=2"))
+    assert losses(tmp_path / kind) == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
 
 
 def test_two_nodes_by_c10d_rendezvous_train_like_one_process(tmp_path):

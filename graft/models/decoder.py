@@ -123,12 +123,27 @@ class Context:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class Media:
+    """What blocks inserted between the decoder's layers read (Flamingo's gated cross-attention,
+    models/flamingo.py), built by the model per forward call: `tokens` (B, K, D) of the images each
+    row holds, `mask` (B, 1, T, K) True where a position may see a token, `seen` (B, T) whether it
+    sees any, and `blocks` {layer index: module run as `block(x, media)` before that layer}."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    seen: torch.Tensor
+    blocks: dict[int, nn.Module]
+
+
 class KVCache:
-    """Keys and values of every layer seen so far: lists of (B, kv_heads, T, head_dim)."""
+    """Keys and values of every layer seen so far: lists of (B, kv_heads, T, head_dim); and what
+    a model with inserted blocks keeps of its images between decoding steps (`media`)."""
 
     def __init__(self):
         self.k: list[torch.Tensor | None] = []
         self.v: list[torch.Tensor | None] = []
+        self.media: object = None
 
     def seen(self, layer: int = 0) -> int:
         """Positions already cached for `layer`."""
@@ -143,6 +158,14 @@ class KVCache:
             v = torch.cat([self.v[layer], v], dim=2)
         self.k[layer], self.v[layer] = k, v
         return k, v
+
+
+def gqa_in_kernel(device: torch.device, masked: bool) -> bool:
+    """Whether attention serves grouped kv heads inside the SDPA kernel (enable_gqa) rather than
+    by repeating k and v: on CPUs (22 % less attention time at the demo size, forward + backward,
+    measured), and on GPUs without a mask (with one, CUDA's kernels would fall back to the math
+    path, as transformers' `use_gqa_in_sdpa` notes)."""
+    return device.type == "cpu" or not masked
 
 
 class Attention(nn.Module):
@@ -169,18 +192,20 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.seen(self.index)
             k, v = cache.update(self.index, k, v)
-        if self.kv_heads != self.heads:  # GQA: each kv head serves heads/kv_heads query heads
+        gqa = self.kv_heads != self.heads  # each kv head serves heads / kv_heads query heads
+        if gqa and not gqa_in_kernel(x.device, mask is not None or (past > 0 and T > 1)):
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            gqa = False
         if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif T == 1:  # one new token attends to everything cached
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:  # a chunk after a prefix: causal within the chunk, full view of the past
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -246,6 +271,7 @@ class LanguageModel(nn.Module):
         image_grid: int | None = None,
         aux: dict | None = None,
         head_at: torch.Tensor | None = None,
+        media: Media | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) from token ids (B, T) or embeddings (B, T, D); with `head_at` (B, T)
         bool, only those positions' logits (K, vocab): the head costs as much as a layer or more.
@@ -255,10 +281,13 @@ class LanguageModel(nn.Module):
         `modality_ids` (B, T) mark image tokens (1), whose attention and positions follow
         `lm.image_attention` / `lm.image_positions`: every `tokens_per_image` of them in a row make
         one image, whose tokens form a square grid of side `image_grid` (None: no grid). Auxiliary losses of the layers are added to `aux` when given.
+        `media`: images for blocks inserted before some layers (Flamingo), with those blocks.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         ctx = self.context(x, cache, position_ids, doc_ids, modality_ids, tokens_per_image, image_grid)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if media is not None and i in media.blocks:
+                x = media.blocks[i](x, media)
             x = layer(x, ctx, cache)
         if aux is not None:
             aux.update(ctx.aux)

@@ -76,18 +76,11 @@ class VLM(nn.Module):
         elif image_tokens is None:
             image_tokens = self.image_tokens(pixel_values)  # (B_img, N, D_lm)
         slots = input_ids == self.image_token_id
-        n_slots, (n_images, n) = int(slots.sum()), image_tokens.shape[:2]
-        if n_slots != n_images * n:
-            # Scattering anyway would silently misalign text and images. Say where, cheaply: the
-            # first row whose placeholders are not whole images, else the images per row.
-            per_row = slots.sum(1).tolist()
-            odd = next((r for r, c in enumerate(per_row) if n and c % n), None)
-            where = (f"row {odd} has {per_row[odd]} placeholder tokens, not a multiple of {n} per image"
-                     if odd is not None else f"the rows hold {[c // n for c in per_row] if n else per_row} images' placeholders")
-            raise ValueError(
-                f"image placeholders and image features differ: {n_slots} placeholder tokens in the "
-                f"batch vs {n_images * n} image features ({n_images} images x {n} tokens); {where}"
-            )
+        n_images, n = image_tokens.shape[:2]
+        if torch.compiler.is_compiling():  # inside a graph: the same check, without a host sync
+            torch._assert_async(slots.sum() == n_images * n, "image placeholders and image features differ")
+        else:
+            _check_placeholders(slots, n_images, n)
         return embeds.masked_scatter(slots[..., None], image_tokens.to(embeds.dtype))
 
     def forward(self, input_ids, pixel_values=None, labels=None, cache: KVCache | None = None,
@@ -97,13 +90,21 @@ class VLM(nn.Module):
         `image_tokens` (see `embed`). `packed`: position_ids and doc_ids of packed rows
         (data/packing.py), for the built-in decoder."""
         aux: dict = {}
-        lm_args = dict(inputs_embeds=self.embed(input_ids, pixel_values, image_tokens), cache=cache,
-                       modality_ids=(input_ids == self.image_token_id).long(), tokens_per_image=self.num_image_tokens,
-                       image_grid=self.image_grid, aux=aux, **packed)
+        lm_args = dict(self.lm_inputs(input_ids, pixel_values, image_tokens, cache), aux=aux, **packed)
         if labels is not None and self.supervised_logits:
             return None, {"lm": self._supervised_loss(lm_args, labels), **aux}
         logits = self.lm(**lm_args)
         return logits, ({"lm": lm_loss_sum(logits, labels), **aux} if labels is not None else {})
+
+    def lm_inputs(self, input_ids, pixel_values, image_tokens, cache: KVCache | None) -> dict:
+        """The decoder's inputs for a batch: the image tokens spliced into the text's embeddings."""
+        return {"inputs_embeds": self.embed(input_ids, pixel_values, image_tokens), "cache": cache,
+                "modality_ids": (input_ids == self.image_token_id).long(), "tokens_per_image": self.num_image_tokens,
+                "image_grid": self.image_grid}
+
+    def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, 1, vocab) of one more token per row (B, 1) after what `cache` holds."""
+        return self.lm(input_ids=ids, cache=cache)
 
     def _supervised_loss(self, lm_args: dict, labels: torch.Tensor) -> torch.Tensor:
         """`lm_loss_sum` with the LM head and the loss computed only at the positions that predict an
@@ -134,6 +135,23 @@ class VLM(nn.Module):
             done |= nxt == eos_id
             if bool(done.all()):
                 break
-            logits = self.lm(input_ids=nxt[:, None], cache=cache)
+            logits = self.decode(nxt[:, None], cache)
         rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(input_ids.shape[0])]
         return [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
+
+
+def _check_placeholders(slots: torch.Tensor, n_images: int, n: int) -> None:
+    """Scattering image features into placeholders that are not whole images would silently
+    misalign text and images: fail, saying where (cheaply: the first row whose placeholders are not
+    whole images, else the images per row)."""
+    n_slots = int(slots.sum())
+    if n_slots == n_images * n:
+        return
+    per_row = slots.sum(1).tolist()
+    odd = next((r for r, c in enumerate(per_row) if n and c % n), None)
+    where = (f"row {odd} has {per_row[odd]} placeholder tokens, not a multiple of {n} per image"
+             if odd is not None else f"the rows hold {[c // n for c in per_row] if n else per_row} images' placeholders")
+    raise ValueError(
+        f"image placeholders and image features differ: {n_slots} placeholder tokens in the "
+        f"batch vs {n_images * n} image features ({n_images} images x {n} tokens); {where}"
+    )

@@ -35,7 +35,8 @@ from graft.train.stop import SkipGuard, StopOnSignal
 
 # Keys that may change between a run and its resumption (they do not change what is learned).
 RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.async_save",
-                     "train.max_skipped_steps", "train.keep_checkpoints", "train.eval_every", "eval.", "parallel.")
+                     "train.max_skipped_steps", "train.keep_checkpoints", "train.eval_every", "eval.", "parallel.",
+                     "optim.fused")
 
 
 @dataclass

@@ -25,7 +25,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     groups = param_groups(model, cfg.weight_decay)
     if not any(g["params"] for g in groups):
         raise UserError("nothing to train: train.freeze freezes every part")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=cfg.fused or None)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:

@@ -10,8 +10,9 @@
   gathered just before its forward and backward. On GPUs with bf16 the block computes in bf16 and
   gradients are reduced in fp32 (MixedPrecisionPolicy); on CPUs everything stays fp32.
 
-Options for either: activation checkpointing per block (recompute its activations in the
-backward) and `torch.compile` per block. The same recipe runs as one process or under torchrun;
+Options for any kind: activation checkpointing per block (recompute its activations in the
+backward) and `torch.compile`: of the whole training forward (one process, DDP), or of each block
+(FSDP2). The same recipe runs as one process or under torchrun;
 the checkpoint format (train/checkpoint.py) is the same for all three, so a run may resume under
 another kind or another number of processes.
 """
@@ -62,15 +63,21 @@ def apply(model: nn.Module, cfg: Config, rt) -> nn.Module:
             raise UserError(f"parallel.activation_checkpointing: model={cfg.model} has no blocks to checkpoint")
         for block in units:
             _checkpoint_forward(block)
-    if cfg.parallel.compile:
-        for block in units:
-            block.compile()
     k = kind(cfg, rt)
-    if k == "ddp":
-        return DDP(model)
     if k == "fsdp2":
+        if cfg.parallel.compile:  # per block: FSDP2's gathers and reduces run between them
+            for block in units:
+                block.compile()
         shard(model, units, rt)
-    return model
+        return model
+    engine = DDP(model) if k == "ddp" else model
+    if cfg.parallel.compile:
+        # The whole training forward, glue and loss included (the VLM's is free of graph breaks
+        # with this: its LM head runs only at the answer positions, a data-dependent count).
+        # Evaluation keeps calling the eager model.
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        engine = torch.compile(engine)
+    return engine
 
 
 def shard(model: nn.Module, units: list[nn.Module], rt) -> None:
@@ -99,6 +106,7 @@ def is_sharded(model: nn.Module) -> bool:
 def gradient_sync(engine: nn.Module, sync: bool):
     """A context for one micro-batch: without `sync`, gradients accumulate locally (DDP's no_sync,
     FSDP2's set_requires_gradient_sync), to be reduced with the last micro-batch's."""
+    engine = getattr(engine, "_orig_mod", engine)  # under torch.compile's wrapper
     if isinstance(engine, DDP):
         return contextlib.nullcontext() if sync else engine.no_sync()
     if is_sharded(engine):
