@@ -16,7 +16,7 @@ design's name or the model's type:
 - `losses`: the names of the losses its model returns; `train.objectives` may weigh them. The
   model's `forward(**batch)` returns (output, {name: local sum}) and `loss_counts(**batch)` what
   each sum is over (graft/losses.py). `packs`: its world batches can pack several conversations
-  into one row (with the built-in LM).
+  into one row (with the built-in LM). `exports_llava`: `graft export` can write it as HF LLaVA.
 
 A new design is one entry here (and its model file).
 """
@@ -45,6 +45,7 @@ class Design:
     losses: tuple[str, ...] = ()  # the named losses its model returns (`train.objectives` weighs them)
     packs: bool = False  # its world batches can pack conversations into rows (data/packing.py)
     sources: Callable = lambda cfg: None  # checks of the runs it initialises from (before training, not on load)
+    exports_llava: bool = False  # `graft export --format hf` can write it as HF LLaVA
 
 
 # ---- prefix fusion (LLaVA): vision → connector → image tokens spliced into the LM's input --------
@@ -91,7 +92,9 @@ def _validate_vlm(cfg) -> None:
     from graft.models.connectors import CONNECTORS, ConnectorConfig
     from graft.models.decoder import LMConfig
 
-    parts = DESIGNS["vlm"].parts
+    parts = [p for p in DESIGNS["vlm"].parts if p != "lm_image" or cfg.lm.modality_norms or cfg.lm.modality_ffn]
+    if "lm_image" in cfg.train.freeze and "lm_image" not in parts:
+        raise UserError("train.freeze: lm_image: this model has none (see lm.modality_norms, lm.modality_ffn)")
     if set(parts) <= set(cfg.train.freeze):
         raise UserError(f"train.freeze freezes every part ({', '.join(parts)}): nothing would train")
     v = cfg.vision  # the built-in tower's grid and LM's width (HF ones are checked when the model is built)
@@ -128,7 +131,7 @@ def _validate_flamingo(cfg) -> None:
 
     if cfg.lm.hf_path:
         raise UserError("model=flamingo needs the built-in decoder: lm.hf_path is not supported yet")
-    for key in ("image_attention", "image_positions"):
+    for key in ("image_attention", "image_positions", "modality_norms", "modality_ffn"):
         if getattr(cfg.lm, key) != getattr(type(cfg.lm)(), key):
             raise UserError(f"lm.{key} has no effect with model=flamingo: images do not enter the LM's sequence")
     FlamingoConfig.check(cfg.flamingo, cfg.lm.layers)
@@ -271,9 +274,9 @@ def _check_stage1_run(cfg) -> None:
 
 
 DESIGNS = {
-    "vlm": Design("vlm", ("vision", "connector", "lm"), ("vision", "connector", "lm"), _build_vlm,
+    "vlm": Design("vlm", ("vision", "connector", "lm"), ("vision", "connector", "lm", "lm_image"), _build_vlm,
                   _vlm_processor, _vlm_world, _vlm_tokens, _validate_vlm, losses=("lm",), packs=True,
-                  sources=_check_stage1_run),
+                  sources=_check_stage1_run, exports_llava=True),
     "flamingo": Design("vlm", ("vision", "connector", "lm", "flamingo"), ("vision", "connector", "lm", "xattn"),
                        _build_flamingo, _vlm_processor, _vlm_world, _vlm_tokens, _validate_flamingo, losses=("lm",)),
     "dual": Design("dual", ("vision", "text", "contrastive"), DUAL_PARTS,

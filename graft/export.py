@@ -64,8 +64,10 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "hf") -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty directory")
     cfg = RunDir(run_dir).require().config()
-    if design(cfg.model).kind != "vlm" or cfg.connector.kind not in ("linear", "mlp"):
-        what = f"model={cfg.model}" if design(cfg.model).kind != "vlm" else f"connector.kind={cfg.connector.kind}"
+    what = (f"model={cfg.model}" if not design(cfg.model).exports_llava
+            else f"connector.kind={cfg.connector.kind}" if cfg.connector.kind not in ("linear", "mlp")
+            else next((f"lm.{k}=true" for k in ("modality_norms", "modality_ffn") if getattr(cfg.lm, k)), None))
+    if what:
         raise UserError(f"--format hf writes LLaVA (a ViT, a linear or MLP connector, an LM); {run_dir} has {what}")
     cfg, tok, model, ckpt = RunDir(run_dir).load()
     merge_lora(model.lm)  # LLaVA has no adapters: fold them into the weights

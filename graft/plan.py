@@ -187,7 +187,7 @@ def counts(model: nn.Module, parts: tuple[str, ...]) -> dict[str, tuple[int, int
 
     out = {"total": tally(model.parameters())}
     for part in parts:
-        out[part] = tally(q for name in model.part_modules(part) for q in getattr(model, name).parameters())
+        out[part] = tally(q for name in model.part_modules(part) for q in model.get_submodule(name).parameters())
     return out
 
 

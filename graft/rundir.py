@@ -126,7 +126,7 @@ def load_vision(model, run_path: str, image_head: bool = False) -> Path:
 
 
 def load_modules(model, modules: list[str], run_path: str, key: str) -> Path:
-    """Copy the weights of `modules` (attribute names, e.g. ["connector"]) from a run's latest
+    """Copy the weights of `modules` (dotted names, e.g. ["connector"]) from a run's latest
     checkpoint into `model`; every shape must match and every weight be found (else a UserError
     naming `key`)."""
     ckpt = RunDir(run_path).require().latest_checkpoint()
@@ -135,12 +135,12 @@ def load_modules(model, modules: list[str], run_path: str, key: str) -> Path:
     weights = checkpoint.read_model(ckpt)
     for part in modules:
         sub = {k.removeprefix(f"{part}."): v for k, v in weights.items() if k.startswith(f"{part}.")}
-        own = getattr(model, part).state_dict()
+        own = model.get_submodule(part).state_dict()
         for name, value in sub.items():  # load_state_dict would raise a multi-line RuntimeError
             if name in own and own[name].shape != value.shape:
                 raise UserError(f"{key}: {ckpt} has {part}.{name} of shape {tuple(value.shape)}, "
                                 f"this model's is {tuple(own[name].shape)}")
-        missing, unexpected = getattr(model, part).load_state_dict(sub, strict=False)
+        missing, unexpected = model.get_submodule(part).load_state_dict(sub, strict=False)
         if missing or unexpected or not sub:
             raise UserError(f"{key}: {ckpt} holds no matching {part} "
                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")

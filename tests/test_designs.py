@@ -30,12 +30,13 @@ def test_no_design_decision_outside_the_registry():
     assert not offenders, "\n".join(offenders)
 
 
-@pytest.mark.parametrize("recipe", ["tiny", "shapes_flamingo", "clip", "clippo"])
+@pytest.mark.parametrize("recipe", ["tiny", "tiny_modality", "shapes_flamingo", "clip", "clippo"])
 def test_each_design_builds_what_its_entry_promises(recipe):
     from graft.data.stream import make_world
     from graft.data.tokenizer import ChatTokenizer, world_corpus
 
-    cfg = RECIPES[recipe]()
+    cfg = RECIPES[recipe.removesuffix("_modality")]()
+    cfg.lm.modality_norms = cfg.lm.modality_ffn = recipe.endswith("_modality")
     entry = DESIGNS[cfg.model]
     tok = ChatTokenizer.train(world_corpus(make_world(cfg)), cfg.data.vocab_size)
     model = build_model(cfg, tok)
@@ -43,8 +44,9 @@ def test_each_design_builds_what_its_entry_promises(recipe):
     def trainable() -> int:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    for part in entry.parts:  # what train.freeze may name freezes something (CLIPPO has no text tower)
-        if cfg.contrastive.shared_tower and part == "text":
+    for part in entry.parts:  # what train.freeze may name freezes something (CLIPPO has no text tower,
+        # a VLM without lm.modality_* no lm_image modules)
+        if (cfg.contrastive.shared_tower and part == "text") or (part == "lm_image" and not model.part_modules(part)):
             continue
         before = trainable()
         model.freeze([part])

@@ -57,11 +57,19 @@ class LMConfig:
     # (time, row, column) over interleaved frequency pairs (M-RoPE, Qwen2-VL), text staying 1-D.
     image_attention: str = "causal"
     image_positions: str = "1d"
+    # Parameters of the image tokens' own (EVEv2, VLMo; the mission's "domain-specific norms"), each
+    # a copy of the text one at initialisation, so an untrained model is unchanged by them; part
+    # `lm_image` of train.freeze (`train.freeze: [vision, lm]` trains only them and the connector).
+    modality_norms: bool = False  # image tokens through RMSNorms of their own in every layer (both)
+    modality_ffn: bool = False  # image tokens through an FFN of their own in every layer
 
     @staticmethod
     def check(cfg: LMConfig, image_grid: bool = True) -> None:
         """Values exist; the image keys need the built-in decoder, and `mrope` a connector whose
         tokens form a square grid (`image_grid`)."""
+        for key in ("modality_norms", "modality_ffn"):
+            if cfg.hf_path and getattr(cfg, key):
+                raise UserError(f"lm.{key} needs the built-in decoder (lm.hf_path is set)")
         for key, valid in (("image_attention", IMAGE_ATTENTION), ("image_positions", IMAGE_POSITIONS)):
             value = getattr(cfg, key)
             if value not in valid:
@@ -227,10 +235,26 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        # the image tokens' own modules (LMConfig.modality_*): named `<text module>_image`
+        if cfg.modality_norms:
+            self.input_layernorm_image = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_attention_layernorm_image = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.modality_ffn:
+            self.mlp_image = MLP(cfg)
 
     def forward(self, x, ctx: Context, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self._by_modality("input_layernorm", x, ctx), ctx, cache)
+        return x + self._by_modality("mlp", self._by_modality("post_attention_layernorm", x, ctx), ctx)
+
+    def _by_modality(self, name: str, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Module `name` on the text tokens and `name`_image, where there is one, on the image tokens."""
+        text, image = getattr(self, name), getattr(self, f"{name}_image", None)
+        if image is None or ctx.modality_ids is None:
+            return text(x)
+        at = ctx.modality_ids == 1  # (B, T)
+        out = torch.empty_like(x)
+        out[~at], out[at] = text(x[~at]), image(x[at])
+        return out
 
 
 class LanguageModel(nn.Module):
@@ -246,6 +270,18 @@ class LanguageModel(nn.Module):
         self.apply(lambda m: _init_weights(m, cfg.init_std or cfg.hidden_size**-0.5))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.copy_to_image_modules()
+
+    def image_twins(self) -> dict[str, str]:
+        """Each parameter of the image tokens' own modules → the text parameter it starts as."""
+        return {name: name.replace("_image.", ".") for name, _ in self.named_parameters() if "_image." in name}
+
+    @torch.no_grad()
+    def copy_to_image_modules(self, names: list[str] | None = None) -> None:
+        """Image modules (all, or the parameters `names`) set to their text twins."""
+        params, twins = dict(self.named_parameters()), self.image_twins()
+        for name in twins if names is None else names:
+            params[name].copy_(params[twins[name]])
 
     @property
     def hidden_size(self) -> int:

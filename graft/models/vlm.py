@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from graft.errors import UserError
 from graft.losses import IGNORE, at_least_fp32, lm_loss_sum, supervised
 from graft.models.connectors import ConnectorConfig, build_connector
 from graft.models.decoder import KVCache, LanguageModel, LMConfig
@@ -47,12 +48,30 @@ class VLM(nn.Module):
         return self.connector.num_tokens(self.vision.num_patches)
 
     def part_modules(self, part: str) -> list[str]:
-        """The submodules (by attribute name) that make up a part of `train.freeze` / `train.init_parts`."""
+        """The submodules (by dotted name) that make up a part of `train.freeze` / `train.init_parts`;
+        `lm_image`: the LM's modules of the image tokens' own (`lm.modality_norms` / `modality_ffn`)."""
+        if part == "lm_image":
+            return [f"lm.{name}" for name, _ in self.lm.named_modules() if name.endswith("_image")]
         return [part]
 
+    def image_twins(self) -> dict[str, str]:
+        """Parameters of the LM's image modules → the text parameters they start as: a checkpoint
+        without them (a run trained before they were switched on) fills them from those."""
+        twins = self.lm.image_twins() if isinstance(self.lm, LanguageModel) else {}
+        return {f"lm.{k}": f"lm.{v}" for k, v in twins.items()}
+
     def freeze(self, parts: list[str]) -> None:
+        """Freeze the parts; freezing `lm` leaves its image modules (new parameters) training
+        unless `lm_image` is frozen too."""
         for part in parts:
-            getattr(self, part).requires_grad_(False)
+            names = self.part_modules(part)
+            if not names:
+                raise UserError(f"train.freeze: {part}: this model has none (see lm.modality_norms, lm.modality_ffn)")
+            for name in names:
+                self.get_submodule(name).requires_grad_(False)
+        if "lm" in parts and "lm_image" not in parts:
+            for name in self.part_modules("lm_image"):
+                self.get_submodule(name).requires_grad_(True)
 
     @property
     def image_grid(self) -> int | None:

@@ -277,10 +277,12 @@ def read_model(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def load_weights(model, ckpt: Path) -> None:
     """The checkpoint's weights into `model` (one process; unsharded)."""
+    twins = model.image_twins() if hasattr(model, "image_twins") else {}
     if (ckpt / "model.safetensors").is_file():
         from safetensors.torch import load_model
 
         missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+        filled = [k for k in missing if k in twins]
     else:
         if not (ckpt / "model").is_dir():
             raise UserError(f"checkpoint weights not found: {ckpt / 'model'}")
@@ -289,10 +291,16 @@ def load_weights(model, ckpt: Path) -> None:
         bad = [k for k in own if k in saved and tuple(own[k].shape) != saved[k]]
         if bad:
             raise UserError(f"{ckpt} has {bad[0]} of shape {saved[bad[0]]}, this model's is {tuple(own[bad[0]].shape)}")
-        if not missing:
-            _load(own, ckpt / "model")
+        filled = [k for k in missing if k in twins]  # image modules the saved run did not have
+        if len(filled) == len(missing):
+            _load({k: v for k, v in own.items() if k not in filled}, ckpt / "model")
+    missing = [k for k in missing if k not in filled]
     if missing or unexpected:
         raise UserError(f"{ckpt} does not fit this model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    with torch.no_grad():  # ... start as the text modules just loaded
+        params = dict(model.named_parameters())
+        for name in filled:
+            params[name].copy_(params[twins[name]])
 
 
 def load_train_state(ckpt: Path, model, optimizer, scheduler) -> dict:
