@@ -24,6 +24,8 @@ CASES = {
     "vlm": ["tiny"],
     "dual": DUAL,
     "frozen_lora": ["tiny", "--set", "train.freeze=[vision]", "--set", "lm.lora_rank=4"],
+    # experts balanced by a bias that moves after each step with the loads of every process
+    "moe_bias": ["tiny", "--set", "lm.moe_experts=4", "--set", "lm.moe_balance=bias", "--set", "lm.moe_bias_rate=0.05"],
 }
 
 

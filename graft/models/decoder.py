@@ -62,11 +62,22 @@ class LMConfig:
     # `lm_image` of train.freeze (`train.freeze: [vision, lm]` trains only them and the connector).
     modality_norms: bool = False  # image tokens through RMSNorms of their own in every layer (both)
     modality_ffn: bool = False  # image tokens through an FFN of their own in every layer
+    # Sparse mixture-of-experts FFNs (models/moe.py) in layers k-1, 2k-1, ... (k = moe_every); 0 = dense
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_every: int = 1
+    moe_intermediate_size: int = 0  # each expert's hidden width; 0 = intermediate_size
+    moe_routing: str = "agnostic"  # agnostic | aware (image tokens to the first half of the experts, text to the rest)
+    moe_balance: str = "loss"  # loss (named loss moe_balance, weigh it in train.objectives) | bias (aux-loss-free)
+    moe_bias_rate: float = 1e-3
 
     @staticmethod
     def check(cfg: LMConfig, image_grid: bool = True) -> None:
         """Values exist; the image keys need the built-in decoder, and `mrope` a connector whose
         tokens form a square grid (`image_grid`)."""
+        from graft.models import moe
+
+        moe.check(cfg)
         for key in ("modality_norms", "modality_ffn"):
             if cfg.hf_path and getattr(cfg, key):
                 raise UserError(f"lm.{key} needs the built-in decoder (lm.hf_path is set)")
@@ -241,6 +252,12 @@ class DecoderLayer(nn.Module):
             self.post_attention_layernorm_image = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.modality_ffn:
             self.mlp_image = MLP(cfg)
+        from graft.models import moe
+
+        if moe.is_moe_layer(cfg, index):
+            if cfg.modality_ffn:
+                raise UserError("lm.moe_experts and lm.modality_ffn both replace the FFN: choose one")
+            self.mlp = moe.MoE(cfg)
 
     def forward(self, x, ctx: Context, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.self_attn(self._by_modality("input_layernorm", x, ctx), ctx, cache)
@@ -249,6 +266,8 @@ class DecoderLayer(nn.Module):
     def _by_modality(self, name: str, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         """Module `name` on the text tokens and `name`_image, where there is one, on the image tokens."""
         text, image = getattr(self, name), getattr(self, f"{name}_image", None)
+        if not isinstance(text, (RMSNorm, MLP)):  # a mixture of experts routes each token itself
+            return text(x, ctx)
         if image is None or ctx.modality_ids is None:
             return text(x)
         at = ctx.modality_ids == 1  # (B, T)
@@ -289,8 +308,8 @@ class LanguageModel(nn.Module):
 
     @property
     def aux_losses(self) -> tuple[str, ...]:
-        """Names of the auxiliary losses its layers add to `Context.aux` (none yet)."""
-        return ()
+        """Names of the auxiliary losses its layers add to `Context.aux`."""
+        return ("moe_balance",) if self.cfg.moe_experts and self.cfg.moe_balance == "loss" else ()
 
     def new_cache(self) -> KVCache:
         return KVCache()

@@ -56,7 +56,7 @@ class MeasuredFlops:
 
 def count_step(model, batch: dict) -> int:
     """FLOPs of one forward and backward of `model` on `batch`; leaves no gradient behind (run it
-    where gradients are about to be zeroed anyway)."""
+    where gradients are about to be zeroed anyway) and the buffers as they were."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
     from graft.losses import batch_loss
@@ -65,11 +65,15 @@ def count_step(model, batch: dict) -> int:
                      aten._scaled_dot_product_flash_attention_for_cpu_backward: _as_raw(sdpa_backward_flop)}
     # Eager under the counter: torch.compile does not trace under a dispatch mode, and a compiled
     # block first called under one would stay uncompiled for the rest of the run.
+    buffers = [(b, b.clone()) for b in model.buffers()]  # state a forward may move (MoE expert loads)
     with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         loss = batch_loss(model, batch)
         if loss.requires_grad:
             loss.backward()
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():  # counting leaves no trace
+        for buffer, before in buffers:
+            buffer.copy_(before)
     return counter.get_total_flops()
 
 

@@ -251,6 +251,9 @@ def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int, fl
         optimizer.zero_grad(set_to_none=True)  # a non-finite update never reaches the weights
     else:
         optimizer.step()
+    for module in model.modules():  # state kept outside the gradients (MoE balancing biases), on every process
+        if hasattr(module, "after_step"):
+            module.after_step()
     stats = {"time": time.perf_counter() - t0 - counting, "data": data_s, "images": images, "tokens": tokens,
              "flops": step_flops, "skipped": int(skipped), "losses": named}
     return loss_sum, grad_norm, stats

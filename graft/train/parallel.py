@@ -70,7 +70,9 @@ def apply(model: nn.Module, cfg: Config, rt) -> nn.Module:
                 block.compile()
         shard(model, units, rt)
         return model
-    engine = DDP(model) if k == "ddp" else model
+    # Buffers are not re-broadcast from rank 0 each forward: graft's are constants, or move alike on
+    # every process (MoE balancing biases), or count what this process routed (MoE loads).
+    engine = DDP(model, broadcast_buffers=False) if k == "ddp" else model
     if cfg.parallel.compile:
         # The whole training forward, glue and loss included (the VLM's is free of graph breaks
         # with this: its LM head runs only at the answer positions, a data-dependent count).

@@ -1,0 +1,115 @@
+"""Sparse mixture-of-experts FFN for the built-in decoder (`lm.moe_experts` > 0).
+
+A router (one linear map, D → E) scores every token for E SwiGLU experts; the token goes through
+its `lm.moe_top_k` best, whose outputs are summed weighted by the router's softmax probabilities
+renormalised over the chosen ones (Shazeer et al. 2017; GShard; Mixtral). Only chosen experts run
+on a token, so the FLOPs measured for MFU and `graft compare` are the active ones.
+
+Routing (`lm.moe_routing`): `agnostic` — any token may go to any expert; `aware` — image tokens
+choose among the first half of the experts and text tokens among the second half (the
+modality-aware MoE of Shukor et al. 2025, "Scaling laws for native multimodal models").
+
+Balancing (`lm.moe_balance`): `loss` — the Switch Transformer's auxiliary loss (Fedus et al.
+2022), E · Σ_e f_e · P_e with f_e the share of the routed slots expert e received and P_e its mean
+router probability (1 when balanced, E when every token picks one expert), returned as the named
+loss `moe_balance` summed over the MoE layers, weighed by `train.objectives` (e.g. 0.01);
+`bias` — auxiliary-loss-free (DeepSeek-V3, Wang et al. 2024): a per-expert bias, added to the
+scores only to choose experts, moves by `lm.moe_bias_rate` after every optimizer step toward the
+experts that got fewer tokens than the mean during it (counts summed over the processes).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from graft.errors import UserError
+from graft.models.resampler import SwiGLU
+
+if TYPE_CHECKING:
+    from graft.models.decoder import Context, LMConfig
+
+ROUTING = ("agnostic", "aware")
+BALANCE = ("loss", "bias")
+
+
+def check(cfg: LMConfig) -> None:
+    """The MoE keys of an LM config: in range, and consistent with each other."""
+    if cfg.moe_experts == 0:
+        return
+    if cfg.moe_experts < 2:
+        raise UserError(f"lm.moe_experts={cfg.moe_experts}: a mixture needs at least 2 experts (0 = a dense FFN)")
+    groups = 2 if cfg.moe_routing == "aware" else 1
+    if not 1 <= cfg.moe_top_k <= cfg.moe_experts // groups:
+        raise UserError(f"lm.moe_top_k={cfg.moe_top_k} must be between 1 and the {cfg.moe_experts // groups} experts "
+                        "a token may choose from")
+    if cfg.moe_routing not in ROUTING:
+        raise UserError(f"lm.moe_routing={cfg.moe_routing!r} is not one of {', '.join(ROUTING)}")
+    if cfg.moe_routing == "aware" and cfg.moe_experts % 2:
+        raise UserError(f"lm.moe_experts={cfg.moe_experts}: modality-aware routing splits the experts in two halves")
+    if cfg.moe_balance not in BALANCE:
+        raise UserError(f"lm.moe_balance={cfg.moe_balance!r} is not one of {', '.join(BALANCE)}")
+    if not 1 <= cfg.moe_every <= cfg.layers:
+        raise UserError(f"lm.moe_every={cfg.moe_every} must be between 1 and lm.layers={cfg.layers}")
+    if cfg.hf_path:
+        raise UserError("lm.moe_experts needs the built-in decoder (lm.hf_path is set)")
+
+
+def is_moe_layer(cfg: LMConfig, index: int) -> bool:
+    """Layers k-1, 2k-1, ... get experts (k = lm.moe_every): every layer for k = 1."""
+    return cfg.moe_experts > 0 and index % cfg.moe_every == cfg.moe_every - 1
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.top_k, self.routing, self.balance, self.rate = cfg.moe_top_k, cfg.moe_routing, cfg.moe_balance, cfg.moe_bias_rate
+        hidden = cfg.moe_intermediate_size or cfg.intermediate_size
+        self.router = nn.Linear(cfg.hidden_size, cfg.moe_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(cfg.hidden_size, hidden, cfg.hidden_size) for _ in range(cfg.moe_experts))
+        self.register_buffer("bias", torch.zeros(cfg.moe_experts))  # moe_balance=bias: choice only
+        self.register_buffer("load", torch.zeros(cfg.moe_experts), persistent=False)  # slots since the last step
+
+    def route(self, x: torch.Tensor, modality_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """For tokens x (N, D): the chosen experts (N, k), their weights (N, k) and the router's
+        probabilities (N, E)."""
+        logits = self.router(x).float()  # (N, E)
+        if self.routing == "aware" and modality_ids is not None:
+            image = (modality_ids.reshape(-1) == 1)[:, None]
+            first = torch.arange(logits.shape[1], device=x.device) < logits.shape[1] // 2  # the image tokens' experts
+            logits = logits.masked_fill(image != first, float("-inf"))
+        probs = logits.softmax(-1)
+        chosen = (probs + self.bias if self.balance == "bias" else probs).topk(self.top_k, dim=-1).indices
+        weights = probs.gather(1, chosen)
+        return chosen, (weights / weights.sum(-1, keepdim=True)).to(x.dtype), probs
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])  # (N, D)
+        chosen, weights, probs = self.route(x, ctx.modality_ids)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, weights[rows, slot, None] * expert(x[rows]))
+        load = torch.bincount(chosen.reshape(-1), minlength=len(self.experts)).float()  # slots per expert
+        if self.balance == "loss":
+            share = load / load.sum()
+            balance = len(self.experts) * (share * probs.mean(0)).sum() * x.shape[0]  # a local sum over tokens
+            ctx.aux["moe_balance"] = ctx.aux.get("moe_balance", 0) + balance
+        elif self.balance == "bias" and self.training:
+            self.load += load.detach()
+        return out.reshape(shape)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """After an optimizer step (the trainer calls it on every process): the bias moves toward
+        the experts that got fewer slots than the mean since the last step, over all processes."""
+        if self.balance != "bias":
+            return
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.load)  # every process moves its bias alike
+        self.bias += self.rate * torch.sign(self.load.mean() - self.load)
+        self.load.zero_()
