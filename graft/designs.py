@@ -23,6 +23,7 @@ A new design is one entry here (and its model file).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,6 +143,48 @@ def _validate_flamingo(cfg) -> None:
 
     ConnectorConfig.check(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2, cfg.lm.hidden_size)
     _validate_vision(cfg)
+
+
+# ---- Fuyu: no vision encoder, raw patches → one linear map → the LM ------------------------------
+
+
+def _build_fuyu(cfg, tok, pretrained: bool = True):
+    from graft.models.fuyu import Patches
+    from graft.models.vlm import VLM
+
+    _resolve_vocab(cfg, tok)
+    return VLM(Patches(cfg.vision), cfg.connector, cfg.lm, tok.image)
+
+
+def _fuyu_processor(cfg, tok, model):
+    from graft.data.processor import Processor
+
+    v = cfg.vision
+    return Processor(tok, v.image_size, model.num_image_tokens, cfg.lm.max_seq_len, v.image_mean, v.image_std,
+                     image_row=v.image_size // v.patch_size)
+
+
+def _validate_fuyu(cfg) -> None:
+    from graft.models.decoder import LMConfig
+    from graft.models.fuyu import READS
+    from graft.models.vit import VisionConfig
+
+    defaults = VisionConfig()
+    for key in (f.name for f in dataclasses.fields(VisionConfig) if f.name not in READS):
+        if getattr(cfg.vision, key) != getattr(defaults, key):
+            raise UserError(f"vision.{key} has no effect with model=fuyu: it has no vision encoder "
+                            f"(it reads vision.{', vision.'.join(READS)})")
+    if cfg.connector.kind not in ("linear", "mlp"):
+        raise UserError(f"connector.kind={cfg.connector.kind}: model=fuyu projects each raw patch (linear or mlp)")
+    if cfg.lm.hf_path:
+        raise UserError("model=fuyu needs the built-in decoder: lm.hf_path is not supported yet")
+    for key in ("image_attention", "image_positions"):
+        if getattr(cfg.lm, key) != getattr(LMConfig(), key):
+            raise UserError(f"lm.{key} needs each image as one run of tokens; model=fuyu ends every row with a newline")
+    if cfg.vision.image_size % cfg.vision.patch_size:
+        raise UserError(f"vision.image_size={cfg.vision.image_size} is not a multiple of vision.patch_size={cfg.vision.patch_size}")
+    if set(DESIGNS["fuyu"].parts[:2]) <= set(cfg.train.freeze):
+        raise UserError("train.freeze freezes every part (connector, lm): nothing would train")
 
 
 # ---- dual encoders (CLIP, SigLIP, CLIPPO, LiT): image and text towers, a contrastive loss -----
@@ -279,6 +322,8 @@ DESIGNS = {
                   sources=_check_stage1_run, exports_llava=True),
     "flamingo": Design("vlm", ("vision", "connector", "lm", "flamingo"), ("vision", "connector", "lm", "xattn"),
                        _build_flamingo, _vlm_processor, _vlm_world, _vlm_tokens, _validate_flamingo, losses=("lm",)),
+    "fuyu": Design("vlm", ("vision", "connector", "lm"), ("connector", "lm", "lm_image"), _build_fuyu,
+                   _fuyu_processor, _vlm_world, _vlm_tokens, _validate_fuyu, losses=("lm",), packs=True),
     "dual": Design("dual", ("vision", "text", "contrastive"), DUAL_PARTS,
                    _build_dual, _dual_processor, _dual_world, _dual_tokens, _validate_dual,
                    losses=("itc",)),

@@ -89,6 +89,14 @@ def shapes_flamingo() -> Config:
     return cfg
 
 
+def shapes_fuyu() -> Config:
+    """Fuyu on the Shapes world: no vision encoder, each 8 px patch projected by one linear map into the LM."""
+    cfg = shapes_vqa()
+    cfg.name, cfg.model = "shapes_fuyu", "fuyu"
+    cfg.connector.kind = "linear"
+    return cfg
+
+
 def tiny() -> Config:
     """A seconds-long smoke test: tiny model, few steps (for tests and trying the CLI)."""
     cfg = shapes_vqa()
@@ -280,7 +288,7 @@ def shapes_qformer() -> Config:
 
 
 RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, shapes_resampler, shapes_pixel_shuffle, shapes_avgpool,
-                                   shapes_flamingo,
+                                   shapes_flamingo, shapes_fuyu,
                                    tiny, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, clippo, lit,
                                    shapes_qformer_stage1, shapes_qformer)}
 # Recipes that start from another recipe's run: recipe → (the key naming that run, the recipe that

@@ -30,7 +30,7 @@ def test_no_design_decision_outside_the_registry():
     assert not offenders, "\n".join(offenders)
 
 
-@pytest.mark.parametrize("recipe", ["tiny", "tiny_modality", "shapes_flamingo", "clip", "clippo"])
+@pytest.mark.parametrize("recipe", ["tiny", "tiny_modality", "shapes_flamingo", "shapes_fuyu", "clip", "clippo"])
 def test_each_design_builds_what_its_entry_promises(recipe):
     from graft.data.stream import make_world
     from graft.data.tokenizer import ChatTokenizer, world_corpus
@@ -74,12 +74,14 @@ def test_an_unknown_design_is_one_line():
     from graft.errors import UserError
     from graft.recipes import tiny
 
-    with pytest.raises(UserError, match="model='nope' is not one of vlm, flamingo, dual"):
+    with pytest.raises(UserError, match="model='nope' is not one of vlm, flamingo, fuyu, dual"):
         apply_overrides(tiny(), ["model=nope"])
 
 
 @pytest.mark.parametrize("recipe,setting,needle", [
-    ("shapes_vqa", "model=fuyu", "model='fuyu' is not one of vlm, flamingo, dual, qformer_stage1"),
+    ("shapes_vqa", "model=eve", "model='eve' is not one of vlm, flamingo, fuyu, dual, qformer_stage1"),
+    ("shapes_fuyu", "connector.kind=resampler", "model=fuyu projects each raw patch"),
+    ("shapes_fuyu", "lm.image_positions=mrope", "lm.image_positions needs each image as one run of tokens"),
     ("shapes_flamingo", "flamingo.attend=next", "flamingo.attend='next' is not one of previous, all"),
     ("shapes_flamingo", "flamingo.every=4", "flamingo.every=4 exceeds lm.layers=3"),
     ("shapes_flamingo", "lm.image_attention=bidirectional", "lm.image_attention has no effect with model=flamingo"),

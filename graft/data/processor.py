@@ -43,9 +43,11 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
 
 class Processor:
     def __init__(self, tokenizer: ChatTokenizer, image_size: int, num_image_tokens: int, max_seq_len: int,
-                 mean: list[float] | None = None, std: list[float] | None = None):
+                 mean: list[float] | None = None, std: list[float] | None = None, image_row: int = 0):
         self.tok, self.image_size = tokenizer, image_size
         self.num_image_tokens, self.max_seq_len = num_image_tokens, max_seq_len
+        # Fuyu: a newline token after every `image_row` placeholders (each row of patches); 0 = none
+        self.image_row = image_row
         # Per-channel normalisation of [0, 1] pixels; None = SigLIP's mean 0.5, std 0.5 ([-1, 1]).
         self.mean, self.std = mean, std
 
@@ -73,9 +75,16 @@ class Processor:
         t, ids, at = self.tok, [], 0
         for k, offset in enumerate(offsets):
             ids += t.encode(question[at:offset]) if offset > at else t.encode("\n") if k else []
-            ids += [t.image] * self.num_image_tokens
+            ids += self._placeholders()
             at = offset
         return ids + t.encode(question[at:])
+
+    def _placeholders(self) -> list[int]:
+        """One image's placeholders: N <image> tokens, or rows of them each ended by a newline."""
+        if not self.image_row:
+            return [self.tok.image] * self.num_image_tokens
+        row = [self.tok.image] * self.image_row + self.tok.encode("\n")
+        return row * (self.num_image_tokens // self.image_row)
 
     def conversation(self, turns: list[tuple[str, str]], places: list[Place] | None = None) -> tuple[list[int], list[int]]:
         """Ids and labels for (question, answer) turns; `places` says where the images go (default:

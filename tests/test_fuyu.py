@@ -1,0 +1,87 @@
+"""Fuyu (graft/models/fuyu.py): patches as HF's Fuyu processor cuts them, the whole model equal to
+HF `FuyuForCausalLM` (with a Llama text model) on the same weights, the rows of placeholders with
+their newlines, and a short run that learns from the images."""
+
+import json
+
+import torch
+
+from graft.cli import main
+from graft.data.processor import Processor
+from graft.models.connectors import ConnectorConfig
+from graft.models.decoder import LMConfig
+from graft.models.fuyu import Patches, patchify
+from graft.models.vit import VisionConfig
+from graft.models.vlm import VLM
+from tests.helpers import tokenizer
+
+
+def tiny_fuyu() -> tuple[VLM, Processor]:
+    tok = tokenizer()
+    vision = VisionConfig(image_size=24, patch_size=8)
+    lm = LMConfig(vocab_size=len(tok), hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64)
+    model = VLM(Patches(vision), ConnectorConfig("linear"), lm, tok.image)
+    return model.eval(), Processor(tok, 24, model.num_image_tokens, 128, image_row=3)
+
+
+def test_patches_are_cut_as_hf_fuyu_cuts_them():
+    """HF `FuyuImageProcessor.patchify_image`'s steps (unfold rows, then columns; channels last),
+    written out here: that class needs torchvision, which graft does not install."""
+    pixels = torch.randn(2, 3, 24, 32)
+    patches = pixels.unfold(2, 8, 8).unfold(3, 8, 8).contiguous().view(2, 3, -1, 8, 8)
+    theirs = patches.permute(0, 2, 3, 4, 1).reshape(2, -1, 3 * 8 * 8)
+    assert torch.equal(patchify(pixels, 8), theirs)
+    assert torch.equal(patchify(pixels, 8)[1, 5], pixels[1, :, 8:16, 8:16].permute(1, 2, 0).reshape(-1))  # row 1, col 1
+
+
+def test_each_row_of_patches_ends_with_a_newline():
+    model, proc = tiny_fuyu()
+    tok = proc.tok
+    ids = proc.prompt("what is it?")
+    newline = tok.encode("\n")[0]
+    start = ids.index(tok.image)
+    assert ids[start:start + 12] == ([tok.image] * 3 + [newline]) * 3
+    assert ids.count(tok.image) == model.num_image_tokens == 9
+
+
+def test_matches_transformers_fuyu_for_causal_lm():
+    from transformers import FuyuConfig, FuyuForCausalLM
+
+    from graft.models.hf import llama_config
+
+    torch.manual_seed(0)
+    model, proc = tiny_fuyu()
+    config = FuyuConfig(text_config=llama_config(model.lm.cfg).to_dict(), image_size=24, patch_size=8,
+                        image_token_id=proc.tok.image)
+    config.text_config._attn_implementation = config._attn_implementation = "sdpa"
+    hf = FuyuForCausalLM(config).eval()
+    lm = {k: v for k, v in model.lm.state_dict().items() if not k.startswith("lm_head")}
+    weights = {**{f"model.language_model.{k}": v for k, v in lm.items()}, "lm_head.weight": model.lm.lm_head.weight,
+               "model.vision_embed_tokens.weight": model.connector.linear_1.weight,
+               "model.vision_embed_tokens.bias": model.connector.linear_1.bias}
+    missing, unexpected = hf.load_state_dict(weights, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    convs = [proc.conversation([("what color is the circle?", "red")]) for _ in range(2)]
+    ids = torch.tensor([c[0] for c in convs])
+    pixels = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        ours = model(ids, pixels)[0]
+        theirs = hf(input_ids=ids, image_patches=patchify(pixels, 8)).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_fuyu_reads_no_vision_encoder_setting(tmp_path, capsys):
+    assert main(["train", "shapes_fuyu", "--out", str(tmp_path / "run"), "--set", "vision.layers=2"]) == 2
+    err = capsys.readouterr().err
+    assert "vision.layers has no effect with model=fuyu" in err and not (tmp_path / "run").exists()
+
+
+def test_short_fuyu_run_learns_from_the_images(tmp_path):
+    """`graft train shapes_fuyu` from scratch, one object per image, 150 steps: colour (uniform over
+    6) and shape (over 4) far above what the text alone allows (measured: 1.00 and 0.92)."""
+    out = tmp_path / "run"
+    sets = ["train.steps=150", "train.batch_size=32", "train.progress=false", "train.log_every=50",
+            "train.ckpt_every=150", "data.max_objects=1", "eval.vqa_per_type=50", "eval.captions=0", "eval.splits=[test]"]
+    assert main(["train", "shapes_fuyu", "--out", str(out)] + [a for s in sets for a in ("--set", s)]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["vqa_acc/color"] >= 0.6 and result["vqa_acc/shape"] >= 0.5, result
