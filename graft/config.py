@@ -28,6 +28,7 @@ from graft.models.connectors import ConnectorConfig
 from graft.models.decoder import LMConfig
 from graft.models.dual_encoder import ContrastiveConfig
 from graft.models.flamingo import FlamingoConfig
+from graft.models.fuyu import EveConfig
 from graft.models.qformer import QFormerConfig
 from graft.models.text_encoder import TextConfig
 from graft.models.vit import VisionConfig
@@ -160,7 +161,7 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = "shapes_vqa"
-    model: str = "vlm"  # vlm | dual (contrastive: CLIP, SigLIP, CLIPPO, LiT) | qformer_stage1 (BLIP-2 stage 1) | flamingo
+    model: str = "vlm"  # vlm | dual (contrastive: CLIP, SigLIP, CLIPPO, LiT) | qformer_stage1 (BLIP-2 stage 1) | flamingo | fuyu
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)
@@ -173,6 +174,7 @@ class Config:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # model=dual only
     qformer: QFormerConfig = field(default_factory=QFormerConfig)  # model=qformer_stage1 only
     flamingo: FlamingoConfig = field(default_factory=FlamingoConfig)  # model=flamingo only
+    eve: EveConfig = field(default_factory=EveConfig)  # model=fuyu only
 
 
 # ---- conversion between values and typed fields -------------------------------------------------

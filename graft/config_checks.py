@@ -94,9 +94,7 @@ def _validate_parts_and_losses(cfg: Config, sources: bool) -> None:
             raise UserError(f"train.init_parts: unknown part '{part}' (valid: {', '.join(entry.parts)})")
         if sources and not Path(path, "config.yaml").is_file():
             raise UserError(f"train.init_parts.{part}: {path} is not a graft run directory (no config.yaml)")
-    # the built-in LM's auxiliary losses (LanguageModel.aux_losses) for the designs with an LM
-    aux = ("moe_balance",) if "lm" in entry.sections and cfg.lm.moe_experts and cfg.lm.moe_balance == "loss" else ()
-    losses = entry.losses + aux
+    losses = entry.losses + entry.config_losses(cfg)
     for name, weight in cfg.train.objectives.items():
         if name not in losses:
             raise UserError(f"train.objectives: {name!r} is not a loss of model={cfg.model} (its losses: {', '.join(losses)})")

@@ -47,6 +47,9 @@ class Design:
     packs: bool = False  # its world batches can pack conversations into rows (data/packing.py)
     sources: Callable = lambda cfg: None  # checks of the runs it initialises from (before training, not on load)
     exports_llava: bool = False  # `graft export --format hf` can write it as HF LLaVA
+    # the named losses its model returns besides `losses` under this config (an MoE LM's balancing
+    # loss, Fuyu's alignment to a teacher)
+    config_losses: Callable = lambda cfg: ()
 
 
 # ---- prefix fusion (LLaVA): vision → connector → image tokens spliced into the LM's input --------
@@ -60,6 +63,11 @@ def _build_vlm(cfg, tok, pretrained: bool = True):
     vision = HFVisionTower.load(cfg.vision, pretrained) if cfg.vision.hf_path else cfg.vision
     lm = HFLanguageModel.load(cfg.lm, pretrained) if cfg.lm.hf_path else cfg.lm
     return VLM(vision, cfg.connector, lm, tok.image)
+
+
+def _lm_losses(cfg) -> tuple[str, ...]:
+    """The built-in LM's auxiliary losses under `cfg` (LanguageModel.aux_losses)."""
+    return ("moe_balance",) if cfg.lm.moe_experts and cfg.lm.moe_balance == "loss" else ()
 
 
 def _resolve_vocab(cfg, tok) -> None:
@@ -149,10 +157,12 @@ def _validate_flamingo(cfg) -> None:
 
 
 def _build_fuyu(cfg, tok, pretrained: bool = True):
-    from graft.models.fuyu import Patches
+    from graft.models.fuyu import AlignedFuyu, Patches, load_teacher
     from graft.models.vlm import VLM
 
     _resolve_vocab(cfg, tok)
+    if cfg.eve.teacher:  # EVE: the LM is taught a frozen tower's features of its patches
+        return AlignedFuyu(cfg.vision, cfg.connector, cfg.lm, tok.image, load_teacher(cfg.eve.teacher), cfg.eve.layer)
     return VLM(Patches(cfg.vision), cfg.connector, cfg.lm, tok.image)
 
 
@@ -183,6 +193,9 @@ def _validate_fuyu(cfg) -> None:
             raise UserError(f"lm.{key} needs each image as one run of tokens; model=fuyu ends every row with a newline")
     if cfg.vision.image_size % cfg.vision.patch_size:
         raise UserError(f"vision.image_size={cfg.vision.image_size} is not a multiple of vision.patch_size={cfg.vision.patch_size}")
+    from graft.models.fuyu import EveConfig
+
+    EveConfig.check(cfg.eve, cfg.lm.layers)
     if set(DESIGNS["fuyu"].parts[:2]) <= set(cfg.train.freeze):
         raise UserError("train.freeze freezes every part (connector, lm): nothing would train")
 
@@ -319,11 +332,13 @@ def _check_stage1_run(cfg) -> None:
 DESIGNS = {
     "vlm": Design("vlm", ("vision", "connector", "lm"), ("vision", "connector", "lm", "lm_image"), _build_vlm,
                   _vlm_processor, _vlm_world, _vlm_tokens, _validate_vlm, losses=("lm",), packs=True,
-                  sources=_check_stage1_run, exports_llava=True),
+                  sources=_check_stage1_run, exports_llava=True, config_losses=_lm_losses),
     "flamingo": Design("vlm", ("vision", "connector", "lm", "flamingo"), ("vision", "connector", "lm", "xattn"),
-                       _build_flamingo, _vlm_processor, _vlm_world, _vlm_tokens, _validate_flamingo, losses=("lm",)),
-    "fuyu": Design("vlm", ("vision", "connector", "lm"), ("connector", "lm", "lm_image"), _build_fuyu,
-                   _fuyu_processor, _vlm_world, _vlm_tokens, _validate_fuyu, losses=("lm",), packs=True),
+                       _build_flamingo, _vlm_processor, _vlm_world, _vlm_tokens, _validate_flamingo, losses=("lm",),
+                       config_losses=_lm_losses),
+    "fuyu": Design("vlm", ("vision", "connector", "lm", "eve"), ("connector", "lm", "lm_image"), _build_fuyu,
+                   _fuyu_processor, _vlm_world, _vlm_tokens, _validate_fuyu, losses=("lm",), packs=True,
+                   config_losses=lambda cfg: _lm_losses(cfg) + (("align",) if cfg.eve.teacher else ())),
     "dual": Design("dual", ("vision", "text", "contrastive"), DUAL_PARTS,
                    _build_dual, _dual_processor, _dual_world, _dual_tokens, _validate_dual,
                    losses=("itc",)),

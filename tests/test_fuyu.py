@@ -85,3 +85,33 @@ def test_short_fuyu_run_learns_from_the_images(tmp_path):
     assert main(["train", "shapes_fuyu", "--out", str(out)] + [a for s in sets for a in ("--set", s)]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["vqa_acc/color"] >= 0.6 and result["vqa_acc/shape"] >= 0.5, result
+
+
+def test_eve_alignment_to_a_frozen_teacher(tmp_path):
+    """eve.teacher: a named loss `align` (cosine distance of the LM's patch states, through a head,
+    to the teacher's patch features) that training lowers, weighed by train.objectives; the teacher
+    is not trained and not saved."""
+    from graft.rundir import RunDir
+    from graft.train.checkpoint import read_model
+
+    small = [f"lm.{k}={v}" for k, v in (("hidden_size", 32), ("layers", 2), ("intermediate_size", 64))]
+    quiet = ["train.progress=false", "train.log_every=1", "eval.splits="]
+    teacher = tmp_path / "teacher"
+    assert main(["train", "tiny", "--out", str(teacher), "--set", "train.steps=2", "--set", "train.progress=false",
+                 "--set", "eval.splits="]) == 0
+    run = tmp_path / "eve"
+    sets = [*small, *quiet, "train.steps=12", f"eve.teacher={teacher}", "train.objectives={lm: 1, align: 2}"]
+    assert main(["train", "shapes_fuyu", "--out", str(run)] + [a for s in sets for a in ("--set", s)]) == 0
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    align = [r["loss/align"] for r in steps if "loss/align" in r]
+    assert len(align) == 12 and align[-1] < align[0]
+    saved = read_model(RunDir(str(run)).latest_checkpoint())
+    assert "align_head.weight" in saved and not any(k.startswith(("_teacher", "teacher")) for k in saved)
+    _, _, model, _ = RunDir(str(run)).load()
+    teacher_model = RunDir(str(teacher)).load()[2]
+    assert all(torch.equal(p, q) for p, q in zip(model._teacher[0].parameters(), teacher_model.vision.parameters()))
+
+
+def test_align_is_no_loss_without_a_teacher(tmp_path, capsys):
+    assert main(["train", "shapes_fuyu", "--out", str(tmp_path / "r"), "--set", "train.objectives={align: 1}"]) == 2
+    assert "'align' is not a loss of model=fuyu" in capsys.readouterr().err

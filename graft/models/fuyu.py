@@ -10,14 +10,23 @@ image's width. The whole model is then the prefix VLM (models/vlm.py) with `Patc
 "tower": the same splice, loss, packing, generation and checkpoints. The LM is the built-in
 decoder, so the model equals HF `FuyuForCausalLM` with a Llama text config and the same weights
 (tests/test_fuyu.py). Of `vision.*` only image_size, patch_size, image_mean and image_std apply.
+
+`eve.teacher` adds EVE's alignment (`AlignedFuyu`): what a vision encoder would have given, taught
+to the LM instead of put in front of it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from graft.errors import UserError
 from graft.models.vit import VisionConfig
+from graft.models.vlm import VLM
 
 # The vision.* keys an encoder-free model reads; the others would have no effect.
 READS = ("image_size", "patch_size", "image_mean", "image_std")
@@ -42,3 +51,69 @@ class Patches(nn.Module):
 
     def features(self, pixels: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         return patchify(pixels, self.patch)
+
+
+@dataclass
+class EveConfig:
+    """EVE's alignment (Diao et al. 2024, "Unveiling Encoder-Free Vision-Language Models"): the
+    LM's hidden states at the patch positions, through a linear head, are pulled toward a frozen
+    vision teacher's features of the same patches (cosine distance), as the named loss `align`."""
+    teacher: str | None = None  # a graft run with a ViT, or a local HF SigLIP/CLIP folder; None = off
+    layer: int = -1  # the LM layer whose output is aligned (negative: from the last)
+
+    @staticmethod
+    def check(cfg: EveConfig, lm_layers: int) -> None:
+        if cfg.teacher is not None and not Path(cfg.teacher).is_dir():
+            raise UserError(f"eve.teacher={cfg.teacher} is not a directory (a graft run or an HF vision folder)")
+        if not -lm_layers <= cfg.layer < lm_layers:
+            raise UserError(f"eve.layer={cfg.layer} is not a layer of the {lm_layers}-layer LM")
+
+
+def load_teacher(path: str) -> nn.Module:
+    """A frozen vision tower: an HF SigLIP/CLIP folder (config.json) or a graft run's ViT."""
+    from graft.models.hf_backbones import HFVisionTower
+    from graft.models.vit import ViT
+    from graft.rundir import RunDir, load_modules
+
+    if (Path(path) / "config.json").is_file():
+        tower = HFVisionTower.load(VisionConfig(hf_path=path), pretrained=True)
+    else:
+        src = RunDir(path).require().config().vision
+        tower = HFVisionTower.load(src, pretrained=True) if src.hf_path else ViT(src)
+        holder = nn.Module()
+        holder.vision = tower
+        load_modules(holder, ["vision"], path, "eve.teacher")
+    return tower.eval().requires_grad_(False)
+
+
+class AlignedFuyu(VLM):
+    """Fuyu (`Patches` into the LM) with EVE's alignment loss to a frozen teacher. The teacher is
+    kept outside the module tree: not trained, not in the optimizer, not in checkpoints."""
+
+    def __init__(self, vision: VisionConfig, connector, lm, image_token_id: int, teacher: nn.Module, layer: int):
+        super().__init__(Patches(vision), connector, lm, image_token_id)
+        if teacher.num_patches != self.vision.num_patches:
+            raise UserError(f"eve.teacher sees {teacher.num_patches} patches per image, this model "
+                            f"{self.vision.num_patches}: their grids must match (image_size / patch_size)")
+        self.align_head = nn.Linear(lm.hidden_size, teacher.embed_dim)
+        self._teacher = [teacher]  # a list: not a submodule
+        self.align_layer = layer
+
+    def forward(self, input_ids, pixel_values=None, labels=None, cache=None, image_tokens=None, **packed):
+        if labels is None or pixel_values is None or not pixel_values.shape[0]:
+            return super().forward(input_ids, pixel_values, labels, cache, image_tokens, **packed)
+        seen = {}
+        hook = self.lm.layers[self.align_layer].register_forward_hook(lambda m, args, out: seen.setdefault("h", out))
+        try:
+            out, losses = super().forward(input_ids, pixel_values, labels, cache, image_tokens, **packed)
+        finally:
+            hook.remove()
+        student = self.align_head(seen["h"][input_ids == self.image_token_id])  # (images x P, D_teacher)
+        teacher = self._teacher[0].to(pixel_values.device)
+        with torch.no_grad():
+            target = teacher.features(pixel_values).reshape(student.shape)
+        losses["align"] = (1 - F.cosine_similarity(student.float(), target.float(), dim=-1)).sum()
+        return out, losses
+
+    def loss_counts(self, input_ids, labels, **batch) -> dict[str, int]:
+        return {**super().loss_counts(input_ids, labels, **batch), "align": int((input_ids == self.image_token_id).sum())}
