@@ -141,6 +141,8 @@ def load_modules(model, modules: list[str], run_path: str, key: str) -> Path:
                 raise UserError(f"{key}: {ckpt} has {part}.{name} of shape {tuple(value.shape)}, "
                                 f"this model's is {tuple(own[name].shape)}")
         missing, unexpected = model.get_submodule(part).load_state_dict(sub, strict=False)
+        tied = set(own) - set(checkpoint.untied(own))  # second names of tied weights (the LM head): filled
+        missing = [k for k in missing if k not in tied]
         if missing or unexpected or not sub:
             raise UserError(f"{key}: {ckpt} holds no matching {part} "
                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")

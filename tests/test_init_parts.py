@@ -32,3 +32,13 @@ def test_a_part_comes_from_another_run(tmp_path, capsys):
     assert main(["train", "tiny", "--out", str(tmp_path / "bad"), *QUIET, "--set", "train.steps=1",
                  "--set", "connector.kind=linear", "--set", f"train.init_parts={{connector: {a}}}"]) == 2
     assert "train.init_parts.connector" in capsys.readouterr().err
+
+
+def test_a_tied_lm_comes_from_another_run(tmp_path):
+    """The LM head tied to the token embeddings is saved once; init_parts lm fills both names."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "tiny", "--out", str(a), *QUIET, "--set", "train.steps=3", "--set", "optim.lr=1e-2"]) == 0
+    assert main(["train", "tiny", "--out", str(b), *QUIET, "--set", "train.steps=1",
+                 "--set", f"train.init_parts={{lm: {a}}}", "--set", "train.freeze=[lm]"]) == 0
+    got, want = weights(b, "lm."), weights(a, "lm.")
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got)
