@@ -61,13 +61,22 @@ def _build_vlm(cfg, tok, pretrained: bool = True):
 
     _resolve_vocab(cfg, tok)
     vision = HFVisionTower.load(cfg.vision, pretrained) if cfg.vision.hf_path else cfg.vision
-    lm = HFLanguageModel.load(cfg.lm, pretrained) if cfg.lm.hf_path else cfg.lm
+    lm = HFLanguageModel.load(cfg.lm, pretrained) if cfg.lm.hf_module else _builtin_lm(cfg.lm, pretrained)
     return VLM(vision, cfg.connector, lm, tok.image)
 
 
 def _lm_losses(cfg) -> tuple[str, ...]:
     """The built-in LM's auxiliary losses under `cfg` (LanguageModel.aux_losses)."""
     return ("moe_balance",) if cfg.lm.moe_experts and cfg.lm.moe_balance == "loss" else ()
+
+
+def _builtin_lm(lm, pretrained: bool):
+    """The built-in decoder's config, or with lm.hf_path (lm.builtin) the decoder with the folder's weights."""
+    if not lm.hf_path:
+        return lm
+    from graft.models.hf_backbones import load_into_builtin
+
+    return load_into_builtin(lm, pretrained)
 
 
 def _resolve_vocab(cfg, tok) -> None:
@@ -108,7 +117,7 @@ def _validate_vlm(cfg) -> None:
         raise UserError(f"train.freeze freezes every part ({', '.join(parts)}): nothing would train")
     v = cfg.vision  # the built-in tower's grid and LM's width (HF ones are checked when the model is built)
     ConnectorConfig.check(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2,
-                          None if cfg.lm.hf_path else cfg.lm.hidden_size)
+                          None if cfg.lm.hf_module else cfg.lm.hidden_size)
     LMConfig.check(cfg.lm, image_grid=CONNECTORS[cfg.connector.kind].grid)
     _validate_vision(cfg)
 
@@ -132,14 +141,14 @@ def _build_flamingo(cfg, tok, pretrained: bool = True):
 
     _resolve_vocab(cfg, tok)
     vision = HFVisionTower.load(cfg.vision, pretrained) if cfg.vision.hf_path else cfg.vision
-    return Flamingo(vision, cfg.connector, cfg.lm, tok.image, cfg.flamingo)
+    return Flamingo(vision, cfg.connector, _builtin_lm(cfg.lm, pretrained), tok.image, cfg.flamingo)
 
 
 def _validate_flamingo(cfg) -> None:
     from graft.models.flamingo import FlamingoConfig
 
-    if cfg.lm.hf_path:
-        raise UserError("model=flamingo needs the built-in decoder: lm.hf_path is not supported yet")
+    if cfg.lm.hf_module:
+        raise UserError("model=flamingo needs the built-in decoder: with lm.hf_path, set lm.builtin=true")
     for key in ("image_attention", "image_positions", "modality_norms", "modality_ffn"):
         if getattr(cfg.lm, key) != getattr(type(cfg.lm)(), key):
             raise UserError(f"lm.{key} has no effect with model=flamingo: images do not enter the LM's sequence")
@@ -162,8 +171,9 @@ def _build_fuyu(cfg, tok, pretrained: bool = True):
 
     _resolve_vocab(cfg, tok)
     if cfg.eve.teacher:  # EVE: the LM is taught a frozen tower's features of its patches
-        return AlignedFuyu(cfg.vision, cfg.connector, cfg.lm, tok.image, load_teacher(cfg.eve.teacher), cfg.eve.layer)
-    return VLM(Patches(cfg.vision), cfg.connector, cfg.lm, tok.image)
+        return AlignedFuyu(cfg.vision, cfg.connector, _builtin_lm(cfg.lm, pretrained), tok.image,
+                           load_teacher(cfg.eve.teacher), cfg.eve.layer)
+    return VLM(Patches(cfg.vision), cfg.connector, _builtin_lm(cfg.lm, pretrained), tok.image)
 
 
 def _fuyu_processor(cfg, tok, model):
@@ -186,8 +196,8 @@ def _validate_fuyu(cfg) -> None:
                             f"(it reads vision.{', vision.'.join(READS)})")
     if cfg.connector.kind not in ("linear", "mlp"):
         raise UserError(f"connector.kind={cfg.connector.kind}: model=fuyu projects each raw patch (linear or mlp)")
-    if cfg.lm.hf_path:
-        raise UserError("model=fuyu needs the built-in decoder: lm.hf_path is not supported yet")
+    if cfg.lm.hf_module:
+        raise UserError("model=fuyu needs the built-in decoder: with lm.hf_path, set lm.builtin=true")
     for key in ("image_attention", "image_positions"):
         if getattr(cfg.lm, key) != getattr(LMConfig(), key):
             raise UserError(f"lm.{key} needs each image as one run of tokens; model=fuyu ends every row with a newline")

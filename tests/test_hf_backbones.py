@@ -194,3 +194,35 @@ def test_data_check_reads_records_as_the_run_will(hf, tmp_path):
     init = apply_overrides(tiny(), [f"train.init_from={run}"])
     assert tokenizer_for(init).tok.to_str() == RunDir(run).tokenizer().tok.to_str()
     assert processor_for(init).tok.tok.to_str() == RunDir(run).tokenizer().tok.to_str()
+
+
+def test_a_llama_folder_loads_into_the_built_in_decoder(hf, tmp_path):
+    """lm.builtin=true: graft's own decoder with the folder's weights gives LlamaForCausalLM's
+    logits, so a pretrained LM gets built-in options: here Flamingo's blocks, whose closed gates
+    leave the pretrained LM's output unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from graft.models.decoder import LMConfig
+    from graft.models.hf_backbones import load_into_builtin, resolve_lm
+
+    cfg = resolve_lm(LMConfig(hf_path=str(hf["llama"]), builtin=True), 321)
+    ours = load_into_builtin(cfg).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(hf["llama"]).eval()
+    ids = torch.randint(0, 320, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids)[..., :320], theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    run = tmp_path / "flamingo"
+    cli("train", "shapes_flamingo", "--out", str(run), *sets(*QUICK, f"lm.hf_path={hf['llama']}", "lm.builtin=true",
+                                                            "train.steps=2", "data.grid=3"))
+    _, tok, model, _ = RunDir(run).load()
+    proc = build_processor(RunDir(run).config(), tok, model)
+    ids = torch.tensor([proc.prompt("what color is the circle?")])
+    with torch.no_grad():  # 2 steps moved the gates off 0: close them again to compare with the LM alone
+        for block in model.xattn:
+            block.alpha_cross_attn.zero_()
+            block.alpha_dense.zero_()
+        assert torch.equal(model(ids, torch.randn(1, 3, 24, 24))[0], model.lm(input_ids=ids))
+    for k in ("qwen2", "gpt2"):  # not Llama: one line
+        out = subprocess.run([sys.executable, "-m", "graft", "train", "shapes_flamingo", "--out", str(tmp_path / k),
+                              "--set", f"lm.hf_path={hf[k]}", "--set", "lm.builtin=true"], capture_output=True, text=True)
+        assert out.returncode == 2 and "lm.builtin=true loads Llama folders" in out.stderr, out.stderr[-500:]

@@ -45,6 +45,10 @@ class LMConfig:
     # A local Hugging Face AutoModelForCausalLM folder (Llama, Qwen2, GPT-2, ...) to use instead of
     # the built-in decoder, with its own tokenizer and chat template (models/hf_backbones.py).
     hf_path: str | None = None
+    # With hf_path: load the folder's weights into this built-in decoder (a Llama folder: the same
+    # function, parity-tested) instead of running the HF module, so that every built-in option
+    # applies (Flamingo's blocks, the image tokens' own modules, MoE layers).
+    builtin: bool = False
     # LoRA (Hu et al. 2021) through peft: rank 0 = off. The LM's own weights are then frozen and
     # only the adapters train; targets [] = every linear layer of the decoder blocks (models/lora.py).
     lora_rank: int = 0
@@ -71,6 +75,11 @@ class LMConfig:
     moe_balance: str = "loss"  # loss (named loss moe_balance, weigh it in train.objectives) | bias (aux-loss-free)
     moe_bias_rate: float = 1e-3
 
+    @property
+    def hf_module(self) -> bool:
+        """Whether the LM is a Hugging Face module (lm.hf_path without lm.builtin)."""
+        return bool(self.hf_path) and not self.builtin
+
     @staticmethod
     def check(cfg: LMConfig, image_grid: bool = True) -> None:
         """Values exist; the image keys need the built-in decoder, and `mrope` a connector whose
@@ -79,14 +88,16 @@ class LMConfig:
 
         moe.check(cfg)
         for key in ("modality_norms", "modality_ffn"):
-            if cfg.hf_path and getattr(cfg, key):
-                raise UserError(f"lm.{key} needs the built-in decoder (lm.hf_path is set)")
+            if cfg.hf_module and getattr(cfg, key):
+                raise UserError(f"lm.{key} needs the built-in decoder (lm.hf_path is set: add lm.builtin=true)")
         for key, valid in (("image_attention", IMAGE_ATTENTION), ("image_positions", IMAGE_POSITIONS)):
             value = getattr(cfg, key)
             if value not in valid:
                 raise UserError(f"lm.{key}={value!r} is not one of {', '.join(valid)}")
-            if cfg.hf_path and value != valid[0]:
-                raise UserError(f"lm.{key}={value} needs the built-in decoder (lm.hf_path is set)")
+            if cfg.hf_module and value != valid[0]:
+                raise UserError(f"lm.{key}={value} needs the built-in decoder (lm.hf_path is set: add lm.builtin=true)")
+        if cfg.builtin and not cfg.hf_path:
+            raise UserError("lm.builtin=true loads an HF folder into the built-in decoder: set lm.hf_path")
         if cfg.image_positions == "mrope" and not image_grid:
             raise UserError("lm.image_positions=mrope needs image tokens on a grid; this connector's tokens have none")
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
-from graft.models.decoder import KVCache, LMConfig, Media, RMSNorm
+from graft.models.decoder import KVCache, LanguageModel, LMConfig, Media, RMSNorm
 from graft.models.resampler import SwiGLU
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM, _check_placeholders
@@ -120,8 +120,9 @@ class Flamingo(VLM):
     def __init__(self, vision: VisionConfig | nn.Module, connector: ConnectorConfig, lm: LMConfig | nn.Module,
                  image_token_id: int, cfg: FlamingoConfig):
         super().__init__(vision, connector, lm, image_token_id)
-        if not isinstance(lm, LMConfig):
-            raise UserError("model=flamingo needs the built-in decoder (lm.hf_path is not supported yet)")
+        if not isinstance(self.lm, LanguageModel):
+            raise UserError("model=flamingo needs the built-in decoder (with lm.hf_path, set lm.builtin=true)")
+        lm = self.lm.cfg
         self.cfg = cfg
         self.at = list(range(0, lm.layers, cfg.every))  # the LM layers a block runs before
         self.xattn = nn.ModuleList(GatedCrossAttentionBlock(lm, lm.hidden_size, cfg.gate == "tanh") for _ in self.at)

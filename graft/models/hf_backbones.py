@@ -123,8 +123,41 @@ def resolve_lm(cfg: LMConfig, vocab_size: int) -> LMConfig:
         kv_heads=getattr(c, "num_key_value_heads", None) or heads,
         intermediate_size=getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size,
         tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        rope_theta=float((getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", cfg.rope_theta))),
+        rms_norm_eps=float(getattr(c, "rms_norm_eps", cfg.rms_norm_eps)),
         max_seq_len=min(cfg.max_seq_len, getattr(c, "max_position_embeddings", cfg.max_seq_len) or cfg.max_seq_len),
     )
+
+
+def load_into_builtin(cfg: LMConfig, pretrained: bool = True) -> nn.Module:
+    """graft's own decoder with a Llama folder's architecture and (`pretrained`) weights: the same
+    function as `LlamaForCausalLM` (models/hf.py), so built-in options apply to a pretrained LM.
+    `cfg` is resolved (`resolve_lm`); rows of a larger tokenizer than the folder's embedding start
+    at graft's initialisation."""
+    from graft.models.decoder import LanguageModel
+    from graft.models.hf import lm_from_hf
+
+    c = _auto_config("lm.hf_path", cfg.hf_path)
+    if c.model_type != "llama":
+        raise UserError(f"lm.builtin=true loads Llama folders into graft's decoder; {cfg.hf_path} is {c.model_type!r} "
+                        "(use it as an HF module: lm.builtin=false)")
+    lm = LanguageModel(cfg)
+    if pretrained:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(cfg.hf_path, dtype=torch.float32, local_files_only=True)
+        weights = lm_from_hf(hf.state_dict())
+        own = lm.state_dict()
+        unexpected = [k for k in weights if k not in own]
+        missing = [k for k in own if k not in weights and "_image." not in k]
+        if unexpected or missing:  # e.g. MoE layers in place of the folder's FFNs: no upcycling yet
+            raise UserError(f"lm.hf_path={cfg.hf_path} does not fit graft's decoder as configured "
+                            f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+        with torch.no_grad():
+            for name, value in weights.items():
+                own[name][: value.shape[0]].copy_(value)  # embedding rows: the folder's first
+        lm.copy_to_image_modules()
+    return lm
 
 
 # ---- the vision tower --------------------------------------------------------------------------

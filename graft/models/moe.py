@@ -54,8 +54,8 @@ def check(cfg: LMConfig) -> None:
         raise UserError(f"lm.moe_balance={cfg.moe_balance!r} is not one of {', '.join(BALANCE)}")
     if not 1 <= cfg.moe_every <= cfg.layers:
         raise UserError(f"lm.moe_every={cfg.moe_every} must be between 1 and lm.layers={cfg.layers}")
-    if cfg.hf_path:
-        raise UserError("lm.moe_experts needs the built-in decoder (lm.hf_path is set)")
+    if cfg.hf_module:
+        raise UserError("lm.moe_experts needs the built-in decoder (lm.hf_path is set: add lm.builtin=true)")
 
 
 def is_moe_layer(cfg: LMConfig, index: int) -> bool:
