@@ -224,5 +224,5 @@ def test_a_llama_folder_loads_into_the_built_in_decoder(hf, tmp_path):
         assert torch.equal(model(ids, torch.randn(1, 3, 24, 24))[0], model.lm(input_ids=ids))
     for k in ("qwen2", "gpt2"):  # not Llama: one line
         out = subprocess.run([sys.executable, "-m", "graft", "train", "shapes_flamingo", "--out", str(tmp_path / k),
-                              "--set", f"lm.hf_path={hf[k]}", "--set", "lm.builtin=true"], capture_output=True, text=True)
+                              "--set", f"lm.hf_path={hf[k]}", "--set", "lm.builtin=true"], capture_output=True, text=True, check=False)
         assert out.returncode == 2 and "lm.builtin=true loads Llama folders" in out.stderr, out.stderr[-500:]
