@@ -172,17 +172,18 @@ def test_recipes_give_four_image_tokens(recipe):
 # neither is reliable yet: pixel_shuffle sizes 0.58-0.64, colours 0.18-0.24; avgpool colour
 # 0.34. A single linear map (pixel_shuffle, like `linear`) learns colour later than the MLP
 # connectors (mlp 0.44-0.78 at 200 steps): 0.46 at step 400 and 0.60 at 800 of an 800-step run.
-# CI runs the average-pooling recipe only (~100 s); the pixel-shuffle run (size >= 0.7) is left to
+# CI runs the average-pooling recipe only, with one object per image for 200 steps (~21 s; colour
+# 0.90, size 1.00 measured on 2026-12-01); the pixel-shuffle run (size >= 0.7) is left to
 # `graft compare` (docs/compare.md: 0.464 ± 0.010 VQA over 3 seeds against 0.17 by chance) to keep
 # the suite within 15 minutes.
-LEARNS = {"shapes_avgpool": {"vqa_acc/size": 0.7, "vqa_acc/color": 0.45}}
+LEARNS = {"shapes_avgpool": {"vqa_acc/size": 0.8, "vqa_acc/color": 0.6}}  # one object: 1.00 / 0.90 measured
 
 
 @pytest.mark.parametrize("recipe", list(LEARNS))
 def test_recipe_learns_from_images(recipe, tmp_path):
     run = tmp_path / "run"
-    sets = ["train.steps=400", "train.batch_size=32", "train.progress=false", "train.log_every=50",
-            "train.ckpt_every=400", "data.max_objects=2", "eval.vqa_per_type=50", "eval.captions=0",
+    sets = ["train.steps=200", "train.batch_size=32", "train.progress=false", "train.log_every=50",
+            "train.ckpt_every=200", "data.max_objects=1", "eval.vqa_per_type=50", "eval.captions=0",
             "eval.splits=[test]"]
     assert main(["train", recipe, "--out", str(run)] + [a for s in sets for a in ("--set", s)]) == 0
     results = json.loads((run / "eval.json").read_text())
