@@ -1,7 +1,6 @@
 """`train.init_parts`: any part of a model initialised from another run (graft/build.py), e.g. the
 connector of a stage-1 run under a fresh LM."""
 
-import pytest
 
 from graft.cli import main
 from graft.train.checkpoint import read_model
