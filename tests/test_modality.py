@@ -92,3 +92,20 @@ def test_a_run_without_image_modules_initialises_them_from_its_text_modules(tmp_
     assert main(["train", "tiny", "--out", str(run), "--set", "lm.modality_norms=true", "--set", "lm.modality_ffn=true",
                  "--set", "train.steps=2", "--set", f"train.init_from={tmp_path / 'text'}", *quiet]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 2
+
+
+def test_init_parts_lm_from_a_run_without_image_modules_fills_them(tmp_path):
+    """`train.init_parts: {lm: RUN}` into an LM with image modules: the text modules come from the
+    run and the image ones start as copies of them."""
+    from graft.train.checkpoint import read_model
+
+    quiet = ["--set", "train.progress=false", "--set", "eval.splits="]
+    assert main(["train", "tiny", "--out", str(tmp_path / "text"), "--set", "train.steps=3", *quiet]) == 0
+    run = tmp_path / "norms"
+    assert main(["train", "tiny", "--out", str(run), "--set", "lm.modality_norms=true", "--set", "train.steps=1",
+                 "--set", f"train.init_parts={{lm: {tmp_path / 'text'}}}", "--set", "train.freeze=[vision, lm, lm_image]",
+                 *quiet]) == 0
+    src = read_model(sorted((tmp_path / "text" / "checkpoints").iterdir())[-1])
+    got = read_model(sorted((run / "checkpoints").iterdir())[-1])
+    norm = "lm.layers.0.input_layernorm.weight"
+    assert torch.equal(got[norm], src[norm]) and torch.equal(got[norm.replace("norm.", "norm_image.")], src[norm])
