@@ -126,14 +126,14 @@ def first_batches(cfg):
 
 
 def _measure(cfg) -> dict:
-    """Training FLOPs of one step (the first batch), parameters, image tokens per image."""
+    """Training FLOPs of one step (the first batch), parameters, image features the LM reads per image."""
     from graft.train.flops import count_step
 
-    model, proc, batches = first_batches(cfg)
+    model, _, batches = first_batches(cfg)
     return {"flops_per_step": float(sum(count_step(model, b) for b in batches)),
             "params": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "image_tokens": getattr(proc, "num_image_tokens", None)}
+            "image_tokens": getattr(model, "tokens_per_image", None)}
 
 
 def _run(cfg, steps: int, seed: int, run: Path, eval_points: int = EVAL_POINTS) -> dict:

@@ -36,12 +36,18 @@ from graft.models.vit import VisionConfig
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes | webdataset | llava | hf (graft/data/sources.py)
+    source: str = "shapes"  # shapes | webdataset | llava | hf | interleaved (graft/data/sources.py)
     seed: int = 0  # world seed: sample i of split s is a pure function of (seed, s, i)
     grid: int = 4  # objects sit in a grid x grid layout of cells
     max_objects: int = 4
     questions_per_image: int = 4  # QA turns per training conversation (amortises the image)
     caption_prob: float = 0.25  # chance a training conversation also asks for the caption
+    # Images per training item: 1 = one image's conversation; n > 1 = interleaved documents of n images,
+    # each with its questions, then questions about them together (data/documents.py)
+    images_per_doc: int = 1
+    # The scene told in words (its caption) instead of shown: text-only conversations, to pretrain a
+    # language model on the world's language, or teach one that has seen images (eval task `text`)
+    text_only: bool = False
     # Several conversations per row up to lm.max_seq_len tokens instead of padding every one to the
     # longest (data/packing.py): same loss, less work. Supported for the built-in world with the
     # built-in LM; None (default) = pack there, pad elsewhere; true = pack or fail; false = pad.
@@ -49,10 +55,10 @@ class DataConfig:
     tokenizer: str | None = None  # a tokenizer.json to use instead of training one on the world
     vocab_size: int = 384
     # Streaming sources (graft/data/sources.py); the fields above configure the built-in world.
-    shards: list[str] = field(default_factory=list)  # webdataset: one brace pattern per source
+    shards: list[str] = field(default_factory=list)  # webdataset, interleaved: one brace pattern per source
     weights: list[float] = field(default_factory=list)  # webdataset: mixing weight per shards entry (default equal)
-    path: str | None = None  # llava: the conversation .json/.jsonl; hf: a save_to_disk folder
-    image_root: str | None = None  # llava/hf: folder image paths are relative to (default: next to data.path)
+    path: str | None = None  # llava: conversation .json/.jsonl; hf: save_to_disk folder; interleaved: .jsonl file or folder
+    image_root: str | None = None  # llava/hf/interleaved: folder image paths are relative to (default: next to data.path)
     image_column: str = "image"  # hf
     text_column: str = "text"  # hf: a caption string or a conversation list
     caption_prompt: str = CAPTION_PROMPT  # the user turn for caption-only records
@@ -139,6 +145,11 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["test", "compositional"])
     vqa_per_type: int = 300  # questions per question type and split (±3 points at 50 %, one s.e.)
     captions: int = 100  # images captioned per split (CIDEr)
+    # In context (tasks `fewshot`, `documents`: eval/fewshot.py): solved examples before each query,
+    # and interleaved documents of doc_images images whose cross-image questions are asked
+    shots: list[int] = field(default_factory=lambda: [0, 4, 8])
+    documents: int = 100
+    doc_images: int = 3
     batch_size: int = 128
     max_new_tokens: int = 24
     # Dual encoders (model=dual): zero-shot classification and image↔text retrieval.

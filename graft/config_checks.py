@@ -40,6 +40,7 @@ def validate(cfg: Config, sources: bool = True) -> Config:
         if split not in SPLITS:
             raise UserError(f"eval.splits: unknown split '{split}' (valid: {', '.join(SPLITS)})")
     _validate_numbers(cfg)
+    _validate_documents(cfg)
     _validate_streaming(cfg.data)
     _validate_tasks(cfg)
     if cfg.eval.image_root and not Path(cfg.eval.image_root).is_dir():
@@ -56,7 +57,10 @@ def validate(cfg: Config, sources: bool = True) -> Config:
         raise UserError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
     _validate_hf(cfg)
     if cfg.data.pack is True and not _can_pack(cfg):
-        raise UserError("data.pack=true needs data.source=shapes, model=vlm and the built-in LM (no lm.hf_path)")
+        from graft.designs import DESIGNS
+
+        packers = ", ".join(name for name, d in DESIGNS.items() if d.packs)
+        raise UserError(f"data.pack=true needs data.source=shapes, model={packers} and the built-in LM (no lm.hf_path)")
     from graft.designs import design
 
     design(cfg.model).validate(cfg)
@@ -119,8 +123,30 @@ def _validate_numbers(cfg: Config) -> None:
         raise UserError(f"train.max_skipped_steps={cfg.train.max_skipped_steps} must be >= 0 (0: never stop)")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by train.grad_accum={cfg.train.grad_accum}")
+    if any(k < 0 for k in cfg.eval.shots) or cfg.eval.documents < 0 or cfg.eval.doc_images < 2:
+        raise UserError(f"eval.shots={cfg.eval.shots}, eval.documents={cfg.eval.documents} and eval.doc_images="
+                        f"{cfg.eval.doc_images}: shots and documents must be >= 0, doc_images >= 2")
     if cfg.data.max_objects > cfg.data.grid**2:
         raise UserError(f"data.max_objects={cfg.data.max_objects} exceeds the {cfg.data.grid}x{cfg.data.grid} grid")
+
+
+def _validate_documents(cfg: Config) -> None:
+    """data.images_per_doc: the built-in world's interleaved documents, for designs that read text and images."""
+    n = cfg.data.images_per_doc
+    if n < 1:
+        raise UserError(f"data.images_per_doc={n} must be >= 1")
+    from graft.designs import design
+
+    if cfg.data.text_only and (cfg.data.source != "shapes" or design(cfg.model).kind != "vlm" or n > 1):
+        raise UserError("data.text_only tells the built-in world's scenes in words to a VLM design: it needs "
+                        "data.source=shapes, a VLM model and data.images_per_doc=1")
+    if n == 1:
+        return
+    if cfg.data.source != "shapes":
+        raise UserError(f"data.images_per_doc={n} makes the built-in world's documents; with data.source="
+                        f"{cfg.data.source} each record holds its own images")
+    if design(cfg.model).kind != "vlm":
+        raise UserError(f"data.images_per_doc={n}: model={cfg.model} reads one image per example")
 
 
 def _can_pack(cfg: Config) -> bool:
@@ -154,6 +180,8 @@ def _validate_streaming(d: DataConfig) -> None:
         raise UserError("data.source=webdataset needs data.shards (e.g. data.shards=data/shard-{000000..000009}.tar)")
     if d.source in ("llava", "hf") and not d.path:
         raise UserError(f"data.source={d.source} needs data.path")
+    if d.source == "interleaved":
+        _validate_interleaved(d)
     if d.weights and (len(d.weights) != len(d.shards) or min(d.weights) <= 0):
         raise UserError(f"data.weights={d.weights} must be {len(d.shards)} positive numbers, one per data.shards entry")
     if d.workers < 0 or d.shuffle_buffer < 0 or d.check_batches < 0:
@@ -165,6 +193,27 @@ def _validate_streaming(d: DataConfig) -> None:
     check_image_formats(d.image_formats)
     if not 0 <= d.min_good_fraction <= 1:
         raise UserError(f"data.min_good_fraction={d.min_good_fraction} must be between 0 and 1")
+
+
+def _validate_interleaved(d: DataConfig) -> None:
+    """Interleaved documents come from data.path (JSON Lines) or data.shards; a key neither reads is refused."""
+    from graft.config import DataConfig
+
+    if bool(d.path) == bool(d.shards):
+        raise UserError("data.source=interleaved reads data.path (.jsonl documents) or data.shards (tar shards): "
+                        f"set one of them, not {'both' if d.path else 'neither'}")
+    why = {"image_column": "a column of data.source=hf", "text_column": "a column of data.source=hf",
+           "caption_prompt": "there are no captions: every text segment is an answer"}
+    if d.shards:
+        why["image_root"] = "the images are members of the shards"
+    else:
+        why["weights"] = "they weigh data.shards entries"
+        why["shuffle_buffer"] = "documents of .jsonl files are visited in a seeded permutation"
+    default = DataConfig()
+    for key, reason in why.items():
+        if getattr(d, key) != getattr(default, key):
+            raise UserError(f"data.{key} is not read by data.source=interleaved with data.{'shards' if d.shards else 'path'}"
+                            f" ({reason})")
 
 
 def _validate_hf(cfg: Config) -> None:

@@ -345,7 +345,7 @@ DESIGNS = {
                   sources=_check_stage1_run, exports_llava=True, config_losses=_lm_losses),
     "flamingo": Design("vlm", ("vision", "connector", "lm", "flamingo"), ("vision", "connector", "lm", "xattn"),
                        _build_flamingo, _vlm_processor, _vlm_world, _vlm_tokens, _validate_flamingo, losses=("lm",),
-                       config_losses=_lm_losses),
+                       packs=True, config_losses=_lm_losses),
     "fuyu": Design("vlm", ("vision", "connector", "lm", "eve"), ("connector", "lm", "lm_image"), _build_fuyu,
                    _fuyu_processor, _vlm_world, _vlm_tokens, _validate_fuyu, losses=("lm",), packs=True,
                    config_losses=lambda cfg: _lm_losses(cfg) + (("align",) if cfg.eve.teacher else ())),

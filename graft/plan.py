@@ -329,14 +329,15 @@ def dry_run(cfg: Config, recipe: str, out: str | None = None, gpus: int | None =
 
 
 def _shape(cfg: Config, model: nn.Module, rows: int) -> Shape:
-    """The largest micro-batch: rows full to lm.max_seq_len; one image per conversation on the
-    built-in world, else as many as fit (≤ data.max_images)."""
+    """The largest micro-batch: rows full to lm.max_seq_len; on the built-in world one image per
+    conversation (`data.images_per_doc` per document), else as many as fit (≤ data.max_images)."""
     patches = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
     if "lm" not in design(cfg.model).sections:
         return Shape(rows, 0, rows, patches)
     n = model.num_image_tokens
     fit = cfg.lm.max_seq_len // max(n, 1)
-    per_row = 1 if cfg.data.source == "shapes" else max(1, min(cfg.data.max_images, fit))
+    most = cfg.data.images_per_doc if cfg.data.source == "shapes" else cfg.data.max_images
+    per_row = 0 if cfg.data.text_only else max(1, min(most, fit))
     return Shape(rows, cfg.lm.max_seq_len, rows * per_row, patches, n)
 
 

@@ -97,6 +97,44 @@ def shapes_fuyu() -> Config:
     return cfg
 
 
+def shapes_moe() -> Config:
+    """shapes_vqa with sparse MoE FFNs: 4 experts per LM layer, each as wide as the dense FFN, top-1 (equal active parameters).
+
+    A token runs through one expert, so a step costs about what shapes_vqa's does (plus the router);
+    the LM holds 4x the FFN parameters. Switch-style balancing loss at weight 0.01, every token may
+    go to every expert (`lm.moe_routing=agnostic`; `shapes_moe_aware` splits them by modality).
+    """
+    cfg = shapes_vqa()
+    cfg.name = "shapes_moe"
+    cfg.lm.moe_experts, cfg.lm.moe_top_k = 4, 1
+    cfg.train.objectives = {"lm": 1.0, "moe_balance": 0.01}
+    return cfg
+
+
+def shapes_moe_aware() -> Config:
+    """shapes_moe with modality-aware routing: image tokens choose among experts 0-1, text tokens among 2-3."""
+    cfg = shapes_moe()
+    cfg.name = "shapes_moe_aware"
+    cfg.lm.moe_routing = "aware"
+    return cfg
+
+
+def shapes_interleaved() -> Config:
+    """shapes_vqa on interleaved documents: 3 images each with one question, then questions across them.
+
+    `data.images_per_doc=3` (data/documents.py): each image with one of its questions (or its
+    caption), then "which image shows ...?" and a question about an earlier image. Evaluated by
+    the world's VQA and the `documents` and `fewshot` tasks. A row holds one document (about 110
+    tokens), so nothing packs two of them into 160 tokens.
+    """
+    cfg = shapes_vqa()
+    cfg.name = "shapes_interleaved"
+    cfg.data.images_per_doc, cfg.data.questions_per_image = 3, 1
+    cfg.eval.tasks = ["documents=test", "fewshot=test"]
+    cfg.eval.shots = [0, 4]
+    return cfg
+
+
 def tiny() -> Config:
     """A seconds-long smoke test: tiny model, few steps (for tests and trying the CLI)."""
     cfg = shapes_vqa()
@@ -288,7 +326,7 @@ def shapes_qformer() -> Config:
 
 
 RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, shapes_resampler, shapes_pixel_shuffle, shapes_avgpool,
-                                   shapes_flamingo, shapes_fuyu,
+                                   shapes_flamingo, shapes_fuyu, shapes_moe, shapes_moe_aware, shapes_interleaved,
                                    tiny, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, clippo, lit,
                                    shapes_qformer_stage1, shapes_qformer)}
 # Recipes that start from another recipe's run: recipe → (the key naming that run, the recipe that

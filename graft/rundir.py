@@ -12,7 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from graft import atomic
@@ -143,15 +142,11 @@ def load_modules(model, modules: list[str], run_path: str, key: str) -> Path:
                                 f"this model's is {tuple(own[name].shape)}")
         missing, unexpected = model.get_submodule(part).load_state_dict(sub, strict=False)
         tied = set(own) - set(checkpoint.untied(own))  # second names of tied weights (the LM head): filled
-        twins = {k.removeprefix(f"{part}."): v.removeprefix(f"{part}.") for k, v in
-                 (model.image_twins() if hasattr(model, "image_twins") else {}).items() if k.startswith(f"{part}.")}
+        twins = checkpoint.image_twins(model, part)
         filled = [k for k in missing if k in twins]  # image modules the run lacks start as their text twins
         missing = [k for k in missing if k not in tied and k not in twins]
         if missing or unexpected or not sub:
             raise UserError(f"{key}: {ckpt} holds no matching {part} "
                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-        params = dict(model.get_submodule(part).named_parameters())
-        with torch.no_grad():
-            for name in filled:
-                params[name].copy_(params[twins[name]])
+        checkpoint.fill_twins(model.get_submodule(part), twins, filled)
     return ckpt

@@ -85,7 +85,7 @@ def test_an_unknown_design_is_one_line():
     ("shapes_flamingo", "flamingo.attend=next", "flamingo.attend='next' is not one of previous, all"),
     ("shapes_flamingo", "flamingo.every=4", "flamingo.every=4 exceeds lm.layers=3"),
     ("shapes_flamingo", "lm.image_attention=bidirectional", "lm.image_attention has no effect with model=flamingo"),
-    ("shapes_flamingo", "data.pack=true", "data.pack=true needs data.source=shapes, model=vlm"),
+    ("clip", "data.pack=true", "data.pack=true needs data.source=shapes, model=vlm, flamingo, fuyu and"),
     ("shapes_pixel_shuffle", "connector.scale_factor=3", "connector.scale_factor=3"),  # 4x4 patches: 3 does not divide
     ("shapes_resampler", "connector.latents=100", "connector.latents=100 is more than 4 x the 9 patches"),
     ("shapes_qformer", "connector.qformer.queries=0", "connector.qformer.queries=0"),

@@ -153,18 +153,18 @@ def test_every_k_layers_and_frozen_lm_with_trainable_blocks():
 
 
 def test_short_flamingo_run_learns_from_the_images(tmp_path):
-    """`graft train shapes_flamingo`, gated, from scratch, one object per image: colour (uniform over
-    6) and size (over 2) well above what the text alone allows. The gates start closed and Adam
-    opens them by about lr per step; the tower and the blocks learn little until they open, so this
-    short run takes lr 5e-3 (measured here: colour 0.48, size 1.00 at 200 steps, 0.50 / 1.00 at 250;
-    1e-2 diverges; with 2 objects and 400 steps, colour 0.20 at the recipe's 2e-3, 0.44 at 5e-3,
-    and 0.88 ungated at 2e-3)."""
+    """`graft train shapes_flamingo` from scratch, one object per image: colour (uniform over 6) and
+    size (over 2) well above what the text alone allows. Ungated (`flamingo.gate=none`): the tanh
+    gates start closed and Adam opens them by about lr per step, so a gated run this short learns
+    colour only at a high lr and then not reliably (at lr 5e-3, 200 steps: colour 0.48 with 2
+    threads, 0.16 with 1); docs/compare.md measures gated against ungated."""
     out = tmp_path / "run"
-    sets = ["optim.lr=5e-3", "train.steps=200", "train.batch_size=32", "train.progress=false", "train.log_every=50",
-            "train.ckpt_every=200", "data.max_objects=1", "eval.vqa_per_type=50", "eval.captions=0", "eval.splits=[test]"]
+    sets = ["flamingo.gate=none", "train.steps=150", "train.batch_size=32", "train.progress=false",
+            "train.log_every=50", "train.ckpt_every=150", "data.max_objects=1", "eval.vqa_per_type=50",
+            "eval.captions=0", "eval.splits=[test]"]
     assert main(["train", "shapes_flamingo", "--out", str(out)] + [a for s in sets for a in ("--set", s)]) == 0
     result = json.loads((out / "eval.json").read_text())
-    assert result["vqa_acc/color"] >= 0.3 and result["vqa_acc/size"] >= 0.8, result
+    assert result["vqa_acc/color"] >= 0.5 and result["vqa_acc/size"] >= 0.8, result
 
 
 def test_resume_is_exact_and_eval_runs(tmp_path):

@@ -48,6 +48,24 @@ def test_modality_aware_routing_keeps_image_and_text_tokens_apart():
     assert agnostic.route(torch.randn(64, 16), modality.repeat(1, 11)[:, :64])[0].unique().numel() > 2
 
 
+def test_expert_loads_report_the_routed_shares_since_the_last_call():
+    """With modality-aware top-2 routing over 4 experts an image token takes both image experts, a
+    text token both text experts: the shares follow the image fraction exactly."""
+    from graft.models.moe import expert_loads
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([MoE(lm_cfg(experts=4, top_k=2, routing="aware"))])
+    modality = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0]])  # 3 image tokens of 8
+    model.layers[0](torch.randn(1, 8, 16), ctx(modality))
+    model.layers[0].eval()
+    model.layers[0](torch.randn(1, 8, 16), ctx(modality))  # evaluation is not counted
+    loads = expert_loads(model)
+    assert loads["moe/load/0"] == [3 / 16, 3 / 16, 5 / 16, 5 / 16] and loads["moe/max_load"] == 5 / 4
+    assert expert_loads(model)["moe/load/0"] == [0.0] * 4  # counted anew after each call
+    assert expert_loads(torch.nn.Linear(2, 2)) == {}
+
+
 def test_the_balancing_loss_is_one_when_balanced_and_the_expert_count_when_collapsed():
     x = torch.randn(40, 16)
     moe = MoE(lm_cfg(experts=4, top_k=1))
@@ -124,6 +142,8 @@ def test_a_moe_run_logs_its_balance(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 6 and all(1.0 <= r["loss/moe_balance"] <= 4.0 for r in steps)
+    assert all(len(r["moe/load/0"]) == 4 and abs(sum(r["moe/load/0"]) - 1) < 1e-3 for r in steps)
+    assert all(1.0 <= r["moe/max_load"] <= 4.0 for r in steps)
     from graft.rundir import RunDir
     from graft.train.checkpoint import read_model
 

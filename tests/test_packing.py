@@ -1,6 +1,8 @@
 """Packing: several conversations per row give each one the logits, and the batch the loss and
-gradients, of the padded batch."""
+gradients, of the padded batch (prefix VLM, and Flamingo whose tokens must see only their own
+conversation's images)."""
 
+import pytest
 import torch
 
 from graft.data.packing import first_fit, pack
@@ -9,6 +11,16 @@ from graft.data.shapes import ShapesWorld
 from graft.losses import IGNORE, batch_loss
 from graft.train.flops import causal_context, vlm_step_flops
 from tests.helpers import tiny_vlm
+from tests.test_flamingo import open_gates, tiny_flamingo
+
+
+def _flamingo(attend: str):
+    model, proc = tiny_flamingo(attend)
+    open_gates(model)  # closed gates would hide the images, and with them any leak across conversations
+    return model.train(), proc
+
+
+BUILDERS = {"vlm": tiny_vlm, "flamingo_previous": lambda: _flamingo("previous"), "flamingo_all": lambda: _flamingo("all")}
 
 
 def conversations(proc, n):
@@ -31,9 +43,10 @@ def test_first_fit_fills_rows_without_overflow():
     assert first_fit([150], 100) == [[0]]  # too long for a row: a row of its own
 
 
-def test_packed_batch_matches_padded_batch():
+@pytest.mark.parametrize("design", list(BUILDERS))
+def test_packed_batch_matches_padded_batch(design):
     torch.manual_seed(0)
-    model, proc = tiny_vlm()
+    model, proc = BUILDERS[design]()
     items = conversations(proc, 7)
     padded, packed = collate(items, proc.tok.pad), pack(items, proc.tok.pad, max_len=128)
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # fewer rows: it packed

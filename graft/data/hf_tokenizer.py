@@ -39,7 +39,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from graft.data.processor import Processor
+from graft.data.processor import Context, Processor
 from graft.data.samples import ONE_IMAGE, BadSample, Place
 from graft.errors import UserError
 from graft.losses import IGNORE
@@ -202,13 +202,19 @@ class TemplateProcessor(Processor):
                             "in it cannot be told from the template's own")
         return self.tok.encode_pieces([(part, i % 2 == 1) for i, part in enumerate(parts) if part])
 
-    def prompt_text(self, question: str, images: int = 1) -> str:
-        return self.tok.render(self._messages([(question, None)], places=[(0, 0)] * images), generation=True)
+    def prompt_text(self, question: str, images: int = 1, context: Context = ((), ())) -> str:
+        turns, places = self._prompt_turns(question, images, context)
+        return self.tok.render(self._messages(turns, places=places), generation=True)
 
-    def prompt(self, question: str, images: int = 1) -> list[int]:
-        places = [(0, 0)] * images
-        ids, _ = self._encode([(question, None)], True, self.prompt_text(question, images), places)
+    def prompt(self, question: str, images: int = 1, context: Context = ((), ())) -> list[int]:
+        turns, places = self._prompt_turns(question, images, context)
+        ids, _ = self._encode(turns, True, self.prompt_text(question, images, context), places)
         return self._expand(ids, ids)[0]
+
+    @staticmethod
+    def _prompt_turns(question: str, images: int, context: Context) -> tuple[list, list[Place]]:
+        turns, places = context
+        return [*turns, (question, None)], [*places] + [(len(turns), 0)] * images
 
     def encode_conversation(self, turns: list[tuple[str, str]],
                             places: list[Place] | None = None) -> tuple[list[int], list[int], int]:

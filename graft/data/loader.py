@@ -70,15 +70,17 @@ def _conversations(batch: dict, pad_id: int):
                 yield ids[at], labels[at]
 
 
-def row_problems(batch: dict, proc) -> Counter:
-    """Conversations of a batch that cannot teach anything: no answer token, wrong image-token count."""
-    problems = Counter()
+def row_problems(batch: dict, proc) -> tuple[int, Counter]:
+    """Conversations of a batch, and those that cannot teach anything: no answer token, no image or
+    placeholders that are not whole images."""
+    problems, n = Counter(), 0
     for ids, labels in _conversations(batch, proc.tok.pad):
-        if int((ids == proc.tok.image).sum()) != proc.num_image_tokens:
+        placeholders, n = int((ids == proc.tok.image).sum()), n + 1
+        if not placeholders or placeholders % proc.num_image_tokens:
             problems["placeholder_mismatch"] += 1
         elif bool((labels == IGNORE).all()):
             problems["answer_truncated"] += 1
-    return problems
+    return n, problems
 
 
 class PureBatches:
@@ -118,8 +120,8 @@ class ShapesBatches(PureBatches):
     def batch(self, step: int, micro: int) -> dict:
         batch = self.stream.batch(step, micro)
         if not self.check.done:
-            bad = row_problems(batch, self.proc)
-            self.used += batch["pixel_values"].shape[0] - sum(bad.values())  # one image per conversation
+            n, bad = row_problems(batch, self.proc)
+            self.used += n - sum(bad.values())
             self.bad.update(bad)
             self.check.update(self.used, self.bad, batch_arrived=True)
         return batch

@@ -41,6 +41,10 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
         raise UserError(f"{path} is not a usable image ({e})") from None
 
 
+# earlier turns of a prompt and where their images go (Processor.prompt)
+Context = tuple[list[tuple[str, str]], list[Place]]
+
+
 class Processor:
     def __init__(self, tokenizer: ChatTokenizer, image_size: int, num_image_tokens: int, max_seq_len: int,
                  mean: list[float] | None = None, std: list[float] | None = None, image_row: int = 0):
@@ -62,11 +66,16 @@ class Processor:
         mean, std = torch.tensor(self.mean)[:, None, None], torch.tensor(self.std)[:, None, None]
         return (x / 255.0 - mean) / std
 
-    def prompt(self, question: str, images: int = 1) -> list[int]:
-        """Ids for a single-turn prompt with `images` images at its start, ending where the answer
-        should begin."""
-        t = self.tok
-        return [t.bos, t.user] + self._question(question, [0] * images) + [t.assistant]
+    def prompt(self, question: str, images: int = 1, context: Context = ((), ())) -> list[int]:
+        """Ids for a prompt with `images` images at the start of its question, ending where the answer
+        should begin; `context`: earlier (turns, places) before it (few-shot examples, a document),
+        never cut to max_seq_len."""
+        t, (turns, places) = self.tok, context
+        ids = [t.bos]
+        for i, (q, answer) in enumerate(turns):
+            ids += [t.user] + self._question(q, [at for turn, at in places if turn == i]) + [t.assistant]
+            ids += t.encode(answer) + [t.eos]
+        return ids + [t.user] + self._question(question, [0] * images) + [t.assistant]
 
     def _question(self, question: str, offsets: list[int]) -> list[int]:
         """A question's ids with N placeholders per image, at the images' character offsets. Two

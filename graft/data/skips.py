@@ -39,6 +39,7 @@ REASONS = {
     "json_too_deep": "JSON nested deeper than data.max_json_depth",
     "text_control_token": "a control-token string in the text that the chat template would not keep as text",
     "bad_conversation": "messages are not user/assistant turns",
+    "bad_document": "an interleaved document's texts and images are not parallel lists, one of the two per position",
     "empty_answer": "an assistant turn or caption is empty",
     "placeholder_mismatch": "<image> markers and images differ in number, or an image's placeholders do not match its features",
     "answer_truncated": "no answer token (or no turn with an image) fits in lm.max_seq_len",

@@ -4,6 +4,7 @@
     webdataset  tar shards, one `data.shards` entry per source, mixed by `data.weights`
     llava       LLaVA conversation JSON (`data.path`) + image folder (`data.image_root`)
     hf          a Hugging Face dataset saved with `save_to_disk` (`data.path`, `data.*_column`)
+    interleaved web documents, text and images in turn (OBELICS, MMC4): JSON Lines (`data.path`) or shards
 
 To add a source: write a class with `epoch(epoch, slot, nslots, log)` (its raw records for one slot,
 deterministic), `key(raw)` and `example(raw) -> samples.Example`, and add a builder here.
@@ -36,7 +37,15 @@ def _hf(d: DataConfig) -> list:
     return [HFSource(d)]
 
 
-SOURCES = {"shapes": None, "webdataset": _webdataset, "llava": _llava, "hf": _hf}
+def _interleaved(d: DataConfig) -> list:
+    from graft.data.interleaved import InterleavedShards, JsonlDocuments
+
+    if d.shards:
+        return [InterleavedShards(pattern, i, d) for i, pattern in enumerate(d.shards)]
+    return [JsonlDocuments(d)]
+
+
+SOURCES = {"shapes": None, "webdataset": _webdataset, "llava": _llava, "hf": _hf, "interleaved": _interleaved}
 
 
 def build_sources(d: DataConfig) -> tuple[list, list[float]]:
@@ -70,7 +79,7 @@ def training_corpus(cfg: Config, per_source: int = 3000, max_bytes: int = 8 << 2
     from graft.data.tokenizer import world_corpus
 
     if cfg.data.source == "shapes":
-        return world_corpus(make_world(cfg))
+        return world_corpus(make_world(cfg), images_per_doc=cfg.data.images_per_doc)
     texts, size = [CAPTION_PROMPT, cfg.data.caption_prompt], 0
     for source in build_sources(cfg.data)[0]:
         for raw in islice(source.epoch(0, 0, 1, SkipLog()), per_source):

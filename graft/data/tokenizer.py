@@ -119,8 +119,10 @@ def _bounded(texts: list[str]) -> list[str]:
     return out
 
 
-def world_corpus(world, n: int = 3000) -> list[str]:
-    """Every kind of text the world produces, from its first `n` training samples."""
+def world_corpus(world, n: int = 3000, images_per_doc: int = 1) -> list[str]:
+    """Every kind of text the world produces, from its first `n` training samples (and, with
+    `images_per_doc` > 1, the turns of the documents they make, data/documents.py)."""
+    from graft.data.documents import document
     from graft.data.shapes import CAPTION_PROMPT
 
     texts = [CAPTION_PROMPT]
@@ -129,5 +131,7 @@ def world_corpus(world, n: int = 3000) -> list[str]:
         texts.append(s.caption)
         for qa in s.qa:
             texts += [qa.question, qa.answer]
+    for i in range(n // images_per_doc if images_per_doc > 1 else 0):
+        texts += [t for turn in document(world, "train", i, images_per_doc, 1, 0.0).turns for t in turn]
     return texts
 

@@ -9,6 +9,10 @@ metrics to `RUN/eval.json` and the predictions (id, prediction, reference, corre
 `RUN/eval_<task>.jsonl`.
 
 - `shapes` (eval/world.py): the built-in world; `--data` is a split (test, val, compositional, train).
+- `fewshot`, `documents` (eval/fewshot.py): the world in context — k-shot VQA and captioning
+  (k in `eval.shots`), and questions across the images of interleaved documents; `--data` is a split.
+- `text` (eval/text_world.py): the world's questions about scenes told in words, no image: held-out
+  text loss and accuracy of the language side; `--data` is a split.
 - `zeroshot` (eval/labelled.py): a folder per class or CLIP_benchmark shards; dual encoders by
   embedding similarity (eval/zero_shot.py), VLMs by the likelihood of each class name (eval/class_scores.py).
 - `retrieval` (eval/captioned.py): image–caption shards, COCO or Karpathy JSON; dual encoders.
@@ -30,9 +34,11 @@ from graft.errors import UserError
 from graft.eval.captioned import load_captioned
 from graft.eval.captioning import caption_on
 from graft.eval.class_scores import zero_shot_vlm
+from graft.eval.fewshot import documents_vlm, fewshot_vlm
 from graft.eval.labelled import load_labelled
 from graft.eval.questions import load_questions
 from graft.eval.retrieval import retrieval_on
+from graft.eval.text_world import text_vlm
 from graft.eval.vqa import vqa_on
 from graft.eval.world import WORLD, load_split, world_dual, world_vlm
 from graft.eval.zero_shot import zero_shot_on
@@ -47,6 +53,9 @@ class Task:
 
 TASKS = {
     WORLD: Task(load_split, {"vlm": world_vlm, "dual": world_dual}, exists=lambda split: split in SPLITS),
+    "fewshot": Task(load_split, {"vlm": fewshot_vlm}, exists=lambda split: split in SPLITS),
+    "documents": Task(load_split, {"vlm": documents_vlm}, exists=lambda split: split in SPLITS),
+    "text": Task(load_split, {"vlm": text_vlm}, exists=lambda split: split in SPLITS),
     "zeroshot": Task(load_labelled, {"dual": zero_shot_on, "vlm": zero_shot_vlm}),
     "retrieval": Task(load_captioned, {"dual": retrieval_on}),
     "caption": Task(load_captioned, {"vlm": caption_on}),

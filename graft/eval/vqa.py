@@ -38,15 +38,26 @@ def normalise(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
 
 
-def answer(model, proc, prompts: list[tuple[object, str]], batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers for (PIL image, question) pairs (each process answers its share, eval/shard.py)."""
+def answer(model, proc, prompts: list[tuple], batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers (each process answers its share, eval/shard.py) to prompts (image, question) or
+    (images, question, context): `context` = earlier (turns, places) holding the first images
+    (few-shot examples, a document; Processor.prompt), the question the rest."""
     return shard_map(lambda share: _answer(model, proc, share, batch_size, max_new_tokens), prompts)
+
+
+def _encoded(proc, prompt: tuple) -> tuple[list[int], torch.Tensor]:
+    images, question, *context = prompt
+    images = images if isinstance(images, list) else [images]
+    context = context[0] if context else ((), ())
+    ids = proc.prompt(question, len(images) - len(context[1]), context)
+    pixels = [proc.pixels(img) for img in images]
+    return ids, torch.stack(pixels) if pixels else torch.zeros(0, 3, proc.image_size, proc.image_size)
 
 
 @torch.no_grad()
 def _answer(model, proc, prompts, batch_size: int, max_new_tokens: int) -> list[str]:
     """Prompts of equal length are batched together."""
-    encoded = [(proc.prompt(q), proc.pixels(img)) for img, q in prompts]
+    encoded = [_encoded(proc, p) for p in prompts]
     by_len = defaultdict(list)
     for i, (ids, _) in enumerate(encoded):
         by_len[len(ids)].append(i)
@@ -56,7 +67,7 @@ def _answer(model, proc, prompts, batch_size: int, max_new_tokens: int) -> list[
         for s in range(0, len(idxs), batch_size):
             chunk = idxs[s : s + batch_size]
             ids = torch.tensor([encoded[i][0] for i in chunk], device=device)
-            pix = torch.stack([encoded[i][1] for i in chunk]).to(device)
+            pix = torch.cat([encoded[i][1] for i in chunk]).to(device)
             for i, new in zip(chunk, model.generate(ids, pix, max_new_tokens, proc.tok.eos)):
                 out[i] = proc.tok.decode(new)
     return out

@@ -135,14 +135,15 @@ class Flamingo(VLM):
     def image_grid(self) -> None:
         return None
 
-    def lm_inputs(self, input_ids, pixel_values, image_tokens, cache: KVCache | None) -> dict:
-        """The text's own embeddings (the <image> tokens included) and the images as `Media`."""
+    def lm_inputs(self, input_ids, pixel_values, image_tokens, cache: KVCache | None, doc_ids=None) -> dict:
+        """The text's own embeddings (the <image> tokens included) and the images as `Media`; in
+        packed rows (`doc_ids`) a token sees only its own document's images."""
         slots = input_ids == self.image_token_id
         if image_tokens is None and pixel_values is not None and pixel_values.shape[0]:
             image_tokens = self.image_tokens(pixel_values)  # (I, N, D)
         n_images = 0 if image_tokens is None else image_tokens.shape[0]
         _check_placeholders(slots, n_images, 1)
-        media = self._media(slots, image_tokens) if n_images else None
+        media = self._media(slots, image_tokens, doc_ids) if n_images else None
         if cache is not None:
             cache.media = media  # decoding steps see the images of their rows
         return {"inputs_embeds": self.lm.embed_tokens(input_ids), "cache": cache, "media": media}
@@ -153,7 +154,7 @@ class Flamingo(VLM):
             media = Media(media.tokens, media.mask[:, :, -1:], media.seen[:, -1:], media.blocks)
         return self.lm(input_ids=ids, cache=cache, media=media)
 
-    def _media(self, slots: torch.Tensor, image_tokens: torch.Tensor) -> Media:
+    def _media(self, slots: torch.Tensor, image_tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> Media:
         """Each row's images, padded to the most any row holds (B, M·N, D), and what each position sees."""
         B, (n_img, N, D) = slots.shape[0], image_tokens.shape
         per_row = slots.sum(1)  # (B,)
@@ -163,5 +164,9 @@ class Flamingo(VLM):
         tokens = image_tokens.new_zeros(B, M, N, D)
         tokens[row, torch.arange(n_img, device=slots.device) - first[row]] = image_tokens
         sees = visible(torch.cumsum(slots, 1), M, self.cfg.attend)  # (B, T, M)
+        if doc_ids is not None:  # packed rows: an earlier document's image is not this one's
+            image_doc = doc_ids.new_full((B, M), -1)
+            image_doc[row, torch.arange(n_img, device=slots.device) - first[row]] = doc_ids[slots]
+            sees = sees & (doc_ids[..., None] == image_doc[:, None, :])
         mask = sees.repeat_interleave(N, dim=-1)[:, None]  # (B, 1, T, M·N)
         return Media(tokens.view(B, M * N, D), mask, sees.any(-1), dict(zip(self.at, self.xattn)))

@@ -72,6 +72,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(SwiGLU(cfg.hidden_size, hidden, cfg.hidden_size) for _ in range(cfg.moe_experts))
         self.register_buffer("bias", torch.zeros(cfg.moe_experts))  # moe_balance=bias: choice only
         self.register_buffer("load", torch.zeros(cfg.moe_experts), persistent=False)  # slots since the last step
+        self.register_buffer("seen", torch.zeros(cfg.moe_experts), persistent=False)  # slots since the last log line
 
     def route(self, x: torch.Tensor, modality_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         """For tokens x (N, D): the chosen experts (N, k), their weights (N, k) and the router's
@@ -95,6 +96,8 @@ class MoE(nn.Module):
             if rows.numel():
                 out.index_add_(0, rows, weights[rows, slot, None] * expert(x[rows]))
         load = torch.bincount(chosen.reshape(-1), minlength=len(self.experts)).float()  # slots per expert
+        if self.training:
+            self.seen += load.detach()
         if self.balance == "loss":
             share = load / load.sum()
             balance = len(self.experts) * (share * probs.mean(0)).sum() * x.shape[0]  # a local sum over tokens
@@ -113,3 +116,28 @@ class MoE(nn.Module):
             dist.all_reduce(self.load)  # every process moves its bias alike
         self.bias += self.rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()
+
+
+@torch.no_grad()
+def expert_loads(model: nn.Module) -> dict:
+    """The share of routed slots each expert of each MoE layer took since the last call, over all
+    processes (every process calls it): `moe/load/<layer>` lists them (they sum to 1), `moe/max_load`
+    is the largest share x the number of experts over all layers (1 = balanced, E = one expert took
+    everything). Empty for a model without MoE layers; the counts restart after each call."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    if not layers:
+        return {}
+    seen = torch.stack([m.seen for _, m in layers])  # (layers, E)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(seen)
+    for _, m in layers:
+        m.seen.zero_()
+    share = seen / seen.sum(1, keepdim=True).clamp(min=1)
+    out = {f"moe/load/{_layer(name)}": [round(x, 4) for x in row] for (name, _), row in zip(layers, share.tolist())}
+    return out | {"moe/max_load": float(share.max() * share.shape[1])}
+
+
+def _layer(name: str) -> str:
+    """`lm.layers.3.mlp` → `3`: the LM layer a module sits in."""
+    parts = name.split(".")
+    return next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p == "layers"), name)

@@ -45,6 +45,11 @@ class VLM(nn.Module):
     @property
     def num_image_tokens(self) -> int:
         """Placeholders the processor must write per image."""
+        return self.tokens_per_image
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Image features the LM reads per image (in its sequence, or Flamingo's through cross-attention)."""
         return self.connector.num_tokens(self.vision.num_patches)
 
     def part_modules(self, part: str) -> list[str]:
@@ -109,14 +114,16 @@ class VLM(nn.Module):
         `image_tokens` (see `embed`). `packed`: position_ids and doc_ids of packed rows
         (data/packing.py), for the built-in decoder."""
         aux: dict = {}
-        lm_args = dict(self.lm_inputs(input_ids, pixel_values, image_tokens, cache), aux=aux, **packed)
+        lm_args = dict(self.lm_inputs(input_ids, pixel_values, image_tokens, cache, packed.get("doc_ids")),
+                       aux=aux, **packed)
         if labels is not None and self.supervised_logits:
             return None, {"lm": self._supervised_loss(lm_args, labels), **aux}
         logits = self.lm(**lm_args)
         return logits, ({"lm": lm_loss_sum(logits, labels), **aux} if labels is not None else {})
 
-    def lm_inputs(self, input_ids, pixel_values, image_tokens, cache: KVCache | None) -> dict:
-        """The decoder's inputs for a batch: the image tokens spliced into the text's embeddings."""
+    def lm_inputs(self, input_ids, pixel_values, image_tokens, cache: KVCache | None, doc_ids=None) -> dict:
+        """The decoder's inputs for a batch: the image tokens spliced into the text's embeddings
+        (`doc_ids` of packed rows: the decoder's mask keeps each document to itself)."""
         return {"inputs_embeds": self.embed(input_ids, pixel_values, image_tokens), "cache": cache,
                 "modality_ids": (input_ids == self.image_token_id).long(), "tokens_per_image": self.num_image_tokens,
                 "image_grid": self.image_grid}

@@ -275,9 +275,26 @@ def read_model(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     return tensors
 
 
+def image_twins(model, part: str = "") -> dict[str, str]:
+    """Parameters of the model's image modules (`lm.modality_*`) → the text parameters they start
+    as, named within the submodule `part` if given: a checkpoint without them (saved before they
+    were switched on) fills them from those (`fill_twins`)."""
+    twins = model.image_twins() if hasattr(model, "image_twins") else {}
+    prefix = f"{part}." if part else ""
+    return {k.removeprefix(prefix): v.removeprefix(prefix) for k, v in twins.items() if k.startswith(prefix)}
+
+
+@torch.no_grad()
+def fill_twins(module, twins: dict[str, str], names: list[str]) -> None:
+    """The parameters `names` of `module` set to their twins' values (just loaded)."""
+    params = dict(module.named_parameters())
+    for name in names:
+        params[name].copy_(params[twins[name]])
+
+
 def load_weights(model, ckpt: Path) -> None:
     """The checkpoint's weights into `model` (one process; unsharded)."""
-    twins = model.image_twins() if hasattr(model, "image_twins") else {}
+    twins = image_twins(model)
     if (ckpt / "model.safetensors").is_file():
         from safetensors.torch import load_model
 
@@ -297,10 +314,7 @@ def load_weights(model, ckpt: Path) -> None:
     missing = [k for k in missing if k not in filled]
     if missing or unexpected:
         raise UserError(f"{ckpt} does not fit this model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    with torch.no_grad():  # ... start as the text modules just loaded
-        params = dict(model.named_parameters())
-        for name in filled:
-            params[name].copy_(params[twins[name]])
+    fill_twins(model, twins, filled)  # ... start as the text modules just loaded
 
 
 def load_train_state(ckpt: Path, model, optimizer, scheduler) -> dict:

@@ -25,6 +25,7 @@ from graft.errors import Stopped, UserError
 from graft.eval.harness import entries, evaluate, unprefixed
 from graft.eval.shard import sharded
 from graft.losses import weighted
+from graft.models.moe import expert_loads
 from graft.report import write_report
 from graft.rundir import RunDir, build_processor
 from graft.train import checkpoint, parallel, runtime
@@ -120,7 +121,8 @@ def _steps(s: _Session, log: MetricsLog) -> None:
                 done = step + 1
                 if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                     record = window.record(done, loss, grad_norm, s.scheduler, rt, peak)  # loss: global already
-                    log.log(record | s.stream.stats(rt))  # data_skipped counts by reason, summed over ranks
+                    # data_skipped counts by reason and MoE expert loads, summed over ranks
+                    log.log(record | s.stream.stats(rt) | expert_loads(s.model))
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
                 if bar is not None:
