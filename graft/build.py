@@ -19,9 +19,11 @@ changes the config it is given: `resolve` returns a resolved copy.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from graft.config import Config
 from graft.data.hf_tokenizer import HFChatTokenizer
@@ -43,9 +45,24 @@ def tokenizer_for(cfg: Config, run: RunDir | None = None):
         return RunDir(src).tokenizer()
     if src is not None and (src / "tokenizer.json").is_file():  # an exported HF folder
         return ChatTokenizer.load(src / "tokenizer.json")
+    if cfg.data.source == "shapes":  # the world's text depends on these settings alone: trained once per process
+        d = cfg.data
+        return ChatTokenizer(Tokenizer.from_str(_world_tokenizer(d.seed, d.grid, d.max_objects, d.images_per_doc,
+                                                                 d.vocab_size)))
     from graft.data.sources import training_corpus
 
     return ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _world_tokenizer(seed: int, grid: int, max_objects: int, images_per_doc: int, vocab_size: int) -> str:
+    """The BPE trained on the built-in world's text, as JSON (`graft compare` and the tests build
+    many runs in one process; the image size does not change the text)."""
+    from graft.data.shapes import ShapesWorld
+    from graft.data.tokenizer import world_corpus
+
+    world = ShapesWorld(grid=grid, max_objects=max_objects, seed=seed)
+    return ChatTokenizer.train(world_corpus(world, images_per_doc=images_per_doc), vocab_size).tok.to_str()
 
 
 def resolve(cfg: Config, tok) -> tuple[Config, list[str]]:
@@ -88,7 +105,9 @@ def init_from(model, path: str) -> None:
 
     src = RunDir(path)
     if not src.config_path.is_file() and (Path(path) / "config.json").is_file():
-        from graft.models.hf_llava import load_llava_weights  # imports transformers: only when needed
+        from graft.models.hf_llava import (
+            load_llava_weights,  # imports transformers: only when needed
+        )
 
         load_llava_weights(model, path)
         return

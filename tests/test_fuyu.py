@@ -4,6 +4,8 @@ their newlines, and a short run that learns from the images."""
 
 import json
 
+import pytest
+
 import torch
 
 from graft.cli import main
@@ -115,3 +117,41 @@ def test_eve_alignment_to_a_frozen_teacher(tmp_path):
 def test_align_is_no_loss_without_a_teacher(tmp_path, capsys):
     assert main(["train", "shapes_fuyu", "--out", str(tmp_path / "r"), "--set", "train.objectives={align: 1}"]) == 2
     assert "'align' is not a loss of model=fuyu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_eve_teacher_from_a_hugging_face_folder(tmp_path, kind):
+    """eve.teacher = a local SiglipVisionModel / CLIPVisionModel folder: its patch features (CLIP's
+    class token left out) are the target; it is frozen and not saved."""
+    from hf_models import make_vision
+
+    from graft.rundir import RunDir
+    from graft.train.checkpoint import read_model
+
+    folder = make_vision(kind, tmp_path / kind)
+    small = [f"lm.{k}={v}" for k, v in (("hidden_size", 32), ("layers", 2), ("intermediate_size", 64))]
+    sets = [*small, "train.progress=false", "train.log_every=1", "eval.splits=", "train.steps=8",
+            "train.batch_size=16", f"eve.teacher={folder}", "train.objectives={lm: 1, align: 2}"]
+    run = tmp_path / "eve"
+    assert main(["train", "shapes_fuyu", "--out", str(run)] + [a for s in sets for a in ("--set", s)]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    align = [r["loss/align"] for r in records if "loss/align" in r]
+    assert len(align) == 8 and all(0 <= a <= 2 for a in align) and align[-1] < align[0]
+    saved = read_model(RunDir(str(run)).latest_checkpoint())
+    assert not any("teacher" in k for k in saved)
+    from transformers import AutoModel
+
+    reference = AutoModel.from_pretrained(str(folder)).state_dict()
+    teacher = RunDir(str(run)).load()[2]._teacher[0]
+    mine = {k.removeprefix("model."): v for k, v in teacher.state_dict().items()}
+    assert set(reference) <= set(mine) and all(torch.equal(mine[k], v) for k, v in reference.items())
+    # the teacher reads the images normalised its own way (CLIP's mean and std, SigLIP's 0.5)
+    from graft.models.fuyu import load_teacher
+
+    _, seen_as = load_teacher(str(folder))
+    _, scale, shift = RunDir(str(run)).load()[2]._teacher
+    pixels = torch.rand(3, 1, 1)
+    own = (pixels - 0.5) / 0.5  # the student's
+    want = (pixels - torch.tensor(seen_as.image_mean)[:, None, None]) / torch.tensor(seen_as.image_std)[:, None, None]
+    torch.testing.assert_close(own * scale + shift, want)
+    assert (seen_as.image_mean != [0.5] * 3) == (kind == "clip")

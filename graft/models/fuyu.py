@@ -69,34 +69,42 @@ class EveConfig:
             raise UserError(f"eve.layer={cfg.layer} is not a layer of the {lm_layers}-layer LM")
 
 
-def load_teacher(path: str) -> nn.Module:
-    """A frozen vision tower: an HF SigLIP/CLIP folder (config.json) or a graft run's ViT."""
-    from graft.models.hf_backbones import HFVisionTower
+def load_teacher(path: str) -> tuple[nn.Module, VisionConfig]:
+    """A frozen vision tower and its config (its image size, mean and std): an HF SigLIP/CLIP folder
+    (config.json) or a graft run's ViT."""
+    from graft.models.hf_backbones import HFVisionTower, resolve_vision
     from graft.models.vit import ViT
     from graft.rundir import RunDir, load_modules
 
     if (Path(path) / "config.json").is_file():
-        tower = HFVisionTower.load(VisionConfig(hf_path=path), pretrained=True)
+        cfg = resolve_vision(VisionConfig(hf_path=path))
+        tower = HFVisionTower.load(cfg, pretrained=True)
     else:
-        src = RunDir(path).require().config().vision
-        tower = HFVisionTower.load(src, pretrained=True) if src.hf_path else ViT(src)
+        cfg = RunDir(path).require().config().vision
+        tower = HFVisionTower.load(cfg, pretrained=True) if cfg.hf_path else ViT(cfg)
         holder = nn.Module()
         holder.vision = tower
         load_modules(holder, ["vision"], path, "eve.teacher")
-    return tower.eval().requires_grad_(False)
+    return tower.eval().requires_grad_(False), cfg
 
 
 class AlignedFuyu(VLM):
     """Fuyu (`Patches` into the LM) with EVE's alignment loss to a frozen teacher. The teacher is
     kept outside the module tree: not trained, not in the optimizer, not in checkpoints."""
 
-    def __init__(self, vision: VisionConfig, connector, lm, image_token_id: int, teacher: nn.Module, layer: int):
+    def __init__(self, vision: VisionConfig, connector, lm, image_token_id: int,
+                 teacher: tuple[nn.Module, VisionConfig], layer: int):
         super().__init__(Patches(vision), connector, lm, image_token_id)
-        if teacher.num_patches != self.vision.num_patches:
-            raise UserError(f"eve.teacher sees {teacher.num_patches} patches per image, this model "
+        tower, seen_as = teacher
+        if tower.num_patches != self.vision.num_patches:
+            raise UserError(f"eve.teacher sees {tower.num_patches} patches per image, this model "
                             f"{self.vision.num_patches}: their grids must match (image_size / patch_size)")
-        self.align_head = nn.Linear(lm.hidden_size, teacher.embed_dim)
-        self._teacher = [teacher]  # a list: not a submodule
+        self.align_head = nn.Linear(lm.hidden_size, tower.embed_dim)
+        # The teacher reads the same images normalised its own way: x_teacher = x · scale + shift
+        mean, std = torch.tensor(vision.image_mean), torch.tensor(vision.image_std)
+        its_mean, its_std = torch.tensor(seen_as.image_mean), torch.tensor(seen_as.image_std)
+        scale, shift = std / its_std, (mean - its_mean) / its_std
+        self._teacher = [tower, scale[:, None, None], shift[:, None, None]]  # a list: not submodules, not saved
         self.align_layer = layer
 
     def forward(self, input_ids, pixel_values=None, labels=None, cache=None, image_tokens=None, **packed):
@@ -109,9 +117,9 @@ class AlignedFuyu(VLM):
         finally:
             hook.remove()
         student = self.align_head(seen["h"][input_ids == self.image_token_id])  # (images x P, D_teacher)
-        teacher = self._teacher[0].to(pixel_values.device)
+        teacher, scale, shift = (t.to(pixel_values.device) for t in self._teacher)
         with torch.no_grad():
-            target = teacher.features(pixel_values).reshape(student.shape)
+            target = teacher.features(pixel_values * scale + shift).reshape(student.shape)
         losses["align"] = (1 - F.cosine_similarity(student.float(), target.float(), dim=-1)).sum()
         return out, losses
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import functools
 import os
 import re
 import sys
@@ -143,12 +144,18 @@ def peak_flops(rt: Runtime, configured: float = 0.0) -> float:
                 print(f"MFU: no datasheet peak for {name!r}; measured against 989 TFLOP/s (H100 bf16). "
                       "Set train.peak_flops for a true figure.", flush=True)
         return peak
+    return _cpu_peak(torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=4)
+def _cpu_peak(threads: int) -> float:
+    """`measure_matmul_flops` once per process and thread count (`graft compare` trains many runs in one)."""
     return measure_matmul_flops()
 
 
 def measure_matmul_flops(n: int = 1024, seconds: float = 0.2) -> float:
     """Best fp32 matmul rate over ~`seconds` on this CPU (~20 products of 1024² at 2 threads): the
-    practical peak, measured at the start of every CPU run."""
+    practical peak, measured at the start of a process's first CPU run."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm up
     best, end = 0.0, time.perf_counter() + seconds
