@@ -5,7 +5,6 @@ their newlines, and a short run that learns from the images."""
 import json
 
 import pytest
-
 import torch
 
 from graft.cli import main
