@@ -102,3 +102,12 @@ def test_pack_defaults_to_the_built_in_world_and_fails_loudly_elsewhere():
     assert C.apply_overrides(RECIPES["shapes_vqa"](), ["data.pack=false"]).data.pack is False
     with pytest.raises(UserError, match="data.pack=true needs data.source=shapes"):
         C.apply_overrides(RECIPES["shapes_vqa"](), ["data.pack=true", "data.source=webdataset", "data.shards=a.tar"])
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_is_valid_and_survives_its_yaml(name, tmp_path):
+    """`graft recipes --show NAME` prints a config that loads back to the same one."""
+    cfg = C.validate(RECIPES[name]())
+    path = tmp_path / "config.yaml"
+    C.save(cfg, path)
+    assert C.load(path) == cfg
