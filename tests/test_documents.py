@@ -3,6 +3,7 @@
 every kept image, prompts with earlier turns are the conversation's own prefix, and few-shot
 examples are fixed per query."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -117,8 +118,6 @@ def test_fewshot_and_documents_through_the_cli(tmp_path, model):
             "eval.tasks=[fewshot=test,documents=val]", "eval.vqa_per_type=2", "eval.captions=2", "eval.documents=4",
             "eval.shots=[0,1]"]
     assert main(["train", "tiny", "--out", str(tmp_path / "r"), *[a for s in sets for a in ("--set", s)]]) == 0
-    import json
-
     metrics = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert {"test/fewshot_vqa@0", "test/fewshot_vqa@1", "test/fewshot_cider@1", "val/doc_acc"} <= set(metrics)
     lines = (tmp_path / "r" / "eval_val_documents.jsonl").read_text().splitlines()
@@ -153,3 +152,11 @@ def test_text_only_world_and_the_text_task(tmp_path):
     assert abs(metrics["text_loss"] - float(whole)) < 1e-4
     assert all(p["question"].startswith("the scene: ") and "." in p["question"] for p in predictions)
     assert in_words(sample, [("q?", "a")]) == [(f"the scene: {sample.caption}. q?", "a")]
+
+
+def test_a_text_only_run_trains_and_is_scored_on_text(tmp_path):
+    sets = ["data.text_only=true", "train.steps=4", "eval.splits=[]", "eval.tasks=[text=test]", "eval.vqa_per_type=2"]
+    assert main(["data", "check", "tiny", *[a for s in sets[:1] for a in ("--set", s)]]) == 0
+    assert main(["train", "tiny", "--out", str(tmp_path / "r"), *[a for s in sets for a in ("--set", s)]]) == 0
+    metrics = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert set(metrics) == {"text_loss", "text_acc"} and metrics["text_loss"] > 0  # the only task: unprefixed

@@ -70,13 +70,13 @@ def _conversations(batch: dict, pad_id: int):
                 yield ids[at], labels[at]
 
 
-def row_problems(batch: dict, proc) -> tuple[int, Counter]:
-    """Conversations of a batch, and those that cannot teach anything: no answer token, no image or
-    placeholders that are not whole images."""
+def row_problems(batch: dict, proc, images: bool = True) -> tuple[int, Counter]:
+    """Conversations of a batch, and those that cannot teach anything: no answer token, placeholders
+    that are not whole images, or no image (`images`; with `data.text_only`, any placeholder)."""
     problems, n = Counter(), 0
     for ids, labels in _conversations(batch, proc.tok.pad):
         placeholders, n = int((ids == proc.tok.image).sum()), n + 1
-        if not placeholders or placeholders % proc.num_image_tokens:
+        if bool(placeholders) != images or placeholders % proc.num_image_tokens:
             problems["placeholder_mismatch"] += 1
         elif bool((labels == IGNORE).all()):
             problems["answer_truncated"] += 1
@@ -115,12 +115,12 @@ class ShapesBatches(PureBatches):
     def __init__(self, stream, cfg):
         super().__init__(stream)
         self.check = StartupCheck(cfg.data, cfg.train.batch_size // cfg.train.grad_accum)
-        self.used, self.bad = 0, Counter()
+        self.used, self.bad, self.images = 0, Counter(), not cfg.data.text_only
 
     def batch(self, step: int, micro: int) -> dict:
         batch = self.stream.batch(step, micro)
         if not self.check.done:
-            n, bad = row_problems(batch, self.proc)
+            n, bad = row_problems(batch, self.proc, self.images)
             self.used += n - sum(bad.values())
             self.bad.update(bad)
             self.check.update(self.used, self.bad, batch_arrived=True)

@@ -63,8 +63,8 @@ class TrainStream:
         start = first_sample(step, micro, b, accum, self.rank, self.world_size, self.base)
         items = [self.item(i) for i in range(start, start + b // accum)]
         if self.packs:
-            return pack(items, self.proc.tok.pad, self.cfg.lm.max_seq_len)
-        return collate(items, self.proc.tok.pad)
+            return pack(items, self.proc.tok.pad, self.cfg.lm.max_seq_len, self.proc.image_size)
+        return collate(items, self.proc.tok.pad, self.proc.image_size)
 
     def item(self, index: int):
         d = self.cfg.data
