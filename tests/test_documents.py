@@ -160,3 +160,14 @@ def test_a_text_only_run_trains_and_is_scored_on_text(tmp_path):
     assert main(["train", "tiny", "--out", str(tmp_path / "r"), *[a for s in sets for a in ("--set", s)]]) == 0
     metrics = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert set(metrics) == {"text_loss", "text_acc"} and metrics["text_loss"] > 0  # the only task: unprefixed
+
+
+def test_the_documents_task_asks_both_kinds_whatever_the_training_config():
+    from graft.eval.fewshot import documents_vlm
+
+    torch.manual_seed(0)
+    model, proc = tiny_vlm()
+    cfg = apply_overrides(tiny(), ["data.questions_per_image=6", "eval.documents=6"])
+    metrics, predictions = documents_vlm(model.eval(), proc, WorldSplit("test", WORLD), cfg)
+    assert {"doc_acc/which", "doc_acc/recall"} <= set(metrics)
+    assert sum(p["question"].startswith("in image") for p in predictions) >= 3

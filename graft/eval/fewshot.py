@@ -9,8 +9,9 @@ The queries are those of the `shapes` task (`eval.vqa_per_type` per question typ
 images), so 0-shot equals its zero-shot score. Metrics: `fewshot_vqa@k`, `fewshot_cider@k`.
 
 `documents` (`--data SPLIT`): `eval.documents` interleaved documents of `eval.doc_images` images
-(data/documents.py); the model reads a document's image turns (questions and their true answers)
-and answers each question about the images together. Metrics: `doc_acc` and per kind
+(data/documents.py), one question per image whatever the training config; the model reads a
+document's image turns (questions and their true answers) and answers each question about the
+images together. Metrics: `doc_acc` and per kind
 (`doc_acc/which`: which image shows an object, `doc_acc/recall`: a question about an earlier image).
 """
 
@@ -74,7 +75,7 @@ def documents_vlm(model, proc, data: WorldSplit, cfg) -> tuple[dict[str, float],
     e, world, split = cfg.eval, data.world, data.name
     asked = []  # (document, turn)
     for i in range(e.documents):
-        doc = document(world, split, i, e.doc_images, cfg.data.questions_per_image, 0.0)
+        doc = document(world, split, i, e.doc_images, 1, 0.0)  # one question per image: the rest can be recalled
         asked += [(i, doc, t) for t, kind in enumerate(doc.kinds) if kind in CROSS_KINDS]
     prompts = [([s.image for s in doc.samples], doc.turns[t][0], (doc.turns[:t], doc.places)) for _, doc, t in asked]
     preds = answer(model, proc, prompts, e.batch_size, max_new_tokens=4)
