@@ -105,9 +105,7 @@ def init_from(model, path: str) -> None:
 
     src = RunDir(path)
     if not src.config_path.is_file() and (Path(path) / "config.json").is_file():
-        from graft.models.hf_llava import (
-            load_llava_weights,  # imports transformers: only when needed
-        )
+        from graft.models.hf_llava import load_llava_weights  # imports transformers: only when needed
 
         load_llava_weights(model, path)
         return

@@ -72,6 +72,7 @@ def _check_world(cfg: Config, proc, n: int) -> tuple[int, Counter, Counter, int]
     stream = TrainStream(cfg, proc)
     rows = [stream.item(i) for i in range(n)]
     notes = Counter(sequence_truncated=sum(len(ids) > proc.max_seq_len for ids, _, _ in rows))
-    batch = collate(rows, proc.tok.pad, proc.image_size) if rows else None
-    problems = row_problems(batch, proc, not cfg.data.text_only)[1] if rows else Counter()
+    problems = Counter()
+    if rows:
+        problems = row_problems(collate(rows, proc.tok.pad, proc.image_size), proc, not cfg.data.text_only)[1]
     return len(rows) - sum(problems.values()), problems, notes, len(rows)

@@ -67,7 +67,8 @@ def build_stream(cfg: Config, proc, rt, checkpoint: Path | None = None):
 
 
 def training_corpus(cfg: Config, per_source: int = 3000, max_bytes: int = 8 << 20) -> list[str]:
-    """Text to train the tokenizer on: the world's, or the first records' turns of each source.
+    """Text to train the tokenizer on: the first records' turns of each streaming source (the built-in
+    world's tokenizer is trained once per process from its own text, build.tokenizer_for).
 
     Only texts within the data limits (limits.py) are kept, and at most `max_bytes` in all, so the
     tokenizer's training cost is bounded whatever the data holds."""
@@ -75,11 +76,7 @@ def training_corpus(cfg: Config, per_source: int = 3000, max_bytes: int = 8 << 2
     from graft.data.samples import BadSample
     from graft.data.shapes import CAPTION_PROMPT
     from graft.data.skips import SkipLog
-    from graft.data.stream import make_world
-    from graft.data.tokenizer import world_corpus
 
-    if cfg.data.source == "shapes":
-        return world_corpus(make_world(cfg), images_per_doc=cfg.data.images_per_doc)
     texts, size = [CAPTION_PROMPT, cfg.data.caption_prompt], 0
     for source in build_sources(cfg.data)[0]:
         for raw in islice(source.epoch(0, 0, 1, SkipLog()), per_source):
