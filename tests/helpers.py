@@ -1,5 +1,8 @@
 """Small builders shared by the tests."""
 
+import shutil
+from pathlib import Path
+
 from graft.data.processor import Processor
 from graft.data.shapes import ShapesWorld
 from graft.data.tokenizer import ChatTokenizer, world_corpus
@@ -24,3 +27,9 @@ def tiny_vlm(kind: str = "mlp") -> tuple[VLM, Processor]:
     lm = LMConfig(vocab_size=len(tok), hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64)
     model = VLM(vision, ConnectorConfig(kind), lm, tok.image)
     return model, Processor(tok, 32, model.num_image_tokens, 128)
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A private copy of a shared run (conftest's `shared_run`), for a test that writes into it."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".complete"))
+    return dst

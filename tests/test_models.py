@@ -160,7 +160,11 @@ def test_supervised_logits_give_the_same_loss_and_gradients_with_fewer_flops():
         flops.append(count_step(model, {"input_ids": ids, "pixel_values": pix, "labels": labels}))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
     assert grads[1].keys() == grads[0].keys() and len(grads[0]) > 10
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+    for name, want in grads[0].items():
+        # The same sums in another order (the head over 8 positions instead of all, then the fp32
+        # reductions back through every layer): measured up to ~3e-7 of a tensor's largest element
+        # on AVX-512 and AVX2 CPUs. A lost or doubled position moves a gradient by far more.
+        scale = want.abs().max().item()
+        torch.testing.assert_close(grads[1][name], want, rtol=1e-4, atol=1e-5 * scale, msg=name)
     head = 2 * model.lm.lm_head.weight.numel() * 3  # per position: forward, input and weight gradients
     assert flops[0] - flops[1] == head * (ids.numel() - int((labels[:, 1:] != IGNORE).sum()))

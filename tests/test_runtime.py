@@ -28,11 +28,16 @@ def faults(mode: str) -> int:
     return int(done.stdout.split()[-1])
 
 
+PAGES = 20 * 5 * 10_000_000 * 4 // 4096  # the pages 20 steps would fault in if nothing were reused
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_tensor_memory_is_reused_without_page_faults():
-    """By default glibc maps every block over 32 MB afresh and unmaps it on free (smaller ones too,
-    depending on its history), so every step faults them in again (~10,000 faults per 40 MB);
-    once runtime.setup has tuned malloc (CPU runs), the memory is reused."""
+    """Once runtime.setup has tuned malloc (CPU runs), a step's freed activations are reused: the
+    20 steps fault in well under 1 % of the pages they touch. By default glibc maps every block over
+    its threshold afresh and unmaps it on free, so every step faults them in again (~10,000 faults
+    per 40 MB block; ~4.9 million here on the development machines' glibc). How many a libc's default
+    costs is its own business; the setting must make the difference wherever the default faults."""
     default, kept = faults("default"), faults("keep")
-    assert default > 500_000, default
-    assert kept < 1_000, kept
+    assert kept < PAGES // 100, (kept, PAGES)
+    assert default < PAGES // 100 or kept < default // 10, (default, kept)

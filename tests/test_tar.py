@@ -9,7 +9,6 @@ import lzma
 import pickle
 import random
 import tarfile
-import time
 import tracemalloc
 
 import pytest
@@ -175,6 +174,7 @@ def test_a_member_over_its_limit_is_not_read_and_the_next_records_are(tmp_path):
     assert peak < 5_000_000, peak
 
 
+@pytest.mark.timeout(120)  # a hang guard: tarfile's own seek would read past the end 10 KiB at a time, for ever
 def test_a_size_claiming_a_petabyte_ends_at_the_end_of_the_data(tmp_path):
     path = tmp_path / "claims.tar"
     buf = io.BytesIO()
@@ -184,9 +184,7 @@ def test_a_size_claiming_a_petabyte_ends_at_the_end_of_the_data(tmp_path):
         info.size = 1 << 50
         tf.addfile(info)  # the header only: the data it claims never comes
     path.write_bytes(buf.getvalue())
-    start = time.monotonic()
     recs, log = read(path)
-    assert time.monotonic() - start < 5  # tarfile's own seek would read past the end 10 KiB at a time
     assert keys(recs) == ["r0"] and log.skipped == CORRUPT
     assert log.details == ["unreadable (ReadError: 'unexpected end of data') after 1 record; "
                            "record 'r1' and the rest of the shard are lost"]
