@@ -7,6 +7,7 @@ would shell out) stops in one line instead of after training.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,6 +109,22 @@ def _validate_parts_and_losses(cfg: Config, sources: bool) -> None:
         raise UserError("train.objectives: every loss weighs 0, nothing would train")
 
 
+def _validate_optim(cfg: Config) -> None:
+    o = cfg.optim
+    rules = {  # key: (value, whether it is valid, the rule)
+        "optim.lr": (o.lr, o.lr >= 0, "must be >= 0"),
+        "optim.min_lr_ratio": (o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "must lie in [0, 1] (a fraction of optim.lr)"),
+        "optim.warmup_steps": (o.warmup_steps, o.warmup_steps >= 0, "must be >= 0"),
+        "optim.weight_decay": (o.weight_decay, o.weight_decay >= 0, "must be >= 0"),
+        "optim.beta1": (o.beta1, 0 <= o.beta1 < 1, "must lie in [0, 1)"),
+        "optim.beta2": (o.beta2, 0 <= o.beta2 < 1, "must lie in [0, 1)"),
+        "optim.grad_clip": (o.grad_clip, o.grad_clip >= 0, "must be >= 0 (0: no clipping)"),
+    }
+    for key, (value, valid, rule) in rules.items():
+        if not (valid and math.isfinite(value)):  # NaN fails every comparison above
+            raise UserError(f"{key}={value} {rule}")
+
+
 def _validate_numbers(cfg: Config) -> None:
     positive = {
         "train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
@@ -126,6 +143,7 @@ def _validate_numbers(cfg: Config) -> None:
     if any(k < 0 for k in cfg.eval.shots) or cfg.eval.documents < 0 or cfg.eval.doc_images < 2:
         raise UserError(f"eval.shots={cfg.eval.shots}, eval.documents={cfg.eval.documents} and eval.doc_images="
                         f"{cfg.eval.doc_images}: shots and documents must be >= 0, doc_images >= 2")
+    _validate_optim(cfg)
     if cfg.data.max_objects > cfg.data.grid**2:
         raise UserError(f"data.max_objects={cfg.data.max_objects} exceeds the {cfg.data.grid}x{cfg.data.grid} grid")
 

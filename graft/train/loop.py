@@ -114,13 +114,14 @@ def _steps(s: _Session, log: MetricsLog) -> None:
     try:
         with StopOnSignal() as stop:
             for step in range(s.start, cfg.train.steps):
+                lr = s.scheduler.get_last_lr()[0]  # what this step uses: logged with it
                 loss, grad_norm, stats = _train_step(s.engine, s.model, s.stream, s.optimizer, cfg, rt, step, flops)
                 s.scheduler.step()
                 s.samples_seen += cfg.train.batch_size * rt.world_size
                 window.add(stats)
                 done = step + 1
                 if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                    record = window.record(done, loss, grad_norm, s.scheduler, rt, peak)  # loss: global already
+                    record = window.record(done, loss, grad_norm, lr, rt, peak)  # loss: global already
                     # data_skipped counts by reason and MoE expert loads, summed over ranks
                     log.log(record | s.stream.stats(rt) | expert_loads(s.model))
                     if bar is not None:
@@ -290,13 +291,13 @@ class _Window:
         self.steps += 1
         self.losses = s["losses"]  # the last step's, like `loss`
 
-    def record(self, step, loss, grad_norm, scheduler, rt, peak) -> dict:
+    def record(self, step, loss, grad_norm, lr, rt, peak) -> dict:
         flops = self.flops * rt.world_size  # measured on this rank; the others' batches are alike
         t = max(self.time, 1e-9)
         rec = {
             "step": step,
             "loss": loss,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": grad_norm,
             "samples_per_s": self.images * rt.world_size / t,
             "tokens_per_s": self.tokens * rt.world_size / t,
