@@ -33,3 +33,25 @@ def copy_run(src: Path, dst: Path) -> Path:
     """A private copy of a shared run (conftest's `shared_run`), for a test that writes into it."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".complete"))
     return dst
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`graft ARGS` in this process: (exit code, stdout, stderr). The CLI's error paths are tested
+    this way (a subprocess costs ~2 s of imports); test_config.py keeps one real process."""
+    from graft.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse: a bad command line
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(result: tuple[int, str, str], needle: str) -> None:
+    """Exit 2 and one line on stderr naming `needle`, no traceback (DESIGN.md's CLI contract)."""
+    code, _, err = result
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], (code, err)
+    assert "Traceback" not in err

@@ -32,15 +32,11 @@ from graft.plan import (
 from graft.recipes import RECIPES
 from graft.rundir import build_model
 from graft.train import parallel
-from tests.helpers import tokenizer
+from graft.cli import main
+from tests.helpers import cli, one_line_error, tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-
-
-def graft(*args, cwd=None, env=None):
-    return subprocess.run([sys.executable, "-m", "graft", *args], capture_output=True, text=True, cwd=cwd, check=False,
-                          env=env, timeout=120)
 
 
 def listing(path: Path) -> set[str]:
@@ -55,8 +51,7 @@ def llava_data(tmp_path_factory) -> Path:
     """A few conversations in LLaVA-1.5's layout (the JSON beside its image folders), as the
     templates expect under $DATA."""
     data = tmp_path_factory.mktemp("data")
-    out = graft("data", "export-shapes", "--format", "llava", "--out", str(data), "--n", "8")
-    assert out.returncode == 0, out.stderr
+    assert main(["data", "export-shapes", "--format", "llava", "--out", str(data), "--n", "8"]) == 0
     (data / "llava.json").rename(data / "llava_v1_5_mix665k.json")
     return data
 
@@ -109,15 +104,16 @@ def test_pytorchjob_is_two_pods_of_eight_gpus_with_elastic_restarts():
     assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] < pod["terminationGracePeriodSeconds"]
 
 
-def test_pytorchjob_command_dry_runs(llava_data, tmp_path):
+def test_pytorchjob_command_dry_runs(llava_data, tmp_path, capsys, monkeypatch):
     (container,) = pytorchjob()["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
     variables = {e["name"]: e["value"] for e in container["env"]} | {"DATA": str(llava_data)}
     args = [re.sub(r"\$\((\w+)\)", lambda m: variables[m.group(1)], a)  # $(VAR), as Kubernetes expands it
             for a in container["command"][3:]]
     args[args.index("--out") + 1] = str(tmp_path / "run")
-    out = graft(*args, "--dry-run", "--gpus", "16", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "parallel.kind=fsdp2" in out.stdout
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, *args, "--dry-run", "--gpus", "16")
+    assert code == 0, err
+    assert "parallel.kind=fsdp2" in out
     assert listing(tmp_path) == set()
 
 
@@ -135,9 +131,10 @@ def test_dockerfile_builds_on_cuda_pytorch_and_installs_graft():
 # ---- graft train --dry-run -----------------------------------------------------------------------
 
 
-def test_dry_run_writes_nothing_and_counts_the_real_model(tmp_path):
-    out = graft("train", "tiny", "--dry-run", "--out", "runs/x", "--set", "train.freeze=[vision]", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+def test_dry_run_writes_nothing_and_counts_the_real_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "train", "tiny", "--dry-run", "--out", "runs/x", "--set", "train.freeze=[vision]")
+    assert code == 0, err
     assert listing(tmp_path) == set()  # no run directory, no tokenizer, nothing
     cfg = RECIPES["tiny"]()
     cfg.train.freeze = ["vision"]
@@ -146,8 +143,8 @@ def test_dry_run_writes_nothing_and_counts_the_real_model(tmp_path):
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable < total
-    assert f"parameters      {total:,} total, {trainable:,} trainable" in out.stdout
-    assert "world size      1" in out.stdout and "activations" in out.stdout
+    assert f"parameters      {total:,} total, {trainable:,} trainable" in out
+    assert "world size      1" in out and "activations" in out
 
 
 @pytest.mark.parametrize("args,message", [
@@ -155,21 +152,24 @@ def test_dry_run_writes_nothing_and_counts_the_real_model(tmp_path):
     (["--set", "parallel.kind=zero3"], "parallel.kind='zero3'"),
     (["--gpus", "0"], "--gpus=0"),
 ])
-def test_dry_run_bad_input_is_one_line_exit_2(args, message, tmp_path):
-    out = graft("train", "tiny", "--dry-run", *args, cwd=tmp_path)
-    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+def test_dry_run_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(cli(capsys, "train", "tiny", "--dry-run", *args), message)
     assert listing(tmp_path) == set()
 
 
-def test_gpus_without_dry_run_is_refused(tmp_path):
-    out = graft("train", "tiny", "--gpus", "8", cwd=tmp_path)
-    assert out.returncode == 2 and "--dry-run" in out.stderr
+def test_gpus_without_dry_run_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(cli(capsys, "train", "tiny", "--gpus", "8"), "--dry-run")
+    assert listing(tmp_path) == set()
 
 
-def test_world_size_comes_from_the_environment(tmp_path):
-    out = graft("train", "tiny", "--dry-run", cwd=tmp_path, env=os.environ | {"WORLD_SIZE": "4"})
-    assert out.returncode == 0, out.stderr
-    assert "world size      4 (WORLD_SIZE)" in out.stdout and "parallel.kind=ddp" in out.stdout
+def test_world_size_comes_from_the_environment(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    code, out, err = cli(capsys, "train", "tiny", "--dry-run")
+    assert code == 0, err
+    assert "world size      4 (WORLD_SIZE)" in out and "parallel.kind=ddp" in out
 
 
 def test_fsdp2_divides_weights_gradients_and_optimizer_by_the_world_size(tmp_path):

@@ -12,6 +12,7 @@ from graft.data.shapes import CLASSES, COLORS, ShapesWorld
 from graft.eval.zero_shot import TEMPLATES, zero_shot
 from graft.rundir import RunDir, build_processor
 from tests.data_helpers import encoded, write_tar
+from tests.scoring import direct_zero_shot, greedy
 
 N = 96
 SETS = ["--set", "train.progress=false", "--set", "eval.splits=", "--set", "train.batch_size=32",
@@ -35,27 +36,6 @@ def builtin(run):
     cfg, tok, model, _ = RunDir(run).load()
     world = ShapesWorld(cfg.vision.image_size, cfg.data.grid, cfg.data.max_objects, cfg.data.seed)
     return zero_shot(model, build_processor(cfg, tok, model), world, "test", N, None, 32)[0]
-
-
-def direct_zero_shot(run, images, labels, classes, templates) -> dict[str, float]:
-    """Zero-shot scores computed here, from the model's two encoders alone (CLIP §3.1.4), with none
-    of graft's evaluation code: per class the renormalised mean of its templates' text embeddings,
-    one image at a time, top-1 / top-5 / mean per-class recall counted by hand."""
-    import torch
-
-    cfg, tok, model, _ = RunDir(run).load()
-    proc = build_processor(cfg, tok, model)
-    with torch.no_grad():
-        text = torch.stack([torch.nn.functional.normalize(
-            torch.nn.functional.normalize(model.encode_text(**proc.texts([t.format(c) for t in templates])), dim=-1)
-            .mean(0), dim=0) for c in classes])  # (C, E)
-        ranked = [(model.encode_image(proc.pixels(im)[None])[0] @ text.T).argsort(descending=True).tolist()
-                  for im in images]
-    top1 = [r[0] == y for r, y in zip(ranked, labels)]
-    per_class = {y: [t for t, l in zip(top1, labels) if l == y] for y in set(labels)}
-    return {"zeroshot_acc": sum(top1) / len(top1),
-            "zeroshot_top5": sum(y in r[:5] for r, y in zip(ranked, labels)) / len(labels),
-            "zeroshot_mean_per_class_recall": sum(sum(v) / len(v) for v in per_class.values()) / len(per_class)}
 
 
 def test_zeroshot_on_a_folder_per_class_matches_a_direct_computation(clip_run, capsys):
@@ -282,24 +262,6 @@ def vlm_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("vqa") / "vlm"
     assert main(["train", "tiny", "--out", str(run), *SETS, "--set", "train.steps=80", "--set", "train.ckpt_every=80"]) == 0
     return run
-
-
-def greedy(run, image, text: str) -> str:
-    """The model's greedy answer computed here: a full forward pass per new token (no cache, no
-    batching, none of graft's evaluation code), up to eval.max_new_tokens or the end token."""
-    import torch
-
-    cfg, tok, model, _ = RunDir(run).load()
-    proc = build_processor(cfg, tok, model)
-    seq, new = torch.tensor([proc.prompt(text)]), []
-    with torch.no_grad():
-        for _ in range(cfg.eval.max_new_tokens):
-            nxt = int(model(seq, proc.pixels(image)[None])[0][0, -1].argmax())
-            if nxt == tok.eos:
-                break
-            new.append(nxt)
-            seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
-    return tok.decode(new)
 
 
 def test_vqa_on_llava_json_matches_a_direct_computation(vlm_run, tmp_path):

@@ -97,6 +97,9 @@ def test_a_token_sees_only_images_before_it(attend):
 
 
 def test_block_matches_transformers_idefics_gated_cross_attention():
+    """Our gated cross-attention block is HF `IdeficsGatedCrossAttentionLayer` on the same weights:
+    loaded strictly (the key sets are equal), with every norm's scale and both gates randomised off
+    their initial values, so a norm or gate wired to the wrong place changes the output."""
     from transformers.models.idefics.configuration_idefics import IdeficsConfig
     from transformers.models.idefics.modeling_idefics import (
         IdeficsGatedCrossAttentionLayer,
@@ -110,11 +113,15 @@ def test_block_matches_transformers_idefics_gated_cross_attention():
                            vision_config={"embed_dim": 24})
     config._attn_implementation = "sdpa"
     theirs = IdeficsGatedCrossAttentionLayer(config, layer_idx=0).eval()
+    norms = {n for n, _ in ours.named_parameters() if "norm" in n}
+    assert norms == {"input_layernorm.weight", "post_attention_layernorm.weight"}  # RMSNorms: no biases
     with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name in norms:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
         ours.alpha_cross_attn.fill_(0.4)
         ours.alpha_dense.fill_(-0.9)
-    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
     B, T, K = 2, 7, 10
     x, media = torch.randn(B, T, 32), torch.randn(B, K, 24)
     mask = torch.rand(B, 1, T, K) > 0.4
@@ -125,6 +132,15 @@ def test_block_matches_transformers_idefics_gated_cross_attention():
         additive = torch.zeros(B, 1, T, K).masked_fill(~mask, torch.finfo(torch.float32).min)
         want = theirs(x, image_hidden_states=media, image_attention_mask=additive,
                       cross_attention_gate=seen.float())
+        # The check can fail: the same block with its two norms swapped is another function.
+        swapped = GatedCrossAttentionBlock(lm, media_dim=24).eval()
+        sd = ours.state_dict()
+        sd["input_layernorm.weight"], sd["post_attention_layernorm.weight"] = (
+            sd["post_attention_layernorm.weight"], sd["input_layernorm.weight"])
+        swapped.load_state_dict(sd, strict=True)
+        assert (swapped(x, Media(media, mask, seen, {})) - want).abs().max() > 1e-2
+    # Outputs are O(1); the two sides differ only by fp32 summation order in matmuls and SDPA
+    # (~1e-6 here, on any x86 BLAS): 1e-5 leaves 10x room and is far below a wiring error (>1e-2).
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -152,16 +168,30 @@ def test_every_k_layers_and_frozen_lm_with_trainable_blocks():
     assert trainable == {"connector", "xattn"}
 
 
+@pytest.mark.slow
 def test_short_flamingo_run_learns_from_the_images(tmp_path):
-    """`graft train shapes_flamingo` from scratch, one object per image: colour (uniform over 6) and
-    size (over 2) well above what the text alone allows. Ungated (`flamingo.gate=none`): the tanh
-    gates start closed and Adam opens them by about lr per step, so a gated run this short learns
-    colour only at a high lr and then not reliably (at lr 5e-3, 200 steps: colour 0.48 with 2
-    threads, 0.16 with 1); docs/compare.md measures gated against ungated."""
+    """The shipped design, tanh-gated (`graft train shapes_flamingo`, gates closed at step 0), from
+    scratch, learns to read the image: colour well above what the text allows, and gates open.
+
+    Adam moves each gate by about lr per step, so at the recipe's lr (2e-3, 50 warm-up steps) a
+    short run leaves them nearly closed (at lr 5e-3, 200 steps, full-size model: colour 0.16 with
+    one thread). Here, within the recipe's knobs: half the width, 2+2 layers, lr 5e-3 after 10
+    warm-up steps, one object, 150 steps. Measured (one thread, Intel Xeon, train.seed 0 / 1 / 2):
+    colour 0.60 / 0.78 / 0.60, size 0.68 / 0.86 / 0.92 (22 s a run). Text-only ceiling on colour:
+    1/5 (one colour of each shape is held out of the test split); a blank-image shapes_vqa run got 0.14."""
+    from graft.rundir import RunDir
+    from graft.train.checkpoint import read_model
+
     out = tmp_path / "run"
-    sets = ["flamingo.gate=none", "train.steps=150", "train.batch_size=32", "train.progress=false",
-            "train.log_every=50", "train.ckpt_every=150", "data.max_objects=1", "eval.vqa_per_type=50",
-            "eval.captions=0", "eval.splits=[test]"]
+    sets = ["vision.hidden_size=64", "vision.intermediate_size=128", "vision.layers=2", "lm.hidden_size=64",
+            "lm.intermediate_size=192", "lm.layers=2", "optim.lr=5e-3", "optim.warmup_steps=10",
+            "train.steps=150", "train.batch_size=32", "train.progress=false", "train.log_every=50",
+            "train.ckpt_every=150", "data.max_objects=1", "eval.vqa_per_type=50", "eval.captions=0",
+            "eval.splits=[test]"]
     assert main(["train", "shapes_flamingo", "--out", str(out)] + [a for s in sets for a in ("--set", s)]) == 0
+    assert RunDir(out).config().flamingo.gate == "tanh"
+    gates = [v.item() for k, v in read_model(RunDir(out).latest_checkpoint()).items() if ".alpha_" in k]
+    # Opened, if only a little: max |alpha| 0.062 / 0.088 / 0.066 in the runs above (0 at step 0).
+    assert len(gates) == 2 * 2 and max(abs(g) for g in gates) > 0.02, gates
     result = json.loads((out / "eval.json").read_text())
-    assert result["vqa_acc/color"] >= 0.5 and result["vqa_acc/size"] >= 0.8, result
+    assert result["vqa_acc/color"] >= 0.4, result

@@ -46,12 +46,21 @@ def test_each_row_of_patches_ends_with_a_newline():
 
 
 def test_matches_transformers_fuyu_for_causal_lm():
+    """The whole model is HF `FuyuForCausalLM` (Llama text model) on the same weights, loaded
+    strictly: every key of theirs comes from ours and every weight of ours goes somewhere. Every
+    RMSNorm's scale is randomised first (they are 1 at init), so a norm read in the wrong place fails."""
     from transformers import FuyuConfig, FuyuForCausalLM
 
     from graft.models.hf import llama_config
 
     torch.manual_seed(0)
     model, proc = tiny_fuyu()
+    norms = [n for n, _ in model.named_parameters() if "norm" in n]
+    assert len(norms) == 2 * 2 + 1 and all(n.endswith(".weight") for n in norms)  # 2 per layer + final; no biases
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in norms:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
     config = FuyuConfig(text_config=llama_config(model.lm.cfg).to_dict(), image_size=24, patch_size=8,
                         image_token_id=proc.tok.image)
     config.text_config._attn_implementation = config._attn_implementation = "sdpa"
@@ -60,14 +69,16 @@ def test_matches_transformers_fuyu_for_causal_lm():
     weights = {**{f"model.language_model.{k}": v for k, v in lm.items()}, "lm_head.weight": model.lm.lm_head.weight,
                "model.vision_embed_tokens.weight": model.connector.linear_1.weight,
                "model.vision_embed_tokens.bias": model.connector.linear_1.bias}
-    missing, unexpected = hf.load_state_dict(weights, strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
+    assert len(weights) == len(model.state_dict())  # ours all mapped (Patches holds no weights)
+    hf.load_state_dict(weights, strict=True)  # theirs all filled
     convs = [proc.conversation([("what color is the circle?", "red")]) for _ in range(2)]
     ids = torch.tensor([c[0] for c in convs])
     pixels = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
         ours = model(ids, pixels)[0]
         theirs = hf(input_ids=ids, image_patches=patchify(pixels, 8)).logits
+    # Logits are O(1); the two sides differ by fp32 summation order in matmuls and SDPA only
+    # (~1e-6 on any x86 BLAS): 1e-5 leaves 10x room, far below what a misplaced weight does (>1e-2).
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
@@ -77,15 +88,18 @@ def test_fuyu_reads_no_vision_encoder_setting(tmp_path, capsys):
     assert "vision.layers has no effect with model=fuyu" in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_short_fuyu_run_learns_from_the_images(tmp_path):
-    """`graft train shapes_fuyu` from scratch, one object per image, 150 steps: colour (uniform over
-    6) and shape (over 4) far above what the text alone allows (measured: 1.00 and 0.92)."""
+    """`graft train shapes_fuyu` from scratch, one object per image, 100 steps: colour and size far
+    above what the text alone allows (test-split ceilings 1/5 and 1/2: one colour of each shape is
+    held out for the compositional split; a blank-image shapes_vqa run got 0.14 and 0.54). Measured
+    (seed 0, one thread, Intel Xeon): colour 1.00, size 0.94, shape 0.52 (0.92 at 150 steps)."""
     out = tmp_path / "run"
-    sets = ["train.steps=150", "train.batch_size=32", "train.progress=false", "train.log_every=50",
-            "train.ckpt_every=150", "data.max_objects=1", "eval.vqa_per_type=50", "eval.captions=0", "eval.splits=[test]"]
+    sets = ["train.steps=100", "train.batch_size=32", "train.progress=false", "train.log_every=50",
+            "train.ckpt_every=100", "data.max_objects=1", "eval.vqa_per_type=50", "eval.captions=0", "eval.splits=[test]"]
     assert main(["train", "shapes_fuyu", "--out", str(out)] + [a for s in sets for a in ("--set", s)]) == 0
     result = json.loads((out / "eval.json").read_text())
-    assert result["vqa_acc/color"] >= 0.6 and result["vqa_acc/shape"] >= 0.5, result
+    assert result["vqa_acc/color"] >= 0.6 and result["vqa_acc/size"] >= 0.8, result
 
 
 def test_eve_alignment_to_a_frozen_teacher(tmp_path):

@@ -2,14 +2,12 @@
 LLaVA recipe on them, with tiny random Llama / Qwen2 / GPT-2 LMs and SigLIP / CLIP towers that
 the tests build and save themselves."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from hf_models import CLIP_MEAN, make_lm, make_vision
 from graft.train.checkpoint import read_model
 
+from graft.cli import main
 from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
 from graft.data.stream import TrainStream
 from graft.losses import IGNORE, batch_loss
@@ -30,9 +28,8 @@ def hf(tmp_path_factory):
 
 
 def cli(*args):
-    out = subprocess.run([sys.executable, "-m", "graft", *args], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out
+    """`graft ARGS` in this process (test_e2e.py runs the real process once)."""
+    assert main([*args]) == 0, args
 
 
 def sets(*pairs: str) -> list[str]:
@@ -57,13 +54,39 @@ def test_chat_template_labels_only_the_answers(hf, lm):
     assert short == ids[: len(short)] and short.count(tok.image) == 9  # the second turn is dropped whole
 
 
+def assert_backbones_are_the_folders(model, lm_folder, vision_folder) -> None:
+    """`model`'s LM and vision tower compute what transformers' own classes loaded from the folders
+    compute: the logits of every token the folder's vocabulary has (graft appends <image> after it),
+    and the last encoder layer's patch states (graft's feature_layer=-1; CLIP's class token dropped)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    ids, pixels = torch.randint(0, 320, (2, 11)), torch.randn(2, 3, 24, 24)
+    lm_ref = AutoModelForCausalLM.from_pretrained(lm_folder).eval()
+    tower_ref = AutoModel.from_pretrained(vision_folder).eval()
+    with torch.no_grad():
+        logits = model.lm(input_ids=ids)
+        want = tower_ref(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        want = want[:, 1:] if tower_ref.config.model_type.startswith("clip") else want
+        got = model.vision.features(pixels)
+        # O(1) values from the same kernels in the same order: equal up to fp32 rounding (~1e-7);
+        # 1e-5 is loose for that and far below what other weights give (random init: ~1e-1).
+        torch.testing.assert_close(logits[..., :320], lm_ref(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("lm,vision", [("llama", "siglip"), ("qwen2", "clip"), ("gpt2", "siglip")])
 def test_train_hf_backbones_through_the_cli(hf, tmp_path, lm, vision):
+    """The run's model is built from the folders' weights (compared with transformers' classes
+    loaded from them), trains (the loss falls, the backbones' weights move), and its checkpoint
+    holds those backbones under their HF names (`lm.model.`/`vision.model.` + HF's key)."""
+    from transformers import AutoModelForCausalLM
+
+    from graft.build import assemble, resolve, tokenizer_for
+
     run = tmp_path / "run"
     cli("train", "tiny", "--out", str(run), *sets(*QUICK, f"lm.hf_path={hf[lm]}", f"vision.hf_path={hf[vision]}",
-                                                    "train.steps=16", "train.log_every=4", "optim.lr=1e-2"))
-    losses = [r["loss"] for r in read(run) if "loss" in r]
-    assert losses[-1] < losses[0], losses
+                                                    "train.steps=8", "train.log_every=4", "optim.lr=1e-2"))
     cfg = RunDir(run).config()  # the folders' architecture is what config.yaml records
     assert (cfg.lm.hidden_size, cfg.lm.layers, cfg.vision.hidden_size, cfg.vision.image_size) == (32, 2, 32, 24)
     assert cfg.lm.vocab_size == 321  # 320 tokens + the <image> graft added
@@ -71,10 +94,27 @@ def test_train_hf_backbones_through_the_cli(hf, tmp_path, lm, vision):
         assert cfg.vision.image_mean == pytest.approx(CLIP_MEAN)  # from its preprocessor_config.json
     assert (run / "hf_tokenizer" / "tokenizer.json").is_file()
     assert (run / "eval.json").is_file()  # evaluation generated through the HF LM's KV cache
+    # Step 0 of this run: the one assembly path the CLI uses, on the run's resolved config.
+    tok = tokenizer_for(cfg)
+    fresh = assemble(resolve(cfg, tok)[0], tok).eval()
+    assert_backbones_are_the_folders(fresh, hf[lm], hf[vision])
+    losses = [r["loss"] for r in read(run) if "loss" in r]
+    assert losses[-1] < losses[0], losses
+    trained = read_model(RunDir(run).latest_checkpoint())
+    lm_ref = AutoModelForCausalLM.from_pretrained(hf[lm])
+    lm_ref.resize_token_embeddings(321, mean_resizing=False)
+    missing, unexpected = lm_ref.load_state_dict(
+        {k.removeprefix("lm.model."): v for k, v in trained.items() if k.startswith("lm.model.")}, strict=False)
+    # Every HF key is there, nothing else under lm., except a tied head (Qwen2 here), which safetensors
+    # stores once, as the input embedding.
+    tied = lm_ref.config.tie_word_embeddings
+    assert not unexpected and missing == (["lm_head.weight"] if tied else []), (missing, unexpected)
+    moved = [k for k, v in lm_ref.state_dict().items() if not torch.equal(v, fresh.lm.model.state_dict()[k])]
+    assert len(moved) > len(lm_ref.state_dict()) // 2, moved  # the backbone trained (not frozen)
     if lm == "llama":  # the same command with more steps resumes (the resolved config matches)
         cli("train", "tiny", "--out", str(run), *sets(*QUICK, f"lm.hf_path={hf[lm]}", f"vision.hf_path={hf[vision]}",
-                                                        "train.steps=20", "train.log_every=4", "optim.lr=1e-2"))
-        assert [r["step"] for r in read(run) if "loss" in r][-1] == 20
+                                                        "train.steps=12", "train.log_every=4", "optim.lr=1e-2"))
+        assert [r["step"] for r in read(run) if "loss" in r][-1] == 12
 
 
 def test_lora_trains_only_adapters_and_connector(hf):
@@ -190,7 +230,7 @@ def test_data_check_reads_records_as_the_run_will(hf, tmp_path):
     assert result.used + sum(result.skipped.values()) == 20 and result.used > 0
 
     run = tmp_path / "tiny"
-    assert cli("train", "tiny", "--out", str(run), *sets("train.steps=2", "eval.splits=", "train.progress=false"))
+    cli("train", "tiny", "--out", str(run), *sets("train.steps=2", "eval.splits=", "train.progress=false"))
     init = apply_overrides(tiny(), [f"train.init_from={run}"])
     assert tokenizer_for(init).tok.to_str() == RunDir(run).tokenizer().tok.to_str()
     assert processor_for(init).tok.tok.to_str() == RunDir(run).tokenizer().tok.to_str()

@@ -7,8 +7,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # never download: the HF module is built from a config
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -106,21 +104,24 @@ def test_heads_must_divide_the_lm_width(tmp_path, capsys):
     assert not out.exists()  # refused with the config checks, before anything is written
 
 
-STEPS = 200  # ~45 s on one core
+STEPS = 200
 
 
+@pytest.mark.slow
 def test_short_resampler_run_reads_the_image(tmp_path):
+    """Image information gets through a fresh resampler to the LM (`graft train shapes_resampler`,
+    one object per image, 200 steps): colour above the text-only ceiling of 1/5 (one colour of each
+    shape is held out of the test split, so the question leaves 5; a blank-image shapes_vqa run got
+    0.14). A weak bar, knowingly: measured at 200 steps, train.seed 0-3: 0.33, 0.36, 0.65, 0.57 (the
+    mlp connector: 0.98-1.00). Neither a higher lr (5e-3: 0.20-0.22 at 150 steps, full and half width,
+    seed 0, one thread, Intel Xeon) nor a smaller model helps. The likely cause is the latents'
+    init: std 1 (`torch.randn`) against an attention output of order 0.1 that averages 18 keys, so
+    the image is a small part of each image token; the same half-width run with the latents scaled
+    by 0.02 at init reached colour 0.46 (size 0.74) where it got 0.22 (0.54) (one seed)."""
     run = tmp_path / "run"
-    # One object per image: a fresh resampler behind a from-scratch ViT learns to bind a colour to
-    # its shape slowly (two objects: colour 0.16-0.36 for 1,500 steps, recipes.shapes_resampler),
-    # so the question here is only whether image information gets through it to the LM.
-    cmd = [sys.executable, "-m", "graft", "train", "shapes_resampler", "--out", str(run),
-           "--set", f"train.steps={STEPS}", "--set", "train.batch_size=32", "--set", "train.log_every=20",
-           "--set", f"train.ckpt_every={STEPS}", "--set", "train.progress=false", "--set", "data.max_objects=1",
-           "--set", "eval.vqa_per_type=100", "--set", "eval.captions=0", "--set", "eval.splits=[test]"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-
+    sets = [f"train.steps={STEPS}", "train.batch_size=32", "train.log_every=20", f"train.ckpt_every={STEPS}",
+            "train.progress=false", "data.max_objects=1", "eval.vqa_per_type=100", "eval.captions=0",
+            "eval.splits=[test]"]
+    assert main(["train", "shapes_resampler", "--out", str(run)] + [a for s in sets for a in ("--set", s)]) == 0
     results = json.loads((run / "eval.json").read_text())
-    # Colours are uniform over 6: no text-only model beats 1/6. Measured at 200 steps, train.seed
-    # 0-3: 0.33, 0.36, 0.65, 0.57 (the same runs with the mlp connector: 0.98-1.00).
-    assert results["vqa_acc/color"] >= 0.25, results
+    assert results["vqa_acc/color"] >= 0.3, results
