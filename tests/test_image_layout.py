@@ -1,8 +1,6 @@
 """How image tokens attend and where they sit in the built-in decoder (`lm.image_attention`,
 `lm.image_positions`; models/image_layout.py), and the per-call layer context."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from graft.models.decoder import LMConfig
 from graft.models.image_layout import image_mask, mrope_positions
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM
+from tests.helpers import cli, one_line_error
 
 IMG = 5
 
@@ -130,11 +129,10 @@ def test_bad_image_settings_are_one_line_errors():
         VisionConfig.check(VisionConfig(position_init_std=0.2, init_from="runs/x"))
 
 
-def test_cli_refuses_mrope_with_a_resampler(tmp_path):
+def test_cli_refuses_mrope_with_a_resampler(tmp_path, capsys):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "graft", "train", "shapes_resampler", "--out", str(out),
-                        "--set", "lm.image_positions=mrope"], capture_output=True, text=True)
-    assert r.returncode == 2 and "mrope needs image tokens on a grid" in r.stderr
+    one_line_error(cli(capsys, "train", "shapes_resampler", "--out", out, "--set", "lm.image_positions=mrope"),
+                   "mrope needs image tokens on a grid")
     assert not out.exists()
 
 
