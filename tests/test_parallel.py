@@ -1,41 +1,71 @@
 """The trainer on 2 processes (torchrun, gloo) under DDP and FSDP2 against one process, resharded
-resumes, sharded evaluation, and faults: a rank killed, a NaN on one rank, a rank that hangs.
+resumes, sharded evaluation, and faults: a signal, a rank killed mid-step or mid-checkpoint, a NaN
+on one rank, a rank that hangs.
 
-At the same global batch, 2 processes of batch B train like one process of batch 2B in 2
-micro-batches (micro-batch m holds rank m's samples)."""
+At the same global batch, 2 processes of batch B train like one process of batch 2B in twice the
+micro-batches (data/stream.py first_sample: micro-batch m of rank r holds the samples that one
+process sees in its micro-batch r * grad_accum + m). Most tests compare against two runs trained
+once per session (`shared_run`): `tiny` for 5 steps on one process, and the same under FSDP2 on
+two processes.
+
+Tolerances. One process and two sum the same gradients in another order (each rank's gradient is
+all-reduced instead of accumulated in one buffer), so their fp32 losses differ in the last bits
+from step 2 on: at most 7e-8 relative over these 5 steps, measured on an Intel Xeon (DDP, FSDP2,
+each case below); rel=1e-5 leaves room for other CPUs' kernels. Dropping one rank's share of the
+gradient (micro-batches 2-3 of the one-process run, measured) moves step 2's loss by 9e-4 relative
+and step 5's by 4e-3: a hundred times that bound. Compiled runs get rel=1e-4 (see there). Runs with
+the same processes and reduction order (a run and its resumption, standalone and c10d) are
+compared exactly."""
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from graft.cli import main
+from tests.helpers import copy_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 QUIET = ["--set", "train.progress=false", "--set", "train.log_every=1", "--set", "eval.splits="]
 SCRIPTS = Path(__file__).parent / "scripts"
+FAULTS = SCRIPTS / "faults.py"
+RUNS = SCRIPTS / "runs.py"
+STEPS = ["--set", "train.steps=5"]
+# One process's 4 micro-batches of 8 are the two processes' 2 micro-batches of 8 each: gradient
+# accumulation (DDP's no_sync, FSDP2's deferred reduce-scatter) is part of every comparison.
+ONE = ["--set", "train.batch_size=32", "--set", "train.grad_accum=4"]
+TWO = ["--set", "train.batch_size=16", "--set", "train.grad_accum=2"]
+TINY = ["train", "tiny", *STEPS, *QUIET]
+FSDP2 = ["--set", "parallel.kind=fsdp2"]
 DUAL = ["siglip", "--set", "vision.hidden_size=32", "--set", "vision.layers=1", "--set", "vision.intermediate_size=64",
         "--set", "text.hidden_size=32", "--set", "text.layers=1", "--set", "text.intermediate_size=64",
         "--set", "contrastive.embed_dim=16"]
-CASES = {
-    "vlm": ["tiny"],
-    "dual": DUAL,
-    "frozen_lora": ["tiny", "--set", "train.freeze=[vision]", "--set", "lm.lora_rank=4"],
-    # experts balanced by a bias that moves after each step with the loads of every process
-    "moe_bias": ["tiny", "--set", "lm.moe_experts=4", "--set", "lm.moe_balance=bias", "--set", "lm.moe_bias_rate=0.05"],
-}
 
 
-def torchrun(*args, nproc=2, extra=()):
+def torchrun(*args, nproc=2, extra=(), script=None):
+    """`graft ARGS` (or `SCRIPT ARGS`) under torchrun on `nproc` processes."""
+    target = [str(script)] if script else ["-m", "graft"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
-            "-m", "graft", *args]
+            *target, *args]
 
 
-def single(*args):
-    return [sys.executable, "-m", "graft", *args]
+def torchrun_each(*runs):
+    """Each argument list a `graft` run, all in one torchrun launch (tests/scripts/runs.py)."""
+    joined = [arg for args in runs for arg in ("--", *args)][1:]
+    return torchrun(*joined, script=RUNS)
+
+
+def faults(fault, step, *args, marker=None):
+    """The arguments of FAULTS: graft's CLI running ARGS with FAULT injected at STEP."""
+    return [fault, str(step), *([str(marker)] if marker else []), "--", *args]
 
 
 def run(cmd, timeout=300, ok=True):
@@ -43,6 +73,18 @@ def run(cmd, timeout=300, ok=True):
     if ok:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+def here(*args) -> None:
+    """`graft ARGS` in this process: no interpreter start-up or imports to pay (about 6 s of a
+    10-second tiny run), one thread as in the subprocesses. For one-process references compared
+    with a tolerance; what must match bit for bit runs in a subprocess with the same environment."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(list(args)) == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 def records(path):
@@ -53,123 +95,201 @@ def losses(path):
     return [r["loss"] for r in records(path) if r.get("event") != "eval"]
 
 
+@pytest.fixture
+def one_process(shared_run):
+    """`tiny`, 5 steps, one process at batch 32 in 4 micro-batches."""
+    return shared_run("tiny_one_process", lambda out: here(*TINY, "--out", str(out), *ONE))
+
+
+def _two(out):
+    evaluate = ["--set", "eval.splits=[test]", "--set", "eval.vqa_per_type=5", "--set", "eval.captions=5"]
+    run(torchrun_each([*TINY, "--out", str(out / "fsdp2"), *TWO, *FSDP2, *evaluate],
+                      [*TINY, "--out", str(out / "ddp"), *TWO, "--set", "parallel.kind=ddp"]))
+
+
+@pytest.fixture
+def fsdp2_two(shared_run):
+    """The same global batches under FSDP2 on two processes, then the sharded evaluation of 5
+    questions per type and 5 captions; its checkpoint of step 5 is where resharding tests start."""
+    return shared_run("tiny_two", _two) / "fsdp2"
+
+
+@pytest.fixture
+def ddp_two(shared_run):
+    """The same under DDP (made in the same launch as `fsdp2_two`)."""
+    return shared_run("tiny_two", _two) / "ddp"
+
+
+def two_processes(out, *sets):
+    """The `fsdp2_two` run's command for another run directory (with SETS): any change is one
+    that leaves the losses alone (checkpointing, timeouts), so its losses must equal that run's."""
+    return [*TINY, "--out", str(out), *TWO, *FSDP2, *sets]
+
+
+CASES = {
+    "dual": DUAL,
+    # frozen parts, LoRA adapters and MoE experts balanced by a bias that moves after each step with
+    # the loads of every process; under FSDP2 with activation checkpointing as well
+    "frozen_lora_moe": ["tiny", "--set", "train.freeze=[vision]", "--set", "lm.lora_rank=4",
+                        "--set", "lm.moe_experts=4", "--set", "lm.moe_balance=bias", "--set", "lm.moe_bias_rate=0.05"],
+}
+
+
+def test_ddp_and_fsdp2_on_two_processes_equal_one_process(one_process, ddp_two, fsdp2_two):
+    """`tiny` under DDP and under FSDP2 on two processes: the losses of one process (to fp32
+    reassociation, see the module's docstring), step by step; and they go down."""
+    want = losses(one_process)
+    for got in (losses(ddp_two), losses(fsdp2_two)):
+        assert len(got) == len(want) == 5
+        assert got == pytest.approx(want, rel=1e-5), (got, want)
+    assert want[-1] < want[0]
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_ddp_and_fsdp2_on_two_processes_equal_one_process(tmp_path, case):
+def test_other_models_on_two_processes_equal_one_process(tmp_path, case):
+    """A dual encoder (its contrastive loss over the global batch) and a VLM with frozen parts,
+    LoRA and bias-balanced MoE: under DDP and FSDP2 (the latter with activation checkpointing) the
+    losses of one process, to fp32 reassociation."""
     recipe, *sets = CASES[case]
-    steps = ["--set", "train.steps=5", *QUIET, *sets]
-    # a contrastive loss contrasts the whole global batch: one micro-batch of 32 on one process
-    accum = 1 if case == "dual" else 2
-    run(single("train", recipe, "--out", str(tmp_path / "one"), "--set", "train.batch_size=32",
-               "--set", f"train.grad_accum={accum}", *steps))
+    args = ["train", recipe, *STEPS, *QUIET, *sets]
+    # a contrastive loss contrasts each micro-batch of the global batch: one of 32 on one process,
+    # one of 16 per process (gathered) on two
+    one, two = (["--set", "train.batch_size=32"], ["--set", "train.batch_size=16"]) if case == "dual" else (ONE, TWO)
+    here(*args, "--out", str(tmp_path / "one"), *one)
     want = losses(tmp_path / "one")
-    kinds = ["ddp", "fsdp2"] + (["fsdp2_ac"] if case == "frozen_lora" else [])
+    kinds = {"ddp": [], "fsdp2": ["--set", "parallel.activation_checkpointing=true"] if case != "dual" else []}
+    run(torchrun_each(*([*args, "--out", str(tmp_path / kind), *two, "--set", f"parallel.kind={kind}", *extra]
+                        for kind, extra in kinds.items())))
     for kind in kinds:
-        extra = ["--set", "parallel.activation_checkpointing=true"] if kind == "fsdp2_ac" else []
-        out = tmp_path / kind
-        run(torchrun("train", recipe, "--out", str(out), "--set", "train.batch_size=16",
-                     "--set", f"parallel.kind={kind.removesuffix('_ac')}", *steps, *extra))
-        got = losses(out)
+        got = losses(tmp_path / kind)
         assert len(got) == len(want) == 5
         assert got == pytest.approx(want, rel=1e-5), (kind, got, want)
     assert want[-1] < want[0]
 
 
-def test_fsdp2_evaluation_is_sharded_and_equals_one_process(tmp_path):
-    """Both processes evaluate half of the questions with the whole weights; the figures equal
-    `graft eval` of the same checkpoint on one process."""
-    out = tmp_path / "run"
-    run(torchrun("train", "tiny", "--out", str(out), "--set", "parallel.kind=fsdp2", "--set", "train.steps=30",
-                 "--set", "train.progress=false", "--set", "eval.vqa_per_type=5", "--set", "eval.captions=5",
-                 "--set", "eval.splits=[test]"))
-    sharded = json.loads((out / "eval.json").read_text())
-    run(single("eval", str(out)))
-    alone = json.loads((out / "eval.json").read_text())
-    assert sharded == alone
-    assert len((out / "eval_shapes_test.jsonl").read_text().splitlines()) == 6 * 5 + 5
+def test_fsdp2_evaluation_is_sharded_and_equals_one_process(tmp_path, fsdp2_two):
+    """Both processes evaluate half of the questions with the whole weights; the figures and every
+    prediction, in order, equal `graft eval` of the same checkpoint on one process."""
+    out = copy_run(fsdp2_two, tmp_path / "run")
+    predictions = out / "eval_shapes_test.jsonl"
+    sharded, sharded_predictions = json.loads((out / "eval.json").read_text()), predictions.read_text()
+    (out / "eval.json").unlink(), predictions.unlink()  # so that what is compared is written anew
+    here("eval", str(out))
+    assert json.loads((out / "eval.json").read_text()) == sharded
+    assert predictions.read_text() == sharded_predictions
+    assert len(sharded_predictions.splitlines()) == 6 * 5 + 5
 
 
-def test_save_on_two_resume_on_one_and_back(tmp_path):
+def test_save_on_two_resume_on_one_and_back(tmp_path, fsdp2_two, capsys):
     """FSDP2 on 2 → one process → FSDP2 on 2: each resume reshards model and optimizer (checked
     tensor by tensor in tests/scripts/reshard.py) and says how the data continues."""
-    out = tmp_path / "run"
-    base = ["train", "tiny", "--out", str(out), "--set", "parallel.kind=fsdp2", *QUIET]
-    run(torchrun(*base, "--set", "train.steps=6", "--set", "train.ckpt_every=3"))
-    done = run(single(*base, "--set", "train.steps=9", "--set", "train.ckpt_every=3"))
-    assert "saved on 2 processes, resumed on 1: the global batch is now 16 samples (was 32)" in done.stdout
-    assert "training continues after sample 192" in done.stdout
-    done = run(torchrun(*base, "--set", "train.steps=12", "--set", "train.ckpt_every=3"))
+    out = copy_run(fsdp2_two, tmp_path / "run")  # 5 steps of 32 samples, checkpoint of step 5
+    here(*two_processes(out, "--set", "train.steps=7"))  # FSDP2 over this one process
+    said = capsys.readouterr().out
+    assert "saved on 2 processes, resumed on 1: the global batch is now 16 samples (was 32)" in said
+    assert "training continues after sample 160" in said
+    done = run(torchrun(*two_processes(out, "--set", "train.steps=9")))
     assert "saved on 1 processes, resumed on 2" in done.stdout
-    assert "training continues after sample 240" in done.stdout
-    meta = json.loads((out / "checkpoints" / "step_00000012" / "meta.json").read_text())
-    assert (meta["world_size"], meta["samples_seen"]) == (2, 240 + 3 * 32)
-    assert [r["step"] for r in records(out) if r.get("event") != "eval"] == list(range(1, 13))
-    script = [str(SCRIPTS / "reshard.py"), str(tmp_path / "states")]  # 1 → 2 → 1, tensor for tensor
-    run([sys.executable, *script])
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *script])
-    run([sys.executable, *script])
+    assert "training continues after sample 192" in done.stdout
+    meta = json.loads((out / "checkpoints" / "step_00000009" / "meta.json").read_text())
+    assert (meta["world_size"], meta["samples_seen"]) == (2, 192 + 2 * 32)
+    assert [r["step"] for r in records(out) if r.get("event") != "eval"] == list(range(1, 10))
+    done = run(torchrun(str(tmp_path / "states"), script=SCRIPTS / "reshard.py"))  # 1 → 2 → 1
+    assert "resharded exactly: one" in done.stdout and "resharded exactly: two" in done.stdout, done.stdout[-3000:]
 
 
-def test_kill_9_sigterm_and_max_restarts_resume_exactly(tmp_path):
-    """Against an uninterrupted 2-process FSDP2 run: (1) kill -9 of one of the two processes after a
-    checkpoint fails the run, and the same command again resumes from it; (2) SIGTERM to torchrun
-    (as Slurm sends it) makes both processes finish the step, save it (asynchronously, train.async_save)
-    and exit 143, and the same command resumes; (3) under `torchrun --max-restarts=1`, kill -9 of one
-    process restarts both, and they resume by themselves. All log exactly the uninterrupted losses."""
-    args = ["train", "tiny", "--set", "parallel.kind=fsdp2", "--set", "train.steps=30", "--set", "train.ckpt_every=10",
-            *QUIET, "--set", "parallel.timeout_s=20"]
-    reference = tmp_path / "reference"
-    run(torchrun(*args, "--out", str(reference)))
-    for fault in ("kill", "sigterm", "restart"):
-        out = tmp_path / fault
-        cmd = torchrun(*args, "--out", str(out), *(["--set", "train.async_save=true"] if fault == "sigterm" else []),
-                       extra=["--max-restarts=1"] if fault == "restart" else [])
-        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            deadline = time.time() + 120
-            while not (out / "checkpoints" / "step_00000010").is_dir() and time.time() < deadline:
-                time.sleep(0.05)
-            workers = _children(proc.pid)
-            assert len(workers) == 2, workers
-            if fault == "sigterm":
-                os.kill(proc.pid, signal.SIGTERM)
-            else:
-                os.kill(workers[-1], signal.SIGKILL)
-            _, err = proc.communicate(timeout=120)
-        finally:  # never leave a stray torchrun behind a failed test
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        if fault == "restart":
-            assert proc.returncode == 0, err[-3000:]
-            assert losses(out) == losses(reference), fault
-            continue
-        assert proc.returncode != 0
-        if fault == "sigterm":
-            assert "graft: stopped by SIGTERM after step" in err, err[-3000:]
-        done = run(cmd)
-        assert "resuming from" in done.stdout
-        assert losses(out) == losses(reference), fault
+def wait_for(paths, proc, guard_s=300):
+    """Until every path exists (the processes are paused where the fault script put them). The
+    deadline only keeps a broken run from hanging the suite; nothing here races the run."""
+    deadline = time.monotonic() + guard_s
+    while not all(p.exists() and p.read_text() for p in paths):
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before it paused"
+        assert time.monotonic() < deadline, f"not paused after {guard_s} s"
+        time.sleep(0.05)
 
 
-def _children(pid: int) -> list[int]:
-    """The worker processes torchrun started (children of its pid)."""
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
-        except OSError:
-            continue
-        if fields.get("PPid", "").strip() == str(pid):
-            found.append(int(status.parent.name))
-    return sorted(found)
+def start(cmd, out):
+    """A torchrun in its own process group (so that a failed test can kill all of it), its output
+    in files (a pipe nobody reads could fill and block it)."""
+    log = open(out.parent / f"{out.name}.log", "w+")
+    return subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True), log
+
+
+def finish(proc, log, timeout=180):
+    try:
+        proc.wait(timeout=timeout)
+    finally:  # never leave a stray torchrun behind a failed test
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with log:
+        log.seek(0)
+        return log.read()
+
+
+def test_sigterm_finishes_the_step_checkpoints_it_and_the_same_command_resumes_exactly(tmp_path, fsdp2_two):
+    """SIGTERM to torchrun (as Slurm sends it) while both processes are inside step 4: both finish
+    that step, save it (asynchronously, train.async_save; train.ckpt_every=3 would not have), say
+    so and exit; the same command resumes from it to exactly the uninterrupted run's losses."""
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    args = two_processes(out, "--set", "train.ckpt_every=3", "--set", "train.async_save=true",
+                         "--set", "parallel.timeout_s=60")
+    proc, log = start(torchrun(*faults("pause", 4, *args, marker=marker), script=FAULTS), out)
+    try:
+        wait_for([tmp_path / "paused.rank0", tmp_path / "paused.rank1"], proc)
+        os.kill(proc.pid, signal.SIGTERM)
+    finally:
+        output = finish(proc, log)
+    assert proc.returncode != 0, output[-3000:]
+    stopped = [line for line in output.splitlines() if line.startswith("graft: stopped")]
+    checkpoint = out / "checkpoints" / "step_00000004"
+    assert stopped == [f"graft: stopped by SIGTERM after step 4 of 5; checkpoint {checkpoint} saved. "
+                       "The same command resumes from it."] * 2, output[-3000:]  # each process's line
+    done = run(torchrun(*args))
+    assert f"resuming from {checkpoint}" in done.stdout
+    assert losses(out) == losses(fsdp2_two)
+
+
+def test_kill_9_of_one_process_under_max_restarts_resumes_exactly(tmp_path, fsdp2_two):
+    """Under `torchrun --max-restarts=1`, kill -9 of rank 1 inside step 5 restarts both processes;
+    they resume from the checkpoint of step 3 by themselves and log exactly the uninterrupted
+    losses (step 4, logged before the kill, once)."""
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    args = two_processes(out, "--set", "train.ckpt_every=3", "--set", "parallel.timeout_s=60")
+    restarting = torchrun(*faults("pause", 5, *args, marker=marker), script=FAULTS, extra=["--max-restarts=1"])
+    proc, log = start(restarting, out)
+    try:
+        wait_for([tmp_path / "paused.rank0", tmp_path / "paused.rank1"], proc)
+        assert [r["step"] for r in records(out)] == [1, 2, 3, 4]
+        os.kill(int((tmp_path / "paused.rank1").read_text()), signal.SIGKILL)
+    finally:
+        output = finish(proc, log)
+    assert proc.returncode == 0, output[-3000:]
+    assert f"resuming from {out / 'checkpoints' / 'step_00000003'}" in output, output[-3000:]
+    assert losses(out) == losses(fsdp2_two)
+
+
+def test_kill_9_during_a_checkpoint_write_resumes_from_the_one_before(tmp_path, fsdp2_two):
+    """Rank 1 dies (SIGKILL) while the checkpoint of step 4 is being written: the run fails, rank 0
+    does not wait for it forever, step 2's checkpoint is the latest complete one, and the same
+    command resumes from it to exactly the uninterrupted run's losses."""
+    out = tmp_path / "run"
+    args = two_processes(out, "--set", "train.ckpt_every=2", "--set", "parallel.timeout_s=60")
+    assert run(torchrun(*faults("ckptkill", 4, *args), script=FAULTS), ok=False).returncode != 0
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [".tmp-step_00000004", "step_00000002"]
+    done = run(torchrun(*args))
+    assert f"resuming from {out / 'checkpoints' / 'step_00000002'}" in done.stdout
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert losses(out) == losses(fsdp2_two)
 
 
 def test_nan_on_one_rank_is_skipped_on_both_then_stops(tmp_path):
     """Rank 1's images become NaN from step 4: every rank skips the step alike (no hang), counts
     it, and after 3 in a row the run stops with exit 1; the checkpoint of step 3 is intact."""
     out = tmp_path / "run"
-    done = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                str(SCRIPTS / "faults.py"), "nan", str(out)], ok=False)
+    args = ["train", "tiny", "--out", str(out), *QUIET, *FSDP2, "--set", "train.steps=8", "--set", "train.ckpt_every=3",
+            "--set", "train.max_skipped_steps=3"]
+    done = run(torchrun(*faults("nan", 4, *args), script=FAULTS), ok=False)
     assert done.returncode != 0
     assert "training diverged: the 3 steps up to step 6 had non-finite gradients" in done.stderr
     rows = [r for r in records(out) if r.get("event") != "eval"]
@@ -177,31 +297,18 @@ def test_nan_on_one_rank_is_skipped_on_both_then_stops(tmp_path):
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000003"]
 
 
-def test_kill_9_during_a_checkpoint_write_resumes_from_the_one_before(tmp_path):
-    """Rank 1 dies while the checkpoint of step 6 is being written: the run fails, step 3's
-    checkpoint is the latest complete one, and the same command resumes from it to the
-    uninterrupted run's losses."""
-    faults = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPTS / "faults.py")]
-    run([*faults, "none", str(tmp_path / "reference")])
-    out = tmp_path / "run"
-    assert run([*faults, "ckptkill", str(out)], ok=False).returncode != 0
-    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [".tmp-step_00000006", "step_00000003"]
-    done = run([*faults, "none", str(out)])
-    assert f"resuming from {out / 'checkpoints' / 'step_00000003'}" in done.stdout
-    assert not list((out / "checkpoints").glob(".tmp-*"))
-    assert losses(out) == losses(tmp_path / "reference")
-
-
 def test_a_hanging_rank_fails_the_run_naming_it(tmp_path):
-    """Rank 1 sleeps at step 3; within parallel.timeout_s rank 0 fails with a line naming the
-    collective it waited in and the rank that did not answer."""
-    t = time.time()
-    done = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                str(SCRIPTS / "faults.py"), "hang", str(tmp_path / "run")], ok=False, timeout=120)
+    """Rank 1 stops answering at step 3 (it waits until torchrun ends it): after parallel.timeout_s
+    rank 0 fails with one line naming the collective it waited in, the step, and the rank that
+    did not answer. (The subprocess timeout only guards the suite against a hang.)"""
+    done = run(torchrun(*faults("hang", 3, "train", "tiny", "--out", str(tmp_path / "run"), *QUIET, *FSDP2,
+                                "--set", "parallel.timeout_s=3"), script=FAULTS), ok=False, timeout=240)
     assert done.returncode != 0
-    assert time.time() - t < 60
     line = [l for l in done.stderr.splitlines() if l.startswith("graft: rank 0 waited")]
-    assert line and "rank 1" in line[0] and "parallel.timeout_s=3" in line[0], done.stderr[-3000:]
+    assert len(line) == 1, done.stderr[-3000:]
+    collective = r"(all_reduce|all_gather\w*|reduce_scatter\w*|broadcast|barrier)"  # today: all_reduce
+    assert re.match(rf"graft: rank 0 waited 3 s in {collective}\b.* at step 3; rank 1 did not answer "
+                    r"\(parallel\.timeout_s=3\)\.", line[0]), line[0]
 
 
 COUNT_GRAPHS = ("import sys, torch; from graft.cli import main; code = main(sys.argv[1:]); "
@@ -210,40 +317,55 @@ COUNT_GRAPHS = ("import sys, torch; from graft.cli import main; code = main(sys.
                 "sys.exit(code)")
 
 
-def test_compile_traces_the_whole_forward_and_trains_like_eager(tmp_path):
+@pytest.mark.slow
+def test_compile_traces_the_whole_forward_and_trains_like_eager(tmp_path, one_process):
     """parallel.compile=true on one process: the whole training forward (vision, image scatter,
     decoder, LM head at the answers, loss) compiles without a graph break, and the losses follow
     the eager run's."""
-    args = ["train", "tiny", "--set", "train.steps=4", *QUIET]
-    compiled = run([sys.executable, "-c", COUNT_GRAPHS, *args, "--out", str(tmp_path / "c"),
+    compiled = run([sys.executable, "-c", COUNT_GRAPHS, *TINY, *ONE, "--out", str(tmp_path / "c"),
                     "--set", "parallel.compile=true"])
     counts = compiled.stdout.split("graphs")[-1].split()
     assert int(counts[0]) >= 1 and counts[1:] == ["breaks", "0"], compiled.stdout[-2000:]
-    run(single(*args, "--out", str(tmp_path / "e")))
-    assert losses(tmp_path / "c") == pytest.approx(losses(tmp_path / "e"), rel=1e-4)
+    # Inductor fuses and reorders fp32 reductions (softmax, norms, the loss) with vector widths that
+    # differ between CPUs: 1.1e-7 relative measured on an Intel Xeon, rel=1e-4 for the others; a
+    # dropped gradient share (9e-4 at step 2, module docstring) still fails it
+    assert losses(tmp_path / "c") == pytest.approx(losses(one_process), rel=1e-4)
 
 
-def test_compiled_on_two_processes_trains_like_one_eager_process(tmp_path):
+@pytest.mark.slow
+def test_compiled_on_two_processes_trains_like_one_eager_process(tmp_path, one_process):
     """torch.compile under DDP (the compiled DDP wrapper, with gradient accumulation through
     no_sync) and under FSDP2 (each block compiled): the same losses as one eager process."""
-    args = ["train", "tiny", "--set", "train.steps=4", *QUIET]
-    run(single(*args, "--out", str(tmp_path / "one"), "--set", "train.batch_size=32", "--set", "train.grad_accum=4"))
-    for kind in ("ddp", "fsdp2"):
-        run(torchrun(*args, "--out", str(tmp_path / kind), "--set", f"parallel.kind={kind}",
-                     "--set", "parallel.compile=true", "--set", "train.batch_size=16", "--set", "train.grad_accum=2"))
-        assert losses(tmp_path / kind) == pytest.approx(losses(tmp_path / "one"), rel=1e-4), kind
+    kinds = ("ddp", "fsdp2")
+    run(torchrun_each(*([*TINY, *TWO, "--out", str(tmp_path / kind), "--set", f"parallel.kind={kind}",
+                         "--set", "parallel.compile=true"] for kind in kinds)))
+    for kind in kinds:
+        # compiled kernels and another reduction order: 1.3e-7 relative measured (Intel Xeon), the
+        # bound as in the test above
+        assert losses(tmp_path / kind) == pytest.approx(losses(one_process), rel=1e-4), kind
 
 
-def test_two_nodes_by_c10d_rendezvous_train_like_one_process(tmp_path):
+def free_port() -> int:
+    """A port nobody listens on now (the OS picks it): no fixed port for two test runs to fight over."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_by_c10d_rendezvous_train_like_standalone(tmp_path, fsdp2_two):
     """Two torchrun agents meeting through a c10d rendezvous (as on 2 nodes; here both on localhost,
-    one process each), FSDP2: the same losses as one process with the same global batch."""
-    args = ["train", "tiny", "--set", "train.steps=5", *QUIET]
-    run(single(*args, "--out", str(tmp_path / "one"), "--set", "train.batch_size=32", "--set", "train.grad_accum=2"))
+    one process each), FSDP2: exactly the losses of the same two processes under --standalone
+    (which equal one process's, test_ddp_and_fsdp2_on_two_processes_equal_one_process)."""
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
-            "--rdzv-endpoint=localhost:29533", f"--rdzv-id={tmp_path.name}", "-m", "graft", *args,
-            "--out", str(tmp_path / "nodes"), "--set", "parallel.kind=fsdp2", "--set", "train.batch_size=16"]
+            f"--rdzv-endpoint=localhost:{free_port()}", f"--rdzv-id={tmp_path.name}", "-m", "graft",
+            *two_processes(tmp_path / "nodes")]
     agents = [subprocess.Popen(node, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for _ in range(2)]
-    outputs = [a.communicate(timeout=300)[0] for a in agents]
+    try:
+        outputs = [a.communicate(timeout=300)[0] for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
     assert [a.returncode for a in agents] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert losses(tmp_path / "nodes") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    assert losses(tmp_path / "nodes") == losses(fsdp2_two)

@@ -11,7 +11,7 @@ from graft.train.checkpoint import read_model
 
 from graft.cli import main
 
-STAGE1_STEPS, STAGE2_STEPS = 150, 100
+STAGE1_STEPS, STAGE2_STEPS = 100, 60  # at batch 32 each
 EVAL = ["--set", "train.progress=false", "--set", "train.log_every=25", "--set", "eval.splits=[test]"]
 
 
@@ -22,21 +22,48 @@ def _train(recipe: str, out, *settings: str) -> dict:
     return json.loads((out / "eval.json").read_text()) if (out / "eval.json").exists() else {}
 
 
+def itm_ranks_the_matching_caption_higher(run, n: int = 200) -> float:
+    """How often ITM's match probability of a held-out image with its own caption exceeds that with
+    the next image's caption (a pair with the same caption counts as right): 0.5 by chance. Computed
+    here from the model's ITM head over [queries; caption] (BLIP-2 §3.2), one pair per image."""
+    from graft.data.shapes import ShapesWorld
+    from graft.rundir import RunDir, build_processor
+
+    cfg, tok, model, _ = RunDir(run).load()
+    proc, world = build_processor(cfg, tok, model), ShapesWorld(cfg.vision.image_size, cfg.data.grid,
+                                                               cfg.data.max_objects, cfg.data.seed)
+    samples = [world.sample("test", i) for i in range(n)]
+    N = model.qformer.num_queries
+
+    def p_match(image, caption_ids):
+        ids, real = model._text(model.cls_id, caption_ids)
+        keys = torch.cat([real.new_ones(ids.shape[0], N), real], dim=1)
+        return model.itm_head(model._joint(image, ids, keys)[:, :N]).mean(1).softmax(-1)[:, 1]
+
+    with torch.no_grad():
+        image, _ = model.image_side(torch.stack([proc.pixels(s.image) for s in samples]))
+        ids = proc.texts([s.caption for s in samples])["input_ids"]
+        own, other = p_match(image, ids), p_match(image, ids.roll(1, 0))
+    same = torch.tensor([samples[i].caption == samples[i - 1].caption for i in range(n)])
+    return ((own > other) | same).float().mean().item()
+
+
 @pytest.mark.slow
 def test_stage1_then_stage2_learn_from_the_images(tmp_path, capsys):
+    """Measured (one thread, Intel Xeon, train.seed 0, stage 1 / stage 2 at 100 / 60 steps of batch
+    32): zero-shot 0.62 (24 classes: chance 0.042), R@1 i2t / t2i 0.72 / 0.78 (300 pairs: chance
+    ~0.005), ITM ranks the matching caption higher for 0.72 of 200 images (chance 0.5: 0.6 is three
+    standard deviations above it; ITM's training loss is still at its class prior, 0.64, this early:
+    its negatives are the hardest in the batch); stage 2 (one object per image) colour 1.00, size
+    1.00, shape 0.62. Longer (150 x 64 / 100 x 64 steps): zero-shot 0.88, R@1 0.96, ITM loss 0.53."""
     s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
     r1 = _train("shapes_qformer_stage1", s1, f"train.steps={STAGE1_STEPS}", f"train.ckpt_every={STAGE1_STEPS}",
-                "eval.zeroshot_images=300", "eval.retrieval_pairs=300")
+                "train.batch_size=32", "eval.zeroshot_images=300", "eval.retrieval_pairs=300")
     events = [json.loads(line) for line in (s1 / "metrics.jsonl").read_text().splitlines()]
     assert all(f"loss/{name}" in events[0] for name in ("itc", "itm", "itg"))
-    last = [e for e in events if "loss/itm" in e][-1]
-    # ITM starts at its class prior (-(1/3 log 1/3 + 2/3 log 2/3) = 0.64); below it, it reads the pair.
-    # Measured figures in this test (one thread, Intel Xeon, train.seed 0, stage 1 then stage 2 at
-    # 150 / 100 steps): ITM loss 0.671 -> 0.526 (one batch's loss: noisy, hence a bar near the prior),
-    # zero-shot 0.877, i2t / t2i R@1 0.957 / 0.957; stage 2 (one object per image) colour, shape,
-    # size 1.00 each. At 300 / 200 steps: zero-shot 0.997, R@1 0.97.
-    assert last["loss/itm"] < 0.6, last
-    # 24 classes: chance 0.042; 300 pairs: R@1 chance ~0.005 (a few captions repeat)
+    assert r1["zeroshot_acc"] >= 0.4, r1  # ranked by ITC's best query per class text
+    assert r1["i2t_r@1"] >= 0.4 and r1["t2i_r@1"] >= 0.4, r1
+    assert itm_ranks_the_matching_caption_higher(s1) >= 0.6
     # A stage-2 config whose Q-Former differs from the run's is named in one line, nothing written.
     capsys.readouterr()  # stage 1's own output
     assert main(["train", "shapes_qformer", "--out", str(tmp_path / "bad"), "--set", f"connector.init_from={s1}",
@@ -44,23 +71,19 @@ def test_stage1_then_stage2_learn_from_the_images(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "connector.qformer.layers=3 differs from qformer.layers=2" in err[0], err
     assert not (tmp_path / "bad").exists()
-    with capsys.disabled():
-        print(f"\nstage 1, {STAGE1_STEPS} steps: {r1}")
-    assert r1["zeroshot_acc"] >= 0.5, r1  # ranked by ITC's best query per class text
-    assert r1["i2t_r@1"] >= 0.5 and r1["t2i_r@1"] >= 0.5, r1
 
     r2 = _train("shapes_qformer", s2, f"connector.init_from={s1}", f"train.steps={STAGE2_STEPS}",
-                f"train.ckpt_every={STAGE2_STEPS}", "eval.vqa_per_type=50", "eval.captions=0", "data.max_objects=1")
-    with capsys.disabled():
-        print(f"\nstage 2, {STAGE2_STEPS} steps: {r2}")
+                f"train.ckpt_every={STAGE2_STEPS}", "train.batch_size=32", "eval.vqa_per_type=50", "eval.captions=0",
+                "data.max_objects=1")
     # The tower came from stage 1 and stayed frozen; the Q-Former started from stage 1's and trained on.
     a = read_model(s1 / "checkpoints" / f"step_{STAGE1_STEPS:08d}")
     b = read_model(s2 / "checkpoints" / f"step_{STAGE2_STEPS:08d}")
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("vision."))
     assert not torch.equal(a["qformer.query_tokens"], b["connector.query_tokens"])
-    # Text-only ceilings on the test split: colour 1/5, shape 0.3 (each shape has one colour held out
-    # for the compositional split, and four colours one shape); a blank-image shapes_vqa run got 0.14 / 0.36.
-    assert r2["vqa_acc/color"] >= 0.6 and r2["vqa_acc/shape"] >= 0.6, r2
+    # Text-only ceilings on the test split: colour 1/5, size 1/2 (each shape has one colour held out
+    # for the compositional split); a blank-image shapes_vqa run got 0.14 / 0.54. (Shape, ceiling
+    # 0.30, is still at 0.62 this early: too near for a bar.)
+    assert r2["vqa_acc/color"] >= 0.6 and r2["vqa_acc/size"] >= 0.8, r2
 
 
 def test_stage2_starts_from_the_stage1_qformer(tmp_path):

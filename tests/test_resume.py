@@ -1,5 +1,9 @@
 """Crash safety: kill -9 mid-run and resume gives the same losses bit for bit; a kill during a
-checkpoint write leaves the previous checkpoint complete and loadable."""
+checkpoint write leaves the previous checkpoint complete and loadable.
+
+Kills and signals land at a known point, never by watching a running job: the run (graft's CLI
+with a hook, tests/scripts/faults.py) writes a marker and waits inside the chosen step until the
+test has signalled it."""
 
 import json
 import os
@@ -8,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +20,24 @@ import torch
 from graft import atomic
 from graft.train import checkpoint
 
-STEPS = 120  # long enough to be stopped after 30-40 logged steps (a tiny step takes ~15 ms)
-ARGS = ["--set", f"train.steps={STEPS}", "--set", "train.ckpt_every=7", "--set", "train.log_every=1",
-        "--set", "train.progress=false", "--set", "eval.vqa_per_type=1", "--set", "eval.captions=1",
-        "--set", "train.peak_flops=1e11"]
+SCRIPTS = Path(__file__).parent / "scripts"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+STEPS = 12
+ARGS = ["--set", f"train.steps={STEPS}", "--set", "train.ckpt_every=4", "--set", "train.log_every=1",
+        "--set", "train.progress=false", "--set", "eval.splits=", "--set", "train.peak_flops=1e11"]
 
 
-def train_cmd(out):
-    return [sys.executable, "-m", "graft", "train", "tiny", "--out", str(out), *ARGS]
+def train_args(out, *sets):
+    return ["train", "tiny", "--out", str(out), *ARGS, *sets]
+
+
+def graft(*args):
+    return [sys.executable, "-m", "graft", *args]
+
+
+def paused(step, marker, *args):
+    """graft's CLI running ARGS, paused inside step STEP until a signal arrives (tests/scripts/faults.py)."""
+    return [sys.executable, str(SCRIPTS / "faults.py"), "pause", str(step), str(marker), "--", *args]
 
 
 def losses(run):
@@ -31,59 +46,68 @@ def losses(run):
 
 
 def logged_steps(run):
-    path = run / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    return [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_kill_9_and_resume_reproduces_uninterrupted_losses(tmp_path):
-    reference = tmp_path / "reference"
-    subprocess.run(train_cmd(reference), check=True, capture_output=True, timeout=600)
+@pytest.fixture
+def reference(shared_run):
+    """The uninterrupted run, in a subprocess with the same environment as the interrupted ones
+    (what is compared bit for bit must run alike)."""
+    return shared_run("resume_reference", lambda out: subprocess.run(
+        graft(*train_args(out)), check=True, capture_output=True, timeout=600, env=ENV))
 
+
+def start_paused(step, tmp_path, *args):
+    """Start ARGS paused inside step STEP; returns once it is paused there (its marker written).
+    The deadline only keeps a broken run from hanging the suite: the run waits for the test."""
+    marker = tmp_path / "paused"
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(paused(step, marker, *args), env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "paused.rank0").exists():
+        assert proc.poll() is None, (tmp_path / "stderr").read_text()[-2000:]
+        assert time.monotonic() < deadline, "the run did not reach its pause in 300 s"
+        time.sleep(0.05)
+    return proc
+
+
+def test_kill_9_and_resume_reproduces_uninterrupted_losses(tmp_path, reference):
+    """kill -9 inside step 10 (steps 1-9 logged, checkpoints of steps 4 and 8): the same command
+    resumes from step 8 and logs exactly the uninterrupted run's losses, gradient norms and
+    learning rates, every step once (9, logged before the kill, is trained and logged again)."""
     run = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while logged_steps(run) < 40 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "run finished before it could be killed"
+    proc = start_paused(10, tmp_path, *train_args(run))
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = logged_steps(run)
-    assert 0 < killed_at < STEPS
+    assert logged_steps(run) == list(range(1, 10))
+    assert checkpoint.latest(run / "checkpoints").name == "step_00000008"
 
-    resumed = subprocess.run(train_cmd(run), check=True, capture_output=True, text=True, timeout=600)
-    assert "resuming from" in resumed.stdout
+    resumed = subprocess.run(graft(*train_args(run)), check=True, capture_output=True, text=True, timeout=600, env=ENV)
+    assert f"resuming from {run / 'checkpoints' / 'step_00000008'}" in resumed.stdout
     assert losses(run) == losses(reference)  # exact float equality, every step
     assert len(losses(run)) == STEPS
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT])  # SIGTERM: under torchrun in test_parallel.py
-def test_a_signal_checkpoints_the_step_and_the_same_command_resumes(tmp_path, sig):
-    """SIGTERM (Slurm, Kubernetes) or Ctrl-C: the step in progress finishes, its checkpoint is saved
-    (ckpt_every would not have saved it), one line says where it stopped, exit 128 + signal; the
-    same command then resumes with the uninterrupted run's losses."""
-    reference = tmp_path / "reference"
-
-    def cmd(out):
-        return [*train_cmd(out), "--set", "train.ckpt_every=1000"]
-
-    subprocess.run(cmd(reference), check=True, capture_output=True, timeout=600)
+def test_a_signal_checkpoints_the_step_and_the_same_command_resumes(tmp_path, reference, sig):
+    """SIGTERM (Slurm, Kubernetes) or Ctrl-C arriving inside step 6: that step finishes, its
+    checkpoint is saved (ckpt_every=1000 would not have saved it), one line says where it stopped,
+    exit 128 + signal; the same command then resumes with the uninterrupted run's losses."""
     run = tmp_path / "stopped"
-    proc = subprocess.Popen(cmd(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while logged_steps(run) < 30 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "run finished before it could be stopped"
+    args = train_args(run, "--set", "train.ckpt_every=1000")  # a resumable change: the same losses
+    proc = start_paused(6, tmp_path, *args)  # it goes on with step 6 once the signal has arrived
     os.kill(proc.pid, sig)
-    _, err = proc.communicate(timeout=120)
-    step = logged_steps(run)
+    proc.wait(timeout=120)
+    err = (tmp_path / "stderr").read_text()
     assert proc.returncode == 128 + sig, err[-2000:]
     line = [l for l in err.splitlines() if l.startswith("graft: stopped")]
-    expected = (f"graft: stopped by {sig.name} after step {step} of {STEPS}; checkpoint "
-                f"{run / 'checkpoints' / f'step_{step:08d}'} saved. The same command resumes from it.")
+    expected = (f"graft: stopped by {sig.name} after step 6 of {STEPS}; checkpoint "
+                f"{run / 'checkpoints' / 'step_00000006'} saved. The same command resumes from it.")
     assert line == [expected], err[-2000:]
-    assert checkpoint.latest(run / "checkpoints").name == f"step_{step:08d}"
-    resumed = subprocess.run(cmd(run), check=True, capture_output=True, text=True, timeout=600)
-    assert "resuming from" in resumed.stdout
+    assert logged_steps(run) == list(range(1, 7))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000006"]
+    resumed = subprocess.run(graft(*args), check=True, capture_output=True, text=True, timeout=600, env=ENV)
+    assert f"resuming from {run / 'checkpoints' / 'step_00000006'}" in resumed.stdout
     assert losses(run) == losses(reference)
 
 
@@ -105,7 +129,9 @@ def _saved(root, steps):
 
 
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
-    root = tmp_path / "checkpoints"
+    """kill -9 once every file of checkpoint 2 is written but before it is flushed and renamed:
+    checkpoint 1 is the latest, loads whole, and the partial directory is cleaned away."""
+    root, marker = tmp_path / "checkpoints", tmp_path / "writing"
     script = textwrap.dedent(f"""
         import time, torch
         from pathlib import Path
@@ -115,17 +141,25 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         saver = checkpoint.Saver(Path({str(root)!r}), keep=2)
         saver.save(1, model, opt, sched, {{}})
-        checkpoint._fsync_tree = lambda path: time.sleep(60)  # the kill lands here: every file written, not renamed
+        def stays(path):  # the kill lands here: every file written, not yet renamed
+            Path({str(marker)!r}).touch()
+            while True:
+                time.sleep(1)
+        checkpoint._fsync_tree = stays
         with torch.no_grad():
             model.weight.add_(1.0)
         saver.save(2, model, opt, sched, {{}})
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    deadline = time.time() + 60
-    while not (root / ".tmp-step_00000002" / "meta.json").is_file() and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.Popen([sys.executable, "-c", script], env=ENV)
+    try:
+        deadline = time.monotonic() + 120  # a guard against a broken script only: it waits for the kill
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the save did not get to its flush"
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (root / ".tmp-step_00000002" / "meta.json").is_file()  # written, under its temporary name
 
     assert checkpoint.latest(root).name == "step_00000001"
     model, opt, sched = _tiny_state()
@@ -205,17 +239,20 @@ def test_tokenizer_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert ChatTokenizer.load(run.tokenizer_path).encode("a red circle") == tok.encode("a red circle")
 
 
-def test_a_diverging_run_stops_after_max_skipped_steps_with_one_line(tmp_path):
+def test_a_diverging_run_stops_after_max_skipped_steps_with_one_line(tmp_path, capfd):
     """lr 1e30 sends the weights to ~1e30 in one (finite) step; every later step's gradients are
-    NaN and skipped. After train.max_skipped_steps in a row the run stops: one line, exit 1."""
+    NaN and skipped. After train.max_skipped_steps in a row the run stops: one line, exit 1.
+    (graft's CLI in this process: no start-up to pay.)"""
+    from graft.cli import main
+
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "graft", "train", "tiny", "--out", str(run), "--set", "optim.lr=1e30",
-           "--set", "optim.warmup_steps=0", "--set", "train.max_skipped_steps=5", "--set", "train.log_every=1",
-           "--set", "train.steps=50", "--set", "train.progress=false"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 1, done.stderr[-2000:]
-    lines = [l for l in done.stderr.splitlines() if l.startswith("graft: ")]
-    assert len(lines) == 1 and "training diverged: the 5 steps up to step" in lines[0], done.stderr[-2000:]
+    code = main(["train", "tiny", "--out", str(run), "--set", "optim.lr=1e30", "--set", "optim.warmup_steps=0",
+                 "--set", "train.max_skipped_steps=5", "--set", "train.log_every=1", "--set", "train.steps=50",
+                 "--set", "train.progress=false", "--set", "eval.splits="])
+    err = capfd.readouterr().err
+    assert code == 1, err[-2000:]
+    lines = [l for l in err.splitlines() if l.startswith("graft: ")]
+    assert len(lines) == 1 and "training diverged: the 5 steps up to step" in lines[0], err[-2000:]
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     skipped = [r["skipped_steps"] for r in records if "skipped_steps" in r]  # per logged step (log_every=1)
     assert skipped[-5:] == [1] * 5 and records[-1]["step"] < 50

@@ -1,6 +1,13 @@
 """A checkpoint saved on one process loads into FSDP2 on two, and the reverse, tensor for tensor
-(model with tied weights, AdamW moments and steps). Run as: reshard.py DIR (one process: save, or
-load what two saved), then under torchrun with 2 processes (load what one saved, then save)."""
+(model with tied weights, AdamW moments and steps). Run as `torchrun --nproc_per_node=2 reshard.py
+DIR`; one launch does all three parts:
+
+1. rank 0 alone, before any process group exists, trains a plain model 2 steps and saves it (the
+   other rank waits for it in the rendezvous);
+2. both ranks shard the model with FSDP2, load what one process saved, check it, train a step and
+   save;
+3. after the group is gone, rank 0 alone loads what two processes saved into a plain model again.
+"""
 
 import os
 import sys
@@ -18,66 +25,71 @@ from graft.data.processor import collate
 from graft.data.shapes import ShapesWorld
 from graft.losses import batch_loss
 from graft.train import checkpoint
-from graft.train.runtime import setup
+from graft.train.runtime import Runtime, setup
 
 root = Path(sys.argv[1])
-rt = setup("cpu", "fp32")
-torch.manual_seed(0)
-model, proc = tiny_vlm()
-assert model.lm.lm_head.weight is model.lm.embed_tokens.weight  # a tied pair is part of the test
-if rt.world_size > 1:
-    from graft.train.parallel import blocks, shard
-
-    shard(model, blocks(model), rt)
-opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 world = ShapesWorld(32)
+ALONE = Runtime(torch.device("cpu"), torch.float32)  # one process, no group
 
 
-def step(n: int) -> None:
-    s = world.sample("train", n + rt.rank)
-    ids, labels = proc.conversation([(s.qa[0].question, s.qa[0].answer)])
-    batch_loss(model, collate([(ids, labels, proc.pixels(s.image))], proc.tok.pad)).backward()
-    opt.step()
-    opt.zero_grad()
+class Trainer:
+    """A tiny VLM with its AdamW, on `rt` (sharded with FSDP2 over two processes)."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        torch.manual_seed(0)
+        self.model, self.proc = tiny_vlm()
+        assert self.model.lm.lm_head.weight is self.model.lm.embed_tokens.weight  # a tied pair is part of the test
+        if rt.world_size > 1:
+            from graft.train.parallel import blocks, shard
+
+            shard(self.model, blocks(self.model), rt)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0)
+
+    def step(self, n: int) -> None:
+        s = world.sample("train", n + self.rt.rank)
+        ids, labels = self.proc.conversation([(s.qa[0].question, s.qa[0].answer)])
+        batch_loss(self.model, collate([(ids, labels, self.proc.pixels(s.image))], self.proc.tok.pad)).backward()
+        self.opt.step()
+        self.opt.zero_grad()
+
+    def full_state(self) -> dict:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        m, o = get_state_dict(self.model, self.opt, options=options)
+        if not m:  # ranks other than 0 get nothing with cpu_offload
+            return {}
+        flat = {f"model.{k}": v for k, v in m.items()}
+        flat |= {f"optim.{name}.{k}": v for name, state in o["state"].items() for k, v in state.items()}
+        return {k: v.clone().contiguous() for k, v in flat.items() if k != "model.lm.lm_head.weight"}
+
+    def load_and_check(self, name: str) -> None:
+        checkpoint.load_train_state(checkpoint.latest(root / name), self.model, self.opt, self.sched)
+        got, want = self.full_state(), load_file(str(root / f"{name}.safetensors"))
+        if self.rt.rank == 0:
+            assert sorted(got) == sorted(want), set(got) ^ set(want)
+            bad = [k for k in want if not torch.equal(got[k], want[k])]
+            assert not bad, bad[:5]
+            print(f"resharded exactly: {name}", flush=True)
+
+    def save(self, name: str, at: int) -> None:
+        checkpoint.Saver(root / name, keep=1).save(at, self.model, self.opt, self.sched, {})
+        state = self.full_state()
+        if self.rt.rank == 0:
+            save_file(state, str(root / f"{name}.safetensors"))
 
 
-def full_state() -> dict:
-    m, o = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not m:  # ranks other than 0 get nothing with cpu_offload
-        return {}
-    flat = {f"model.{k}": v for k, v in m.items()}
-    flat |= {f"optim.{name}.{k}": v for name, state in o["state"].items() for k, v in state.items()}
-    return {k: v.clone().contiguous() for k, v in flat.items() if k != "model.lm.lm_head.weight"}
-
-
-def check(ref: Path) -> None:
-    got, want = full_state(), load_file(str(ref))
-    if rt.rank == 0:
-        assert sorted(got) == sorted(want), set(got) ^ set(want)
-        bad = [k for k in want if not torch.equal(got[k], want[k])]
-        assert not bad, bad[:5]
-
-
-def save(name: str, at: int) -> None:
-    checkpoint.Saver(root / name, keep=1).save(at, model, opt, sched, {})
-    state = full_state()
-    if rt.rank == 0:
-        save_file(state, str(root / f"{name}.safetensors"))
-
-
-if rt.world_size == 1 and not (root / "one").exists():
-    step(0), step(1)
-    save("one", 2)
-elif rt.world_size > 1:
-    step(0)  # the optimizer has state before loading, as in a running trainer
-    checkpoint.load_train_state(checkpoint.latest(root / "one"), model, opt, sched)
-    check(root / "one.safetensors")
-    step(2)
-    save("two", 3)
-else:
-    checkpoint.load_train_state(checkpoint.latest(root / "two"), model, opt, sched)
-    check(root / "two.safetensors")
-if dist.is_initialized():
-    dist.destroy_process_group()
-print("resharded exactly", os.environ.get("RANK", "0"))
+rank = int(os.environ["RANK"])
+if rank == 0:  # 1: one process
+    one = Trainer(ALONE)
+    one.step(0), one.step(1)
+    one.save("one", 2)
+rt = setup("cpu", "fp32")  # rank 1 waits here for rank 0
+two = Trainer(rt)  # 2: FSDP2 on two processes
+two.step(0)  # the optimizer has state before loading, as in a running trainer
+two.load_and_check("one")
+two.step(2)
+two.save("two", 3)
+dist.destroy_process_group()
+if rank == 0:  # 3: one process again
+    Trainer(ALONE).load_and_check("two")
