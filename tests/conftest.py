@@ -53,3 +53,9 @@ def shared_run(tmp_path_factory) -> Callable[[str, Callable[[Path], None]], Path
 
     return get
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first: under xdist the longest start while the many short ones fill the other
+    workers, instead of one long test ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each

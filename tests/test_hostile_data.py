@@ -9,8 +9,10 @@ run directory; control-token strings in captions stay text; untrusted names are 
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -112,19 +114,22 @@ def _peak_rss_mb(cmd: list[str], env: dict, cwd: Path) -> float:
             sys.exit(done.stderr[-2000:])
         print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
     """)
-    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=cwd, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                          timeout=600)
     assert out.returncode == 0, out.stderr
     return float(out.stdout.split()[-1])
 
 
-def test_memory_stays_bounded_and_nothing_is_written_outside_the_run(shards, tmp_path):
+def test_memory_stays_bounded_and_nothing_is_written_outside_the_run(shards, tmp_path, request):
     pattern = shards[0]
     good = tmp_path / "good"
     good.mkdir()
     write_tar(good / "good.tar", good_records("g", 48))
-    home, cwd = tmp_path / "home", tmp_path / "cwd"
-    home.mkdir(), cwd.mkdir()
+    # HOME and TMPDIR in a short folder of their own: the workers' sockets live under TMPDIR, whose
+    # path must leave them room (graft refuses a TMPDIR that would not; tested below)
+    home, cwd = Path(tempfile.mkdtemp(prefix="graft-home-")), tmp_path / "cwd"
+    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
+    cwd.mkdir()
     env = dict(os.environ, HOME=str(home), TMPDIR=str(home), PYTHONDONTWRITEBYTECODE="1", MPLBACKEND="Agg",
                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     env.pop("XDG_CACHE_HOME", None), env.pop("MPLCONFIGDIR", None)
@@ -143,6 +148,18 @@ def test_memory_stays_bounded_and_nothing_is_written_outside_the_run(shards, tmp
     assert not written, written
     assert all(".cache/matplotlib" in str(p) for p in before), before
     assert not shards[-1].exists()
+
+
+def test_a_temporary_folder_too_long_for_the_workers_sockets_is_one_line(shards, tmp_path, capsys, monkeypatch):
+    """DataLoader workers pass tensors through a Unix socket under TMPDIR (at most 107 characters in
+    all): a longer TMPDIR made the workers fail with a traceback, or at the limit wait for ever."""
+    long = tmp_path / ("x" * max(1, 80 - len(str(tmp_path))))
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    args = ["train", "tiny", "--out", str(tmp_path / "run"), *SMALL, *shard_args(shards[0]), "--set", "data.workers=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "set a shorter TMPDIR, or data.workers=0" in err[0], err
 
 
 def test_eps_is_never_decoded_and_the_format_list_is_honoured(tmp_path, capsys):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from collections import Counter
 
 import torch
@@ -127,6 +128,21 @@ class ShapesBatches(PureBatches):
         return batch
 
 
+# A worker hands each batch's tensors over as file descriptors, through a Unix socket that
+# multiprocessing creates at TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX: 32 characters after TMPDIR, and
+# a socket path holds at most 107. Past that the workers fail ("AF_UNIX path too long"), or at the
+# very limit the loader waits for ever.
+SOCKET_PATH_MAX, SOCKET_SUFFIX = 107, len("/pymp-XXXXXXXX/listener-XXXXXXXX")
+
+
+def _check_socket_room() -> None:
+    tmp = tempfile.gettempdir()
+    if len(tmp) + SOCKET_SUFFIX > SOCKET_PATH_MAX:
+        raise UserError(f"data.workers: the temporary folder {tmp} ({len(tmp)} characters) is too long for the "
+                        f"workers' sockets (at most {SOCKET_PATH_MAX - SOCKET_SUFFIX}): set a shorter TMPDIR, "
+                        "or data.workers=0")
+
+
 class StreamBatches:
     def __init__(self, cfg, proc, sources, weights, rank: int, world_size: int, saved: dict | None):
         d, self.proc = cfg.data, proc
@@ -139,6 +155,8 @@ class StreamBatches:
         self.check = StartupCheck(d, self.micro_batch)
         dataset = StreamDataset(sources, weights, proc, d, self.micro_batch, rank, world_size, self.workers,
                                 positions, self.offset)
+        if d.workers:
+            _check_socket_room()
         self.loader = DataLoader(dataset, batch_size=None, num_workers=d.workers, collate_fn=_identity,
                                  persistent_workers=False)
         self._it = None
