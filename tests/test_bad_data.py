@@ -114,6 +114,7 @@ def test_image_size_is_judged_from_the_header_before_decoding():
     assert not [p for p in sources.rglob("*.py") if "MAX_IMAGE_PIXELS = None" in p.read_text()]
 
 
+@pytest.mark.slow  # starts processes
 def test_two_ranks_sum_their_counts_and_save_both_positions(tmp_path):
     """torchrun, 2 processes on gloo: each rank streams its own shards; metrics sum both ranks' skips."""
     pattern, _ = bad_shards(tmp_path / "shards", tmp_path / "unpickled")

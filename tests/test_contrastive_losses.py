@@ -50,6 +50,7 @@ def test_perfect_alignment_gives_low_loss_and_shuffling_raises_it():
     assert aligned < 0.05 < 2.0 < shuffled
 
 
+@pytest.mark.slow  # starts processes
 def test_two_processes_equal_one_process(tmp_path):
     script = Path(__file__).parent / "scripts" / "contrastive_losses_dist.py"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}

@@ -33,6 +33,8 @@ import torch
 from graft.cli import main
 from tests.helpers import copy_run
 
+pytestmark = pytest.mark.slow  # every test here starts processes (torchrun): CI runs them, the edit loop skips them
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 QUIET = ["--set", "train.progress=false", "--set", "train.log_every=1", "--set", "eval.splits="]
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -317,7 +319,6 @@ COUNT_GRAPHS = ("import sys, torch; from graft.cli import main; code = main(sys.
                 "sys.exit(code)")
 
 
-@pytest.mark.slow
 def test_compile_traces_the_whole_forward_and_trains_like_eager(tmp_path, one_process):
     """parallel.compile=true on one process: the whole training forward (vision, image scatter,
     decoder, LM head at the answers, loss) compiles without a graph break, and the losses follow
@@ -332,7 +333,6 @@ def test_compile_traces_the_whole_forward_and_trains_like_eager(tmp_path, one_pr
     assert losses(tmp_path / "c") == pytest.approx(losses(one_process), rel=1e-4)
 
 
-@pytest.mark.slow
 def test_compiled_on_two_processes_trains_like_one_eager_process(tmp_path, one_process):
     """torch.compile under DDP (the compiled DDP wrapper, with gradient accumulation through
     no_sync) and under FSDP2 (each block compiled): the same losses as one eager process."""

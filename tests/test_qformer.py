@@ -236,6 +236,7 @@ def test_hard_negatives_never_draw_the_positive_or_an_identical_text():
     assert picks.count(1) > 190
 
 
+@pytest.mark.slow  # starts processes
 def test_itc_on_two_processes_equals_one_process(tmp_path):
     import subprocess
     import sys

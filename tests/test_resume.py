@@ -71,6 +71,7 @@ def start_paused(step, tmp_path, *args):
     return proc
 
 
+@pytest.mark.slow  # starts processes
 def test_kill_9_and_resume_reproduces_uninterrupted_losses(tmp_path, reference):
     """kill -9 inside step 10 (steps 1-9 logged, checkpoints of steps 4 and 8): the same command
     resumes from step 8 and logs exactly the uninterrupted run's losses, gradient norms and
@@ -88,6 +89,7 @@ def test_kill_9_and_resume_reproduces_uninterrupted_losses(tmp_path, reference):
     assert len(losses(run)) == STEPS
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.parametrize("sig", [signal.SIGINT])  # SIGTERM: under torchrun in test_parallel.py
 def test_a_signal_checkpoints_the_step_and_the_same_command_resumes(tmp_path, reference, sig):
     """SIGTERM (Slurm, Kubernetes) or Ctrl-C arriving inside step 6: that step finishes, its
