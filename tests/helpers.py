@@ -1,6 +1,7 @@
 """Small builders shared by the tests."""
 
 import shutil
+import time
 from pathlib import Path
 
 from graft.data.processor import Processor
@@ -55,3 +56,14 @@ def one_line_error(result: tuple[int, str, str], needle: str) -> None:
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and needle in lines[0], (code, err)
     assert "Traceback" not in err
+
+
+def wait_for(paths: list[Path], proc, guard_s: float = 300, detail=lambda: "") -> None:
+    """Until every path exists and holds something: markers a fault script writes when its process
+    has paused where the test wants it. The deadline only keeps a broken run from hanging the
+    suite; nothing races the run, which waits for the test. `detail()` adds to a failure."""
+    deadline = time.monotonic() + guard_s
+    while not all(p.exists() and p.read_text() for p in paths):
+        assert proc.poll() is None, f"the process ended (exit {proc.returncode}) before it paused {detail()}"
+        assert time.monotonic() < deadline, f"not paused after {guard_s} s {detail()}"
+        time.sleep(0.05)

@@ -24,14 +24,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from graft.cli import main
-from tests.helpers import copy_run
+from tests.helpers import copy_run, wait_for
 
 pytestmark = pytest.mark.slow  # every test here starts processes (torchrun): CI runs them, the edit loop skips them
 
@@ -198,16 +197,6 @@ def test_save_on_two_resume_on_one_and_back(tmp_path, fsdp2_two, capsys):
     assert [r["step"] for r in records(out) if r.get("event") != "eval"] == list(range(1, 10))
     done = run(torchrun(str(tmp_path / "states"), script=SCRIPTS / "reshard.py"))  # 1 → 2 → 1
     assert "resharded exactly: one" in done.stdout and "resharded exactly: two" in done.stdout, done.stdout[-3000:]
-
-
-def wait_for(paths, proc, guard_s=300):
-    """Until every path exists (the processes are paused where the fault script put them). The
-    deadline only keeps a broken run from hanging the suite; nothing here races the run."""
-    deadline = time.monotonic() + guard_s
-    while not all(p.exists() and p.read_text() for p in paths):
-        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before it paused"
-        assert time.monotonic() < deadline, f"not paused after {guard_s} s"
-        time.sleep(0.05)
 
 
 def start(cmd, out):

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 
 from graft import atomic
 from graft.train import checkpoint
+from tests.helpers import wait_for
 
 SCRIPTS = Path(__file__).parent / "scripts"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -63,11 +63,7 @@ def start_paused(step, tmp_path, *args):
     marker = tmp_path / "paused"
     with open(tmp_path / "stderr", "w") as err:
         proc = subprocess.Popen(paused(step, marker, *args), env=ENV, stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "paused.rank0").exists():
-        assert proc.poll() is None, (tmp_path / "stderr").read_text()[-2000:]
-        assert time.monotonic() < deadline, "the run did not reach its pause in 300 s"
-        time.sleep(0.05)
+    wait_for([tmp_path / "paused.rank0"], proc, detail=lambda: (tmp_path / "stderr").read_text()[-2000:])
     return proc
 
 
@@ -144,7 +140,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
         saver = checkpoint.Saver(Path({str(root)!r}), keep=2)
         saver.save(1, model, opt, sched, {{}})
         def stays(path):  # the kill lands here: every file written, not yet renamed
-            Path({str(marker)!r}).touch()
+            Path({str(marker)!r}).write_text("flushing")
             while True:
                 time.sleep(1)
         checkpoint._fsync_tree = stays
@@ -154,10 +150,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], env=ENV)
     try:
-        deadline = time.monotonic() + 120  # a guard against a broken script only: it waits for the kill
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the save did not get to its flush"
-            time.sleep(0.02)
+        wait_for([marker], proc, guard_s=120)  # the save got to its flush
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
