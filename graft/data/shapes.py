@@ -78,14 +78,21 @@ class ShapesWorld:
         self.image_size, self.grid, self.max_objects, self.seed = image_size, grid, max_objects, seed
 
     def sample(self, split: str, index: int) -> Sample:
+        objects, background, qa = self._content(split, index)
+        return Sample(self.render(objects, background), caption(objects), qa, CLASSES.index(objects[0].name), objects)
+
+    def text(self, split: str, index: int) -> tuple[str, list[QA]]:
+        """Sample `index`'s caption and questions, without drawing its image (a tokenizer's corpus)."""
+        objects, _, qa = self._content(split, index)
+        return caption(objects), qa
+
+    def _content(self, split: str, index: int) -> tuple[list[Obj], int, list[QA]]:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
         rng = random.Random(f"shapes/{self.seed}/{split}/{index}")
         objects, background = self._scene(rng, novel=split == "compositional")
         focus = objects[0] if split == "compositional" else None  # ask about the unseen pair
-        qa = [q for kind in QUESTION_TYPES if (q := _question(kind, objects, rng, focus)) is not None]
-        label = CLASSES.index(objects[0].name)
-        return Sample(self.render(objects, background), caption(objects), qa, label, objects)
+        return objects, background, [q for kind in QUESTION_TYPES if (q := _question(kind, objects, rng, focus)) is not None]
 
     def _scene(self, rng: random.Random, novel: bool) -> tuple[list[Obj], int]:
         n = rng.randint(1, self.max_objects)

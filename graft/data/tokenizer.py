@@ -127,9 +127,9 @@ def world_corpus(world, n: int = 3000, images_per_doc: int = 1) -> list[str]:
 
     texts = [CAPTION_PROMPT]
     for i in range(n):
-        s = world.sample("train", i)
-        texts.append(s.caption)
-        for qa in s.qa:
+        text, questions = world.text("train", i)
+        texts.append(text)
+        for qa in questions:
             texts += [qa.question, qa.answer]
     for i in range(n // images_per_doc if images_per_doc > 1 else 0):
         texts += [t for turn in document(world, "train", i, images_per_doc, 1, 0.0).turns for t in turn]

@@ -215,6 +215,16 @@ def _resume(ckpt, model, optimizer, scheduler, cfg: Config, rt) -> tuple[int, in
     return step, samples
 
 
+def _vary(batch: dict) -> None:
+    """Tells torch.compile which sizes change from one micro-batch to the next, so that it compiles
+    one graph for all of them, not a fixed-size one first and a general one at the next size (a
+    quarter of a cold compile of `tiny` on CPU): the rows and lengths of the text tensors (packing,
+    padding to the longest row) and the number of images; an image's channels and pixels stay fixed."""
+    for t in batch.values():
+        for dim in range(1 if t.is_floating_point() else t.dim()):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
 def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int, flops: MeasuredFlops):
     """One optimiser step over grad_accum micro-batches; skips the update if gradients are non-finite.
 
@@ -226,6 +236,9 @@ def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int, fl
     accum, entry = cfg.train.grad_accum, design(cfg.model)
     batches = [{k: v.to(rt.device, non_blocking=True) for k, v in stream.batch(step, micro).items()}
                for micro in range(accum)]
+    if cfg.parallel.compile:
+        for batch in batches:
+            _vary(batch)
     data_s = time.perf_counter() - t0
     counts = runtime.all_sum(_sum_counts(model.loss_counts(**b) for b in batches), rt)
     weights = {name: cfg.train.objectives.get(name, 1.0) for name in counts}
