@@ -4,9 +4,10 @@ on one rank, a rank that hangs.
 
 At the same global batch, 2 processes of batch B train like one process of batch 2B in twice the
 micro-batches (data/stream.py first_sample: micro-batch m of rank r holds the samples that one
-process sees in its micro-batch r * grad_accum + m). Most tests compare against two runs trained
-once per session (`shared_run`): `tiny` for 5 steps on one process, and the same under FSDP2 on
-two processes.
+process sees in its micro-batch r * grad_accum + m). Most tests compare against runs trained once
+per session (`shared_run`): `tiny` for 5 steps on one process, and every two-process run the
+comparisons need, in one torchrun launch (the start-up of torch in three processes, not the
+training, is most of a launch's time).
 
 Tolerances. One process and two sum the same gradients in another order (each rank's gradient is
 all-reduced instead of accumulated in one buffer), so their fp32 losses differ in the last bits
@@ -102,23 +103,47 @@ def one_process(shared_run):
     return shared_run("tiny_one_process", lambda out: here(*TINY, "--out", str(out), *ONE))
 
 
+CASES = {
+    "dual": DUAL,
+    # frozen parts, LoRA adapters and MoE experts balanced by a bias that moves after each step with
+    # the loads of every process; under FSDP2 with activation checkpointing as well
+    "frozen_lora_moe": ["tiny", "--set", "train.freeze=[vision]", "--set", "lm.lora_rank=4",
+                        "--set", "lm.moe_experts=4", "--set", "lm.moe_balance=bias", "--set", "lm.moe_bias_rate=0.05"],
+}
+# a contrastive loss contrasts each micro-batch of the global batch: one of 32 on one process, one
+# of 16 per process (gathered) on two
+BATCHES = {"dual": (["--set", "train.batch_size=32"], ["--set", "train.batch_size=16"])}
+
+
+def _case_runs(out, case):
+    recipe, *sets = CASES[case]
+    two = BATCHES.get(case, (ONE, TWO))[1]
+    kinds = {"ddp": [], "fsdp2": ["--set", "parallel.activation_checkpointing=true"] if case != "dual" else []}
+    return [["train", recipe, *STEPS, *QUIET, *sets, "--out", str(out / f"{case}_{kind}"), *two,
+             "--set", f"parallel.kind={kind}", *extra] for kind, extra in kinds.items()]
+
+
 def _two(out):
+    """Every two-process run the comparisons read, in one torchrun launch (tests/scripts/runs.py)."""
     evaluate = ["--set", "eval.splits=[test]", "--set", "eval.vqa_per_type=5", "--set", "eval.captions=5"]
     run(torchrun_each([*TINY, "--out", str(out / "fsdp2"), *TWO, *FSDP2, *evaluate],
-                      [*TINY, "--out", str(out / "ddp"), *TWO, "--set", "parallel.kind=ddp"]))
+                      [*TINY, "--out", str(out / "ddp"), *TWO, "--set", "parallel.kind=ddp"],
+                      *(args for case in CASES for args in _case_runs(out, case))))
 
 
 @pytest.fixture
-def fsdp2_two(shared_run):
-    """The same global batches under FSDP2 on two processes, then the sharded evaluation of 5
-    questions per type and 5 captions; its checkpoint of step 5 is where resharding tests start."""
-    return shared_run("tiny_two", _two) / "fsdp2"
+def two(shared_run):
+    """The two-process runs: `fsdp2` and `ddp` (the global batches of `one_process` under FSDP2 and
+    DDP; `fsdp2` then evaluates 5 questions per type and 5 captions with the evaluation sharded, and
+    its checkpoint of step 5 is where the resharding and fault tests start), and `<case>_<kind>`
+    for each of CASES under DDP and FSDP2."""
+    return shared_run("two_processes", _two)
 
 
 @pytest.fixture
-def ddp_two(shared_run):
-    """The same under DDP (made in the same launch as `fsdp2_two`)."""
-    return shared_run("tiny_two", _two) / "ddp"
+def fsdp2_two(two):
+    """`tiny` under FSDP2 on two processes, 5 steps, checkpoint of step 5 (see `two`)."""
+    return two / "fsdp2"
 
 
 def two_processes(out, *sets):
@@ -127,42 +152,26 @@ def two_processes(out, *sets):
     return [*TINY, "--out", str(out), *TWO, *FSDP2, *sets]
 
 
-CASES = {
-    "dual": DUAL,
-    # frozen parts, LoRA adapters and MoE experts balanced by a bias that moves after each step with
-    # the loads of every process; under FSDP2 with activation checkpointing as well
-    "frozen_lora_moe": ["tiny", "--set", "train.freeze=[vision]", "--set", "lm.lora_rank=4",
-                        "--set", "lm.moe_experts=4", "--set", "lm.moe_balance=bias", "--set", "lm.moe_bias_rate=0.05"],
-}
-
-
-def test_ddp_and_fsdp2_on_two_processes_equal_one_process(one_process, ddp_two, fsdp2_two):
+def test_ddp_and_fsdp2_on_two_processes_equal_one_process(one_process, two):
     """`tiny` under DDP and under FSDP2 on two processes: the losses of one process (to fp32
     reassociation, see the module's docstring), step by step; and they go down."""
     want = losses(one_process)
-    for got in (losses(ddp_two), losses(fsdp2_two)):
+    for got in (losses(two / "ddp"), losses(two / "fsdp2")):
         assert len(got) == len(want) == 5
         assert got == pytest.approx(want, rel=1e-5), (got, want)
     assert want[-1] < want[0]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_other_models_on_two_processes_equal_one_process(tmp_path, case):
+def test_other_models_on_two_processes_equal_one_process(tmp_path, two, case):
     """A dual encoder (its contrastive loss over the global batch) and a VLM with frozen parts,
     LoRA and bias-balanced MoE: under DDP and FSDP2 (the latter with activation checkpointing) the
     losses of one process, to fp32 reassociation."""
     recipe, *sets = CASES[case]
-    args = ["train", recipe, *STEPS, *QUIET, *sets]
-    # a contrastive loss contrasts each micro-batch of the global batch: one of 32 on one process,
-    # one of 16 per process (gathered) on two
-    one, two = (["--set", "train.batch_size=32"], ["--set", "train.batch_size=16"]) if case == "dual" else (ONE, TWO)
-    here(*args, "--out", str(tmp_path / "one"), *one)
+    here("train", recipe, *STEPS, *QUIET, *sets, "--out", str(tmp_path / "one"), *BATCHES.get(case, (ONE, TWO))[0])
     want = losses(tmp_path / "one")
-    kinds = {"ddp": [], "fsdp2": ["--set", "parallel.activation_checkpointing=true"] if case != "dual" else []}
-    run(torchrun_each(*([*args, "--out", str(tmp_path / kind), *two, "--set", f"parallel.kind={kind}", *extra]
-                        for kind, extra in kinds.items())))
-    for kind in kinds:
-        got = losses(tmp_path / kind)
+    for kind in ("ddp", "fsdp2"):
+        got = losses(two / f"{case}_{kind}")
         assert len(got) == len(want) == 5
         assert got == pytest.approx(want, rel=1e-5), (kind, got, want)
     assert want[-1] < want[0]
