@@ -50,19 +50,22 @@ def itm_ranks_the_matching_caption_higher(run, n: int = 200) -> float:
 
 @pytest.mark.slow
 def test_stage1_then_stage2_learn_from_the_images(tmp_path, capsys):
-    """Measured (one thread, Intel Xeon, train.seed 0, stage 1 / stage 2 at 100 / 60 steps of batch
-    32): zero-shot 0.62 (24 classes: chance 0.042), R@1 i2t / t2i 0.72 / 0.78 (300 pairs: chance
-    ~0.005), ITM ranks the matching caption higher for 0.72 of 200 images (chance 0.5: 0.6 is three
-    standard deviations above it; ITM's training loss is still at its class prior, 0.64, this early:
-    its negatives are the hardest in the batch); stage 2 (one object per image) colour 1.00, size
-    1.00, shape 0.62. Longer (150 x 64 / 100 x 64 steps): zero-shot 0.88, R@1 0.96, ITM loss 0.53."""
+    """Measured (one thread, Intel Xeon, train.seed 0 / 1 / 2 / 3, stage 1 / stage 2 at 100 / 60
+    steps of batch 32): zero-shot 0.62 / 0.30 / 0.41 / 0.38 (24 classes: chance 0.042; the bar,
+    0.2, is 13 standard deviations above it over 300 images); R@1 i2t 0.72 / 0.64 / 0.48 / 0.68
+    and t2i 0.78 / 0.63 / 0.46 / 0.69 (300 pairs: chance 0.003); ITM ranks the matching caption
+    higher for 0.72 / 0.86 / 0.75 / 0.86 of 200 images (chance 0.5: 0.6 is three standard
+    deviations above it; ITM's training loss is still at its class prior, 0.64, this early: its
+    negatives are the hardest in the batch); stage 2 (one object per image) colour and size 1.00
+    in all four. Another CPU's kernels move a run as another seed would, so each bar sits below
+    the worst seed. Longer (150 x 64 / 100 x 64 steps, seed 0): zero-shot 0.88, R@1 0.96, ITM loss 0.53."""
     s1, s2 = tmp_path / "stage1", tmp_path / "stage2"
     r1 = _train("shapes_qformer_stage1", s1, f"train.steps={STAGE1_STEPS}", f"train.ckpt_every={STAGE1_STEPS}",
                 "train.batch_size=32", "eval.zeroshot_images=300", "eval.retrieval_pairs=300")
     events = [json.loads(line) for line in (s1 / "metrics.jsonl").read_text().splitlines()]
     assert all(f"loss/{name}" in events[0] for name in ("itc", "itm", "itg"))
-    assert r1["zeroshot_acc"] >= 0.4, r1  # ranked by ITC's best query per class text
-    assert r1["i2t_r@1"] >= 0.4 and r1["t2i_r@1"] >= 0.4, r1
+    assert r1["zeroshot_acc"] >= 0.2, r1  # ranked by ITC's best query per class text
+    assert r1["i2t_r@1"] >= 0.3 and r1["t2i_r@1"] >= 0.3, r1
     assert itm_ranks_the_matching_caption_higher(s1) >= 0.6
     # A stage-2 config whose Q-Former differs from the run's is named in one line, nothing written.
     capsys.readouterr()  # stage 1's own output
