@@ -85,6 +85,33 @@ def _survivors(plain: bytes, prefix_len: int, members_per_record: int = 2) -> in
     return sum(1 for start in firsts[1:] if start + 512 <= prefix_len)
 
 
+def unusual_names(path: Path) -> tuple[int, int]:
+    """A shard whose members' names webdataset's KEY.EXT split does not expect; returns (records,
+    usable records). Each odd member is a record of its own with no image: it must be counted."""
+    png, cap = encoded(ShapesWorld(image_size=24, grid=3).sample("train", 1).image), b"a small blue square"
+    with tarfile.open(path, "w") as tf:
+        tf.addfile(_folder("dir"))  # a folder entry: part of no record
+        for name, data in (("README", b"no extension"), ("__meta__.json", b"{}"), ("x.bin", b"\0" * 10),
+                           (".hidden.png", png)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.png")  # a symbolic link: never followed, never read
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+        for name, data in (("dir/ok.png", png), ("dir/ok.txt", cap)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return 6, 1
+
+
+def _folder(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
 def hostile_shards(root: Path, marker: Path, good: int = 24) -> tuple[str, dict, dict, int, int]:
     """Write the shards; returns (brace pattern, skips of one pass, notes, usable records, records
     read), the last two without the records of the cut .tar.gz (see cut_gzip_shard)."""
@@ -100,10 +127,12 @@ def hostile_shards(root: Path, marker: Path, good: int = 24) -> tuple[str, dict,
     write_tar(root / "garbage.tar", good_records("e", 4))  # garbage after the end-of-archive marker
     (root / "garbage.tar").write_bytes((root / "garbage.tar").read_bytes() + b"GARBAGE" * 100)
     write_tar(root / "good.tar", good_records("g", good))
-    skipped = dict(skipped, shard_corrupt=3)
-    usable += 2 + 4 + good
-    read += 2 + 4 + good
-    return f"{root}/{{hostile.tar,cuthead.tar,garbage.tar,cutgz.tar.gz,good.tar}}", skipped, notes, usable, read
+    odd, odd_usable = unusual_names(root / "names.tar")
+    skipped = dict(skipped, shard_corrupt=3, image_missing=odd - odd_usable)
+    usable += 2 + 4 + good + odd_usable
+    read += 2 + 4 + good + odd
+    return (f"{root}/{{hostile.tar,cuthead.tar,garbage.tar,cutgz.tar.gz,good.tar,names.tar}}", skipped, notes,
+            usable, read)
 
 
 def cut_gzip_shard(root: Path, n: int = 12) -> tuple[Path, int]:

@@ -55,9 +55,12 @@ _READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError,
 def read_shard(url: str, limits: dict[str, int], log: SkipLog) -> Iterator[dict]:
     """Records of one tar shard, in shard order: {"__key__": key, "__url__": url, ext: bytes, ...}.
 
-    Only members whose (lowercased) extension is in `limits` are read, the first of each extension
-    per record; one over `limits[ext]` bytes is not read but listed in `rec["__oversize__"]`
-    ({ext: size}). A shard that cannot be opened is logged as `shard_missing`; a damaged one as
+    Only regular members whose (lowercased) extension is in `limits` are read, the first of each
+    extension per record; one over `limits[ext]` bytes is not read but listed in
+    `rec["__oversize__"]` ({ext: size}), the others in `rec["__unread__"]` (their extensions).
+    Every member but a folder entry belongs to a record, so that each record of the shard is
+    yielded and can be counted, whatever its members' names: a name webdataset cannot split into
+    KEY.EXT (no extension, a leading dot) is a record of its own. A shard that cannot be opened is logged as `shard_missing`; a damaged one as
     `shard_corrupt`, once, after the records before the damage have been yielded.
     """
     try:
@@ -75,14 +78,19 @@ def read_shard(url: str, limits: dict[str, int], log: SkipLog) -> Iterator[dict]
     try:
         with tarfile.open(fileobj=_decompressed(head, raw), mode="r|", tarinfo=_Header) as tf:
             for info in _members(tf):
-                key, ext = base_plus_ext(info.name) if info.isreg() else (None, None)
-                if not ext or info.name.startswith("__") or ext.lower() not in limits:
-                    continue  # not a regular file, no extension, metadata or not wanted: never read
-                ext = ext.lower()
+                if info.isdir():
+                    continue  # a folder entry: part of no record
+                key, ext = base_plus_ext(info.name)
+                if key is None:  # no extension, or one webdataset cannot split (".x.png"): a record alone
+                    key, ext = info.name, ""
                 if rec is not None and key != rec["__key__"]:
                     yield rec
                     n, rec = n + 1, None
                 rec = rec or {"__key__": key, "__url__": url}
+                ext = ext.lower()
+                if not info.isreg() or ext not in limits:  # a link, or not wanted: counted with its record, never read
+                    rec.setdefault("__unread__", []).append(ext or "(no extension)")
+                    continue
                 if ext in rec or ext in rec.get("__oversize__", ()):
                     continue  # a duplicate: the first one is kept
                 if info.size > limits[ext]:

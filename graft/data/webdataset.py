@@ -95,7 +95,8 @@ class ShardSource:
         plain = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
         numbered = {int(m.group(1)) for k in raw if (m := NUMBERED.fullmatch(k))}
         if plain is None and not numbered:
-            raise BadSample("image_missing", f"members: {', '.join(k for k in raw if not k.startswith('__'))}")
+            members = [k for k in raw if not k.startswith("__")] + raw.get("__unread__", [])
+            raise BadSample("image_missing", f"members: {', '.join(members) or 'none'}")
         if plain is not None and numbered:
             raise BadSample("image_members", "both KEY.<ext> and numbered KEY.<n>.<ext> images")
         if plain is not None:
