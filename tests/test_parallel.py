@@ -190,22 +190,43 @@ def test_fsdp2_evaluation_is_sharded_and_equals_one_process(tmp_path, fsdp2_two)
     assert len(sharded_predictions.splitlines()) == 6 * 5 + 5
 
 
-def test_save_on_two_resume_on_one_and_back(tmp_path, fsdp2_two, capsys):
-    """FSDP2 on 2 → one process → FSDP2 on 2: each resume reshards model and optimizer (checked
-    tensor by tensor in tests/scripts/reshard.py) and says how the data continues."""
+def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path, one_process, fsdp2_two, capsys):
+    """FSDP2 on 2 → one process → FSDP2 on 2, each at the run's global batch of 32 samples in
+    micro-batches of 8 (16 per process in 2 on two, 32 in 4 on one): each resume reshards model and
+    optimizer (checked tensor by tensor in tests/scripts/reshard.py) and says so, and the 9 losses
+    follow one process's resumed at the same steps to fp32 reassociation (module docstring; a
+    halved global batch moves them a hundred times more)."""
     out = copy_run(fsdp2_two, tmp_path / "run")  # 5 steps of 32 samples, checkpoint of step 5
-    here(*two_processes(out, "--set", "train.steps=7"))  # FSDP2 over this one process
+    on_one = [*TINY, "--out", str(out), *ONE, *FSDP2]  # FSDP2 over this one process
+    here(*on_one, "--set", "train.steps=7")
     said = capsys.readouterr().out
-    assert "saved on 2 processes, resumed on 1: the global batch is now 16 samples (was 32)" in said
-    assert "training continues after sample 160" in said
+    assert ("saved on 2 processes, resumed on 1: the same global batch of 32 samples (32 per process in 4 "
+            "micro-batches)") in said and "training continues after sample 160" in said, said
     done = run(torchrun(*two_processes(out, "--set", "train.steps=9")))
-    assert "saved on 1 processes, resumed on 2" in done.stdout
-    assert "training continues after sample 192" in done.stdout
+    assert ("saved on 1 processes, resumed on 2: the same global batch of 32 samples (16 per process in 2 "
+            "micro-batches)") in done.stdout and "training continues after sample 224" in done.stdout
     meta = json.loads((out / "checkpoints" / "step_00000009" / "meta.json").read_text())
-    assert (meta["world_size"], meta["samples_seen"]) == (2, 192 + 2 * 32)
+    assert (meta["world_size"], meta["samples_seen"], meta["global_batch"]) == (2, 9 * 32, 32)
     assert [r["step"] for r in records(out) if r.get("event") != "eval"] == list(range(1, 10))
+    ref = copy_run(one_process, tmp_path / "ref")  # the same schedule (train.steps 5, 7, 9) on one process
+    for steps in (7, 9):
+        here(*TINY, "--out", str(ref), *ONE, "--set", f"train.steps={steps}")
+    assert losses(out) == pytest.approx(losses(ref), rel=1e-5)
     done = run(torchrun(str(tmp_path / "states"), script=SCRIPTS / "reshard.py"))  # 1 → 2 → 1
     assert "resharded exactly: one" in done.stdout and "resharded exactly: two" in done.stdout, done.stdout[-3000:]
+
+
+def test_resume_on_fewer_processes_says_how_to_keep_the_global_batch(tmp_path, fsdp2_two, capsys):
+    """The same command on one process halves the global batch, and says which settings keep it; a
+    per-process batch that keeps neither the settings nor the global batch is refused in one line."""
+    out = copy_run(fsdp2_two, tmp_path / "run")
+    assert main([*TINY, "--out", str(out), *FSDP2, "--set", "train.batch_size=24", "--set", "train.steps=6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a run with train.batch_size=16, not 24" in err[0], err
+    here(*two_processes(out, "--set", "train.steps=6"))
+    said = capsys.readouterr().out
+    assert ("saved on 2 processes, resumed on 1: the global batch is now 16 samples (was 32); to keep it: "
+            "--set train.batch_size=32 --set train.grad_accum=4") in said, said
 
 
 def start(cmd, out):

@@ -7,7 +7,8 @@ Layout of `checkpoints/step_<8 digits>/`:
     optim/*.safetensors   the optimizer's tensors (AdamW moments and steps), keyed by parameter name
     rng/rank_<r>.safetensors   each process's random-number generator states
     train_state.json      the optimizer's hyperparameters and the learning-rate schedule
-    meta.json             step, number of processes, samples seen, data position: written last
+    meta.json             step, number of processes, samples seen, global and micro-batch size,
+                          data position: written last
 
 No file is a pickle. DCP reads any shard layout into any other, so a run saved on N processes
 resumes on M, DDP or FSDP2 alike. All processes write into a temporary directory; once every one
@@ -315,6 +316,11 @@ def load_weights(model, ckpt: Path) -> None:
     if missing or unexpected:
         raise UserError(f"{ckpt} does not fit this model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     fill_twins(model, twins, filled)  # ... start as the text modules just loaded
+
+
+def read_meta(ckpt: Path) -> dict:
+    """A complete checkpoint's meta.json: step, processes, samples seen, global and micro-batch."""
+    return json.loads((ckpt / "meta.json").read_text())
 
 
 def load_train_state(ckpt: Path, model, optimizer, scheduler) -> dict:

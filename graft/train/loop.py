@@ -133,7 +133,9 @@ def _steps(s: _Session, log: MetricsLog) -> None:
                 saver.poll()  # an asynchronous save completes once every process has written its files
                 if signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
                     t = time.perf_counter()
-                    meta = {"samples_seen": s.samples_seen, **({"data": d} if (d := s.stream.state_dict(rt)) else {})}
+                    meta = {"samples_seen": s.samples_seen, "global_batch": cfg.train.batch_size * rt.world_size,
+                            "micro_batch": cfg.train.batch_size // cfg.train.grad_accum,
+                            **({"data": d} if (d := s.stream.state_dict(rt)) else {})}
                     saver.save(done, s.model, s.optimizer, s.scheduler, meta)
                     window.blocked += time.perf_counter() - t  # training waits for this long
                 if signum:
@@ -168,7 +170,7 @@ def _prepare_run_dir(cfg: Config, tok, run: RunDir, rt) -> None:
     if run.path.exists() and not run.path.is_dir():
         raise UserError(f"--out {run.path} exists and is not a directory")
     if run.config_path.exists():
-        _check_same_run(run.config(), cfg, run)
+        _check_same_run(run.config(), cfg, run, rt)
     if rt.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         if not run.has_tokenizer():
@@ -179,12 +181,20 @@ def _prepare_run_dir(cfg: Config, tok, run: RunDir, rt) -> None:
         torch.distributed.barrier()
 
 
-def _check_same_run(old: Config, new: Config, run: RunDir) -> None:
+def _check_same_run(old: Config, new: Config, run: RunDir, rt) -> None:
+    """The settings of `new` are those `run` was trained with, but for the resumable ones, and the
+    per-process batch and accumulation when the global batch stays what the run's latest
+    checkpoint was trained with (resuming on another number of processes)."""
     a, b = _flat(config_mod.to_dict(old)), _flat(config_mod.to_dict(new))
     if b.get("lm.vocab_size") == 0:
         b["lm.vocab_size"] = a.get("lm.vocab_size")
+    ckpt = run.latest_checkpoint()
+    saved = checkpoint.read_meta(ckpt) if ckpt is not None else {}
+    same_global = _global_batch(saved, old) == new.train.batch_size * rt.world_size
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key) and not key.startswith(RESUMABLE_CHANGES):
+            if key in ("train.batch_size", "train.grad_accum") and ckpt is not None and same_global:
+                continue
             raise UserError(
                 f"{run.path} holds a run with {key}={a.get(key)!r}, not {b.get(key)!r}; "
                 "use another --out, or the same settings to resume"
@@ -198,6 +208,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _global_batch(meta: dict, cfg: Config) -> int:
+    """The global batch a checkpoint was trained with (before meta.json recorded it: the per-process
+    batch of `cfg`, the run's config, times the processes that saved it)."""
+    return int(meta.get("global_batch", cfg.train.batch_size * int(meta.get("world_size", 1))))
+
+
 def _resume(ckpt, model, optimizer, scheduler, cfg: Config, rt) -> tuple[int, int]:
     """Step and samples seen after restoring `ckpt` (model, optimizer, schedule, RNG), on any number
     of processes; (0, 0) for a new run."""
@@ -209,10 +225,23 @@ def _resume(ckpt, model, optimizer, scheduler, cfg: Config, rt) -> tuple[int, in
     if rt.is_main:
         print(f"resuming from {ckpt} (step {step})", flush=True)
         if saved_world != rt.world_size:
-            print(f"graft: saved on {saved_world} processes, resumed on {rt.world_size}: the global batch is now "
-                  f"{cfg.train.batch_size * rt.world_size} samples (was {cfg.train.batch_size * saved_world}); "
-                  f"model and optimizer state resharded; training continues after sample {samples}", flush=True)
+            print(f"graft: saved on {saved_world} processes, resumed on {rt.world_size}: "
+                  f"{_batch_change(meta, cfg, rt.world_size)}; model and optimizer state resharded; "
+                  f"training continues after sample {samples}", flush=True)
     return step, samples
+
+
+def _batch_change(meta: dict, cfg: Config, world: int) -> str:
+    """What a resume on `world` processes does to the global batch, and how to keep it if it changes."""
+    was, now, t = _global_batch(meta, cfg), cfg.train.batch_size * world, cfg.train
+    if now == was:
+        return (f"the same global batch of {now} samples ({t.batch_size} per process in {t.grad_accum} "
+                f"micro-batch{'es' * (t.grad_accum > 1)})")
+    said = f"the global batch is now {now} samples (was {was})"
+    micro = int(meta.get("micro_batch", t.batch_size // t.grad_accum))
+    if was % world or (was // world) % micro:
+        return said
+    return f"{said}; to keep it: --set train.batch_size={was // world} --set train.grad_accum={was // world // micro}"
 
 
 def _vary(batch: dict) -> None:
