@@ -21,9 +21,9 @@ def recipe(name: str, overrides: dict | None = None) -> Config:
     """The recipe's config with `{"section.key": value}` overrides applied and validated."""
     import yaml
 
-    from graft.cli import _recipe
+    from graft import recipes
 
-    return _recipe(name, [f"{k}={v if isinstance(v, str) else yaml.safe_dump(v, default_flow_style=True).strip()}"
+    return recipes.recipe(name, [f"{k}={v if isinstance(v, str) else yaml.safe_dump(v, default_flow_style=True).strip()}"
                           for k, v in (overrides or {}).items()])
 
 

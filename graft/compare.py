@@ -37,12 +37,12 @@ DEFAULT_BUDGET = 6e12  # training FLOPs per run (~215 steps of shapes_vqa): 3 se
 
 
 def compare(recipes: list[str], budget: float | None, seeds: int, overrides: list[str], out: Path) -> Path:
-    from graft.cli import _recipe
+    from graft.recipes import recipe
 
     recipes, budget = recipes or list(DEFAULT_RECIPES), DEFAULT_BUDGET if budget is None else budget
     if seeds < 1:
         raise UserError(f"--seeds={seeds} must be at least 1")
-    plans = [(name, _recipe(name, overrides)) for name in dict.fromkeys(recipes)]  # every name checked first
+    plans = [(name, recipe(name, overrides)) for name in dict.fromkeys(recipes)]  # every name checked first
     stages = _Stages(overrides, seeds, out / "stages")
     rows = []
     for name, cfg in plans:
@@ -90,12 +90,11 @@ class _Stages:
                 for stage, info in self.done.items()}
 
     def _train(self, stage: str) -> dict:
-        from graft.cli import _recipe
         from graft.designs import SHARED_SECTIONS, design
-        from graft.recipes import RECIPES
+        from graft.recipes import RECIPES, recipe
 
         reads = set(design(RECIPES[stage]().model).sections) | set(SHARED_SECTIONS)
-        cfg = _recipe(stage, [o for o in self.overrides if o.partition("=")[0].split(".")[0] in reads])
+        cfg = recipe(stage, [o for o in self.overrides if o.partition("=")[0].split(".")[0] in reads])
         info = _measure(cfg)
         runs = []
         for seed in range(self.seeds):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 
-from graft.config import Config
+from graft.config import Config, apply_overrides
+from graft.errors import UserError
 
 
 def shapes_vqa() -> Config:
@@ -336,3 +337,10 @@ STAGES = {
     "llava_stage2": ("train.init_from", "llava_stage1"),
     "llava_stage2_lora": ("train.init_from", "llava_stage1"),
 }
+
+
+def recipe(name: str, overrides: list[str]) -> Config:
+    """Recipe `name`'s config with `--set` overrides ("section.key=value") applied and validated."""
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe '{name}' (valid: {', '.join(RECIPES)})")
+    return apply_overrides(RECIPES[name](), overrides)

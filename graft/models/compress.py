@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.errors import UserError
+from graft.models.projectors import MLPProjector
 
 if TYPE_CHECKING:
     from graft.models.connectors import ConnectorConfig
@@ -84,9 +85,6 @@ class AvgPoolProjector(nn.Module):
     grid = True  # its tokens keep the patches' row-major grid (lm.image_positions=mrope)
 
     def __init__(self, vision_dim: int, lm_dim: int, cfg: ConnectorConfig):
-        # Imported here, not at the top: connectors.py imports this file to register its classes.
-        from graft.models.connectors import MLPProjector
-
         super().__init__()
         self.side = math.isqrt(cfg.tokens)
         self.mlp = MLPProjector(vision_dim, lm_dim)

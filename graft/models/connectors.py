@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-import torch
 from torch import nn
 
 from graft.errors import UserError
 from graft.models.compress import AvgPoolProjector, PixelShuffleProjector
+from graft.models.projectors import LinearProjector, MLPProjector
 from graft.models.qformer import QFormerConfig, QFormerConnector
 from graft.models.resampler import ResamplerConnector
 
@@ -60,38 +60,6 @@ def _changed(cfg, default, prefix: str = "") -> list[tuple[str, object]]:
         elif value != base:
             out.append((f"{prefix}{f.name}", value))
     return out
-
-
-class LinearProjector(nn.Module):
-    """One linear map per patch (LLaVA, Liu et al. 2023)."""
-    grid = True  # its tokens keep the patches' row-major grid (lm.image_positions=mrope)
-
-    def __init__(self, vision_dim: int, lm_dim: int, cfg: ConnectorConfig | None = None):
-        super().__init__()
-        self.linear_1 = nn.Linear(vision_dim, lm_dim)
-
-    def num_tokens(self, num_patches: int) -> int:
-        return num_patches
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_1(x)
-
-
-class MLPProjector(nn.Module):
-    """Linear → GELU → Linear per patch (LLaVA-1.5 `mlp2x_gelu`; HF `LlavaMultiModalProjector`)."""
-    grid = True  # its tokens keep the patches' row-major grid (lm.image_positions=mrope)
-
-    def __init__(self, vision_dim: int, lm_dim: int, cfg: ConnectorConfig | None = None):
-        super().__init__()
-        self.linear_1 = nn.Linear(vision_dim, lm_dim)
-        self.act = nn.GELU()
-        self.linear_2 = nn.Linear(lm_dim, lm_dim)
-
-    def num_tokens(self, num_patches: int) -> int:
-        return num_patches
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
 
 
 CONNECTORS = {

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.errors import UserError
+from graft.models import moe
 from graft.models.image_layout import image_mask, mrope_positions
+from graft.models.layers import RMSNorm
 
 IMAGE_ATTENTION = ("causal", "bidirectional")
 IMAGE_POSITIONS = ("1d", "mrope")
@@ -84,8 +86,6 @@ class LMConfig:
     def check(cfg: LMConfig, image_grid: bool = True) -> None:
         """Values exist; the image keys need the built-in decoder, and `mrope` a connector whose
         tokens form a square grid (`image_grid`)."""
-        from graft.models import moe
-
         moe.check(cfg)
         for key in ("modality_norms", "modality_ffn"):
             if cfg.hf_module and getattr(cfg, key):
@@ -100,18 +100,6 @@ class LMConfig:
             raise UserError("lm.builtin=true loads an HF folder into the built-in decoder: set lm.hf_path")
         if cfg.image_positions == "mrope" and not image_grid:
             raise UserError("lm.image_positions=mrope needs image tokens on a grid; this connector's tokens have none")
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,8 +251,6 @@ class DecoderLayer(nn.Module):
             self.post_attention_layernorm_image = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.modality_ffn:
             self.mlp_image = MLP(cfg)
-        from graft.models import moe
-
         if moe.is_moe_layer(cfg, index):
             if cfg.modality_ffn:
                 raise UserError("lm.moe_experts and lm.modality_ffn both replace the FFN: choose one")

@@ -31,8 +31,8 @@ from torch import nn
 
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
-from graft.models.decoder import KVCache, LanguageModel, LMConfig, Media, RMSNorm
-from graft.models.resampler import SwiGLU
+from graft.models.decoder import KVCache, LanguageModel, LMConfig, Media
+from graft.models.layers import RMSNorm, SwiGLU
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM, _check_placeholders
 

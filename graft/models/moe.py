@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from graft.errors import UserError
-from graft.models.resampler import SwiGLU
+from graft.models.layers import SwiGLU
 
 if TYPE_CHECKING:
     from graft.models.decoder import Context, LMConfig

@@ -33,26 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.errors import UserError
-from graft.models.decoder import RMSNorm
+from graft.models.layers import RMSNorm, SwiGLU
 
 if TYPE_CHECKING:
     from graft.models.connectors import ConnectorConfig
 
 EPS = 1e-6  # Idefics2PerceiverConfig.rms_norm_eps
 MAX_LATENTS_PER_PATCH = 4  # more latents than 4 x the patches is no longer compression
-
-
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), bias-free (Shazeer 2020; HF `Idefics2MLP`)."""
-
-    def __init__(self, dim: int, hidden: int, out: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, out, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class PerceiverAttention(nn.Module):
