@@ -53,11 +53,11 @@ class Run:
     def generate(self, image, prompt: str, max_new_tokens: int = 32) -> str:
         """The VLM's greedy answer to `prompt` about `image` (a PIL image or a file path)."""
         from graft.data.processor import load_image
-        from graft.designs import design
+        from graft.designs import GENERATES, design
         from graft.errors import UserError
         from graft.eval.vqa import answer
 
-        if design(self.cfg.model).kind != "vlm":
+        if not design(self.cfg.model).can(GENERATES):
             raise UserError(f"{self.dir.path} holds a {self.cfg.model} model, which does not generate text")
         image = load_image(image) if isinstance(image, (str, Path)) else image
         return answer(self.model, self.processor, [(image, prompt)], 1, max_new_tokens)[0]

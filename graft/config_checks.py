@@ -153,9 +153,9 @@ def _validate_documents(cfg: Config) -> None:
     n = cfg.data.images_per_doc
     if n < 1:
         raise UserError(f"data.images_per_doc={n} must be >= 1")
-    from graft.designs import design
+    from graft.designs import GENERATES, design
 
-    if cfg.data.text_only and (cfg.data.source != "shapes" or design(cfg.model).kind != "vlm" or n > 1):
+    if cfg.data.text_only and (cfg.data.source != "shapes" or not design(cfg.model).can(GENERATES) or n > 1):
         raise UserError("data.text_only tells the built-in world's scenes in words to a VLM design: it needs "
                         "data.source=shapes, a VLM model and data.images_per_doc=1")
     if n == 1:
@@ -163,7 +163,7 @@ def _validate_documents(cfg: Config) -> None:
     if cfg.data.source != "shapes":
         raise UserError(f"data.images_per_doc={n} makes the built-in world's documents; with data.source="
                         f"{cfg.data.source} each record holds its own images")
-    if design(cfg.model).kind != "vlm":
+    if not design(cfg.model).can(GENERATES):
         raise UserError(f"data.images_per_doc={n}: model={cfg.model} reads one image per example")
 
 

@@ -3,8 +3,11 @@
 A `Design` states everything the rest of graft asks of it, so that no other file decides by the
 design's name or the model's type:
 
-- `kind`: what evaluation can do with it — "vlm" (answers in text: VQA, captions, class-name
-  likelihoods) or "dual" (embeds images and texts: zero-shot by similarity, retrieval).
+- `capabilities`: what its models can do, which decides what evaluation, `data show`, generation
+  and export ask of them — GENERATES (answers in text from images and a prompt: VQA, captions,
+  class-name likelihoods) and EMBEDS (embeds images and texts in one space: zero-shot by
+  similarity, retrieval). A design may have both; each task scores with the first of its scorers
+  whose capability the design has (eval/tasks.py).
 - `sections`: the config sections it reads besides the shared ones (name, model, data, optim,
   train, eval); `--set` on a model section it does not read is an error (config.py).
 - `parts`: the module names `train.freeze` may list.
@@ -28,14 +31,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from graft.errors import UserError
+from graft.models.connectors import per_patch
 from graft.models.dual_encoder import PARTS as DUAL_PARTS
 
 SHARED_SECTIONS = ("name", "model", "data", "optim", "train", "eval")
+GENERATES = "generates"  # answers in text, from images and a prompt
+EMBEDS = "embeds"  # images and texts into one space
+CAPABILITIES = {GENERATES: "a run that generates text (a VLM)", EMBEDS: "a run that embeds images and texts (clip, "
+                "siglip, clippo, lit, qformer_stage1)"}
 
 
 @dataclass(frozen=True)
 class Design:
-    kind: str
+    capabilities: frozenset[str]
     sections: tuple[str, ...]
     parts: tuple[str, ...]
     build: Callable
@@ -50,6 +58,9 @@ class Design:
     # the named losses its model returns besides `losses` under this config (an MoE LM's balancing
     # loss, Fuyu's alignment to a teacher)
     config_losses: Callable = lambda cfg: ()
+
+    def can(self, capability: str) -> bool:
+        return capability in self.capabilities
 
 
 # ---- prefix fusion (LLaVA): vision → connector → image tokens spliced into the LM's input --------
@@ -194,7 +205,7 @@ def _validate_fuyu(cfg) -> None:
         if getattr(cfg.vision, key) != getattr(defaults, key):
             raise UserError(f"vision.{key} has no effect with model=fuyu: it has no vision encoder "
                             f"(it reads vision.{', vision.'.join(READS)})")
-    if cfg.connector.kind not in ("linear", "mlp"):
+    if not per_patch(cfg.connector.kind):
         raise UserError(f"connector.kind={cfg.connector.kind}: model=fuyu projects each raw patch (linear or mlp)")
     if cfg.lm.hf_module:
         raise UserError("model=fuyu needs the built-in decoder: with lm.hf_path, set lm.builtin=true")
@@ -340,19 +351,19 @@ def _check_stage1_run(cfg) -> None:
 
 
 DESIGNS = {
-    "vlm": Design("vlm", ("vision", "connector", "lm"), ("vision", "connector", "lm", "lm_image"), _build_vlm,
+    "vlm": Design(frozenset({GENERATES}), ("vision", "connector", "lm"), ("vision", "connector", "lm", "lm_image"), _build_vlm,
                   _vlm_processor, _vlm_world, _vlm_tokens, _validate_vlm, losses=("lm",), packs=True,
                   sources=_check_stage1_run, exports_llava=True, config_losses=_lm_losses),
-    "flamingo": Design("vlm", ("vision", "connector", "lm", "flamingo"), ("vision", "connector", "lm", "xattn"),
+    "flamingo": Design(frozenset({GENERATES}), ("vision", "connector", "lm", "flamingo"), ("vision", "connector", "lm", "xattn"),
                        _build_flamingo, _vlm_processor, _vlm_world, _vlm_tokens, _validate_flamingo, losses=("lm",),
                        packs=True, config_losses=_lm_losses),
-    "fuyu": Design("vlm", ("vision", "connector", "lm", "eve"), ("connector", "lm", "lm_image"), _build_fuyu,
+    "fuyu": Design(frozenset({GENERATES}), ("vision", "connector", "lm", "eve"), ("connector", "lm", "lm_image"), _build_fuyu,
                    _fuyu_processor, _vlm_world, _vlm_tokens, _validate_fuyu, losses=("lm",), packs=True,
                    config_losses=lambda cfg: _lm_losses(cfg) + (("align",) if cfg.eve.teacher else ())),
-    "dual": Design("dual", ("vision", "text", "contrastive"), DUAL_PARTS,
+    "dual": Design(frozenset({EMBEDS}), ("vision", "text", "contrastive"), DUAL_PARTS,
                    _build_dual, _dual_processor, _dual_world, _dual_tokens, _validate_dual,
                    losses=("itc",)),
-    QFORMER_STAGE1: Design("dual", ("vision", "qformer"), ("vision", "qformer", "heads"), _build_qformer_stage1,
+    QFORMER_STAGE1: Design(frozenset({EMBEDS}), ("vision", "qformer"), ("vision", "qformer", "heads"), _build_qformer_stage1,
                            _qformer_processor, _dual_world, _dual_tokens, _validate_qformer_stage1,
                            losses=("itc", "itm", "itg")),
 }

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from graft.data.hf_tokenizer import GRAFT_TEMPLATE, IMAGE_TOKEN, HFChatTokenizer
 from graft.errors import UserError
+from graft.models.connectors import per_patch
 
 FORMATS = ("hf",)
 
@@ -65,7 +66,7 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "hf") -> Path:
         raise UserError(f"--out {out} exists and is not an empty directory")
     cfg = RunDir(run_dir).require().config()
     what = (f"model={cfg.model}" if not design(cfg.model).exports_llava
-            else f"connector.kind={cfg.connector.kind}" if cfg.connector.kind not in ("linear", "mlp")
+            else f"connector.kind={cfg.connector.kind}" if not per_patch(cfg.connector.kind)
             else next((f"lm.{k}=true" for k in ("modality_norms", "modality_ffn") if getattr(cfg.lm, k)), None))
     if what:
         raise UserError(f"--format hf writes LLaVA (a ViT, a linear or MLP connector, an LM); {run_dir} has {what}")

@@ -71,6 +71,7 @@ from torch import nn
 from graft.config import Config, uses_packing
 from graft.designs import design
 from graft.errors import UserError
+from graft.models.connectors import CONNECTORS
 from graft.models.decoder import gqa_in_kernel
 
 GIB = 1 << 30
@@ -141,9 +142,10 @@ def activations(cfg: Config, shape: Shape, p: Precision, trains: dict[str, bool]
         kept = t.hidden_size * p.stream if checkpointing else per_token
         terms["text"] = shape.rows * t.max_len * (t.layers * kept + 8)
     if "connector" in sections and (trains.get("connector") or trains.get("vision")):
-        width = {"mlp": cfg.vision.hidden_size + 2 * cfg.lm.hidden_size, "linear": cfg.vision.hidden_size}
-        if cfg.connector.kind in width:
-            terms["connector"] = shape.images * shape.image_tokens * p.act * width[cfg.connector.kind]
+        width = getattr(CONNECTORS[cfg.connector.kind], "activation_width", None)
+        if width is not None:
+            terms["connector"] = shape.images * shape.image_tokens * p.act * width(cfg.vision.hidden_size,
+                                                                                  cfg.lm.hidden_size)
         else:
             notes.append(f"the {cfg.connector.kind} connector's activations are not counted")
     if "lm" in sections:

@@ -1,6 +1,7 @@
 """The design registry (graft/designs.py): the one place that decides by design, what each entry
 promises, and `--set` on a model section the design does not read."""
 
+import ast
 import json
 import re
 import shutil
@@ -9,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from graft.cli import main
-from graft.designs import DESIGNS, MODEL_SECTIONS
+from graft.designs import DESIGNS, GENERATES, MODEL_SECTIONS
 from graft.recipes import RECIPES
 from graft.rundir import build_model, build_processor
 
 PACKAGE = Path(__file__).resolve().parent.parent / "graft"
 # Decisions by design name or model type belong in graft/designs.py (and the evaluation registry
-# keys its scorers by the design's kind); anywhere else they are a missing seam.
+# keys its scorers by capability); anywhere else they are a missing seam.
 FORBIDDEN = [r"cfg\.model\s*[!=]=", r"\.model\s*==\s*\"(vlm|dual)\"", r"isinstance\([^)]*DualEncoder",
              r"isinstance\([^)]*\bVLM\b", r"global_batch_loss = True", r"getattr\(\w+, \"global_batch_loss\"",
              r"\"input_ids\" in batch"]
@@ -29,6 +30,34 @@ def test_no_design_decision_outside_the_registry():
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if any(re.search(p, line) for p in FORBIDDEN):
                 offenders.append(f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def named_decisions(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
+    """(line, code) of every comparison of something with one of `names` as a string constant,
+    alone or in a tuple, list or set (`x == "fuyu"`, `kind not in ("linear", "mlp")`)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            constants = [e for side in sides for e in (side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set))
+                                                      else [side])]
+            if any(isinstance(e, ast.Constant) and e.value in names for e in constants):
+                found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_no_design_or_connector_is_decided_by_its_name():
+    """Parsed, not grepped: nowhere in graft is a value compared with a design's name or a
+    connector kind; what differs between them is asked of the registry entry (capabilities,
+    `per_patch`, `activation_width`, ...). The search finds such a comparison where there is one."""
+    from graft.models.connectors import CONNECTORS
+
+    names = set(DESIGNS) | set(CONNECTORS)
+    assert named_decisions(ast.parse('ok = kind not in ("linear", "mlp") or model == "fuyu"'), names) == [
+        (1, "kind not in ('linear', 'mlp')"), (1, "model == 'fuyu'")]
+    offenders = [f"{path.relative_to(PACKAGE)}:{line}: {code}" for path in sorted(PACKAGE.rglob("*.py"))
+                 for line, code in named_decisions(ast.parse(path.read_text()), names)]
     assert not offenders, "\n".join(offenders)
 
 
@@ -55,7 +84,7 @@ def test_each_design_builds_what_its_entry_promises(recipe):
         assert trainable() < before, part
     assert set(entry.sections) <= set(MODEL_SECTIONS)
     proc = build_processor(cfg, tok, model)
-    if entry.kind == "vlm":  # placeholders per image: what the model will scatter its features into
+    if entry.can(GENERATES):  # placeholders per image: what the model will scatter its features into
         assert proc.num_image_tokens == model.num_image_tokens
         assert proc.prompt("what color is it?").count(tok.image) == model.num_image_tokens
     else:

@@ -233,7 +233,7 @@ def test_captioning_on_coco_json_matches_the_builtin_cider(tmp_path, capsys):
     assert results["caption_bleu4"] == round(Bleu(4).compute_score(gts, res, verbose=0)[0][3], 4)
     assert results["caption_cider"] == round(Cider().compute_score(gts, res)[0], 4) > 0
     code, err = _graft(capsys, "eval", str(run), "--task", "retrieval", "--data", str(tmp_path / "captions.json"))
-    assert code == 2 and "dual-encoder" in err
+    assert code == 2 and "needs a run that embeds images and texts" in err
     _zeroshot_with_a_vlm(run, model, build_processor(cfg, tok, model), cfg.data, tmp_path)
 
 
@@ -373,7 +373,7 @@ def test_eval_tasks_run_at_training_time_with_prefixes_and_are_checked_before_tr
     # `graft eval RUN` runs the run's tasks again: the same figures
     assert main(["eval", str(run)]) == 0
     assert json.loads((run / "eval.json").read_text()) == results
-    for bad, needle in (('eval.tasks=["nope=x"]', "unknown task"), ('eval.tasks=["vqa=x"]', "needs a VLM run"),
+    for bad, needle in (('eval.tasks=["nope=x"]', "unknown task"), ('eval.tasks=["vqa=x"]', "needs a run that generates text"),
                         (f'eval.tasks=["zeroshot={tmp_path}/missing"]', "not found"), ('eval.tasks=["zeroshot"]', "TASK=PATH")):
         assert main(["train", "clip", "--out", str(tmp_path / "bad"), *SETS, "--set", bad]) == 2
         assert needle in capsys.readouterr().err.strip().splitlines()[-1]

@@ -323,14 +323,14 @@ def test_stage1_bad_settings_are_one_line(tmp_path, capsys):
 
 
 def test_stage1_design_entry_builds_what_it_promises():
-    from graft.designs import DESIGNS
+    from graft.designs import DESIGNS, EMBEDS
     from graft.recipes import RECIPES
     from graft.rundir import build_model, build_processor
     from tests.helpers import tokenizer
 
     cfg, tok = RECIPES["shapes_qformer_stage1"](), tokenizer()
     entry, model = DESIGNS[cfg.model], build_model(cfg, tok)
-    assert entry.kind == "dual" and set(entry.losses) == {"itc", "itm", "itg"}
+    assert entry.capabilities == {EMBEDS} and set(entry.losses) == {"itc", "itm", "itg"}
     for part in entry.parts:  # what train.freeze may name freezes something
         before = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model.freeze([part])

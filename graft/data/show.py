@@ -27,7 +27,7 @@ from graft import atomic
 from graft.config import Config
 from graft.data import skips
 from graft.data.samples import BadSample
-from graft.designs import design
+from graft.designs import GENERATES, design
 from graft.errors import UserError
 
 MAX_SAMPLES = 64  # one figure; beyond this the PNG gets unwieldy
@@ -76,7 +76,7 @@ def show(cfg: Config, n: int, out: str | Path, run: str | None = None, split: st
                         f"skipped: {', '.join(f'{k} {r}' for r, k in skipped.items()) or 'none'}")
     if vlm:
         ask(*vlm, records)
-    cells = [cell_lines(r, dual=design(cfg.model).kind == "dual") for r in records]
+    cells = [cell_lines(r, dual=not design(cfg.model).can(GENERATES)) for r in records]
     atomic.write_bytes(out, draw(records, cells))
     marks = [_right(a, ref) for r in records for a, (_, ref) in zip(r.answers, r.turns) if a is not None]
     return Shown(out, ["\n".join(text for text, _ in lines) for lines in cells], skipped, sum(marks), len(marks))
@@ -99,9 +99,9 @@ def _load_vlm(path: str, cfg: Config):
 
     run = RunDir(path).require()
     kind = run.config().model
-    if design(kind).kind != "vlm":
+    if not design(kind).can(GENERATES):
         raise UserError(f"--run {path} holds a {kind} model, which does not answer questions (--run takes a VLM run)")
-    if design(cfg.model).kind != "vlm":
+    if not design(cfg.model).can(GENERATES):
         raise UserError(f"--run asks a VLM the records' questions; recipe {cfg.name} is a {cfg.model} model "
                         "(show its data with a VLM recipe and the same --set data.* keys)")
     run_cfg, tok, model, _ = run.load()
@@ -119,7 +119,7 @@ def world_records(cfg: Config, n: int, split: str = "train") -> tuple[list[Recor
     records = []
     for i in range(n):
         sample = world.sample(split, i)
-        if design(cfg.model).kind == "dual":  # contrastive.pair_text
+        if not design(cfg.model).can(GENERATES):  # contrastive.pair_text
             turns = [(d.caption_prompt, sample.caption)]
         else:  # as TrainStream.item
             rng = random.Random(f"turns/{d.seed}/{i}")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from graft.data.shapes import SPLITS
 from graft.data.skips import records_skipped
-from graft.designs import design
+from graft.designs import CAPABILITIES, EMBEDS, GENERATES, design
 from graft.errors import UserError
 from graft.eval.captioned import load_captioned
 from graft.eval.captioning import caption_on
@@ -47,21 +47,27 @@ from graft.eval.zero_shot import zero_shot_on
 @dataclass(frozen=True)
 class Task:
     load: Callable  # (path, config) → a data set with `.name` and `.log` (records skipped while reading, or None)
-    score: dict[str, Callable]  # run kind ("dual" | "vlm") → (model, processor, data set, config) → (metrics, predictions)
+    # capability (designs.GENERATES | EMBEDS) → (model, processor, data set, config) → (metrics, predictions);
+    # a design that has several capabilities is scored by the first scorer here that it can use
+    score: dict[str, Callable]
     exists: Callable[[str], bool] = lambda path: "{" in path or Path(path).exists()  # checked before training
 
 
 TASKS = {
-    WORLD: Task(load_split, {"vlm": world_vlm, "dual": world_dual}, exists=lambda split: split in SPLITS),
-    "fewshot": Task(load_split, {"vlm": fewshot_vlm}, exists=lambda split: split in SPLITS),
-    "documents": Task(load_split, {"vlm": documents_vlm}, exists=lambda split: split in SPLITS),
-    "text": Task(load_split, {"vlm": text_vlm}, exists=lambda split: split in SPLITS),
-    "zeroshot": Task(load_labelled, {"dual": zero_shot_on, "vlm": zero_shot_vlm}),
-    "retrieval": Task(load_captioned, {"dual": retrieval_on}),
-    "caption": Task(load_captioned, {"vlm": caption_on}),
-    "vqa": Task(load_questions, {"vlm": vqa_on}),
+    WORLD: Task(load_split, {GENERATES: world_vlm, EMBEDS: world_dual}, exists=lambda split: split in SPLITS),
+    "fewshot": Task(load_split, {GENERATES: fewshot_vlm}, exists=lambda split: split in SPLITS),
+    "documents": Task(load_split, {GENERATES: documents_vlm}, exists=lambda split: split in SPLITS),
+    "text": Task(load_split, {GENERATES: text_vlm}, exists=lambda split: split in SPLITS),
+    "zeroshot": Task(load_labelled, {EMBEDS: zero_shot_on, GENERATES: zero_shot_vlm}),
+    "retrieval": Task(load_captioned, {EMBEDS: retrieval_on}),
+    "caption": Task(load_captioned, {GENERATES: caption_on}),
+    "vqa": Task(load_questions, {GENERATES: vqa_on}),
 }
-KINDS = {"dual": "a dual-encoder run (clip, siglip, clippo, lit)", "vlm": "a VLM run (it generates text)"}
+
+
+def scorer(task: Task, model: str) -> Callable | None:
+    """The first of `task`'s scorers whose capability design `model` has, or None."""
+    return next((fn for capability, fn in task.score.items() if design(model).can(capability)), None)
 
 
 def check_task(name: str, model: str, where: str) -> Task:
@@ -69,8 +75,9 @@ def check_task(name: str, model: str, where: str) -> Task:
     if name not in TASKS:
         raise UserError(f"{where}: unknown task {name!r} (valid: {', '.join(TASKS)})")
     task = TASKS[name]
-    if design(model).kind not in task.score:
-        raise UserError(f"{where}: {name} needs {' or '.join(KINDS[k] for k in task.score)}; this run is model={model}")
+    if scorer(task, model) is None:
+        raise UserError(f"{where}: {name} needs {' or '.join(CAPABILITIES[c] for c in task.score)}; "
+                        f"this run is model={model}")
     return task
 
 
@@ -78,7 +85,7 @@ def run_task(name: str, model, proc, cfg, path: str) -> tuple[dict[str, float], 
     """Metrics (with `<name>_skipped`: records and images skipped as bad) and per-example predictions."""
     task = check_task(name, cfg.model, f"--task {name}")
     data = task.load(path, cfg)
-    metrics, predictions = task.score[design(cfg.model).kind](model, proc, data, cfg)
+    metrics, predictions = scorer(task, cfg.model)(model, proc, data, cfg)
     if data.log is not None:
         metrics |= {f"{name}_skipped": records_skipped(data.log.skipped)}
     return metrics, predictions

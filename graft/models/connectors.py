@@ -78,6 +78,11 @@ KEYS = {  # the ConnectorConfig fields each kind reads, besides `kind`
 }
 
 
+def per_patch(kind: str) -> bool:
+    """Whether connector `kind` maps each patch to one token on its own (linear, mlp)."""
+    return getattr(CONNECTORS[kind], "per_patch", False)
+
+
 def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_patches: int | None = None) -> nn.Module:
     ConnectorConfig.check(cfg, num_patches, lm_dim)
     return CONNECTORS[cfg.kind](vision_dim, lm_dim, cfg)  # PyTorch's default (fan-in scaled) init
