@@ -7,6 +7,7 @@ follow equal those of an uninterrupted run (bit for bit on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -188,12 +189,10 @@ def _check_same_run(old: Config, new: Config, run: RunDir, rt) -> None:
     a, b = _flat(config_mod.to_dict(old)), _flat(config_mod.to_dict(new))
     if b.get("lm.vocab_size") == 0:
         b["lm.vocab_size"] = a.get("lm.vocab_size")
-    ckpt = run.latest_checkpoint()
-    saved = checkpoint.read_meta(ckpt) if ckpt is not None else {}
-    same_global = _global_batch(saved, old) == new.train.batch_size * rt.world_size
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key) and not key.startswith(RESUMABLE_CHANGES):
-            if key in ("train.batch_size", "train.grad_accum") and ckpt is not None and same_global:
+            if key in ("train.batch_size", "train.grad_accum") and _saved_global_batch(run, old) == (
+                    new.train.batch_size * rt.world_size):
                 continue
             raise UserError(
                 f"{run.path} holds a run with {key}={a.get(key)!r}, not {b.get(key)!r}; "
@@ -206,6 +205,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
     return out
+
+
+def _saved_global_batch(run: RunDir, cfg: Config) -> int | None:
+    """The global batch of the run's newest checkpoint (the one resuming reads; damaged ones are
+    reported there, not here), or None without one."""
+    for ckpt in reversed(checkpoint.complete_checkpoints(run.checkpoints)):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return _global_batch(checkpoint.read_meta(ckpt), cfg)
+    return None
 
 
 def _global_batch(meta: dict, cfg: Config) -> int:
