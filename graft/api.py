@@ -23,8 +23,8 @@ def recipe(name: str, overrides: dict | None = None) -> Config:
 
     from graft import recipes
 
-    return recipes.recipe(name, [f"{k}={v if isinstance(v, str) else yaml.safe_dump(v, default_flow_style=True).strip()}"
-                          for k, v in (overrides or {}).items()])
+    text = lambda v: v if isinstance(v, str) else yaml.safe_dump(v, default_flow_style=True).strip()  # noqa: E731
+    return recipes.recipe(name, [f"{k}={text(v)}" for k, v in (overrides or {}).items()])
 
 
 def train(cfg: Config, out: str | Path) -> dict[str, float]:

@@ -350,20 +350,21 @@ def _check_stage1_run(cfg) -> None:
                             "(its Q-Former reads that image encoder)")
 
 
+VLM, DUAL = frozenset({GENERATES}), frozenset({EMBEDS})
 DESIGNS = {
-    "vlm": Design(frozenset({GENERATES}), ("vision", "connector", "lm"), ("vision", "connector", "lm", "lm_image"), _build_vlm,
+    "vlm": Design(VLM, ("vision", "connector", "lm"), ("vision", "connector", "lm", "lm_image"), _build_vlm,
                   _vlm_processor, _vlm_world, _vlm_tokens, _validate_vlm, losses=("lm",), packs=True,
                   sources=_check_stage1_run, exports_llava=True, config_losses=_lm_losses),
-    "flamingo": Design(frozenset({GENERATES}), ("vision", "connector", "lm", "flamingo"), ("vision", "connector", "lm", "xattn"),
+    "flamingo": Design(VLM, ("vision", "connector", "lm", "flamingo"), ("vision", "connector", "lm", "xattn"),
                        _build_flamingo, _vlm_processor, _vlm_world, _vlm_tokens, _validate_flamingo, losses=("lm",),
                        packs=True, config_losses=_lm_losses),
-    "fuyu": Design(frozenset({GENERATES}), ("vision", "connector", "lm", "eve"), ("connector", "lm", "lm_image"), _build_fuyu,
+    "fuyu": Design(VLM, ("vision", "connector", "lm", "eve"), ("connector", "lm", "lm_image"), _build_fuyu,
                    _fuyu_processor, _vlm_world, _vlm_tokens, _validate_fuyu, losses=("lm",), packs=True,
                    config_losses=lambda cfg: _lm_losses(cfg) + (("align",) if cfg.eve.teacher else ())),
-    "dual": Design(frozenset({EMBEDS}), ("vision", "text", "contrastive"), DUAL_PARTS,
+    "dual": Design(DUAL, ("vision", "text", "contrastive"), DUAL_PARTS,
                    _build_dual, _dual_processor, _dual_world, _dual_tokens, _validate_dual,
                    losses=("itc",)),
-    QFORMER_STAGE1: Design(frozenset({EMBEDS}), ("vision", "qformer"), ("vision", "qformer", "heads"), _build_qformer_stage1,
+    QFORMER_STAGE1: Design(DUAL, ("vision", "qformer"), ("vision", "qformer", "heads"), _build_qformer_stage1,
                            _qformer_processor, _dual_world, _dual_tokens, _validate_qformer_stage1,
                            losses=("itc", "itm", "itg")),
 }

@@ -12,6 +12,8 @@ from typing import Callable
 import pytest
 from filelock import FileLock
 
+from tests.torchrun_runs import ONE, TINY, here
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -59,3 +61,10 @@ def pytest_collection_modifyitems(config, items):
     """Slow tests first: under xdist the longest start while the many short ones fill the other
     workers, instead of one long test ending the run alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each
+
+
+@pytest.fixture
+def one_process(shared_run):
+    """`tiny`, 5 steps, one process at batch 32 in 4 micro-batches: the reference of the torchrun
+    tests (test_parallel.py, test_compile.py)."""
+    return shared_run("tiny_one_process", lambda out: here(*TINY, "--out", str(out), *ONE))

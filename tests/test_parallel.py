@@ -14,9 +14,9 @@ all-reduced instead of accumulated in one buffer), so their fp32 losses differ i
 from step 2 on: at most 7e-8 relative over these 5 steps, measured on an Intel Xeon (DDP, FSDP2,
 each case below); rel=1e-5 leaves room for other CPUs' kernels. Dropping one rank's share of the
 gradient (micro-batches 2-3 of the one-process run, measured) moves step 2's loss by 9e-4 relative
-and step 5's by 4e-3: a hundred times that bound. Compiled runs get rel=1e-4 (see there). Runs with
-the same processes and reduction order (a run and its resumption, standalone and c10d) are
-compared exactly."""
+and step 5's by 4e-3: a hundred times that bound (compiled runs, test_compile.py: rel=1e-4).
+Runs with the same processes and reduction order (a run and its resumption, standalone and c10d)
+are compared exactly."""
 
 import json
 import os
@@ -25,82 +25,26 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from graft.cli import main
 from tests.helpers import copy_run, wait_for
+from tests.torchrun_runs import (ENV, ONE, QUIET, SCRIPTS, STEPS, TINY, TWO, here, losses, records, run, torchrun,
+                                 torchrun_each)
 
 pytestmark = pytest.mark.slow  # every test here starts processes (torchrun): CI runs them, the edit loop skips them
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-QUIET = ["--set", "train.progress=false", "--set", "train.log_every=1", "--set", "eval.splits="]
-SCRIPTS = Path(__file__).parent / "scripts"
 FAULTS = SCRIPTS / "faults.py"
-RUNS = SCRIPTS / "runs.py"
-STEPS = ["--set", "train.steps=5"]
-# One process's 4 micro-batches of 8 are the two processes' 2 micro-batches of 8 each: gradient
-# accumulation (DDP's no_sync, FSDP2's deferred reduce-scatter) is part of every comparison.
-ONE = ["--set", "train.batch_size=32", "--set", "train.grad_accum=4"]
-TWO = ["--set", "train.batch_size=16", "--set", "train.grad_accum=2"]
-TINY = ["train", "tiny", *STEPS, *QUIET]
 FSDP2 = ["--set", "parallel.kind=fsdp2"]
 DUAL = ["siglip", "--set", "vision.hidden_size=32", "--set", "vision.layers=1", "--set", "vision.intermediate_size=64",
         "--set", "text.hidden_size=32", "--set", "text.layers=1", "--set", "text.intermediate_size=64",
         "--set", "contrastive.embed_dim=16"]
 
 
-def torchrun(*args, nproc=2, extra=(), script=None):
-    """`graft ARGS` (or `SCRIPT ARGS`) under torchrun on `nproc` processes."""
-    target = [str(script)] if script else ["-m", "graft"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
-            *target, *args]
-
-
-def torchrun_each(*runs):
-    """Each argument list a `graft` run, all in one torchrun launch (tests/scripts/runs.py)."""
-    joined = [arg for args in runs for arg in ("--", *args)][1:]
-    return torchrun(*joined, script=RUNS)
-
-
 def faults(fault, step, *args, marker=None):
     """The arguments of FAULTS: graft's CLI running ARGS with FAULT injected at STEP."""
     return [fault, str(step), *([str(marker)] if marker else []), "--", *args]
-
-
-def run(cmd, timeout=300, ok=True):
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=ENV)
-    if ok:
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
-def here(*args) -> None:
-    """`graft ARGS` in this process: no interpreter start-up or imports to pay (about 6 s of a
-    10-second tiny run), one thread as in the subprocesses. For one-process references compared
-    with a tolerance; what must match bit for bit runs in a subprocess with the same environment."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(list(args)) == 0
-    finally:
-        torch.set_num_threads(threads)
-
-
-def records(path):
-    return [json.loads(line) for line in (Path(path) / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(path):
-    return [r["loss"] for r in records(path) if r.get("event") != "eval"]
-
-
-@pytest.fixture
-def one_process(shared_run):
-    """`tiny`, 5 steps, one process at batch 32 in 4 micro-batches."""
-    return shared_run("tiny_one_process", lambda out: here(*TINY, "--out", str(out), *ONE))
 
 
 CASES = {
@@ -330,51 +274,6 @@ def test_a_hanging_rank_fails_the_run_naming_it(tmp_path):
     collective = r"(all_reduce|all_gather\w*|reduce_scatter\w*|broadcast|barrier)"  # today: all_reduce
     assert re.match(rf"graft: rank 0 waited 3 s in {collective}\b.* at step 3; rank 1 did not answer "
                     r"\(parallel\.timeout_s=3\)\.", line[0]), line[0]
-
-
-COUNT_GRAPHS = ("import sys, torch; from graft.cli import main; code = main(sys.argv[1:]); "
-                "from torch._dynamo.utils import counters; "
-                "print('graphs', counters['stats']['unique_graphs'], 'breaks', sum(counters['graph_break'].values())); "
-                "sys.exit(code)")
-
-
-def _compiled(out):
-    done = run([sys.executable, "-c", COUNT_GRAPHS, *TINY, *ONE, "--out", str(out / "run"),
-                "--set", "parallel.compile=true"])
-    (out / "stdout.txt").write_text(done.stdout)
-
-
-@pytest.fixture
-def compiled_one(shared_run):
-    """`one_process` with parallel.compile=true, in a fresh process (dynamo's counters are the
-    process's), and what it printed. Inductor's on-disk cache keeps its kernels for the session."""
-    return shared_run("tiny_compiled", _compiled)
-
-
-def test_compile_traces_the_whole_forward_and_trains_like_eager(compiled_one, one_process):
-    """parallel.compile=true on one process: the whole training forward (vision, image scatter,
-    decoder, LM head at the answers, loss) compiles to one graph, without a graph break or a
-    recompilation for the next micro-batch's other shape, and the losses follow the eager run's."""
-    counts = (compiled_one / "stdout.txt").read_text().split("graphs")[-1].split()
-    assert counts[:3] == ["1", "breaks", "0"], counts
-    # Inductor fuses and reorders fp32 reductions (softmax, norms, the loss) with vector widths that
-    # differ between CPUs: 1.1e-7 relative measured on an Intel Xeon, rel=1e-4 for the others; a
-    # dropped gradient share (9e-4 at step 2, module docstring) still fails it
-    assert losses(compiled_one / "run") == pytest.approx(losses(one_process), rel=1e-4)
-
-
-def test_compiled_on_two_processes_trains_like_one_eager_process(tmp_path, compiled_one, one_process):
-    """torch.compile under DDP (the compiled DDP wrapper, with gradient accumulation through
-    no_sync) and under FSDP2 (each block compiled): the same losses as one eager process.
-    (`compiled_one` is asked for first: the DDP graph is the one-process graph, so its kernels
-    come from inductor's cache instead of being compiled again, about 70 s of CPU.)"""
-    kinds = ("ddp", "fsdp2")
-    run(torchrun_each(*([*TINY, *TWO, "--out", str(tmp_path / kind), "--set", f"parallel.kind={kind}",
-                         "--set", "parallel.compile=true"] for kind in kinds)))
-    for kind in kinds:
-        # compiled kernels and another reduction order: 1.3e-7 relative measured (Intel Xeon), the
-        # bound as in the test above
-        assert losses(tmp_path / kind) == pytest.approx(losses(one_process), rel=1e-4), kind
 
 
 def free_port() -> int:

@@ -92,7 +92,8 @@ class ShapesWorld:
         rng = random.Random(f"shapes/{self.seed}/{split}/{index}")
         objects, background = self._scene(rng, novel=split == "compositional")
         focus = objects[0] if split == "compositional" else None  # ask about the unseen pair
-        return objects, background, [q for kind in QUESTION_TYPES if (q := _question(kind, objects, rng, focus)) is not None]
+        qa = [q for kind in QUESTION_TYPES if (q := _question(kind, objects, rng, focus)) is not None]
+        return objects, background, qa
 
     def _scene(self, rng: random.Random, novel: bool) -> tuple[list[Obj], int]:
         n = rng.randint(1, self.max_objects)

@@ -60,8 +60,9 @@ def read_shard(url: str, limits: dict[str, int], log: SkipLog) -> Iterator[dict]
     `rec["__oversize__"]` ({ext: size}), the others in `rec["__unread__"]` (their extensions).
     Every member but a folder entry belongs to a record, so that each record of the shard is
     yielded and can be counted, whatever its members' names: a name webdataset cannot split into
-    KEY.EXT (no extension, a leading dot) is a record of its own. A shard that cannot be opened is logged as `shard_missing`; a damaged one as
-    `shard_corrupt`, once, after the records before the damage have been yielded.
+    KEY.EXT (no extension, a leading dot) is a record of its own. A shard that cannot be opened is
+    logged as `shard_missing`; a damaged one as `shard_corrupt`, once, after the records before the
+    damage have been yielded.
     """
     try:
         raw = webdataset.gopen(url, "rb")
@@ -88,7 +89,7 @@ def read_shard(url: str, limits: dict[str, int], log: SkipLog) -> Iterator[dict]
                     n, rec = n + 1, None
                 rec = rec or {"__key__": key, "__url__": url}
                 ext = ext.lower()
-                if not info.isreg() or ext not in limits:  # a link, or not wanted: counted with its record, never read
+                if not info.isreg() or ext not in limits:  # a link, or unwanted: counted, never read
                     rec.setdefault("__unread__", []).append(ext or "(no extension)")
                     continue
                 if ext in rec or ext in rec.get("__oversize__", ()):
