@@ -38,10 +38,11 @@ class Run:
     """A trained run, loaded from its latest checkpoint."""
 
     def __init__(self, path: str | Path):
-        from graft.rundir import RunDir, build_processor
+        from graft.build import build_processor, load_run
+        from graft.rundir import RunDir
 
         self.dir = RunDir(path)
-        self.cfg, tok, self.model, self.checkpoint = self.dir.load()
+        self.cfg, tok, self.model, self.checkpoint = load_run(self.dir)
         self.processor = build_processor(self.cfg, tok, self.model)
 
     def evaluate(self, task: str, data: str) -> dict[str, float]:

@@ -19,6 +19,7 @@ changes the config it is given: `resolve` returns a resolved copy.
 from __future__ import annotations
 
 import copy
+import json
 import functools
 from pathlib import Path
 
@@ -26,10 +27,17 @@ import torch
 from tokenizers import Tokenizer
 
 from graft.config import Config
+from graft.config_checks import validate
 from graft.data.hf_tokenizer import HFChatTokenizer
+from graft.data.loader import StreamBatches
+from graft.data.sources import build_sources, training_corpus
 from graft.data.tokenizer import ChatTokenizer
+from graft.designs import design
 from graft.errors import UserError
-from graft.rundir import RunDir, adopt_vision_arch, build_model, load_modules, load_vision, resolve_backbones
+from graft.models.hf_backbones import resolve_lm, resolve_vision
+from graft.parts import adopt_vision_arch, load_modules, load_stage1, load_vision
+from graft.rundir import RunDir
+from graft.train import checkpoint
 
 
 def tokenizer_for(cfg: Config, run: RunDir | None = None):
@@ -49,8 +57,6 @@ def tokenizer_for(cfg: Config, run: RunDir | None = None):
         d = cfg.data
         return ChatTokenizer(Tokenizer.from_str(_world_tokenizer(d.seed, d.grid, d.max_objects, d.images_per_doc,
                                                                  d.vocab_size)))
-    from graft.data.sources import training_corpus
-
     return ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size)
 
 
@@ -76,6 +82,41 @@ def resolve(cfg: Config, tok) -> tuple[Config, list[str]]:
     return cfg, changes
 
 
+def resolve_backbones(cfg: Config, tok) -> Config:
+    """Write the architecture of `vision.hf_path` / `lm.hf_path` folders into the config (in place)."""
+    if cfg.vision.hf_path:
+        cfg.vision = resolve_vision(cfg.vision)
+    if cfg.lm.hf_path:
+        cfg.lm = resolve_lm(cfg.lm, len(tok))
+    return validate(cfg)  # e.g. vision.feature_layer against the tower's real depth
+
+
+def build_model(cfg: Config, tok, pretrained: bool = True):
+    """The model of `cfg`'s design (graft/designs.py); HF backbones load their folder's weights
+    unless pretrained=False."""
+    return design(cfg.model).build(cfg, tok, pretrained)
+
+
+def build_processor(cfg: Config, tok, model):
+    """What turns records into the model's rows and batches, for `cfg`'s design."""
+    return design(cfg.model).processor(cfg, tok, model)
+
+
+
+
+def load_run(run: RunDir):
+    """A run's config (validated), tokenizer and model with its latest checkpoint's weights (eval
+    mode, CPU)."""
+    run.require()
+    cfg, tok = validate(run.config(), sources=False), run.tokenizer()  # its weights are in its checkpoints
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        raise UserError(f"{run.path} has no complete checkpoint under checkpoints/")
+    model = assemble(cfg, tok, init=False)  # every weight comes from the checkpoint
+    checkpoint.load_weights(model, ckpt)
+    return cfg, tok, model.eval(), ckpt
+
+
 def assemble(cfg: Config, tok, init: bool = True):
     """The model of a resolved `cfg`: built, initialised (`init`: from HF folders and the
     `*.init_from` settings; else left for a checkpoint to fill), LoRA added, parts frozen."""
@@ -86,8 +127,6 @@ def assemble(cfg: Config, tok, init: bool = True):
         # A locked image head must be the run's too: a random projection, frozen, could not be learned around.
         load_vision(model, cfg.vision.init_from, image_head="image_head" in cfg.train.freeze)
     if init and cfg.connector.init_from:  # BLIP-2 stage 2: the stage-1 run's image encoder and Q-Former
-        from graft.models.blip2 import load_stage1
-
         load_stage1(model, cfg.connector.init_from)
     for part, path in cfg.train.init_parts.items() if init else ():
         load_modules(model, model.part_modules(part), path, f"train.init_parts.{part}")
@@ -101,8 +140,6 @@ def assemble(cfg: Config, tok, init: bool = True):
 
 def init_from(model, path: str) -> None:
     """Weights from a graft run (LoRA merged) or an exported HF LLaVA folder (config.json)."""
-    from graft.train import checkpoint
-
     src = RunDir(path)
     if not src.config_path.is_file() and (Path(path) / "config.json").is_file():
         from graft.models.hf_llava import load_llava_weights  # imports transformers: only when needed
@@ -119,7 +156,7 @@ def init_from(model, path: str) -> None:
     from graft.models.lora import merge_lora
 
     with torch.random.fork_rng():  # building the source model must not move this run's RNG
-        _, _, source, _ = src.load()
+        _, _, source, _ = load_run(src)
     merge_lora(source.lm)  # adapters folded in: the names are those of a model without LoRA
     try:
         model.load_state_dict(source.state_dict())
@@ -127,11 +164,19 @@ def init_from(model, path: str) -> None:
         raise UserError(f"train.init_from: {path} does not fit this model ({str(e).splitlines()[1].strip()[:160]})") from None
 
 
+def build_stream(cfg: Config, proc, rt, checkpoint: Path | None = None):
+    """The trainer's micro-batch stream for this rank, resumed from `checkpoint`'s data position."""
+    if cfg.data.source == "shapes":  # the built-in world, as the design trains on it
+        return design(cfg.model).world_batches(cfg, proc, rt)
+    # every design reads a streaming source the same way; the processor makes its rows and batches
+    saved = json.loads((checkpoint / "meta.json").read_text()).get("data") if checkpoint else None
+    sources, weights = build_sources(cfg.data)
+    return StreamBatches(cfg, proc, sources, weights, rt.rank, rt.world_size, saved)
+
+
 def processor_for(cfg: Config):
     """The processor a run of `cfg` would train with — its tokenizer, chat layout and placeholders —
     without allocating the model (built on the meta device)."""
-    from graft.rundir import build_processor
-
     tok = tokenizer_for(cfg)
     resolved, _ = resolve(cfg, tok)
     with torch.device("meta"):

@@ -43,7 +43,8 @@ def cmd_eval(args) -> None:
     """The run's own evaluations (eval.splits, eval.tasks), one split (--split), or a task on
     one or more data sets (--task NAME --data PATH [--data PATH2])."""
     from graft.eval.harness import entries, evaluate, unprefixed
-    from graft.rundir import RunDir, build_processor
+    from graft.build import build_processor, load_run
+    from graft.rundir import RunDir
 
     if bool(args.task) != bool(args.data):
         raise UserError("graft eval: --task and --data go together (e.g. --task zeroshot --data DIR)")
@@ -53,7 +54,7 @@ def cmd_eval(args) -> None:
     if bad:
         raise UserError(f"graft eval --set takes eval.* keys only, got '{bad[0]}'")
     run = RunDir(args.dir)
-    cfg, tok, model, ckpt = run.load()
+    cfg, tok, model, ckpt = load_run(run)
     if args.task:
         from graft.eval.tasks import check_task
 
@@ -64,7 +65,7 @@ def cmd_eval(args) -> None:
     if args.split or args.task:  # only what is asked: the run's own splits and tasks are not validated or run
         cfg.eval.splits, cfg.eval.tasks = ([args.split], []) if args.split else ([], [f"{args.task}={d}" for d in args.data])
     if args.set or args.split or args.task:
-        from graft.config import apply_overrides
+        from graft.config_checks import apply_overrides
 
         apply_overrides(cfg, args.set)  # validates: names a bad split, task, key or file in one line
     todo = entries(cfg)

@@ -71,7 +71,7 @@ class _Stages:
 
     def apply(self, name: str, cfg, seed: int):
         """`cfg` with its stage key pointing at the stage run of `seed` (trained now if missing)."""
-        from graft.config import apply_overrides
+        from graft.config_checks import apply_overrides
         from graft.recipes import STAGES
 
         if name not in STAGES:
@@ -108,9 +108,7 @@ def first_batches(cfg):
     micro-batches of its first step."""
     import torch
 
-    from graft.build import assemble, resolve, tokenizer_for
-    from graft.data.sources import build_stream
-    from graft.rundir import build_processor
+    from graft.build import assemble, build_processor, build_stream, resolve, tokenizer_for
     from graft.train.runtime import Runtime
 
     tok = tokenizer_for(cfg)

@@ -5,8 +5,10 @@ live beside their modules (`models/vit.py`, `models/decoder.py`, `models/connect
 run-level ones (data, optimiser, training, evaluation) live here. Recipes (`recipes.py`) are
 functions returning a `Config`; the CLI changes single fields with `--set a.b=value`.
 
-Every unknown key and every wrong type fails with a `UserError` naming the key; the cross-field
-checks (`validate`) live in config_checks.py.
+Every unknown key and every wrong type fails with a `UserError` naming the key. This module is a
+leaf: it parses, overrides and type-checks, and reads nothing of designs, data or evaluation. The
+cross-field checks, which ask the design, the data sources and the evaluation tasks, live in
+config_checks.py (`apply_overrides` and `load` there validate as well).
 """
 
 from __future__ import annotations
@@ -20,9 +22,6 @@ from pathlib import Path
 import yaml
 
 from graft import atomic
-from graft.config_checks import uses_packing, validate  # noqa: F401 (re-exported)
-from graft.data.limits import IMAGE_FORMATS
-from graft.data.shapes import CAPTION_PROMPT
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
 from graft.models.decoder import LMConfig
@@ -32,6 +31,10 @@ from graft.models.fuyu import EveConfig
 from graft.models.qformer import QFormerConfig
 from graft.models.text_encoder import TextConfig
 from graft.models.vit import VisionConfig
+
+# Defaults that data modules share (data/limits.py, data/shapes.py import them from here).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # Pillow formats decoded by default
+CAPTION_PROMPT = "describe the image."  # the built-in world's caption question, and caption-only records'
 
 
 @dataclass
@@ -263,8 +266,11 @@ def set_key(cfg: Config, dotted: str, raw) -> None:
             setattr(node, part, _coerce(dotted, raw, hints[part]))
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `--set key=value` strings; the value is read as YAML (so 1e-3, true, [a, b] work)."""
+def override(cfg: Config, overrides: list[str]) -> list[str]:
+    """Apply `--set key=value` strings (the value is read as YAML, so 1e-3, true, [a, b] work), with
+    types checked but no cross-field validation (config_checks.apply_overrides adds it); returns
+    the keys set."""
+    keys = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -273,22 +279,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
-        set_key(cfg, key.strip(), text if _expects_str(cfg, key.strip()) else value)
-    _check_sections(cfg, [item.partition("=")[0].strip() for item in overrides])
-    return validate(cfg)
-
-
-def _check_sections(cfg: Config, keys: list[str]) -> None:
-    """A key of a model section the chosen design does not read (e.g. `connector.*` for a dual
-    encoder) would change nothing: refuse it."""
-    from graft.designs import MODEL_SECTIONS, design
-
-    reads = design(cfg.model).sections
-    for key in keys:
-        section = key.split(".")[0]
-        if section in MODEL_SECTIONS and section not in reads:
-            raise UserError(f"--set {key}: model={cfg.model} does not read the '{section}' section "
-                            f"(it reads {', '.join(reads)})")
+        keys.append(key.strip())
+        set_key(cfg, keys[-1], text if _expects_str(cfg, keys[-1]) else value)
+    return keys
 
 
 def _expects_str(cfg: Config, dotted: str) -> bool:
@@ -326,13 +319,12 @@ def save(cfg: Config, path: Path) -> None:
     atomic.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def load(path: Path, sources: bool = True) -> Config:
-    """A config file, validated; `sources=False` skips the checks of the runs it initialises from
-    (a run's own config.yaml: its checkpoints hold the weights, and the sources may be gone)."""
+def read(path: Path) -> Config:
+    """A config file, parsed and type-checked (config_checks.load also validates it)."""
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return validate(from_dict(data or {}), sources=sources)
+    return from_dict(data or {})

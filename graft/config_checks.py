@@ -1,8 +1,10 @@
 """Cross-field checks of a `Config` (config.py): each failure names the key and the value.
 
-`validate` runs after every override and on every loaded config, before anything is written, so a
-run that cannot work (a split that does not exist, a task whose data is missing, a format that
-would shell out) stops in one line instead of after training.
+`validate` runs after every override (`apply_overrides`) and on every loaded config (`load`),
+before anything is written, so a run that cannot work (a split that does not exist, a task whose
+data is missing, a format that would shell out) stops in one line instead of after training. It
+asks the design (graft/designs.py), the data sources and the evaluation tasks; config.py, which
+only parses and type-checks, asks none of them.
 """
 
 from __future__ import annotations
@@ -11,12 +13,36 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from graft import config
 from graft.data.limits import check_image_formats
+from graft.data.shapes import SPLITS
+from graft.data.sources import SOURCES
+from graft.designs import DESIGNS, EMBEDS, GENERATES, MODEL_SECTIONS, can_pack, design
 from graft.errors import UserError
+from graft.eval.tasks import check_task
+from graft.eval.zero_shot import load_prompts, read_prompts
 
 if TYPE_CHECKING:
     from graft.config import Config, DataConfig
 
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """`--set key=value` strings applied (config.override), then the whole config validated."""
+    keys = config.override(cfg, overrides)
+    for key in keys:  # after all of them: `--set model=...` may come last
+        section = key.split(".")[0]
+        reads = design(cfg.model).sections
+        if section in MODEL_SECTIONS and section not in reads:
+            # a key of a model section the design does not read would change nothing
+            raise UserError(f"--set {key}: model={cfg.model} does not read the '{section}' section "
+                            f"(it reads {', '.join(reads)})")
+    return validate(cfg)
+
+
+def load(path: Path, sources: bool = True) -> Config:
+    """A config file, validated; `sources=False` skips the checks of the runs it initialises from
+    (a run's own config.yaml: its checkpoints hold the weights, and the sources may be gone)."""
+    return validate(config.read(path), sources=sources)
 
 
 def validate(cfg: Config, sources: bool = True) -> Config:
@@ -29,14 +55,10 @@ def validate(cfg: Config, sources: bool = True) -> Config:
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
         "parallel.kind": (cfg.parallel.kind, ("auto", "none", "ddp", "fsdp2")),
     }
-    from graft.data.sources import SOURCES
-
     choices["data.source"] = (cfg.data.source, tuple(SOURCES))
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise UserError(f"{key}={value!r} is not one of {', '.join(valid)}")
-    from graft.data.shapes import SPLITS
-
     for split in cfg.eval.splits:
         if split not in SPLITS:
             raise UserError(f"eval.splits: unknown split '{split}' (valid: {', '.join(SPLITS)})")
@@ -47,8 +69,6 @@ def validate(cfg: Config, sources: bool = True) -> Config:
     if cfg.eval.image_root and not Path(cfg.eval.image_root).is_dir():
         raise UserError(f"eval.image_root: folder not found: {cfg.eval.image_root}")
     if cfg.eval.zeroshot_file:  # names a missing file, an empty class list, a bad template
-        from graft.eval.zero_shot import read_prompts
-
         read_prompts(cfg.eval.zeroshot_file)  # a user's data set's classes are checked against it when read
     for key, fields in (("vqa_prompt", ("question",)), ("mc_prompt", ("question", "options"))):
         template = getattr(cfg.eval, key)
@@ -57,17 +77,28 @@ def validate(cfg: Config, sources: bool = True) -> Config:
     if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
         raise UserError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
     _validate_hf(cfg)
-    if cfg.data.pack is True and not _can_pack(cfg):
-        from graft.designs import DESIGNS
-
+    if cfg.data.pack is True and not can_pack(cfg):
         packers = ", ".join(name for name, d in DESIGNS.items() if d.packs)
         raise UserError(f"data.pack=true needs data.source=shapes, model={packers} and the built-in LM (no lm.hf_path)")
-    from graft.designs import design
-
     design(cfg.model).validate(cfg)
+    _validate_capabilities(cfg)
     if sources:
         design(cfg.model).sources(cfg)
     return cfg
+
+
+def _validate_capabilities(cfg: Config) -> None:
+    """What evaluation reads of `eval.*`, by what the design can do."""
+    if cfg.eval.zeroshot_prompt is not None and not design(cfg.model).can(GENERATES):
+        raise UserError(f"eval.zeroshot_prompt is for runs that generate text; model={cfg.model} scores class names "
+                        "by their embeddings")
+    if not design(cfg.model).can(EMBEDS):
+        return
+    for key in ("zeroshot_images", "retrieval_pairs"):  # zero-shot by similarity, retrieval
+        if getattr(cfg.eval, key) < 0:
+            raise UserError(f"eval.{key}={getattr(cfg.eval, key)} must not be negative")
+    if cfg.eval.zeroshot_file and cfg.eval.splits:
+        load_prompts(cfg.eval.zeroshot_file)  # the world's zero-shot: its 24 classes (checked now, not after training)
 
 
 def _validate_architecture(cfg: Config) -> None:
@@ -88,8 +119,6 @@ def _validate_architecture(cfg: Config) -> None:
 
 def _validate_parts_and_losses(cfg: Config, sources: bool) -> None:
     """`train.freeze`, `train.init_parts` and `train.objectives` against the design's parts and losses."""
-    from graft.designs import design
-
     entry = design(cfg.model)  # names an unknown model
     for part in cfg.train.freeze:
         if part not in entry.parts:
@@ -153,8 +182,6 @@ def _validate_documents(cfg: Config) -> None:
     n = cfg.data.images_per_doc
     if n < 1:
         raise UserError(f"data.images_per_doc={n} must be >= 1")
-    from graft.designs import GENERATES, design
-
     if cfg.data.text_only and (cfg.data.source != "shapes" or not design(cfg.model).can(GENERATES) or n > 1):
         raise UserError("data.text_only tells the built-in world's scenes in words to a VLM design: it needs "
                         "data.source=shapes, a VLM model and data.images_per_doc=1")
@@ -167,24 +194,10 @@ def _validate_documents(cfg: Config) -> None:
         raise UserError(f"data.images_per_doc={n}: model={cfg.model} reads one image per example")
 
 
-def _can_pack(cfg: Config) -> bool:
-    """Packing (data/packing.py) needs the built-in world's stream and the built-in LM's document mask."""
-    from graft.designs import design
-
-    return cfg.data.source == "shapes" and design(cfg.model).packs and not cfg.lm.hf_path
-
-
-def uses_packing(cfg: Config) -> bool:
-    """data.pack, or where unset, whether this run can pack."""
-    return _can_pack(cfg) if cfg.data.pack is None else cfg.data.pack
-
-
 def _validate_tasks(cfg: Config) -> None:
     """eval.tasks: known tasks that fit this run's model, on data that exists — checked before training."""
     if not cfg.eval.tasks:
         return
-    from graft.eval.tasks import check_task
-
     for entry in cfg.eval.tasks:
         name, sep, path = entry.partition("=")
         if not sep or not path:
@@ -215,8 +228,6 @@ def _validate_streaming(d: DataConfig) -> None:
 
 def _validate_interleaved(d: DataConfig) -> None:
     """Interleaved documents come from data.path (JSON Lines) or data.shards; a key neither reads is refused."""
-    from graft.config import DataConfig
-
     if bool(d.path) == bool(d.shards):
         raise UserError("data.source=interleaved reads data.path (.jsonl documents) or data.shards (tar shards): "
                         f"set one of them, not {'both' if d.path else 'neither'}")
@@ -227,7 +238,7 @@ def _validate_interleaved(d: DataConfig) -> None:
     else:
         why["weights"] = "they weigh data.shards entries"
         why["shuffle_buffer"] = "documents of .jsonl files are visited in a seeded permutation"
-    default = DataConfig()
+    default = config.DataConfig()
     for key, reason in why.items():
         if getattr(d, key) != getattr(default, key):
             raise UserError(f"data.{key} is not read by data.source=interleaved with data.{'shards' if d.shards else 'path'}"

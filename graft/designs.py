@@ -110,7 +110,7 @@ def _vlm_world(cfg, proc, rt):
     from graft.data.loader import ShapesBatches
     from graft.data.stream import TrainStream
 
-    return ShapesBatches(TrainStream(cfg, proc, rt.rank, rt.world_size), cfg)
+    return ShapesBatches(TrainStream(cfg, proc, rt.rank, rt.world_size, packs=uses_packing(cfg)), cfg)
 
 
 def _vlm_tokens(batch, pad: int) -> int:
@@ -177,7 +177,8 @@ def _validate_flamingo(cfg) -> None:
 
 
 def _build_fuyu(cfg, tok, pretrained: bool = True):
-    from graft.models.fuyu import AlignedFuyu, Patches, load_teacher
+    from graft.models.fuyu import AlignedFuyu, Patches
+    from graft.parts import load_teacher
     from graft.models.vlm import VLM
 
     _resolve_vocab(cfg, tok)
@@ -262,22 +263,8 @@ def _validate_dual(cfg) -> None:
     TextConfig.check(cfg.text)
     ContrastiveConfig.check(cfg.contrastive)
     _validate_vision(cfg)
-    if cfg.eval.zeroshot_prompt is not None:
-        raise UserError("eval.zeroshot_prompt is for VLM runs (a dual encoder scores class names by their embeddings)")
     if cfg.contrastive.shared_tower and "text" in cfg.train.freeze:
         raise UserError("train.freeze: 'text' has no tower of its own when contrastive.shared_tower=true (CLIPPO)")
-    _validate_embedding_eval(cfg)
-
-
-def _validate_embedding_eval(cfg) -> None:
-    """What the dual evaluation (zero-shot by similarity, retrieval) reads of `eval.*`."""
-    for key in ("zeroshot_images", "retrieval_pairs"):
-        if getattr(cfg.eval, key) < 0:
-            raise UserError(f"eval.{key}={getattr(cfg.eval, key)} must not be negative")
-    if cfg.eval.zeroshot_file and cfg.eval.splits:
-        from graft.eval.zero_shot import load_prompts
-
-        load_prompts(cfg.eval.zeroshot_file)  # the world's zero-shot: its 24 classes (checked now, not after training)
 
 
 # ---- BLIP-2 stage 1 (Q-Former): queries learn to read the image encoder, ITC + ITM + ITG ----------
@@ -310,9 +297,6 @@ def _validate_qformer_stage1(cfg) -> None:
     if cfg.train.batch_size // cfg.train.grad_accum < 2:
         raise UserError(f"train.batch_size={cfg.train.batch_size} / train.grad_accum={cfg.train.grad_accum} "
                         "gives micro-batches of one pair: ITM draws its negatives from the micro-batch (need ≥ 2)")
-    if cfg.eval.zeroshot_prompt is not None:
-        raise UserError("eval.zeroshot_prompt is for VLM runs (a Q-Former scores class names by their embeddings)")
-    _validate_embedding_eval(cfg)
     _validate_vision(cfg)
 
 
@@ -326,7 +310,8 @@ def _check_stage1_run(cfg) -> None:
     from pathlib import Path
 
     from graft.models.qformer import QFormerConfig
-    from graft.rundir import VISION_ARCH, RunDir
+    from graft.parts import VISION_ARCH
+    from graft.rundir import RunDir
 
     run = RunDir(path)
     if not run.config_path.is_file():
@@ -375,3 +360,14 @@ def design(name: str) -> Design:
     if name not in DESIGNS:
         raise UserError(f"model={name!r} is not one of {', '.join(DESIGNS)}")
     return DESIGNS[name]
+
+
+def can_pack(cfg) -> bool:
+    """Packing (data/packing.py) needs the built-in world's stream, a design that packs and the
+    built-in LM's document mask."""
+    return cfg.data.source == "shapes" and design(cfg.model).packs and not cfg.lm.hf_path
+
+
+def uses_packing(cfg) -> bool:
+    """data.pack, or where unset, whether this run can pack."""
+    return can_pack(cfg) if cfg.data.pack is None else cfg.data.pack

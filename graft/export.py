@@ -57,6 +57,7 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "hf") -> Path:
     from graft.designs import design
     from graft.models.hf_llava import to_llava
     from graft.models.lora import merge_lora
+    from graft.build import load_run
     from graft.rundir import RunDir
 
     if fmt not in FORMATS:
@@ -70,7 +71,7 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "hf") -> Path:
             else next((f"lm.{k}=true" for k in ("modality_norms", "modality_ffn") if getattr(cfg.lm, k)), None))
     if what:
         raise UserError(f"--format hf writes LLaVA (a ViT, a linear or MLP connector, an LM); {run_dir} has {what}")
-    cfg, tok, model, ckpt = RunDir(run_dir).load()
+    cfg, tok, model, ckpt = load_run(RunDir(run_dir))
     merge_lora(model.lm)  # LLaVA has no adapters: fold them into the weights
     hf = to_llava(model, cfg, tok)
     out.mkdir(parents=True, exist_ok=True)

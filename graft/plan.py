@@ -68,8 +68,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from graft.config import Config, uses_packing
-from graft.designs import design
+from graft.config import Config
+from graft.designs import design, uses_packing
 from graft.errors import UserError
 from graft.models.connectors import CONNECTORS
 from graft.models.decoder import gqa_in_kernel

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 
-from graft.config import Config, apply_overrides
+from graft.config import Config
+from graft.config_checks import apply_overrides
 from graft.errors import UserError
 
 

@@ -4,6 +4,8 @@
     DIR/tb/  DIR/eval.json  DIR/report.md  DIR/loss.png
 
 With `lm.hf_path` the tokenizer is the LM's own, saved as a transformers folder DIR/hf_tokenizer/.
+Only the directory's layout lives here: loading a run's model is build.load_run, copying a run's
+parts into another model is parts.py.
 """
 
 from __future__ import annotations
@@ -12,16 +14,12 @@ import os
 import shutil
 from pathlib import Path
 
-from torch import nn
-
 from graft import atomic
 from graft import config as config_mod
 from graft.config import Config
 from graft.data.hf_tokenizer import HFChatTokenizer
 from graft.data.tokenizer import ChatTokenizer
-from graft.designs import design
 from graft.errors import UserError
-from graft.models.hf_backbones import resolve_lm, resolve_vision
 from graft.train import checkpoint
 
 
@@ -42,7 +40,8 @@ class RunDir:
         return self
 
     def config(self) -> Config:
-        return config_mod.load(self.config_path, sources=False)  # its weights are in its checkpoints
+        """The run's config.yaml, parsed and type-checked (build.load_run also validates it)."""
+        return config_mod.read(self.config_path)
 
     def tokenizer(self) -> ChatTokenizer | HFChatTokenizer:
         if self.hf_tokenizer_path.is_dir():
@@ -64,89 +63,3 @@ class RunDir:
 
     def latest_checkpoint(self) -> Path | None:
         return checkpoint.latest(self.checkpoints)
-
-    def load(self) -> tuple[Config, ChatTokenizer, nn.Module, Path]:
-        """Config, tokenizer and the model with the latest checkpoint's weights (eval mode, CPU)."""
-        self.require()
-        cfg, tok = self.config(), self.tokenizer()
-        ckpt = self.latest_checkpoint()
-        if ckpt is None:
-            raise UserError(f"{self.path} has no complete checkpoint under checkpoints/")
-        from graft.build import assemble
-
-        model = assemble(cfg, tok, init=False)  # every weight comes from the checkpoint
-        checkpoint.load_weights(model, ckpt)
-        return cfg, tok, model.eval(), ckpt
-
-
-def resolve_backbones(cfg: Config, tok) -> Config:
-    """Write the architecture of `vision.hf_path` / `lm.hf_path` folders into the config (in place)."""
-    if cfg.vision.hf_path:
-        cfg.vision = resolve_vision(cfg.vision)
-    if cfg.lm.hf_path:
-        cfg.lm = resolve_lm(cfg.lm, len(tok))
-    return config_mod.validate(cfg)  # e.g. vision.feature_layer against the tower's real depth
-
-
-def build_model(cfg: Config, tok, pretrained: bool = True):
-    """The model of `cfg`'s design (graft/designs.py); HF backbones load their folder's weights
-    unless pretrained=False."""
-    return design(cfg.model).build(cfg, tok, pretrained)
-
-
-def build_processor(cfg: Config, tok, model):
-    """What turns records into the model's rows and batches, for `cfg`'s design."""
-    return design(cfg.model).processor(cfg, tok, model)
-
-
-# ---- vision.init_from: a tower from another run ---------------------------------------------------
-
-VISION_ARCH = ("image_size", "patch_size", "hidden_size", "layers", "heads", "intermediate_size", "layer_norm_eps")
-
-
-def adopt_vision_arch(cfg: Config) -> list[str]:
-    """Take the tower's architecture from the run `vision.init_from` names; returns the keys changed."""
-    src = RunDir(cfg.vision.init_from).require().config().vision
-    changed = []
-    for key in VISION_ARCH:
-        if getattr(cfg.vision, key) != getattr(src, key):
-            changed.append(f"vision.{key}={getattr(src, key)}")
-            setattr(cfg.vision, key, getattr(src, key))
-    return changed
-
-
-def load_vision(model, run_path: str, image_head: bool = False) -> Path:
-    """Copy the ViT weights (`vision.*`) of a run's latest checkpoint, VLM or dual encoder, into `model.vision`.
-
-    image_head: also copy a dual encoder's pooling head and projection (`image_pool.*`, `image_proj.*`),
-    so the whole image side is the run's — LiT locks it all (big_vision `lit_coco.py` freezes `img/.*`).
-    """
-    modules = ["vision", "image_pool", "image_proj"] if image_head else ["vision"]
-    return load_modules(model, modules, run_path, "vision.init_from")
-
-
-def load_modules(model, modules: list[str], run_path: str, key: str) -> Path:
-    """Copy the weights of `modules` (dotted names, e.g. ["connector"]) from a run's latest
-    checkpoint into `model`; every shape must match and every weight be found (else a UserError
-    naming `key`)."""
-    ckpt = RunDir(run_path).require().latest_checkpoint()
-    if ckpt is None:
-        raise UserError(f"{key}: {run_path} has no complete checkpoint")
-    weights = checkpoint.read_model(ckpt)
-    for part in modules:
-        sub = {k.removeprefix(f"{part}."): v for k, v in weights.items() if k.startswith(f"{part}.")}
-        own = model.get_submodule(part).state_dict()
-        for name, value in sub.items():  # load_state_dict would raise a multi-line RuntimeError
-            if name in own and own[name].shape != value.shape:
-                raise UserError(f"{key}: {ckpt} has {part}.{name} of shape {tuple(value.shape)}, "
-                                f"this model's is {tuple(own[name].shape)}")
-        missing, unexpected = model.get_submodule(part).load_state_dict(sub, strict=False)
-        tied = set(own) - set(checkpoint.untied(own))  # second names of tied weights (the LM head): filled
-        twins = checkpoint.image_twins(model, part)
-        filled = [k for k in missing if k in twins]  # image modules the run lacks start as their text twins
-        missing = [k for k in missing if k not in tied and k not in twins]
-        if missing or unexpected or not sub:
-            raise UserError(f"{key}: {ckpt} holds no matching {part} "
-                            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-        checkpoint.fill_twins(model.get_submodule(part), twins, filled)
-    return ckpt

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import torch
 
-from graft.rundir import RunDir, build_processor
+from graft.build import build_processor, load_run
+from graft.rundir import RunDir
 from graft.train.checkpoint import latest
 
 
 @lru_cache(maxsize=4)
 def _loaded(run: str, checkpoint: str):
-    cfg, tok, model, _ = RunDir(Path(run)).load()
+    cfg, tok, model, _ = load_run(RunDir(Path(run)))
     return cfg, tok, model, build_processor(cfg, tok, model)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from graft.cli import main
-from graft.config import apply_overrides
+from graft.config_checks import apply_overrides
 from graft.data.check import check_data, processor_for
 from graft.data.images import open_image
 from graft.data.samples import BadSample

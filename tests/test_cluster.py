@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from graft.build import assemble, resolve, tokenizer_for
+from graft.build import assemble, build_model, resolve, tokenizer_for
 from graft.plan import (
     AUTOCAST,
     BF16,
@@ -30,7 +30,6 @@ from graft.plan import (
     state_bytes,
 )
 from graft.recipes import RECIPES
-from graft.rundir import build_model
 from graft.train import parallel
 from graft.cli import main
 from tests.helpers import cli, one_line_error, tokenizer

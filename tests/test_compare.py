@@ -3,7 +3,7 @@
 import json
 
 from graft.cli import main
-from graft.config import load
+from graft.config_checks import load
 
 SMALL = [f"--set={part}.{key}={value}" for part in ("vision", "lm")
          for key, value in (("hidden_size", 32), ("layers", 1), ("intermediate_size", 64))]

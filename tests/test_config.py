@@ -7,13 +7,14 @@ import pytest
 from PIL import Image
 
 from graft import config as C
+from graft import config_checks as checks
 from graft.errors import UserError
 from graft.recipes import RECIPES
 from tests.helpers import cli, one_line_error
 
 
 def test_overrides_set_typed_values():
-    cfg = C.apply_overrides(RECIPES["shapes_vqa"](), [
+    cfg = checks.apply_overrides(RECIPES["shapes_vqa"](), [
         "lm.layers=5", "optim.lr=3e-4", "train.freeze=vision,lm", "train.progress=false",
         "connector.kind=linear", "train.init_from=none", "name=007",
     ])
@@ -45,16 +46,16 @@ def test_overrides_set_typed_values():
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        C.apply_overrides(RECIPES["shapes_vqa"](), [override])
+        checks.apply_overrides(RECIPES["shapes_vqa"](), [override])
 
 
 def test_config_file_round_trip_and_strict_load(tmp_path):
-    cfg = C.apply_overrides(RECIPES["tiny"](), ["lm.layers=2"])
+    cfg = checks.apply_overrides(RECIPES["tiny"](), ["lm.layers=2"])
     C.save(cfg, tmp_path / "config.yaml")
-    assert C.load(tmp_path / "config.yaml") == cfg
+    assert checks.load(tmp_path / "config.yaml") == cfg
     (tmp_path / "bad.yaml").write_text("lm:\n  layers: 2\n  bogus: 1\n")
     with pytest.raises(UserError, match="unknown config key 'lm.bogus'"):
-        C.load(tmp_path / "bad.yaml")
+        checks.load(tmp_path / "bad.yaml")
 
 
 def test_a_cli_error_in_a_real_process_is_one_line_exit_2(tmp_path):
@@ -95,17 +96,17 @@ def test_cli_generate_rejects_missing_and_non_image_files(tmp_path, capsys):
 
 
 def test_pack_defaults_to_the_built_in_world_and_fails_loudly_elsewhere():
-    cfg = C.apply_overrides(RECIPES["shapes_vqa"](), ["data.source=webdataset", "data.shards=a.tar"])
+    cfg = checks.apply_overrides(RECIPES["shapes_vqa"](), ["data.source=webdataset", "data.shards=a.tar"])
     assert cfg.data.pack is None  # unset: the webdataset stream pads, no error
-    assert C.apply_overrides(RECIPES["shapes_vqa"](), ["data.pack=false"]).data.pack is False
+    assert checks.apply_overrides(RECIPES["shapes_vqa"](), ["data.pack=false"]).data.pack is False
     with pytest.raises(UserError, match="data.pack=true needs data.source=shapes"):
-        C.apply_overrides(RECIPES["shapes_vqa"](), ["data.pack=true", "data.source=webdataset", "data.shards=a.tar"])
+        checks.apply_overrides(RECIPES["shapes_vqa"](), ["data.pack=true", "data.source=webdataset", "data.shards=a.tar"])
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_every_recipe_is_valid_and_survives_its_yaml(name, tmp_path):
     """`graft recipes --show NAME` prints a config that loads back to the same one."""
-    cfg = C.validate(RECIPES[name]())
+    cfg = checks.validate(RECIPES[name]())
     path = tmp_path / "config.yaml"
     C.save(cfg, path)
-    assert C.load(path) == cfg
+    assert checks.load(path) == cfg

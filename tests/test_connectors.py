@@ -161,7 +161,7 @@ def test_bad_settings_are_one_line_with_exit_code_2(sets, message, tmp_path, cap
 
 @pytest.mark.parametrize("recipe", ["shapes_pixel_shuffle", "shapes_avgpool"])
 def test_recipes_give_four_image_tokens(recipe):
-    from graft.rundir import build_model
+    from graft.build import build_model
 
     assert build_model(RECIPES[recipe](), tokenizer()).num_image_tokens == 4  # shapes_vqa: 9
 

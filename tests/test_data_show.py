@@ -44,7 +44,7 @@ def test_user_shards_are_what_is_drawn(tmp_path, shards, capsys):
     assert "6 samples drawn" in line and "1 image_truncated" in line
     assert Image.open(out).format == "PNG"
 
-    from graft.config import apply_overrides
+    from graft.config_checks import apply_overrides
 
     shown = show(apply_overrides(clip(), shards[1::2]), 7, tmp_path / "direct.png")
     assert len(shown.texts) == 6 and shown.skipped["image_truncated"] == 1

@@ -10,7 +10,7 @@ from itertools import islice
 import pytest
 
 from graft.cli import main
-from graft.config import apply_overrides
+from graft.config_checks import apply_overrides
 from graft.data.check import processor_for
 from graft.data.llava_json import LlavaSource
 from graft.data.loader import StreamBatches

@@ -12,7 +12,7 @@ import pytest
 from graft.cli import main
 from graft.designs import DESIGNS, GENERATES, MODEL_SECTIONS
 from graft.recipes import RECIPES
-from graft.rundir import build_model, build_processor
+from graft.build import build_model, build_processor
 
 PACKAGE = Path(__file__).resolve().parent.parent / "graft"
 # Decisions by design name or model type belong in graft/designs.py (and the evaluation registry
@@ -101,7 +101,7 @@ def test_a_section_the_design_does_not_read_is_refused(recipe, key, tmp_path, ca
 
 
 def test_an_unknown_design_is_one_line():
-    from graft.config import apply_overrides
+    from graft.config_checks import apply_overrides
     from graft.errors import UserError
     from graft.recipes import tiny
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from graft.cli import main
-from graft.config import apply_overrides
+from graft.config_checks import apply_overrides
+from graft.build import build_stream
 from graft.data.check import processor_for
 from graft.data.documents import document
 from graft.data.processor import collate
 from graft.data.samples import image_runs
 from graft.data.shapes import ShapesWorld
-from graft.data.sources import build_stream
 from graft.eval.fewshot import fewshot_vlm, prompt, shots
 from graft.eval.vqa import vqa_accuracy
 from graft.eval.world import WorldSplit

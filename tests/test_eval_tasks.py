@@ -10,7 +10,8 @@ import yaml
 from graft.cli import main
 from graft.data.shapes import CLASSES, COLORS, ShapesWorld
 from graft.eval.zero_shot import TEMPLATES, zero_shot
-from graft.rundir import RunDir, build_processor
+from graft.build import build_processor, load_run
+from graft.rundir import RunDir
 from tests.data_helpers import encoded, write_tar
 from tests.scoring import direct_zero_shot, greedy
 
@@ -24,7 +25,7 @@ def clip_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("zs")
     run = root / "clip"
     assert main(["train", "clip", "--out", str(run), *SETS, "--set", "train.steps=40", "--set", "train.ckpt_every=40"]) == 0
-    cfg, _, _, _ = RunDir(run).load()
+    cfg, _, _, _ = load_run(RunDir(run))
     single = ShapesWorld(cfg.vision.image_size, cfg.data.grid, max_objects=1, seed=cfg.data.seed)
     samples = [single.sample("test", i) for i in range(N)]
     prompts = root / "prompts.yaml"
@@ -33,7 +34,7 @@ def clip_run(tmp_path_factory):
 
 
 def builtin(run):
-    cfg, tok, model, _ = RunDir(run).load()
+    cfg, tok, model, _ = load_run(RunDir(run))
     world = ShapesWorld(cfg.vision.image_size, cfg.data.grid, cfg.data.max_objects, cfg.data.seed)
     return zero_shot(model, build_processor(cfg, tok, model), world, "test", N, None, 32)[0]
 
@@ -147,7 +148,7 @@ def test_retrieval_on_shards_coco_and_karpathy_json_agree_and_match_a_direct_com
 
 
     run, _, _, _ = clip_run
-    cfg, tok, model, _ = RunDir(run).load()
+    cfg, tok, model, _ = load_run(RunDir(run))
     world = ShapesWorld(cfg.vision.image_size, cfg.data.grid, cfg.data.max_objects, cfg.data.seed)
     samples = [world.sample("test", i) for i in range(40)]
     captions = [[s.caption, f"a picture of {s.caption}"] for s in samples]  # two captions per image
@@ -204,7 +205,7 @@ def test_captioning_on_coco_json_matches_the_builtin_cider(tmp_path, capsys):
     run = tmp_path / "vlm"
     assert main(["train", "tiny", "--out", str(run), *SETS, "--set", "train.steps=80", "--set", "train.ckpt_every=80",
                  "--set", "data.questions_per_image=0", "--set", "data.caption_prob=1.0"]) == 0  # captions only
-    cfg, tok, model, _ = RunDir(run).load()
+    cfg, tok, model, _ = load_run(RunDir(run))
     world = ShapesWorld(cfg.vision.image_size, cfg.data.grid, cfg.data.max_objects, cfg.data.seed)
     samples = [world.sample("test", i) for i in range(24)]
     for i, s in enumerate(samples):
@@ -282,7 +283,7 @@ def vlm_run(tmp_path_factory):
 def test_vqa_on_llava_json_matches_a_direct_computation(vlm_run, tmp_path):
     from graft.eval.vqa import questions, vqa_accuracy
 
-    cfg, tok, model, _ = RunDir(vlm_run).load()
+    cfg, tok, model, _ = load_run(RunDir(vlm_run))
     world = ShapesWorld(cfg.vision.image_size, cfg.data.grid, cfg.data.max_objects, cfg.data.seed)
     items = questions(world, "test", 8)  # the built-in question set: 8 per type
     records, direct = [], []

@@ -6,9 +6,10 @@ import torch
 
 from graft.data.contrastive import ContrastiveStream
 from graft.data.stream import TrainStream, make_world
+from graft.designs import uses_packing
 from graft.data.tokenizer import ChatTokenizer, world_corpus
 from graft.recipes import clip, tiny
-from graft.rundir import build_model, build_processor
+from graft.build import build_model, build_processor
 from graft.train.flops import MeasuredFlops, count_step, dual_step_flops, vlm_step_flops
 
 
@@ -23,7 +24,7 @@ def setup(recipe):
 
 def test_vlm_count_agrees_with_the_hand_formula_and_leaves_no_gradient():
     cfg, tok, model, proc = setup(tiny)
-    batch = TrainStream(cfg, proc).batch(0, 0)
+    batch = TrainStream(cfg, proc, packs=uses_packing(cfg)).batch(0, 0)
     measured = count_step(model, batch)
     ids = batch["input_ids"]  # the counter sees every position of the padded rows, attending to all
     hand = vlm_step_flops(model, batch["pixel_values"].shape[0], ids.numel(), ids.shape[0] * ids.shape[1] ** 2)
@@ -46,7 +47,7 @@ def test_dual_encoder_count_agrees_with_the_hand_formula():
 
 def test_counted_once_per_shape():
     cfg, tok, model, proc = setup(tiny)
-    stream, counter = TrainStream(cfg, proc), MeasuredFlops()
+    stream, counter = TrainStream(cfg, proc, packs=uses_packing(cfg)), MeasuredFlops()
     a, b = stream.batch(0, 0), stream.batch(1, 0)
     first = counter(model, a)
     assert counter(model, {k: v.clone() for k, v in a.items()}) == first and len(counter.cache) == 1

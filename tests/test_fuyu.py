@@ -108,6 +108,7 @@ def test_eve_alignment_to_a_frozen_teacher(tmp_path):
     """eve.teacher: a named loss `align` (cosine distance of the LM's patch states, through a head,
     to the teacher's patch features) that training lowers, weighed by train.objectives; the teacher
     is not trained and not saved."""
+    from graft.build import load_run
     from graft.rundir import RunDir
     from graft.train.checkpoint import read_model
 
@@ -124,8 +125,8 @@ def test_eve_alignment_to_a_frozen_teacher(tmp_path):
     assert len(align) == 12 and align[-1] < align[0]
     saved = read_model(RunDir(str(run)).latest_checkpoint())
     assert "align_head.weight" in saved and not any(k.startswith(("_teacher", "teacher")) for k in saved)
-    _, _, model, _ = RunDir(str(run)).load()
-    teacher_model = RunDir(str(teacher)).load()[2]
+    _, _, model, _ = load_run(RunDir(str(run)))
+    teacher_model = load_run(RunDir(str(teacher)))[2]
     assert all(torch.equal(p, q) for p, q in zip(model._teacher[0].parameters(), teacher_model.vision.parameters()))
 
 
@@ -140,6 +141,7 @@ def test_eve_teacher_from_a_hugging_face_folder(tmp_path, kind):
     class token left out) are the target; it is frozen and not saved."""
     from hf_models import make_vision
 
+    from graft.build import load_run
     from graft.rundir import RunDir
     from graft.train.checkpoint import read_model
 
@@ -157,14 +159,14 @@ def test_eve_teacher_from_a_hugging_face_folder(tmp_path, kind):
     from transformers import AutoModel
 
     reference = AutoModel.from_pretrained(str(folder)).state_dict()
-    teacher = RunDir(str(run)).load()[2]._teacher[0]
+    teacher = load_run(RunDir(str(run)))[2]._teacher[0]
     mine = {k.removeprefix("model."): v for k, v in teacher.state_dict().items()}
     assert set(reference) <= set(mine) and all(torch.equal(mine[k], v) for k, v in reference.items())
     # the teacher reads the images normalised its own way (CLIP's mean and std, SigLIP's 0.5)
-    from graft.models.fuyu import load_teacher
+    from graft.parts import load_teacher
 
     _, seen_as = load_teacher(str(folder))
-    _, scale, shift = RunDir(str(run)).load()[2]._teacher
+    _, scale, shift = load_run(RunDir(str(run)))[2]._teacher
     pixels = torch.rand(3, 1, 1)
     own = (pixels - 0.5) / 0.5  # the student's
     want = (pixels - torch.tensor(seen_as.image_mean)[:, None, None]) / torch.tensor(seen_as.image_std)[:, None, None]

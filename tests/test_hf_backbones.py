@@ -10,10 +10,12 @@ from graft.train.checkpoint import read_model
 from graft.cli import main
 from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
 from graft.data.stream import TrainStream
+from graft.designs import uses_packing
 from graft.losses import IGNORE, batch_loss
 from graft.models.lora import add_lora, merge_lora
 from graft.recipes import tiny
-from graft.rundir import RunDir, build_model, build_processor, resolve_backbones
+from graft.build import build_model, build_processor, load_run, resolve_backbones
+from graft.rundir import RunDir
 from graft.train.metrics import read
 
 TURNS = [("what color is the circle?", "red"), ("how many shapes are there?", "2")]
@@ -133,7 +135,7 @@ def test_lora_trains_only_adapters_and_connector(hf):
     assert {n for n in trainable if n.startswith("connector.")} == {f"connector.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
-    batch = TrainStream(cfg, build_processor(cfg, tok, model)).batch(0, 0)
+    batch = TrainStream(cfg, build_processor(cfg, tok, model), packs=uses_packing(cfg)).batch(0, 0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(6):
@@ -181,9 +183,9 @@ def test_two_stage_llava_recipe_with_lora_and_export(hf, tmp_path):
     model_hf, processor, info, warnings = load_hf(out)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not [w for w in warnings if "weight" in w.lower()], warnings
-    cfg, tok, model, _ = RunDir(s2).load()  # adapters still separate here
+    cfg, tok, model, _ = load_run(RunDir(s2))  # adapters still separate here
     proc = build_processor(cfg, tok, model)
-    image = TrainStream(cfg, proc).world.sample("test", 0).image
+    image = TrainStream(cfg, proc, packs=uses_packing(cfg)).world.sample("test", 0).image
     inputs = processor(images=image, text=proc.prompt_text("what color is the circle?"), return_tensors="pt")
     ids = torch.tensor([proc.prompt("what color is the circle?")])
     assert torch.equal(inputs["input_ids"], ids)
@@ -214,7 +216,7 @@ def test_data_check_reads_records_as_the_run_will(hf, tmp_path):
     lm.hf_path the LM's own tokenizer and chat template judge truncation and placeholders, with
     train.init_from the initialising run's tokenizer (a bug: both used to be graft's own)."""
     from graft.build import processor_for, resolve, tokenizer_for
-    from graft.config import apply_overrides
+    from graft.config_checks import apply_overrides
     from graft.data.check import check_data
     from graft.recipes import llava_stage1
 
@@ -254,7 +256,7 @@ def test_a_llama_folder_loads_into_the_built_in_decoder(hf, tmp_path):
     run = tmp_path / "flamingo"
     cli("train", "shapes_flamingo", "--out", str(run), *sets(*QUICK, f"lm.hf_path={hf['llama']}", "lm.builtin=true",
                                                             "train.steps=2", "data.grid=3"))
-    _, tok, model, _ = RunDir(run).load()
+    _, tok, model, _ = load_run(RunDir(run))
     proc = build_processor(RunDir(run).config(), tok, model)
     ids = torch.tensor([proc.prompt("what color is the circle?")])
     with torch.no_grad():  # 2 steps moved the gates off 0: close them again to compare with the LM alone

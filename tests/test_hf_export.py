@@ -12,7 +12,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from graft.cli import main
 from graft.data.stream import make_world
-from graft.rundir import RunDir, build_processor
+from graft.build import build_processor, load_run
+from graft.rundir import RunDir
 
 STEPS = 60  # enough for the tiny model to answer with words, not just <eos>
 TOL = 1e-4
@@ -67,7 +68,7 @@ def test_export_loads_cleanly_and_matches_graft(exported):
     assert not [w for w in warnings if "weight" in w.lower() or "key" in w.lower()], warnings
     assert type(processor).__name__ == "LlavaProcessor"
 
-    cfg, tok, model, _ = RunDir(run).load()
+    cfg, tok, model, _ = load_run(RunDir(run))
     proc = build_processor(cfg, tok, model)
     world = make_world(cfg)
     for index in range(3):
@@ -137,7 +138,7 @@ def test_export_variants_match_and_round_trip(variant, tmp_path):
     from graft.export import hf_processor
     from graft.models.hf_llava import load_llava_weights, to_llava
     from graft.recipes import tiny
-    from graft.rundir import build_model, resolve_backbones
+    from graft.build import build_model, load_run, resolve_backbones
     from helpers import tokenizer
 
     cfg = tiny()

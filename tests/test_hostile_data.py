@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from graft.cli import main
-from graft.config import apply_overrides
+from graft.config_checks import apply_overrides
 from graft.data.check import check_data, processor_for
 from graft.data.images import open_image
 from graft.data.llava_json import LlavaSource

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from graft.cli import main
-from graft.config import apply_overrides
+from graft.config_checks import apply_overrides
 from graft.data.check import check_data, processor_for
 from graft.data.interleaved import interleave, positions
 from graft.data.samples import BadSample, image_runs

@@ -74,12 +74,12 @@ def test_freezing_the_lm_trains_only_its_image_modules_and_the_connector():
 
 
 def test_a_run_without_image_modules_initialises_them_from_its_text_modules(tmp_path):
-    from graft.build import assemble
+    from graft.build import assemble, load_run
     from graft.rundir import RunDir
 
     quiet = ["--set", "train.progress=false", "--set", "eval.splits="]
     assert main(["train", "tiny", "--out", str(tmp_path / "text"), "--set", "train.steps=3", *quiet]) == 0
-    cfg, tok, source, _ = RunDir(str(tmp_path / "text")).load()
+    cfg, tok, source, _ = load_run(RunDir(str(tmp_path / "text")))
     cfg = copy.deepcopy(cfg)
     cfg.lm.modality_norms = cfg.lm.modality_ffn = True
     cfg.train.init_from = str(tmp_path / "text")

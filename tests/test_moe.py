@@ -125,7 +125,7 @@ def test_bad_moe_settings_are_one_line(setting, needle, tmp_path, capsys):
     assert main(args) == 2
     assert needle in capsys.readouterr().err and not (tmp_path / "run").exists()
     with pytest.raises(UserError, match="is not a loss of model=vlm"):
-        from graft.config import apply_overrides, validate
+        from graft.config_checks import apply_overrides, validate
         from graft.recipes import tiny
 
         validate(apply_overrides(tiny(), ["train.objectives={moe_balance: 0.01}"]))

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from graft.cli import main
-from graft.config import apply_overrides
+from graft.config_checks import apply_overrides
+from graft.build import build_stream
 from graft.data.check import check_data, processor_for
 from graft.data.images import open_image
 from graft.data.packing import first_fit, pack
@@ -19,7 +20,7 @@ from graft.data.processor import collate
 from graft.data.samples import BadSample, conversation_turns, encode, image_runs
 from graft.data.shapes import ShapesWorld
 from graft.data.skips import SkipLog, StrictError
-from graft.data.sources import build_sources, build_stream
+from graft.data.sources import build_sources
 from graft.data.stream import training_turns
 from graft.data.streaming import StreamDataset, fresh_position
 from graft.losses import IGNORE

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from graft.cli import main
-from graft.config import apply_overrides
+from graft.config_checks import apply_overrides
+from graft.build import build_stream
 from graft.data.check import processor_for
-from graft.data.sources import build_stream
 from graft.data.tokenizer import ChatTokenizer
 from graft.recipes import RECIPES
 from graft.train.metrics import read

@@ -325,7 +325,7 @@ def test_stage1_bad_settings_are_one_line(tmp_path, capsys):
 def test_stage1_design_entry_builds_what_it_promises():
     from graft.designs import DESIGNS, EMBEDS
     from graft.recipes import RECIPES
-    from graft.rundir import build_model, build_processor
+    from graft.build import build_model, build_processor
     from tests.helpers import tokenizer
 
     cfg, tok = RECIPES["shapes_qformer_stage1"](), tokenizer()

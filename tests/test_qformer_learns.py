@@ -27,9 +27,10 @@ def itm_ranks_the_matching_caption_higher(run, n: int = 200) -> float:
     the next image's caption (a pair with the same caption counts as right): 0.5 by chance. Computed
     here from the model's ITM head over [queries; caption] (BLIP-2 §3.2), one pair per image."""
     from graft.data.shapes import ShapesWorld
-    from graft.rundir import RunDir, build_processor
+    from graft.build import build_processor, load_run
+    from graft.rundir import RunDir
 
-    cfg, tok, model, _ = RunDir(run).load()
+    cfg, tok, model, _ = load_run(RunDir(run))
     proc, world = build_processor(cfg, tok, model), ShapesWorld(cfg.vision.image_size, cfg.data.grid,
                                                                cfg.data.max_objects, cfg.data.seed)
     samples = [world.sample("test", i) for i in range(n)]
@@ -92,7 +93,7 @@ def test_stage1_then_stage2_learn_from_the_images(tmp_path, capsys):
 def test_stage2_starts_from_the_stage1_qformer(tmp_path):
     """connector.init_from copies the query side (ln_vision, queries, layers) and the tower."""
     from graft.build import assemble, resolve, tokenizer_for
-    from graft.config import apply_overrides
+    from graft.config_checks import apply_overrides
     from graft.recipes import RECIPES
 
     s1 = tmp_path / "stage1"
@@ -120,6 +121,7 @@ def test_stage2_starts_from_the_stage1_qformer(tmp_path):
 def test_a_stage2_run_loads_without_its_stage1_run(tmp_path):
     """The stage-1 run initialises stage 2 once; the stage-2 run's checkpoints hold every weight, so
     it loads (and evaluates) after the stage-1 run is gone."""
+    from graft.build import load_run
     from graft.rundir import RunDir
 
     tiny = ["vision.layers=1", "vision.hidden_size=32", "vision.intermediate_size=32"]
@@ -131,5 +133,5 @@ def test_a_stage2_run_loads_without_its_stage1_run(tmp_path):
     _train("shapes_qformer", s2, f"connector.init_from={s1}", "train.steps=2", "train.ckpt_every=2",
            "train.batch_size=8", "eval.splits=[]", "lm.layers=1", *tiny, *q2)
     s1.rename(tmp_path / "gone")
-    cfg, _, model, _ = RunDir(s2).load()
+    cfg, _, model, _ = load_run(RunDir(s2))
     assert cfg.connector.init_from == str(s1) and model.num_image_tokens == 9

@@ -28,11 +28,11 @@ import json
 import os
 from pathlib import Path
 
+from graft.config import IMAGE_FORMATS  # noqa: F401 (Pillow format names decoded by default; re-exported)
 from graft.data.samples import BadSample
 from graft.errors import UserError
 
-# Pillow format names decoded by default. EPS is never allowed: Pillow hands it to Ghostscript.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# EPS is never allowed: Pillow hands it to Ghostscript.
 NEVER = {"EPS": "Pillow runs Ghostscript on EPS data"}
 MAX_INT_DIGITS = 4300  # Python's own int/str conversion limit
 

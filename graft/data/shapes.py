@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
+from graft.config import CAPTION_PROMPT  # noqa: F401 (re-exported: the world asks it)
+
 SPLITS = ("train", "val", "test", "compositional")
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {
@@ -34,7 +36,6 @@ SIZES = ("small", "large")
 HELD_OUT = frozenset({("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square")})
 QUESTION_TYPES = ("color", "shape", "size", "count", "exist", "spatial")
 RELATIONS = ("left of", "right of", "above", "below")
-CAPTION_PROMPT = "describe the image."
 CLASSES = [f"{c} {s}" for c in COLORS for s in SHAPES]  # class label = index into this list
 _SUPERSAMPLE = 4  # draw at 4x and downsample, so small shapes keep anti-aliased edges
 

@@ -95,7 +95,8 @@ def _check_out(n: int, out: Path) -> Path:
 
 
 def _load_vlm(path: str, cfg: Config):
-    from graft.rundir import RunDir, build_processor
+    from graft.build import build_processor, load_run
+    from graft.rundir import RunDir
 
     run = RunDir(path).require()
     kind = run.config().model
@@ -104,7 +105,7 @@ def _load_vlm(path: str, cfg: Config):
     if not design(cfg.model).can(GENERATES):
         raise UserError(f"--run asks a VLM the records' questions; recipe {cfg.name} is a {cfg.model} model "
                         "(show its data with a VLM recipe and the same --set data.* keys)")
-    run_cfg, tok, model, _ = run.load()
+    run_cfg, tok, model, _ = load_run(run)
     return model, build_processor(run_cfg, tok, model), run_cfg
 
 

@@ -12,9 +12,7 @@ deterministic), `key(raw)` and `example(raw) -> samples.Example`, and add a buil
 
 from __future__ import annotations
 
-import json
 from itertools import islice
-from pathlib import Path
 
 from graft.config import Config, DataConfig
 
@@ -51,19 +49,6 @@ SOURCES = {"shapes": None, "webdataset": _webdataset, "llava": _llava, "hf": _hf
 def build_sources(d: DataConfig) -> tuple[list, list[float]]:
     sources = SOURCES[d.source](d)
     return sources, list(d.weights) if d.weights else [1.0] * len(sources)
-
-
-def build_stream(cfg: Config, proc, rt, checkpoint: Path | None = None):
-    """The trainer's micro-batch stream for this rank, resumed from `checkpoint`'s data position."""
-    from graft.data.loader import StreamBatches
-    from graft.designs import design
-
-    if cfg.data.source == "shapes":  # the built-in world, as the design trains on it
-        return design(cfg.model).world_batches(cfg, proc, rt)
-    # every design reads a streaming source the same way; the processor makes its rows and batches
-    saved = json.loads((checkpoint / "meta.json").read_text()).get("data") if checkpoint else None
-    sources, weights = build_sources(cfg.data)
-    return StreamBatches(cfg, proc, sources, weights, rt.rank, rt.world_size, saved)
 
 
 def training_corpus(cfg: Config, per_source: int = 3000, max_bytes: int = 8 << 20) -> list[str]:

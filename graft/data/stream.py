@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from graft.config import Config, uses_packing
+from graft.config import Config
 from graft.data.documents import document
 from graft.data.packing import pack
 from graft.data.processor import Processor, collate
@@ -51,10 +51,13 @@ def in_words(sample: Sample, turns: list[tuple[str, str]]) -> list[tuple[str, st
 
 
 class TrainStream:
-    def __init__(self, cfg: Config, processor: Processor, rank: int = 0, world_size: int = 1):
+    """The built-in world's training conversations as micro-batches; `packs`: several conversations
+    per row (designs.uses_packing decides it for a run)."""
+
+    def __init__(self, cfg: Config, processor: Processor, rank: int = 0, world_size: int = 1, *, packs: bool):
         self.cfg, self.proc, self.rank, self.world_size = cfg, processor, rank, world_size
         self.world = make_world(cfg)
-        self.packs = uses_packing(cfg)
+        self.packs = packs
         self.base = (0, 0)  # (step, samples seen): see first_sample
 
     def batch(self, step: int, micro: int) -> dict:

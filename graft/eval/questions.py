@@ -22,7 +22,6 @@ import base64
 import binascii
 import csv
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from graft.data.limits import image_path
@@ -30,33 +29,15 @@ from graft.data.samples import IMAGE_MARKER, BadSample
 from graft.data.skips import SkipLog
 from graft.errors import UserError
 from graft.eval.labelled import image_folder
+from graft.eval.question_set import Question, QuestionSet
+from graft.eval.vqav2 import load_vqav2
 
 OPTIONS = "ABCDEFGHIJ"
-
-
-@dataclass
-class Question:
-    id: str
-    image: bytes | Path
-    question: str
-    answer: str  # the reference: free text, or an option letter (VQAv2: the most common human answer)
-    options: dict[str, str] | None = None  # letter → option text, for multiple choice
-    answers: list[str] | None = None  # VQAv2: the human answers, scored by soft accuracy
-    kind: str | None = None  # VQAv2: the answer_type (yes/no, number, other), for per-type accuracy
-
-
-@dataclass
-class QuestionSet:
-    name: str
-    items: object  # a callable giving Question per usable record
-    log: SkipLog
 
 
 def load_questions(path: str, cfg) -> QuestionSet:
     p, d = Path(path), cfg.data
     if p.is_dir() or (p.suffix == ".json" and p.is_file() and _holds_an_object(p)):
-        from graft.eval.vqav2 import load_vqav2
-
         return load_vqav2(p, cfg)
     if not p.is_file():
         raise UserError(f"--data {path}: file not found (a LLaVA-style .json/.jsonl, a VLMEvalKit .tsv "

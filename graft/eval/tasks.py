@@ -1,9 +1,10 @@
 """The registry of evaluation tasks: `graft eval RUN --task NAME --data PATH [--data PATH2] [--set eval.KEY=...]`,
 `eval.tasks: [NAME=PATH, ...]` at training time, and the built-in world's evaluation (`shapes`).
 
-One entry per task (a `Task`): a loader (path, config) → a data set, and one scorer per design kind it
-can score (graft/designs.py) — "dual" (a dual encoder: embeddings) and/or "vlm" (a VLM: text
-likelihoods and generation) — each (model, processor, data set, config) → (metrics, per-example predictions). A new
+One entry per task (a `Task`): a loader (path, config) → a data set, and one scorer per capability
+it can score (graft/designs.py) — EMBEDS (similarity of embeddings) and/or GENERATES (text
+likelihoods and generation) — each (model, processor, data set, config) → (metrics, per-example
+predictions); a run is scored by the first scorer whose capability its design has. A new
 task is one loader, its scorers and one line in `TASKS`. The harness (eval/harness.py) writes the
 metrics to `RUN/eval.json` and the predictions (id, prediction, reference, correct) to
 `RUN/eval_<task>.jsonl`.

@@ -31,7 +31,7 @@ from graft.data.samples import BadSample
 from graft.data.skips import SkipLog, printable
 from graft.errors import UserError
 from graft.eval.labelled import image_folder
-from graft.eval.questions import Question, QuestionSet
+from graft.eval.question_set import Question, QuestionSet
 
 # ---- the official answer normalisation -----------------------------------------------------------
 

@@ -28,7 +28,6 @@ The Q-Former's text vocabulary is the tokenizer's plus two task tokens appended 
 from __future__ import annotations
 
 import math
-import re
 import zlib
 
 import torch
@@ -229,23 +228,3 @@ class QFormerStage1(nn.Module):
         """What each loss of `forward` sums over: pairs (ITC), pairs x 3 (ITM), caption tokens (ITG)."""
         B = input_ids.shape[0]
         return {"itc": B, "itm": 3 * B, "itg": int((input_ids != self.pad_id).sum())}
-
-
-def load_stage1(model, path: str, key: str = "connector.init_from") -> None:
-    """Copy a stage-1 run's image encoder (`vision.*`) and Q-Former query side (`qformer.*`: ln_vision,
-    queries, layers; not the text FFNs nor the text embeddings) into a VLM whose connector is a
-    Q-Former (stage 2). The run was checked to be a stage-1 run of this architecture (designs.py)."""
-    from graft.rundir import RunDir, load_modules
-    from graft.train.checkpoint import read_model
-
-    ckpt = load_modules(model, ["vision"], path, key)
-    sub = {k.removeprefix("qformer."): v for k, v in read_model(ckpt, "qformer.").items()}
-    try:
-        missing, unexpected = model.connector.load_state_dict(sub, strict=False)
-    except RuntimeError as e:
-        raise UserError(f"{key}: {path} does not fit this Q-Former ({str(e).splitlines()[1].strip()[:160]})") from None
-    text_ffn = re.compile(r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")  # stage 2 has no text side
-    if [m for m in missing if not m.startswith("language_projection.")] or \
-            [u for u in unexpected if not text_ffn.match(u)]:
-        raise UserError(f"{key}: {RunDir(path).path} holds no matching Q-Former "
-                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")

@@ -69,25 +69,6 @@ class EveConfig:
             raise UserError(f"eve.layer={cfg.layer} is not a layer of the {lm_layers}-layer LM")
 
 
-def load_teacher(path: str) -> tuple[nn.Module, VisionConfig]:
-    """A frozen vision tower and its config (its image size, mean and std): an HF SigLIP/CLIP folder
-    (config.json) or a graft run's ViT."""
-    from graft.models.hf_backbones import HFVisionTower, resolve_vision
-    from graft.models.vit import ViT
-    from graft.rundir import RunDir, load_modules
-
-    if (Path(path) / "config.json").is_file():
-        cfg = resolve_vision(VisionConfig(hf_path=path))
-        tower = HFVisionTower.load(cfg, pretrained=True)
-    else:
-        cfg = RunDir(path).require().config().vision
-        tower = HFVisionTower.load(cfg, pretrained=True) if cfg.hf_path else ViT(cfg)
-        holder = nn.Module()
-        holder.vision = tower
-        load_modules(holder, ["vision"], path, "eve.teacher")
-    return tower.eval().requires_grad_(False), cfg
-
-
 class AlignedFuyu(VLM):
     """Fuyu (`Patches` into the LM) with EVE's alignment loss to a frozen teacher. The teacher is
     kept outside the module tree: not trained, not in the optimizer, not in checkpoints."""

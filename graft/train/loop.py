@@ -18,9 +18,8 @@ import torch
 
 from graft import atomic
 from graft import config as config_mod
-from graft.build import assemble, resolve, tokenizer_for
+from graft.build import assemble, build_processor, build_stream, resolve, tokenizer_for
 from graft.config import Config
-from graft.data.sources import build_stream
 from graft.designs import design
 from graft.errors import Stopped, UserError
 from graft.eval.harness import entries, evaluate, unprefixed
@@ -28,7 +27,7 @@ from graft.eval.shard import sharded
 from graft.losses import weighted
 from graft.models.moe import expert_loads
 from graft.report import write_report
-from graft.rundir import RunDir, build_processor
+from graft.rundir import RunDir
 from graft.train import checkpoint, parallel, runtime
 from graft.train.flops import MeasuredFlops
 from graft.train.metrics import MetricsLog
