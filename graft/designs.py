@@ -9,7 +9,7 @@ design's name or the model's type:
   similarity, retrieval). A design may have both; each task scores with the first of its scorers
   whose capability the design has (eval/tasks.py).
 - `sections`: the config sections it reads besides the shared ones (name, model, data, optim,
-  train, eval); `--set` on a model section it does not read is an error (config.py).
+  train, eval); `--set` on a model section it does not read is an error (config_checks.py).
 - `parts`: the module names `train.freeze` may list.
 - `build(cfg, tok, pretrained)` → the model; `processor(cfg, tok, model)` → what turns records
   into rows (and how many placeholders an image gets); `world_batches(cfg, proc, rt)` → the
