@@ -8,7 +8,7 @@ changes the config it is given: `resolve` returns a resolved copy.
   `data.tokenizer`; else `train.init_from`'s; else one trained on the data.
 - `resolve(cfg, tok)`: the tower architecture of `vision.init_from`, the HF folders'
   architectures, the vocabulary sizes — what `config.yaml` then records.
-- `assemble(cfg, tok)`: the design's model (graft/designs.py), initialised from `train.init_from`
+- `assemble(cfg, tok)`: the design's model (graft/designs/), initialised from `train.init_from`
   (a graft run or an exported HF LLaVA folder), `vision.init_from` (a tower),
   `connector.init_from` (a Q-Former stage-1 run's tower and Q-Former, models/blip2.py) and
   `train.init_parts` (any part from any run, e.g. the connector of a stage-1 run; the LM and the
@@ -92,7 +92,7 @@ def resolve_backbones(cfg: Config, tok) -> Config:
 
 
 def build_model(cfg: Config, tok, pretrained: bool = True):
-    """The model of `cfg`'s design (graft/designs.py); HF backbones load their folder's weights
+    """The model of `cfg`'s design (graft/designs/); HF backbones load their folder's weights
     unless pretrained=False."""
     return design(cfg.model).build(cfg, tok, pretrained)
 

@@ -3,7 +3,7 @@
 `validate` runs after every override (`apply_overrides`) and on every loaded config (`load`),
 before anything is written, so a run that cannot work (a split that does not exist, a task whose
 data is missing, a format that would shell out) stops in one line instead of after training. It
-asks the design (graft/designs.py), the data sources and the evaluation tasks; config.py, which
+asks the design (graft/designs/), the data sources and the evaluation tasks; config.py, which
 only parses and type-checks, asks none of them.
 """
 

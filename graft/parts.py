@@ -72,7 +72,7 @@ def load_modules(model, modules: list[str], run_path: str, key: str) -> Path:
 def load_stage1(model, path: str, key: str = "connector.init_from") -> None:
     """Copy a stage-1 run's image encoder (`vision.*`) and Q-Former query side (`qformer.*`: ln_vision,
     queries, layers; not the text FFNs nor the text embeddings) into a VLM whose connector is a
-    Q-Former (stage 2). The run was checked to be a stage-1 run of this architecture (designs.py)."""
+    Q-Former (stage 2). The run was checked to be a stage-1 run of this architecture (graft/designs/vlm.py)."""
     ckpt = load_modules(model, ["vision"], path, key)
     sub = {k.removeprefix("qformer."): v for k, v in checkpoint.read_model(ckpt, "qformer.").items()}
     try:

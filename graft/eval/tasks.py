@@ -2,7 +2,7 @@
 `eval.tasks: [NAME=PATH, ...]` at training time, and the built-in world's evaluation (`shapes`).
 
 One entry per task (a `Task`): a loader (path, config) → a data set, and one scorer per capability
-it can score (graft/designs.py) — EMBEDS (similarity of embeddings) and/or GENERATES (text
+it can score (graft/designs/) — EMBEDS (similarity of embeddings) and/or GENERATES (text
 likelihoods and generation) — each (model, processor, data set, config) → (metrics, per-example
 predictions); a run is scored by the first scorer whose capability its design has. A new
 task is one loader, its scorers and one line in `TASKS`. The harness (eval/harness.py) writes the

@@ -1,0 +1,35 @@
+"""Flamingo: gated cross-attention blocks between the LM's layers read the images (through the
+connector, a Perceiver resampler in the recipes). Rows are made as for `vlm`."""
+
+from __future__ import annotations
+
+from graft.designs.registry import GENERATES, Design, register
+from graft.designs.shared import builtin_lm, check_something_trains, lm_losses, resolve_vocab, validate_vision, vision_tower
+from graft.designs.vlm import processor, tokens, world_batches
+from graft.errors import UserError
+from graft.models.connectors import ConnectorConfig
+from graft.models.flamingo import Flamingo, FlamingoConfig
+
+PARTS = ("vision", "connector", "lm", "xattn")
+
+
+def build(cfg, tok, pretrained: bool = True):
+    resolve_vocab(cfg, tok)
+    return Flamingo(vision_tower(cfg, pretrained), cfg.connector, builtin_lm(cfg.lm, pretrained), tok.image, cfg.flamingo)
+
+
+def validate(cfg) -> None:
+    if cfg.lm.hf_module:
+        raise UserError("model=flamingo needs the built-in decoder: with lm.hf_path, set lm.builtin=true")
+    for key in ("image_attention", "image_positions", "modality_norms", "modality_ffn"):
+        if getattr(cfg.lm, key) != getattr(type(cfg.lm)(), key):
+            raise UserError(f"lm.{key} has no effect with model=flamingo: images do not enter the LM's sequence")
+    FlamingoConfig.check(cfg.flamingo, cfg.lm.layers)
+    check_something_trains(PARTS, cfg.train.freeze)
+    v = cfg.vision
+    ConnectorConfig.check(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2, cfg.lm.hidden_size)
+    validate_vision(cfg)
+
+
+register("flamingo", Design(frozenset({GENERATES}), ("vision", "connector", "lm", "flamingo"), PARTS, build, processor,
+                            world_batches, tokens, validate, losses=("lm",), packs=True, config_losses=lm_losses))

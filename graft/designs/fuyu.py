@@ -1,0 +1,59 @@
+"""Fuyu: no vision encoder, raw patches → one linear map → the LM; each row of patches ends with a
+newline token. With `eve.teacher` (EVE) the LM is also taught a frozen tower's features of its
+patches."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from graft.data.processor import Processor
+from graft.designs.registry import GENERATES, Design, register
+from graft.designs.shared import builtin_lm, check_something_trains, lm_losses, resolve_vocab
+from graft.designs.vlm import tokens, world_batches
+from graft.errors import UserError
+from graft.models.connectors import per_patch
+from graft.models.decoder import LMConfig
+from graft.models.fuyu import READS, AlignedFuyu, EveConfig, Patches
+from graft.models.vit import VisionConfig
+from graft.models.vlm import VLM
+from graft.parts import load_teacher
+
+PARTS = ("connector", "lm", "lm_image")
+
+
+def build(cfg, tok, pretrained: bool = True):
+    resolve_vocab(cfg, tok)
+    if cfg.eve.teacher:  # EVE: the LM is taught a frozen tower's features of its patches
+        return AlignedFuyu(cfg.vision, cfg.connector, builtin_lm(cfg.lm, pretrained), tok.image,
+                           load_teacher(cfg.eve.teacher), cfg.eve.layer)
+    return VLM(Patches(cfg.vision), cfg.connector, builtin_lm(cfg.lm, pretrained), tok.image)
+
+
+def processor(cfg, tok, model):
+    v = cfg.vision
+    return Processor(tok, v.image_size, model.num_image_tokens, cfg.lm.max_seq_len, v.image_mean, v.image_std,
+                     image_row=v.image_size // v.patch_size)
+
+
+def validate(cfg) -> None:
+    defaults = VisionConfig()
+    for key in (f.name for f in dataclasses.fields(VisionConfig) if f.name not in READS):
+        if getattr(cfg.vision, key) != getattr(defaults, key):
+            raise UserError(f"vision.{key} has no effect with model=fuyu: it has no vision encoder "
+                            f"(it reads vision.{', vision.'.join(READS)})")
+    if not per_patch(cfg.connector.kind):
+        raise UserError(f"connector.kind={cfg.connector.kind}: model=fuyu projects each raw patch (linear or mlp)")
+    if cfg.lm.hf_module:
+        raise UserError("model=fuyu needs the built-in decoder: with lm.hf_path, set lm.builtin=true")
+    for key in ("image_attention", "image_positions"):
+        if getattr(cfg.lm, key) != getattr(LMConfig(), key):
+            raise UserError(f"lm.{key} needs each image as one run of tokens; model=fuyu ends every row with a newline")
+    if cfg.vision.image_size % cfg.vision.patch_size:
+        raise UserError(f"vision.image_size={cfg.vision.image_size} is not a multiple of vision.patch_size={cfg.vision.patch_size}")
+    EveConfig.check(cfg.eve, cfg.lm.layers)
+    check_something_trains(PARTS[:2], cfg.train.freeze)  # lm_image alone is no model
+
+
+register("fuyu", Design(frozenset({GENERATES}), ("vision", "connector", "lm", "eve"), PARTS, build, processor,
+                        world_batches, tokens, validate, losses=("lm",), packs=True,
+                        config_losses=lambda cfg: lm_losses(cfg) + (("align",) if cfg.eve.teacher else ())))

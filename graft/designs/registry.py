@@ -1,0 +1,74 @@
+"""The registry of designs: what each design promises (`Design`), the capabilities a design may
+have, and the lookups the rest of graft makes. Each design registers itself from its own module
+(graft/designs/*.py); graft/designs/__init__.py imports them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from graft.errors import UserError
+
+SHARED_SECTIONS = ("name", "model", "data", "optim", "train", "eval")
+GENERATES = "generates"  # answers in text, from images and a prompt
+EMBEDS = "embeds"  # images and texts into one space
+CAPABILITIES = {GENERATES: "a run that generates text (a VLM)", EMBEDS: "a run that embeds images and texts (clip, "
+                "siglip, clippo, lit, qformer_stage1)"}
+
+
+@dataclass(frozen=True)
+class Design:
+    capabilities: frozenset[str]
+    sections: tuple[str, ...]
+    parts: tuple[str, ...]
+    build: Callable
+    processor: Callable
+    world_batches: Callable
+    tokens: Callable
+    validate: Callable
+    losses: tuple[str, ...] = ()  # the named losses its model returns (`train.objectives` weighs them)
+    packs: bool = False  # its world batches can pack conversations into rows (data/packing.py)
+    sources: Callable = lambda cfg: None  # checks of the runs it initialises from (before training, not on load)
+    exports_llava: bool = False  # `graft export --format hf` can write it as HF LLaVA
+    # the named losses its model returns besides `losses` under this config (an MoE LM's balancing
+    # loss, Fuyu's alignment to a teacher)
+    config_losses: Callable = lambda cfg: ()
+
+    def can(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+
+DESIGNS: dict[str, Design] = {}
+
+
+def register(name: str, entry: Design) -> Design:
+    """Add a design under `name` (`model: NAME` picks it); a name is registered once."""
+    if name in DESIGNS:
+        raise ValueError(f"design {name!r} is registered twice")
+    unknown = entry.capabilities - set(CAPABILITIES)
+    if unknown:
+        raise ValueError(f"design {name!r}: unknown capabilities {sorted(unknown)}")
+    DESIGNS[name] = entry
+    return entry
+
+
+def design(name: str) -> Design:
+    if name not in DESIGNS:
+        raise UserError(f"model={name!r} is not one of {', '.join(DESIGNS)}")
+    return DESIGNS[name]
+
+
+def model_sections() -> tuple[str, ...]:
+    """Every config section some design reads, besides the shared ones, in registration order."""
+    return tuple(dict.fromkeys(s for d in DESIGNS.values() for s in d.sections))
+
+
+def can_pack(cfg) -> bool:
+    """Packing (data/packing.py) needs the built-in world's stream, a design that packs and the
+    built-in LM's document mask."""
+    return cfg.data.source == "shapes" and design(cfg.model).packs and not cfg.lm.hf_path
+
+
+def uses_packing(cfg) -> bool:
+    """data.pack, or where unset, whether this run can pack."""
+    return can_pack(cfg) if cfg.data.pack is None else cfg.data.pack

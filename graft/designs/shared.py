@@ -1,0 +1,44 @@
+"""What several designs share: the vocabulary size, the language model and the image tower a
+config names, and the built-in tower's checks."""
+
+from __future__ import annotations
+
+from graft.errors import UserError
+from graft.models.hf_backbones import HFVisionTower, load_into_builtin
+from graft.models.vit import VisionConfig
+
+
+def resolve_vocab(cfg, tok) -> None:
+    if cfg.lm.vocab_size == 0:
+        cfg.lm.vocab_size = len(tok)  # resolved here and saved with the config
+    elif cfg.lm.vocab_size < len(tok):
+        raise UserError(f"lm.vocab_size={cfg.lm.vocab_size} is smaller than the tokenizer's {len(tok)}")
+
+
+def vision_tower(cfg, pretrained: bool):
+    """The HF tower of vision.hf_path (its weights unless `pretrained` is false), else the built-in
+    tower's config."""
+    return HFVisionTower.load(cfg.vision, pretrained) if cfg.vision.hf_path else cfg.vision
+
+
+def builtin_lm(lm, pretrained: bool):
+    """The built-in decoder's config, or with lm.hf_path (lm.builtin) the decoder with the folder's weights."""
+    return load_into_builtin(lm, pretrained) if lm.hf_path else lm
+
+
+def lm_losses(cfg) -> tuple[str, ...]:
+    """The built-in LM's auxiliary losses under `cfg` (LanguageModel.aux_losses)."""
+    return ("moe_balance",) if cfg.lm.moe_experts and cfg.lm.moe_balance == "loss" else ()
+
+
+def validate_vision(cfg) -> None:
+    """The built-in tower's settings (shared by every design with a ViT)."""
+    VisionConfig.check(cfg.vision)
+    if cfg.vision.position_init_std != 0.02 and (cfg.train.init_from or "vision" in cfg.train.init_parts):
+        raise UserError(f"vision.position_init_std={cfg.vision.position_init_std} has no effect: the tower's weights "
+                        "come from train.init_from / train.init_parts")
+
+
+def check_something_trains(parts, freeze) -> None:
+    if set(parts) <= set(freeze):
+        raise UserError(f"train.freeze freezes every part ({', '.join(parts)}): nothing would train")

@@ -1,0 +1,92 @@
+"""Prefix fusion (LLaVA): vision → connector → image tokens spliced into the LM's input. Its
+processor, world batches and token count serve the other designs that generate (flamingo, fuyu).
+BLIP-2's stage 2 is this design with `connector.kind=qformer` and `connector.init_from=STAGE1_RUN`
+(the stage-1 run is checked here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
+from graft.data.loader import ShapesBatches
+from graft.data.processor import Processor
+from graft.data.stream import TrainStream
+from graft.designs.registry import GENERATES, Design, register, uses_packing
+from graft.designs.shared import builtin_lm, check_something_trains, lm_losses, resolve_vocab, validate_vision, vision_tower
+from graft.errors import UserError
+from graft.models.connectors import CONNECTORS, ConnectorConfig
+from graft.models.decoder import LMConfig
+from graft.models.hf_backbones import HFLanguageModel
+from graft.models.qformer import QFormerConfig
+from graft.models.vlm import VLM
+from graft.parts import VISION_ARCH
+from graft.rundir import RunDir
+
+PARTS = ("vision", "connector", "lm", "lm_image")
+STAGE1 = "qformer_stage1"  # the design whose runs `connector.init_from` names (designs/qformer_stage1.py)
+
+
+def build(cfg, tok, pretrained: bool = True):
+    resolve_vocab(cfg, tok)
+    lm = HFLanguageModel.load(cfg.lm, pretrained) if cfg.lm.hf_module else builtin_lm(cfg.lm, pretrained)
+    return VLM(vision_tower(cfg, pretrained), cfg.connector, lm, tok.image)
+
+
+def processor(cfg, tok, model):
+    v = cfg.vision
+    cls = TemplateProcessor if isinstance(tok, HFChatTokenizer) else Processor
+    return cls(tok, v.image_size, model.num_image_tokens, cfg.lm.max_seq_len, v.image_mean, v.image_std)
+
+
+def world_batches(cfg, proc, rt):
+    return ShapesBatches(TrainStream(cfg, proc, rt.rank, rt.world_size, packs=uses_packing(cfg)), cfg)
+
+
+def tokens(batch, pad: int) -> int:
+    return int((batch["input_ids"] != pad).sum())
+
+
+def validate(cfg) -> None:
+    parts = [p for p in PARTS if p != "lm_image" or cfg.lm.modality_norms or cfg.lm.modality_ffn]
+    if "lm_image" in cfg.train.freeze and "lm_image" not in parts:
+        raise UserError("train.freeze: lm_image: this model has none (see lm.modality_norms, lm.modality_ffn)")
+    check_something_trains(parts, cfg.train.freeze)
+    v = cfg.vision  # the built-in tower's grid and LM's width (HF ones are checked when the model is built)
+    ConnectorConfig.check(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2,
+                          None if cfg.lm.hf_module else cfg.lm.hidden_size)
+    LMConfig.check(cfg.lm, image_grid=CONNECTORS[cfg.connector.kind].grid)
+    validate_vision(cfg)
+
+
+def check_stage1_run(cfg) -> None:
+    """`connector.init_from`, when set, names a finished stage-1 Q-Former run with this config's
+    Q-Former and image-encoder architecture (its tower comes with its Q-Former: the queries read
+    its features)."""
+    path, key = cfg.connector.init_from, "connector.init_from"
+    if not path:
+        return
+    run = RunDir(path)
+    if not run.config_path.is_file():
+        raise UserError(f"{key}={path} is not a graft run directory (no config.yaml)")
+    src = run.config()
+    if src.model != STAGE1:
+        raise UserError(f"{key}={path} is a model={src.model} run, not a Q-Former stage-1 run (model={STAGE1})")
+    if run.latest_checkpoint() is None:
+        raise UserError(f"{key}={path} has no complete checkpoint")
+    for name in QFormerConfig.ARCH:
+        mine, theirs = getattr(cfg.connector.qformer, name), getattr(src.qformer, name)
+        if mine != theirs:
+            raise UserError(f"connector.qformer.{name}={mine} differs from qformer.{name}={theirs} of the stage-1 run {path}")
+    if cfg.vision.init_from and Path(cfg.vision.init_from).resolve() != Path(path).resolve():
+        raise UserError(f"vision.init_from={cfg.vision.init_from} conflicts with {key}={path}, which brings "
+                        "the image encoder its Q-Former was trained on")
+    for name in () if cfg.vision.init_from else (*VISION_ARCH, "feature_layer", "hf_path"):
+        mine, theirs = getattr(cfg.vision, name), getattr(src.vision, name)
+        if mine != theirs:
+            raise UserError(f"vision.{name}={mine} differs from vision.{name}={theirs} of the stage-1 run {path} "
+                            "(its Q-Former reads that image encoder)")
+
+
+register("vlm", Design(frozenset({GENERATES}), ("vision", "connector", "lm"), PARTS, build, processor, world_batches,
+                       tokens, validate, losses=("lm",), packs=True, sources=check_stage1_run, exports_llava=True,
+                       config_losses=lm_losses))
