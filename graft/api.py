@@ -14,23 +14,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
+from graft import recipes
+from graft.build import build_processor, load_run
 from graft.config import Config
+from graft.data.processor import load_image
+from graft.designs import GENERATES, design
+from graft.errors import UserError
+from graft.eval.harness import evaluate
+from graft.eval.vqa import answer
+from graft.rundir import RunDir
+from graft.train.loop import train as train_loop
 
 
 def recipe(name: str, overrides: dict | None = None) -> Config:
     """The recipe's config with `{"section.key": value}` overrides applied and validated."""
-    import yaml
-
-    from graft import recipes
-
     text = lambda v: v if isinstance(v, str) else yaml.safe_dump(v, default_flow_style=True).strip()  # noqa: E731
     return recipes.recipe(name, [f"{k}={text(v)}" for k, v in (overrides or {}).items()])
 
 
 def train(cfg: Config, out: str | Path) -> dict[str, float]:
     """Train (or resume) into the run directory `out`; returns the final evaluation."""
-    from graft.train.loop import train as train_loop
-
     return train_loop(cfg, out)
 
 
@@ -38,26 +43,16 @@ class Run:
     """A trained run, loaded from its latest checkpoint."""
 
     def __init__(self, path: str | Path):
-        from graft.build import build_processor, load_run
-        from graft.rundir import RunDir
-
         self.dir = RunDir(path)
         self.cfg, tok, self.model, self.checkpoint = load_run(self.dir)
         self.processor = build_processor(self.cfg, tok, self.model)
 
     def evaluate(self, task: str, data: str) -> dict[str, float]:
         """Metrics of one task (eval/tasks.py) on one data set; predictions to RUN/eval_<task>.jsonl."""
-        from graft.eval.harness import evaluate
-
         return evaluate(self.model, self.processor, self.cfg, [(task, data)], out=self.dir.path)
 
     def generate(self, image, prompt: str, max_new_tokens: int = 32) -> str:
         """The VLM's greedy answer to `prompt` about `image` (a PIL image or a file path)."""
-        from graft.data.processor import load_image
-        from graft.designs import GENERATES, design
-        from graft.errors import UserError
-        from graft.eval.vqa import answer
-
         if not design(self.cfg.model).can(GENERATES):
             raise UserError(f"{self.dir.path} holds a {self.cfg.model} model, which does not generate text")
         image = load_image(image) if isinstance(image, (str, Path)) else image

@@ -19,8 +19,8 @@ changes the config it is given: `resolve` returns a resolved copy.
 from __future__ import annotations
 
 import copy
-import json
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -30,11 +30,14 @@ from graft.config import Config
 from graft.config_checks import validate
 from graft.data.hf_tokenizer import HFChatTokenizer
 from graft.data.loader import StreamBatches
+from graft.data.shapes import ShapesWorld
 from graft.data.sources import build_sources, training_corpus
-from graft.data.tokenizer import ChatTokenizer
+from graft.data.tokenizer import ChatTokenizer, world_corpus
 from graft.designs import design
 from graft.errors import UserError
 from graft.models.hf_backbones import resolve_lm, resolve_vision
+from graft.models.hf_llava import load_llava_weights
+from graft.models.lora import add_lora, merge_lora
 from graft.parts import adopt_vision_arch, load_modules, load_stage1, load_vision
 from graft.rundir import RunDir
 from graft.train import checkpoint
@@ -64,9 +67,6 @@ def tokenizer_for(cfg: Config, run: RunDir | None = None):
 def _world_tokenizer(seed: int, grid: int, max_objects: int, images_per_doc: int, vocab_size: int) -> str:
     """The BPE trained on the built-in world's text, as JSON (`graft compare` and the tests build
     many runs in one process; the image size does not change the text)."""
-    from graft.data.shapes import ShapesWorld
-    from graft.data.tokenizer import world_corpus
-
     world = ShapesWorld(grid=grid, max_objects=max_objects, seed=seed)
     return ChatTokenizer.train(world_corpus(world, images_per_doc=images_per_doc), vocab_size).tok.to_str()
 
@@ -131,7 +131,6 @@ def assemble(cfg: Config, tok, init: bool = True):
     for part, path in cfg.train.init_parts.items() if init else ():
         load_modules(model, model.part_modules(part), path, f"train.init_parts.{part}")
     if cfg.lm.lora_rank:  # after init_from, so a run without adapters can initialise one with them
-        from graft.models.lora import add_lora
 
         add_lora(model.lm, cfg.lm)
     model.freeze(cfg.train.freeze)
@@ -142,8 +141,6 @@ def init_from(model, path: str) -> None:
     """Weights from a graft run (LoRA merged) or an exported HF LLaVA folder (config.json)."""
     src = RunDir(path)
     if not src.config_path.is_file() and (Path(path) / "config.json").is_file():
-        from graft.models.hf_llava import load_llava_weights  # imports transformers: only when needed
-
         load_llava_weights(model, path)
         return
     src.require()
@@ -153,7 +150,6 @@ def init_from(model, path: str) -> None:
     if not src.config().lm.lora_rank:
         checkpoint.load_weights(model, ckpt)
         return
-    from graft.models.lora import merge_lora
 
     with torch.random.fork_rng():  # building the source model must not move this run's RNG
         _, _, source, _ = load_run(src)

@@ -11,8 +11,12 @@ import shlex
 import sys
 from pathlib import Path
 
+import yaml
+
 from graft import atomic
 from graft.errors import RunFailed, Stopped, UserError
+
+# Each command imports what it runs inside its function, so that `graft --help` stays quick (no torch).
 
 
 def _recipe(name: str, overrides: list[str]):
@@ -148,8 +152,6 @@ def cmd_recipes(args) -> None:
     from graft.recipes import RECIPES
 
     if args.show:
-        import yaml
-
         from graft.config import to_dict
 
         print(yaml.safe_dump(to_dict(_recipe(args.show, args.set)), sort_keys=False), end="")

@@ -26,8 +26,19 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from graft import atomic
+from graft.build import assemble, build_processor, build_stream, resolve, tokenizer_for
+from graft.config_checks import apply_overrides
+from graft.designs import SHARED_SECTIONS, design
 from graft.errors import UserError
+from graft.recipes import RECIPES, STAGES, recipe
+from graft.report import png_bytes, pyplot
+from graft.train.flops import count_step
+from graft.train.loop import train
+from graft.train.metrics import read
+from graft.train.runtime import Runtime
 
 EVAL_POINTS = 4  # evaluations per run (the last at the end), for the metric-vs-FLOPs plot
 # Every connector design on the default recipe's world, model and data order (docs/compare.md).
@@ -37,8 +48,6 @@ DEFAULT_BUDGET = 6e12  # training FLOPs per run (~215 steps of shapes_vqa): 3 se
 
 
 def compare(recipes: list[str], budget: float | None, seeds: int, overrides: list[str], out: Path) -> Path:
-    from graft.recipes import recipe
-
     recipes, budget = recipes or list(DEFAULT_RECIPES), DEFAULT_BUDGET if budget is None else budget
     if seeds < 1:
         raise UserError(f"--seeds={seeds} must be at least 1")
@@ -71,9 +80,6 @@ class _Stages:
 
     def apply(self, name: str, cfg, seed: int):
         """`cfg` with its stage key pointing at the stage run of `seed` (trained now if missing)."""
-        from graft.config_checks import apply_overrides
-        from graft.recipes import STAGES
-
         if name not in STAGES:
             return cfg
         key, stage = STAGES[name]
@@ -90,9 +96,6 @@ class _Stages:
                 for stage, info in self.done.items()}
 
     def _train(self, stage: str) -> dict:
-        from graft.designs import SHARED_SECTIONS, design
-        from graft.recipes import RECIPES, recipe
-
         reads = set(design(RECIPES[stage]().model).sections) | set(SHARED_SECTIONS)
         cfg = recipe(stage, [o for o in self.overrides if o.partition("=")[0].split(".")[0] in reads])
         info = _measure(cfg)
@@ -106,11 +109,6 @@ class _Stages:
 def first_batches(cfg):
     """The assembled model of `cfg` (without moving the global RNG), its processor, and the
     micro-batches of its first step."""
-    import torch
-
-    from graft.build import assemble, build_processor, build_stream, resolve, tokenizer_for
-    from graft.train.runtime import Runtime
-
     tok = tokenizer_for(cfg)
     resolved, _ = resolve(cfg, tok)
     with torch.random.fork_rng():
@@ -124,8 +122,6 @@ def first_batches(cfg):
 
 def _measure(cfg) -> dict:
     """Training FLOPs of one step (the first batch), parameters, image features the LM reads per image."""
-    from graft.train.flops import count_step
-
     model, _, batches = first_batches(cfg)
     return {"flops_per_step": float(sum(count_step(model, b) for b in batches)),
             "params": sum(p.numel() for p in model.parameters()),
@@ -135,9 +131,6 @@ def _measure(cfg) -> dict:
 
 def _run(cfg, steps: int, seed: int, run: Path, eval_points: int = EVAL_POINTS) -> dict:
     """Train one seed to `steps` (or reuse it); its metrics, wall time and last throughput."""
-    from graft.train.loop import train
-    from graft.train.metrics import read
-
     done = run / "compare_run.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -184,9 +177,6 @@ def _report(rows: list[dict], stages: dict, budget: float, seeds: int, overrides
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from graft.report import png_bytes, pyplot
-    from graft.train.metrics import read
-
     fig, (loss_ax, metric_ax) = pyplot().subplots(1, 2, figsize=(11, 3.5))
     metric = next(iter(rows[0]["runs"][0]["metrics"]), None)
     for row in rows:

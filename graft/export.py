@@ -16,15 +16,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from graft.build import load_run
 from graft.data.hf_tokenizer import GRAFT_TEMPLATE, IMAGE_TOKEN, HFChatTokenizer
+from graft.designs import design
 from graft.errors import UserError
 from graft.models.connectors import per_patch
+from graft.models.hf_llava import to_llava, uses_cls_token
+from graft.models.lora import merge_lora
+from graft.rundir import RunDir
 
 FORMATS = ("hf",)
 
 
 def hf_tokenizer(tok):
     """The run's tokenizer as a transformers fast tokenizer with a chat template."""
+    # lazy: transformers takes ~0.5 s to import
     from transformers import PreTrainedTokenizerFast
 
     if isinstance(tok, HFChatTokenizer):
@@ -36,10 +42,10 @@ def hf_tokenizer(tok):
 
 
 def hf_processor(cfg, tok, model):
+    # lazy: transformers takes ~0.5 s to import
     from transformers import LlavaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    from graft.models.hf_llava import uses_cls_token
 
     size = cfg.vision.image_size
     images = SiglipImageProcessorPil(size={"height": size, "width": size}, image_mean=list(cfg.vision.image_mean),
@@ -54,12 +60,6 @@ def hf_processor(cfg, tok, model):
 
 def export(run_dir: str | Path, out: str | Path, fmt: str = "hf") -> Path:
     """Write the latest checkpoint of `run_dir` to `out` in format `fmt`; returns `out`."""
-    from graft.designs import design
-    from graft.models.hf_llava import to_llava
-    from graft.models.lora import merge_lora
-    from graft.build import load_run
-    from graft.rundir import RunDir
-
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     out = Path(out)

@@ -12,7 +12,10 @@ micro-batches and processes, so that accumulation and N processes give one big b
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 
@@ -158,8 +161,6 @@ def _chunked(fn, queries, keys, logit_scale, targets, chunk_size: int):
 
 
 def _checkpoint(fn, *args):
-    from torch.utils.checkpoint import checkpoint
-
     return checkpoint(fn, *args, use_reentrant=False)
 
 
@@ -168,9 +169,6 @@ def _local_and_gathered(image_features, text_features, rank: int, world_size: in
     if world_size == 1:
         x = None if image_features is None else at_least_fp32(image_features)
         return x, at_least_fp32(text_features), 0
-    import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
-
     if dist.get_world_size(group) != world_size or dist.get_rank(group) != rank:
         raise ValueError(f"rank={rank}, world_size={world_size} disagree with the process group "
                          f"({dist.get_rank(group)} of {dist.get_world_size(group)})")
@@ -183,7 +181,6 @@ def _global_mean(local_sum: torch.Tensor, n: int, world_size: int, group) -> tor
     """Σ_ranks local_sum / n as the value; the gradient flows through this rank's term only."""
     if world_size == 1:
         return local_sum / n
-    import torch.distributed as dist
 
     total = local_sum.detach().clone()
     dist.all_reduce(total, group=group)

@@ -68,11 +68,15 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from graft.build import assemble, resolve, tokenizer_for
 from graft.config import Config
 from graft.designs import design, uses_packing
 from graft.errors import UserError
 from graft.models.connectors import CONNECTORS
 from graft.models.decoder import gqa_in_kernel
+from graft.rundir import RunDir
+from graft.train.parallel import blocks
+from graft.train.parallel import kind as parallel_kind
 
 GIB = 1 << 30
 
@@ -195,8 +199,6 @@ def counts(model: nn.Module, parts: tuple[str, ...]) -> dict[str, tuple[int, int
 
 def units(model: nn.Module) -> tuple[list[nn.Module], list[list[nn.Parameter]]]:
     """FSDP2's units as train/parallel.py makes them: the blocks, and the root with every other weight."""
-    from graft.train.parallel import blocks
-
     found = blocks(model)
     in_blocks = {id(q) for b in found for q in b.parameters()}
     rest = [q for q in {id(q): q for q in model.parameters()}.values() if id(q) not in in_blocks]
@@ -300,10 +302,6 @@ def _count(n: int) -> str:
 
 def dry_run(cfg: Config, recipe: str, out: str | None = None, gpus: int | None = None) -> Plan:
     """The plan of `graft train RECIPE` on `gpus` processes (else WORLD_SIZE, else 1)."""
-    from graft.build import assemble, resolve, tokenizer_for
-    from graft.rundir import RunDir
-    from graft.train.parallel import kind as parallel_kind
-
     world, world_from = _world(gpus)
     device = _device(cfg, gpus)
     run = RunDir(out) if out else None

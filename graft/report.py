@@ -31,9 +31,11 @@ def results_table(results: dict[str, float], first: str = "test") -> str:
 
 def pyplot():
     """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
+    # lazy: matplotlib takes ~0.4 s to import
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib takes ~0.4 s to import
     import matplotlib.pyplot as plt
 
     return plt

@@ -2,9 +2,13 @@
 imports included: no import cycle anywhere in graft/, and the layers below. Imports under
 `if TYPE_CHECKING:` are left out: only type checkers run them."""
 
+import ast
 import functools
+from pathlib import Path
 
 import grimp
+
+import graft
 
 # Bottom to top: a module imports only from its own layer and the layers below it (the cycle test
 # keeps a layer's modules from importing each other in a circle). A module belongs to the layer of
@@ -115,3 +119,45 @@ def test_config_is_a_leaf():
 def test_only_the_entry_point_imports_the_cli():
     """The CLI is the top layer: the API, `graft compare` and the trainer do not call into it."""
     assert set(graph().find_modules_that_directly_import("graft.cli")) == {"graft.__main__"}
+
+
+# Function-local imports: only what is slow to import and not always needed, each with a comment
+# saying so. graft's own modules wait only in the CLI and the package roots, which keep `graft
+# --help` quick (their comment says so once).
+HEAVY = ("transformers", "datasets", "matplotlib", "peft", "torch.distributed.fsdp", "torch.utils.tensorboard",
+         "graft.models.hf")  # each ≥ 0.1 s to import on top of torch (graft.models.hf imports transformers)
+LAZY_FILES = ("cli.py", "__init__.py", "train/__init__.py")
+
+
+def local_imports(source: str) -> list[tuple[int, str, bool]]:
+    """(line, module, commented) of each import inside a function: commented if its line, or the
+    line above its run of import lines, holds a comment."""
+    lines, found = source.splitlines(), []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and (node.lineno, node) not in found:
+                    first = node.lineno - 1
+                    while first > 0 and lines[first - 1].lstrip().startswith(("import ", "from ")):
+                        first -= 1
+                    said = any("#" in lines[i] for i in range(node.lineno - 1, node.end_lineno)) or (
+                        first > 0 and "#" in lines[first - 1])
+                    module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                    found.append((node.lineno, module, said))
+    return sorted(set(found))
+
+
+def test_function_local_imports_are_heavy_and_commented():
+    probe = "def f():\n    import yaml\n\n\ndef g():\n    # slow\n    from transformers import A\n    import torch"
+    assert local_imports(probe) == [(2, "yaml", False), (7, "transformers", True), (8, "torch", True)]
+    package = Path(graft.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        for line, module, said in local_imports(path.read_text()):
+            heavy = any(module == h or module.startswith(h + ".") for h in HEAVY)
+            lazy_ok = module.startswith("graft") and name in LAZY_FILES
+            if not (heavy and said or lazy_ok):
+                offenders.append(f"graft/{name}:{line}: {module}{'' if said or lazy_ok else ' (no comment)'}")
+    assert not offenders, "move these imports to the top of their module, or say why they wait:\n" + "\n".join(
+        offenders)

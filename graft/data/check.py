@@ -22,6 +22,7 @@ from graft.data import skips
 from graft.data.loader import row_problems
 from graft.data.processor import collate
 from graft.data.sources import build_sources
+from graft.data.stream import TrainStream
 from graft.data.streaming import StreamDataset, fresh_position
 
 
@@ -67,8 +68,6 @@ def _check_stream(cfg: Config, proc, n: int) -> tuple[int, Counter, Counter, int
 
 
 def _check_world(cfg: Config, proc, n: int) -> tuple[int, Counter, Counter, int]:
-    from graft.data.stream import TrainStream
-
     stream = TrainStream(cfg, proc, packs=False)  # rows one by one: packing does not change them
     rows = [stream.item(i) for i in range(n)]
     notes = Counter(sequence_truncated=sum(len(ids) > proc.max_seq_len for ids, _, _ in rows))

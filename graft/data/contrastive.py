@@ -15,6 +15,7 @@ from graft.data.processor import Processor
 from graft.data.render import render_text
 from graft.data.samples import BadSample
 from graft.data.shapes import Sample, ShapesWorld
+from graft.data.stream import first_sample
 
 
 def pair_text(sample: Sample) -> str:
@@ -79,8 +80,6 @@ class ContrastiveStream:
         self.base = (0, 0)  # (step, samples seen): see data/stream.py first_sample
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        from graft.data.stream import first_sample
-
         start = first_sample(step, micro, self.batch_size, self.grad_accum, self.rank, self.world_size, self.base)
         samples = [self.world.sample("train", i) for i in range(start, start + self.batch_size // self.grad_accum)]
         return self.proc.pairs([s.image for s in samples], [pair_text(s) for s in samples])

@@ -16,6 +16,8 @@ import json
 import random
 from pathlib import Path
 
+import webdataset as wds
+
 from graft.config import Config
 from graft.data.samples import IMAGE_MARKER
 from graft.data.stream import make_world, training_turns
@@ -57,6 +59,7 @@ def export_shapes(cfg: Config, fmt: str, out: Path, n: int, shard_size: int = 10
         (out / "llava.json").write_text(json.dumps(entries))
         return ["data.source=llava", f"data.path={out / 'llava.json'}"]
     if fmt == "hf":
+        # lazy: datasets takes ~0.6 s to import
         import datasets
 
         datasets.disable_progress_bars()
@@ -72,8 +75,6 @@ def export_shapes(cfg: Config, fmt: str, out: Path, n: int, shard_size: int = 10
 
 
 def _webdataset(cfg: Config, out: Path, n: int, shard_size: int) -> list[str]:
-    import webdataset as wds
-
     with wds.ShardWriter(str(out / "shapes-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
         for key, png, caption, conv in records(cfg, n):
             meta = {"caption": caption, "conversations": conv}

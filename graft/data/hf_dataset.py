@@ -27,6 +27,7 @@ from graft.errors import UserError
 
 
 def load_dataset_dir(path: str, split: str = "train"):
+    # lazy: datasets takes ~0.6 s to import
     import datasets
 
     if not Path(path, "dataset_info.json").is_file() and not Path(path, "dataset_dict.json").is_file():
@@ -41,6 +42,7 @@ def load_dataset_dir(path: str, split: str = "train"):
 
 class HFSource(IndexedSource):
     def __init__(self, cfg: DataConfig):
+        # lazy: datasets takes ~0.6 s to import
         import datasets
 
         if not cfg.path:

@@ -39,6 +39,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from tokenizers import AddedToken
+
 from graft.data.processor import Context, Processor
 from graft.data.samples import ONE_IMAGE, BadSample, Place
 from graft.errors import UserError
@@ -95,7 +97,7 @@ class HFChatTokenizer:
     def load(cls, path: str | Path, key: str = "tokenizer") -> HFChatTokenizer:
         """AutoTokenizer from a local folder, plus <image> and a chat template if missing;
         errors name `key` (the config key that gave the folder)."""
-        from tokenizers import AddedToken
+        # lazy: transformers takes ~0.5 s to import
         from transformers import AutoTokenizer
 
         try:

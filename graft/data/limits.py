@@ -28,6 +28,8 @@ import json
 import os
 from pathlib import Path
 
+from PIL import Image
+
 from graft.config import IMAGE_FORMATS  # noqa: F401 (Pillow format names decoded by default; re-exported)
 from graft.data.samples import BadSample
 from graft.errors import UserError
@@ -38,8 +40,6 @@ MAX_INT_DIGITS = 4300  # Python's own int/str conversion limit
 
 
 def check_image_formats(formats: list[str]) -> None:
-    from PIL import Image
-
     Image.init()
     if not formats:
         raise UserError("data.image_formats is empty: no image could be decoded")

@@ -18,6 +18,7 @@ _SUPERSAMPLE = 4
 
 @functools.cache
 def _font(px: int) -> ImageFont.FreeTypeFont:
+    # lazy: matplotlib takes ~0.4 s to import
     import matplotlib
 
     path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSansMono.ttf"

@@ -24,11 +24,22 @@ from pathlib import Path
 from PIL import Image
 
 from graft import atomic
+from graft.build import build_processor, load_run
 from graft.config import Config
 from graft.data import skips
+from graft.data.check import processor_for
+from graft.data.images import open_within
+from graft.data.limits import bounded_turns
 from graft.data.samples import BadSample
+from graft.data.shapes import SPLITS
+from graft.data.sources import build_sources
+from graft.data.stream import make_world, training_turns
+from graft.data.streaming import StreamDataset, fresh_position
 from graft.designs import GENERATES, design
 from graft.errors import UserError
+from graft.eval.vqa import answer, normalise
+from graft.report import png_bytes, pyplot
+from graft.rundir import RunDir
 
 MAX_SAMPLES = 64  # one figure; beyond this the PNG gets unwieldy
 MAX_READ = 10_000  # records read at most while looking for usable ones
@@ -95,9 +106,6 @@ def _check_out(n: int, out: Path) -> Path:
 
 
 def _load_vlm(path: str, cfg: Config):
-    from graft.build import build_processor, load_run
-    from graft.rundir import RunDir
-
     run = RunDir(path).require()
     kind = run.config().model
     if not design(kind).can(GENERATES):
@@ -111,9 +119,6 @@ def _load_vlm(path: str, cfg: Config):
 
 def world_records(cfg: Config, n: int, split: str = "train") -> tuple[list[Record], Counter]:
     """The first `n` samples of a split of the built-in world, with the turns training gives each."""
-    from graft.data.shapes import SPLITS
-    from graft.data.stream import make_world, training_turns
-
     if split not in SPLITS:
         raise UserError(f"--split {split!r}: not a split of the built-in world ({', '.join(SPLITS)})")
     world, d = make_world(cfg), cfg.data
@@ -132,12 +137,6 @@ def world_records(cfg: Config, n: int, split: str = "train") -> tuple[list[Recor
 def stream_records(cfg: Config, n: int) -> tuple[list[Record], Counter]:
     """The first `n` usable records of the user's sources (one pass, at most MAX_READ records), each
     checked by exactly what training runs (`StreamDataset.record`); the rest skipped and counted."""
-    from graft.data.check import processor_for
-    from graft.data.images import open_within
-    from graft.data.limits import bounded_turns
-    from graft.data.sources import build_sources
-    from graft.data.streaming import StreamDataset, fresh_position
-
     sources, weights = build_sources(cfg.data)
     ds = StreamDataset(sources, weights, processor_for(cfg), cfg.data, 1, 0, 1, 1, {}, 0)
     log, records = skips.SkipLog(), []
@@ -160,8 +159,6 @@ def stream_records(cfg: Config, n: int) -> tuple[list[Record], Counter]:
 def ask(model, proc, run_cfg: Config, records: list[Record]) -> None:
     """Each record's shown questions, answered greedily by the model (one turn each, image resized by
     the processor); a question the processor cannot encode gets None."""
-    from graft.eval.vqa import answer
-
     prompts, where = [], []
     for r in records:
         r.answers = [None] * min(TURNS, len(r.turns))
@@ -202,8 +199,6 @@ def _model_lines(got: str | None, reference: str) -> list[tuple[str, str]]:
 
 
 def _right(answer: str, reference: str) -> bool:
-    from graft.eval.vqa import normalise
-
     return normalise(answer) == normalise(reference)
 
 
@@ -225,8 +220,6 @@ def _wrap(text: str, colour: str, max_lines: int) -> list[tuple[str, str]]:
 def draw(records: list[Record], cells: list[list[tuple[str, str]]]) -> bytes:
     """A grid of COLS columns, each image over its lines; a row is as tall as its longest text.
     Returns the PNG's bytes."""
-    from graft.report import png_bytes, pyplot
-
     cols = min(COLS, len(records))
     rows = range(0, len(records), cols)
     text_hs = [max(len(lines) for lines in cells[i : i + cols]) * LINE_H + 0.1 for i in rows]  # inches

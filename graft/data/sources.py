@@ -15,29 +15,29 @@ from __future__ import annotations
 from itertools import islice
 
 from graft.config import Config, DataConfig
+from graft.data.hf_dataset import HFSource
+from graft.data.interleaved import InterleavedShards, JsonlDocuments
+from graft.data.limits import bounded_turns
+from graft.data.llava_json import LlavaSource
+from graft.data.samples import BadSample
+from graft.data.shapes import CAPTION_PROMPT
+from graft.data.skips import SkipLog
+from graft.data.webdataset import ShardSource
 
 
 def _webdataset(d: DataConfig) -> list:
-    from graft.data.webdataset import ShardSource
-
     return [ShardSource(pattern, i, d) for i, pattern in enumerate(d.shards)]
 
 
 def _llava(d: DataConfig) -> list:
-    from graft.data.llava_json import LlavaSource
-
     return [LlavaSource(d)]
 
 
 def _hf(d: DataConfig) -> list:
-    from graft.data.hf_dataset import HFSource
-
     return [HFSource(d)]
 
 
 def _interleaved(d: DataConfig) -> list:
-    from graft.data.interleaved import InterleavedShards, JsonlDocuments
-
     if d.shards:
         return [InterleavedShards(pattern, i, d) for i, pattern in enumerate(d.shards)]
     return [JsonlDocuments(d)]
@@ -57,11 +57,6 @@ def training_corpus(cfg: Config, per_source: int = 3000, max_bytes: int = 8 << 2
 
     Only texts within the data limits (limits.py) are kept, and at most `max_bytes` in all, so the
     tokenizer's training cost is bounded whatever the data holds."""
-    from graft.data.limits import bounded_turns
-    from graft.data.samples import BadSample
-    from graft.data.shapes import CAPTION_PROMPT
-    from graft.data.skips import SkipLog
-
     texts, size = [CAPTION_PROMPT, cfg.data.caption_prompt], 0
     for source in build_sources(cfg.data)[0]:
         for raw in islice(source.epoch(0, 0, 1, SkipLog()), per_source):

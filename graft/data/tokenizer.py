@@ -24,6 +24,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from graft.data.documents import document
+from graft.data.shapes import CAPTION_PROMPT
 from graft.errors import UserError
 
 SPECIAL_TOKENS = {
@@ -122,9 +124,6 @@ def _bounded(texts: list[str]) -> list[str]:
 def world_corpus(world, n: int = 3000, images_per_doc: int = 1) -> list[str]:
     """Every kind of text the world produces, from its first `n` training samples (and, with
     `images_per_doc` > 1, the turns of the documents they make, data/documents.py)."""
-    from graft.data.documents import document
-    from graft.data.shapes import CAPTION_PROMPT
-
     texts = [CAPTION_PROMPT]
     for i in range(n):
         text, questions = world.text("train", i)

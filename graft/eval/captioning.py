@@ -16,6 +16,8 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from tqdm import tqdm
 
+from graft.data.images import open_within
+from graft.data.samples import BadSample
 from graft.data.shapes import CAPTION_PROMPT, ShapesWorld
 from graft.errors import UserError
 from graft.eval.vqa import answer
@@ -63,9 +65,6 @@ def rouge_l(candidates: list[str], references: list[list[str]]) -> float:
 def caption_on(model, proc, data, cfg, chunk: int = 256) -> tuple[dict[str, float], list[dict]]:
     """CIDEr-D and BLEU-4 of greedy captions (prompt: the run's data.caption_prompt) for a
     CaptionedSet (eval/captioned.py); images decoded with the data limits, bad ones counted."""
-    from graft.data.images import open_within
-    from graft.data.samples import BadSample
-
     d, e = cfg.data, cfg.eval
     keys, preds, refs, pending = [], [], [], []
 

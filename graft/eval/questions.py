@@ -22,9 +22,11 @@ import base64
 import binascii
 import csv
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from graft.data.limits import image_path
+from graft.data.llava_json import LlavaSource
 from graft.data.samples import IMAGE_MARKER, BadSample
 from graft.data.skips import SkipLog
 from graft.errors import UserError
@@ -57,9 +59,6 @@ def _holds_an_object(path: Path) -> bool:
 
 
 def _llava(path: Path, d, root: Path) -> QuestionSet:
-    from dataclasses import replace
-
-    from graft.data.llava_json import LlavaSource
 
     source = LlavaSource(replace(d, path=str(path), image_root=str(root)))
     log = SkipLog()

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from graft.data.contrastive import pair_text
+from graft.data.images import open_within
 from graft.data.samples import BadSample
 from graft.data.shapes import ShapesWorld
 from graft.errors import UserError
@@ -51,8 +52,6 @@ def retrieval(model, proc, world: ShapesWorld, split: str, n: int, batch_size: i
 def retrieval_on(model, proc, data, cfg) -> tuple[dict[str, float], list[dict]]:
     """R@1/5/10 both ways on a CaptionedSet (eval/captioned.py), several captions per image: an
     image is found when any of its captions ranks in the top K; a caption when its image does."""
-    from graft.data.images import open_within
-
     d, images, captions, owner, keys = cfg.data, [], [], [], []
     for key, raw, caps in tqdm(data.items(), desc="retrieval", unit="image", disable=not sys.stderr.isatty()):
         try:

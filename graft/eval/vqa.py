@@ -15,6 +15,8 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
+from graft.data.images import open_within
+from graft.data.samples import BadSample
 from graft.data.shapes import QA, QUESTION_TYPES, ShapesWorld
 from graft.errors import UserError
 from graft.eval.shard import shard_map
@@ -104,9 +106,6 @@ def vqa_on(model, proc, data, cfg, chunk: int = 256) -> tuple[dict[str, float], 
     """Accuracy on a QuestionSet (eval/questions.py): exact match for open questions, the picked
     option for multiple choice, VQAv2's soft accuracy (eval/vqav2.py) where a question has human
     answers, then also per answer type; prompts from eval.vqa_prompt / eval.mc_prompt."""
-    from graft.data.images import open_within
-    from graft.data.samples import BadSample
-
     d, e = cfg.data, cfg.eval
     done, pending = [], []
 

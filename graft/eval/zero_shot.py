@@ -18,6 +18,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from graft.data.images import open_within
+from graft.data.samples import BadSample
 from graft.data.shapes import CLASSES, ShapesWorld
 from graft.errors import UserError
 from graft.eval.shard import shard_map
@@ -144,9 +146,6 @@ def classify(data, cfg, classes: list[str], scores) -> tuple[dict[str, float], l
 
     `scores(images)` gives (len(images), len(classes)) class scores for a batch of PIL images;
     images are decoded through the training data's limits (a bad one is skipped and counted)."""
-    from graft.data.images import open_within
-    from graft.data.samples import BadSample
-
     d, labels, tops, predictions, batch = cfg.data, [], [], [], []
 
     def flush():

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from graft.errors import UserError
-from graft.models.decoder import LMConfig
+from graft.models.decoder import LanguageModel, LMConfig
 from graft.models.vit import VisionConfig, VisionTower
 
 VISION_TYPES = ("siglip_vision_model", "siglip", "clip_vision_model", "clip")
@@ -34,6 +34,7 @@ def _folder(key: str, path: str) -> Path:
 
 
 def _auto_config(key: str, path: str):
+    # lazy: transformers takes ~0.5 s to import
     from transformers import AutoConfig
 
     try:
@@ -56,6 +57,7 @@ class HFLanguageModel(nn.Module):
     def load(cls, cfg: LMConfig, pretrained: bool = True) -> HFLanguageModel:
         """The folder's weights (or, with pretrained=False, its architecture only), with
         embeddings resized to cfg.vocab_size (the tokenizer gained an <image> token)."""
+        # lazy: transformers takes ~0.5 s to import
         from transformers import AutoModelForCausalLM
 
         hf_cfg = _auto_config("lm.hf_path", cfg.hf_path)
@@ -93,6 +95,7 @@ class HFLanguageModel(nn.Module):
         return self.model.config.hidden_size
 
     def new_cache(self):
+        # lazy: transformers takes ~0.5 s to import
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)
@@ -134,7 +137,7 @@ def load_into_builtin(cfg: LMConfig, pretrained: bool = True) -> nn.Module:
     function as `LlamaForCausalLM` (models/hf.py), so built-in options apply to a pretrained LM.
     `cfg` is resolved (`resolve_lm`); rows of a larger tokenizer than the folder's embedding start
     at graft's initialisation."""
-    from graft.models.decoder import LanguageModel
+    # lazy: imports transformers (~0.5 s)
     from graft.models.hf import lm_from_hf
 
     c = _auto_config("lm.hf_path", cfg.hf_path)
@@ -143,6 +146,7 @@ def load_into_builtin(cfg: LMConfig, pretrained: bool = True) -> nn.Module:
                         "(use it as an HF module: lm.builtin=false)")
     lm = LanguageModel(cfg)
     if pretrained:
+        # lazy: transformers takes ~0.5 s to import
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(cfg.hf_path, dtype=torch.float32, local_files_only=True)
@@ -176,6 +180,7 @@ class HFVisionTower(VisionTower):
 
     @classmethod
     def load(cls, cfg: VisionConfig, pretrained: bool = True) -> HFVisionTower:
+        # lazy: transformers takes ~0.5 s to import
         from transformers import CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
         hf_cfg = _vision_config(cfg.hf_path)
@@ -208,6 +213,7 @@ class HFVisionTower(VisionTower):
 
 
 def _vision_config(path: str):
+    # lazy: transformers takes ~0.5 s to import
     from transformers import CLIPConfig, SiglipConfig
 
     c = _auto_config("vision.hf_path", path)

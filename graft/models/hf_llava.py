@@ -56,6 +56,7 @@ def uses_cls_token(model) -> bool:
 
 def llava_config(model, cfg, tok):
     """The LlavaConfig describing graft VLM `model` built from `cfg` with tokenizer `tok`."""
+    # lazy: transformers takes ~0.5 s to import
     from transformers import LlavaConfig
 
     if isinstance(model.vision, HFVisionTower):
@@ -99,6 +100,7 @@ def to_llava_state_dict(model) -> dict[str, torch.Tensor]:
 
 def to_llava(model, cfg, tok):
     """A `LlavaForConditionalGeneration` holding graft VLM `model`'s weights (eval mode, fp32)."""
+    # lazy: transformers takes ~0.5 s to import
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
     hf = LlavaForConditionalGeneration(llava_config(model, cfg, tok))
@@ -114,6 +116,7 @@ def read_llava(folder: Path) -> dict[str, torch.Tensor]:
     """A LLaVA folder's weights under transformers 5 names. transformers itself reads the folder
     (safetensors only, never a pickle), because save_pretrained writes the legacy layout
     (`language_model.model.*`, `vision_tower.*`) and renames on load."""
+    # lazy: transformers takes ~0.5 s to import
     from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
 
     try:

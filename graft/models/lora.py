@@ -32,6 +32,7 @@ def default_targets(lm: nn.Module) -> list[str]:
 
 def add_lora(lm: nn.Module, cfg: LMConfig) -> None:
     """Inject adapters into `lm` in place; afterwards only the adapters of `lm` require grad."""
+    # lazy: peft takes ~2.5 s to import
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = list(cfg.lora_targets) or default_targets(lm)
@@ -45,6 +46,7 @@ def add_lora(lm: nn.Module, cfg: LMConfig) -> None:
 
 def merge_lora(module: nn.Module) -> int:
     """Fold every LoRA adapter inside `module` into its base weight and unwrap it; returns how many."""
+    # lazy: peft takes ~2.5 s to import
     from peft.tuners.lora import LoraLayer
 
     wrapped = [(name, m) for name, m in module.named_modules() if isinstance(m, LoraLayer)]

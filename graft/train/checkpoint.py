@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file
 from torch.distributed.checkpoint import (
     HuggingFaceStorageReader,
     HuggingFaceStorageWriter,
@@ -297,8 +297,6 @@ def load_weights(model, ckpt: Path) -> None:
     """The checkpoint's weights into `model` (one process; unsharded)."""
     twins = image_twins(model)
     if (ckpt / "model.safetensors").is_file():
-        from safetensors.torch import load_model
-
         missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
         filled = [k for k in missing if k in twins]
     else:

@@ -18,7 +18,11 @@ not counted). Embedding lookups are free; the LM head is a matmul.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+
+from graft.losses import batch_loss
 
 aten = torch.ops.aten
 
@@ -40,8 +44,6 @@ class MeasuredFlops:
         so every process counts whenever any one meets a new shape."""
         keys = [self._key(model, b) for b in batches]
         if sharded:
-            import torch.distributed as dist
-
             new = torch.tensor([int(any(k not in self.cache for k in keys))])
             dist.all_reduce(new, op=dist.ReduceOp.MAX)
             if new.item():
@@ -57,10 +59,6 @@ class MeasuredFlops:
 def count_step(model, batch: dict) -> int:
     """FLOPs of one forward and backward of `model` on `batch`; leaves no gradient behind (run it
     where gradients are about to be zeroed anyway) and the buffers as they were."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
-
-    from graft.losses import batch_loss
-
     cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: _as_raw(sdpa_flop),
                      aten._scaled_dot_product_flash_attention_for_cpu_backward: _as_raw(sdpa_backward_flop)}
     # Eager under the counter: torch.compile does not trace under a dispatch mode, and a compiled

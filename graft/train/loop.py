@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from graft import atomic
 from graft import config as config_mod
@@ -363,6 +364,5 @@ class _Window:
 def _progress(cfg: Config, start: int, rt):
     if not (cfg.train.progress and rt.is_main):
         return None
-    from tqdm import tqdm
 
     return tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -23,6 +23,7 @@ class MetricsLog:
             kept = [l for l in self.path.read_text().splitlines() if _keep(l, resume_step)]
             atomic.write_text(self.path, "".join(l + "\n" for l in kept))  # a kill here keeps the old log
         try:
+            # lazy: the run goes on without TensorBoard
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)

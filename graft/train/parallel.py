@@ -23,6 +23,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
@@ -84,7 +85,7 @@ def apply(model: nn.Module, cfg: Config, rt) -> nn.Module:
 
 def shard(model: nn.Module, units: list[nn.Module], rt) -> None:
     """FSDP2 over every process: each block, then the root with everything else."""
-    from torch.distributed.device_mesh import init_device_mesh
+    # lazy: FSDP takes ~0.5 s to import
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(rt.device.type, (rt.world_size,))
@@ -100,6 +101,7 @@ def shard(model: nn.Module, units: list[nn.Module], rt) -> None:
 
 
 def is_sharded(model: nn.Module) -> bool:
+    # lazy: FSDP takes ~0.5 s to import
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -124,6 +126,7 @@ def gathered(model: nn.Module):
     if not is_sharded(model):
         yield model
         return
+    # lazy: FSDP takes ~0.5 s to import
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]

@@ -12,13 +12,17 @@ import datetime
 import functools
 import os
 import re
+import resource
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from graft.errors import Hung
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), for MFU on GPUs.
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
@@ -179,7 +183,6 @@ def peak_memory(rt: Runtime) -> int:
     """Bytes: the most this process's GPU memory allocator has held, or on CPUs its peak resident size."""
     if rt.device.type == "cuda":
         return torch.cuda.max_memory_allocated(rt.device)
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -187,10 +190,6 @@ def peak_memory(rt: Runtime) -> int:
 def hung(error: Exception, rt: Runtime, step: int):
     """If `error` is a collective's timeout: a `Hung` naming the operation this rank waited in and
     the ranks that do not answer a monitored barrier (PyTorch's own check); else None."""
-    import traceback
-
-    from graft.errors import Hung
-
     if rt.world_size == 1 or "timed out" not in str(error).lower():
         return None
     frames = traceback.extract_tb(error.__traceback__)
