@@ -340,3 +340,29 @@ def test_stage1_design_entry_builds_what_it_promises():
     assert batch["input_ids"].shape == (2, cfg.qformer.max_text_len)
     assert model.encode_text(batch["input_ids"]).shape == (2, 64)
     assert model.encode_image(batch["pixel_values"]).shape == (2, cfg.qformer.queries, 64)
+
+
+def test_stage1_gradients_are_the_same_on_every_pass_with_two_threads():
+    """On CPU threads the gradient of ITM's negative images must not depend on thread timing
+    (indexing's backward adds with atomic adds in no fixed order; `index_select`'s does not): the
+    same batch gives bit-identical gradients on every pass, so runs are reproducible."""
+    torch.manual_seed(4)
+    vision = VisionConfig(image_size=24, patch_size=8, hidden_size=128, layers=1, heads=4, intermediate_size=128)
+    cfg = QFormerConfig(hidden_size=32, layers=1, heads=2, intermediate_size=32, queries=4, embed_dim=16,
+                        max_text_len=6)
+    model = QFormerStage1(vision, cfg, 30, 0)
+    torch.manual_seed(5)
+    batch = {"pixel_values": torch.randn(64, 3, 24, 24), "input_ids": torch.randint(1, 30, (64, 6))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the suite's workers run one thread each (tests/conftest.py)
+    try:
+        def grads():
+            model.zero_grad()
+            sum(model(**batch)[1].values()).backward()
+            return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+        first = grads()
+        for _ in range(4):
+            assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+    finally:
+        torch.set_num_threads(threads)

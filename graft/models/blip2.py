@@ -209,7 +209,9 @@ class QFormerStage1(nn.Module):
         """Σ over 3B pairs (positive; image i with text neg_text[i]; image neg_image[j] with text j)."""
         B, N = input_ids.shape[0], self.qformer.num_queries
         ids, real = self._text(self.cls_id, torch.cat([input_ids, input_ids[neg_text], input_ids]))
-        images = torch.cat([image, image, image[neg_image]])
+        # index_select, not image[neg_image]: indexing's backward adds into the gradient with atomic adds
+        # on CPU threads, in no fixed order (runs would differ in the last bits); index_select's does not
+        images = torch.cat([image, image, image.index_select(0, neg_image)])
         keys = torch.cat([real.new_ones(3 * B, N), real], dim=1)  # bidirectional, pad keys masked
         logits = self.itm_head(self._joint(images, ids, keys)[:, :N]).mean(1)  # (3B, 2)
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
