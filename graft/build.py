@@ -14,6 +14,7 @@ changes the config it is given: `resolve` returns a resolved copy.
   `train.init_parts` (any part from any run, e.g. the connector of a stage-1 run; the LM and the
   tower may also come from HF folders, `lm.hf_path` / `vision.hf_path`), LoRA adapters added
   (`lm.lora_rank`), `train.freeze` applied.
+- `step_losses(cfg, model)`: the model's losses with the design's objectives and frozen teacher.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from graft.errors import UserError
 from graft.models.hf_backbones import resolve_lm, resolve_vision
 from graft.models.hf_llava import load_llava_weights
 from graft.models.lora import add_lora, merge_lora
+from graft.objectives import StepLosses
 from graft.parts import adopt_vision_arch, load_modules, load_stage1, load_vision
 from graft.rundir import RunDir
 from graft.train import checkpoint
@@ -102,6 +104,13 @@ def build_processor(cfg: Config, tok, model):
     return design(cfg.model).processor(cfg, tok, model)
 
 
+
+
+def step_losses(cfg: Config, model) -> StepLosses:
+    """What a training step of `cfg` computes on `model`: its own losses, and its design's
+    objectives with their frozen teacher (held here, outside the model: graft/objectives.py)."""
+    entry = design(cfg.model)
+    return StepLosses(model, entry.objectives(cfg, model), entry.teacher(cfg, model))
 
 
 def load_run(run: RunDir):

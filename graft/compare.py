@@ -2,7 +2,8 @@
 matched training compute.
 
 Every recipe is trained to the same training FLOPs — forward and backward of every part, vision
-included, counted by torch's FLOP counter on the recipe's first batch (train/flops.py) — with the
+included, counted by torch's FLOP counter on the recipe's first batch (train/flops.py); a frozen
+teacher's forward (EVE's tower) is not the model's and is reported beside the table — with the
 same seeds (and so the same data order where the data settings agree), evaluated on the same
 splits and tasks, and summarised in `DIR/report.md`: parameters, image tokens per image, FLOPs,
 wall time, samples/s, MFU, and every metric as mean ± standard deviation over seeds, plus
@@ -29,13 +30,13 @@ from pathlib import Path
 import torch
 
 from graft import atomic
-from graft.build import assemble, build_processor, build_stream, resolve, tokenizer_for
+from graft.build import assemble, build_processor, build_stream, resolve, step_losses, tokenizer_for
 from graft.config_checks import apply_overrides
 from graft.designs import SHARED_SECTIONS, design
 from graft.errors import UserError
 from graft.recipes import RECIPES, STAGES, recipe
 from graft.report import png_bytes, pyplot
-from graft.train.flops import count_step
+from graft.train.flops import MeasuredFlops, count_step
 from graft.train.loop import train
 from graft.train.metrics import read
 from graft.train.runtime import Runtime
@@ -121,9 +122,12 @@ def first_batches(cfg):
 
 
 def _measure(cfg) -> dict:
-    """Training FLOPs of one step (the first batch), parameters, image features the LM reads per image."""
+    """Training FLOPs of one step (the first batch), a frozen teacher's forward FLOPs apart,
+    parameters, image features the LM reads per image."""
     model, _, batches = first_batches(cfg)
-    return {"flops_per_step": float(sum(count_step(model, b) for b in batches)),
+    losses = step_losses(cfg, model)  # the budget counts the model trained, not a frozen teacher
+    return {"flops_per_step": float(sum(count_step(model, b, losses) for b in batches)),
+            "teacher_flops_per_step": float(MeasuredFlops().teacher(losses, batches)),
             "params": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "image_tokens": getattr(model, "tokens_per_image", None)}
@@ -173,6 +177,11 @@ def _report(rows: list[dict], stages: dict, budget: float, seeds: int, overrides
         lines += ["", f"{', '.join(users)} start{'s' if len(users) == 1 else ''} from `{stage}`, trained once per "
                   f"seed for {info['steps']} steps ({info['steps'] * info['flops_per_step']:.3g} training FLOPs, "
                   f"not in the budget) in `stages/`: {scores}."]
+    for row in rows:
+        if row.get("teacher_flops_per_step"):
+            lines += ["", f"{row['recipe']} learns from a frozen teacher whose forward adds "
+                      f"{row['teacher_flops_per_step']:.3g} FLOPs per step, not in the budget (FLOPs/step counts "
+                      "the model trained)."]
     return "\n".join(lines + ["", "![training loss and the first metric against training FLOPs](loss_vs_flops.png)", ""])
 
 

@@ -45,6 +45,14 @@ def as_local_sum(global_mean: torch.Tensor, local: int, total: int) -> torch.Ten
     return scaled - (scaled - global_mean.detach() * local).detach()
 
 
+def cosine_distance_sum(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Σ over rows of 1 - cos(student_i, target_i), in at least fp32: EVE's alignment of the LM's
+    patch states (through a head) to a frozen teacher's patch features. `target` (any shape with
+    as many elements) is reshaped to `student`'s (N, D). Memory: O(N·D)."""
+    target = target.reshape(student.shape)
+    return (1 - F.cosine_similarity(at_least_fp32(student), at_least_fp32(target), dim=-1)).sum()
+
+
 def weighted(losses: dict, counts: dict, weights: dict | None = None) -> torch.Tensor:
     """Σ_name weight x local sum / count: the objective of named local-sum losses (weight 1 each
     unless given; counts as the trainer sums them over micro-batches and processes)."""

@@ -86,15 +86,20 @@ def load_stage1(model, path: str, key: str = "connector.init_from") -> None:
                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
 
+def teacher_config(path: str) -> VisionConfig:
+    """The config of the vision tower at `path` (an HF SigLIP/CLIP folder with config.json, or a
+    graft run), its weights left unread: what a student sizes its alignment head by."""
+    if (Path(path) / "config.json").is_file():
+        return resolve_vision(VisionConfig(hf_path=path))
+    return RunDir(path).require().config().vision
+
+
 def load_teacher(path: str) -> tuple[nn.Module, VisionConfig]:
     """A frozen vision tower and its config (its image size, mean and std): an HF SigLIP/CLIP folder
     (config.json) or a graft run's ViT."""
-    if (Path(path) / "config.json").is_file():
-        cfg = resolve_vision(VisionConfig(hf_path=path))
-        tower = HFVisionTower.load(cfg, pretrained=True)
-    else:
-        cfg = RunDir(path).require().config().vision
-        tower = HFVisionTower.load(cfg, pretrained=True) if cfg.hf_path else ViT(cfg)
+    cfg = teacher_config(path)
+    tower = HFVisionTower.load(cfg, pretrained=True) if cfg.hf_path else ViT(cfg)
+    if not (Path(path) / "config.json").is_file():  # a graft run: its trained tower
         holder = nn.Module()
         holder.vision = tower
         load_modules(holder, ["vision"], path, "eve.teacher")

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from graft.build import step_losses
 from graft.cli import main
 from graft.data.processor import Processor
 from graft.models.connectors import ConnectorConfig
@@ -123,11 +124,15 @@ def test_eve_alignment_to_a_frozen_teacher(tmp_path):
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     align = [r["loss/align"] for r in steps if "loss/align" in r]
     assert len(align) == 12 and align[-1] < align[0]
+    assert all(r["teacher_flops_per_s"] > 0 for r in steps if "loss" in r)  # logged apart from the model's
     saved = read_model(RunDir(str(run)).latest_checkpoint())
     assert "align_head.weight" in saved and not any(k.startswith(("_teacher", "teacher")) for k in saved)
-    _, _, model, _ = load_run(RunDir(str(run)))
+    cfg, _, model, _ = load_run(RunDir(str(run)))
+    assert not any("teacher" in name for name, _ in model.named_modules())  # the trainer holds it, not the model
+    held = step_losses(cfg, model).teacher.module
     teacher_model = load_run(RunDir(str(teacher)))[2]
-    assert all(torch.equal(p, q) for p, q in zip(model._teacher[0].parameters(), teacher_model.vision.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(held.parameters(), teacher_model.vision.parameters()))
+    assert not any(p.requires_grad for p in held.parameters()) and not held.training
 
 
 def test_align_is_no_loss_without_a_teacher(tmp_path, capsys):
@@ -159,16 +164,67 @@ def test_eve_teacher_from_a_hugging_face_folder(tmp_path, kind):
     from transformers import AutoModel
 
     reference = AutoModel.from_pretrained(str(folder)).state_dict()
-    teacher = load_run(RunDir(str(run)))[2]._teacher[0]
-    mine = {k.removeprefix("model."): v for k, v in teacher.state_dict().items()}
+    cfg, _, model, _ = load_run(RunDir(str(run)))
+    held = step_losses(cfg, model).teacher
+    mine = {k.removeprefix("model."): v for k, v in held.module.state_dict().items()}
     assert set(reference) <= set(mine) and all(torch.equal(mine[k], v) for k, v in reference.items())
     # the teacher reads the images normalised its own way (CLIP's mean and std, SigLIP's 0.5)
     from graft.parts import load_teacher
 
     _, seen_as = load_teacher(str(folder))
-    _, scale, shift = load_run(RunDir(str(run)))[2]._teacher
-    pixels = torch.rand(3, 1, 1)
+    pixels = torch.rand(2, 3, seen_as.image_size, seen_as.image_size)
     own = (pixels - 0.5) / 0.5  # the student's
     want = (pixels - torch.tensor(seen_as.image_mean)[:, None, None]) / torch.tensor(seen_as.image_std)[:, None, None]
-    torch.testing.assert_close(own * scale + shift, want)
+    torch.testing.assert_close(held({"pixel_values": own}), held.module.features(want))
     assert (seen_as.image_mean != [0.5] * 3) == (kind == "clip")
+
+
+def test_the_trainers_align_objective_is_evees_cosine_distance(tmp_path):
+    """The `align` objective the trainer composes (student outputs, teacher outputs) equals the
+    alignment computed by hand: the LM layer's output (read with a hook here) at the image tokens,
+    through the head, against the frozen CLIP tower's features of the images renormalised to its
+    mean and std; the counts are the image tokens, and the model's own `lm` loss is unchanged."""
+    from hf_models import CLIP_MEAN, CLIP_STD, make_vision
+
+    from graft.build import assemble, build_processor, tokenizer_for
+    from graft.designs import design
+    from graft.losses import batch_loss
+    from graft.recipes import recipe
+    from graft.train.runtime import Runtime
+
+    folder = make_vision("clip", tmp_path / "clip")
+    cfg = recipe("shapes_fuyu", ["lm.hidden_size=32", "lm.layers=2", "lm.intermediate_size=64",
+                                 f"eve.teacher={folder}", "eve.layer=0", "train.batch_size=8"])
+    tok = tokenizer_for(cfg)
+    model = assemble(cfg, tok)
+    batch = design(cfg.model).world_batches(cfg, build_processor(cfg, tok, model),
+                                            Runtime(torch.device("cpu"), torch.float32)).batch(0, 0)
+    composed = step_losses(cfg, model)
+    seen = {}
+    hook = model.lm.layers[0].register_forward_hook(lambda m, args, out: seen.setdefault("h", out))
+    losses = composed.losses(model, batch)
+    hook.remove()
+    image = batch["input_ids"] == model.image_token_id
+    student = model.align_head(seen["h"][image])
+    mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+    pixels = batch["pixel_values"] * 0.5 + 0.5  # the student's normalisation undone (mean = std = 0.5)
+    target = composed.teacher.module.features((pixels - mean[:, None, None]) / std[:, None, None])
+    want = (1 - torch.nn.functional.cosine_similarity(student, target.reshape(student.shape), dim=-1)).sum()
+    torch.testing.assert_close(losses["align"], want)
+    assert composed.counts(batch)["align"] == int(image.sum()) > 0
+    torch.testing.assert_close(losses["lm"], batch_loss(model, batch) * model.loss_counts(**batch)["lm"])
+
+    # FLOPs: the teacher's forward is counted apart, and the model's training FLOPs leave it out
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from graft.losses import weighted
+    from graft.train.flops import _CPU_ATTENTION, MeasuredFlops
+
+    counter = MeasuredFlops()
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as alone:
+        composed.teach(batch)
+    assert counter.teacher(composed, [batch]) == alone.get_total_flops() > 0
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as both:
+        weighted(composed.losses(model, batch), composed.counts(batch)).backward()
+    model.zero_grad(set_to_none=True)
+    assert counter(model, batch, composed) == both.get_total_flops() - alone.get_total_flops()

@@ -1,32 +1,69 @@
 """Fuyu: no vision encoder, raw patches → one linear map → the LM; each row of patches ends with a
 newline token. With `eve.teacher` (EVE) the LM is also taught a frozen tower's features of its
-patches."""
+patches: the trainer holds the tower (`teacher`) and adds the loss `align` (`objectives`)."""
 
 from __future__ import annotations
 
 import dataclasses
+
+import torch
 
 from graft.data.processor import Processor
 from graft.designs.registry import GENERATES, Design, register
 from graft.designs.shared import builtin_lm, check_something_trains, lm_losses, resolve_vocab
 from graft.designs.vlm import tokens, world_batches
 from graft.errors import UserError
+from graft.losses import cosine_distance_sum
 from graft.models.connectors import per_patch
 from graft.models.decoder import LMConfig
 from graft.models.fuyu import READS, AlignedFuyu, EveConfig, Patches
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM
-from graft.parts import load_teacher
+from graft.objectives import Objective, Teacher
+from graft.parts import load_teacher, teacher_config
 
 PARTS = ("connector", "lm", "lm_image")
 
 
 def build(cfg, tok, pretrained: bool = True):
     resolve_vocab(cfg, tok)
-    if cfg.eve.teacher:  # EVE: the LM is taught a frozen tower's features of its patches
-        return AlignedFuyu(cfg.vision, cfg.connector, builtin_lm(cfg.lm, pretrained), tok.image,
-                           load_teacher(cfg.eve.teacher), cfg.eve.layer)
-    return VLM(Patches(cfg.vision), cfg.connector, builtin_lm(cfg.lm, pretrained), tok.image)
+    lm = builtin_lm(cfg.lm, pretrained)
+    if not cfg.eve.teacher:
+        return VLM(Patches(cfg.vision), cfg.connector, lm, tok.image)
+    seen_as, v = teacher_config(cfg.eve.teacher), cfg.vision
+    theirs, mine = seen_as.num_patches, (v.image_size // v.patch_size) ** 2
+    if theirs != mine:
+        raise UserError(f"eve.teacher sees {theirs} patches per image, this model {mine}: their grids must match "
+                        "(image_size / patch_size)")
+    return AlignedFuyu(v, cfg.connector, lm, tok.image, seen_as.hidden_size, cfg.eve.layer)
+
+
+def teacher(cfg, model) -> Teacher | None:
+    """EVE's frozen tower, reading the student's images normalised its own way
+    (x_teacher = x · scale + shift); loading it leaves the global RNG alone."""
+    if not cfg.eve.teacher:
+        return None
+    with torch.random.fork_rng():
+        tower, seen_as = load_teacher(cfg.eve.teacher)
+    mean, std = torch.tensor(cfg.vision.image_mean), torch.tensor(cfg.vision.image_std)
+    its_mean, its_std = torch.tensor(seen_as.image_mean), torch.tensor(seen_as.image_std)
+    scale, shift = (std / its_std)[:, None, None], ((mean - its_mean) / its_std)[:, None, None]
+
+    def read(tower, batch):
+        pixels = batch["pixel_values"]
+        return tower.features(pixels * scale.to(pixels.device) + shift.to(pixels.device))
+
+    return Teacher(tower, read)
+
+
+def objectives(cfg, model) -> dict[str, Objective]:
+    """`align`: the cosine distance of the student's aligned patch states to the teacher's
+    features, summed over the image tokens."""
+    if not cfg.eve.teacher:
+        return {}
+    image = model.image_token_id
+    return {"align": Objective(lambda out, batch, taught: cosine_distance_sum(out["aligned"], taught),
+                               lambda batch: (batch["input_ids"] == image).sum())}
 
 
 def processor(cfg, tok, model):
@@ -56,4 +93,5 @@ def validate(cfg) -> None:
 
 register("fuyu", Design(frozenset({GENERATES}), ("vision", "connector", "lm", "eve"), PARTS, build, processor,
                         world_batches, tokens, validate, losses=("lm",), packs=True,
-                        config_losses=lambda cfg: lm_losses(cfg) + (("align",) if cfg.eve.teacher else ())))
+                        config_losses=lambda cfg: lm_losses(cfg) + (("align",) if cfg.eve.teacher else ()),
+                        teacher=teacher, objectives=objectives))

@@ -33,6 +33,11 @@ class Design:
     # the named losses its model returns besides `losses` under this config (an MoE LM's balancing
     # loss, Fuyu's alignment to a teacher)
     config_losses: Callable = lambda cfg: ()
+    # what the trainer adds beside the model's own losses (graft/objectives.py): a frozen teacher it
+    # holds outside the model, `(cfg, model) → Teacher | None`, and named objectives over the
+    # model's outputs, the batch and the teacher's, `(cfg, model) → {name: Objective}`
+    teacher: Callable = lambda cfg, model: None
+    objectives: Callable = lambda cfg, model: {}
 
     def can(self, capability: str) -> bool:
         return capability in self.capabilities

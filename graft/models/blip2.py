@@ -35,7 +35,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from graft.errors import UserError
 from graft.losses import (
     IGNORE,
     _global_mean,

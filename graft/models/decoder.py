@@ -324,6 +324,7 @@ class LanguageModel(nn.Module):
         aux: dict | None = None,
         head_at: torch.Tensor | None = None,
         media: Media | None = None,
+        hidden: dict | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) from token ids (B, T) or embeddings (B, T, D); with `head_at` (B, T)
         bool, only those positions' logits (K, vocab): the head costs as much as a layer or more.
@@ -334,6 +335,7 @@ class LanguageModel(nn.Module):
         `lm.image_attention` / `lm.image_positions`: every `tokens_per_image` of them in a row make
         one image, whose tokens form a square grid of side `image_grid` (None: no grid). Auxiliary losses of the layers are added to `aux` when given.
         `media`: images for blocks inserted before some layers (Flamingo), with those blocks.
+        `hidden` {layer index: None}: filled with each of those layers' outputs (B, T, D).
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         ctx = self.context(x, cache, position_ids, doc_ids, modality_ids, tokens_per_image, image_grid)
@@ -341,6 +343,8 @@ class LanguageModel(nn.Module):
             if media is not None and i in media.blocks:
                 x = media.blocks[i](x, media)
             x = layer(x, ctx, cache)
+            if hidden is not None and i in hidden:
+                hidden[i] = x
         if aux is not None:
             aux.update(ctx.aux)
         return self.lm_head(self.norm(x if head_at is None else x[head_at]))

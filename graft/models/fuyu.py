@@ -11,8 +11,8 @@ image's width. The whole model is then the prefix VLM (models/vlm.py) with `Patc
 decoder, so the model equals HF `FuyuForCausalLM` with a Llama text config and the same weights
 (tests/test_fuyu.py). Of `vision.*` only image_size, patch_size, image_mean and image_std apply.
 
-`eve.teacher` adds EVE's alignment (`AlignedFuyu`): what a vision encoder would have given, taught
-to the LM instead of put in front of it.
+`eve.teacher` adds EVE's alignment (`AlignedFuyu`, and its teacher and loss in designs/fuyu.py):
+what a vision encoder would have given, taught to the LM instead of put in front of it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from graft.errors import UserError
@@ -70,39 +69,19 @@ class EveConfig:
 
 
 class AlignedFuyu(VLM):
-    """Fuyu (`Patches` into the LM) with EVE's alignment loss to a frozen teacher. The teacher is
-    kept outside the module tree: not trained, not in the optimizer, not in checkpoints."""
+    """Fuyu (`Patches` into the LM) whose LM also says, through a linear head, what a vision
+    teacher sees at each patch. In training its outputs are `{"aligned": (image tokens, D_teacher)}`:
+    the head on layer `layer`'s states at the image tokens. The frozen teacher and the loss are the
+    trainer's (designs/fuyu.py, graft/objectives.py): this model holds no teacher."""
 
-    def __init__(self, vision: VisionConfig, connector, lm, image_token_id: int,
-                 teacher: tuple[nn.Module, VisionConfig], layer: int):
+    def __init__(self, vision: VisionConfig, connector, lm, image_token_id: int, teacher_dim: int, layer: int):
         super().__init__(Patches(vision), connector, lm, image_token_id)
-        tower, seen_as = teacher
-        if tower.num_patches != self.vision.num_patches:
-            raise UserError(f"eve.teacher sees {tower.num_patches} patches per image, this model "
-                            f"{self.vision.num_patches}: their grids must match (image_size / patch_size)")
-        self.align_head = nn.Linear(lm.hidden_size, tower.embed_dim)
-        # The teacher reads the same images normalised its own way: x_teacher = x · scale + shift
-        mean, std = torch.tensor(vision.image_mean), torch.tensor(vision.image_std)
-        its_mean, its_std = torch.tensor(seen_as.image_mean), torch.tensor(seen_as.image_std)
-        scale, shift = std / its_std, (mean - its_mean) / its_std
-        self._teacher = [tower, scale[:, None, None], shift[:, None, None]]  # a list: not submodules, not saved
-        self.align_layer = layer
+        self.align_head = nn.Linear(self.lm.hidden_size, teacher_dim)
+        self.align_layer = layer % len(self.lm.layers)
 
     def forward(self, input_ids, pixel_values=None, labels=None, cache=None, image_tokens=None, **packed):
-        if labels is None or pixel_values is None or not pixel_values.shape[0]:
+        if labels is None:
             return super().forward(input_ids, pixel_values, labels, cache, image_tokens, **packed)
-        seen = {}
-        hook = self.lm.layers[self.align_layer].register_forward_hook(lambda m, args, out: seen.setdefault("h", out))
-        try:
-            out, losses = super().forward(input_ids, pixel_values, labels, cache, image_tokens, **packed)
-        finally:
-            hook.remove()
-        student = self.align_head(seen["h"][input_ids == self.image_token_id])  # (images x P, D_teacher)
-        teacher, scale, shift = (t.to(pixel_values.device) for t in self._teacher)
-        with torch.no_grad():
-            target = teacher.features(pixel_values * scale + shift).reshape(student.shape)
-        losses["align"] = (1 - F.cosine_similarity(student.float(), target.float(), dim=-1)).sum()
-        return out, losses
-
-    def loss_counts(self, input_ids, labels, **batch) -> dict[str, int]:
-        return {**super().loss_counts(input_ids, labels, **batch), "align": int((input_ids == self.image_token_id).sum())}
+        hidden = {self.align_layer: None}
+        _, losses = super().forward(input_ids, pixel_values, labels, cache, image_tokens, hidden=hidden, **packed)
+        return {"aligned": self.align_head(hidden[self.align_layer][input_ids == self.image_token_id])}, losses

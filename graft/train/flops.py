@@ -22,24 +22,27 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
-from graft.losses import batch_loss
+from graft.losses import weighted
+from graft.objectives import StepLosses
 
 aten = torch.ops.aten
 
 
 class MeasuredFlops:
-    """Training FLOPs (forward + backward) of a micro-batch, counted once per shape and cached."""
+    """Training FLOPs (forward + backward) of a micro-batch, counted once per shape and cached; a
+    frozen teacher's forward FLOPs (graft/objectives.py) are counted apart (`teacher`)."""
 
     def __init__(self):
         self.cache: dict[tuple, int] = {}
+        self.taught: dict[tuple, int] = {}
 
-    def __call__(self, model, batch: dict) -> int:
+    def __call__(self, model, batch: dict, losses: StepLosses | None = None) -> int:
         key = self._key(model, batch)
         if key not in self.cache:
-            self.cache[key] = count_step(model, batch)
+            self.cache[key] = count_step(model, batch, losses)
         return self.cache[key]
 
-    def step(self, model, batches: list[dict], sharded: bool = False) -> int:
+    def step(self, model, batches: list[dict], sharded: bool = False, losses: StepLosses | None = None) -> int:
         """FLOPs of a step's micro-batches. `sharded` (FSDP2): a counting forward gathers weights,
         so every process counts whenever any one meets a new shape."""
         keys = [self._key(model, b) for b in batches]
@@ -47,8 +50,20 @@ class MeasuredFlops:
             new = torch.tensor([int(any(k not in self.cache for k in keys))])
             dist.all_reduce(new, op=dist.ReduceOp.MAX)
             if new.item():
-                self.cache |= {k: count_step(model, b) for k, b in zip(keys, batches)}
-        return sum(self(model, b) for b in batches)
+                self.cache |= {k: count_step(model, b, losses) for k, b in zip(keys, batches)}
+        return sum(self(model, b, losses) for b in batches)
+
+    def teacher(self, losses: StepLosses, batches: list[dict]) -> int:
+        """Forward FLOPs of the step's frozen teacher (0 without one): not training FLOPs of the model."""
+        if losses.teacher is None:
+            return 0
+        for b in batches:
+            key = self._key(losses.teacher.module, b)
+            if key not in self.taught:
+                with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
+                    losses.teach(b)
+                self.taught[key] = counter.get_total_flops()
+        return sum(self.taught[self._key(losses.teacher.module, b)] for b in batches)
 
     @staticmethod
     def _key(model, batch: dict) -> tuple:
@@ -56,16 +71,18 @@ class MeasuredFlops:
         return tuple((k, tuple(v.shape)) for k, v in sorted(batch.items())), hash(trainable)
 
 
-def count_step(model, batch: dict) -> int:
-    """FLOPs of one forward and backward of `model` on `batch`; leaves no gradient behind (run it
-    where gradients are about to be zeroed anyway) and the buffers as they were."""
-    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: _as_raw(sdpa_flop),
-                     aten._scaled_dot_product_flash_attention_for_cpu_backward: _as_raw(sdpa_backward_flop)}
+def count_step(model, batch: dict, losses: StepLosses | None = None) -> int:
+    """FLOPs of one forward and backward of `model` on `batch` — its own losses and, with `losses`,
+    the design's objectives (a teacher's forward is not counted: `MeasuredFlops.teacher`). Leaves
+    no gradient behind (run it where gradients are about to be zeroed anyway) and the buffers as
+    they were."""
+    losses = losses or StepLosses(model)
+    taught = losses.teach(batch)  # outside the counter
     # Eager under the counter: torch.compile does not trace under a dispatch mode, and a compiled
     # block first called under one would stay uncompiled for the rest of the run.
     buffers = [(b, b.clone()) for b in model.buffers()]  # state a forward may move (MoE expert loads)
-    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-        loss = batch_loss(model, batch)
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
+        loss = weighted(losses.losses(model, batch, taught), losses.counts(batch))
         if loss.requires_grad:
             loss.backward()
     model.zero_grad(set_to_none=True)
@@ -83,6 +100,10 @@ def _as_raw(formula):
 
     raw._get_raw = True
     return raw
+
+
+_CPU_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu: _as_raw(sdpa_flop),
+                  aten._scaled_dot_product_flash_attention_for_cpu_backward: _as_raw(sdpa_backward_flop)}
 
 
 def _params(module: nn.Module) -> int:

@@ -19,13 +19,14 @@ from tqdm import tqdm
 
 from graft import atomic
 from graft import config as config_mod
-from graft.build import assemble, build_processor, build_stream, resolve, tokenizer_for
+from graft.build import assemble, build_processor, build_stream, resolve, step_losses, tokenizer_for
 from graft.config import Config
 from graft.designs import design
 from graft.errors import Stopped, UserError
 from graft.eval.harness import entries, evaluate, unprefixed
 from graft.eval.shard import sharded
 from graft.losses import weighted
+from graft.objectives import StepLosses
 from graft.models.moe import expert_loads
 from graft.report import write_report
 from graft.rundir import RunDir
@@ -50,6 +51,7 @@ class _Session:
     run: RunDir
     model: torch.nn.Module
     engine: torch.nn.Module  # what the forward goes through: DDP's wrapper, or the (FSDP2-sharded) model
+    losses: StepLosses  # the model's losses, the design's objectives and its frozen teacher
     optimizer: torch.optim.Optimizer
     scheduler: object
     proc: object
@@ -93,6 +95,7 @@ def _start(cfg: Config, run: RunDir) -> _Session:
     if hasattr(model, "supervised_logits"):  # VLMs: the LM head only where the loss needs it
         model.supervised_logits = True
     engine = parallel.apply(model, cfg, rt)  # DDP wrapper, or the model itself (sharded in place by FSDP2)
+    losses = step_losses(cfg, model).to(rt.device)  # a teacher stays outside the model and its wrapper
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     ckpt = run.latest_checkpoint()
@@ -100,7 +103,7 @@ def _start(cfg: Config, run: RunDir) -> _Session:
     proc = build_processor(cfg, tok, model)
     stream = build_stream(cfg, proc, rt, ckpt if start else None)
     stream.resume(start, samples_seen)
-    return _Session(cfg, rt, run, model, engine, optimizer, scheduler, proc, stream, start, samples_seen)
+    return _Session(cfg, rt, run, model, engine, losses, optimizer, scheduler, proc, stream, start, samples_seen)
 
 
 def _steps(s: _Session, log: MetricsLog) -> None:
@@ -116,7 +119,7 @@ def _steps(s: _Session, log: MetricsLog) -> None:
         with StopOnSignal() as stop:
             for step in range(s.start, cfg.train.steps):
                 lr = s.scheduler.get_last_lr()[0]  # what this step uses: logged with it
-                loss, grad_norm, stats = _train_step(s.engine, s.model, s.stream, s.optimizer, cfg, rt, step, flops)
+                loss, grad_norm, stats = _train_step(s, step, flops)
                 s.scheduler.step()
                 s.samples_seen += cfg.train.batch_size * rt.world_size
                 window.add(stats)
@@ -262,14 +265,16 @@ def _vary(batch: dict) -> None:
             torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
-def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int, flops: MeasuredFlops):
+def _train_step(s: _Session, step: int, flops: MeasuredFlops):
     """One optimiser step over grad_accum micro-batches; skips the update if gradients are non-finite.
 
-    Each named loss of the model is a local sum; it is divided by what it counts over every
-    micro-batch and process (`model.loss_counts`), weighted by `train.objectives`, and multiplied
-    by the world size (DDP averages gradients over ranks), so that the gradient is the global
-    batch's. Returns the weighted loss, the gradient norm, and statistics with `loss/<name>`."""
+    Each named loss (the model's own and the design's objectives, graft/objectives.py) is a local
+    sum; it is divided by what it counts over every micro-batch and process, weighted by
+    `train.objectives`, and multiplied by the world size (DDP averages gradients over ranks), so
+    that the gradient is the global batch's. Returns the weighted loss, the gradient norm, and
+    statistics with `loss/<name>`; a frozen teacher's FLOPs are counted apart from the model's."""
     t0 = time.perf_counter()
+    cfg, rt, model, engine, composed, stream, optimizer = s.cfg, s.rt, s.model, s.engine, s.losses, s.stream, s.optimizer
     accum, entry = cfg.train.grad_accum, design(cfg.model)
     batches = [{k: v.to(rt.device, non_blocking=True) for k, v in stream.batch(step, micro).items()}
                for micro in range(accum)]
@@ -277,17 +282,18 @@ def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int, fl
         for batch in batches:
             _vary(batch)
     data_s = time.perf_counter() - t0
-    counts = runtime.all_sum(_sum_counts(model.loss_counts(**b) for b in batches), rt)
+    counts = runtime.all_sum(_sum_counts(composed.counts(b) for b in batches), rt)
     weights = {name: cfg.train.objectives.get(name, 1.0) for name in counts}
     sums = dict.fromkeys(counts, 0.0)
     tc = time.perf_counter()
-    step_flops = flops.step(model, batches, parallel.is_sharded(model))  # once per new shape, then cached
+    step_flops = flops.step(model, batches, parallel.is_sharded(model), composed)  # once per new shape, then cached
+    teacher_flops = flops.teacher(composed, batches)
     counting = time.perf_counter() - tc  # not training time: left out of the step's time
     images = tokens = 0
     optimizer.zero_grad(set_to_none=True)
     for micro, batch in enumerate(batches):
         with parallel.gradient_sync(engine, micro == accum - 1), rt.autocast():
-            _, losses = engine(**batch)
+            losses = composed.losses(engine, batch)
         objective = weighted(losses, counts, weights)
         (objective * rt.world_size).backward()
         for name, value in losses.items():
@@ -308,7 +314,7 @@ def _train_step(engine, model, stream, optimizer, cfg: Config, rt, step: int, fl
         if hasattr(module, "after_step"):
             module.after_step()
     stats = {"time": time.perf_counter() - t0 - counting, "data": data_s, "images": images, "tokens": tokens,
-             "flops": step_flops, "skipped": int(skipped), "losses": named}
+             "flops": step_flops, "teacher_flops": teacher_flops, "skipped": int(skipped), "losses": named}
     return loss_sum, grad_norm, stats
 
 
@@ -328,7 +334,7 @@ class _Window:
 
     def reset(self):
         self.time = self.data = self.blocked = 0.0  # blocked: waiting for checkpoint saves
-        self.images = self.tokens = self.flops = self.skipped = self.steps = 0
+        self.images = self.tokens = self.flops = self.teacher_flops = self.skipped = self.steps = 0
         self.losses: dict[str, float] = {}
 
     def add(self, s: dict) -> None:
@@ -337,6 +343,7 @@ class _Window:
         self.images += s["images"]
         self.tokens += s["tokens"]
         self.flops += s["flops"]
+        self.teacher_flops += s["teacher_flops"]
         self.skipped += s["skipped"]
         self.steps += 1
         self.losses = s["losses"]  # the last step's, like `loss`
@@ -351,12 +358,14 @@ class _Window:
             "grad_norm": grad_norm,
             "samples_per_s": self.images * rt.world_size / t,
             "tokens_per_s": self.tokens * rt.world_size / t,
-            "mfu": flops / t / (peak * rt.world_size),
+            "mfu": flops / t / (peak * rt.world_size),  # the model's training FLOPs, not a teacher's
             "data_wait_frac": self.data / t,
             "skipped_steps": self.skipped,
             "ckpt_blocked_s": self.blocked,  # since the previous record (not in the step times above)
             "peak_mem_gb": runtime.peak_memory(rt) / 2**30,  # process 0's
         } | {f"loss/{name}": value for name, value in self.losses.items()}
+        if self.teacher_flops:  # a frozen teacher's forward (graft/objectives.py), apart from the model's
+            rec["teacher_flops_per_s"] = self.teacher_flops * rt.world_size / t
         self.reset()
         return rec
 
