@@ -162,3 +162,19 @@ def test_every_design_resumes_exactly_and_evaluates(tmp_path, case):
 
     assert len(losses(whole)) == 6 and losses(resumed) == losses(whole)
     assert "vqa_acc" in json.loads((resumed / "eval.json").read_text())
+
+
+def bare_modality_ids(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, code) of every comparison of something named `*modality_ids*` with a bare number."""
+    return [(node.lineno, ast.unparse(node)) for node in ast.walk(tree) if isinstance(node, ast.Compare)
+            and "modality_ids" in ast.unparse(node.left)
+            and any(isinstance(c, ast.Constant) and isinstance(c.value, int) for c in node.comparators)]
+
+
+def test_modality_ids_are_named():
+    """Tokens' modalities are compared with the names of graft/models/modality.py, never a number."""
+    assert bare_modality_ids(ast.parse("a = ctx.modality_ids == 1\nb = modality_ids == IMAGE")) == [
+        (1, "ctx.modality_ids == 1")]
+    offenders = [f"{path.relative_to(PACKAGE)}:{line}: {code}" for path in sorted(PACKAGE.rglob("*.py"))
+                 for line, code in bare_modality_ids(ast.parse(path.read_text()))]
+    assert not offenders, "\n".join(offenders)

@@ -24,6 +24,7 @@ from graft.errors import UserError
 from graft.models import moe
 from graft.models.image_layout import image_mask, mrope_positions
 from graft.models.layers import RMSNorm
+from graft.models.modality import IMAGE
 
 IMAGE_ATTENTION = ("causal", "bidirectional")
 IMAGE_POSITIONS = ("1d", "mrope")
@@ -130,7 +131,7 @@ class Context:
     """What one forward call gives every layer; built per call, never kept on a module.
 
     cos, sin: rotary tables (B, T, head_dim). mask: (B, 1, T, T), True = may attend, or None for
-    plain causal attention. modality_ids: (B, T), 0 = text, 1 = image, or None (text only). aux:
+    plain causal attention. modality_ids: (B, T), TEXT or IMAGE (models/modality.py), or None (text only). aux:
     auxiliary losses a layer adds by name, as local sums over the batch's positions (the caller
     returns them beside its own; none of graft's built-in layers adds one yet)."""
 
@@ -267,7 +268,7 @@ class DecoderLayer(nn.Module):
             return text(x, ctx)
         if image is None or ctx.modality_ids is None:
             return text(x)
-        at = ctx.modality_ids == 1  # (B, T)
+        at = ctx.modality_ids == IMAGE  # (B, T)
         out = torch.empty_like(x)
         out[~at], out[at] = text(x[~at]), image(x[at])
         return out
@@ -331,7 +332,7 @@ class LanguageModel(nn.Module):
 
         Packed rows (data/packing.py) pass `position_ids` (B, T), restarting at each document, and
         `doc_ids` (B, T): attention is then causal within a document and blind across documents.
-        `modality_ids` (B, T) mark image tokens (1), whose attention and positions follow
+        `modality_ids` (B, T) mark image tokens (IMAGE), whose attention and positions follow
         `lm.image_attention` / `lm.image_positions`: every `tokens_per_image` of them in a row make
         one image, whose tokens form a square grid of side `image_grid` (None: no grid). Auxiliary losses of the layers are added to `aux` when given.
         `media`: images for blocks inserted before some layers (Flamingo), with those blocks.
@@ -353,7 +354,7 @@ class LanguageModel(nn.Module):
         B, T, _ = x.shape
         start = cache.seen() if cache is not None else 0
         positions = torch.arange(start, start + T, device=x.device).expand(B, T) if position_ids is None else position_ids
-        images = modality_ids == 1 if modality_ids is not None and start == 0 else None  # decoding: text
+        images = modality_ids == IMAGE if modality_ids is not None and start == 0 else None  # decoding: text
         if images is not None and self.cfg.image_positions == "mrope":
             positions = mrope_positions(positions, images, image_grid)
         cos, sin = rope_tables(positions, self.cfg.hidden_size // self.cfg.heads, self.cfg.rope_theta, x.dtype)

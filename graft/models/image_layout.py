@@ -1,6 +1,6 @@
 """Where image tokens sit in a decoder's sequence, and whom they may attend to.
 
-A row holds images of `n` tokens each (`modality_ids == 1`, read left to right: tokens 0..n-1 of
+A row holds images of `n` tokens each (`modality_ids == IMAGE`, read left to right: tokens 0..n-1 of
 the row's image tokens are its first image, n..2n-1 its second, whether or not text separates
 them) among text tokens. Two variants of the plain causal, 1-D layout (`lm.image_attention`,
 `lm.image_positions`):

@@ -28,6 +28,7 @@ from torch import nn
 
 from graft.errors import UserError
 from graft.models.layers import SwiGLU
+from graft.models.modality import IMAGE
 
 if TYPE_CHECKING:
     from graft.models.decoder import Context, LMConfig
@@ -79,7 +80,7 @@ class MoE(nn.Module):
         probabilities (N, E)."""
         logits = self.router(x).float()  # (N, E)
         if self.routing == "aware" and modality_ids is not None:
-            image = (modality_ids.reshape(-1) == 1)[:, None]
+            image = (modality_ids.reshape(-1) == IMAGE)[:, None]
             first = torch.arange(logits.shape[1], device=x.device) < logits.shape[1] // 2  # the image tokens' experts
             logits = logits.masked_fill(image != first, float("-inf"))
         probs = logits.softmax(-1)

@@ -15,6 +15,7 @@ from graft.errors import UserError
 from graft.losses import IGNORE, at_least_fp32, lm_loss_sum, supervised
 from graft.models.connectors import ConnectorConfig, build_connector
 from graft.models.decoder import KVCache, LanguageModel, LMConfig
+from graft.models.modality import IMAGE
 from graft.models.vit import VisionConfig, ViT
 
 
@@ -125,8 +126,8 @@ class VLM(nn.Module):
         """The decoder's inputs for a batch: the image tokens spliced into the text's embeddings
         (`doc_ids` of packed rows: the decoder's mask keeps each document to itself)."""
         return {"inputs_embeds": self.embed(input_ids, pixel_values, image_tokens), "cache": cache,
-                "modality_ids": (input_ids == self.image_token_id).long(), "tokens_per_image": self.num_image_tokens,
-                "image_grid": self.image_grid}
+                "modality_ids": (input_ids == self.image_token_id).long() * IMAGE,
+                "tokens_per_image": self.num_image_tokens, "image_grid": self.image_grid}
 
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, 1, vocab) of one more token per row (B, 1) after what `cache` holds."""
