@@ -110,7 +110,7 @@ def step_losses(cfg: Config, model) -> StepLosses:
     """What a training step of `cfg` computes on `model`: its own losses, and its design's
     objectives with their frozen teacher (held here, outside the model: graft/objectives.py)."""
     entry = design(cfg.model)
-    return StepLosses(model, entry.objectives(cfg, model), entry.teacher(cfg, model))
+    return StepLosses(model, entry.objectives(cfg, model), entry.teacher(cfg, model), entry.train_inputs(cfg))
 
 
 def load_run(run: RunDir):

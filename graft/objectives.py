@@ -49,8 +49,9 @@ class StepLosses:
     """A micro-batch's named losses: the model's own and the design's objectives, with their counts."""
 
     def __init__(self, model: nn.Module, objectives: dict[str, Objective] | None = None,
-                 teacher: Teacher | None = None):
+                 teacher: Teacher | None = None, inputs: dict | None = None):
         self.model, self.objectives, self.teacher = model, objectives or {}, teacher
+        self.inputs = inputs or {}  # what the design's model takes in training besides the batch
 
     def to(self, device) -> StepLosses:
         """The teacher onto `device` (the model moves on its own)."""
@@ -69,5 +70,5 @@ class StepLosses:
         """`engine` (the model, or its DDP wrapper) on `batch`, then each objective; `taught`: the
         teacher's outputs when already computed (FLOP counting keeps them out of the student's)."""
         taught = self.teach(batch) if taught is None else taught
-        outputs, losses = engine(**batch)
+        outputs, losses = engine(**batch, **self.inputs)
         return {**losses, **{n: o.loss(outputs, batch, taught) for n, o in self.objectives.items()}}

@@ -49,7 +49,7 @@ tables 2(d/h)·r, the final norm 4(d + 1) + (r + a)d, the boolean attention mask
 one); the loss's fp32 log-probabilities 4(T - 1)V per row. Beside what is saved, the logits a·TV per
 row are held by the trainer, and one fp32 TV buffer per row holds the loss's gradient (an upper
 bound: the trainer computes the head and loss of a VLM only at positions that predict an answer
-token, `VLM.supervised_logits`, a data-dependent share — 13 % of the demo's). A frozen
+token, `VLM.forward` in training, a data-dependent share — 13 % of the demo's). A frozen
 tower saves nothing (nothing before it needs a gradient); a frozen LM is counted whole (an upper
 bound). With activation checkpointing (per block) a block keeps only its input, d·r per token, and
 the largest block's activations exist once more while it is recomputed in the backward.

@@ -142,9 +142,11 @@ def test_fused_adamw_is_the_default_and_updates_like_torchs_default():
         torch.testing.assert_close(value, after[False][name], rtol=1e-5, atol=1e-5)  # updates: 6e-3
 
 
-def test_supervised_logits_give_the_same_loss_and_gradients_with_fewer_flops():
-    """The trainer's path (`supervised_logits`): the LM head and loss only where an answer token is
-    predicted — the loss and every gradient equal the full path's; the head's FLOPs shrink."""
+def test_answers_only_gives_the_same_loss_and_gradients_with_fewer_flops():
+    """The trainer's path (`answers_only`, the VLM designs' `train_inputs`): the LM head and loss
+    only where an answer token is predicted — the loss and every gradient equal the full path's;
+    the head's FLOPs shrink."""
+    from graft.objectives import StepLosses
     from graft.train.flops import count_step
 
     torch.manual_seed(0)
@@ -152,14 +154,14 @@ def test_supervised_logits_give_the_same_loss_and_gradients_with_fewer_flops():
     ids, labels, pix = batch(proc, 3)
     grads, losses, flops = [], [], []
     for flag in (False, True):
-        model.supervised_logits = flag
         model.zero_grad()
-        logits, named = model(ids, pix, labels)
+        logits, named = model(ids, pix, labels, answers_only=flag)
         assert (logits is None) == flag
         named["lm"].backward()
         losses.append(named["lm"].detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        flops.append(count_step(model, {"input_ids": ids, "pixel_values": pix, "labels": labels}))
+        flops.append(count_step(model, {"input_ids": ids, "pixel_values": pix, "labels": labels}, StepLosses(
+            model, inputs={"answers_only": flag})))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
     assert grads[1].keys() == grads[0].keys() and len(grads[0]) > 10
     for name, want in grads[0].items():

@@ -38,6 +38,9 @@ class Design:
     # model's outputs, the batch and the teacher's, `(cfg, model) → {name: Objective}`
     teacher: Callable = lambda cfg, model: None
     objectives: Callable = lambda cfg, model: {}
+    # keyword arguments its model's forward takes in training besides the batch (the VLMs' LM head
+    # only at answer positions, `answers_only`, while no objective reads their logits)
+    train_inputs: Callable = lambda cfg: {}
 
     def can(self, capability: str) -> bool:
         return capability in self.capabilities

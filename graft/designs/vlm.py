@@ -46,6 +46,12 @@ def tokens(batch, pad: int) -> int:
     return int((batch["input_ids"] != pad).sum())
 
 
+def train_inputs(cfg) -> dict:
+    """In training the LM head runs only where an answer token is predicted (no objective reads
+    the logits): the same loss for fewer FLOPs (models/vlm.py)."""
+    return {"answers_only": True}
+
+
 def validate(cfg) -> None:
     parts = [p for p in PARTS if p != "lm_image" or cfg.lm.modality_norms or cfg.lm.modality_ffn]
     if "lm_image" in cfg.train.freeze and "lm_image" not in parts:
@@ -89,4 +95,4 @@ def check_stage1_run(cfg) -> None:
 
 register("vlm", Design(frozenset({GENERATES}), ("vision", "connector", "lm"), PARTS, build, processor, world_batches,
                        tokens, validate, losses=("lm",), packs=True, sources=check_stage1_run, exports_llava=True,
-                       config_losses=lm_losses))
+                       config_losses=lm_losses, train_inputs=train_inputs))

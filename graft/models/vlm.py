@@ -31,9 +31,6 @@ class VLM(nn.Module):
         interface (e.g. the Hugging Face backbones of `models/hf_backbones.py`)."""
         super().__init__()
         self.image_token_id = image_token_id
-        # The trainer sets this: with labels, forward then computes the LM head and loss only where
-        # an answer token is predicted and returns no logits (same loss, fewer FLOPs).
-        self.supervised_logits = False
         self.vision = vision if isinstance(vision, nn.Module) else ViT(vision)
         # LMConfig and LM modules both have .hidden_size; built in this order (vision, connector,
         # LM) so that a seed gives the same initial weights as before modules could be passed in.
@@ -109,15 +106,17 @@ class VLM(nn.Module):
         return embeds.masked_scatter(slots[..., None], image_tokens.to(embeds.dtype))
 
     def forward(self, input_ids, pixel_values=None, labels=None, cache: KVCache | None = None,
-                image_tokens: torch.Tensor | None = None, **packed):
+                image_tokens: torch.Tensor | None = None, answers_only: bool = False, **packed):
         """Returns (logits (B, T, vocab), {"lm": Σ answer-token losses, and the LM's auxiliary
-        losses} or {} without labels). The images come as `pixel_values` or encoded as
-        `image_tokens` (see `embed`). `packed`: position_ids and doc_ids of packed rows
-        (data/packing.py), for the built-in decoder."""
+        losses} or {} without labels). With `labels` and `answers_only` (how the trainer calls it:
+        the design's `train_inputs`) the LM head and loss run only where an answer token is
+        predicted, and no logits are returned: the same loss for fewer FLOPs. The images come as
+        `pixel_values` or encoded as `image_tokens` (see `embed`). `packed`: position_ids and
+        doc_ids of packed rows (data/packing.py), for the built-in decoder."""
         aux: dict = {}
         lm_args = dict(self.lm_inputs(input_ids, pixel_values, image_tokens, cache, packed.get("doc_ids")),
                        aux=aux, **packed)
-        if labels is not None and self.supervised_logits:
+        if labels is not None and answers_only:
             return None, {"lm": self._supervised_loss(lm_args, labels), **aux}
         logits = self.lm(**lm_args)
         return logits, ({"lm": lm_loss_sum(logits, labels), **aux} if labels is not None else {})

@@ -92,8 +92,6 @@ def _start(cfg: Config, run: RunDir) -> _Session:
     _prepare_run_dir(cfg, tok, run, rt)
     model = assemble(cfg, tok)
     model.to(rt.device)
-    if hasattr(model, "supervised_logits"):  # VLMs: the LM head only where the loss needs it
-        model.supervised_logits = True
     engine = parallel.apply(model, cfg, rt)  # DDP wrapper, or the model itself (sharded in place by FSDP2)
     losses = step_losses(cfg, model).to(rt.device)  # a teacher stays outside the model and its wrapper
     optimizer = build_optimizer(model, cfg.optim)
