@@ -1,4 +1,4 @@
-"""The `graft` command: train | eval | generate | export | demo | data | recipes.
+"""The `graft` command: train | eval | generate | serve | export | demo | data | recipes.
 
 User errors (bad keys, values, files) print one line and exit with code 2; never a traceback.
 """
@@ -90,6 +90,13 @@ def cmd_generate(args) -> None:
         print(run.generate(image, args.prompt, args.max_new_tokens))
     except BadSample as e:  # e.g. a chat template that rewrites a prompt holding a control-token string
         raise UserError(f"--prompt cannot be encoded: {e}") from None
+
+
+def cmd_serve(args) -> None:
+    from graft.api import load
+    from graft.serve import serve
+
+    serve(load(args.dir), args.host, args.port)
 
 
 def cmd_export(args) -> None:
@@ -199,6 +206,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.set_defaults(fn=cmd_generate)
+    v = sub.add_parser("serve", help="serve a run over OpenAI's chat-completions API, with a web page (docs/serve.md)")
+    v.add_argument("dir")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.set_defaults(fn=cmd_serve)
     x = sub.add_parser("export", help="write a run as a Hugging Face LLaVA folder")
     x.add_argument("dir")
     x.add_argument("--format", default="hf", help="hf (LlavaForConditionalGeneration + processor)")

@@ -149,21 +149,39 @@ class VLM(nn.Module):
         return {"lm": int(supervised(labels)), **dict.fromkeys(self.lm.aux_losses, input_ids.numel())}
 
     @torch.no_grad()
-    def generate(self, input_ids, pixel_values, max_new_tokens: int, eos_id: int) -> list[list[int]]:
-        """Greedy decoding with a KV cache for prompts of equal length (B, T); returns new ids per row."""
+    def generate(self, input_ids, pixel_values, max_new_tokens: int, eos_id: int, temperature: float = 0.0,
+                 top_p: float = 1.0, generator: torch.Generator | None = None, on_token=None) -> list[list[int]]:
+        """Decoding with a KV cache for prompts of equal length (B, T); returns new ids per row.
+        Greedy at temperature 0; above it, samples from softmax(logits / temperature) cut to the
+        top_p nucleus, drawing from `generator`. `on_token((B,) ids)` sees each step's tokens as they
+        come (a server streaming them)."""
         cache = self.lm.new_cache()
         logits, _ = self(input_ids, pixel_values, cache=cache)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         out = []
         for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)  # (B,)
+            last = logits[:, -1]  # (B, vocab)
+            nxt = last.argmax(-1) if temperature <= 0 else sample(last, temperature, top_p, generator)  # (B,)
             out.append(torch.where(done, eos_id, nxt))
+            if on_token is not None:
+                on_token(out[-1])
             done |= nxt == eos_id
             if bool(done.all()):
                 break
             logits = self.decode(nxt[:, None], cache)
         rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(input_ids.shape[0])]
         return [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One token id per row of logits (B, vocab): from softmax(logits / temperature), keeping only
+    the most likely tokens whose mass reaches top_p (nucleus sampling, Holtzman et al. 2020 §3.1)."""
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        ranked, order = probs.sort(-1, descending=True)
+        ranked = ranked * (ranked.cumsum(-1) - ranked < top_p)  # the mass before a kept token is < top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, ranked)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def _check_placeholders(slots: torch.Tensor, n_images: int, n: int) -> None:
