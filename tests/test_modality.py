@@ -11,6 +11,7 @@ from graft.cli import main
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
 from graft.models.decoder import LMConfig
+from graft.models.modality import image_twins
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM
 from tests.helpers import tiny_vlm, tokenizer
@@ -85,7 +86,9 @@ def test_a_run_without_image_modules_initialises_them_from_its_text_modules(tmp_
     cfg.train.init_from = str(tmp_path / "text")
     model = assemble(cfg, tok)
     params, loaded = dict(model.named_parameters()), dict(source.named_parameters())
-    for name, twin in model.image_twins().items():
+    twins = image_twins(model)
+    assert len(twins) == 5 * cfg.lm.layers  # per layer two norms and an FFN of three linears
+    for name, twin in twins.items():
         assert torch.equal(params[name], loaded[twin]), name
     # and the CLI trains such a run, then refuses to export it as LLaVA (which has no such modules)
     run = tmp_path / "modality"

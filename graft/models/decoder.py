@@ -24,7 +24,7 @@ from graft.errors import UserError
 from graft.models import moe
 from graft.models.image_layout import image_mask, mrope_positions
 from graft.models.layers import RMSNorm
-from graft.models.modality import IMAGE
+from graft.models.modality import IMAGE, image_twins
 
 IMAGE_ATTENTION = ("causal", "bidirectional")
 IMAGE_POSITIONS = ("1d", "mrope")
@@ -289,14 +289,10 @@ class LanguageModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.copy_to_image_modules()
 
-    def image_twins(self) -> dict[str, str]:
-        """Each parameter of the image tokens' own modules → the text parameter it starts as."""
-        return {name: name.replace("_image.", ".") for name, _ in self.named_parameters() if "_image." in name}
-
     @torch.no_grad()
     def copy_to_image_modules(self, names: list[str] | None = None) -> None:
         """Image modules (all, or the parameters `names`) set to their text twins."""
-        params, twins = dict(self.named_parameters()), self.image_twins()
+        params, twins = dict(self.named_parameters()), image_twins(self)
         for name in twins if names is None else names:
             params[name].copy_(params[twins[name]])
 

@@ -57,12 +57,6 @@ class VLM(nn.Module):
             return [f"lm.{name}" for name, _ in self.lm.named_modules() if name.endswith("_image")]
         return [part]
 
-    def image_twins(self) -> dict[str, str]:
-        """Parameters of the LM's image modules → the text parameters they start as: a checkpoint
-        without them (a run trained before they were switched on) fills them from those."""
-        twins = self.lm.image_twins() if isinstance(self.lm, LanguageModel) else {}
-        return {f"lm.{k}": f"lm.{v}" for k, v in twins.items()}
-
     def freeze(self, parts: list[str]) -> None:
         """Freeze the parts; freezing `lm` leaves its image modules (new parameters) training
         unless `lm_image` is frozen too."""

@@ -45,6 +45,7 @@ from torch.distributed.checkpoint import (
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from graft.errors import UserError
+from graft.models import modality
 
 _NAME = re.compile(r"^step_(\d{8})$")
 _TMP = ".tmp-step_"
@@ -280,7 +281,7 @@ def image_twins(model, part: str = "") -> dict[str, str]:
     """Parameters of the model's image modules (`lm.modality_*`) → the text parameters they start
     as, named within the submodule `part` if given: a checkpoint without them (saved before they
     were switched on) fills them from those (`fill_twins`)."""
-    twins = model.image_twins() if hasattr(model, "image_twins") else {}
+    twins = modality.image_twins(model)
     prefix = f"{part}." if part else ""
     return {k.removeprefix(prefix): v.removeprefix(prefix) for k, v in twins.items() if k.startswith(prefix)}
 
