@@ -29,6 +29,7 @@ import sys
 import pytest
 
 from graft.cli import main
+from tests.hf_models import make_vision
 from tests.helpers import copy_run, wait_for
 from tests.torchrun_runs import (ENV, ONE, QUIET, SCRIPTS, STEPS, TINY, TWO, here, losses, records, run, torchrun,
                                  torchrun_each)
@@ -53,14 +54,23 @@ CASES = {
     # the loads of every process; under FSDP2 with activation checkpointing as well
     "frozen_lora_moe": ["tiny", "--set", "train.freeze=[vision]", "--set", "lm.lora_rank=4",
                         "--set", "lm.moe_experts=4", "--set", "lm.moe_balance=bias", "--set", "lm.moe_bias_rate=0.05"],
+    # EVE: a frozen teacher the trainer holds outside the model and its DDP / FSDP2 wrapping, and
+    # the objective `align` over the model's outputs and the teacher's (TEACHER: a SigLIP folder)
+    "eve": ["shapes_fuyu", "--set", "lm.hidden_size=32", "--set", "lm.layers=2", "--set", "lm.intermediate_size=64",
+            "--set", "eve.teacher=TEACHER", "--set", "train.objectives={lm: 1, align: 2}"],
 }
 # a contrastive loss contrasts each micro-batch of the global batch: one of 32 on one process, one
 # of 16 per process (gathered) on two
 BATCHES = {"dual": (["--set", "train.batch_size=32"], ["--set", "train.batch_size=16"])}
 
 
+def _sets(case, out):
+    """The case's recipe and settings, its teacher in `out`."""
+    return [arg.replace("TEACHER", str(out / "teacher")) for arg in CASES[case]]
+
+
 def _case_runs(out, case):
-    recipe, *sets = CASES[case]
+    recipe, *sets = _sets(case, out)
     two = BATCHES.get(case, (ONE, TWO))[1]
     kinds = {"ddp": [], "fsdp2": ["--set", "parallel.activation_checkpointing=true"] if case != "dual" else []}
     return [["train", recipe, *STEPS, *QUIET, *sets, "--out", str(out / f"{case}_{kind}"), *two,
@@ -70,6 +80,7 @@ def _case_runs(out, case):
 def _two(out):
     """Every two-process run the comparisons read, in one torchrun launch (tests/scripts/runs.py)."""
     evaluate = ["--set", "eval.splits=[test]", "--set", "eval.vqa_per_type=5", "--set", "eval.captions=5"]
+    make_vision("siglip", out / "teacher")
     run(torchrun_each([*TINY, "--out", str(out / "fsdp2"), *TWO, *FSDP2, *evaluate],
                       [*TINY, "--out", str(out / "ddp"), *TWO, "--set", "parallel.kind=ddp"],
                       *(args for case in CASES for args in _case_runs(out, case))))
@@ -108,10 +119,10 @@ def test_ddp_and_fsdp2_on_two_processes_equal_one_process(one_process, two):
 
 @pytest.mark.parametrize("case", CASES)
 def test_other_models_on_two_processes_equal_one_process(tmp_path, two, case):
-    """A dual encoder (its contrastive loss over the global batch) and a VLM with frozen parts,
-    LoRA and bias-balanced MoE: under DDP and FSDP2 (the latter with activation checkpointing) the
-    losses of one process, to fp32 reassociation."""
-    recipe, *sets = CASES[case]
+    """A dual encoder (its contrastive loss over the global batch), a VLM with frozen parts, LoRA
+    and bias-balanced MoE, and Fuyu with EVE's teacher: under DDP and FSDP2 (the latter with
+    activation checkpointing) the losses of one process, to fp32 reassociation."""
+    recipe, *sets = _sets(case, two)
     here("train", recipe, *STEPS, *QUIET, *sets, "--out", str(tmp_path / "one"), *BATCHES.get(case, (ONE, TWO))[0])
     want = losses(tmp_path / "one")
     for kind in ("ddp", "fsdp2"):
