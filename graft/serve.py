@@ -5,7 +5,9 @@ its request, then generation runs one request at a time behind a lock (the other
 dropped). Every refused request gets a 4xx JSON error naming the problem, and the server goes on:
 bodies are bounded before they are read, images are decoded only through graft's guards
 (data/images.py, with the run's data.max_image_pixels / .max_image_bytes / .image_formats), only
-`data:` URLs are accepted (nothing is fetched), and nothing is written to disk.
+`data:` URLs are accepted (nothing is fetched), and nothing is written to disk. A run that generates
+text (a VLM) answers chat completions; a dual encoder answers embeddings and zero-shot rankings
+(computed in graft/serve_embed.py).
 
     graft serve runs/demo --port 8000     # then open http://127.0.0.1:8000/
 """
@@ -30,12 +32,18 @@ import torch
 from graft.data.images import open_within
 from graft.data.samples import BadSample
 from graft.data.stream import make_world
-from graft.designs import GENERATES, design
+from graft.designs import EMBEDS, GENERATES, design
+from graft.serve_embed import Embedder, default_templates
 
 MAX_BODY = 20 << 20  # bytes of a request body, judged from Content-Length before reading it
 READ_S = 60  # seconds to receive a whole body; also each socket read or write (a stalled client)
 MAX_IMAGES = 1  # per request in this slice: one image at the start of the last user message
 FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stream")
+EMBED_FIELDS = ("model", "input", "encoding_format")
+ZERO_SHOT_FIELDS = ("model", "image_url", "labels", "templates")
+MAX_INPUTS = 64  # texts or images of one embeddings request; labels of one zero-shot request
+MAX_TEXT = 2000  # characters of one text, label or template (the text tower reads text.max_len tokens)
+MAX_TEMPLATES = 8
 PAGE = Path(__file__).with_name("serve_page.html")
 
 
@@ -132,18 +140,24 @@ class Served:
 
     def __init__(self, run):
         self.run, self.name, self.lock = run, run.dir.path.name, threading.Lock()
-        self.generates = design(run.cfg.model).can(GENERATES)
+        self.capabilities = sorted(design(run.cfg.model).capabilities)  # e.g. ["generates"] or ["embeds"]
+        self.embedder = Embedder(run, self.lock) if EMBEDS in self.capabilities else None
+
+    def check(self, body: dict, fields: tuple[str, ...], needs: str) -> None:
+        """Refuse unknown fields, a run without the capability `needs`, another model's name."""
+        unknown = sorted(set(body) - set(fields))
+        if unknown:
+            raise BadRequest(f"unknown field {unknown[0]!r} (supported: {', '.join(fields)})")
+        if needs not in self.capabilities:
+            does = {GENERATES: "generate text: no chat completions (it serves /v1/embeddings and /v1/graft/zero_shot)",
+                    EMBEDS: "embed images and texts: no embeddings or zero-shot (it serves /v1/chat/completions)"}
+            raise BadRequest(f"{self.name} is a {self.run.cfg.model} model, which does not {does[needs]}")
+        if body.get("model") != self.name:
+            raise BadRequest(f"model {body.get('model')!r} is not served here; this server serves {self.name!r}", 404)
 
     def parse(self, body: dict) -> Completion:
         """The chat-completion request `body` checked and encoded; raises BadRequest."""
-        unknown = sorted(set(body) - set(FIELDS))
-        if unknown:
-            raise BadRequest(f"unknown field {unknown[0]!r} (supported: {', '.join(FIELDS)})")
-        if not self.generates:
-            raise BadRequest(f"{self.name} is a {self.run.cfg.model} model, which does not generate text: no chat "
-                             "completions (its zero-shot endpoints are not served yet)")
-        if body.get("model") != self.name:
-            raise BadRequest(f"model {body.get('model')!r} is not served here; this server serves {self.name!r}", 404)
+        self.check(body, FIELDS, GENERATES)
         turns, question, urls = conversation(body.get("messages"))
         if len(urls) > MAX_IMAGES:
             raise BadRequest(f"{len(urls)} images in the request; this server takes at most {MAX_IMAGES}")
