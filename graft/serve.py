@@ -206,6 +206,31 @@ class Served:
             on_text(text[len(sent):])
         return text, len(ids)
 
+    def embeddings(self, body: dict) -> dict:
+        """The /v1/embeddings response to `body`: each input's embedding, in order."""
+        self.check(body, EMBED_FIELDS, EMBEDS)
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise BadRequest(f"encoding_format must be 'float' or 'base64', got {fmt!r}")
+        inputs = [v if kind == "text" else decode_image(v, self.run.cfg.data) for kind, v in _inputs(body.get("input"))]
+        tokens = self.embedder.text_tokens([x for x in inputs if isinstance(x, str)])
+        return {"object": "list", "data": self.embedder.embeddings(inputs, fmt == "base64"), "model": self.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def zero_shot(self, body: dict) -> dict:
+        """The /v1/graft/zero_shot response to `body`: its labels ranked for its image."""
+        self.check(body, ZERO_SHOT_FIELDS, EMBEDS)
+        url = _url(body.get("image_url"), "image_url")
+        labels = _texts(body.get("labels"), "labels", MAX_INPUTS)
+        if len(set(labels)) < len(labels):
+            raise BadRequest("labels must be distinct")
+        templates = default_templates(self.run.cfg) if body.get("templates") is None else _texts(
+            body["templates"], "templates", MAX_TEMPLATES)
+        if not all("{}" in t for t in templates):
+            raise BadRequest(f"each template must hold '{{}}' for the label, got {templates}")
+        ranking = self.embedder.zero_shot(decode_image(url, self.run.cfg.data), labels, templates)
+        return {"object": "graft.zero_shot", "model": self.name, "templates": templates, "labels": ranking}
+
     def random_scene(self) -> dict:
         """A random scene of the run's built-in world as a PNG data URL, and a question about it."""
         sample = make_world(self.run.cfg).sample("test", random.randrange(1_000_000))
@@ -213,6 +238,38 @@ class Served:
         sample.image.save(png, format="PNG")
         return {"url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode(),
                 "question": random.choice(sample.qa).question if sample.qa else ""}
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
+        raise BadRequest(f"{where} must be a non-empty string of at most {MAX_TEXT} characters")
+    return value
+
+
+def _texts(value, where: str, most: int) -> list[str]:
+    """`value`: a list of 1 to `most` non-empty strings."""
+    if not isinstance(value, list) or not 0 < len(value) <= most:
+        raise BadRequest(f"{where} must be a list of 1 to {most} strings")
+    return [_text(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+def _url(value, where: str) -> str:
+    if not isinstance(value, dict) or set(value) != {"url"} or not isinstance(value["url"], str):
+        raise BadRequest(f"{where} must be {{'url': 'data:image/...;base64,...'}}")
+    return value["url"]
+
+
+def _inputs(value) -> list[tuple[str, str]]:
+    """("text", text) and ("image", url) of the `input` of /v1/embeddings: a string, or a list of
+    strings and {'image_url': {'url': ...}} objects (graft's extension)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not 0 < len(items) <= MAX_INPUTS:
+        raise BadRequest(f"input must be a string or a list of 1 to {MAX_INPUTS} strings and "
+                         "{'image_url': {'url': 'data:...'}} objects (token arrays are not accepted)")
+    if any(isinstance(x, dict) and set(x) != {"image_url"} for x in items):
+        raise BadRequest("an object in input must be {'image_url': {'url': 'data:...'}} and nothing else")
+    return [("image", _url(x["image_url"], f"input[{i}].image_url")) if isinstance(x, dict)
+            else ("text", _text(x, f"input[{i}]")) for i, x in enumerate(items)]
 
 
 def _stream(value) -> bool:
@@ -228,7 +285,8 @@ def _chunk(head: dict, delta: dict, finish: str | None = None) -> bytes:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """The routes: GET / (the page), /v1/models, /v1/graft/random_scene; POST /v1/chat/completions."""
+    """The routes: GET / (the page), /v1/models, /v1/graft/random_scene; POST /v1/chat/completions,
+    /v1/embeddings, /v1/graft/zero_shot."""
 
     served: Served  # set by make_server
     server_version = "graft"
@@ -237,12 +295,16 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         routes = {"/": lambda: self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8"),
                   "/v1/models": lambda: self._json(200, {"object": "list", "data": [
-                      {"id": self.served.name, "object": "model", "owned_by": "graft"}]}),
+                      {"id": self.served.name, "object": "model", "owned_by": "graft",
+                       "capabilities": self.served.capabilities}]}),
                   "/v1/graft/random_scene": lambda: self._json(200, self.served.random_scene())}
         self._guarded(routes.get(self.path.split("?")[0]))
 
     def do_POST(self) -> None:
-        self._guarded(self._chat if self.path == "/v1/chat/completions" else None)
+        routes = {"/v1/chat/completions": self._chat,
+                  "/v1/embeddings": lambda: self._json(200, self.served.embeddings(self._body())),
+                  "/v1/graft/zero_shot": lambda: self._json(200, self.served.zero_shot(self._body()))}
+        self._guarded(routes.get(self.path))
 
     def _guarded(self, route) -> None:
         """Run `route`; whatever goes wrong becomes a JSON error and the server goes on."""

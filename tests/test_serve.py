@@ -1,6 +1,8 @@
-"""`graft serve` (graft/serve.py): the OpenAI client and plain HTTP against a server in a thread, for
-the session's 5-step `tiny` run. Greedy answers must equal `graft.api.Run.generate`'s; every bad
-request gets a 4xx JSON error and the server still answers afterwards."""
+"""`graft serve` (graft/serve.py, graft/serve_embed.py): the OpenAI client and plain HTTP against a
+server in a thread, for the session's 5-step `tiny` run and a 2-step tiny `clip` run. Greedy answers
+must equal `graft.api.Run.generate`'s, embeddings and zero-shot rankings the model's own
+`encode_text` / `encode_image` / `similarity`; every bad request gets a 4xx JSON error and the server
+still answers afterwards."""
 
 import base64
 import http.client
@@ -10,7 +12,6 @@ import struct
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import openai
 import pytest
@@ -19,9 +20,10 @@ import torch
 import graft
 from graft.cli import parser
 from graft.data.shapes import ShapesWorld
+from graft.eval.zero_shot import TEMPLATES
 from graft.models.vlm import sample
 from graft.serve import MAX_BODY, make_server
-from tests.torchrun_runs import ONE, TINY, here
+from tests.torchrun_runs import ONE, QUIET, TINY, here
 
 PROMPT = "what color is the circle?"
 
@@ -84,9 +86,10 @@ def chat(url: str, **body):
 def test_models_page_and_cli(url, run):
     status, models = request(url, "GET", "/v1/models")
     assert status == 200 and models == {"object": "list", "data": [
-        {"id": run.dir.path.name, "object": "model", "owned_by": "graft"}]}
+        {"id": run.dir.path.name, "object": "model", "owned_by": "graft", "capabilities": ["generates"]}]}
     status, page = request(url, "GET", "/")
-    assert status == 200 and all(p in page for p in ("/v1/chat/completions", "/v1/models", "/v1/graft/random_scene"))
+    assert status == 200 and all(p in page for p in ("/v1/chat/completions", "/v1/models", "/v1/graft/random_scene",
+                                                "/v1/graft/zero_shot", "capabilities"))
     status, drawn = request(url, "GET", "/v1/graft/random_scene")
     assert status == 200 and drawn["url"].startswith("data:image/png;base64,")
     args = parser().parse_args(["serve", "runs/x", "--port", "0"])
@@ -170,7 +173,11 @@ def test_bad_requests_get_4xx_json_and_the_server_goes_on(url, run):
         ("POST", "/v1/chat/completions", b"[" * 100_000, {}, 400, "malformed JSON"),
         ("POST", "/v1/chat/completions", None, {"Content-Length": str(MAX_BODY + 1)}, 413, "limit"),
         ("POST", "/v1/chat/completions", None, {"Transfer-Encoding": "chunked"}, 411, "Content-Length"),
-        ("POST", "/v1/embeddings", b"{}", {}, 404, "no such endpoint"),
+        ("POST", "/v1/embeddings", json.dumps({"model": name, "input": "a red circle"}).encode(), {}, 400,
+         "does not embed images and texts"),
+        ("POST", "/v1/graft/zero_shot", json.dumps({"model": name, "image_url": {"url": image},
+                                                    "labels": ["red circle"]}).encode(), {}, 400, "does not embed"),
+        ("POST", "/v1/nope", b"{}", {}, 404, "no such endpoint"),
         ("GET", "/nope", None, {}, 404, "no such endpoint"),
     ]
     bad = [("POST", "/v1/chat/completions", json.dumps(b).encode(), {}, s, w) for b, s, w in _bad_requests(name, image)]
@@ -189,18 +196,6 @@ def test_sixteen_concurrent_requests_queue_and_all_get_their_answer(url, run):
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(ask, range(16)))
     assert [(s, a["choices"][0]["message"]["content"]) for s, a in answers] == [(200, e) for e in expected]
-
-
-def test_an_embedding_model_gets_a_clear_400_for_chat(tmp_path):
-    fake = SimpleNamespace(cfg=graft.recipe("clip"), dir=SimpleNamespace(path=tmp_path / "clip_run"))
-    server, address = _serving(fake)
-    try:
-        status, answer = chat(address, model="clip_run", messages=message(PROMPT))
-        assert status == 400 and "does not generate text" in answer["error"]["message"]
-        assert request(address, "GET", "/v1/models")[1]["data"][0]["id"] == "clip_run"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_text_only_and_earlier_turns_reach_the_prompt(url, run):
@@ -223,3 +218,111 @@ def test_nucleus_sampling_draws_only_from_the_top_mass():
     assert sample(logits, 1.0, 0.4, torch.Generator().manual_seed(0)).eq(2).all()
     drawn = sample(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
     assert set(drawn.tolist()) > {2} and drawn.equal(sample(logits, 1.0, 1.0, torch.Generator().manual_seed(0)))
+
+
+# ---- a dual encoder: /v1/embeddings and /v1/graft/zero_shot ----------------------------------------
+
+TINY_DUAL = [f"--set={part}.{key}={value}" for part in ("vision", "text")
+             for key, value in (("hidden_size", 32), ("layers", 1), ("intermediate_size", 64))]
+LABELS = ["red circle", "blue square", "green triangle", "yellow circle", "red square"]
+
+
+@pytest.fixture(scope="module")
+def dual(tmp_path_factory):
+    """A `clip` run of 2 tiny steps, loaded, and the address of a server for it."""
+    out = tmp_path_factory.mktemp("serve") / "clip_run"
+    here("train", "clip", "--out", str(out), *QUIET, *TINY_DUAL, "--set", "train.steps=2", "--set", "train.batch_size=8")
+    run = graft.load(out)
+    server, address = _serving(run)
+    yield run, address
+    server.shutdown()
+    server.server_close()
+
+
+@torch.no_grad()
+def _expected_ranking(run, image, labels, templates):
+    """(labels best first, similarities, probabilities) from the model itself: per label the mean of
+    the normalised embeddings of its prompts, renormalised (CLIP's ensemble), against the image."""
+    model, proc = run.model, run.processor
+    text = model.encode_text(**proc.texts([t.format(label) for label in labels for t in templates]))
+    text = torch.nn.functional.normalize(text.view(len(labels), len(templates), -1).mean(1), dim=-1)
+    sims = model.similarity(model.encode_image(proc.pixels(image)[None]), text)[0]
+    order = sims.argsort(descending=True).tolist()
+    probs = torch.softmax(model.logit_scale.exp().clamp(max=100) * sims, 0)
+    return [labels[i] for i in order], sims[order].tolist(), probs[order].tolist()
+
+
+def zero_shot(url: str, **body):
+    return request(url, "POST", "/v1/graft/zero_shot", json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+
+def test_zero_shot_ranks_labels_as_the_models_similarity_does(dual):
+    run, url = dual
+    name = run.dir.path.name
+    assert request(url, "GET", "/v1/models")[1]["data"][0]["capabilities"] == ["embeds"]
+    for index, templates in ((0, None), (1, None), (2, ["{}"]), (3, ["a photo of a {}.", "a large {}"])):
+        image = scene(index)
+        status, got = zero_shot(url, model=name, image_url={"url": data_url(image)}, labels=LABELS,
+                                **({"templates": templates} if templates else {}))
+        labels, sims, probs = _expected_ranking(run, image, LABELS, templates or TEMPLATES)
+        assert status == 200 and got["templates"] == (templates or TEMPLATES)
+        assert [r["label"] for r in got["labels"]] == labels
+        assert [r["similarity"] for r in got["labels"]] == pytest.approx(sims, abs=1e-5)
+        assert [r["probability"] for r in got["labels"]] == pytest.approx(probs, abs=1e-5)
+    status, answer = chat(url, model=name, messages=message(PROMPT))
+    assert status == 400 and "does not generate text" in answer["error"]["message"]
+
+
+@torch.no_grad()
+def test_embeddings_equal_the_models_normalised_outputs(dual):
+    run, url = dual
+    name, model, proc = run.dir.path.name, run.model, run.processor
+    texts = ["a small red circle", "a large blue square to the left of a green triangle", "x"]
+    expected = torch.nn.functional.normalize(model.encode_text(**proc.texts(texts)), dim=-1)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    got = client.embeddings.create(model=name, input=texts)  # the client asks for base64 floats
+    assert [e.index for e in got.data] == [0, 1, 2] and got.usage.prompt_tokens > len(texts)
+    assert torch.tensor([e.embedding for e in got.data]) == pytest.approx(expected, abs=1e-6)
+    one = client.embeddings.create(model=name, input=texts[0], encoding_format="float")
+    assert torch.tensor(one.data[0].embedding) == pytest.approx(expected[0], abs=1e-5)
+    images = [scene(0), scene(1)]
+    pictured = torch.nn.functional.normalize(model.encode_image(torch.stack([proc.pixels(i) for i in images])), dim=-1)
+    status, mixed = request(url, "POST", "/v1/embeddings", json.dumps({"model": name, "input": [
+        {"image_url": {"url": data_url(images[0])}}, texts[1], {"image_url": {"url": data_url(images[1])}}]}).encode())
+    assert status == 200 and mixed["object"] == "list" and mixed["model"] == name
+    rows = torch.tensor([d["embedding"] for d in mixed["data"]])
+    assert rows == pytest.approx(torch.stack([pictured[0], expected[1], pictured[1]]), abs=1e-5)
+    assert rows.norm(dim=-1) == pytest.approx(torch.ones(3), abs=1e-5)
+
+
+def test_bad_embedding_and_zero_shot_requests_get_4xx(dual):
+    run, url = dual
+    name, image = run.dir.path.name, data_url(scene(0))
+    good = {"model": name, "image_url": {"url": image}, "labels": LABELS}
+    embed = lambda **body: request(url, "POST", "/v1/embeddings", json.dumps({"model": name, **body}).encode())
+    cases = [  # (response, status, a word of its error message)
+        (embed(input="red", dimensions=8), 400, "dimensions"),
+        (embed(input="red", user="me"), 400, "'user'"),
+        (embed(input=[]), 400, "input"),
+        (embed(input=[""]), 400, "input[0]"),
+        (embed(input=[[1, 2, 3]]), 400, "input[0]"),
+        (embed(input=["x"] * 65), 400, "1 to 64"),
+        (embed(input="x" * 2001), 400, "2000"),
+        (embed(input=[{"image_url": {"url": "https://example.com/a.png"}}]), 400, "nothing is fetched"),
+        (embed(input=[{"image_url": {"url": _bomb()}}]), 400, "image_too_large"),
+        (embed(input=[{"image": image}]), 400, "image_url"),
+        (embed(input="red", encoding_format="int8"), 400, "encoding_format"),
+        (embed(input="red", model="gpt"), 404, "not served"),
+        (zero_shot(url, **{**good, "labels": []}), 400, "labels"),
+        (zero_shot(url, **{**good, "labels": ["red", "red"]}), 400, "distinct"),
+        (zero_shot(url, **{**good, "labels": "red circle"}), 400, "labels"),
+        (zero_shot(url, **{**good, "templates": ["a photo"]}), 400, "{}"),
+        (zero_shot(url, **{**good, "templates": ["{}"] * 9}), 400, "templates"),
+        (zero_shot(url, **{**good, "image_url": image}), 400, "image_url"),
+        (zero_shot(url, **{**good, "image_url": {"url": "data:image/png;base64,@@"}}), 400, "base64"),
+        (zero_shot(url, **{**good, "top_k": 3}), 400, "top_k"),
+    ]
+    for (status, answer), expected, word in cases:
+        assert (status, answer["error"]["type"]) == (expected, "invalid_request_error"), answer
+        assert word in answer["error"]["message"], answer
+    assert zero_shot(url, **good)[0] == 200 and embed(input="red")[0] == 200
