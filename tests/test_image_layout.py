@@ -7,7 +7,7 @@ import torch
 
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
-from graft.models.decoder import LMConfig
+from graft.models.decoder import Layout, LMConfig
 from graft.models.image_layout import image_mask, mrope_positions
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM
@@ -77,9 +77,9 @@ def test_cached_generation_equals_recomputing_the_whole_sequence(key, value):
     for i, token in enumerate(new):  # greedy, recomputed from scratch each step
         tail = torch.tensor([new[:i]], dtype=torch.long)
         with torch.no_grad():
-            logits = model.lm(inputs_embeds=torch.cat([prefix, model.lm.embed_tokens(tail)], 1),
-                              modality_ids=torch.cat([images, torch.zeros_like(tail)], 1),
-                              tokens_per_image=model.num_image_tokens, image_grid=model.image_grid)
+            layout = Layout(modality_ids=torch.cat([images, torch.zeros_like(tail)], 1),
+                            tokens_per_image=model.num_image_tokens, image_grid=model.image_grid)
+            logits = model.lm(inputs_embeds=torch.cat([prefix, model.lm.embed_tokens(tail)], 1), layout=layout)
         assert int(logits[0, -1].argmax()) == token
 
 

@@ -155,6 +155,23 @@ class Media:
     blocks: dict[int, nn.Module]
 
 
+@dataclass
+class Layout:
+    """Where each token of the rows sits, which sets the decoder's positions and mask; built per
+    call by the model that lays the rows out (VLM.lm_inputs). Packed rows (data/packing.py) give
+    `position_ids` (B, T), restarting at each document, and `doc_ids` (B, T): attention is then
+    causal within a document and blind across documents. `modality_ids` (B, T): TEXT or IMAGE
+    (models/modality.py); image tokens attend and sit as `lm.image_attention` / `lm.image_positions`
+    say, every `tokens_per_image` of them in a row making one image whose tokens form a square grid
+    of side `image_grid` (None: no grid)."""
+
+    position_ids: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None
+    modality_ids: torch.Tensor | None = None
+    tokens_per_image: int | None = None
+    image_grid: int | None = None
+
+
 class KVCache:
     """Keys and values of every layer seen so far: lists of (B, kv_heads, T, head_dim); and what
     a model with inserted blocks keeps of its images between decoding steps (`media`)."""
@@ -313,11 +330,7 @@ class LanguageModel(nn.Module):
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        modality_ids: torch.Tensor | None = None,
-        tokens_per_image: int | None = None,
-        image_grid: int | None = None,
+        layout: Layout | None = None,
         aux: dict | None = None,
         head_at: torch.Tensor | None = None,
         media: Media | None = None,
@@ -326,16 +339,13 @@ class LanguageModel(nn.Module):
         """Logits (B, T, vocab) from token ids (B, T) or embeddings (B, T, D); with `head_at` (B, T)
         bool, only those positions' logits (K, vocab): the head costs as much as a layer or more.
 
-        Packed rows (data/packing.py) pass `position_ids` (B, T), restarting at each document, and
-        `doc_ids` (B, T): attention is then causal within a document and blind across documents.
-        `modality_ids` (B, T) mark image tokens (IMAGE), whose attention and positions follow
-        `lm.image_attention` / `lm.image_positions`: every `tokens_per_image` of them in a row make
-        one image, whose tokens form a square grid of side `image_grid` (None: no grid). Auxiliary losses of the layers are added to `aux` when given.
-        `media`: images for blocks inserted before some layers (Flamingo), with those blocks.
-        `hidden` {layer index: None}: filled with each of those layers' outputs (B, T, D).
+        `layout`: packed documents and image tokens (`Layout`; None: plain causal text). Auxiliary
+        losses of the layers are added to `aux` when given. `media`: images for blocks inserted
+        before some layers (Flamingo), with those blocks. `hidden` {layer index: None}: filled with
+        each of those layers' outputs (B, T, D).
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        ctx = self.context(x, cache, position_ids, doc_ids, modality_ids, tokens_per_image, image_grid)
+        ctx = self.context(x, cache, layout or Layout())
         for i, layer in enumerate(self.layers):
             if media is not None and i in media.blocks:
                 x = media.blocks[i](x, media)
@@ -346,20 +356,21 @@ class LanguageModel(nn.Module):
             aux.update(ctx.aux)
         return self.lm_head(self.norm(x if head_at is None else x[head_at]))
 
-    def context(self, x, cache, position_ids, doc_ids, modality_ids, tokens_per_image, image_grid) -> Context:
+    def context(self, x, cache, layout: Layout) -> Context:
         B, T, _ = x.shape
+        position_ids, doc_ids, modality_ids = layout.position_ids, layout.doc_ids, layout.modality_ids
         start = cache.seen() if cache is not None else 0
         positions = torch.arange(start, start + T, device=x.device).expand(B, T) if position_ids is None else position_ids
         images = modality_ids == IMAGE if modality_ids is not None and start == 0 else None  # decoding: text
         if images is not None and self.cfg.image_positions == "mrope":
-            positions = mrope_positions(positions, images, image_grid)
+            positions = mrope_positions(positions, images, layout.image_grid)
         cos, sin = rope_tables(positions, self.cfg.hidden_size // self.cfg.heads, self.cfg.rope_theta, x.dtype)
         bidirectional = images is not None and self.cfg.image_attention == "bidirectional"
         mask = None
         if doc_ids is not None or bidirectional:
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, T, T)
             if bidirectional:
-                mask = mask | image_mask(images, tokens_per_image)
+                mask = mask | image_mask(images, layout.tokens_per_image)
             if doc_ids is not None:
                 mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
             mask = mask[:, None]  # (B, 1, T, T)

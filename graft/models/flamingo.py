@@ -31,7 +31,7 @@ from torch import nn
 
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
-from graft.models.decoder import KVCache, LanguageModel, LMConfig, Media
+from graft.models.decoder import KVCache, LanguageModel, Layout, LMConfig, Media
 from graft.models.layers import RMSNorm, SwiGLU
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM, _check_placeholders
@@ -135,9 +135,10 @@ class Flamingo(VLM):
     def image_grid(self) -> None:
         return None
 
-    def lm_inputs(self, input_ids, pixel_values, image_tokens, cache: KVCache | None, doc_ids=None) -> dict:
-        """The text's own embeddings (the <image> tokens included) and the images as `Media`; in
-        packed rows (`doc_ids`) a token sees only its own document's images."""
+    def lm_inputs(self, input_ids, pixel_values, image_tokens, cache: KVCache | None, position_ids=None,
+                  doc_ids=None) -> dict:
+        """The text's own embeddings (the <image> tokens included), the images as `Media`, and the
+        packed rows' `Layout`; in packed rows (`doc_ids`) a token sees only its own document's images."""
         slots = input_ids == self.image_token_id
         if image_tokens is None and pixel_values is not None and pixel_values.shape[0]:
             image_tokens = self.image_tokens(pixel_values)  # (I, N, D)
@@ -146,7 +147,8 @@ class Flamingo(VLM):
         media = self._media(slots, image_tokens, doc_ids) if n_images else None
         if cache is not None:
             cache.media = media  # decoding steps see the images of their rows
-        return {"inputs_embeds": self.lm.embed_tokens(input_ids), "cache": cache, "media": media}
+        return {"inputs_embeds": self.lm.embed_tokens(input_ids), "cache": cache, "media": media,
+                "layout": Layout(position_ids, doc_ids)}
 
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         media = cache.media

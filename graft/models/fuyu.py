@@ -79,9 +79,9 @@ class AlignedFuyu(VLM):
         self.align_head = nn.Linear(self.lm.hidden_size, teacher_dim)
         self.align_layer = layer % len(self.lm.layers)
 
-    def forward(self, input_ids, pixel_values=None, labels=None, cache=None, image_tokens=None, **packed):
+    def forward(self, input_ids, pixel_values=None, labels=None, cache=None, image_tokens=None, **rows):
         if labels is None:
-            return super().forward(input_ids, pixel_values, labels, cache, image_tokens, **packed)
+            return super().forward(input_ids, pixel_values, labels, cache, image_tokens, **rows)
         hidden = {self.align_layer: None}
-        _, losses = super().forward(input_ids, pixel_values, labels, cache, image_tokens, hidden=hidden, **packed)
+        _, losses = super().forward(input_ids, pixel_values, labels, cache, image_tokens, hidden=hidden, **rows)
         return {"aligned": self.align_head(hidden[self.align_layer][input_ids == self.image_token_id])}, losses

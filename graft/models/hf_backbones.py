@@ -102,11 +102,11 @@ class HFLanguageModel(nn.Module):
 
     aux_losses: tuple[str, ...] = ()
 
-    def forward(self, input_ids=None, inputs_embeds=None, cache=None, modality_ids=None, tokens_per_image=None,
-                image_grid=None, aux=None) -> torch.Tensor:
+    def forward(self, input_ids=None, inputs_embeds=None, cache=None, layout=None, aux=None) -> torch.Tensor:
         """Logits (B, T, vocab). Right padding needs no mask: causal attention never looks right.
-        The image context of the built-in decoder has no use here: an HF decoder treats image tokens
-        as text (config checks refuse `lm.image_attention` / `lm.image_positions` with lm.hf_path)."""
+        The rows' `Layout` has no use here: an HF decoder treats image tokens as text (config checks
+        refuse `lm.image_attention` / `lm.image_positions` with lm.hf_path) and reads unpacked rows
+        (packing needs the built-in decoder)."""
         out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=cache,
                          use_cache=cache is not None)
         return out.logits

@@ -14,7 +14,7 @@ from torch import nn
 from graft.errors import UserError
 from graft.losses import IGNORE, at_least_fp32, lm_loss_sum, supervised
 from graft.models.connectors import ConnectorConfig, build_connector
-from graft.models.decoder import KVCache, LanguageModel, LMConfig
+from graft.models.decoder import KVCache, LanguageModel, Layout, LMConfig
 from graft.models.modality import IMAGE
 from graft.models.vit import VisionConfig, ViT
 
@@ -100,27 +100,33 @@ class VLM(nn.Module):
         return embeds.masked_scatter(slots[..., None], image_tokens.to(embeds.dtype))
 
     def forward(self, input_ids, pixel_values=None, labels=None, cache: KVCache | None = None,
-                image_tokens: torch.Tensor | None = None, answers_only: bool = False, **packed):
+                image_tokens: torch.Tensor | None = None, answers_only: bool = False,
+                position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                hidden: dict | None = None):
         """Returns (logits (B, T, vocab), {"lm": Σ answer-token losses, and the LM's auxiliary
         losses} or {} without labels). With `labels` and `answers_only` (how the trainer calls it:
         the design's `train_inputs`) the LM head and loss run only where an answer token is
         predicted, and no logits are returned: the same loss for fewer FLOPs. The images come as
-        `pixel_values` or encoded as `image_tokens` (see `embed`). `packed`: position_ids and
-        doc_ids of packed rows (data/packing.py), for the built-in decoder."""
+        `pixel_values` or encoded as `image_tokens` (see `embed`). `position_ids`, `doc_ids`: of
+        packed rows (data/packing.py), for the built-in decoder. `hidden` {layer: None}: filled
+        with those LM layers' outputs (the built-in decoder)."""
         aux: dict = {}
-        lm_args = dict(self.lm_inputs(input_ids, pixel_values, image_tokens, cache, packed.get("doc_ids")),
-                       aux=aux, **packed)
+        lm_args = dict(self.lm_inputs(input_ids, pixel_values, image_tokens, cache, position_ids, doc_ids), aux=aux)
+        if hidden is not None:
+            lm_args["hidden"] = hidden
         if labels is not None and answers_only:
             return None, {"lm": self._supervised_loss(lm_args, labels), **aux}
         logits = self.lm(**lm_args)
         return logits, ({"lm": lm_loss_sum(logits, labels), **aux} if labels is not None else {})
 
-    def lm_inputs(self, input_ids, pixel_values, image_tokens, cache: KVCache | None, doc_ids=None) -> dict:
-        """The decoder's inputs for a batch: the image tokens spliced into the text's embeddings
-        (`doc_ids` of packed rows: the decoder's mask keeps each document to itself)."""
-        return {"inputs_embeds": self.embed(input_ids, pixel_values, image_tokens), "cache": cache,
-                "modality_ids": (input_ids == self.image_token_id).long() * IMAGE,
-                "tokens_per_image": self.num_image_tokens, "image_grid": self.image_grid}
+    def lm_inputs(self, input_ids, pixel_values, image_tokens, cache: KVCache | None, position_ids=None,
+                  doc_ids=None) -> dict:
+        """The decoder's inputs for a batch: the image tokens spliced into the text's embeddings, and
+        the rows' `Layout` (packed rows' positions and documents: the decoder's mask keeps each
+        document to itself; which tokens are an image's)."""
+        layout = Layout(position_ids, doc_ids, (input_ids == self.image_token_id).long() * IMAGE,
+                        self.num_image_tokens, self.image_grid)
+        return {"inputs_embeds": self.embed(input_ids, pixel_values, image_tokens), "cache": cache, "layout": layout}
 
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, 1, vocab) of one more token per row (B, 1) after what `cache` holds."""
