@@ -252,27 +252,43 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU, Shazeer 2020
+    def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
+        """SwiGLU (Shazeer 2020); every token alike, so `ctx` is not read (an MoE FFN's is)."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
+    """One Llama block: x + attention(RMSNorm(x)), then x + FFN(RMSNorm(x)). The FFN is SwiGLU, or
+    a mixture of experts on the layers `lm.moe_*` names (models/moe.py)."""
+
     def __init__(self, cfg: LMConfig, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
-        # the image tokens' own modules (LMConfig.modality_*): named `<text module>_image`
+        if moe.is_moe_layer(cfg, index):
+            self.mlp = moe.MoE(cfg)  # built after the MLP it replaces, as always: the same seed, the same weights
+
+    def forward(self, x, ctx: Context, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+
+
+class ModalityLayer(DecoderLayer):
+    """A Llama block whose image tokens have their own norms and/or FFN (`lm.modality_norms` /
+    `lm.modality_ffn`; EVEv2, VLMo): each `<text module>_image` beside its text twin, applied
+    where `ctx.modality_ids` is IMAGE (models/modality.py)."""
+
+    def __init__(self, cfg: LMConfig, index: int):
+        super().__init__(cfg, index)
         if cfg.modality_norms:
             self.input_layernorm_image = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_attention_layernorm_image = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.modality_ffn:
-            self.mlp_image = MLP(cfg)
-        if moe.is_moe_layer(cfg, index):
-            if cfg.modality_ffn:
+            if isinstance(self.mlp, moe.MoE):
                 raise UserError("lm.moe_experts and lm.modality_ffn both replace the FFN: choose one")
-            self.mlp = moe.MoE(cfg)
+            self.mlp_image = MLP(cfg)
 
     def forward(self, x, ctx: Context, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.self_attn(self._by_modality("input_layernorm", x, ctx), ctx, cache)
@@ -281,10 +297,8 @@ class DecoderLayer(nn.Module):
     def _by_modality(self, name: str, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         """Module `name` on the text tokens and `name`_image, where there is one, on the image tokens."""
         text, image = getattr(self, name), getattr(self, f"{name}_image", None)
-        if not isinstance(text, (RMSNorm, MLP)):  # a mixture of experts routes each token itself
-            return text(x, ctx)
         if image is None or ctx.modality_ids is None:
-            return text(x)
+            return text(x, ctx) if isinstance(text, moe.MoE) else text(x)  # an MoE routes each token itself
         at = ctx.modality_ids == IMAGE  # (B, T)
         out = torch.empty_like(x)
         out[~at], out[at] = text(x[~at]), image(x[at])
@@ -298,7 +312,8 @@ class LanguageModel(nn.Module):
             raise ValueError("LMConfig.vocab_size must be set (the tokenizer's size) before building")
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.layers))
+        block = ModalityLayer if cfg.modality_norms or cfg.modality_ffn else DecoderLayer
+        self.layers = nn.ModuleList(block(cfg, i) for i in range(cfg.layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(lambda m: _init_weights(m, cfg.init_std or cfg.hidden_size**-0.5))
