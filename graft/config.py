@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from graft import atomic
+from graft.distill import DistillConfig
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
 from graft.models.decoder import LMConfig
@@ -189,6 +190,7 @@ class Config:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)  # model=qformer_stage1 only
     flamingo: FlamingoConfig = field(default_factory=FlamingoConfig)  # model=flamingo only
     eve: EveConfig = field(default_factory=EveConfig)  # model=fuyu only
+    distill: DistillConfig = field(default_factory=DistillConfig)  # model=dual only
 
 
 # ---- conversion between values and typed fields -------------------------------------------------

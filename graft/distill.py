@@ -1,0 +1,172 @@
+"""Knowledge distillation of a dual encoder from frozen dual-encoder teachers (CLIP-KD, Yang et al.
+2024): the config, the three losses, and the objectives a design hands the trainer.
+
+Each teacher reads the student's pixels and token ids and gives its L2-normalised embeddings
+t_img, t_txt (B, E_t); the student gives s_img, s_txt (B, E_s) and its logit scale s. Per teacher:
+
+- `fd`  (feature distillation, CLIP-KD §3.2): Σ_i ||P s_img_i - t_img_i||² + ||P s_txt_i - t_txt_i||²,
+  P a learned linear map E_s → E_t (the identity when the widths are equal);
+- `icl` (interactive contrastive learning, §3.3): the student's images contrasted with the teacher's
+  texts, and the student's texts with the teacher's images (InfoNCE, the student's scale);
+- `crd` (contrastive relational distillation, §3.1): KL(p_teacher ‖ p_student) of each row's softmax
+  over the batch of image–text similarities, both directions.
+
+The named losses `distill_fd`, `distill_icl`, `distill_crd` are the `distill.weights`-weighted sums
+over teachers, as local sums over this process's pairs (counted like `itc`). Loading the teachers
+and the student's projections is the dual design's (designs/dual.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from graft.errors import UserError
+from graft.losses import (
+    _ce_rows,
+    _global_mean,
+    _local_and_gathered,
+    as_local_sum,
+    at_least_fp32,
+)
+from graft.objectives import Objective
+
+LOSSES = ("fd", "icl", "crd")
+
+
+@dataclass
+class DistillConfig:
+    teachers: list[str] = field(default_factory=list)  # graft dual-encoder run directories; empty = no distillation
+    weights: list[float] = field(default_factory=list)  # one per teacher, summing to 1; empty = equal
+    losses: list[str] = field(default_factory=lambda: list(LOSSES))  # of fd, icl, crd
+    temperature: float = 1.0  # crd: the teacher's similarities are divided by it
+
+    @staticmethod
+    def check(cfg: DistillConfig) -> None:
+        if not cfg.teachers:
+            default = DistillConfig()
+            for key in ("weights", "losses", "temperature"):
+                if getattr(cfg, key) != getattr(default, key):
+                    raise UserError(f"distill.{key} has no effect without distill.teachers")
+        for name in cfg.losses:
+            if name not in LOSSES:
+                raise UserError(f"distill.losses: {name!r} is not one of {', '.join(LOSSES)}")
+        if cfg.teachers and not cfg.losses:
+            raise UserError("distill.losses is empty: name at least one of " + ", ".join(LOSSES))
+        if cfg.weights and len(cfg.weights) != len(cfg.teachers):
+            raise UserError(f"distill.weights has {len(cfg.weights)} entries for {len(cfg.teachers)} distill.teachers")
+        if cfg.weights and (min(cfg.weights) < 0 or abs(sum(cfg.weights) - 1) > 1e-6):
+            raise UserError(f"distill.weights={cfg.weights} must be non-negative and sum to 1")
+        if not cfg.temperature > 0:
+            raise UserError(f"distill.temperature={cfg.temperature} must be positive")
+
+
+def teacher_weights(cfg: DistillConfig) -> list[float]:
+    return list(cfg.weights) or [1 / len(cfg.teachers)] * len(cfg.teachers)
+
+
+def fd_loss_sum(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Σ_i ||student_i - teacher_i||², (N, E) x (N, E) → scalar, in at least fp32: the local sum
+    of feature distillation (the student already projected to the teacher's width).
+    Memory: O(N·E)."""
+    return (at_least_fp32(student) - at_least_fp32(teacher)).pow(2).sum()
+
+
+def icl_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t_txt: torch.Tensor,
+             logit_scale: torch.Tensor, *, rank: int = 0, world_size: int = 1, group=None) -> torch.Tensor:
+    """Interactive contrastive learning (CLIP-KD §3.3), the global batch's mean.
+
+    With N pairs in the global batch, s the scale (already exponentiated), all features
+    L2-normalised and of one width:
+
+        L = 1/2 · [ 1/N Σ_i -log softmax_j(s · s_img_i·t_txt_j)[i] + 1/N Σ_i -log softmax_j(s · s_txt_i·t_img_j)[i] ]
+
+    The student's embeddings are the anchors, the teacher's the keys: gradients reach only the
+    student. Across processes the teacher's keys are gathered (no gradient) and each rank scores
+    its own anchors, like `graft.losses.clip_loss`: the value is the global batch's, the gradient
+    exact for this rank's features and its share for the scale. Memory: two (b, N) fp32 logit
+    blocks per rank (b = N / world_size), O(b·N), plus the gathered keys O(N·E).
+    """
+    _, keys_txt, offset = _local_and_gathered(None, t_txt, rank, world_size, group)
+    _, keys_img, _ = _local_and_gathered(None, t_img, rank, world_size, group)
+    b = s_img.shape[0]
+    targets = torch.arange(offset, offset + b, device=s_img.device)
+    i2t = _ce_rows(at_least_fp32(s_img), keys_txt, logit_scale, targets)
+    t2i = _ce_rows(at_least_fp32(s_txt), keys_img, logit_scale, targets)
+    return _global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
+
+
+def crd_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t_txt: torch.Tensor,
+             logit_scale: torch.Tensor, temperature: float, *, rank: int = 0, world_size: int = 1,
+             group=None) -> torch.Tensor:
+    """Contrastive relational distillation (CLIP-KD §3.1), the global batch's mean.
+
+    Over the N pairs of the global batch, each model in its own space: student logits
+    S_ij = s · s_img_i·s_txt_j (s its scale, exponentiated), teacher logits T_ij = t_img_i·t_txt_j / τ
+    (τ = distill.temperature). With p = softmax over a row,
+
+        L = 1/2 · 1/N Σ_i [ KL(p(T_i,:) ‖ p(S_i,:)) + KL(p(T_:,i) ‖ p(S_:,i)) ]
+
+    (image→text rows and text→image rows). Across processes both models' features are gathered,
+    the student's with autograd (the other ranks' gradients flow back to their owners) and each
+    rank computes its b rows, as `clip_loss`: value the global batch's, gradient exact for the
+    local features. Memory: four (b, N) fp32 logit blocks per rank, O(b·N), and O(N·E) gathered.
+    """
+    s_x, s_y, offset = _local_and_gathered(s_img, s_txt, rank, world_size, group)
+    t_x, t_y, _ = _local_and_gathered(t_img, t_txt, rank, world_size, group)
+    b = s_img.shape[0]
+    rows = slice(offset, offset + b)
+    i2t = _kl_rows(t_x[rows] @ t_y.T / temperature, logit_scale * s_x[rows] @ s_y.T)
+    t2i = _kl_rows(t_y[rows] @ t_x.T / temperature, logit_scale * s_y[rows] @ s_x.T)
+    return _global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
+
+
+def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Σ over rows of KL(softmax(teacher) ‖ softmax(student)), (b, N) each → scalar."""
+    return F.kl_div(F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
+                    reduction="sum")
+
+
+def _world() -> dict:
+    if dist.is_available() and dist.is_initialized():
+        return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+    return {}
+
+
+def _fd(out: dict, taught: list, weights: list[float]) -> torch.Tensor:
+    return sum(w * (fd_loss_sum(proj_img, t_img) + fd_loss_sum(proj_txt, t_txt))
+               for w, (proj_img, proj_txt), (t_img, t_txt) in zip(weights, out["projected"], taught))
+
+
+def _icl(out: dict, taught: list, weights: list[float]) -> torch.Tensor:
+    n, world = out["image"].shape[0], _world()
+    mean = sum(w * icl_loss(F.normalize(p_img, dim=-1), F.normalize(p_txt, dim=-1), t_img, t_txt, out["scale"], **world)
+               for w, (p_img, p_txt), (t_img, t_txt) in zip(weights, out["projected"], taught))
+    return as_local_sum(mean, n, n * world.get("world_size", 1))
+
+
+def _crd(out: dict, taught: list, weights: list[float], temperature: float) -> torch.Tensor:
+    n, world = out["image"].shape[0], _world()
+    mean = sum(w * crd_loss(out["image"], out["text"], t_img, t_txt, out["scale"], temperature, **world)
+               for w, (t_img, t_txt) in zip(weights, taught))
+    return as_local_sum(mean, n, n * world.get("world_size", 1))
+
+
+def objectives(cfg: DistillConfig) -> dict[str, Objective]:
+    """`distill_<loss>` for each of `cfg.losses`, over the student's outputs ({"image", "text":
+    (B, E_s) normalised; "projected": per teacher (image, text) mapped to its width; "scale"}) and
+    the teachers' [(t_img, t_txt)], each counting the batch's pairs like `itc`."""
+    if not cfg.teachers:
+        return {}
+    weights, pairs = teacher_weights(cfg), lambda batch: batch["pixel_values"].shape[0]
+    loss = {"fd": lambda out, batch, taught: _fd(out, taught, weights),
+            "icl": lambda out, batch, taught: _icl(out, taught, weights),
+            "crd": lambda out, batch, taught: _crd(out, taught, weights, cfg.temperature)}
+    return {f"distill_{name}": Objective(loss[name], pairs) for name in cfg.losses}
+
+
+def loss_names(cfg: DistillConfig) -> tuple[str, ...]:
+    return tuple(f"distill_{name}" for name in cfg.losses) if cfg.teachers else ()
