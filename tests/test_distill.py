@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from graft.cli import main
 from graft.distill import crd_loss, fd_loss_sum, icl_loss
 from graft.train.checkpoint import read_model
-from tests.torchrun_runs import run, torchrun
 
 SMALL = ["--set", "vision.hidden_size=32", "--set", "vision.layers=1", "--set", "vision.intermediate_size=64",
          "--set", "text.hidden_size=32", "--set", "text.layers=1", "--set", "text.intermediate_size=64",
@@ -117,24 +116,6 @@ def test_bad_teachers_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, te
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--set distill.teachers" in err and "does not read" in err
     assert not (tmp_path / "tiny").exists()
-
-
-# ---- two processes ------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_distillation_on_two_processes_follows_one_process(tmp_path, teacher):
-    """All three losses (and `itc`) over the global batch: one micro-batch of 32 on one process,
-    of 16 per process (gathered) on two under DDP, to fp32 reassociation."""
-    sets = [f"distill.teachers=[{teacher}]", "contrastive.embed_dim=16", "train.steps=4", "train.ckpt_every=4"]
-    args = lambda out, batch: ["train", "clip", "--out", str(out), *SMALL, "--set", f"train.batch_size={batch}",
-                               *(a for s in sets for a in ("--set", s))]
-    assert main(args(tmp_path / "one", 32)) == 0
-    run(torchrun(*args(tmp_path / "two", 16), "--set", "parallel.kind=ddp"), timeout=600)
-    for name in ["loss", *(f"loss/{n}" for n in ALL)]:
-        want = [r[name] for r in records(tmp_path / "one") if r.get("event") != "eval"]
-        got = [r[name] for r in records(tmp_path / "two") if r.get("event") != "eval"]
-        assert len(got) == len(want) == 4 and got == pytest.approx(want, rel=1e-5), (name, got, want)
 
 
 def test_a_distill_setting_without_teachers_is_refused(tmp_path, capsys):

@@ -57,16 +57,20 @@ CASES = {
     # EVE: a frozen teacher the trainer holds outside the model and its DDP / FSDP2 wrapping, and
     # the objective `align` over the model's outputs and the teacher's (TEACHER: a SigLIP folder)
     "eve": ["shapes_fuyu", "--set", "lm.hidden_size=32", "--set", "lm.layers=2", "--set", "lm.intermediate_size=64",
-            "--set", "eve.teacher=TEACHER", "--set", "train.objectives={lm: 1, align: 2}"],
+            "--set", "eve.teacher=EVE_TEACHER", "--set", "train.objectives={lm: 1, align: 2}"],
+    # CLIP-KD: a student taught by a frozen CLIP run, its three distillation losses over the global
+    # batch (KD_TEACHER: a 2-step run of the same small CLIP, trained before the launch)
+    "distill": ["clip", *DUAL[1:], "--set", "distill.teachers=[KD_TEACHER]"],
 }
 # a contrastive loss contrasts each micro-batch of the global batch: one of 32 on one process, one
 # of 16 per process (gathered) on two
-BATCHES = {"dual": (["--set", "train.batch_size=32"], ["--set", "train.batch_size=16"])}
+BATCHES = {case: (["--set", "train.batch_size=32"], ["--set", "train.batch_size=16"]) for case in ("dual", "distill")}
 
 
 def _sets(case, out):
     """The case's recipe and settings, its teacher in `out`."""
-    return [arg.replace("TEACHER", str(out / "teacher")) for arg in CASES[case]]
+    return [arg.replace("EVE_TEACHER", str(out / "teacher")).replace("KD_TEACHER", str(out / "kd_teacher"))
+            for arg in CASES[case]]
 
 
 def _case_runs(out, case):
@@ -81,6 +85,7 @@ def _two(out):
     """Every two-process run the comparisons read, in one torchrun launch (tests/scripts/runs.py)."""
     evaluate = ["--set", "eval.splits=[test]", "--set", "eval.vqa_per_type=5", "--set", "eval.captions=5"]
     make_vision("siglip", out / "teacher")
+    here("train", "clip", *DUAL[1:], "--set", "train.steps=2", *QUIET, "--out", str(out / "kd_teacher"))
     run(torchrun_each([*TINY, "--out", str(out / "fsdp2"), *TWO, *FSDP2, *evaluate],
                       [*TINY, "--out", str(out / "ddp"), *TWO, "--set", "parallel.kind=ddp"],
                       *(args for case in CASES for args in _case_runs(out, case))))
@@ -117,11 +122,17 @@ def test_ddp_and_fsdp2_on_two_processes_equal_one_process(one_process, two):
     assert want[-1] < want[0]
 
 
+def named(out, name: str) -> list[float]:
+    """A run's logged values of the named loss `name`, step by step."""
+    return [r[f"loss/{name}"] for r in records(out) if "loss" in r]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_other_models_on_two_processes_equal_one_process(tmp_path, two, case):
     """A dual encoder (its contrastive loss over the global batch), a VLM with frozen parts, LoRA
-    and bias-balanced MoE, and Fuyu with EVE's teacher: under DDP and FSDP2 (the latter with
-    activation checkpointing) the losses of one process, to fp32 reassociation."""
+    and bias-balanced MoE, Fuyu with EVE's teacher, and a CLIP student distilled from a CLIP
+    teacher: under DDP and FSDP2 (the latter with activation checkpointing) the losses of one
+    process, to fp32 reassociation (every named loss for the distillation)."""
     recipe, *sets = _sets(case, two)
     here("train", recipe, *STEPS, *QUIET, *sets, "--out", str(tmp_path / "one"), *BATCHES.get(case, (ONE, TWO))[0])
     want = losses(tmp_path / "one")
@@ -129,6 +140,9 @@ def test_other_models_on_two_processes_equal_one_process(tmp_path, two, case):
         got = losses(two / f"{case}_{kind}")
         assert len(got) == len(want) == 5
         assert got == pytest.approx(want, rel=1e-5), (kind, got, want)
+        for name in ("distill_fd", "distill_icl", "distill_crd") if case == "distill" else ():
+            mine, one = named(two / f"{case}_{kind}", name), named(tmp_path / "one", name)
+            assert mine == pytest.approx(one, rel=1e-5), (kind, name, mine, one)
     assert want[-1] < want[0]
 
 
