@@ -37,7 +37,6 @@ from graft.data.tokenizer import ChatTokenizer, world_corpus
 from graft.designs import design
 from graft.errors import UserError
 from graft.models.hf_backbones import resolve_lm, resolve_vision
-from graft.models.hf_llava import load_llava_weights
 from graft.models.lora import add_lora, merge_lora
 from graft.objectives import StepLosses
 from graft.parts import adopt_vision_arch, load_modules, load_stage1, load_vision
@@ -150,6 +149,9 @@ def init_from(model, path: str) -> None:
     """Weights from a graft run (LoRA merged) or an exported HF LLaVA folder (config.json)."""
     src = RunDir(path)
     if not src.config_path.is_file() and (Path(path) / "config.json").is_file():
+        # lazy: imports transformers (~0.5 s), only for an exported HF LLaVA folder
+        from graft.models.hf_llava import load_llava_weights
+
         load_llava_weights(model, path)
         return
     src.require()

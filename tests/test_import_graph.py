@@ -4,6 +4,8 @@ imports included: no import cycle anywhere in graft/, and the layers below. Impo
 
 import ast
 import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import grimp
@@ -125,7 +127,7 @@ def test_only_the_entry_point_imports_the_cli():
 # saying so. graft's own modules wait only in the CLI and the package roots, which keep `graft
 # --help` quick (their comment says so once).
 HEAVY = ("transformers", "datasets", "matplotlib", "peft", "torch.distributed.fsdp", "torch.utils.tensorboard",
-         "graft.models.hf")  # each ≥ 0.1 s to import on top of torch (graft.models.hf imports transformers)
+         "graft.models.hf", "graft.models.hf_llava")  # each ≥ 0.1 s on top of torch (graft.models.hf* import transformers)
 LAZY_FILES = ("cli.py", "__init__.py", "train/__init__.py")
 
 
@@ -161,3 +163,13 @@ def test_function_local_imports_are_heavy_and_commented():
                 offenders.append(f"graft/{name}:{line}: {module}{'' if said or lazy_ok else ' (no comment)'}")
     assert not offenders, "move these imports to the top of their module, or say why they wait:\n" + "\n".join(
         offenders)
+
+
+def test_training_imports_no_heavy_library():
+    """What `graft train` imports for a built-in run leaves the HEAVY libraries alone (each costs
+    every process a torchrun starts, and every test that starts one): transformers, datasets,
+    matplotlib and peft load only when a run uses them."""
+    code = ("import sys, graft.cli, graft.train.loop, graft.eval.harness; "
+            "print(' '.join(m for m in ('transformers', 'datasets', 'matplotlib', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [], done.stdout
