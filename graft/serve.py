@@ -15,25 +15,35 @@ text (a VLM) answers chat completions; a dual encoder answers embeddings and zer
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import random
 import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
 
 import torch
 
-from graft.data.images import open_within
 from graft.data.samples import BadSample
 from graft.data.stream import make_world
 from graft.designs import EMBEDS, GENERATES, design
 from graft.serve_embed import Embedder, default_templates
+from graft.serve_request import (
+    MAX_INPUTS,
+    MAX_TEMPLATES,
+    BadRequest,
+    Completion,
+    check_inputs,
+    check_number,
+    check_stream,
+    check_texts,
+    check_url,
+    conversation,
+    decode_image,
+)
 
 MAX_BODY = 20 << 20  # bytes of a request body, judged from Content-Length before reading it
 READ_S = 60  # seconds to receive a whole body; also each socket read or write (a stalled client)
@@ -41,98 +51,7 @@ MAX_IMAGES = 1  # per request in this slice: one image at the start of the last 
 FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stream")
 EMBED_FIELDS = ("model", "input", "encoding_format")
 ZERO_SHOT_FIELDS = ("model", "image_url", "labels", "templates")
-MAX_INPUTS = 64  # texts or images of one embeddings request; labels of one zero-shot request
-MAX_TEXT = 2000  # characters of one text, label or template (the text tower reads text.max_len tokens)
-MAX_TEMPLATES = 8
 PAGE = Path(__file__).with_name("serve_page.html")
-
-
-class BadRequest(Exception):
-    """A request refused with `status` and a message naming the problem (OpenAI's error shape)."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class Completion:
-    """A checked request: prompt ids, pixels (n_images, 3, S, S) and how to decode."""
-
-    ids: list[int]
-    pixels: torch.Tensor
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int
-    stream: bool
-
-
-def _number(body: dict, name: str, kind: type, lo: float, hi: float, default):
-    """body[name] (or `default` when absent/null), an int or number within [lo, hi]."""
-    value = body.get(name)
-    if value is None:
-        return default
-    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-    if not ok or not lo <= value <= hi:
-        raise BadRequest(f"{name} must be {'a number' if kind is float else 'an integer'} in [{lo}, {hi}], got {value!r}")
-    return kind(value)
-
-
-def _content(content, where: str) -> tuple[str, list[str]]:
-    """A message's text and image URLs: `content` is a string or a list of text / image_url parts."""
-    if isinstance(content, str):
-        return content, []
-    if not isinstance(content, list):
-        raise BadRequest(f"{where}.content must be a string or a list of parts")
-    texts, urls = [], []
-    for i, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url" and isinstance(part.get("image_url"), dict) and isinstance(part["image_url"].get("url"), str):
-            urls.append(part["image_url"]["url"])
-        else:
-            raise BadRequest(f"{where}.content[{i}] must be {{'type': 'text', 'text': ...}} or "
-                             "{'type': 'image_url', 'image_url': {'url': 'data:...'}}")
-    return "\n".join(texts), urls
-
-
-def conversation(messages) -> tuple[list[tuple[str, str]], str, list[str]]:
-    """(earlier (user, assistant) turns, the last user message's text, its image URLs) of OpenAI
-    `messages`: user and assistant alternating, ending with the user; only the last holds images."""
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise BadRequest("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
-    roles = [m.get("role") for m in messages]
-    if len(messages) % 2 == 0 or roles != [("user", "assistant")[i % 2] for i in range(len(messages))]:
-        raise BadRequest(f"messages must alternate user and assistant and end with user (system messages are "
-                         f"not supported); got roles {roles}")
-    for i, m in enumerate(messages):
-        if set(m) - {"role", "content"}:
-            raise BadRequest(f"messages[{i}]: unknown field {min(set(m) - {'role', 'content'})!r} "
-                             "(supported: role, content)")
-    parts = [_content(m.get("content"), f"messages[{i}]") for i, m in enumerate(messages)]
-    if any(urls for _, urls in parts[:-1]):
-        raise BadRequest("only the last user message may hold an image")
-    turns = [(parts[i][0], parts[i + 1][0]) for i in range(0, len(parts) - 1, 2)]
-    return turns, parts[-1][0], parts[-1][1]
-
-
-def decode_image(url: str, d):
-    """The RGB image of a `data:image/...;base64,...` URL, through graft's guards for untrusted bytes."""
-    if not url.startswith("data:"):
-        raise BadRequest(f"image_url must be a data: URL (base64); nothing is fetched, got {url[:40]!r}")
-    head, sep, payload = url.partition(",")
-    if not sep or not head.endswith(";base64"):
-        raise BadRequest("image_url must be data:<type>;base64,<data>")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequest("image_url: the data is not valid base64") from None
-    try:
-        return open_within(data, d)[0]
-    except BadSample as e:
-        raise BadRequest(f"image_url is not a usable image ({e})") from None
 
 
 class Served:
@@ -176,9 +95,9 @@ class Served:
         pixels = [proc.pixels(img) for img in images]
         return Completion(
             ids, torch.stack(pixels) if pixels else torch.zeros(0, 3, proc.image_size, proc.image_size),
-            _number(body, key, int, 1, room, room), _number(body, "temperature", float, 0, 2, 0.0),
-            _number(body, "top_p", float, 1e-6, 1, 1.0), _number(body, "seed", int, 0, 2**63 - 1, secrets.randbits(63)),
-            _stream(body.get("stream")))
+            check_number(body, key, int, 1, room, room), check_number(body, "temperature", float, 0, 2, 0.0),
+            check_number(body, "top_p", float, 1e-6, 1, 1.0),
+            check_number(body, "seed", int, 0, 2**63 - 1, secrets.randbits(63)), check_stream(body.get("stream")))
 
     def complete(self, req: Completion, on_text=None) -> tuple[str, int]:
         """(answer, new tokens) of a checked request, one request at a time; `on_text(delta)` sees
@@ -212,7 +131,8 @@ class Served:
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise BadRequest(f"encoding_format must be 'float' or 'base64', got {fmt!r}")
-        inputs = [v if kind == "text" else decode_image(v, self.run.cfg.data) for kind, v in _inputs(body.get("input"))]
+        inputs = [v if kind == "text" else decode_image(v, self.run.cfg.data)
+                  for kind, v in check_inputs(body.get("input"))]
         tokens = self.embedder.text_tokens([x for x in inputs if isinstance(x, str)])
         return {"object": "list", "data": self.embedder.embeddings(inputs, fmt == "base64"), "model": self.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
@@ -220,11 +140,11 @@ class Served:
     def zero_shot(self, body: dict) -> dict:
         """The /v1/graft/zero_shot response to `body`: its labels ranked for its image."""
         self.check(body, ZERO_SHOT_FIELDS, EMBEDS)
-        url = _url(body.get("image_url"), "image_url")
-        labels = _texts(body.get("labels"), "labels", MAX_INPUTS)
+        url = check_url(body.get("image_url"), "image_url")
+        labels = check_texts(body.get("labels"), "labels", MAX_INPUTS)
         if len(set(labels)) < len(labels):
             raise BadRequest("labels must be distinct")
-        templates = default_templates(self.run.cfg) if body.get("templates") is None else _texts(
+        templates = default_templates(self.run.cfg) if body.get("templates") is None else check_texts(
             body["templates"], "templates", MAX_TEMPLATES)
         if not all("{}" in t for t in templates):
             raise BadRequest(f"each template must hold '{{}}' for the label, got {templates}")
@@ -238,44 +158,6 @@ class Served:
         sample.image.save(png, format="PNG")
         return {"url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode(),
                 "question": random.choice(sample.qa).question if sample.qa else ""}
-
-
-def _text(value, where: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_TEXT:
-        raise BadRequest(f"{where} must be a non-empty string of at most {MAX_TEXT} characters")
-    return value
-
-
-def _texts(value, where: str, most: int) -> list[str]:
-    """`value`: a list of 1 to `most` non-empty strings."""
-    if not isinstance(value, list) or not 0 < len(value) <= most:
-        raise BadRequest(f"{where} must be a list of 1 to {most} strings")
-    return [_text(v, f"{where}[{i}]") for i, v in enumerate(value)]
-
-
-def _url(value, where: str) -> str:
-    if not isinstance(value, dict) or set(value) != {"url"} or not isinstance(value["url"], str):
-        raise BadRequest(f"{where} must be {{'url': 'data:image/...;base64,...'}}")
-    return value["url"]
-
-
-def _inputs(value) -> list[tuple[str, str]]:
-    """("text", text) and ("image", url) of the `input` of /v1/embeddings: a string, or a list of
-    strings and {'image_url': {'url': ...}} objects (graft's extension)."""
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not 0 < len(items) <= MAX_INPUTS:
-        raise BadRequest(f"input must be a string or a list of 1 to {MAX_INPUTS} strings and "
-                         "{'image_url': {'url': 'data:...'}} objects (token arrays are not accepted)")
-    if any(isinstance(x, dict) and set(x) != {"image_url"} for x in items):
-        raise BadRequest("an object in input must be {'image_url': {'url': 'data:...'}} and nothing else")
-    return [("image", _url(x["image_url"], f"input[{i}].image_url")) if isinstance(x, dict)
-            else ("text", _text(x, f"input[{i}]")) for i, x in enumerate(items)]
-
-
-def _stream(value) -> bool:
-    if value is not None and not isinstance(value, bool):
-        raise BadRequest(f"stream must be true or false, got {value!r}")
-    return bool(value)
 
 
 def _chunk(head: dict, delta: dict, finish: str | None = None) -> bytes:

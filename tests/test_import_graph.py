@@ -25,7 +25,8 @@ LAYERS = (
     ("graft.eval",),  # tasks ask the registry what a run can do
     ("graft.config_checks", "graft.build"),  # cross-field validation; assembly
     ("graft.train", "graft.report"),  # the trainer and its report
-    ("graft.api", "graft.compare", "graft.export", "graft.plan", "graft.recipes", "graft.serve", "graft.serve_embed",
+    ("graft.api", "graft.compare", "graft.export", "graft.plan", "graft.recipes",
+     "graft.serve", "graft.serve_embed", "graft.serve_request",
      "graft.data.check", "graft.data.show", "graft.data.export"),  # what the commands call
     ("graft.cli", "graft.__main__"),
 )
