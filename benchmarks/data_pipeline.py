@@ -32,8 +32,8 @@ from graft.data.skips import SkipLog
 from graft.data.sources import build_sources
 from graft.data.streaming import StreamDataset, fresh_position
 from graft.recipes import shapes_vqa, tiny
-from graft.train.loop import train
-from graft.train.metrics import read
+from graft.trainer.loop import train
+from graft.trainer.metrics import read
 
 
 def read_only(cfg, n: int) -> float:

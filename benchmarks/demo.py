@@ -21,8 +21,8 @@ import torch
 from graft.config import apply_overrides
 from graft.data.stream import make_world
 from graft.recipes import RECIPES
-from graft.train.loop import train
-from graft.train.metrics import read
+from graft.trainer.loop import train
+from graft.trainer.metrics import read
 
 
 def world_speed(cfg, n: int = 3000) -> float:

@@ -45,8 +45,8 @@ def parse() -> argparse.Namespace:
 
 def train_rate(recipe: str, steps: int, stage1: str | None) -> dict:
     """Median samples/s and MFU of `graft train RECIPE` over its log lines after the first."""
-    from graft.train.loop import train
-    from graft.train.metrics import read
+    from graft.trainer.loop import train
+    from graft.trainer.metrics import read
 
     sets = [f"train.steps={steps}", "train.log_every=10", f"train.ckpt_every={steps}", "train.progress=false",
             "eval.splits=[]"]
@@ -96,7 +96,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_train:
             if "shapes_qformer" in args.recipes:
-                from graft.train.loop import train
+                from graft.trainer.loop import train
 
                 stage1 = str(Path(tmp) / "stage1")
                 train(_recipe("shapes_qformer_stage1", ["train.steps=20", "train.progress=false", "eval.splits=[]"]), stage1)

@@ -22,7 +22,7 @@
 # the first 4 (compile warm-up and recompiles), the peak of torch.cuda.max_memory_allocated, and
 # tokens/s without the data wait (what the model sustains when batches come from DataLoader
 # workers, as with real data); MFU uses FLOPs counted by torch's FLOP counter against the
-# datasheet's dense bf16 peak (graft/train/runtime.py). The HF ratio is graft speed / HF speed
+# datasheet's dense bf16 peak (graft/trainer/runtime.py). The HF ratio is graft speed / HF speed
 # (> 1: graft is faster); the first-step losses above it must agree.
 # The two markdown rows at the end go verbatim into the README's benchmark table (what | figure |
 # command | date), with the device and the date they carry; docs/benchmarks.md keeps the notes.

@@ -33,9 +33,9 @@ from graft.losses import batch_loss
 from graft.models.hf_llava import to_llava
 from graft.recipes import RECIPES
 from graft.rundir import build_model, build_processor
-from graft.train import parallel
-from graft.train.optim import build_optimizer, param_groups
-from graft.train.runtime import Runtime, keep_freed_memory
+from graft.trainer import parallel
+from graft.trainer.optim import build_optimizer, param_groups
+from graft.trainer.runtime import Runtime, keep_freed_memory
 
 
 def parse() -> argparse.Namespace:

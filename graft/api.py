@@ -25,7 +25,7 @@ from graft.errors import UserError
 from graft.eval.harness import evaluate
 from graft.eval.vqa import answer
 from graft.rundir import RunDir
-from graft.train.loop import train as train_loop
+from graft.trainer.loop import train as train_loop
 
 
 def recipe(name: str, overrides: dict | None = None) -> Config:

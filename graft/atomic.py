@@ -2,9 +2,9 @@
 
 The text goes to a temporary file beside the target, is flushed to disk, then renamed over the
 target (`os.replace` is atomic within one filesystem). Checkpoint folders and the HF tokenizer
-folder do the same with a temporary folder (train/checkpoint.py, rundir.py). The two append-only
+folder do the same with a temporary folder (trainer/checkpoint.py, rundir.py). The two append-only
 logs, `metrics.jsonl` and TensorBoard's events, are appended to instead; a line cut by a kill is
-dropped when the file is read or the run resumes (train/metrics.py).
+dropped when the file is read or the run resumes (trainer/metrics.py).
 """
 
 from __future__ import annotations

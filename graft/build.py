@@ -1,6 +1,6 @@
 """One assembly path: tokenizer → resolved config → model → initialised parts → surgery → frozen parts.
 
-Training (train/loop.py), loading a run (`RunDir.load`), `graft data check` and `graft data show`
+Training (trainer/loop.py), loading a run (`RunDir.load`), `graft data check` and `graft data show`
 all come through here, so they see the same tokenizer, chat layout and architecture. Nothing here
 changes the config it is given: `resolve` returns a resolved copy.
 
@@ -41,7 +41,7 @@ from graft.models.lora import add_lora, merge_lora
 from graft.objectives import StepLosses
 from graft.parts import adopt_vision_arch, load_modules, load_stage1, load_vision
 from graft.rundir import RunDir
-from graft.train import checkpoint
+from graft.trainer import checkpoint
 
 
 def tokenizer_for(cfg: Config, run: RunDir | None = None):

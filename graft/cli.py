@@ -35,7 +35,7 @@ def cmd_train(args) -> None:
         print(dry_run(cfg, args.recipe, args.out, args.gpus).render())
         return
     from graft.eval.harness import entries, unprefixed
-    from graft.train.loop import train
+    from graft.trainer.loop import train
 
     out = args.out or f"runs/{cfg.name}"
     results = train(cfg, out)
@@ -108,7 +108,7 @@ def cmd_export(args) -> None:
 
 def cmd_demo(args) -> None:
     from graft.recipes import shapes_vqa
-    from graft.train.loop import train
+    from graft.trainer.loop import train
 
     out = Path(args.out)
     cfg = _recipe("shapes_vqa", args.set) if args.set else shapes_vqa()

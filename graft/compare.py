@@ -2,7 +2,7 @@
 matched training compute.
 
 Every recipe is trained to the same training FLOPs — forward and backward of every part, vision
-included, counted by torch's FLOP counter on the recipe's first batch (train/flops.py); a frozen
+included, counted by torch's FLOP counter on the recipe's first batch (trainer/flops.py); a frozen
 teacher's forward (EVE's tower) is not the model's and is reported beside the table — with the
 same seeds (and so the same data order where the data settings agree), evaluated on the same
 splits and tasks, and summarised in `DIR/report.md`: parameters, image tokens per image, FLOPs,
@@ -36,10 +36,10 @@ from graft.designs import SHARED_SECTIONS, design
 from graft.errors import UserError
 from graft.recipes import RECIPES, STAGES, recipe
 from graft.report import png_bytes, pyplot
-from graft.train.flops import MeasuredFlops, count_step
-from graft.train.loop import train
-from graft.train.metrics import read
-from graft.train.runtime import Runtime
+from graft.trainer.flops import MeasuredFlops, count_step
+from graft.trainer.loop import train
+from graft.trainer.metrics import read
+from graft.trainer.runtime import Runtime
 
 EVAL_POINTS = 4  # evaluations per run (the last at the end), for the metric-vs-FLOPs plot
 # Every connector design on the default recipe's world, model and data order (docs/compare.md).

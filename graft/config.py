@@ -132,7 +132,7 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the model is spread over processes (graft/train/parallel.py); the same recipe runs as one
+    """How the model is spread over processes (graft/trainer/parallel.py); the same recipe runs as one
     process or under torchrun on any number of them."""
     # auto: ddp under torchrun, none as one process | none | ddp | fsdp2 (shard parameters, gradients
     # and optimizer state over the processes: FSDP2 fully_shard on each block, then the root)

@@ -3,7 +3,7 @@
 `UserError` means "the user gave us bad input" (exit code 2). `Stopped` means training stopped on
 SIGINT / SIGTERM with a checkpoint saved (exit 128 + the signal's number); `Diverged`, that it
 stopped after `train.max_skipped_steps` steps in a row had non-finite gradients (exit 1;
-train/stop.py); `Hung`, that a collective waited past `parallel.timeout_s` (exit 1).
+trainer/stop.py); `Hung`, that a collective waited past `parallel.timeout_s` (exit 1).
 """
 
 import signal
@@ -28,7 +28,7 @@ class RunFailed(Exception):
 
 class Hung(RunFailed):
     """A collective waited longer than `parallel.timeout_s`: names the operation and the ranks that
-    did not answer (train/runtime.py)."""
+    did not answer (trainer/runtime.py)."""
 
 
 class Diverged(RunFailed):

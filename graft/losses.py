@@ -93,7 +93,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 #   * the gradient w.r.t. a rank's own features equals the one-process gradient for those rows;
 #   * the gradient w.r.t. a replicated input (logit_scale, logit_bias) is this rank's share: the
 #     sum over ranks is the one-process gradient. (So a DDP trainer, which averages gradients over
-#     ranks, multiplies this loss by world_size before backward; see train/loop.py.)
+#     ranks, multiplies this loss by world_size before backward; see trainer/loop.py.)
 # `chunk_size` > 0 computes the logits in blocks of that many rows (CLIP) or columns (SigLIP) and
 # recomputes each block in the backward pass (activation checkpointing), bounding peak memory.
 

@@ -9,7 +9,7 @@ model (next-token cross-entropy, a contrastive loss, ITM, an MoE balancing loss)
   exactly like the model's own losses (graft/losses.py `weighted`).
 - a `Teacher`: a frozen module the trainer holds outside the student's module tree, so it is never
   optimised, never in the student's checkpoint, never one of its FSDP/DDP units, and its FLOPs are
-  counted apart from the student's training FLOPs (train/flops.py).
+  counted apart from the student's training FLOPs (trainer/flops.py).
 
 `StepLosses` puts the two together for one micro-batch. EVE's alignment to a vision tower is one such
 objective and teacher (designs/fuyu.py).

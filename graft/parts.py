@@ -16,7 +16,7 @@ from graft.errors import UserError
 from graft.models.hf_backbones import HFVisionTower, resolve_vision
 from graft.models.vit import ViT, VisionConfig
 from graft.rundir import RunDir
-from graft.train import checkpoint
+from graft.trainer import checkpoint
 
 VISION_ARCH = ("image_size", "patch_size", "hidden_size", "layers", "heads", "intermediate_size", "layer_norm_eps")
 

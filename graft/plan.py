@@ -8,7 +8,7 @@ computed from those counts and the config; all figures are bytes.
 
 **Weights, gradients, optimizer.** N processes; P parameters, P_t of them trainable. FSDP2 shards
 every block (the elements of each `nn.ModuleList`), then the root with every other weight
-(graft/train/parallel.py); B is the largest block, R the root's unit (embeddings, LM head, norms,
+(graft/trainer/parallel.py); B is the largest block, R the root's unit (embeddings, LM head, norms,
 connector), B_t and R_t their trainable parameters; c = 2 under bf16 mixed precision, else 4.
 
                   none / ddp (a whole copy per process)       fsdp2
@@ -75,8 +75,8 @@ from graft.errors import UserError
 from graft.models.connectors import CONNECTORS
 from graft.models.decoder import gqa_in_kernel
 from graft.rundir import RunDir
-from graft.train.parallel import blocks
-from graft.train.parallel import kind as parallel_kind
+from graft.trainer.parallel import blocks
+from graft.trainer.parallel import kind as parallel_kind
 
 GIB = 1 << 30
 
@@ -198,7 +198,7 @@ def counts(model: nn.Module, parts: tuple[str, ...]) -> dict[str, tuple[int, int
 
 
 def units(model: nn.Module) -> tuple[list[nn.Module], list[list[nn.Parameter]]]:
-    """FSDP2's units as train/parallel.py makes them: the blocks, and the root with every other weight."""
+    """FSDP2's units as trainer/parallel.py makes them: the blocks, and the root with every other weight."""
     found = blocks(model)
     in_blocks = {id(q) for b in found for q in b.parameters()}
     rest = [q for q in {id(q): q for q in model.parameters()}.values() if id(q) not in in_blocks]
@@ -239,7 +239,7 @@ class Plan:
     world: int
     world_from: str  # where the world size came from
     device: str
-    kind: str  # the parallelism train/parallel.py applies
+    kind: str  # the parallelism trainer/parallel.py applies
     precision: Precision
     checkpointing: bool
     batch: int

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 
 from graft import atomic
-from graft.train.metrics import read
+from graft.trainer.metrics import read
 
 
 def results_table(results: dict[str, float], first: str = "test") -> str:

@@ -20,7 +20,7 @@ from graft.config import Config
 from graft.data.hf_tokenizer import HFChatTokenizer
 from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
-from graft.train import checkpoint
+from graft.trainer import checkpoint
 
 
 class RunDir:

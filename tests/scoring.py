@@ -8,7 +8,7 @@ import torch
 
 from graft.build import build_processor, load_run
 from graft.rundir import RunDir
-from graft.train.checkpoint import latest
+from graft.trainer.checkpoint import latest
 
 
 @lru_cache(maxsize=4)

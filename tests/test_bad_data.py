@@ -15,7 +15,7 @@ from graft.data.check import check_data, processor_for
 from graft.data.images import open_image
 from graft.data.samples import BadSample
 from graft.recipes import tiny
-from graft.train.metrics import read
+from graft.trainer.metrics import read
 from tests.data_helpers import BAD_EXPECTED, NOTES_EXPECTED, SMALL, bad_shards, export, llava_json, png_header_only
 
 

@@ -30,7 +30,7 @@ from graft.plan import (
     state_bytes,
 )
 from graft.recipes import RECIPES
-from graft.train import parallel
+from graft.trainer import parallel
 from graft.cli import main
 from tests.helpers import cli, one_line_error, tokenizer
 

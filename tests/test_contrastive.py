@@ -18,7 +18,7 @@ from graft.models.text_encoder import TextConfig
 from graft.models.vit import VisionConfig
 from graft.data.shapes import CLASSES, ShapesWorld
 from graft.rundir import RunDir
-from graft.train.checkpoint import read_model
+from graft.trainer.checkpoint import read_model
 from tests.helpers import cli, one_line_error, tokenizer
 from tests.scoring import direct_zero_shot
 

@@ -20,7 +20,7 @@ from graft.data.sources import build_sources
 from graft.data.streaming import StreamDataset, fresh_position
 from graft.losses import IGNORE
 from graft.recipes import tiny
-from graft.train.metrics import read
+from graft.trainer.metrics import read
 from tests.data_helpers import SMALL, export, llava_json
 
 SOURCE_ARGS = {

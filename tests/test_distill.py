@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from graft.cli import main
 from graft.distill import crd_loss, fd_loss_sum, icl_loss
-from graft.train.checkpoint import read_model
+from graft.trainer.checkpoint import read_model
 
 SMALL = ["--set", "vision.hidden_size=32", "--set", "vision.layers=1", "--set", "vision.intermediate_size=64",
          "--set", "text.hidden_size=32", "--set", "text.layers=1", "--set", "text.intermediate_size=64",

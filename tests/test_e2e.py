@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from graft.train.metrics import read
+from graft.trainer.metrics import read
 
 STEPS = 150
 # shapes_vqa's design at half its width and 2+2 layers (a step costs half as much and it learns

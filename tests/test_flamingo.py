@@ -180,7 +180,7 @@ def test_short_flamingo_run_learns_from_the_images(tmp_path):
     colour 0.60 / 0.78 / 0.60, size 0.68 / 0.86 / 0.92 (22 s a run). Text-only ceiling on colour:
     1/5 (one colour of each shape is held out of the test split); a blank-image shapes_vqa run got 0.14."""
     from graft.rundir import RunDir
-    from graft.train.checkpoint import read_model
+    from graft.trainer.checkpoint import read_model
 
     out = tmp_path / "run"
     sets = ["vision.hidden_size=64", "vision.intermediate_size=128", "vision.layers=2", "lm.hidden_size=64",

@@ -1,4 +1,4 @@
-"""Measured training FLOPs (train/flops.py): torch's FlopCounterMode on the real forward and
+"""Measured training FLOPs (trainer/flops.py): torch's FlopCounterMode on the real forward and
 backward, once per batch shape, cross-checked against the hand formulas."""
 
 import pytest
@@ -10,7 +10,7 @@ from graft.designs import uses_packing
 from graft.data.tokenizer import ChatTokenizer, world_corpus
 from graft.recipes import clip, tiny
 from graft.build import build_model, build_processor
-from graft.train.flops import MeasuredFlops, count_step, dual_step_flops, vlm_step_flops
+from graft.trainer.flops import MeasuredFlops, count_step, dual_step_flops, vlm_step_flops
 
 
 def setup(recipe):

@@ -111,7 +111,7 @@ def test_eve_alignment_to_a_frozen_teacher(tmp_path):
     is not trained and not saved."""
     from graft.build import load_run
     from graft.rundir import RunDir
-    from graft.train.checkpoint import read_model
+    from graft.trainer.checkpoint import read_model
 
     small = [f"lm.{k}={v}" for k, v in (("hidden_size", 32), ("layers", 2), ("intermediate_size", 64))]
     quiet = ["train.progress=false", "train.log_every=1", "eval.splits="]
@@ -148,7 +148,7 @@ def test_eve_teacher_from_a_hugging_face_folder(tmp_path, kind):
 
     from graft.build import load_run
     from graft.rundir import RunDir
-    from graft.train.checkpoint import read_model
+    from graft.trainer.checkpoint import read_model
 
     folder = make_vision(kind, tmp_path / kind)
     small = [f"lm.{k}={v}" for k, v in (("hidden_size", 32), ("layers", 2), ("intermediate_size", 64))]
@@ -190,7 +190,7 @@ def test_the_trainers_align_objective_is_evees_cosine_distance(tmp_path):
     from graft.designs import design
     from graft.losses import batch_loss
     from graft.recipes import recipe
-    from graft.train.runtime import Runtime
+    from graft.trainer.runtime import Runtime
 
     folder = make_vision("clip", tmp_path / "clip")
     cfg = recipe("shapes_fuyu", ["lm.hidden_size=32", "lm.layers=2", "lm.intermediate_size=64",
@@ -218,7 +218,7 @@ def test_the_trainers_align_objective_is_evees_cosine_distance(tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
 
     from graft.losses import weighted
-    from graft.train.flops import _CPU_ATTENTION, MeasuredFlops
+    from graft.trainer.flops import _CPU_ATTENTION, MeasuredFlops
 
     counter = MeasuredFlops()
     with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as alone:

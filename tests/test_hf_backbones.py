@@ -5,7 +5,7 @@ the tests build and save themselves."""
 import pytest
 import torch
 from hf_models import CLIP_MEAN, make_lm, make_vision
-from graft.train.checkpoint import read_model
+from graft.trainer.checkpoint import read_model
 
 from graft.cli import main
 from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
@@ -16,7 +16,7 @@ from graft.models.lora import add_lora, merge_lora
 from graft.recipes import tiny
 from graft.build import build_model, build_processor, load_run, resolve_backbones
 from graft.rundir import RunDir
-from graft.train.metrics import read
+from graft.trainer.metrics import read
 
 TURNS = [("what color is the circle?", "red"), ("how many shapes are there?", "2")]
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from graft.train.checkpoint import read_model
+from graft.trainer.checkpoint import read_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from graft.cli import main

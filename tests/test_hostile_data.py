@@ -30,7 +30,7 @@ from graft.data.sources import build_sources
 from graft.data.streaming import StreamDataset
 from graft.data.tar import read_shard
 from graft.recipes import tiny
-from graft.train.metrics import read
+from graft.trainer.metrics import read
 from tests.data_helpers import SMALL, encoded, export, good_records, write_tar
 from tests.hostile import CONTROL_TEXT, ESCAPE_KEY, _eps, cut_gzip_shard, hostile_shards
 

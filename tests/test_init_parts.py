@@ -3,7 +3,7 @@ connector of a stage-1 run under a fresh LM."""
 
 
 from graft.cli import main
-from graft.train.checkpoint import read_model
+from graft.trainer.checkpoint import read_model
 
 QUIET = ["--set", "eval.splits=", "--set", "train.progress=false"]
 

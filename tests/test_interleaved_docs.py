@@ -20,7 +20,7 @@ from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
 from graft.losses import IGNORE
 from graft.recipes import tiny
-from graft.train.metrics import read
+from graft.trainer.metrics import read
 from tests.data_helpers import Evil, encoded, png_header_only, write_tar
 from tests.hostile import CONTROL_TEXT, _eps
 

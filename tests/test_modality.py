@@ -100,7 +100,7 @@ def test_a_run_without_image_modules_initialises_them_from_its_text_modules(tmp_
 def test_init_parts_lm_from_a_run_without_image_modules_fills_them(tmp_path):
     """`train.init_parts: {lm: RUN}` into an LM with image modules: the text modules come from the
     run and the image ones start as copies of them."""
-    from graft.train.checkpoint import read_model
+    from graft.trainer.checkpoint import read_model
 
     quiet = ["--set", "train.progress=false", "--set", "eval.splits="]
     assert main(["train", "tiny", "--out", str(tmp_path / "text"), "--set", "train.steps=3", *quiet]) == 0

@@ -106,7 +106,7 @@ def test_cached_greedy_generation_matches_full_recompute():
 
 def test_weight_decay_groups():
     # Matrices decay (embedding tables included); norms and biases do not.
-    from graft.train.optim import param_groups
+    from graft.trainer.optim import param_groups
 
     model, _ = tiny_vlm()
     decay, no_decay = (set(map(id, g["params"])) for g in param_groups(model, 0.1))
@@ -121,7 +121,7 @@ def test_weight_decay_groups():
 def test_fused_adamw_is_the_default_and_updates_like_torchs_default():
     """optim.fused: one fused kernel (default) or torch's multi-tensor AdamW; same update."""
     from graft.config import OptimConfig
-    from graft.train.optim import build_optimizer
+    from graft.trainer.optim import build_optimizer
 
     torch.manual_seed(0)
     model, proc = tiny_vlm()
@@ -147,7 +147,7 @@ def test_answers_only_gives_the_same_loss_and_gradients_with_fewer_flops():
     only where an answer token is predicted — the loss and every gradient equal the full path's;
     the head's FLOPs shrink."""
     from graft.objectives import StepLosses
-    from graft.train.flops import count_step
+    from graft.trainer.flops import count_step
 
     torch.manual_seed(0)
     model, proc = tiny_vlm()

@@ -145,7 +145,7 @@ def test_a_moe_run_logs_its_balance(tmp_path):
     assert all(len(r["moe/load/0"]) == 4 and abs(sum(r["moe/load/0"]) - 1) < 1e-3 for r in steps)
     assert all(1.0 <= r["moe/max_load"] <= 4.0 for r in steps)
     from graft.rundir import RunDir
-    from graft.train.checkpoint import read_model
+    from graft.trainer.checkpoint import read_model
 
     saved = read_model(RunDir(str(run)).latest_checkpoint())
     assert "lm.layers.0.mlp.router.weight" in saved and "lm.layers.0.mlp.experts.3.down_proj.weight" in saved

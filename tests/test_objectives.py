@@ -1,4 +1,4 @@
-"""Named losses (graft/losses.py, train/loop.py): each a local sum over what `loss_counts` counts,
+"""Named losses (graft/losses.py, trainer/loop.py): each a local sum over what `loss_counts` counts,
 divided by the count of the whole step, weighted by `train.objectives`, logged as `loss/<name>`."""
 
 import json

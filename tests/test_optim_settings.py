@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from graft.cli import main
-from graft.train.checkpoint import read_model
+from graft.trainer.checkpoint import read_model
 
 QUIET = ["train.progress=false", "eval.splits=[]", "train.log_every=1", "train.peak_flops=1e11"]
 

@@ -12,7 +12,7 @@ from graft.build import build_stream
 from graft.data.check import processor_for
 from graft.data.tokenizer import ChatTokenizer
 from graft.recipes import RECIPES
-from graft.train.metrics import read
+from graft.trainer.metrics import read
 from tests.data_helpers import encoded, write_tar
 
 from graft.data.shapes import ShapesWorld

@@ -9,7 +9,7 @@ from graft.data.packing import first_fit, pack
 from graft.data.processor import collate
 from graft.data.shapes import ShapesWorld
 from graft.losses import IGNORE, batch_loss
-from graft.train.flops import causal_context, vlm_step_flops
+from graft.trainer.flops import causal_context, vlm_step_flops
 from tests.helpers import tiny_vlm
 from tests.test_flamingo import open_gates, tiny_flamingo
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from graft.train.checkpoint import read_model
+from graft.trainer.checkpoint import read_model
 
 from graft.cli import main
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from graft import atomic
-from graft.train import checkpoint
+from graft.trainer import checkpoint
 from tests.helpers import wait_for
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -133,7 +133,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import time, torch
         from pathlib import Path
-        from graft.train import checkpoint
+        from graft.trainer import checkpoint
         model = torch.nn.Linear(4, 4)
         opt = torch.optim.AdamW(model.parameters())
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

@@ -1,4 +1,4 @@
-"""The process-level settings of graft/train/runtime.py."""
+"""The process-level settings of graft/trainer/runtime.py."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 # a step's activations allocated, then all freed, 20 times; prints the page faults it caused
 STEPS = """
 import resource, sys, torch
-from graft.train.runtime import keep_freed_memory
+from graft.trainer.runtime import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def step():

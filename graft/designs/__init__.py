@@ -16,7 +16,7 @@ type:
   into rows (and how many placeholders an image gets); `world_batches(cfg, proc, rt)` → the
   trainer's micro-batches from the built-in world; `tokens(batch, pad)` → the text tokens of a
   micro-batch, for throughput; `validate(cfg)` → design-specific config checks. (FLOPs need no
-  entry: the trainer counts them on the real forward and backward, train/flops.py.)
+  entry: the trainer counts them on the real forward and backward, trainer/flops.py.)
 - `losses`: the names of the losses its model returns; `train.objectives` may weigh them. The
   model's `forward(**batch)` returns (output, {name: local sum}) and `loss_counts(**batch)` what
   each sum is over (graft/losses.py). `packs`: its world batches can pack several conversations

@@ -5,7 +5,7 @@ likelihoods, image and text embeddings) go through `shard_map`, which gives proc
 contiguous slice of the inputs and gathers every slice's outputs, in order, on every process. The
 metrics are then computed from all outputs on every process alike, so they equal one process's
 evaluation and no process waits idle. Outside `sharded` (one process, `graft eval`) it is a plain call.
-The model must hold its whole weights on every process meanwhile (train/parallel.py `gathered`).
+The model must hold its whole weights on every process meanwhile (trainer/parallel.py `gathered`).
 """
 
 from __future__ import annotations

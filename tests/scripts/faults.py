@@ -30,8 +30,8 @@ import torch
 
 from graft.cli import main
 from graft.data.loader import ShapesBatches
-from graft.train import checkpoint
-from graft.train.stop import StopOnSignal
+from graft.trainer import checkpoint
+from graft.trainer.stop import StopOnSignal
 
 fault, at = sys.argv[1], int(sys.argv[2])
 marker = Path(sys.argv[3]) if sys.argv[3] != "--" else None

@@ -24,8 +24,8 @@ from helpers import tiny_vlm
 from graft.data.processor import collate
 from graft.data.shapes import ShapesWorld
 from graft.losses import batch_loss
-from graft.train import checkpoint
-from graft.train.runtime import Runtime, setup
+from graft.trainer import checkpoint
+from graft.trainer.runtime import Runtime, setup
 
 root = Path(sys.argv[1])
 world = ShapesWorld(32)
@@ -41,7 +41,7 @@ class Trainer:
         self.model, self.proc = tiny_vlm()
         assert self.model.lm.lm_head.weight is self.model.lm.embed_tokens.weight  # a tied pair is part of the test
         if rt.world_size > 1:
-            from graft.train.parallel import blocks, shard
+            from graft.trainer.parallel import blocks, shard
 
             shard(self.model, blocks(self.model), rt)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from graft.cli import main
-from graft.train import runtime
+from graft.trainer import runtime
 
 real_store = runtime._attempt_store
 

@@ -30,11 +30,11 @@ from graft.objectives import StepLosses
 from graft.models.moe import expert_loads
 from graft.report import write_report
 from graft.rundir import RunDir
-from graft.train import checkpoint, parallel, runtime
-from graft.train.flops import MeasuredFlops
-from graft.train.metrics import MetricsLog
-from graft.train.optim import build_optimizer, build_scheduler
-from graft.train.stop import SkipGuard, StopOnSignal
+from graft.trainer import checkpoint, parallel, runtime
+from graft.trainer.flops import MeasuredFlops
+from graft.trainer.metrics import MetricsLog
+from graft.trainer.optim import build_optimizer, build_scheduler
+from graft.trainer.stop import SkipGuard, StopOnSignal
 
 # Keys that may change between a run and its resumption (they do not change what is learned).
 RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.async_save",

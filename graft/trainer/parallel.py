@@ -13,7 +13,7 @@
 Options for any kind: activation checkpointing per block (recompute its activations in the
 backward) and `torch.compile`: of the whole training forward (one process, DDP), or of each block
 (FSDP2). The same recipe runs as one process or under torchrun;
-the checkpoint format (train/checkpoint.py) is the same for all three, so a run may resume under
+the checkpoint format (trainer/checkpoint.py) is the same for all three, so a run may resume under
 another kind or another number of processes.
 """
 
