@@ -26,9 +26,9 @@ from graft.data.shapes import ShapesWorld
 from graft.data.tokenizer import ChatTokenizer, world_corpus
 from graft.losses import batch_loss, clip_loss, siglip_loss
 from graft.recipes import clip, siglip
-from graft.data.contrastive import ContrastiveStream
-from graft.data.stream import make_world
-from graft.rundir import build_model, build_processor
+from graft.build import build_stream
+from graft.trainer.runtime import Runtime
+from graft.build import build_model, build_processor
 
 
 def hf_twin(cfg, vocab: int, eos: int):
@@ -52,7 +52,8 @@ def throughput(recipe, tok, steps: int, batch: int) -> dict:
     cfg.train.batch_size = batch
     ours = build_model(cfg, tok)
     theirs = hf_twin(cfg, len(tok), tok.eos)
-    data = ContrastiveStream(make_world(cfg), build_processor(cfg, tok, ours), cfg.train.batch_size, 1).batch(0, 0)
+    rt = Runtime(torch.device("cpu"), torch.float32)
+    data = build_stream(cfg, build_processor(cfg, tok, ours), rt).batch(0, 0)
     runs = {
         "graft": (ours, lambda: batch_loss(ours, data)),
         "hf": (theirs, lambda: theirs(input_ids=data["input_ids"], pixel_values=data["pixel_values"], return_loss=True).loss),

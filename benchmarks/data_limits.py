@@ -31,7 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 PROBE = r"""
 import json, sys, time
 from itertools import islice
-from graft.config import apply_overrides
+try:
+    from graft.config_checks import apply_overrides
+except ImportError:  # trees before config.py became a leaf
+    from graft.config import apply_overrides
 from graft.data.check import processor_for
 from graft.data.skips import SkipLog
 from graft.data.sources import build_sources
@@ -41,7 +44,10 @@ from graft.recipes import tiny
 shards, n = sys.argv[1], int(sys.argv[2])
 cfg = apply_overrides(tiny(), ["data.source=webdataset", f"data.shards={shards}", "data.shuffle_buffer=0"])
 proc = processor_for(cfg)
-(source,), _ = build_sources(cfg.data)
+try:
+    (source,), _ = build_sources(cfg)
+except AttributeError:  # trees whose build_sources took the data section
+    (source,), _ = build_sources(cfg.data)
 t = time.perf_counter()
 read = sum(1 for _ in islice(source.epoch(0, 0, 1, SkipLog()), n))
 read_s = time.perf_counter() - t
@@ -70,7 +76,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     args = p.parse_args()
 
-    from graft.config import apply_overrides
+    from graft.config_checks import apply_overrides
     from graft.data.export import export_shapes
     from graft.recipes import shapes_vqa
 

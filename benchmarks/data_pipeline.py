@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from graft.config import apply_overrides
+from graft.config_checks import apply_overrides
 from graft.data.check import processor_for
 from graft.data.export import export_shapes
 from graft.data.loader import StreamBatches
@@ -37,14 +37,14 @@ from graft.trainer.metrics import read
 
 
 def read_only(cfg, n: int) -> float:
-    (source,), _ = build_sources(cfg.data)
+    (source,), _ = build_sources(cfg)
     t = time.perf_counter()
     count = sum(1 for _ in islice(source.epoch(0, 0, 1, SkipLog()), n))
     return count / (time.perf_counter() - t)
 
 
 def in_process(cfg, proc, n: int) -> float:
-    sources, weights = build_sources(cfg.data)
+    sources, weights = build_sources(cfg)
     ds = StreamDataset(sources, weights, proc, cfg.data, 16, 0, 1, 1, {}, 0)
     t = time.perf_counter()
     count = sum(out is not None for out in islice(ds.examples(0, 1, fresh_position(1), SkipLog()), n))
@@ -54,7 +54,7 @@ def in_process(cfg, proc, n: int) -> float:
 def with_workers(cfg, proc, workers: int, batches: int) -> float:
     """Samples/s per worker once the workers are up (the first batch per worker is not timed)."""
     cfg = apply_overrides(cfg, [f"data.workers={workers}"])
-    sources, weights = build_sources(cfg.data)
+    sources, weights = build_sources(cfg)
     stream = StreamBatches(cfg, proc, sources, weights, 0, 1, None)
     for _ in range(workers):
         stream.batch(0, 0)

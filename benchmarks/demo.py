@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from graft.config import apply_overrides
-from graft.data.stream import make_world
+from graft.config_checks import apply_overrides
+from graft.data.world_source import make_world
 from graft.recipes import RECIPES
 from graft.trainer.loop import train
 from graft.trainer.metrics import read

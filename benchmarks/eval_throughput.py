@@ -23,12 +23,13 @@ from collections import defaultdict
 import torch
 
 from graft.data.shapes import CAPTION_PROMPT, CLASSES, ShapesWorld
-from graft.data.stream import make_world
+from graft.data.world_source import make_world
 from graft.eval.class_scores import answer_logprobs
 from graft.eval.vqa import answer, questions
 from graft.eval.zero_shot import TEMPLATES
 from graft.models.hf_llava import to_llava
-from graft.rundir import RunDir, build_processor
+from graft.build import build_processor
+from graft.rundir import RunDir
 
 
 def parse() -> argparse.Namespace:

@@ -26,13 +26,14 @@ import time
 
 import torch
 
-from graft.config import apply_overrides
-from graft.data.stream import TrainStream, make_world
+from graft.config_checks import apply_overrides
+from graft.build import build_stream
+from graft.data.world_source import make_world
 from graft.data.tokenizer import ChatTokenizer, world_corpus
 from graft.losses import batch_loss
 from graft.models.hf_llava import to_llava
 from graft.recipes import RECIPES
-from graft.rundir import build_model, build_processor
+from graft.build import build_model, build_processor
 from graft.trainer import parallel
 from graft.trainer.optim import build_optimizer, param_groups
 from graft.trainer.runtime import Runtime, keep_freed_memory
@@ -65,7 +66,8 @@ def build(args):
     packed = copy.deepcopy(cfg)
     cfg.data.pack = False
     packed.data.pack = True
-    return cfg, model, hf, TrainStream(cfg, proc), TrainStream(packed, proc)
+    rt = Runtime(torch.device("cpu"), torch.float32)
+    return cfg, model, hf, build_stream(cfg, proc, rt), build_stream(packed, proc, rt)
 
 
 def to(batch: dict, device: str) -> dict:

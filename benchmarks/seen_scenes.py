@@ -18,9 +18,10 @@ from collections import defaultdict
 import torch
 
 from graft.data.shapes import QUESTION_TYPES
-from graft.data.stream import make_world
+from graft.data.world_source import make_world
 from graft.eval.vqa import answer, normalise, questions
-from graft.rundir import RunDir, build_processor
+from graft.build import build_processor
+from graft.rundir import RunDir
 
 
 def scene_key(sample) -> tuple:

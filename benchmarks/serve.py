@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import graft
-from graft.data.stream import make_world
+from graft.data.world_source import make_world
 from graft.serve import make_server
 
 

@@ -26,9 +26,10 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from graft.data.stream import make_world
+from graft.data.world_source import make_world
 from graft.models.decoder import apply_rope, rope_tables
-from graft.rundir import RunDir, build_processor
+from graft.build import build_processor
+from graft.rundir import RunDir
 
 
 def scenes(world, split: str, n: int):

@@ -5,7 +5,8 @@ all come through here, so they see the same tokenizer, chat layout and architect
 changes the config it is given: `resolve` returns a resolved copy.
 
 - `tokenizer_for(cfg, run)`: the run's own; else the HF LM's (`lm.hf_path`); else
-  `data.tokenizer`; else `train.init_from`'s; else one trained on the data.
+  `data.tokenizer`; else `train.init_from`'s; else the source's (`SourceKind.tokenizer`: the built-in
+  world's own, or one trained on the first records).
 - `resolve(cfg, tok)`: the tower architecture of `vision.init_from`, the HF folders'
   architectures, the vocabulary sizes — what `config.yaml` then records.
 - `assemble(cfg, tok)`: the design's model (graft/designs/), initialised from `train.init_from`
@@ -20,21 +21,19 @@ changes the config it is given: `resolve` returns a resolved copy.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 
 from graft.config import Config
 from graft.config_checks import validate
 from graft.data.hf_tokenizer import HFChatTokenizer
-from graft.data.loader import StreamBatches
-from graft.data.shapes import ShapesWorld
-from graft.data.sources import build_sources, training_corpus
-from graft.data.tokenizer import ChatTokenizer, world_corpus
-from graft.designs import design
+from graft.data.loader import IndexedBatches, StreamBatches
+from graft.data.sources import build_sources, source_kind
+from graft.data.stream import IndexedStream
+from graft.data.tokenizer import ChatTokenizer
+from graft.designs import design, uses_packing
 from graft.errors import UserError
 from graft.models.hf_backbones import resolve_lm, resolve_vision
 from graft.models.lora import add_lora, merge_lora
@@ -57,19 +56,7 @@ def tokenizer_for(cfg: Config, run: RunDir | None = None):
         return RunDir(src).tokenizer()
     if src is not None and (src / "tokenizer.json").is_file():  # an exported HF folder
         return ChatTokenizer.load(src / "tokenizer.json")
-    if cfg.data.source == "shapes":  # the world's text depends on these settings alone: trained once per process
-        d = cfg.data
-        return ChatTokenizer(Tokenizer.from_str(_world_tokenizer(d.seed, d.grid, d.max_objects, d.images_per_doc,
-                                                                 d.vocab_size)))
-    return ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _world_tokenizer(seed: int, grid: int, max_objects: int, images_per_doc: int, vocab_size: int) -> str:
-    """The BPE trained on the built-in world's text, as JSON (`graft compare` and the tests build
-    many runs in one process; the image size does not change the text)."""
-    world = ShapesWorld(grid=grid, max_objects=max_objects, seed=seed)
-    return ChatTokenizer.train(world_corpus(world, images_per_doc=images_per_doc), vocab_size).tok.to_str()
+    return source_kind(cfg).tokenizer(cfg)  # the built-in world's own, or one trained on the first records
 
 
 def resolve(cfg: Config, tok) -> tuple[Config, list[str]]:
@@ -172,12 +159,14 @@ def init_from(model, path: str) -> None:
 
 
 def build_stream(cfg: Config, proc, rt, checkpoint: Path | None = None):
-    """The trainer's micro-batch stream for this rank, resumed from `checkpoint`'s data position."""
-    if cfg.data.source == "shapes":  # the built-in world, as the design trains on it
-        return design(cfg.model).world_batches(cfg, proc, rt)
-    # every design reads a streaming source the same way; the processor makes its rows and batches
+    """The trainer's micro-batch stream for this rank, resumed from `checkpoint`'s data position:
+    an indexed source's by number (its position is the step), the others' from DataLoader workers.
+    Every design reads every source the same way; the processor makes its rows and batches."""
+    sources, weights = build_sources(cfg, proc)
+    if source_kind(cfg).indexed:
+        (source,) = sources
+        return IndexedBatches(IndexedStream(source, proc, cfg, rt.rank, rt.world_size, packs=uses_packing(cfg)), cfg)
     saved = json.loads((checkpoint / "meta.json").read_text()).get("data") if checkpoint else None
-    sources, weights = build_sources(cfg.data)
     return StreamBatches(cfg, proc, sources, weights, rt.rank, rt.world_size, saved)
 
 

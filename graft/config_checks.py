@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from graft import config
 from graft.data.limits import check_image_formats
 from graft.data.shapes import SPLITS
-from graft.data.sources import SOURCES
+from graft.data.sources import SOURCES, source_kind
 from graft.designs import DESIGNS, EMBEDS, GENERATES, MODEL_SECTIONS, can_pack, design
 from graft.errors import UserError
 from graft.eval.tasks import check_task
@@ -182,12 +182,13 @@ def _validate_documents(cfg: Config) -> None:
     n = cfg.data.images_per_doc
     if n < 1:
         raise UserError(f"data.images_per_doc={n} must be >= 1")
-    if cfg.data.text_only and (cfg.data.source != "shapes" or not design(cfg.model).can(GENERATES) or n > 1):
+    options = source_kind(cfg).options
+    if cfg.data.text_only and ("text_only" not in options or not design(cfg.model).can(GENERATES) or n > 1):
         raise UserError("data.text_only tells the built-in world's scenes in words to a VLM design: it needs "
                         "data.source=shapes, a VLM model and data.images_per_doc=1")
     if n == 1:
         return
-    if cfg.data.source != "shapes":
+    if "images_per_doc" not in options:
         raise UserError(f"data.images_per_doc={n} makes the built-in world's documents; with data.source="
                         f"{cfg.data.source} each record holds its own images")
     if not design(cfg.model).can(GENERATES):
@@ -207,12 +208,7 @@ def _validate_tasks(cfg: Config) -> None:
 
 
 def _validate_streaming(d: DataConfig) -> None:
-    if d.source == "webdataset" and not d.shards:
-        raise UserError("data.source=webdataset needs data.shards (e.g. data.shards=data/shard-{000000..000009}.tar)")
-    if d.source in ("llava", "hf") and not d.path:
-        raise UserError(f"data.source={d.source} needs data.path")
-    if d.source == "interleaved":
-        _validate_interleaved(d)
+    SOURCES[d.source].check(d)  # what the chosen source needs (data/sources.py)
     if d.weights and (len(d.weights) != len(d.shards) or min(d.weights) <= 0):
         raise UserError(f"data.weights={d.weights} must be {len(d.shards)} positive numbers, one per data.shards entry")
     if d.workers < 0 or d.shuffle_buffer < 0 or d.check_batches < 0:
@@ -224,25 +220,6 @@ def _validate_streaming(d: DataConfig) -> None:
     check_image_formats(d.image_formats)
     if not 0 <= d.min_good_fraction <= 1:
         raise UserError(f"data.min_good_fraction={d.min_good_fraction} must be between 0 and 1")
-
-
-def _validate_interleaved(d: DataConfig) -> None:
-    """Interleaved documents come from data.path (JSON Lines) or data.shards; a key neither reads is refused."""
-    if bool(d.path) == bool(d.shards):
-        raise UserError("data.source=interleaved reads data.path (.jsonl documents) or data.shards (tar shards): "
-                        f"set one of them, not {'both' if d.path else 'neither'}")
-    why = {"image_column": "a column of data.source=hf", "text_column": "a column of data.source=hf",
-           "caption_prompt": "there are no captions: every text segment is an answer"}
-    if d.shards:
-        why["image_root"] = "the images are members of the shards"
-    else:
-        why["weights"] = "they weigh data.shards entries"
-        why["shuffle_buffer"] = "documents of .jsonl files are visited in a seeded permutation"
-    default = config.DataConfig()
-    for key, reason in why.items():
-        if getattr(d, key) != getattr(default, key):
-            raise UserError(f"data.{key} is not read by data.source=interleaved with data.{'shards' if d.shards else 'path'}"
-                            f" ({reason})")
 
 
 def _validate_hf(cfg: Config) -> None:

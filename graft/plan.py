@@ -70,6 +70,7 @@ from torch import nn
 
 from graft.build import assemble, resolve, tokenizer_for
 from graft.config import Config
+from graft.data.sources import source_kind
 from graft.designs import design, uses_packing
 from graft.errors import UserError
 from graft.models.connectors import CONNECTORS
@@ -336,7 +337,7 @@ def _shape(cfg: Config, model: nn.Module, rows: int) -> Shape:
         return Shape(rows, 0, rows, patches)
     n = model.num_image_tokens
     fit = cfg.lm.max_seq_len // max(n, 1)
-    most = cfg.data.images_per_doc if cfg.data.source == "shapes" else cfg.data.max_images
+    most = source_kind(cfg).max_images(cfg.data)
     per_row = 0 if cfg.data.text_only else max(1, min(most, fit))
     return Shape(rows, cfg.lm.max_seq_len, rows * per_row, patches, n)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from graft.data.samples import BadSample
-from graft.data.stream import make_world
+from graft.data.world_source import make_world
 from graft.designs import EMBEDS, GENERATES, design
 from graft.serve_embed import Embedder, default_templates
 from graft.serve_request import (

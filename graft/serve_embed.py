@@ -14,15 +14,16 @@ import threading
 
 import torch
 
-from graft.eval.zero_shot import TEMPLATES, USER_TEMPLATES, class_embeddings
+from graft.data.sources import source_kind
+from graft.eval.zero_shot import USER_TEMPLATES, class_embeddings
 
 BATCH = 64  # texts or images per forward pass
 
 
 def default_templates(cfg) -> list[str]:
-    """The templates graft's zero-shot evaluation uses by default: the built-in world's caption style
-    for a run trained on it, else CLIP's "a photo of a {}."."""
-    return list(TEMPLATES) if cfg.data.source == "shapes" else list(USER_TEMPLATES)
+    """The templates graft's zero-shot evaluation uses by default: those of the source the run
+    trained on (the built-in world's caption style), else CLIP's "a photo of a {}."."""
+    return list(source_kind(cfg).label_templates or USER_TEMPLATES)
 
 
 class Embedder:

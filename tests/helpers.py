@@ -4,6 +4,9 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
+from graft.build import build_stream
 from graft.data.processor import Processor
 from graft.data.shapes import ShapesWorld
 from graft.data.tokenizer import ChatTokenizer, world_corpus
@@ -11,6 +14,7 @@ from graft.models.connectors import ConnectorConfig
 from graft.models.decoder import LMConfig
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM
+from graft.trainer.runtime import Runtime
 
 _TOK = None
 
@@ -20,6 +24,11 @@ def tokenizer() -> ChatTokenizer:
     if _TOK is None:
         _TOK = ChatTokenizer.train(world_corpus(ShapesWorld(), n=500), 384)
     return _TOK
+
+
+def world_batches(cfg, proc):
+    """One process's training stream of `cfg` (its data source, packing as the run would)."""
+    return build_stream(cfg, proc, Runtime(torch.device("cpu"), torch.float32))
 
 
 def tiny_vlm(kind: str = "mlp") -> tuple[VLM, Processor]:

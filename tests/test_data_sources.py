@@ -67,7 +67,7 @@ def test_streaming_resume_continues_with_the_same_batches(tmp_path):
 
 
 def _keys_seen_by_rank(cfg, proc, rank: int, batches: int) -> list[str]:
-    sources, weights = build_sources(cfg.data)
+    sources, weights = build_sources(cfg)
     stream = StreamBatches(cfg, proc, sources, weights, rank, 2, None)
     keys = []
     for _ in range(batches):
@@ -91,7 +91,7 @@ def test_ranks_and_workers_read_disjoint_records(tmp_path, layout):
     assert all(len(keys) == 24 and len(set(keys)) == 24 for keys in seen)
     assert not set(seen[0]) & set(seen[1])
     # the four slots of an epoch partition it exactly
-    sources, weights = build_sources(cfg.data)
+    sources, weights = build_sources(cfg)
     ds = StreamDataset(sources, weights, proc, cfg.data, 4, 0, 2, 2, {}, 0)
     slots = [[k for k, _ in filter(None, ds.examples(s, 4, fresh_position(1), SkipLog(), epochs=1))] for s in range(4)]
     assert sum(len(s) for s in slots) == 64 and len(set().union(*map(set, slots))) == 64
@@ -103,7 +103,7 @@ def test_sources_mix_by_weight(tmp_path):
     cfg = apply_overrides(tiny(), ["data.source=webdataset", "data.weights=[3, 1]",
                                    f'data.shards=["{tmp_path}/a/shapes-{{000000..000001}}.tar", '
                                    f'"{tmp_path}/b/shapes-{{000000..000001}}.tar"]'])
-    sources, weights = build_sources(cfg.data)
+    sources, weights = build_sources(cfg)
     ds = StreamDataset(sources, weights, None, cfg.data, 4, 0, 1, 1, {}, 0)
     position = fresh_position(2)
     draws = [i for i, _ in islice(ds.records(0, 1, position, SkipLog()), 800)]
@@ -121,7 +121,7 @@ def test_llava_multi_turn_loss_is_on_assistant_turns_only(tmp_path):
     llava_json(tmp_path / "d" / "multi.json", [{"id": "x", "image": "images/00000000.png", "conversations": conv}])
     cfg = apply_overrides(tiny(), ["data.source=llava", f"data.path={tmp_path}/d/multi.json"])
     proc = processor_for(cfg)
-    (source,) = build_sources(cfg.data)[0]
+    (source,) = build_sources(cfg)[0]
     assert isinstance(source, LlavaSource)
     example = source.example(0)
     assert example.turns[0] == ("what color is the circle?", "red")  # the marker is where the image goes

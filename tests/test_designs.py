@@ -47,13 +47,15 @@ def named_decisions(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
     return found
 
 
-def test_no_design_or_connector_is_decided_by_its_name():
-    """Parsed, not grepped: nowhere in graft is a value compared with a design's name or a
-    connector kind; what differs between them is asked of the registry entry (capabilities,
-    `per_patch`, `activation_width`, ...). The search finds such a comparison where there is one."""
+def test_no_design_connector_or_source_is_decided_by_its_name():
+    """Parsed, not grepped: nowhere in graft is a value compared with a design's name, a connector
+    kind or a data source's name; what differs between them is asked of the registry entry
+    (capabilities, `per_patch`, `activation_width`; a source's `indexed`, `options`, ...). The
+    search finds such a comparison where there is one."""
+    from graft.data.sources import SOURCES
     from graft.models.connectors import CONNECTORS
 
-    names = set(DESIGNS) | set(CONNECTORS)
+    names = set(DESIGNS) | set(CONNECTORS) | set(SOURCES)
     assert named_decisions(ast.parse('ok = kind not in ("linear", "mlp") or model == "fuyu"'), names) == [
         (1, "kind not in ('linear', 'mlp')"), (1, "model == 'fuyu'")]
     offenders = [f"{path.relative_to(PACKAGE)}:{line}: {code}" for path in sorted(PACKAGE.rglob("*.py"))
@@ -63,7 +65,7 @@ def test_no_design_or_connector_is_decided_by_its_name():
 
 @pytest.mark.parametrize("recipe", ["tiny", "tiny_modality", "shapes_flamingo", "shapes_fuyu", "clip", "clippo"])
 def test_each_design_builds_what_its_entry_promises(recipe):
-    from graft.data.stream import make_world
+    from graft.data.world_source import make_world
     from graft.data.tokenizer import ChatTokenizer, world_corpus
 
     cfg = RECIPES[recipe.removesuffix("_modality")]()

@@ -53,14 +53,14 @@ def test_document_rows_hold_every_kept_image():
     cfg = apply_overrides(tiny(), ["data.images_per_doc=3", "data.questions_per_image=1", "data.pack=false"])
     proc = processor_for(cfg)
     stream = build_stream(cfg, proc, SimpleNamespace(rank=0, world_size=1, device="cpu")).stream
-    ids, labels, pixels = stream.item(5)
+    ids, labels, pixels = stream.row(5)
     assert image_runs(ids, proc.tok.image, proc.num_image_tokens) == [proc.num_image_tokens] * 3 and len(pixels) == 3
-    doc = document(stream.world, "train", 5, 3, 1, cfg.data.caption_prob)
+    doc = document(stream.source.world, "train", 5, 3, 1, cfg.data.caption_prob)
     supervised = proc.tok.decode([t for t, label in zip(ids, labels) if label != IGNORE])
     assert supervised == "".join(answer for _, answer in doc.turns)
     # a short max_seq_len drops the last turns whole, with their images
     proc.max_seq_len = len(ids) - 20
-    ids, _, pixels = stream.item(5)
+    ids, _, pixels = stream.row(5)
     assert len(image_runs(ids, proc.tok.image, proc.num_image_tokens)) == len(pixels) and len(ids) <= proc.max_seq_len
 
 
@@ -128,15 +128,15 @@ def test_text_only_world_and_the_text_task(tmp_path):
     """data.text_only: the scene in words, no image, trains; the `text` task's loss is the model's own
     mean answer-token loss on those conversations (checked against the trainer's loss function)."""
     from graft.data.check import processor_for
-    from graft.data.stream import in_words
+    from graft.data.world_source import in_words
     from graft.eval.text_world import text_vlm
     from graft.losses import batch_loss
 
     cfg = apply_overrides(tiny(), ["data.text_only=true", "data.pack=false"])
     proc = processor_for(cfg)
     stream = build_stream(cfg, proc, SimpleNamespace(rank=0, world_size=1, device="cpu")).stream
-    ids, _, pixels = stream.item(2)
-    sample = stream.world.sample("train", 2)
+    ids, _, pixels = stream.row(2)
+    sample = stream.source.world.sample("train", 2)
     assert pixels == [] and proc.tok.image not in ids
     assert proc.tok.decode(ids).count(sample.caption) == 1
     torch.manual_seed(0)

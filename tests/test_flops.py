@@ -4,13 +4,12 @@ backward, once per batch shape, cross-checked against the hand formulas."""
 import pytest
 import torch
 
-from graft.data.contrastive import ContrastiveStream
-from graft.data.stream import TrainStream, make_world
-from graft.designs import uses_packing
+from graft.data.world_source import make_world
 from graft.data.tokenizer import ChatTokenizer, world_corpus
 from graft.recipes import clip, tiny
 from graft.build import build_model, build_processor
 from graft.trainer.flops import MeasuredFlops, count_step, dual_step_flops, vlm_step_flops
+from tests.helpers import world_batches
 
 
 def setup(recipe):
@@ -24,7 +23,7 @@ def setup(recipe):
 
 def test_vlm_count_agrees_with_the_hand_formula_and_leaves_no_gradient():
     cfg, tok, model, proc = setup(tiny)
-    batch = TrainStream(cfg, proc, packs=uses_packing(cfg)).batch(0, 0)
+    batch = world_batches(cfg, proc).batch(0, 0)
     measured = count_step(model, batch)
     ids = batch["input_ids"]  # the counter sees every position of the padded rows, attending to all
     hand = vlm_step_flops(model, batch["pixel_values"].shape[0], ids.numel(), ids.shape[0] * ids.shape[1] ** 2)
@@ -41,13 +40,14 @@ def test_vlm_count_agrees_with_the_hand_formula_and_leaves_no_gradient():
 
 def test_dual_encoder_count_agrees_with_the_hand_formula():
     cfg, tok, model, proc = setup(clip)
-    batch = ContrastiveStream(make_world(cfg), proc, 32, 1).batch(0, 0)
+    cfg.train.batch_size = 32
+    batch = world_batches(cfg, proc).batch(0, 0)
     assert count_step(model, batch) == pytest.approx(dual_step_flops(model, 32), rel=0.02)  # measured 0.996x
 
 
 def test_counted_once_per_shape():
     cfg, tok, model, proc = setup(tiny)
-    stream, counter = TrainStream(cfg, proc, packs=uses_packing(cfg)), MeasuredFlops()
+    stream, counter = world_batches(cfg, proc), MeasuredFlops()
     a, b = stream.batch(0, 0), stream.batch(1, 0)
     first = counter(model, a)
     assert counter(model, {k: v.clone() for k, v in a.items()}) == first and len(counter.cache) == 1

@@ -15,7 +15,7 @@ from graft.models.decoder import LMConfig
 from graft.models.fuyu import Patches, patchify
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM
-from tests.helpers import tokenizer
+from tests.helpers import tokenizer, world_batches
 
 
 def tiny_fuyu() -> tuple[VLM, Processor]:
@@ -44,6 +44,39 @@ def test_each_row_of_patches_ends_with_a_newline():
     start = ids.index(tok.image)
     assert ids[start:start + 12] == ([tok.image] * 3 + [newline]) * 3
     assert ids.count(tok.image) == model.num_image_tokens == 9
+
+
+def test_a_records_rows_of_placeholders_are_checked_row_by_row():
+    """`samples.encode` checks Fuyu's rows of placeholders (each ended by a newline) as rows: a whole
+    image passes, two images pass, a row one short is a named skip."""
+    from graft.data.samples import BadSample, check_placeholders, encode
+
+    _, proc = tiny_fuyu()
+    ids, labels, _ = encode(proc, [("what is it?", "a circle")])
+    assert labels.count(-100) < len(labels)
+    two, _, _ = encode(proc, [("first", "a"), ("second", "b")], [(0, 0), (1, 0)])
+    check_placeholders(two, proc.tok.image, 9, 2, row=3)
+    short = list(ids)
+    del short[short.index(proc.tok.image)]
+    with pytest.raises(BadSample, match="image row 0: 2 placeholders found, 3 expected"):
+        check_placeholders(short, proc.tok.image, 9, 1, row=3)
+    with pytest.raises(BadSample, match="3 rows of 3 placeholders for 2 images"):
+        check_placeholders(ids, proc.tok.image, 9, 2, row=3)
+
+
+def test_fuyu_reads_a_users_shards(tmp_path):
+    """Every record of a user's shards is usable by Fuyu (its rows of placeholders used to fail the
+    record check, so every streamed record was skipped as placeholder_mismatch)."""
+    from graft.config_checks import apply_overrides
+    from graft.data.check import check_data, processor_for
+    from graft.data.export import export_shapes
+    from graft.recipes import recipe
+
+    cfg = recipe("shapes_fuyu", ["lm.hidden_size=32", "lm.layers=2", "lm.intermediate_size=64"])
+    sets = export_shapes(cfg, "webdataset", tmp_path, 24)
+    cfg = apply_overrides(cfg, sets)
+    result = check_data(cfg, processor_for(cfg), 24)
+    assert (result.used, result.read, dict(result.skipped)) == (24, 24, {})
 
 
 def test_matches_transformers_fuyu_for_causal_lm():
@@ -187,18 +220,15 @@ def test_the_trainers_align_objective_is_evees_cosine_distance(tmp_path):
     from hf_models import CLIP_MEAN, CLIP_STD, make_vision
 
     from graft.build import assemble, build_processor, tokenizer_for
-    from graft.designs import design
     from graft.losses import batch_loss
     from graft.recipes import recipe
-    from graft.trainer.runtime import Runtime
 
     folder = make_vision("clip", tmp_path / "clip")
     cfg = recipe("shapes_fuyu", ["lm.hidden_size=32", "lm.layers=2", "lm.intermediate_size=64",
                                  f"eve.teacher={folder}", "eve.layer=0", "train.batch_size=8"])
     tok = tokenizer_for(cfg)
     model = assemble(cfg, tok)
-    batch = design(cfg.model).world_batches(cfg, build_processor(cfg, tok, model),
-                                            Runtime(torch.device("cpu"), torch.float32)).batch(0, 0)
+    batch = world_batches(cfg, build_processor(cfg, tok, model)).batch(0, 0)
     composed = step_losses(cfg, model)
     seen = {}
     hook = model.lm.layers[0].register_forward_hook(lambda m, args, out: seen.setdefault("h", out))

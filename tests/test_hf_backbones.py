@@ -9,8 +9,8 @@ from graft.trainer.checkpoint import read_model
 
 from graft.cli import main
 from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
-from graft.data.stream import TrainStream
-from graft.designs import uses_packing
+from graft.data.world_source import make_world
+from tests.helpers import world_batches
 from graft.losses import IGNORE, batch_loss
 from graft.models.lora import add_lora, merge_lora
 from graft.recipes import tiny
@@ -135,7 +135,7 @@ def test_lora_trains_only_adapters_and_connector(hf):
     assert {n for n in trainable if n.startswith("connector.")} == {f"connector.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
 
-    batch = TrainStream(cfg, build_processor(cfg, tok, model), packs=uses_packing(cfg)).batch(0, 0)
+    batch = world_batches(cfg, build_processor(cfg, tok, model)).batch(0, 0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(6):
@@ -185,7 +185,7 @@ def test_two_stage_llava_recipe_with_lora_and_export(hf, tmp_path):
     assert not [w for w in warnings if "weight" in w.lower()], warnings
     cfg, tok, model, _ = load_run(RunDir(s2))  # adapters still separate here
     proc = build_processor(cfg, tok, model)
-    image = TrainStream(cfg, proc, packs=uses_packing(cfg)).world.sample("test", 0).image
+    image = make_world(cfg).sample("test", 0).image
     inputs = processor(images=image, text=proc.prompt_text("what color is the circle?"), return_tensors="pt")
     ids = torch.tensor([proc.prompt("what color is the circle?")])
     assert torch.equal(inputs["input_ids"], ids)

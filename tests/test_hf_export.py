@@ -11,7 +11,7 @@ from graft.trainer.checkpoint import read_model
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from graft.cli import main
-from graft.data.stream import make_world
+from graft.data.world_source import make_world
 from graft.build import build_processor, load_run
 from graft.rundir import RunDir
 

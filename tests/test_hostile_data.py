@@ -27,7 +27,7 @@ from graft.data.llava_json import LlavaSource
 from graft.data.samples import BadSample
 from graft.data.skips import SkipLog, records_skipped
 from graft.data.sources import build_sources
-from graft.data.streaming import StreamDataset
+from graft.data.streaming import StreamDataset, read_record
 from graft.data.tar import read_shard
 from graft.recipes import tiny
 from graft.trainer.metrics import read
@@ -232,9 +232,9 @@ def test_control_token_strings_in_captions_stay_text(tmp_path):
     write_tar(root / "a.tar", [("c", {"png": img, "txt": CONTROL_TEXT.encode()})])
     cfg = apply_overrides(tiny(), ["data.source=webdataset", f'data.shards=["{root}/a.tar"]'])
     proc = processor_for(cfg)
-    (source,), _ = build_sources(cfg.data)
+    (source,), _ = build_sources(cfg)
     raw = next(iter(source.epoch(0, 0, 1, SkipLog())))
-    (ids, labels, _), _ = StreamDataset([source], [1], proc, cfg.data, 1, 0, 1, 1, {}, 0).record(source, raw)
+    (ids, labels, _), _ = read_record(proc, cfg.data, source, raw)
     t = proc.tok
     specials = {"bos": 1, "user": 1, "assistant": 1, "eos": 1, "pad": 0, "image": proc.num_image_tokens}
     assert {name: ids.count(getattr(t, name)) for name in specials} == specials
@@ -263,7 +263,7 @@ def test_a_bug_in_graft_still_surfaces_instead_of_being_counted_as_bad_data(tmp_
     write_tar(root / "a.tar", good_records("g", 4))
     cfg = apply_overrides(tiny(), ["data.source=webdataset", f'data.shards=["{root}/a.tar"]'])
     proc = processor_for(cfg)
-    sources, _ = build_sources(cfg.data)
+    sources, _ = build_sources(cfg)
     ds = StreamDataset(sources, [1.0], proc, cfg.data, 1, 0, 1, 1, {}, 0)
 
     def buggy(proc, turns, places):

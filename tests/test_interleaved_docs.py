@@ -58,7 +58,7 @@ def configured(*sets: str):
 
 def rows(cfg, proc):
     """(key, row) of every usable record of one pass, and the skip log."""
-    sources, weights = build_sources(cfg.data)
+    sources, weights = build_sources(cfg)
     ds = StreamDataset(sources, weights, proc, cfg.data, 1, 0, 1, 1, {}, 0)
     log = SkipLog()
     return [r for r in ds.examples(0, 1, fresh_position(len(sources)), log, epochs=1) if r is not None], log
@@ -67,7 +67,7 @@ def rows(cfg, proc):
 def test_a_document_becomes_answers_with_the_images_before_them(tmp_path):
     path = write_jsonl(tmp_path, [GOOD, MMC4])
     cfg = configured(f"data.path={path}")
-    source = build_sources(cfg.data)[0][0]
+    source = build_sources(cfg)[0][0]
     ex = source.example(0)
     assert ex.images == [tmp_path / "red.png", tmp_path / "blue.png"]  # the last image is dropped, unread
     assert ex.turns == [("", text) for text in TEXTS] and ex.places == [(1, 0), (2, 0)]
@@ -229,7 +229,7 @@ def test_keys_the_source_does_not_read_are_refused_in_one_line(tmp_path, capsys)
             configured(*sets)
         assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="data.path: not found"):
-        build_sources(configured(f"data.path={tmp_path}/none.jsonl").data)
+        build_sources(configured(f"data.path={tmp_path}/none.jsonl"))
     with pytest.raises(BadSample, match="bad_document"):
         positions({"texts": [None], "images": [None]})
     args = ["--set", "data.source=interleaved", "--set", f"data.path={path}", "--set", "data.image_column=img"]

@@ -21,7 +21,7 @@ from graft.data.samples import BadSample, conversation_turns, encode, image_runs
 from graft.data.shapes import ShapesWorld
 from graft.data.skips import SkipLog, StrictError
 from graft.data.sources import build_sources
-from graft.data.stream import training_turns
+from graft.data.world_source import training_turns
 from graft.data.streaming import StreamDataset, fresh_position
 from graft.losses import IGNORE
 from graft.recipes import RECIPES, tiny
@@ -66,7 +66,7 @@ def llava_cfg(path, *extra):
 
 def rows(cfg, proc):
     """(key, row) of every record of one pass, and the skip log."""
-    sources, weights = build_sources(cfg.data)
+    sources, weights = build_sources(cfg)
     ds = StreamDataset(sources, weights, proc, cfg.data, 1, 0, 1, 1, {}, 0)
     log = SkipLog(cfg.data.strict)
     out = [r for r in ds.examples(0, 1, fresh_position(len(sources)), log, epochs=1) if r is not None]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from graft.data.stream import make_world
+from graft.data.world_source import make_world
 from tests.test_serve import dual, run, url, zero_shot  # noqa: F401 (fixtures: pytest finds them by name)
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package drives the browser")

@@ -20,7 +20,7 @@ from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
 from graft.data.processor import Processor
 from graft.data.samples import BadSample
 from graft.data.shapes import ShapesWorld
-from graft.data.stream import make_world
+from graft.data.world_source import make_world
 from graft.data.tokenizer import SPECIAL_TOKENS, ChatTokenizer, world_corpus
 from graft.losses import IGNORE
 from graft.recipes import shapes_vqa

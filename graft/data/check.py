@@ -19,10 +19,7 @@ from itertools import islice
 from graft.build import processor_for  # noqa: F401 (re-exported: what data check reads records with)
 from graft.config import Config
 from graft.data import skips
-from graft.data.loader import row_problems
-from graft.data.processor import collate
 from graft.data.sources import build_sources
-from graft.data.stream import TrainStream
 from graft.data.streaming import StreamDataset, fresh_position
 
 
@@ -50,28 +47,14 @@ class CheckResult:
 
 
 def check_data(cfg: Config, proc, n: int) -> CheckResult:
-    """Counts for the first `n` records of the recipe's data (at most one pass)."""
-    check = _check_world if cfg.data.source == "shapes" else _check_stream
-    used, skipped, notes, read = check(cfg, proc, n)
-    return CheckResult(used, skipped, notes, cfg.data.min_good_fraction, read)
-
-
-def _check_stream(cfg: Config, proc, n: int) -> tuple[int, Counter, Counter, int]:
-    sources, weights = build_sources(cfg.data)
+    """Counts for the first `n` records of the recipe's data (at most one pass), every source's
+    records read as training reads them (`streaming.read_record`)."""
+    sources, weights = build_sources(cfg, proc)
     ds = StreamDataset(sources, weights, proc, cfg.data, 1, 0, 1, 1, {}, 0)
     log = skips.SkipLog()
     position = fresh_position(len(sources))
     used = 0
     for out in islice(ds.examples(0, 1, position, log, epochs=1), n):
         used += out is not None
-    return used, log.skipped, log.notes, position["mix"]  # mix counts every record drawn from a source
-
-
-def _check_world(cfg: Config, proc, n: int) -> tuple[int, Counter, Counter, int]:
-    stream = TrainStream(cfg, proc, packs=False)  # rows one by one: packing does not change them
-    rows = [stream.item(i) for i in range(n)]
-    notes = Counter(sequence_truncated=sum(len(ids) > proc.max_seq_len for ids, _, _ in rows))
-    problems = Counter()
-    if rows:
-        problems = row_problems(collate(rows, proc.tok.pad, proc.image_size), proc, not cfg.data.text_only)[1]
-    return len(rows) - sum(problems.values()), problems, notes, len(rows)
+    # mix counts every record drawn from a source
+    return CheckResult(used, log.skipped, log.notes, cfg.data.min_good_fraction, position["mix"])

@@ -1,7 +1,7 @@
 """Image–text pairs for contrastive training: which text goes with an image, how it is encoded,
-and which pairs make step s's batch (a pure function of s, as in `data/stream.py`, so resume is exact).
-On a streaming source (`data.source` webdataset | llava | hf) the pairs are the records' images and
-captions, through the same pipeline as the VLM's (data/streaming.py, via `text_row`/`row`/`collate`).
+from any source, through the same pipeline as the VLM's (`streaming.read_record`, via
+`text_row`/`row`/`collate`): the records' images and captions (the built-in world's samples with
+their captions: data/world_source.py).
 
 The text paired with a Shapes image is its caption, which names every object with its size,
 colour and shape in reading order ("a small red circle and a large blue square").
@@ -14,8 +14,7 @@ import torch
 from graft.data.processor import Processor
 from graft.data.render import render_text
 from graft.data.samples import BadSample
-from graft.data.shapes import Sample, ShapesWorld
-from graft.data.stream import first_sample
+from graft.data.shapes import Sample
 
 
 def pair_text(sample: Sample) -> str:
@@ -25,6 +24,8 @@ def pair_text(sample: Sample) -> str:
 class ContrastiveProcessor(Processor):
     """Pixels as for the VLM; texts as fixed-length ids (ending in <eos>, then <pad>) or, for a
     shared tower (CLIPPO), as rendered images."""
+
+    reads_captions = True  # a record's text is its caption (data/world_source.py gives the world's)
 
     def __init__(self, tokenizer, image_size: int, text_len: int, render: bool = False, font_size: int = 0):
         super().__init__(tokenizer, image_size, num_image_tokens=0, max_seq_len=text_len)
@@ -68,18 +69,3 @@ class ContrastiveProcessor(Processor):
         if self.render:
             return {"pixel_values": pixels, **self.texts([t for _, t in rows])}
         return {"pixel_values": pixels, "input_ids": torch.tensor([t for _, t in rows], dtype=torch.long)}
-
-
-class ContrastiveStream:
-    """Batch of step s on rank r: train samples s·B·W + r·B + [0, B), each with its pair text."""
-
-    def __init__(self, world: ShapesWorld, processor: ContrastiveProcessor, batch_size: int, grad_accum: int,
-                 rank: int = 0, world_size: int = 1):
-        self.world, self.proc = world, processor
-        self.batch_size, self.grad_accum, self.rank, self.world_size = batch_size, grad_accum, rank, world_size
-        self.base = (0, 0)  # (step, samples seen): see data/stream.py first_sample
-
-    def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        start = first_sample(step, micro, self.batch_size, self.grad_accum, self.rank, self.world_size, self.base)
-        samples = [self.world.sample("train", i) for i in range(start, start + self.batch_size // self.grad_accum)]
-        return self.proc.pairs([s.image for s in samples], [pair_text(s) for s in samples])

@@ -20,9 +20,8 @@ import webdataset as wds
 
 from graft.config import Config
 from graft.data.samples import IMAGE_MARKER
-from graft.data.stream import make_world, training_turns
+from graft.data.world_source import make_world, training_turns
 
-FORMATS = ("webdataset", "llava", "hf")
 
 
 def llava_conversation(turns: list[tuple[str, str]]) -> list[dict]:
@@ -45,33 +44,35 @@ def records(cfg: Config, n: int, split: str = "train"):
 
 
 def export_shapes(cfg: Config, fmt: str, out: Path, n: int, shard_size: int = 1000) -> list[str]:
-    """Write n samples; returns the `key=value` settings that train on what was written."""
+    """Write n samples as `fmt` (one of FORMATS); returns the `key=value` settings that train on what was written."""
     out.mkdir(parents=True, exist_ok=True)
-    if fmt == "webdataset":
-        return _webdataset(cfg, out, n, shard_size)
-    if fmt == "llava":
-        images = out / "images"
-        images.mkdir(exist_ok=True)
-        entries = []
-        for key, png, _, conv in records(cfg, n):
-            (images / f"{key}.png").write_bytes(png)
-            entries.append({"id": key, "image": f"images/{key}.png", "conversations": conv})
-        (out / "llava.json").write_text(json.dumps(entries))
-        return ["data.source=llava", f"data.path={out / 'llava.json'}"]
-    if fmt == "hf":
-        # lazy: datasets takes ~0.6 s to import
-        import datasets
+    return WRITERS[fmt](cfg, out, n, shard_size)
 
-        datasets.disable_progress_bars()
-        rows = list(records(cfg, n))
-        features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
-                                      "text": [{"from": datasets.Value("string"), "value": datasets.Value("string")}]})
-        ds = datasets.Dataset.from_dict({"image": [{"bytes": r[1], "path": f"{r[0]}.png"} for r in rows],
-                                         "caption": [r[2] for r in rows], "text": [r[3] for r in rows]},
-                                        features=features)
-        ds.save_to_disk(str(out))
-        return ["data.source=hf", f"data.path={out}"]
-    raise ValueError(fmt)
+
+def _llava(cfg: Config, out: Path, n: int, shard_size: int) -> list[str]:
+    images = out / "images"
+    images.mkdir(exist_ok=True)
+    entries = []
+    for key, png, _, conv in records(cfg, n):
+        (images / f"{key}.png").write_bytes(png)
+        entries.append({"id": key, "image": f"images/{key}.png", "conversations": conv})
+    (out / "llava.json").write_text(json.dumps(entries))
+    return ["data.source=llava", f"data.path={out / 'llava.json'}"]
+
+
+def _hf(cfg: Config, out: Path, n: int, shard_size: int) -> list[str]:
+    # lazy: datasets takes ~0.6 s to import
+    import datasets
+
+    datasets.disable_progress_bars()
+    rows = list(records(cfg, n))
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
+                                  "text": [{"from": datasets.Value("string"), "value": datasets.Value("string")}]})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": r[1], "path": f"{r[0]}.png"} for r in rows],
+                                     "caption": [r[2] for r in rows], "text": [r[3] for r in rows]},
+                                    features=features)
+    ds.save_to_disk(str(out))
+    return ["data.source=hf", f"data.path={out}"]
 
 
 def _webdataset(cfg: Config, out: Path, n: int, shard_size: int) -> list[str]:
@@ -81,3 +82,7 @@ def _webdataset(cfg: Config, out: Path, n: int, shard_size: int) -> list[str]:
             sink.write({"__key__": key, "png": png, "txt": caption.encode(), "json": json.dumps(meta).encode()})
     last = (n - 1) // shard_size
     return ["data.source=webdataset", f"data.shards={out}/shapes-{{000000..{last:06d}}}.tar"]
+
+
+WRITERS = {"webdataset": _webdataset, "llava": _llava, "hf": _hf}  # one per `data.source` it can feed
+FORMATS = tuple(WRITERS)

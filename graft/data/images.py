@@ -98,6 +98,9 @@ def _read(path: Path, max_bytes: int) -> bytes:
         raise BadSample("image_not_found", f"{path}: {type(e).__name__}") from None
 
 
-def open_within(data: bytes | str | Path, d) -> tuple[Image.Image, str | None]:
-    """`open_image` with the data config's limits (data.max_image_pixels, .image_formats, .max_image_bytes)."""
+def open_within(data: bytes | str | Path | Image.Image, d) -> tuple[Image.Image, str | None]:
+    """`open_image` with the data config's limits (data.max_image_pixels, .image_formats, .max_image_bytes).
+    An image graft drew itself (the built-in world's, data/world_source.py) has no bytes to check."""
+    if isinstance(data, Image.Image):
+        return data, None
     return open_image(data, d.max_image_pixels, d.image_formats, d.max_image_bytes)

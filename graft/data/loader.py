@@ -1,8 +1,8 @@
 """The trainer's side of the data: micro-batches, the data position, skip counts, the start-up check.
 
 `StreamBatches` serves the streaming sources (webdataset, LLaVA JSON, HF datasets) from
-`data.workers` DataLoader processes; `ShapesBatches` wraps the built-in world's `TrainStream`
-(whose position is the step, so it needs no state). Both offer what the trainer calls:
+`data.workers` DataLoader processes; `IndexedBatches` serves an indexed source's `IndexedStream`
+(the built-in world: its position is the step, so it needs no state). Both offer what the trainer calls:
 `batch(step, micro)`, `stats(rt)`, `state_dict(rt)`, `summary(rt)`, `close()`.
 
 Resume guarantee for streaming sources: with the same data, `world_size` and `data.workers`, the
@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader
 from graft.data.skips import NOTES, REASONS, SkipReporter, records_skipped, summary
 from graft.data.streaming import StreamDataset, fresh_position
 from graft.errors import UserError
-from graft.losses import IGNORE
 
 
 class StartupCheck:
@@ -59,42 +58,30 @@ def failure(what_happened: str, used: int, skipped: Counter, records: str, min_g
             "Run `graft data check RECIPE` for details")
 
 
-def _conversations(batch: dict, pad_id: int):
-    """(ids, labels) of each conversation of a padded or packed (data/packing.py) batch."""
-    if "doc_ids" not in batch:
-        yield from zip(batch["input_ids"], batch["labels"])
-        return
-    for ids, labels, docs in zip(batch["input_ids"], batch["labels"], batch["doc_ids"]):
-        for doc in docs.unique():
-            at = docs == doc
-            if bool((ids[at] != pad_id).any()):  # the row's trailing padding is a document of its own
-                yield ids[at], labels[at]
+class IndexedBatches:
+    """The micro-batches of an indexed source (data/stream.py), a pure function of the step: the
+    position is the step itself. Skipped records are counted as a streaming source's are, and the
+    start-up check reads its first batches."""
 
-
-def row_problems(batch: dict, proc, images: bool = True) -> tuple[int, Counter]:
-    """Conversations of a batch, and those that cannot teach anything: no answer token, placeholders
-    that are not whole images, or no image (`images`; with `data.text_only`, any placeholder)."""
-    problems, n = Counter(), 0
-    for ids, labels in _conversations(batch, proc.tok.pad):
-        placeholders, n = int((ids == proc.tok.image).sum()), n + 1
-        if bool(placeholders) != images or placeholders % proc.num_image_tokens:
-            problems["placeholder_mismatch"] += 1
-        elif bool((labels == IGNORE).all()):
-            problems["answer_truncated"] += 1
-    return n, problems
-
-
-class PureBatches:
-    """A stream whose batches are a pure function of the step: the position is the step itself."""
-
-    def __init__(self, stream):
+    def __init__(self, stream, cfg):
         self.stream, self.proc = stream, stream.proc
+        self.check = StartupCheck(cfg.data, cfg.train.batch_size // cfg.train.grad_accum)
+        self.skipped, self.notes, self.used = Counter(), Counter(), 0
+        self.reporter = SkipReporter(f"data (rank {stream.rank})", self.skipped)
 
     def batch(self, step: int, micro: int) -> dict:
-        return self.stream.batch(step, micro)
+        try:
+            batch = self.stream.batch(step, micro)
+        finally:  # counted even when no record of the micro-batch was usable
+            skipped, notes, examples = self.stream.log.take()
+            self.reporter.add(skipped, examples)  # adds to self.skipped
+            self.notes.update(notes)
+        self.used += self.stream.batch_size // self.stream.grad_accum - records_skipped(skipped)
+        self.check.update(self.used, self.skipped, batch_arrived=True)
+        return batch
 
     def stats(self, rt) -> dict:
-        return {"data_skipped": 0}
+        return _stats(self.skipped, self.notes, rt)
 
     def state_dict(self, rt) -> None:
         return None  # the position is the step (and the samples seen, kept by the trainer)
@@ -104,28 +91,11 @@ class PureBatches:
         self.stream.base = (step, samples_seen)
 
     def summary(self, rt) -> str:
-        return ""
+        """The counts, where a record was skipped or noted (call on every rank)."""
+        return _summary(self.skipped, self.notes, self.used, rt, quiet=True)
 
     def close(self) -> None:
         pass
-
-
-class ShapesBatches(PureBatches):
-    """The built-in world's VQA stream, with the start-up check on its first batches (read-only)."""
-
-    def __init__(self, stream, cfg):
-        super().__init__(stream)
-        self.check = StartupCheck(cfg.data, cfg.train.batch_size // cfg.train.grad_accum)
-        self.used, self.bad, self.images = 0, Counter(), not cfg.data.text_only
-
-    def batch(self, step: int, micro: int) -> dict:
-        batch = self.stream.batch(step, micro)
-        if not self.check.done:
-            n, bad = row_problems(batch, self.proc, self.images)
-            self.used += n - sum(bad.values())
-            self.bad.update(bad)
-            self.check.update(self.used, self.bad, batch_arrived=True)
-        return batch
 
 
 # A worker hands each batch's tensors over as file descriptors, through a Unix socket that
@@ -189,16 +159,10 @@ class StreamBatches:
         pass  # the saved worker positions were restored when it was built (or it said why not)
 
     def stats(self, rt) -> dict:
-        """Cumulative counts over all ranks, for metrics.jsonl (call on every rank)."""
-        skipped, notes = _sum_counts(self.skipped, REASONS, rt), _sum_counts(self.notes, NOTES, rt)
-        out = {"data_skipped": records_skipped(skipped)}
-        out |= {f"data_skipped/{k}": n for k, n in skipped.items() if n}
-        out |= {f"data_note/{k}": n for k, n in notes.items() if n}
-        return out
+        return _stats(self.skipped, self.notes, rt)
 
     def summary(self, rt) -> str:
-        used = int(_sum_counts(Counter(used=self.used), {"used": 0}, rt)["used"])
-        return summary(_sum_counts(self.skipped, REASONS, rt), _sum_counts(self.notes, NOTES, rt), used)
+        return _summary(self.skipped, self.notes, self.used, rt)
 
     def state_dict(self, rt) -> dict:
         """Every rank's worker positions (call on every rank; rank 0 writes it into meta.json)."""
@@ -222,6 +186,24 @@ class StreamBatches:
         mine = saved["ranks"][self.rank]
         positions = {int(w): p for w, p in mine["positions"].items()}
         return positions, mine["next_worker"], Counter(mine["skipped"]), Counter(mine["notes"]), mine["used"]
+
+
+def _stats(skipped: Counter, notes: Counter, rt) -> dict:
+    """Cumulative counts over all ranks, for metrics.jsonl (call on every rank)."""
+    skipped, notes = _sum_counts(skipped, REASONS, rt), _sum_counts(notes, NOTES, rt)
+    out = {"data_skipped": records_skipped(skipped)}
+    out |= {f"data_skipped/{k}": n for k, n in skipped.items() if n}
+    out |= {f"data_note/{k}": n for k, n in notes.items() if n}
+    return out
+
+
+def _summary(skipped: Counter, notes: Counter, used: int, rt, quiet: bool = False) -> str:
+    """The counts of all ranks; `quiet`: nothing when no record was skipped or noted."""
+    used = int(_sum_counts(Counter(used=used), {"used": 0}, rt)["used"])
+    skipped, notes = _sum_counts(skipped, REASONS, rt), _sum_counts(notes, NOTES, rt)
+    if quiet and not any(skipped.values()) and not any(notes.values()):
+        return ""
+    return summary(skipped, notes, used)
 
 
 def _identity(item):

@@ -46,6 +46,8 @@ Context = tuple[list[tuple[str, str]], list[Place]]
 
 
 class Processor:
+    reads_captions = False  # its rows are conversations (a dual encoder's processor reads (image, caption) pairs)
+
     def __init__(self, tokenizer: ChatTokenizer, image_size: int, num_image_tokens: int, max_seq_len: int,
                  mean: list[float] | None = None, std: list[float] | None = None, image_row: int = 0):
         self.tok, self.image_size = tokenizer, image_size

@@ -24,7 +24,7 @@ tokens come only from the template code (processor.py, hf_tokenizer.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, groupby
 from pathlib import Path
 
 from graft.losses import IGNORE
@@ -133,8 +133,19 @@ def image_runs(ids: list[int], image_id: int, n: int) -> list[int]:
     return runs
 
 
-def check_placeholders(ids: list[int], image_id: int, n: int, images: int) -> None:
-    """Every image has its run of `n` placeholders, and there are as many runs as `images`."""
+def check_placeholders(ids: list[int], image_id: int, n: int, images: int, row: int = 0) -> None:
+    """Every image has its run of `n` placeholders, and there are as many runs as `images`. `row` > 0:
+    an image is instead n/row runs of `row` placeholders, each row ended by a newline (Fuyu)."""
+    if row:
+        rows = [len(list(run)) for is_image, run in groupby(ids, lambda i: i == image_id) if is_image]
+        wrong = next((k for k, found in enumerate(rows) if found != row), None)
+        if wrong is not None:
+            raise BadSample("placeholder_mismatch", f"image row {wrong}: {rows[wrong]} placeholders found, {row} "
+                            "expected (a row of image patches)")
+        if len(rows) != images * (n // row):
+            raise BadSample("placeholder_mismatch", f"{len(rows)} rows of {row} placeholders for {images} images "
+                            f"of {n // row} rows")
+        return
     runs = image_runs(ids, image_id, n)
     for k, found in enumerate(runs):
         if found != n:
@@ -160,5 +171,5 @@ def encode(proc, turns: list[tuple[str, str]], places: list[Place] | None = None
         raise BadSample("answer_truncated", f"prompt{what} is longer than lm.max_seq_len={proc.max_seq_len}")
     if places and not images:  # the image turns were dropped: what is left would train text only
         raise BadSample("answer_truncated", f"no turn with an image fits in lm.max_seq_len={proc.max_seq_len}")
-    check_placeholders(ids, proc.tok.image, proc.num_image_tokens, images)
+    check_placeholders(ids, proc.tok.image, proc.num_image_tokens, images, proc.image_row)
     return ids, labels, truncated

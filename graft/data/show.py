@@ -1,9 +1,9 @@
 """`graft data show RECIPE`: a PNG grid of the first usable records of a recipe's data, with their text.
 
-The records are the ones training would read first: the built-in world's train samples with the
-turns `TrainStream.item` gives them (a dual encoder: the caption), or the user's sources
-(`data.source` webdataset | llava | hf) read through the recipe's processor, with bad records
-skipped and counted as in training (streaming.py, `graft data check`). Under each image: a VLM
+The records are the ones training would read first, read through the recipe's processor as
+training reads them (`streaming.read_record`), bad ones skipped and counted (`graft data check`):
+the built-in world's samples with the turns training gives them (a dual encoder: the caption;
+`--split` shows a held-out split), or the user's sources. Under each image: a VLM
 recipe's first turns (question → answer), a dual encoder's caption. With a trained VLM run, each
 shown question is also put to the model, and its answer is drawn under the reference, green when
 it matches after `vqa.normalise`, red when not.
@@ -14,7 +14,6 @@ with mathtext off, so a caption holding `$`, control characters or megabytes dra
 
 from __future__ import annotations
 
-import random
 import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,10 +30,8 @@ from graft.data.check import processor_for
 from graft.data.images import open_within
 from graft.data.limits import bounded_turns
 from graft.data.samples import BadSample
-from graft.data.shapes import SPLITS
-from graft.data.sources import build_sources
-from graft.data.stream import make_world, training_turns
-from graft.data.streaming import StreamDataset, fresh_position
+from graft.data.sources import build_sources, source_kind
+from graft.data.streaming import StreamDataset, fresh_position, read_record
 from graft.designs import GENERATES, design
 from graft.errors import UserError
 from graft.eval.vqa import answer, normalise
@@ -78,10 +75,13 @@ def show(cfg: Config, n: int, out: str | Path, run: str | None = None, split: st
     """Draw the first `n` usable records of `cfg`'s data to the PNG `out` (with `run`'s answers);
     `split`: which of the built-in world's splits (held-out ones show what a run has not seen)."""
     out = _check_out(n, Path(out))
-    if split != "train" and cfg.data.source != "shapes":
-        raise UserError(f"--split {split}: splits are the built-in world's; data.source={cfg.data.source} is shown as it trains")
+    splits = source_kind(cfg).splits
+    if split not in splits:
+        raise UserError(f"--split {split!r}: not a split of data.source={cfg.data.source} ({', '.join(splits)})" if
+                        len(splits) > 1 else f"--split {split}: splits are the built-in world's; data.source="
+                        f"{cfg.data.source} is shown as it trains")
     vlm = _load_vlm(run, cfg) if run else None
-    records, skipped = world_records(cfg, n, split) if cfg.data.source == "shapes" else stream_records(cfg, n)
+    records, skipped = stream_records(cfg, n, split)
     if not records:
         raise UserError(f"no usable record in {cfg.name}'s data (data.source={cfg.data.source}); "
                         f"skipped: {', '.join(f'{k} {r}' for r, k in skipped.items()) or 'none'}")
@@ -117,36 +117,21 @@ def _load_vlm(path: str, cfg: Config):
     return model, build_processor(run_cfg, tok, model), run_cfg
 
 
-def world_records(cfg: Config, n: int, split: str = "train") -> tuple[list[Record], Counter]:
-    """The first `n` samples of a split of the built-in world, with the turns training gives each."""
-    if split not in SPLITS:
-        raise UserError(f"--split {split!r}: not a split of the built-in world ({', '.join(SPLITS)})")
-    world, d = make_world(cfg), cfg.data
-    records = []
-    for i in range(n):
-        sample = world.sample(split, i)
-        if not design(cfg.model).can(GENERATES):  # contrastive.pair_text
-            turns = [(d.caption_prompt, sample.caption)]
-        else:  # as TrainStream.item
-            rng = random.Random(f"turns/{d.seed}/{i}")
-            turns = training_turns(sample, rng, d.questions_per_image, d.caption_prob)
-        records.append(Record(f"{split} #{i}", sample.image, turns))
-    return records, Counter()
-
-
-def stream_records(cfg: Config, n: int) -> tuple[list[Record], Counter]:
-    """The first `n` usable records of the user's sources (one pass, at most MAX_READ records), each
-    checked by exactly what training runs (`StreamDataset.record`); the rest skipped and counted."""
-    sources, weights = build_sources(cfg.data)
-    ds = StreamDataset(sources, weights, processor_for(cfg), cfg.data, 1, 0, 1, 1, {}, 0)
+def stream_records(cfg: Config, n: int, split: str = "train") -> tuple[list[Record], Counter]:
+    """The first `n` usable records of the recipe's sources (one pass, at most MAX_READ records), each
+    checked by exactly what training runs (`streaming.read_record`); the rest skipped and counted."""
+    proc = processor_for(cfg)
+    sources, weights = build_sources(cfg, proc, split)
+    ds = StreamDataset(sources, weights, proc, cfg.data, 1, 0, 1, 1, {}, 0)
     log, records = skips.SkipLog(), []
     for i, raw in islice(ds.records(0, 1, fresh_position(len(sources)), log, epochs=1), MAX_READ):
         source = sources[i]
         try:
-            ds.record(source, raw)  # every check training makes; then the parts to draw
+            read_record(proc, cfg.data, source, raw)  # every check training makes; then the parts to draw
             example = source.example(raw)
             turns, _ = bounded_turns(example.turns, cfg.data)
-            image, _ = open_within(example.images[0], cfg.data)  # the first image of a multi-image record
+            # the first image of a multi-image record; a text-only one (data.text_only) draws blank
+            image = open_within(example.images[0], cfg.data)[0] if example.images else _blank(proc.image_size)
         except BadSample as e:
             log.skip(e.reason, source.key(raw), e.detail)
             continue
@@ -154,6 +139,10 @@ def stream_records(cfg: Config, n: int) -> tuple[list[Record], Counter]:
         if len(records) == n:
             break
     return records, log.skipped
+
+
+def _blank(size: int) -> Image.Image:
+    return Image.new("RGB", (size, size), (128, 128, 128))
 
 
 def ask(model, proc, run_cfg: Config, records: list[Record]) -> None:

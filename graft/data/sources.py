@@ -1,17 +1,23 @@
 """`data.source` → the data a run trains on: the one registry of sources, and the trainer's entry points.
 
-    shapes      the built-in world (stream.py; the position is the step, resume is bit-exact)
+    shapes      the built-in world (world_source.py): indexed, its own tokenizer, its own settings
     webdataset  tar shards, one `data.shards` entry per source, mixed by `data.weights`
     llava       LLaVA conversation JSON (`data.path`) + image folder (`data.image_root`)
     hf          a Hugging Face dataset saved with `save_to_disk` (`data.path`, `data.*_column`)
     interleaved web documents, text and images in turn (OBELICS, MMC4): JSON Lines (`data.path`) or shards
 
 To add a source: write a class with `epoch(epoch, slot, nslots, log)` (its raw records for one slot,
-deterministic), `key(raw)` and `example(raw) -> samples.Example`, and add a builder here.
+deterministic), `key(raw)` and `example(raw) -> samples.Example`, and register a `SourceKind` here.
+Every source's records become rows through `streaming.read_record`; an *indexed* source (record i
+a pure function of i) is read by number (data/stream.py), the others by DataLoader workers
+(data/streaming.py, data/loader.py). What sets a source apart is a field of its `SourceKind`, so
+no other file decides by a source's name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import islice
 
 from graft.config import Config, DataConfig
@@ -20,45 +26,102 @@ from graft.data.interleaved import InterleavedShards, JsonlDocuments
 from graft.data.limits import bounded_turns
 from graft.data.llava_json import LlavaSource
 from graft.data.samples import BadSample
-from graft.data.shapes import CAPTION_PROMPT
+from graft.data.shapes import CAPTION_PROMPT, SPLITS
 from graft.data.skips import SkipLog
+from graft.data.tokenizer import ChatTokenizer
 from graft.data.webdataset import ShardSource
+from graft.data.world_source import LABEL_TEMPLATES, WorldSource, world_tokenizer
+from graft.errors import UserError
 
 
-def _webdataset(d: DataConfig) -> list:
-    return [ShardSource(pattern, i, d) for i, pattern in enumerate(d.shards)]
+def _webdataset(cfg: Config, proc, split: str) -> list:
+    return [ShardSource(pattern, i, cfg.data) for i, pattern in enumerate(cfg.data.shards)]
 
 
-def _llava(d: DataConfig) -> list:
-    return [LlavaSource(d)]
-
-
-def _hf(d: DataConfig) -> list:
-    return [HFSource(d)]
-
-
-def _interleaved(d: DataConfig) -> list:
+def _interleaved(cfg: Config, proc, split: str) -> list:
+    d = cfg.data
     if d.shards:
         return [InterleavedShards(pattern, i, d) for i, pattern in enumerate(d.shards)]
     return [JsonlDocuments(d)]
 
 
-SOURCES = {"shapes": None, "webdataset": _webdataset, "llava": _llava, "hf": _hf, "interleaved": _interleaved}
+def _trained_tokenizer(cfg: Config) -> ChatTokenizer:
+    return ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size)
 
 
-def build_sources(d: DataConfig) -> tuple[list, list[float]]:
-    sources = SOURCES[d.source](d)
-    return sources, list(d.weights) if d.weights else [1.0] * len(sources)
+def _needs_shards(d: DataConfig) -> None:
+    if not d.shards:
+        raise UserError("data.source=webdataset needs data.shards (e.g. data.shards=data/shard-{000000..000009}.tar)")
+
+
+def _needs_path(d: DataConfig) -> None:
+    if not d.path:
+        raise UserError(f"data.source={d.source} needs data.path")
+
+
+def _check_interleaved(d: DataConfig) -> None:
+    """Interleaved documents come from data.path (JSON Lines) or data.shards; a key neither reads is refused."""
+    if bool(d.path) == bool(d.shards):
+        raise UserError("data.source=interleaved reads data.path (.jsonl documents) or data.shards (tar shards): "
+                        f"set one of them, not {'both' if d.path else 'neither'}")
+    why = {"image_column": "a column of data.source=hf", "text_column": "a column of data.source=hf",
+           "caption_prompt": "there are no captions: every text segment is an answer"}
+    if d.shards:
+        why["image_root"] = "the images are members of the shards"
+    else:
+        why["weights"] = "they weigh data.shards entries"
+        why["shuffle_buffer"] = "documents of .jsonl files are visited in a seeded permutation"
+    default = DataConfig()
+    for key, reason in why.items():
+        if getattr(d, key) != getattr(default, key):
+            raise UserError(f"data.{key} is not read by data.source=interleaved with data.{'shards' if d.shards else 'path'}"
+                            f" ({reason})")
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    build: Callable  # (cfg, proc, split) → its sources (proc: the processor that reads them, or None)
+    # record i is a pure function of i: read by number, so resume is bit-exact at any world size
+    # and whole conversations can be packed into rows (registry.can_pack)
+    indexed: bool = False
+    tokenizer: Callable = _trained_tokenizer  # (cfg) → the tokenizer a run on it trains, when it names none
+    options: tuple[str, ...] = ()  # `data.*` settings only this kind reads (others refuse them: config_checks)
+    max_images: Callable = lambda d: d.max_images  # (data config) → the most images an example holds
+    label_templates: tuple[str, ...] = ()  # zero-shot prompts in its captions' words ({} = a class name)
+    check: Callable = lambda d: None  # (data config) → UserError for what it needs and lacks
+    splits: tuple[str, ...] = ("train",)  # what `graft data show --split` may pick (training reads "train")
+
+
+SOURCES: dict[str, SourceKind] = {
+    "shapes": SourceKind(lambda cfg, proc, split: [WorldSource(cfg, proc, split)], indexed=True,
+                         tokenizer=world_tokenizer, options=("images_per_doc", "text_only"),
+                         max_images=lambda d: d.images_per_doc, label_templates=LABEL_TEMPLATES, splits=SPLITS),
+    "webdataset": SourceKind(_webdataset, check=_needs_shards),
+    "llava": SourceKind(lambda cfg, proc, split: [LlavaSource(cfg.data)], check=_needs_path),
+    "hf": SourceKind(lambda cfg, proc, split: [HFSource(cfg.data)], check=_needs_path),
+    "interleaved": SourceKind(_interleaved, check=_check_interleaved),
+}
+
+
+def source_kind(cfg: Config) -> SourceKind:
+    """The registered kind of `cfg`'s data.source (config_checks refuses an unknown one)."""
+    return SOURCES[cfg.data.source]
+
+
+def build_sources(cfg: Config, proc=None, split: str = "train") -> tuple[list, list[float]]:
+    """`cfg`'s sources (of `split`: SourceKind.splits), read by `proc`, and their mixing weights."""
+    sources = source_kind(cfg).build(cfg, proc, split)
+    return sources, list(cfg.data.weights) if cfg.data.weights else [1.0] * len(sources)
 
 
 def training_corpus(cfg: Config, per_source: int = 3000, max_bytes: int = 8 << 20) -> list[str]:
-    """Text to train the tokenizer on: the first records' turns of each streaming source (the built-in
-    world's tokenizer is trained once per process from its own text, build.tokenizer_for).
+    """Text to train the tokenizer on: the first records' turns of each source (the built-in world's
+    tokenizer is trained from its own text instead: `SourceKind.tokenizer`).
 
     Only texts within the data limits (limits.py) are kept, and at most `max_bytes` in all, so the
     tokenizer's training cost is bounded whatever the data holds."""
     texts, size = [CAPTION_PROMPT, cfg.data.caption_prompt], 0
-    for source in build_sources(cfg.data)[0]:
+    for source in build_sources(cfg)[0]:
         for raw in islice(source.epoch(0, 0, 1, SkipLog()), per_source):
             try:
                 turns, _ = bounded_turns(source.example(raw).turns, cfg.data)

@@ -14,7 +14,7 @@ Bad records are skipped and counted (skips.py); the counts, the first examples o
 position and the slot travel to the trainer with every micro-batch (`Item`). A worker that meets
 only bad records still reports every `REPORT_EVERY` of them, so the trainer never waits silently.
 
-The boundary between "this record is bad" and "graft is broken" is `record`: a source's
+The boundary between "this record is bad" and "graft is broken" is `read_record`: a source's
 `example(raw)` and the limits (limits.py) turn one record's bytes into checked Python values or a
 `BadSample`; what follows (template, tokenizer, image decode) raises `BadSample` for anything in
 the data. Nothing wider is caught, so a bug in graft still surfaces as a traceback.
@@ -62,6 +62,26 @@ class Item:
 
 def fresh_position(num_sources: int, epoch: int = 0) -> dict:
     return {"mix": 0, "sources": [[epoch, 0] for _ in range(num_sources)]}
+
+
+def read_record(proc: Processor, d, source, raw):
+    """The processor's row and the notes of one raw record of `source`, or BadSample (the boundary:
+    see above); `d` is the data config (its limits). Images are decoded one at a time, each turned
+    into pixels before the next is read. Every source's records, the built-in world's included
+    (data/stream.py), become rows here."""
+    ex = source.example(raw)
+    turns, cut = bounded_turns(ex.turns, d)
+    places = [p for p in ex.places if p[0] < len(turns)]  # the images of dropped turns go with them
+    text, truncated, kept = proc.text_row(turns, places)  # text first: cheaper than pixels
+    notes = ["turns_truncated"] * cut + ["sequence_truncated"] * truncated
+
+    def images():
+        for data in ex.images[:kept]:
+            image, converted = open_within(data, d)
+            notes.extend([f"converted_{converted}"] if converted else [])
+            yield image
+
+    return proc.row(text, images()), notes
 
 
 class StreamDataset(IterableDataset):
@@ -112,7 +132,7 @@ class StreamDataset(IterableDataset):
         for i, raw in self.records(slot, nslots, position, log, epochs):
             source = self.sources[i]
             try:
-                row, notes = self.record(source, raw)
+                row, notes = read_record(self.proc, self.cfg, source, raw)
             except BadSample as e:
                 log.skip(e.reason, source.key(raw), e.detail)
                 yield None
@@ -120,24 +140,6 @@ class StreamDataset(IterableDataset):
             for name in notes:
                 log.note(name)
             yield source.key(raw), row
-
-    def record(self, source, raw):
-        """The processor's row and the notes of one raw record, or BadSample (the boundary: see above).
-        Images are decoded one at a time, each turned into pixels before the next is read."""
-        d = self.cfg
-        ex = source.example(raw)
-        turns, cut = bounded_turns(ex.turns, d)
-        places = [p for p in ex.places if p[0] < len(turns)]  # the images of dropped turns go with them
-        text, truncated, kept = self.proc.text_row(turns, places)  # text first: cheaper than pixels
-        notes = ["turns_truncated"] * cut + ["sequence_truncated"] * truncated
-
-        def images():
-            for data in ex.images[:kept]:
-                image, converted = open_within(data, d)
-                notes.extend([f"converted_{converted}"] if converted else [])
-                yield image
-
-        return self.proc.row(text, images()), notes
 
     def records(self, slot: int, nslots: int, position: dict, log: SkipLog, epochs: int | None = None):
         """(source index, raw record), mixing the sources by weight; advances `position`.

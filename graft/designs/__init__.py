@@ -13,14 +13,14 @@ type:
   train, eval); `--set` on a model section it does not read is an error (config_checks.py).
 - `parts`: the module names `train.freeze` may list.
 - `build(cfg, tok, pretrained)` → the model; `processor(cfg, tok, model)` → what turns records
-  into rows (and how many placeholders an image gets); `world_batches(cfg, proc, rt)` → the
-  trainer's micro-batches from the built-in world; `tokens(batch, pad)` → the text tokens of a
+  into rows (and how many placeholders an image gets; every source's records, the built-in
+  world's included, reach the model through it); `tokens(batch, pad)` → the text tokens of a
   micro-batch, for throughput; `validate(cfg)` → design-specific config checks. (FLOPs need no
   entry: the trainer counts them on the real forward and backward, trainer/flops.py.)
 - `losses`: the names of the losses its model returns; `train.objectives` may weigh them. The
   model's `forward(**batch)` returns (output, {name: local sum}) and `loss_counts(**batch)` what
-  each sum is over (graft/losses.py). `packs`: its world batches can pack several conversations
-  into one row (with the built-in LM). `exports_llava`: `graft export` can write it as HF LLaVA.
+  each sum is over (graft/losses.py). `packs`: its batches of an indexed source (the built-in world) can
+  pack several conversations into one row (with the built-in LM). `exports_llava`: `graft export` can write it as HF LLaVA.
 - `teacher(cfg, model)`, `objectives(cfg, model)`: a frozen teacher the trainer holds outside the
   model, and named objectives over the model's outputs, the batch and the teacher's
   (graft/objectives.py; EVE's in fuyu.py). `train_inputs(cfg)`: keyword arguments of the model's

@@ -9,9 +9,7 @@ import torch
 from torch import nn
 
 from graft import distill
-from graft.data.contrastive import ContrastiveProcessor, ContrastiveStream
-from graft.data.loader import PureBatches
-from graft.data.stream import make_world
+from graft.data.contrastive import ContrastiveProcessor
 from graft.designs.registry import EMBEDS, Design, design, register
 from graft.designs.shared import validate_vision
 from graft.errors import UserError
@@ -120,11 +118,6 @@ def processor(cfg, tok, model):
     return ContrastiveProcessor(tok, cfg.vision.image_size, cfg.text.max_len, c.shared_tower, c.render_font_size)
 
 
-def world_batches(cfg, proc, rt):
-    t = cfg.train
-    return PureBatches(ContrastiveStream(make_world(cfg), proc, t.batch_size, t.grad_accum, rt.rank, rt.world_size))
-
-
 def tokens(batch, pad: int) -> int:
     ids = batch.get("input_ids")  # CLIPPO batches carry rendered text, no token ids
     return 0 if ids is None else int((ids != pad).sum())
@@ -140,6 +133,6 @@ def validate(cfg) -> None:
 
 
 register("dual", Design(frozenset({EMBEDS}), ("vision", "text", "contrastive", "distill"), PARTS, build, processor,
-                        world_batches, tokens, validate, losses=("itc",), sources=sources,
+                        tokens, validate, losses=("itc",), sources=sources,
                         config_losses=lambda cfg: distill.loss_names(cfg.distill), teacher=teacher,
                         objectives=objectives))

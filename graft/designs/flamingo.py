@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from graft.designs.registry import GENERATES, Design, register
 from graft.designs.shared import builtin_lm, check_something_trains, lm_losses, resolve_vocab, validate_vision, vision_tower
-from graft.designs.vlm import processor, tokens, train_inputs, world_batches
+from graft.designs.vlm import processor, tokens, train_inputs
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
 from graft.models.flamingo import Flamingo, FlamingoConfig
@@ -32,5 +32,5 @@ def validate(cfg) -> None:
 
 
 register("flamingo", Design(frozenset({GENERATES}), ("vision", "connector", "lm", "flamingo"), PARTS, build, processor,
-                            world_batches, tokens, validate, losses=("lm",), packs=True, config_losses=lm_losses,
+                            tokens, validate, losses=("lm",), packs=True, config_losses=lm_losses,
                             train_inputs=train_inputs))

@@ -11,7 +11,7 @@ import torch
 from graft.data.processor import Processor
 from graft.designs.registry import GENERATES, Design, register
 from graft.designs.shared import builtin_lm, check_something_trains, lm_losses, resolve_vocab
-from graft.designs.vlm import tokens, train_inputs, world_batches
+from graft.designs.vlm import tokens, train_inputs
 from graft.errors import UserError
 from graft.losses import cosine_distance_sum
 from graft.models.connectors import per_patch
@@ -92,6 +92,6 @@ def validate(cfg) -> None:
 
 
 register("fuyu", Design(frozenset({GENERATES}), ("vision", "connector", "lm", "eve"), PARTS, build, processor,
-                        world_batches, tokens, validate, losses=("lm",), packs=True,
+                        tokens, validate, losses=("lm",), packs=True,
                         config_losses=lambda cfg: lm_losses(cfg) + (("align",) if cfg.eve.teacher else ()),
                         teacher=teacher, objectives=objectives, train_inputs=train_inputs))

@@ -5,7 +5,7 @@ contrast, matching and grounded generation (ITC + ITM + ITG). Stage 2 is the `vl
 from __future__ import annotations
 
 from graft.data.contrastive import ContrastiveProcessor
-from graft.designs.dual import tokens, world_batches
+from graft.designs.dual import tokens
 from graft.designs.registry import EMBEDS, Design, register
 from graft.designs.shared import check_something_trains, validate_vision, vision_tower
 from graft.designs.vlm import STAGE1
@@ -32,4 +32,4 @@ def validate(cfg) -> None:
 
 
 register(STAGE1, Design(frozenset({EMBEDS}), ("vision", "qformer"), PARTS, build, processor,
-                          world_batches, tokens, validate, losses=("itc", "itm", "itg")))
+                          tokens, validate, losses=("itc", "itm", "itg")))

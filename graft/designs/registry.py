@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from graft.data.sources import source_kind
 from graft.errors import UserError
 
 SHARED_SECTIONS = ("name", "model", "data", "optim", "train", "eval")
@@ -23,11 +24,10 @@ class Design:
     parts: tuple[str, ...]
     build: Callable
     processor: Callable
-    world_batches: Callable
     tokens: Callable
     validate: Callable
     losses: tuple[str, ...] = ()  # the named losses its model returns (`train.objectives` weighs them)
-    packs: bool = False  # its world batches can pack conversations into rows (data/packing.py)
+    packs: bool = False  # its batches of an indexed source can pack conversations into rows (data/packing.py)
     sources: Callable = lambda cfg: None  # checks of the runs it initialises from (before training, not on load)
     exports_llava: bool = False  # `graft export --format hf` can write it as HF LLaVA
     # the named losses its model returns besides `losses` under this config (an MoE LM's balancing
@@ -72,9 +72,9 @@ def model_sections() -> tuple[str, ...]:
 
 
 def can_pack(cfg) -> bool:
-    """Packing (data/packing.py) needs the built-in world's stream, a design that packs and the
-    built-in LM's document mask."""
-    return cfg.data.source == "shapes" and design(cfg.model).packs and not cfg.lm.hf_path
+    """Packing (data/packing.py) needs an indexed source (the built-in world), a design that packs
+    and the built-in LM's document mask."""
+    return source_kind(cfg).indexed and design(cfg.model).packs and not cfg.lm.hf_path
 
 
 def uses_packing(cfg) -> bool:

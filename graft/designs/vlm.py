@@ -8,10 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
-from graft.data.loader import ShapesBatches
 from graft.data.processor import Processor
-from graft.data.stream import TrainStream
-from graft.designs.registry import GENERATES, Design, register, uses_packing
+from graft.designs.registry import GENERATES, Design, register
 from graft.designs.shared import builtin_lm, check_something_trains, lm_losses, resolve_vocab, validate_vision, vision_tower
 from graft.errors import UserError
 from graft.models.connectors import CONNECTORS, ConnectorConfig
@@ -36,10 +34,6 @@ def processor(cfg, tok, model):
     v = cfg.vision
     cls = TemplateProcessor if isinstance(tok, HFChatTokenizer) else Processor
     return cls(tok, v.image_size, model.num_image_tokens, cfg.lm.max_seq_len, v.image_mean, v.image_std)
-
-
-def world_batches(cfg, proc, rt):
-    return ShapesBatches(TrainStream(cfg, proc, rt.rank, rt.world_size, packs=uses_packing(cfg)), cfg)
 
 
 def tokens(batch, pad: int) -> int:
@@ -93,6 +87,6 @@ def check_stage1_run(cfg) -> None:
                             "(its Q-Former reads that image encoder)")
 
 
-register("vlm", Design(frozenset({GENERATES}), ("vision", "connector", "lm"), PARTS, build, processor, world_batches,
+register("vlm", Design(frozenset({GENERATES}), ("vision", "connector", "lm"), PARTS, build, processor,
                        tokens, validate, losses=("lm",), packs=True, sources=check_stage1_run, exports_llava=True,
                        config_losses=lm_losses, train_inputs=train_inputs))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from graft.data.processor import collate
-from graft.data.stream import in_words
+from graft.data.world_source import in_words
 from graft.eval.shard import shard_map
 from graft.eval.vqa import answer, normalise, questions
 from graft.eval.world import WorldSplit

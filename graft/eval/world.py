@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graft.data.shapes import SPLITS, ShapesWorld
-from graft.data.stream import make_world
+from graft.data.world_source import make_world
 from graft.errors import UserError
 from graft.eval.captioning import caption_cider
 from graft.eval.retrieval import retrieval

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from graft.cli import main
-from graft.data.loader import ShapesBatches
+from graft.data.loader import IndexedBatches
 from graft.trainer import checkpoint
 from graft.trainer.stop import StopOnSignal
 
@@ -56,7 +56,7 @@ def wait_for_a_signal() -> None:
         time.sleep(0.01)
 
 
-real_batch = ShapesBatches.batch
+real_batch = IndexedBatches.batch
 
 
 def faulty_batch(self, step, micro):  # step counts from 0 here
@@ -84,6 +84,6 @@ def dies_while_writing(tensors, path, *args, **kwargs):
 
 assert fault in ("pause", "nan", "hang", "ckptkill"), fault
 StopOnSignal._handle = noting_handle
-ShapesBatches.batch = faulty_batch
+IndexedBatches.batch = faulty_batch
 checkpoint.save_file = dies_while_writing
 sys.exit(main(graft_args))
