@@ -2,7 +2,8 @@
 
 A run is described by one `Config`: a tree of small typed dataclasses. The model parts' configs
 live beside their modules (`models/vit.py`, `models/decoder.py`, `models/connectors.py`); the
-run-level ones (data, optimiser, training, evaluation) live here. Recipes (`recipes.py`) are
+run-level ones (data, optimiser, training, evaluation) live here; a section only some designs read
+is registered by those designs (`SECTIONS`). Recipes (`recipes.py`) are
 functions returning a `Config`; the CLI changes single fields with `--set a.b=value`.
 
 Every unknown key and every wrong type fails with a `UserError` naming the key. This module is a
@@ -22,15 +23,9 @@ from pathlib import Path
 import yaml
 
 from graft import atomic
-from graft.distill import DistillConfig
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
 from graft.models.decoder import LMConfig
-from graft.models.dual_encoder import ContrastiveConfig
-from graft.models.flamingo import FlamingoConfig
-from graft.models.fuyu import EveConfig
-from graft.models.qformer import QFormerConfig
-from graft.models.text_encoder import TextConfig
 from graft.models.vit import VisionConfig
 
 # Defaults that data modules share (data/limits.py, data/shapes.py import them from here).
@@ -173,6 +168,20 @@ class EvalConfig:
     vqa_annotations: str | None = None
 
 
+# The sections only some designs read (the text tower, the contrastive loss, the Q-Former, Flamingo's
+# blocks, EVE, distillation): each design's module registers its own (designs/registry.py), so that
+# adding a design does not touch this file. They are read, set (`--set flamingo.every=2`), saved
+# and loaded like the fields of `Config`.
+SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str, cls: type) -> None:
+    """Add a design's config section `name` (a dataclass); a name is one section."""
+    if SECTIONS.get(name, cls) is not cls or name in _FIELDS:
+        raise ValueError(f"config section {name!r} is registered twice")
+    SECTIONS[name] = cls
+
+
 @dataclass
 class Config:
     name: str = "shapes_vqa"
@@ -185,12 +194,17 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    text: TextConfig = field(default_factory=TextConfig)  # model=dual only
-    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # model=dual only
-    qformer: QFormerConfig = field(default_factory=QFormerConfig)  # model=qformer_stage1 only
-    flamingo: FlamingoConfig = field(default_factory=FlamingoConfig)  # model=flamingo only
-    eve: EveConfig = field(default_factory=EveConfig)  # model=fuyu only
-    distill: DistillConfig = field(default_factory=DistillConfig)  # model=dual only
+    # the designs' own sections (SECTIONS), by name: read as `cfg.<name>`
+    sections: dict = field(default_factory=lambda: {name: cls() for name, cls in SECTIONS.items()}, repr=False)
+
+    def __getattr__(self, name: str):
+        """A design's section; one registered after this config was made starts at its defaults."""
+        if name in SECTIONS:
+            return self.__dict__.setdefault("sections", {}).setdefault(name, SECTIONS[name]())
+        raise AttributeError(f"'Config' object has no attribute {name!r}")
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Config)}
 
 
 # ---- conversion between values and typed fields -------------------------------------------------
@@ -246,7 +260,12 @@ def _coerce(key: str, value, tp):
 
 
 def _field_types(obj) -> dict:
-    return typing.get_type_hints(type(obj))
+    """The settable keys of a config node and their types (at the top: the sections too)."""
+    hints = typing.get_type_hints(type(obj))
+    if isinstance(obj, Config):
+        del hints["sections"]
+        hints |= SECTIONS
+    return hints
 
 
 def set_key(cfg: Config, dotted: str, raw) -> None:
@@ -298,19 +317,24 @@ def _expects_str(cfg: Config, dotted: str) -> bool:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    out = dataclasses.asdict(cfg)
+    del out["sections"]
+    return out | {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
 
 
 def from_dict(data: dict, cls=Config, prefix: str = ""):
     """Build a config from a (YAML) dict, strictly: unknown keys and wrong types are errors."""
     if not isinstance(data, dict):
         raise UserError(f"config section '{prefix or 'top level'}' must be a mapping")
-    obj, hints = cls(), typing.get_type_hints(cls)
+    obj = cls()
+    hints = _field_types(obj)
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in hints:
             raise UserError(f"unknown config key '{dotted}' (valid: {', '.join(sorted(hints))})")
-        if dataclasses.is_dataclass(hints[key]):
+        if key in SECTIONS and isinstance(obj, Config):
+            obj.sections[key] = from_dict(value, hints[key], dotted + ".")
+        elif dataclasses.is_dataclass(hints[key]):
             setattr(obj, key, from_dict(value, hints[key], dotted + "."))
         else:
             setattr(obj, key, _coerce(dotted, value, hints[key]))

@@ -17,7 +17,7 @@ from graft import config
 from graft.data.limits import check_image_formats
 from graft.data.shapes import SPLITS
 from graft.data.sources import SOURCES, source_kind
-from graft.designs import DESIGNS, EMBEDS, GENERATES, MODEL_SECTIONS, can_pack, design
+from graft.designs import DESIGNS, EMBEDS, GENERATES, can_pack, design, model_sections
 from graft.errors import UserError
 from graft.eval.tasks import check_task
 from graft.eval.zero_shot import load_prompts, read_prompts
@@ -32,7 +32,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     for key in keys:  # after all of them: `--set model=...` may come last
         section = key.split(".")[0]
         reads = design(cfg.model).sections
-        if section in MODEL_SECTIONS and section not in reads:
+        if section in model_sections() and section not in reads:
             # a key of a model section the design does not read would change nothing
             raise UserError(f"--set {key}: model={cfg.model} does not read the '{section}' section "
                             f"(it reads {', '.join(reads)})")

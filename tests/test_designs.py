@@ -180,3 +180,43 @@ def test_modality_ids_are_named():
     offenders = [f"{path.relative_to(PACKAGE)}:{line}: {code}" for path in sorted(PACKAGE.rglob("*.py"))
                  for line, code in bare_modality_ids(ast.parse(path.read_text()))]
     assert not offenders, "\n".join(offenders)
+
+
+ADDED_DESIGN = '''
+import dataclasses, sys
+from graft import config
+from graft.config_checks import apply_overrides, load
+from graft.designs import DESIGNS
+from graft.designs.registry import register
+from graft.errors import UserError
+from graft.recipes import tiny
+
+@dataclasses.dataclass
+class EchoConfig:
+    depth: int = 1
+
+register("echo", dataclasses.replace(DESIGNS["vlm"], sections=("vision", "connector", "lm", "echo"),
+                                     config_sections={"echo": EchoConfig}))
+cfg = apply_overrides(tiny(), ["model=echo", "echo.depth=3"])
+config.save(cfg, __import__("pathlib").Path(sys.argv[1]))
+again = load(__import__("pathlib").Path(sys.argv[1]))
+print(again.echo.depth, again == cfg)
+try:
+    apply_overrides(tiny(), ["echo.depth=2"])
+except UserError as e:
+    print(e)
+'''
+
+
+def test_a_design_brings_its_config_section_without_touching_config_py(tmp_path):
+    """A design registered from outside graft (as docs/architecture.md's steps say) brings its own
+    config section: set, saved, loaded and refused for another design, with config.py untouched."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", ADDED_DESIGN, str(tmp_path / "config.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        "3 True", "--set echo.depth: model=vlm does not read the 'echo' section (it reads vision, connector, lm)"]
+    assert "echo:\n  depth: 3" in (tmp_path / "config.yaml").read_text()

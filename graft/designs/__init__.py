@@ -41,5 +41,5 @@ from graft.designs.registry import (CAPABILITIES, DESIGNS, EMBEDS, GENERATES, SH
 
 MODEL_SECTIONS = model_sections()
 
-__all__ = ["CAPABILITIES", "DESIGNS", "EMBEDS", "GENERATES", "MODEL_SECTIONS", "SHARED_SECTIONS", "Design",
+__all__ = ["CAPABILITIES", "DESIGNS", "EMBEDS", "GENERATES", "MODEL_SECTIONS", "SHARED_SECTIONS", "Design", "model_sections",
            "can_pack", "design", "uses_packing"]

@@ -135,4 +135,5 @@ def validate(cfg) -> None:
 register("dual", Design(frozenset({EMBEDS}), ("vision", "text", "contrastive", "distill"), PARTS, build, processor,
                         tokens, validate, losses=("itc",), sources=sources,
                         config_losses=lambda cfg: distill.loss_names(cfg.distill), teacher=teacher,
-                        objectives=objectives))
+                        objectives=objectives, config_sections={"text": TextConfig, "contrastive": ContrastiveConfig,
+                                                                "distill": distill.DistillConfig}))

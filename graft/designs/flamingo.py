@@ -33,4 +33,4 @@ def validate(cfg) -> None:
 
 register("flamingo", Design(frozenset({GENERATES}), ("vision", "connector", "lm", "flamingo"), PARTS, build, processor,
                             tokens, validate, losses=("lm",), packs=True, config_losses=lm_losses,
-                            train_inputs=train_inputs))
+                            train_inputs=train_inputs, config_sections={"flamingo": FlamingoConfig}))

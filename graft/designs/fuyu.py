@@ -94,4 +94,5 @@ def validate(cfg) -> None:
 register("fuyu", Design(frozenset({GENERATES}), ("vision", "connector", "lm", "eve"), PARTS, build, processor,
                         tokens, validate, losses=("lm",), packs=True,
                         config_losses=lambda cfg: lm_losses(cfg) + (("align",) if cfg.eve.teacher else ()),
-                        teacher=teacher, objectives=objectives, train_inputs=train_inputs))
+                        teacher=teacher, objectives=objectives, train_inputs=train_inputs,
+                        config_sections={"eve": EveConfig}))

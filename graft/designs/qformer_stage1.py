@@ -32,4 +32,4 @@ def validate(cfg) -> None:
 
 
 register(STAGE1, Design(frozenset({EMBEDS}), ("vision", "qformer"), PARTS, build, processor,
-                          tokens, validate, losses=("itc", "itm", "itg")))
+                          tokens, validate, losses=("itc", "itm", "itg"), config_sections={"qformer": QFormerConfig}))

@@ -5,8 +5,9 @@ have, and the lookups the rest of graft makes. Each design registers itself from
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from graft import config
 from graft.data.sources import source_kind
 from graft.errors import UserError
 
@@ -41,6 +42,9 @@ class Design:
     # keyword arguments its model's forward takes in training besides the batch (the VLMs' LM head
     # only at answer positions, `answers_only`, while no objective reads their logits)
     train_inputs: Callable = lambda cfg: {}
+    # the config sections it brings (name → dataclass), registered into the config with it
+    # (config.SECTIONS: `cfg.<name>`, `--set <name>.<key>=...`); `sections` names them among what it reads
+    config_sections: dict = field(default_factory=dict)
 
     def can(self, capability: str) -> bool:
         return capability in self.capabilities
@@ -56,6 +60,11 @@ def register(name: str, entry: Design) -> Design:
     unknown = entry.capabilities - set(CAPABILITIES)
     if unknown:
         raise ValueError(f"design {name!r}: unknown capabilities {sorted(unknown)}")
+    missing = set(entry.config_sections) - set(entry.sections)
+    if missing:
+        raise ValueError(f"design {name!r}: its config sections {sorted(missing)} are not among those it reads")
+    for section, cls in entry.config_sections.items():
+        config.register_section(section, cls)
     DESIGNS[name] = entry
     return entry
 

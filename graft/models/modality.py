@@ -1,15 +1,40 @@
-"""Named modality ids: what `modality_ids` (B, T) holds for each token of the LM's sequence.
+"""The modalities a batch carries: named ids of the LM's sequence, and each modality's batch keys.
 
-The decoder's image-specific behaviour (attention, positions, the image tokens' own norms and
-FFN, modality-aware MoE routing) asks `== IMAGE`, never a bare number; a new modality whose
-tokens enter the sequence is a new id here. A layer's modules of the image tokens' own are named
-`<text module>_image` (`image_twins`).
+`modality_ids` (B, T) holds TEXT or IMAGE for each token of the LM's sequence. The decoder's
+image-specific behaviour (attention, positions, the image tokens' own norms and FFN,
+modality-aware MoE routing) asks `== IMAGE`, never a bare number. A layer's modules of the image
+tokens' own are named `<text module>_image` (`image_twins`).
+
+A batch carries each modality's items under the modality's own key, item first (`inputs`: the
+images' `pixel_values` (n, 3, S, S)); the trainer counts items through `MODALITIES` (`items`), never
+by an image key. A new modality whose items enter the sequence (a series, a video) is a new
+`Modality` here, with its source, tower and processor. Every image has the same number of
+placeholders today (`num_image_tokens`); per-item token counts come with the first modality whose
+items differ in length.
 """
+
+from dataclasses import dataclass
 
 from torch import nn
 
 TEXT = 0
 IMAGE = 1
+
+
+@dataclass(frozen=True)
+class Modality:
+    name: str
+    id: int  # in `modality_ids`
+    inputs: str  # the batch key of its items' inputs, item first
+
+
+IMAGES = Modality("image", IMAGE, "pixel_values")
+MODALITIES = (IMAGES,)
+
+
+def items(batch: dict) -> int:
+    """The items of every modality a batch holds (images; a dual encoder's image–text pairs)."""
+    return sum(batch[m.inputs].shape[0] for m in MODALITIES if m.inputs in batch)
 
 
 def image_twins(module: nn.Module) -> dict[str, str]:

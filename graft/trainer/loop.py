@@ -27,6 +27,7 @@ from graft.eval.harness import entries, evaluate, unprefixed
 from graft.eval.shard import sharded
 from graft.losses import weighted
 from graft.objectives import StepLosses
+from graft.models import modality
 from graft.models.moe import expert_loads
 from graft.report import write_report
 from graft.rundir import RunDir
@@ -296,7 +297,7 @@ def _train_step(s: _Session, step: int, flops: MeasuredFlops):
         (objective * rt.world_size).backward()
         for name, value in losses.items():
             sums[name] += value.item()
-        images += batch["pixel_values"].shape[0]
+        images += modality.items(batch)
         tokens += entry.tokens(batch, stream.proc.tok.pad)
     named = {name: total / max(counts[name], 1) for name, total in runtime.all_sum(sums, rt).items()}
     loss_sum = sum(weights[name] * named[name] for name in weights)
