@@ -10,8 +10,8 @@ import torch
 from graft.cli import main
 from graft.data.processor import Processor
 from graft.models.connectors import ConnectorConfig
-from graft.models.decoder import LMConfig, Media
-from graft.models.flamingo import Flamingo, FlamingoConfig, GatedCrossAttentionBlock
+from graft.models.decoder import LMConfig
+from graft.models.flamingo import Flamingo, FlamingoConfig, GatedCrossAttentionBlock, Media
 from graft.models.vit import VisionConfig
 from tests.helpers import tokenizer
 
@@ -75,7 +75,9 @@ def test_a_token_sees_only_images_before_it(attend):
     open_gates(model)
     ids, pix, (at_a, at_b) = two_image_rows(proc)
     at_c = int((ids[1] == proc.tok.image).nonzero()[0])
-    media = model.lm_inputs(ids, pix, None, None)["media"]
+    inserted = model.lm_inputs(ids, pix, None, None)["inserted"]
+    assert list(inserted) == model.at  # the blocks the decoder runs, by layer, bound to the images
+    media = inserted[model.at[0]].keywords["media"]
     T, latents = ids.shape[1], model.connector.num_tokens(0)
     sees = media.mask[:, 0].view(2, T, 2, latents)
     assert (sees == sees[..., :1]).all()  # an image's latents are seen together
@@ -128,7 +130,7 @@ def test_block_matches_transformers_idefics_gated_cross_attention():
     mask[1, 0, :2] = False  # tokens that see no image
     seen = mask.any(-1)[:, 0]
     with torch.no_grad():
-        got = ours(x, Media(media, mask, seen, {}))
+        got = ours(x, Media(media, mask, seen))
         additive = torch.zeros(B, 1, T, K).masked_fill(~mask, torch.finfo(torch.float32).min)
         want = theirs(x, image_hidden_states=media, image_attention_mask=additive,
                       cross_attention_gate=seen.float())
@@ -138,7 +140,7 @@ def test_block_matches_transformers_idefics_gated_cross_attention():
         sd["input_layernorm.weight"], sd["post_attention_layernorm.weight"] = (
             sd["post_attention_layernorm.weight"], sd["input_layernorm.weight"])
         swapped.load_state_dict(sd, strict=True)
-        assert (swapped(x, Media(media, mask, seen, {})) - want).abs().max() > 1e-2
+        assert (swapped(x, Media(media, mask, seen)) - want).abs().max() > 1e-2
     # Outputs are O(1); the two sides differ only by fp32 summation order in matmuls and SDPA
     # (~1e-6 here, on any x86 BLAS): 1e-5 leaves 10x room and is far below a wiring error (>1e-2).
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ modality ids (models/image_layout.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -143,19 +144,6 @@ class Context:
 
 
 @dataclass
-class Media:
-    """What blocks inserted between the decoder's layers read (Flamingo's gated cross-attention,
-    models/flamingo.py), built by the model per forward call: `tokens` (B, K, D) of the images each
-    row holds, `mask` (B, 1, T, K) True where a position may see a token, `seen` (B, T) whether it
-    sees any, and `blocks` {layer index: module run as `block(x, media)` before that layer}."""
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    seen: torch.Tensor
-    blocks: dict[int, nn.Module]
-
-
-@dataclass
 class Layout:
     """Where each token of the rows sits, which sets the decoder's positions and mask; built per
     call by the model that lays the rows out (VLM.lm_inputs). Packed rows (data/packing.py) give
@@ -174,12 +162,12 @@ class Layout:
 
 class KVCache:
     """Keys and values of every layer seen so far: lists of (B, kv_heads, T, head_dim); and what
-    a model with inserted blocks keeps of its images between decoding steps (`media`)."""
+    the model keeps between decoding steps beside them (`extra`: Flamingo's images of each row)."""
 
     def __init__(self):
         self.k: list[torch.Tensor | None] = []
         self.v: list[torch.Tensor | None] = []
-        self.media: object = None
+        self.extra: object = None
 
     def seen(self, layer: int = 0) -> int:
         """Positions already cached for `layer`."""
@@ -348,22 +336,22 @@ class LanguageModel(nn.Module):
         layout: Layout | None = None,
         aux: dict | None = None,
         head_at: torch.Tensor | None = None,
-        media: Media | None = None,
+        inserted: dict[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
         hidden: dict | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) from token ids (B, T) or embeddings (B, T, D); with `head_at` (B, T)
         bool, only those positions' logits (K, vocab): the head costs as much as a layer or more.
 
         `layout`: packed documents and image tokens (`Layout`; None: plain causal text). Auxiliary
-        losses of the layers are added to `aux` when given. `media`: images for blocks inserted
-        before some layers (Flamingo), with those blocks. `hidden` {layer index: None}: filled with
-        each of those layers' outputs (B, T, D).
+        losses of the layers are added to `aux` when given. `inserted` {layer index: f}: the model's
+        own blocks, each run as `x = f(x)` before that layer (Flamingo's gated cross-attention to its
+        images). `hidden` {layer index: None}: filled with each of those layers' outputs (B, T, D).
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         ctx = self.context(x, cache, layout or Layout())
         for i, layer in enumerate(self.layers):
-            if media is not None and i in media.blocks:
-                x = media.blocks[i](x, media)
+            if inserted is not None and i in inserted:
+                x = inserted[i](x)
             x = layer(x, ctx, cache)
             if hidden is not None and i in hidden:
                 hidden[i] = x

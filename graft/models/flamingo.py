@@ -24,6 +24,7 @@ are computed once per image token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +32,23 @@ from torch import nn
 
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
-from graft.models.decoder import KVCache, LanguageModel, Layout, LMConfig, Media
+from graft.models.decoder import KVCache, LanguageModel, Layout, LMConfig
 from graft.models.layers import RMSNorm, SwiGLU
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM, _check_placeholders
 
 ATTEND = ("previous", "all")
 GATES = ("tanh", "none")
+
+
+@dataclass
+class Media:
+    """What the blocks read, built per forward call: `tokens` (B, K, D) of the images each row holds,
+    `mask` (B, 1, T, K) True where a position may see a token, `seen` (B, T) whether it sees any."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    seen: torch.Tensor
 
 
 @dataclass
@@ -146,15 +157,19 @@ class Flamingo(VLM):
         _check_placeholders(slots, n_images, 1)
         media = self._media(slots, image_tokens, doc_ids) if n_images else None
         if cache is not None:
-            cache.media = media  # decoding steps see the images of their rows
-        return {"inputs_embeds": self.lm.embed_tokens(input_ids), "cache": cache, "media": media,
+            cache.extra = media  # decoding steps see the images of their rows
+        return {"inputs_embeds": self.lm.embed_tokens(input_ids), "cache": cache, "inserted": self.blocks(media),
                 "layout": Layout(position_ids, doc_ids)}
 
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        media = cache.media
+        media = cache.extra
         if media is not None:  # the new token sees what the row's last position saw
-            media = Media(media.tokens, media.mask[:, :, -1:], media.seen[:, -1:], media.blocks)
-        return self.lm(input_ids=ids, cache=cache, media=media)
+            media = Media(media.tokens, media.mask[:, :, -1:], media.seen[:, -1:])
+        return self.lm(input_ids=ids, cache=cache, inserted=self.blocks(media))
+
+    def blocks(self, media: Media | None) -> dict | None:
+        """The gated cross-attention blocks on `media`, by the LM layer each runs before."""
+        return None if media is None else {i: partial(block, media=media) for i, block in zip(self.at, self.xattn)}
 
     def _media(self, slots: torch.Tensor, image_tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> Media:
         """Each row's images, padded to the most any row holds (B, M·N, D), and what each position sees."""
@@ -171,4 +186,4 @@ class Flamingo(VLM):
             image_doc[row, torch.arange(n_img, device=slots.device) - first[row]] = doc_ids[slots]
             sees = sees & (doc_ids[..., None] == image_doc[:, None, :])
         mask = sees.repeat_interleave(N, dim=-1)[:, None]  # (B, 1, T, M·N)
-        return Media(tokens.view(B, M * N, D), mask, sees.any(-1), dict(zip(self.at, self.xattn)))
+        return Media(tokens.view(B, M * N, D), mask, sees.any(-1))
