@@ -15,7 +15,7 @@ changes the config it is given: `resolve` returns a resolved copy.
   `train.init_parts` (any part from any run, e.g. the connector of a stage-1 run; the LM and the
   tower may also come from HF folders, `lm.hf_path` / `vision.hf_path`), LoRA adapters added
   (`lm.lora_rank`), `train.freeze` applied.
-- `step_losses(cfg, model)`: the model's losses with the design's objectives and frozen teacher.
+- `step_losses(cfg, model, tok)`: the model's losses with the design's objectives and frozen teacher.
 """
 
 from __future__ import annotations
@@ -92,11 +92,11 @@ def build_processor(cfg: Config, tok, model):
 
 
 
-def step_losses(cfg: Config, model) -> StepLosses:
+def step_losses(cfg: Config, model, tok) -> StepLosses:
     """What a training step of `cfg` computes on `model`: its own losses, and its design's
     objectives with their frozen teacher (held here, outside the model: graft/objectives.py)."""
     entry = design(cfg.model)
-    return StepLosses(model, entry.objectives(cfg, model), entry.teacher(cfg, model), entry.train_inputs(cfg))
+    return StepLosses(model, entry.objectives(cfg, model), entry.teacher(cfg, model, tok), entry.train_inputs(cfg))
 
 
 def load_run(run: RunDir):

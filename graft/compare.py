@@ -124,8 +124,8 @@ def first_batches(cfg):
 def _measure(cfg) -> dict:
     """Training FLOPs of one step (the first batch), a frozen teacher's forward FLOPs apart,
     parameters, image features the LM reads per image."""
-    model, _, batches = first_batches(cfg)
-    losses = step_losses(cfg, model)  # the budget counts the model trained, not a frozen teacher
+    model, proc, batches = first_batches(cfg)
+    losses = step_losses(cfg, model, proc.tok)  # the budget counts the model trained, not a frozen teacher
     return {"flops_per_step": float(sum(count_step(model, b, losses) for b in batches)),
             "teacher_flops_per_step": float(MeasuredFlops().teacher(losses, batches)),
             "params": sum(p.numel() for p in model.parameters()),

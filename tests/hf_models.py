@@ -2,7 +2,8 @@
 
 LMs: Llama (Llama-2-style [INST] template), Qwen2 (ChatML template, <|im_end|> ends a turn),
 GPT-2 (no chat template: graft's fallback is used). Vision: SigLIP (with its pooling head, unused)
-and CLIP (with a CLIP preprocessor_config.json, so its mean/std must be picked up). Tokenizers are
+and CLIP (with a CLIP preprocessor_config.json, so its mean/std must be picked up). Two-tower
+CLIP and SigLIP models with their tokenizers (`make_dual`: distillation teachers). Tokenizers are
 byte-level BPEs trained on the Shapes world's text, without an <image> token (graft adds it).
 """
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    CLIPConfig, CLIPModel, SiglipConfig, SiglipModel,
     CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
     PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel,
 )
@@ -83,6 +85,31 @@ def make_vision(kind: str, folder: Path) -> Path:
         CLIPVisionModel(CLIPVisionConfig(**arch)).save_pretrained(str(folder))
         CLIPImageProcessorPil(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24},
                               image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(str(folder))
+    else:
+        raise ValueError(kind)
+    return folder
+
+
+def make_dual(kind: str, folder: Path, image_size: int = 32) -> Path:
+    """A two-tower CLIP (projection 20, CLIP's mean and std, images of `image_size`) or SigLIP
+    (width 32, mean = std = 0.5) model folder with its tokenizer, as released teachers are saved."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    if kind == "clip":
+        tok = _tokenizer(folder, ["<|startoftext|>", "<|endoftext|>"], None, bos_token="<|startoftext|>",
+                         eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        text = dict(tower, vocab_size=len(tok), max_position_embeddings=32, eos_token_id=tok.eos_token_id,
+                    bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+        CLIPModel(CLIPConfig(text_config=text, vision_config=dict(tower, image_size=image_size, patch_size=8),
+                             projection_dim=20)).save_pretrained(str(folder))
+        CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                              image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(str(folder))
+    elif kind == "siglip":
+        tok = _tokenizer(folder, ["</s>", "<pad>"], None, eos_token="</s>", pad_token="<pad>")
+        text = dict(tower, vocab_size=len(tok), max_position_embeddings=16, pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id)
+        SiglipModel(SiglipConfig(text_config=text, vision_config=dict(tower, image_size=image_size, patch_size=8))
+                    ).save_pretrained(str(folder))
     else:
         raise ValueError(kind)
     return folder

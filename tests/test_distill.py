@@ -1,6 +1,8 @@
 """CLIP-KD distillation of a dual encoder from frozen dual-encoder teachers (graft/distill.py,
-designs/dual.py): the three losses against their plain formulas and gradcheck, a student run that
-learns them, the teacher kept out of the student, bad settings refused in one line."""
+designs/dual.py, designs/dual_teachers.py): the three losses against their plain formulas and
+gradcheck, a student run that learns them from a graft run or an HF CLIP/SigLIP folder, the teacher
+kept out of the student, its images adapted and its text re-tokenised, bad settings refused in one
+line."""
 
 import json
 
@@ -8,8 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_models import CLIP_MEAN, CLIP_STD, make_dual, make_lm
+
 from graft.cli import main
 from graft.distill import crd_loss, fd_loss_sum, icl_loss
+from graft.models.teachers import ImagesAs
 from graft.trainer.checkpoint import read_model
 
 SMALL = ["--set", "vision.hidden_size=32", "--set", "vision.layers=1", "--set", "vision.intermediate_size=64",
@@ -30,6 +35,12 @@ def teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("distill") / "teacher"
     assert train(out, embed=24, steps=3) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory):
+    """A released-style CLIP folder reading 32 px images with CLIP's mean and std (the student: 24 px, 0.5)."""
+    return make_dual("clip", tmp_path_factory.mktemp("hf") / "clip", image_size=32)
 
 
 def records(out):
@@ -81,31 +92,38 @@ def test_losses_pass_gradcheck_in_fp64(name):
 # ---- a student run ----------------------------------------------------------------------------------
 
 
-def test_student_learns_the_distillation_losses_and_keeps_the_teacher_out(tmp_path, teacher):
-    out = tmp_path / "student"
+def learned(out, teacher) -> dict:
+    """A 12-step student of `teacher`: every distillation loss fell, the teacher's FLOPs were logged
+    apart; its checkpoint's tensors."""
     assert train(out, f"distill.teachers=[{teacher}]", steps=12) == 0
     steps = [r for r in records(out) if r.get("event") != "eval"]
     for name in ALL:
         values = [r[f"loss/{name}"] for r in steps]
         assert len(values) == 12 and values[-1] < values[0], (name, values)
     assert all(r["teacher_flops_per_s"] > 0 for r in steps)
-    weights = read_model(out / "checkpoints" / "step_00000012")
+    return read_model(out / "checkpoints" / "step_00000012")
+
+
+def test_student_learns_the_distillation_losses_and_keeps_the_teacher_out(tmp_path, teacher):
+    weights = learned(tmp_path / "student", teacher)
     assert weights["distill_proj.0.weight"].shape == (24, 16)  # the student's map to the teacher's width
     teacher_weights = read_model(teacher / "checkpoints" / "step_00000003")
     assert len(weights) == len(teacher_weights) + 1  # the student's own tensors and its map, no teacher's
 
 
-def test_bad_teachers_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, teacher):
+def test_bad_teachers_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, teacher, hf_clip):
     vlm = tmp_path / "vlm"
     assert main(["train", "tiny", "--out", str(vlm), "--set", "train.steps=1", "--set", "train.ckpt_every=1",
                  "--set", "eval.splits=", "--set", "eval.tasks=", "--set", "train.progress=false"]) == 0
+    llama = make_lm("llama", tmp_path / "llama")
     capsys.readouterr()
     cases = [([f"distill.teachers=[{teacher}]", "distill.weights=[0.5]"], "distill.weights=[0.5] must be"),
              ([f"distill.teachers=[{teacher},{teacher}]", "distill.weights=[1.0]"], "distill.weights has 1 entries"),
              ([f"distill.teachers=[{teacher}]", "distill.losses=[fd,kd]"], "'kd' is not one of fd, icl, crd"),
              ([f"distill.teachers=[{vlm}]"], "is a model=vlm run, not a dual encoder"),
              ([f"distill.teachers=[{tmp_path / 'nowhere'}]"], "run directory not found"),
-             ([f"distill.teachers=[{teacher}]", "vision.image_size=48", "vision.patch_size=8"], "reads images of size 24")]
+             ([f"distill.teachers=[{llama}]"], "is an HF 'llama' model"),
+             ([f"distill.teachers=[{hf_clip}]", "contrastive.shared_tower=true"], "reads text as token ids")]
     for sets, needle in cases:
         out = tmp_path / "run"
         assert train(out, *sets) == 2, sets
@@ -125,3 +143,67 @@ def test_a_distill_setting_without_teachers_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "distill.temperature has no effect without distill.teachers" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+# ---- teachers of another kind: HF folders, other image settings ---------------------------------
+
+
+def test_images_as_reads_pixels_the_teachers_way():
+    mine, clip = (24, [0.5] * 3, [0.5] * 3), (24, CLIP_MEAN, CLIP_STD)
+    x = torch.rand(2, 3, 24, 24)  # [0, 1]
+    student = (x - 0.5) / 0.5
+    assert ImagesAs(mine, mine)(student) is student  # the same settings: untouched
+    want = (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    torch.testing.assert_close(ImagesAs(clip, mine)(student), want)
+    flat = torch.full((1, 3, 24, 24), 0.3)  # a plain colour stays that colour at another size
+    bigger = ImagesAs((40, [0.5] * 3, [0.5] * 3), mine)((flat - 0.5) / 0.5)
+    assert bigger.shape == (1, 3, 40, 40)
+    torch.testing.assert_close(bigger, torch.full_like(bigger, (0.3 - 0.5) / 0.5))
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_an_hf_teacher_embeds_as_its_own_model_does(tmp_path, kind):
+    """The teacher's text embeddings of the student's token ids are the HF model's of the caption
+    itself (decoded, re-tokenised its way); its image embeddings of the student's pixels are the HF
+    model's of the pixels normalised its way."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from graft.build import processor_for
+    from graft.data.world_source import make_world
+    from graft.designs.dual_teachers import teacher
+    from graft.recipes import recipe
+
+    folder = make_dual(kind, tmp_path / kind, image_size=24)
+    cfg = recipe("clip", [f"distill.teachers=[{folder}]"])
+    proc = processor_for(cfg)
+    samples = [make_world(cfg).sample("test", i) for i in range(4)]
+    ids = torch.tensor([proc.text_ids(s.caption) for s in samples])
+    pixels = torch.stack([proc.pixels(s.image) for s in samples])
+    (image, text), = teacher(cfg, None, proc.tok)({"input_ids": ids, "pixel_values": pixels})
+
+    hf, tok = AutoModel.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder))
+    padding = "max_length" if kind == "siglip" else "longest"
+    enc = tok([s.caption for s in samples], padding=padding, max_length=hf.config.text_config.max_position_embeddings,
+              truncation=True, return_tensors="pt")
+    args = {"input_ids": enc["input_ids"]} | ({} if kind == "siglip" else {"attention_mask": enc["attention_mask"]})
+    features = lambda out: F.normalize(out if isinstance(out, torch.Tensor) else out.pooler_output, dim=-1)  # noqa: E731
+    torch.testing.assert_close(text, features(hf.get_text_features(**args)))
+    mean, std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else ([0.5] * 3, [0.5] * 3)
+    theirs = (pixels * 0.5 + 0.5 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    torch.testing.assert_close(image, features(hf.get_image_features(pixel_values=theirs)))
+
+
+def test_student_learns_from_an_hf_teacher_at_another_image_size(tmp_path, hf_clip):
+    weights = learned(tmp_path / "student", hf_clip)
+    assert weights["distill_proj.0.weight"].shape == (20, 16)  # to the HF model's projection width
+    assert not any("teacher" in k or k.startswith("model.") for k in weights)
+
+
+def test_a_graft_teacher_with_other_image_settings_is_adapted(tmp_path):
+    """A teacher run on 32 px images normalised another way teaches a 24 px student (refused before)."""
+    big = tmp_path / "big"
+    assert train(big, "vision.image_size=32", "vision.image_mean=[0.4,0.4,0.4]", "vision.image_std=[0.3,0.3,0.3]",
+                 embed=24, steps=2) == 0
+    out = tmp_path / "student"
+    assert train(out, f"distill.teachers=[{big}]", steps=2) == 0
+    assert all(r["loss/distill_fd"] > 0 for r in records(out) if "loss/distill_fd" in r)

@@ -160,9 +160,9 @@ def test_eve_alignment_to_a_frozen_teacher(tmp_path):
     assert all(r["teacher_flops_per_s"] > 0 for r in steps if "loss" in r)  # logged apart from the model's
     saved = read_model(RunDir(str(run)).latest_checkpoint())
     assert "align_head.weight" in saved and not any(k.startswith(("_teacher", "teacher")) for k in saved)
-    cfg, _, model, _ = load_run(RunDir(str(run)))
+    cfg, tok, model, _ = load_run(RunDir(str(run)))
     assert not any("teacher" in name for name, _ in model.named_modules())  # the trainer holds it, not the model
-    held = step_losses(cfg, model).teacher.module
+    held = step_losses(cfg, model, tok).teacher.module
     teacher_model = load_run(RunDir(str(teacher)))[2]
     assert all(torch.equal(p, q) for p, q in zip(held.parameters(), teacher_model.vision.parameters()))
     assert not any(p.requires_grad for p in held.parameters()) and not held.training
@@ -197,8 +197,8 @@ def test_eve_teacher_from_a_hugging_face_folder(tmp_path, kind):
     from transformers import AutoModel
 
     reference = AutoModel.from_pretrained(str(folder)).state_dict()
-    cfg, _, model, _ = load_run(RunDir(str(run)))
-    held = step_losses(cfg, model).teacher
+    cfg, tok, model, _ = load_run(RunDir(str(run)))
+    held = step_losses(cfg, model, tok).teacher
     mine = {k.removeprefix("model."): v for k, v in held.module.state_dict().items()}
     assert set(reference) <= set(mine) and all(torch.equal(mine[k], v) for k, v in reference.items())
     # the teacher reads the images normalised its own way (CLIP's mean and std, SigLIP's 0.5)
@@ -229,7 +229,7 @@ def test_the_trainers_align_objective_is_evees_cosine_distance(tmp_path):
     tok = tokenizer_for(cfg)
     model = assemble(cfg, tok)
     batch = world_batches(cfg, build_processor(cfg, tok, model)).batch(0, 0)
-    composed = step_losses(cfg, model)
+    composed = step_losses(cfg, model, tok)
     seen = {}
     hook = model.lm.layers[0].register_forward_hook(lambda m, args, out: seen.setdefault("h", out))
     losses = composed.losses(model, batch)

@@ -21,7 +21,7 @@ type:
   model's `forward(**batch)` returns (output, {name: local sum}) and `loss_counts(**batch)` what
   each sum is over (graft/losses.py). `packs`: its batches of an indexed source (the built-in world) can
   pack several conversations into one row (with the built-in LM). `exports_llava`: `graft export` can write it as HF LLaVA.
-- `teacher(cfg, model)`, `objectives(cfg, model)`: a frozen teacher the trainer holds outside the
+- `teacher(cfg, model, tok)`, `objectives(cfg, model)`: a frozen teacher the trainer holds outside the
   model, and named objectives over the model's outputs, the batch and the teacher's
   (graft/objectives.py; EVE's in fuyu.py). `train_inputs(cfg)`: keyword arguments of the model's
   forward in training (the VLMs' `answers_only`).

@@ -38,7 +38,7 @@ def build(cfg, tok, pretrained: bool = True):
     return AlignedFuyu(v, cfg.connector, lm, tok.image, seen_as.hidden_size, cfg.eve.layer)
 
 
-def teacher(cfg, model) -> Teacher | None:
+def teacher(cfg, model, tok) -> Teacher | None:
     """EVE's frozen tower, reading the student's images normalised its own way
     (x_teacher = x · scale + shift); loading it leaves the global RNG alone."""
     if not cfg.eve.teacher:

@@ -35,9 +35,9 @@ class Design:
     # loss, Fuyu's alignment to a teacher)
     config_losses: Callable = lambda cfg: ()
     # what the trainer adds beside the model's own losses (graft/objectives.py): a frozen teacher it
-    # holds outside the model, `(cfg, model) → Teacher | None`, and named objectives over the
+    # holds outside the model, `(cfg, model, tok) → Teacher | None`, and named objectives over the
     # model's outputs, the batch and the teacher's, `(cfg, model) → {name: Objective}`
-    teacher: Callable = lambda cfg, model: None
+    teacher: Callable = lambda cfg, model, tok: None
     objectives: Callable = lambda cfg, model: {}
     # keyword arguments its model's forward takes in training besides the batch (the VLMs' LM head
     # only at answer positions, `answers_only`, while no objective reads their logits)

@@ -94,7 +94,7 @@ def _start(cfg: Config, run: RunDir) -> _Session:
     model = assemble(cfg, tok)
     model.to(rt.device)
     engine = parallel.apply(model, cfg, rt)  # DDP wrapper, or the model itself (sharded in place by FSDP2)
-    losses = step_losses(cfg, model).to(rt.device)  # a teacher stays outside the model and its wrapper
+    losses = step_losses(cfg, model, tok).to(rt.device)  # a teacher stays outside the model and its wrapper
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     ckpt = run.latest_checkpoint()

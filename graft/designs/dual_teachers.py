@@ -1,0 +1,102 @@
+"""The teachers of a distilled dual encoder (`distill.teachers`, graft/distill.py): what each
+entry is, what it needs of the student, and the frozen modules the trainer holds.
+
+An entry is a graft dual-encoder run, or a Hugging Face CLIP or SigLIP model folder (config.json,
+weights and tokenizer: a released model, e.g. `openai/clip-vit-base-patch32` saved to disk). Both
+read the student's pixels through `models.teachers.ImagesAs` (another image size, mean or std is
+adapted, not refused). A graft run reads the student's token ids, so it must share the student's
+tokenizer; an HF model decodes them to text and encodes it with its own tokenizer, which rendered
+text (CLIPPO) does not allow.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graft.designs.registry import design
+from graft.errors import UserError
+from graft.models.dual_encoder import PARTS, DualEncoder
+from graft.models.hf_backbones import resolve_vision
+from graft.models.teachers import Adapted, HFDualTeacher, ImagesAs, hf_embed_dim, hf_kind
+from graft.models.vit import VisionConfig
+from graft.objectives import Teacher
+from graft.parts import load_modules
+from graft.rundir import RunDir
+
+
+def embed_dims(cfg, tok) -> list[int]:
+    """Each teacher's embedding width (what the student's projections map to)."""
+    dims = []
+    for path in cfg.distill.teachers:
+        if hf_kind(path):
+            dims.append(hf_embed_dim(path))
+            continue
+        run = RunDir(path).require()
+        if not same_tokenizer(tok, run.tokenizer()):
+            raise UserError(f"distill.teachers: {path} has another tokenizer (vocab {len(run.tokenizer())}, this "
+                            f"run's {len(tok)}); a graft teacher reads the student's token ids")
+        dims.append(run.config().contrastive.embed_dim)
+    return dims
+
+
+def same_tokenizer(tok, theirs) -> bool:
+    if len(tok) != len(theirs):
+        return False
+    mine, its = getattr(tok, "tok", None), getattr(theirs, "tok", None)  # built-in tokenizers: their files
+    return mine is None or its is None or mine.to_str() == its.to_str()
+
+
+def teacher(cfg, model, tok) -> Teacher | None:
+    """The frozen teachers (a ModuleList), each reading the student's pixels and text into its
+    normalised (image, text) embeddings; loading them leaves the global RNG alone."""
+    if not cfg.distill.teachers:
+        return None
+    with torch.random.fork_rng():
+        teachers = nn.ModuleList(_load(path, cfg, tok) for path in cfg.distill.teachers)
+
+    def read(teachers, batch):
+        ids, text_pixels = batch.get("input_ids"), batch.get("text_pixels")
+        return [(t.encode_image(batch["pixel_values"]), t.encode_text(ids, text_pixels)) for t in teachers]
+
+    return Teacher(teachers, read)
+
+
+def _images(v: VisionConfig) -> tuple[int, list[float], list[float]]:
+    """How a tower reads images: (size, mean, std)."""
+    return v.image_size, list(v.image_mean), list(v.image_std)
+
+
+def _load(path: str, cfg, tok) -> nn.Module:
+    if hf_kind(path):
+        theirs = resolve_vision(VisionConfig(hf_path=path))  # its image processor's size, mean and std
+        return HFDualTeacher(path, tok.decode, ImagesAs(_images(theirs), _images(cfg.vision)))
+    run = RunDir(path).require()
+    theirs, their_tok = run.config(), run.tokenizer()
+    theirs.text.vocab_size = theirs.text.vocab_size or len(their_tok)  # 0 in its config: its tokenizer's (build)
+    model = DualEncoder(theirs.vision, theirs.text, theirs.contrastive, their_tok.eos)
+    weighted = [name for part in PARTS for name in model.part_modules(part)
+                if any(True for _ in model.get_submodule(name).parameters())]  # mean pooling has none
+    load_modules(model, weighted, path, "distill.teachers")  # its scale is unused: crd has distill.temperature
+    return Adapted(model, ImagesAs(_images(theirs.vision), _images(cfg.vision)))
+
+
+def check_sources(cfg, build) -> None:
+    """Each `distill.teachers` entry is an HF CLIP/SigLIP folder (and the student's text is token ids)
+    or a graft run of the dual design (`build`) with a complete checkpoint whose towers read text as
+    the student's do (images of another size, mean or std are adapted)."""
+    for path in cfg.distill.teachers:
+        if hf_kind(path):
+            if cfg.contrastive.shared_tower:
+                raise UserError(f"distill.teachers: {path} is an HF model, which reads text as token ids; this run's "
+                                "text is rendered as images (contrastive.shared_tower=true, CLIPPO)")
+            continue
+        theirs = RunDir(path).require().config()
+        if design(theirs.model).build is not build:  # a run of this design, whatever it is registered as
+            raise UserError(f"distill.teachers: {path} is a model={theirs.model} run, not a dual encoder")
+        if RunDir(path).latest_checkpoint() is None:
+            raise UserError(f"distill.teachers: {path} has no complete checkpoint")
+        if theirs.contrastive.shared_tower != cfg.contrastive.shared_tower or theirs.text.max_len < cfg.text.max_len:
+            raise UserError(f"distill.teachers: {path} reads text another way (contrastive.shared_tower="
+                            f"{theirs.contrastive.shared_tower}, text.max_len={theirs.text.max_len}; this run's "
+                            f"{cfg.contrastive.shared_tower}, {cfg.text.max_len})")

@@ -1,0 +1,115 @@
+"""Frozen dual-encoder teachers that read a student's batch (CLIP-KD, graft/distill.py).
+
+A teacher gives L2-normalised image and text embeddings for the student's own inputs:
+
+- `ImagesAs`: the student's pixels as another model reads them: back to [0, 1] with the student's
+  mean and std, resized to the teacher's image size (bicubic, antialiased, as image processors
+  resample) and normalised with the teacher's mean and std. A teacher with the student's settings
+  gets the pixels untouched.
+- `HFDualTeacher`: a Hugging Face CLIP or SigLIP model folder (config.json, weights, tokenizer),
+  as released models are shipped. Its text tower has its own tokenizer, so the student's token ids
+  are decoded to text (`decode`: the student's tokenizer) and encoded again with the teacher's,
+  padded as the model was trained (SigLIP: to its full length; CLIP: to the batch's longest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graft.errors import UserError
+
+HF_KINDS = ("clip", "siglip")  # the `model_type`s of config.json taken as teachers
+
+
+class ImagesAs(nn.Module):
+    """Pixels normalised one way (the student's mean and std) → as `size`, `mean`, `std` read them."""
+
+    def __init__(self, theirs: tuple[int, list[float], list[float]], mine: tuple[int, list[float], list[float]]):
+        super().__init__()
+        self.size, self.same = theirs[0], theirs == mine
+        for name, (_, mean, std) in (("mine", mine), ("theirs", theirs)):
+            self.register_buffer(f"{name}_mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
+            self.register_buffer(f"{name}_std", torch.tensor(std).view(3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.same:
+            return pixels
+        x = pixels * self.mine_std + self.mine_mean  # [0, 1]
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False,
+                              antialias=True).clamp(0, 1)
+        return (x - self.theirs_mean) / self.theirs_std
+
+
+class Adapted(nn.Module):
+    """A graft dual encoder whose images are read through `ImagesAs`; its text ids are the student's."""
+
+    def __init__(self, model: nn.Module, images: ImagesAs):
+        super().__init__()
+        self.model, self.images = model, images
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(self.images(pixels))
+
+    def encode_text(self, ids, text_pixels=None) -> torch.Tensor:
+        return self.model.encode_text(ids, text_pixels)
+
+
+def hf_kind(path: str) -> str | None:
+    """"clip" or "siglip" for an HF model folder of that kind, None for a folder without config.json;
+    another kind of HF folder is a UserError."""
+    if not (Path(path) / "config.json").is_file():
+        return None
+    # lazy: imports transformers (~0.5 s), only for an HF teacher folder
+    from transformers import AutoConfig
+
+    kind = AutoConfig.from_pretrained(path).model_type
+    if kind not in HF_KINDS:
+        raise UserError(f"distill.teachers: {path} is an HF '{kind}' model; a teacher is a CLIP or SigLIP model "
+                        f"({', '.join(HF_KINDS)}) or a graft dual-encoder run")
+    return kind
+
+
+def hf_embed_dim(path: str) -> int:
+    """The width of the embeddings of the HF CLIP/SigLIP folder at `path` (its config, no weights)."""
+    # lazy: imports transformers, only for an HF teacher folder
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    return config.projection_dim if config.model_type == "clip" else config.text_config.hidden_size
+
+
+class HFDualTeacher(nn.Module):
+    """An HF CLIP/SigLIP model reading the student's batch (see the module docstring)."""
+
+    def __init__(self, path: str, decode: Callable[[list[int]], str], images: ImagesAs):
+        super().__init__()
+        # lazy: imports transformers, only for an HF teacher folder
+        from transformers import AutoModel, AutoTokenizer
+
+        self.model = AutoModel.from_pretrained(path).eval()
+        self.tokenizer, self.decode, self.images = AutoTokenizer.from_pretrained(path), decode, images
+        text = self.model.config.text_config
+        self.max_len = text.max_position_embeddings
+        self.padding = "max_length" if self.model.config.model_type == "siglip" else "longest"
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(_features(self.model.get_image_features(pixel_values=self.images(pixels))), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor | None, text_pixels=None) -> torch.Tensor:
+        texts = [self.decode(row) for row in ids.tolist()]
+        enc = self.tokenizer(texts, padding=self.padding, truncation=True, max_length=self.max_len, return_tensors="pt")
+        enc = {k: v.to(ids.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        if self.padding == "max_length":  # SigLIP pools the last position and was trained without a mask
+            enc.pop("attention_mask", None)
+        return F.normalize(_features(self.model.get_text_features(**enc)), dim=-1)
+
+
+def _features(out) -> torch.Tensor:
+    """Projected features from `get_*_features`: a tensor, or (transformers 5) its `pooler_output`."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
