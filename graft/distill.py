@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from graft.errors import UserError
 from graft.losses import (
-    _ce_rows,
-    _global_mean,
-    _local_and_gathered,
+    ce_rows,
+    global_mean,
+    local_and_gathered,
     as_local_sum,
     at_least_fp32,
 )
@@ -90,13 +90,13 @@ def icl_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t_tx
     exact for this rank's features and its share for the scale. Memory: two (b, N) fp32 logit
     blocks per rank (b = N / world_size), O(b·N), plus the gathered keys O(N·E).
     """
-    _, keys_txt, offset = _local_and_gathered(None, t_txt, rank, world_size, group)
-    _, keys_img, _ = _local_and_gathered(None, t_img, rank, world_size, group)
+    _, keys_txt, offset = local_and_gathered(None, t_txt, rank, world_size, group)
+    _, keys_img, _ = local_and_gathered(None, t_img, rank, world_size, group)
     b = s_img.shape[0]
     targets = torch.arange(offset, offset + b, device=s_img.device)
-    i2t = _ce_rows(at_least_fp32(s_img), keys_txt, logit_scale, targets)
-    t2i = _ce_rows(at_least_fp32(s_txt), keys_img, logit_scale, targets)
-    return _global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
+    i2t = ce_rows(at_least_fp32(s_img), keys_txt, logit_scale, targets)
+    t2i = ce_rows(at_least_fp32(s_txt), keys_img, logit_scale, targets)
+    return global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
 
 
 def crd_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t_txt: torch.Tensor,
@@ -115,13 +115,13 @@ def crd_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t_tx
     rank computes its b rows, as `clip_loss`: value the global batch's, gradient exact for the
     local features. Memory: four (b, N) fp32 logit blocks per rank, O(b·N), and O(N·E) gathered.
     """
-    s_x, s_y, offset = _local_and_gathered(s_img, s_txt, rank, world_size, group)
-    t_x, t_y, _ = _local_and_gathered(t_img, t_txt, rank, world_size, group)
+    s_x, s_y, offset = local_and_gathered(s_img, s_txt, rank, world_size, group)
+    t_x, t_y, _ = local_and_gathered(t_img, t_txt, rank, world_size, group)
     b = s_img.shape[0]
     rows = slice(offset, offset + b)
     i2t = _kl_rows(t_x[rows] @ t_y.T / temperature, logit_scale * s_x[rows] @ s_y.T)
     t2i = _kl_rows(t_y[rows] @ t_x.T / temperature, logit_scale * s_y[rows] @ s_x.T)
-    return _global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
+    return global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
 
 
 def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:

@@ -112,12 +112,12 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     local-loss trick of open_clip), O(b·N); with chunk_size = c, O(c·N) at a time. Features
     gathered from other ranks add O(N·D).
     """
-    x, y, offset = _local_and_gathered(image_features, text_features, rank, world_size, group)
+    x, y, offset = local_and_gathered(image_features, text_features, rank, world_size, group)
     b = image_features.shape[0]
     targets = torch.arange(offset, offset + b, device=image_features.device)
-    i2t = _chunked(_ce_rows, at_least_fp32(image_features), y, logit_scale, targets, chunk_size)
-    t2i = _chunked(_ce_rows, at_least_fp32(text_features), x, logit_scale, targets, chunk_size)
-    return _global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
+    i2t = _chunked(ce_rows, at_least_fp32(image_features), y, logit_scale, targets, chunk_size)
+    t2i = _chunked(ce_rows, at_least_fp32(text_features), x, logit_scale, targets, chunk_size)
+    return global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -135,7 +135,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     implementation bounds it the same way, passing text chunks around a ring instead of gathering
     them; gathering costs O(N·D) more, small next to the logits).
     """
-    _, y, offset = _local_and_gathered(None, text_features, rank, world_size, group)
+    _, y, offset = local_and_gathered(None, text_features, rank, world_size, group)
     x = at_least_fp32(image_features)
     cols = torch.arange(y.shape[0], device=x.device)
     total = x.new_zeros(())
@@ -144,10 +144,10 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         block = (y[start:start + step], cols[start:start + step])
         args = (x, *block, logit_scale, logit_bias, offset)
         total = total + (_checkpoint(_sigmoid_block, *args) if chunk_size > 0 else _sigmoid_block(*args))
-    return _global_mean(total, x.shape[0] * world_size, world_size, group)
+    return global_mean(total, x.shape[0] * world_size, world_size, group)
 
 
-def _ce_rows(queries, keys, logit_scale, targets):
+def ce_rows(queries, keys, logit_scale, targets):
     """Σ over rows of -log softmax(s · q·kᵀ)[target]: (c, D) x (N, D) → scalar."""
     return F.cross_entropy(logit_scale * queries @ keys.T, targets, reduction="sum")
 
@@ -172,7 +172,7 @@ def _checkpoint(fn, *args):
     return checkpoint(fn, *args, use_reentrant=False)
 
 
-def _local_and_gathered(image_features, text_features, rank: int, world_size: int, group):
+def local_and_gathered(image_features, text_features, rank: int, world_size: int, group):
     """All ranks' image and text features (N, D) in rank order, and this rank's row offset."""
     if world_size == 1:
         x = None if image_features is None else at_least_fp32(image_features)
@@ -185,7 +185,7 @@ def _local_and_gathered(image_features, text_features, rank: int, world_size: in
     return x, gather(text_features), rank * text_features.shape[0]
 
 
-def _global_mean(local_sum: torch.Tensor, n: int, world_size: int, group) -> torch.Tensor:
+def global_mean(local_sum: torch.Tensor, n: int, world_size: int, group) -> torch.Tensor:
     """Σ_ranks local_sum / n as the value; the gradient flows through this rank's term only."""
     if world_size == 1:
         return local_sum / n

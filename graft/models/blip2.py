@@ -37,8 +37,8 @@ from torch import nn
 
 from graft.losses import (
     IGNORE,
-    _global_mean,
-    _local_and_gathered,
+    global_mean,
+    local_and_gathered,
     as_local_sum,
     at_least_fp32,
     lm_loss_sum,
@@ -70,7 +70,7 @@ def itc_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_sc
     Memory: per rank two (b, M, N) similarity blocks before the max, O(b·M·N); gathering O(M·N·E).
     In at least fp32 (fp64 stays fp64).
     """
-    x, y, offset = _local_and_gathered(image_features, text_features, rank, world_size, group)
+    x, y, offset = local_and_gathered(image_features, text_features, rank, world_size, group)
     (b, n, e), m = image_features.shape, y.shape[0]
     targets = torch.arange(offset, offset + b, device=text_features.device)
     # Products as q @ kᵀ (as clip_loss): their backward hands the gathered features contiguous
@@ -80,7 +80,7 @@ def itc_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_sc
     t2i = (at_least_fp32(text_features) @ x.reshape(m * n, e).T).view(b, m, n).amax(2)  # (b, M)
     i2t, t2i = logit_scale * i2t, logit_scale * t2i
     local = (F.cross_entropy(i2t, targets, reduction="sum") + F.cross_entropy(t2i, targets, reduction="sum")) / 2
-    return _global_mean(local, b * world_size, world_size, group)
+    return global_mean(local, b * world_size, world_size, group)
 
 
 def hard_negatives(sims: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
