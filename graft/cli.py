@@ -1,4 +1,4 @@
-"""The `graft` command: train | eval | generate | serve | export | demo | data | recipes.
+"""The `graft` command: train | eval | generate | serve | export | demo | data | scale | recipes.
 
 User errors (bad keys, values, files) print one line and exit with code 2; never a traceback.
 """
@@ -155,6 +155,32 @@ def cmd_compare(args) -> None:
     print(f"report: {path}")
 
 
+def cmd_scale_fit(args) -> None:
+    from graft.scale import fit_command
+
+    s = fit_command(Path(args.points), Path(args.out), args.drop_highest, args.bootstrap, args.flops)
+    c, f = s["constants"], s["frontier"]
+    print("graft scale fit: L(N, D) = E + A/N^alpha + B/D^beta on "
+          f"{s['fit']['points']} points (objective {s['fit']['objective']:.7f})")
+    for name, v in c.items():
+        print(f"  {name:6s} {v['value']:.4g} ± {v['se']:.2g}  (95 %: {v['ci95'][0]:.4g} – {v['ci95'][1]:.4g})")
+    _print_frontier(f)
+    print(f"wrote {Path(args.out) / 'fit.json'} and {Path(args.out) / 'report.md'}")
+
+
+def cmd_scale_predict(args) -> None:
+    from graft.scale import predict
+
+    _print_frontier(predict(Path(args.dir), args.flops))
+
+
+def _print_frontier(f: dict) -> None:
+    print(f"compute-optimal at C = {f['flops']:.3g} FLOPs:")
+    for key in ("N_opt", "D_opt", "tokens_per_param", "loss"):
+        v = f[key]
+        print(f"  {key:16s} {v['value']:.4g}  (95 %: {v['ci95'][0]:.4g} – {v['ci95'][1]:.4g})")
+
+
 def cmd_recipes(args) -> None:
     from graft.recipes import RECIPES
 
@@ -221,6 +247,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.set_defaults(fn=cmd_demo)
     _data_parser(sub)
+    _scale_parser(sub)
     c = sub.add_parser("compare", help="train recipes to the same training FLOPs and compare them (DIR/report.md)")
     c.add_argument("recipes", nargs="*", help="default: every connector design (graft/compare.py DEFAULT_RECIPES)")
     c.add_argument("--budget", type=float, help="training FLOPs per run, vision included (default: DEFAULT_BUDGET, "
@@ -234,6 +261,23 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     r.set_defaults(fn=cmd_recipes)
     return p
+
+
+def _scale_parser(sub) -> None:
+    scale = sub.add_parser("scale", help="scaling laws: fit L(N, D) to points, predict the compute-optimal size"
+                           ).add_subparsers(dest="scale_command", required=True)
+    f = scale.add_parser("fit", help="fit E + A/N^alpha + B/D^beta (Huber, L-BFGS, bootstrap) to a CSV of points")
+    f.add_argument("points", help="CSV with columns params, loss and tokens (or flops)")
+    f.add_argument("--out", required=True, help="folder for fit.json, report.md, fit.png")
+    f.add_argument("--drop-highest", type=int, default=0, metavar="K", help="leave out the K highest-loss points")
+    f.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap refits (default 200)")
+    f.add_argument("--flops", type=float, default=5.76e23, help="compute of the frontier point to report "
+                   "(default: Chinchilla's 5.76e23)")
+    f.set_defaults(fn=cmd_scale_fit)
+    p = scale.add_parser("predict", help="the compute-optimal N, D and loss at a compute, from a fit")
+    p.add_argument("dir", help="a folder written by `graft scale fit`")
+    p.add_argument("--flops", type=float, required=True)
+    p.set_defaults(fn=cmd_scale_predict)
 
 
 def _data_parser(sub) -> None:
