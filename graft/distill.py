@@ -2,16 +2,20 @@
 2024): the config, the three losses, and the objectives a design hands the trainer.
 
 Each teacher reads the student's pixels and token ids and gives its L2-normalised embeddings
-t_img, t_txt (B, E_t); the student gives s_img, s_txt (B, E_s) and its logit scale s. Per teacher:
+t_img, t_txt (B, E_t) and its own logit scale t; the student gives s_img, s_txt (B, E_s) and its
+logit scale s. Per teacher:
 
 - `fd`  (feature distillation, CLIP-KD §3.2): Σ_i ||P s_img_i - t_img_i||² + ||P s_txt_i - t_txt_i||²,
   P a learned linear map E_s → E_t (the identity when the widths are equal);
 - `icl` (interactive contrastive learning, §3.3): the student's images contrasted with the teacher's
   texts, and the student's texts with the teacher's images (InfoNCE, the student's scale);
 - `crd` (contrastive relational distillation, §3.1): KL(p_teacher ‖ p_student) of each row's softmax
-  over the batch of image–text similarities, both directions.
+  over the batch of image–text similarities, both directions;
+- `kd` (open_clip's logit distillation, `DistillClipLoss`): the soft cross-entropy of the student's
+  logits s · s_img s_txtᵀ against the softmax of the teacher's t · t_img t_txtᵀ (its own scale),
+  both directions.
 
-The named losses `distill_fd`, `distill_icl`, `distill_crd` are the `distill.weights`-weighted sums
+The named losses `distill_fd`, `distill_icl`, `distill_crd`, `distill_kd` are the `distill.weights`-weighted sums
 over teachers, as local sums over this process's pairs (counted like `itc`). Loading the teachers
 and the student's projections is the dual design's (designs/dual.py).
 """
@@ -34,14 +38,14 @@ from graft.losses import (
 )
 from graft.objectives import Objective
 
-LOSSES = ("fd", "icl", "crd")
+LOSSES = ("fd", "icl", "crd", "kd")
 
 
 @dataclass
 class DistillConfig:
     teachers: list[str] = field(default_factory=list)  # graft dual-encoder run directories; empty = no distillation
     weights: list[float] = field(default_factory=list)  # one per teacher, summing to 1; empty = equal
-    losses: list[str] = field(default_factory=lambda: list(LOSSES))  # of fd, icl, crd
+    losses: list[str] = field(default_factory=lambda: list(LOSSES[:3]))  # of fd, icl, crd (CLIP-KD), kd (open_clip)
     temperature: float = 1.0  # crd: the teacher's similarities are divided by it
 
     @staticmethod
@@ -62,6 +66,8 @@ class DistillConfig:
             raise UserError(f"distill.weights={cfg.weights} must be non-negative and sum to 1")
         if not cfg.temperature > 0:
             raise UserError(f"distill.temperature={cfg.temperature} must be positive")
+        if cfg.temperature != DistillConfig.temperature and "crd" not in cfg.losses:
+            raise UserError(f"distill.temperature={cfg.temperature} is read by crd only, not in distill.losses={cfg.losses}")
 
 
 def teacher_weights(cfg: DistillConfig) -> list[float]:
@@ -124,6 +130,33 @@ def crd_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t_tx
     return global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
 
 
+def kd_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t_txt: torch.Tensor,
+            logit_scale: torch.Tensor, teacher_scale: torch.Tensor, *, rank: int = 0, world_size: int = 1,
+            group=None) -> torch.Tensor:
+    """open_clip's logit distillation (`DistillClipLoss.dist_loss`), the global batch's mean.
+
+    With student logits S_ij = s · s_img_i·s_txt_j and teacher logits T_ij = t · t_img_i·t_txt_j (each
+    model's own exponentiated scale) over the N pairs of the global batch, p = softmax over a row:
+
+        L = 1/2 · 1/N Σ_i [ -Σ_j p(T_i,:)_j log p(S_i,:)_j  -Σ_j p(T_:,i)_j log p(S_:,i)_j ]
+
+    = `crd` with τ = 1/t plus the teacher's entropy, a constant for the student. Gathered and split
+    over processes as `crd_loss`. Memory: four (b, N) fp32 logit blocks per rank and O(N·E) gathered.
+    """
+    s_x, s_y, offset = local_and_gathered(s_img, s_txt, rank, world_size, group)
+    t_x, t_y, _ = local_and_gathered(t_img, t_txt, rank, world_size, group)
+    b, t = s_img.shape[0], at_least_fp32(teacher_scale)
+    rows = slice(offset, offset + b)
+    i2t = _soft_ce_rows(t * t_x[rows] @ t_y.T, logit_scale * s_x[rows] @ s_y.T)
+    t2i = _soft_ce_rows(t * t_y[rows] @ t_x.T, logit_scale * s_y[rows] @ s_x.T)
+    return global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
+
+
+def _soft_ce_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Σ over rows of -Σ_j softmax(teacher)_j log softmax(student)_j, (b, N) each → scalar."""
+    return -(F.softmax(teacher_logits, -1) * F.log_softmax(student_logits, -1)).sum()
+
+
 def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Σ over rows of KL(softmax(teacher) ‖ softmax(student)), (b, N) each → scalar."""
     return F.kl_div(F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
@@ -138,33 +171,41 @@ def _world() -> dict:
 
 def _fd(out: dict, taught: list, weights: list[float]) -> torch.Tensor:
     return sum(w * (fd_loss_sum(proj_img, t_img) + fd_loss_sum(proj_txt, t_txt))
-               for w, (proj_img, proj_txt), (t_img, t_txt) in zip(weights, out["projected"], taught))
+               for w, (proj_img, proj_txt), (t_img, t_txt, _) in zip(weights, out["projected"], taught))
 
 
 def _icl(out: dict, taught: list, weights: list[float]) -> torch.Tensor:
     n, world = out["image"].shape[0], _world()
     mean = sum(w * icl_loss(F.normalize(p_img, dim=-1), F.normalize(p_txt, dim=-1), t_img, t_txt, out["scale"], **world)
-               for w, (p_img, p_txt), (t_img, t_txt) in zip(weights, out["projected"], taught))
+               for w, (p_img, p_txt), (t_img, t_txt, _) in zip(weights, out["projected"], taught))
     return as_local_sum(mean, n, n * world.get("world_size", 1))
 
 
 def _crd(out: dict, taught: list, weights: list[float], temperature: float) -> torch.Tensor:
     n, world = out["image"].shape[0], _world()
     mean = sum(w * crd_loss(out["image"], out["text"], t_img, t_txt, out["scale"], temperature, **world)
-               for w, (t_img, t_txt) in zip(weights, taught))
+               for w, (t_img, t_txt, _) in zip(weights, taught))
+    return as_local_sum(mean, n, n * world.get("world_size", 1))
+
+
+def _kd(out: dict, taught: list, weights: list[float]) -> torch.Tensor:
+    n, world = out["image"].shape[0], _world()
+    mean = sum(w * kd_loss(out["image"], out["text"], t_img, t_txt, out["scale"], t_scale, **world)
+               for w, (t_img, t_txt, t_scale) in zip(weights, taught))
     return as_local_sum(mean, n, n * world.get("world_size", 1))
 
 
 def objectives(cfg: DistillConfig) -> dict[str, Objective]:
     """`distill_<loss>` for each of `cfg.losses`, over the student's outputs ({"image", "text":
     (B, E_s) normalised; "projected": per teacher (image, text) mapped to its width; "scale"}) and
-    the teachers' [(t_img, t_txt)], each counting the batch's pairs like `itc`."""
+    the teachers' [(t_img, t_txt, t_scale)], each counting the batch's pairs like `itc`."""
     if not cfg.teachers:
         return {}
     weights, pairs = teacher_weights(cfg), lambda batch: batch["pixel_values"].shape[0]
     loss = {"fd": lambda out, batch, taught: _fd(out, taught, weights),
             "icl": lambda out, batch, taught: _icl(out, taught, weights),
-            "crd": lambda out, batch, taught: _crd(out, taught, weights, cfg.temperature)}
+            "crd": lambda out, batch, taught: _crd(out, taught, weights, cfg.temperature),
+            "kd": lambda out, batch, taught: _kd(out, taught, weights)}
     return {f"distill_{name}": Objective(loss[name], pairs) for name in cfg.losses}
 
 

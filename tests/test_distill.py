@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hf_models import CLIP_MEAN, CLIP_STD, make_dual, make_lm
 
 from graft.cli import main
-from graft.distill import crd_loss, fd_loss_sum, icl_loss
+from graft.distill import crd_loss, fd_loss_sum, icl_loss, kd_loss
 from graft.models.teachers import ImagesAs
 from graft.trainer.checkpoint import read_model
 
@@ -79,25 +79,43 @@ def test_crd_is_the_kl_of_teacher_to_student_row_softmaxes():
     assert crd_loss(ti[:, :8], ti[:, :8], ti, ti, torch.tensor(1.0), 1.0).item() >= 0
 
 
-@pytest.mark.parametrize("name", ["fd", "icl", "crd"])
+def test_kd_is_open_clips_soft_cross_entropy():
+    """open_clip's DistillClipLoss.dist_loss on both directions, each model at its own scale."""
+    si, st, ti, tt = unit(6, 8), unit(6, 8), unit(6, 12), unit(6, 12)
+    s, t = torch.tensor(5.0, dtype=torch.float64), torch.tensor(20.0, dtype=torch.float64)
+
+    def dist_loss(teacher_logits, logits):  # open_clip/loss.py, written out
+        return -(teacher_logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+    S, T = s * si @ st.T, t * ti @ tt.T
+    expected = (dist_loss(T, S) + dist_loss(T.T, S.T)) / 2
+    assert kd_loss(si, st, ti, tt, s, t).item() == pytest.approx(expected.item(), rel=1e-12)
+    entropy = -(T.softmax(1) * T.log_softmax(1)).sum() / 12 - (T.T.softmax(1) * T.T.log_softmax(1)).sum() / 12
+    crd = crd_loss(si, st, ti, tt, s, 1 / t.item())  # = crd at τ = 1/t plus the teacher's entropy
+    assert kd_loss(si, st, ti, tt, s, t).item() == pytest.approx((crd + entropy).item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("name", ["fd", "icl", "crd", "kd"])
 def test_losses_pass_gradcheck_in_fp64(name):
     si, st = unit(4, 6).requires_grad_(), unit(4, 6).requires_grad_()
     ti, tt, scale = unit(4, 6), unit(4, 6), torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     fn = {"fd": lambda a, b, s: fd_loss_sum(a, ti) + fd_loss_sum(b, tt) + 0 * s,
           "icl": lambda a, b, s: icl_loss(a, b, ti, tt, s),
-          "crd": lambda a, b, s: crd_loss(a, b, ti, tt, s, 0.7)}[name]
+          "crd": lambda a, b, s: crd_loss(a, b, ti, tt, s, 0.7),
+          "kd": lambda a, b, s: kd_loss(a, b, ti, tt, s, torch.tensor(9.0, dtype=torch.float64))}[name]
     assert torch.autograd.gradcheck(fn, (si, st, scale))
 
 
 # ---- a student run ----------------------------------------------------------------------------------
 
 
-def learned(out, teacher) -> dict:
-    """A 12-step student of `teacher`: every distillation loss fell, the teacher's FLOPs were logged
-    apart; its checkpoint's tensors."""
-    assert train(out, f"distill.teachers=[{teacher}]", steps=12) == 0
+def learned(out, teacher, losses=ALL) -> dict:
+    """A 12-step student of `teacher`: every distillation loss in `losses` fell, the teacher's FLOPs
+    were logged apart; its checkpoint's tensors."""
+    names = ",".join(name.removeprefix("distill_") for name in losses)
+    assert train(out, f"distill.teachers=[{teacher}]", f"distill.losses=[{names}]", steps=12) == 0
     steps = [r for r in records(out) if r.get("event") != "eval"]
-    for name in ALL:
+    for name in losses:
         values = [r[f"loss/{name}"] for r in steps]
         assert len(values) == 12 and values[-1] < values[0], (name, values)
     assert all(r["teacher_flops_per_s"] > 0 for r in steps)
@@ -119,7 +137,8 @@ def test_bad_teachers_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, te
     capsys.readouterr()
     cases = [([f"distill.teachers=[{teacher}]", "distill.weights=[0.5]"], "distill.weights=[0.5] must be"),
              ([f"distill.teachers=[{teacher},{teacher}]", "distill.weights=[1.0]"], "distill.weights has 1 entries"),
-             ([f"distill.teachers=[{teacher}]", "distill.losses=[fd,kd]"], "'kd' is not one of fd, icl, crd"),
+             ([f"distill.teachers=[{teacher}]", "distill.losses=[fd,kl]"], "'kl' is not one of fd, icl, crd, kd"),
+             ([f"distill.teachers=[{teacher}]", "distill.losses=[fd]", "distill.temperature=2"], "read by crd only"),
              ([f"distill.teachers=[{vlm}]"], "is a model=vlm run, not a dual encoder"),
              ([f"distill.teachers=[{tmp_path / 'nowhere'}]"], "run directory not found"),
              ([f"distill.teachers=[{llama}]"], "is an HF 'llama' model"),
@@ -179,7 +198,7 @@ def test_an_hf_teacher_embeds_as_its_own_model_does(tmp_path, kind):
     samples = [make_world(cfg).sample("test", i) for i in range(4)]
     ids = torch.tensor([proc.text_ids(s.caption) for s in samples])
     pixels = torch.stack([proc.pixels(s.image) for s in samples])
-    (image, text), = teacher(cfg, None, proc.tok)({"input_ids": ids, "pixel_values": pixels})
+    (image, text, scale), = teacher(cfg, None, proc.tok)({"input_ids": ids, "pixel_values": pixels})
 
     hf, tok = AutoModel.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder))
     padding = "max_length" if kind == "siglip" else "longest"
@@ -191,10 +210,11 @@ def test_an_hf_teacher_embeds_as_its_own_model_does(tmp_path, kind):
     mean, std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else ([0.5] * 3, [0.5] * 3)
     theirs = (pixels * 0.5 + 0.5 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     torch.testing.assert_close(image, features(hf.get_image_features(pixel_values=theirs)))
+    assert scale.item() == pytest.approx(hf.logit_scale.exp().item())  # kd's teacher logits use its own scale
 
 
 def test_student_learns_from_an_hf_teacher_at_another_image_size(tmp_path, hf_clip):
-    weights = learned(tmp_path / "student", hf_clip)
+    weights = learned(tmp_path / "student", hf_clip, [*ALL, "distill_kd"])  # kd: the HF model's own logit scale
     assert weights["distill_proj.0.weight"].shape == (20, 16)  # to the HF model's projection width
     assert not any("teacher" in k or k.startswith("model.") for k in weights)
 
@@ -207,3 +227,17 @@ def test_a_graft_teacher_with_other_image_settings_is_adapted(tmp_path):
     out = tmp_path / "student"
     assert train(out, f"distill.teachers=[{big}]", steps=2) == 0
     assert all(r["loss/distill_fd"] > 0 for r in records(out) if "loss/distill_fd" in r)
+
+
+def test_a_graft_teachers_logit_scale_is_its_trained_one(teacher):
+    """kd reads the teacher's own scale: loaded from its checkpoint, not left at initialisation."""
+    from graft.designs.dual_teachers import teacher as teachers
+    from graft.recipes import recipe
+    from graft.rundir import RunDir
+
+    cfg = recipe("clip", [*SMALL[1::2], "contrastive.embed_dim=16", f"distill.teachers=[{teacher}]"])
+    pixels, ids = torch.zeros(2, 3, 24, 24), torch.zeros(2, cfg.text.max_len, dtype=torch.long)
+    (_, _, scale), = teachers(cfg, None, RunDir(teacher).tokenizer())({"input_ids": ids, "pixel_values": pixels})
+    trained = read_model(teacher / "checkpoints" / "step_00000003")["logit_scale"]
+    assert scale.item() == pytest.approx(trained.exp().item(), rel=1e-6)
+    assert abs(trained.item() - torch.tensor(1 / 0.07).log().item()) > 1e-4  # it moved in training

@@ -58,9 +58,9 @@ CASES = {
     # the objective `align` over the model's outputs and the teacher's (TEACHER: a SigLIP folder)
     "eve": ["shapes_fuyu", "--set", "lm.hidden_size=32", "--set", "lm.layers=2", "--set", "lm.intermediate_size=64",
             "--set", "eve.teacher=EVE_TEACHER", "--set", "train.objectives={lm: 1, align: 2}"],
-    # CLIP-KD: a student taught by a frozen CLIP run, its three distillation losses over the global
+    # CLIP-KD: a student taught by a frozen CLIP run, its four distillation losses over the global
     # batch (KD_TEACHER: a 2-step run of the same small CLIP, trained before the launch)
-    "distill": ["clip", *DUAL[1:], "--set", "distill.teachers=[KD_TEACHER]"],
+    "distill": ["clip", *DUAL[1:], "--set", "distill.teachers=[KD_TEACHER]", "--set", "distill.losses=[fd,icl,crd,kd]"],
 }
 # a contrastive loss contrasts each micro-batch of the global batch: one of 32 on one process, one
 # of 16 per process (gathered) on two
@@ -140,7 +140,7 @@ def test_other_models_on_two_processes_equal_one_process(tmp_path, two, case):
         got = losses(two / f"{case}_{kind}")
         assert len(got) == len(want) == 5
         assert got == pytest.approx(want, rel=1e-5), (kind, got, want)
-        for name in ("distill_fd", "distill_icl", "distill_crd") if case == "distill" else ():
+        for name in ("distill_fd", "distill_icl", "distill_crd", "distill_kd") if case == "distill" else ():
             mine, one = named(two / f"{case}_{kind}", name), named(tmp_path / "one", name)
             assert mine == pytest.approx(one, rel=1e-5), (kind, name, mine, one)
     assert want[-1] < want[0]

@@ -23,6 +23,7 @@ from graft.models.vit import VisionConfig
 from graft.objectives import Teacher
 from graft.parts import load_modules
 from graft.rundir import RunDir
+from graft.trainer.checkpoint import read_model
 
 
 def embed_dims(cfg, tok) -> list[int]:
@@ -49,7 +50,7 @@ def same_tokenizer(tok, theirs) -> bool:
 
 def teacher(cfg, model, tok) -> Teacher | None:
     """The frozen teachers (a ModuleList), each reading the student's pixels and text into its
-    normalised (image, text) embeddings; loading them leaves the global RNG alone."""
+    normalised (image, text) embeddings and its logit scale; loading them leaves the global RNG alone."""
     if not cfg.distill.teachers:
         return None
     with torch.random.fork_rng():
@@ -57,7 +58,7 @@ def teacher(cfg, model, tok) -> Teacher | None:
 
     def read(teachers, batch):
         ids, text_pixels = batch.get("input_ids"), batch.get("text_pixels")
-        return [(t.encode_image(batch["pixel_values"]), t.encode_text(ids, text_pixels)) for t in teachers]
+        return [(t.encode_image(batch["pixel_values"]), t.encode_text(ids, text_pixels), t.scale()) for t in teachers]
 
     return Teacher(teachers, read)
 
@@ -77,7 +78,8 @@ def _load(path: str, cfg, tok) -> nn.Module:
     model = DualEncoder(theirs.vision, theirs.text, theirs.contrastive, their_tok.eos)
     weighted = [name for part in PARTS for name in model.part_modules(part)
                 if any(True for _ in model.get_submodule(name).parameters())]  # mean pooling has none
-    load_modules(model, weighted, path, "distill.teachers")  # its scale is unused: crd has distill.temperature
+    ckpt = load_modules(model, weighted, path, "distill.teachers")
+    model.logit_scale.data.copy_(read_model(ckpt)["logit_scale"])  # kd reads the teacher's own scale
     return Adapted(model, ImagesAs(_images(theirs.vision), _images(cfg.vision)))
 
 

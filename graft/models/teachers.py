@@ -1,6 +1,7 @@
 """Frozen dual-encoder teachers that read a student's batch (CLIP-KD, graft/distill.py).
 
-A teacher gives L2-normalised image and text embeddings for the student's own inputs:
+A teacher gives L2-normalised image and text embeddings for the student's own inputs, and its own
+logit scale (`scale`):
 
 - `ImagesAs`: the student's pixels as another model reads them: back to [0, 1] with the student's
   mean and std, resized to the teacher's image size (bicubic, antialiased, as image processors
@@ -59,6 +60,10 @@ class Adapted(nn.Module):
     def encode_text(self, ids, text_pixels=None) -> torch.Tensor:
         return self.model.encode_text(ids, text_pixels)
 
+    def scale(self) -> torch.Tensor:
+        """Its own logit scale, exponentiated (clipped at 100 as in training)."""
+        return self.model.logit_scale.exp().clamp(max=100.0)
+
 
 def hf_kind(path: str) -> str | None:
     """"clip" or "siglip" for an HF model folder of that kind, None for a folder without config.json;
@@ -100,6 +105,10 @@ class HFDualTeacher(nn.Module):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(_features(self.model.get_image_features(pixel_values=self.images(pixels))), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """Its own logit scale, exponentiated (CLIP clips it at 100 in training)."""
+        return self.model.logit_scale.exp().clamp(max=100.0)
 
     def encode_text(self, ids: torch.Tensor | None, text_pixels=None) -> torch.Tensor:
         texts = [self.decode(row) for row in ids.tolist()]
