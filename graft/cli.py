@@ -148,9 +148,9 @@ def cmd_data_export_shapes(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from graft.compare import compare
+    from graft.compare import compare, parse_arm
 
-    path = compare(args.recipes, args.budget, args.seeds, args.set, Path(args.out))
+    path = compare([*args.recipes, *map(parse_arm, args.arm)], args.budget, args.seeds, args.set, Path(args.out))
     print(path.read_text())
     print(f"report: {path}")
 
@@ -254,6 +254,8 @@ def parser() -> argparse.ArgumentParser:
                    "6e12, ≤ 30 minutes on a 2-core CPU for the default designs and 3 seeds)")
     c.add_argument("--seeds", type=int, default=3, help="seeds per design (default 3: mean ± sd)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every recipe")
+    c.add_argument("--arm", action="append", default=[], metavar="'NAME=RECIPE KEY=VALUE ...'",
+                   help="an arm that differs by settings: RECIPE with these --set keys, reported as NAME (repeatable)")
     c.add_argument("--out", required=True)
     c.set_defaults(fn=cmd_compare)
     r = sub.add_parser("recipes", help="list recipes, or print one's whole config (--show NAME [--set ...])")

@@ -11,6 +11,10 @@ wall time, samples/s, MFU, and every metric as mean ± standard deviation over s
 against training FLOPs). Runs live in `DIR/<recipe>-seed<k>/`; re-running reuses finished runs
 and resumes an interrupted one (it is `graft train` underneath). `--set` applies to every recipe.
 
+An arm may differ from a recipe by settings alone (objectives, teachers, weights): `--arm
+"NAME=RECIPE KEY=VALUE ..."` trains RECIPE with those `--set` keys (after the common ones) as the
+row NAME, in `DIR/NAME-seed<k>/`; a recipe given by name is the arm of that name with no settings.
+
 A recipe that starts from another recipe's run (`recipes.STAGES`: BLIP-2 stage 2 from a stage-1
 Q-Former, LLaVA stage 2 from stage 1) gets it trained once per seed in `DIR/stages/`, however
 many recipes share it, with its own recipe's steps (and the `--set` keys of the sections it
@@ -23,8 +27,11 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import shlex
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,21 +55,46 @@ DEFAULT_RECIPES = ("shapes_linear", "shapes_vqa", "shapes_pixel_shuffle", "shape
 DEFAULT_BUDGET = 6e12  # training FLOPs per run (~215 steps of shapes_vqa): 3 seeds of all six in ≤ 30 CPU minutes
 
 
-def compare(recipes: list[str], budget: float | None, seeds: int, overrides: list[str], out: Path) -> Path:
-    recipes, budget = recipes or list(DEFAULT_RECIPES), DEFAULT_BUDGET if budget is None else budget
+@dataclass(frozen=True)
+class Arm:
+    """One row of the comparison: `recipe` trained with its own `sets` after the common overrides."""
+
+    name: str
+    recipe: str
+    sets: tuple[str, ...] = field(default=())
+
+
+def parse_arm(spec: str) -> Arm:
+    """`NAME=RECIPE KEY=VALUE ...` (shell-quoted words) → an Arm; NAME names its run folders."""
+    try:
+        words = shlex.split(spec)
+    except ValueError as e:
+        raise UserError(f"--arm {spec!r}: {e}") from None
+    name, sep, recipe_name = words[0].partition("=") if words else ("", "", "")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not recipe_name:
+        raise UserError(f"--arm {spec!r} is not NAME=RECIPE [KEY=VALUE ...] (NAME: letters, digits, _ . -)")
+    return Arm(name, recipe_name, tuple(words[1:]))
+
+
+def compare(arms: list[Arm | str], budget: float | None, seeds: int, overrides: list[str], out: Path) -> Path:
+    arms = [Arm(a, a) if isinstance(a, str) else a for a in arms] or [Arm(r, r) for r in DEFAULT_RECIPES]
+    budget = DEFAULT_BUDGET if budget is None else budget
     if seeds < 1:
         raise UserError(f"--seeds={seeds} must be at least 1")
-    plans = [(name, recipe(name, overrides)) for name in dict.fromkeys(recipes)]  # every name checked first
+    if len({a.name for a in arms}) < len(arms):
+        raise UserError(f"two arms share a name: {', '.join(a.name for a in arms)}")
+    plans = [(arm, recipe(arm.recipe, [*overrides, *arm.sets])) for arm in arms]  # every arm checked first
     stages = _Stages(overrides, seeds, out / "stages")
     rows = []
-    for name, cfg in plans:
-        per_seed = [stages.apply(name, cfg, seed) for seed in range(seeds)]  # trains a shared stage once
+    for arm, cfg in plans:
+        per_seed = [stages.apply(arm, cfg, seed) for seed in range(seeds)]  # trains a shared stage once
         info = _measure(per_seed[0])
         steps = int(budget // info["flops_per_step"])
         if steps < 1:
-            raise UserError(f"--budget {budget:.3g} is smaller than one step of {name} ({info['flops_per_step']:.3g} FLOPs)")
-        runs = [_run(c, steps, seed, out / f"{name}-seed{seed}") for seed, c in enumerate(per_seed)]
-        rows.append({"recipe": name, "steps": steps, **info, "runs": runs, "stage": stages.used_by(name)})
+            raise UserError(f"--budget {budget:.3g} is smaller than one step of {arm.name} ({info['flops_per_step']:.3g} FLOPs)")
+        runs = [_run(c, steps, seed, out / f"{arm.name}-seed{seed}") for seed, c in enumerate(per_seed)]
+        rows.append({"recipe": arm.name, "from": arm.recipe, "settings": list(arm.sets), "steps": steps, **info,
+                     "runs": runs, "stage": stages.used_by(arm.name)})
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "compare.json", json.dumps({"rows": rows, "stages": stages.summary()}, indent=1))
     _plot(rows, out / "loss_vs_flops.png")
@@ -79,12 +111,12 @@ class _Stages:
         self.done: dict[str, dict] = {}  # stage recipe → {"runs": [...], "flops_per_step", "steps"}
         self.users: dict[str, str] = {}  # recipe → its stage recipe
 
-    def apply(self, name: str, cfg, seed: int):
+    def apply(self, arm: Arm, cfg, seed: int):
         """`cfg` with its stage key pointing at the stage run of `seed` (trained now if missing)."""
-        if name not in STAGES:
+        if arm.recipe not in STAGES:
             return cfg
-        key, stage = STAGES[name]
-        self.users[name] = stage
+        key, stage = STAGES[arm.recipe]
+        self.users[arm.name] = stage
         if stage not in self.done:
             self.done[stage] = self._train(stage)
         return apply_overrides(copy.deepcopy(cfg), [f"{key}={self.done[stage]['runs'][seed]['run']}"])
@@ -162,6 +194,8 @@ def _report(rows: list[dict], stages: dict, budget: float, seeds: int, overrides
     head = ["recipe", "params (trainable)", "image tokens", "FLOPs/step", "steps", "wall s", "samples/s", "MFU"]
     lines = [f"# graft compare: {len(rows)} designs at {budget:.3g} training FLOPs, {seeds} seed(s)", "",
              "Overrides: " + (" ".join(f"`{o}`" for o in overrides) or "none") + ".", "",
+             *[f"Arm `{row['recipe']}`: `{row['from']}` with " + " ".join(f"`{s}`" for s in row["settings"]) + "."
+               for row in rows if row.get("settings")], "",
              "| " + " | ".join(head + metrics) + " |", "|---" * (len(head) + len(metrics)) + "|"]
     for row in rows:
         runs = row["runs"]

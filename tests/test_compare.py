@@ -42,6 +42,33 @@ def test_two_designs_at_matched_flops_with_seeds_and_reuse(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_arms_that_differ_by_settings_alone(tmp_path, capsys):
+    """`--arm NAME=RECIPE KEY=VALUE ...`: the same recipe with other settings is its own row, run
+    folder and config; a malformed arm, a repeated name or a bad key is one line, nothing written."""
+    out = tmp_path / "cmp"
+    args = ["compare", "shapes_vqa", "--arm", "slow=shapes_vqa optim.lr=1e-5 optim.warmup_steps=1",
+            "--budget", "1e9", "--seeds", "1", "--out", str(out), *QUIET]
+    assert main(args) == 0
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [(r["recipe"], r["from"], r["settings"]) for r in rows] == [
+        ("shapes_vqa", "shapes_vqa", []), ("slow", "shapes_vqa", ["optim.lr=1e-5", "optim.warmup_steps=1"])]
+    assert rows[0]["flops_per_step"] == rows[1]["flops_per_step"] and rows[0]["steps"] == rows[1]["steps"]
+    assert load(out / "slow-seed0" / "config.yaml").optim.lr == 1e-5
+    assert load(out / "shapes_vqa-seed0" / "config.yaml").optim.lr != 1e-5
+    losses = [[json.loads(line).get("loss") for line in (out / f"{name}-seed0" / "metrics.jsonl").read_text().splitlines()]
+              for name in ("shapes_vqa", "slow")]
+    assert losses[0][-2:] != losses[1][-2:]  # the settings reached the run
+    assert "Arm `slow`: `shapes_vqa` with `optim.lr=1e-5` `optim.warmup_steps=1`." in (out / "report.md").read_text()
+    for arms, needle in ((["--arm", "slow"], "is not NAME=RECIPE"), (["--arm", "a b=shapes_vqa"], "is not NAME=RECIPE"),
+                         (["shapes_vqa", "--arm", "shapes_vqa=shapes_linear"], "two arms share a name"),
+                         (["--arm", "x=shapes_vqa optim.nope=1"], "unknown config key 'optim.nope'")):
+        capsys.readouterr()
+        assert main(["compare", *arms, "--budget", "1e9", "--out", str(tmp_path / "bad"), *QUIET]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_shared_stage_trains_once_per_seed(tmp_path, capsys):
     """llava_stage2 and llava_stage2_lora both start from llava_stage1: it trains once per seed, in
     stages/, with its own steps (`--set train.steps` reaches it; the budget sets the others')."""
