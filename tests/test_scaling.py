@@ -23,8 +23,13 @@ def chinchilla() -> Points:
     return pts.subset(np.sort(np.argsort(pts.loss, kind="stable")[:-5]))
 
 
-def test_chinchilla_fit_lands_within_the_replications_errors(chinchilla):
-    f = fit(chinchilla)
+@pytest.fixture(scope="module")
+def tight(chinchilla):
+    return fit(chinchilla)
+
+
+def test_chinchilla_fit_lands_within_the_replications_errors(tight):
+    f = tight
     for name, (value, se) in REPLICATED.items():
         assert abs(getattr(f, name) - value) <= se, (name, getattr(f, name), value, se)
     assert f.objective == pytest.approx(0.0010183, abs=2e-7)  # the summed Huber loss at its minimum
@@ -32,10 +37,10 @@ def test_chinchilla_fit_lands_within_the_replications_errors(chinchilla):
     assert 15 < d / n < 25 and 6 * n * d == pytest.approx(5.76e23)
 
 
-def test_averaging_the_loss_with_default_tolerances_stops_early(chinchilla):
+def test_averaging_the_loss_with_default_tolerances_stops_early(chinchilla, tight):
     """The trap of Hoffmann et al.'s published fit (Besiroglu et al. §3): the averaged loss has
     gradients below scipy's default tolerance long before the minimum."""
-    tight, early = fit(chinchilla), fit(chinchilla, reduction="mean", tight=False)
+    early = fit(chinchilla, reduction="mean", tight=False)
     theta = np.array([np.log(early.E), np.log(early.A), np.log(early.B), early.alpha, early.beta])
     assert objective(theta, chinchilla)[0] > 1.05 * tight.objective  # the summed loss at the early stop
     assert abs(early.A - REPLICATED["A"][0]) > REPLICATED["A"][1]  # outside the replication's errors
