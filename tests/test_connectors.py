@@ -16,7 +16,7 @@ from graft.cli import main
 from graft.errors import UserError
 from graft.losses import batch_loss
 from graft.models.compress import AvgPoolProjector, avg_pool, pixel_shuffle
-from graft.models.connectors import ConnectorConfig, MLPProjector, build_connector
+from graft.models.connectors import ConnectorConfig, MLPProjector, build_connector, check_connector
 from graft.models.decoder import LMConfig
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM
@@ -129,7 +129,7 @@ def test_vlm_with_a_compressing_connector(connector, tokens):
 ])
 def test_bad_connector_settings(cfg, patches, message):
     with pytest.raises(UserError, match=message):
-        ConnectorConfig.check(cfg, patches)
+        check_connector(cfg, patches)
 
 
 def train(tmp_path, *sets: str) -> int:

@@ -16,12 +16,11 @@ from torch import nn
 
 from graft.designs.registry import design
 from graft.errors import UserError
-from graft.models.dual_encoder import PARTS, DualEncoder
+from graft.models.dual_encoder import DualEncoder
 from graft.models.hf_backbones import resolve_vision
 from graft.models.teachers import Adapted, HFDualTeacher, ImagesAs, hf_embed_dim, hf_kind
 from graft.models.vit import VisionConfig
 from graft.objectives import Teacher
-from graft.parts import load_modules
 from graft.rundir import RunDir
 from graft.trainer.checkpoint import read_model
 
@@ -76,10 +75,14 @@ def _load(path: str, cfg, tok) -> nn.Module:
     theirs, their_tok = run.config(), run.tokenizer()
     theirs.text.vocab_size = theirs.text.vocab_size or len(their_tok)  # 0 in its config: its tokenizer's (build)
     model = DualEncoder(theirs.vision, theirs.text, theirs.contrastive, their_tok.eos)
-    weighted = [name for part in PARTS for name in model.part_modules(part)
-                if any(True for _ in model.get_submodule(name).parameters())]  # mean pooling has none
-    ckpt = load_modules(model, weighted, path, "distill.teachers")
-    model.logit_scale.data.copy_(read_model(ckpt)["logit_scale"])  # kd reads the teacher's own scale
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        raise UserError(f"distill.teachers: {path} has no complete checkpoint")
+    # every tensor of its own, its logit scale included (kd reads it), read once; a teacher that was
+    # itself distilled also holds projections to its teachers, which are not needed here
+    missing, _ = model.load_state_dict(read_model(ckpt), strict=False)
+    if missing:
+        raise UserError(f"distill.teachers: {ckpt} holds no {', '.join(missing[:3])}")
     return Adapted(model, ImagesAs(_images(theirs.vision), _images(cfg.vision)))
 
 

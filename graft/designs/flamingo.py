@@ -7,7 +7,7 @@ from graft.designs.registry import GENERATES, Design, register
 from graft.designs.shared import builtin_lm, check_something_trains, lm_losses, resolve_vocab, validate_vision, vision_tower
 from graft.designs.vlm import processor, tokens, train_inputs
 from graft.errors import UserError
-from graft.models.connectors import ConnectorConfig
+from graft.models.connectors import check_connector
 from graft.models.flamingo import Flamingo, FlamingoConfig
 
 PARTS = ("vision", "connector", "lm", "xattn")
@@ -27,7 +27,7 @@ def validate(cfg) -> None:
     FlamingoConfig.check(cfg.flamingo, cfg.lm.layers)
     check_something_trains(PARTS, cfg.train.freeze)
     v = cfg.vision
-    ConnectorConfig.check(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2, cfg.lm.hidden_size)
+    check_connector(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2, cfg.lm.hidden_size)
     validate_vision(cfg)
 
 

@@ -12,7 +12,7 @@ from graft.data.processor import Processor
 from graft.designs.registry import GENERATES, Design, register
 from graft.designs.shared import builtin_lm, check_something_trains, lm_losses, resolve_vocab, validate_vision, vision_tower
 from graft.errors import UserError
-from graft.models.connectors import CONNECTORS, ConnectorConfig
+from graft.models.connectors import CONNECTORS, check_connector
 from graft.models.decoder import LMConfig
 from graft.models.hf_backbones import HFLanguageModel
 from graft.models.qformer import QFormerConfig
@@ -52,7 +52,7 @@ def validate(cfg) -> None:
         raise UserError("train.freeze: lm_image: this model has none (see lm.modality_norms, lm.modality_ffn)")
     check_something_trains(parts, cfg.train.freeze)
     v = cfg.vision  # the built-in tower's grid and LM's width (HF ones are checked when the model is built)
-    ConnectorConfig.check(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2,
+    check_connector(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2,
                           None if cfg.lm.hf_module else cfg.lm.hidden_size)
     LMConfig.check(cfg.lm, image_grid=CONNECTORS[cfg.connector.kind].grid)
     validate_vision(cfg)

@@ -18,17 +18,15 @@ tokens in row-major order of the smaller grid.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from graft.errors import UserError
+from graft.models.connector_config import ConnectorConfig
 from graft.models.projectors import MLPProjector
 
-if TYPE_CHECKING:
-    from graft.models.connectors import ConnectorConfig
 
 
 def grid_side(num_patches: int, kind: str) -> int:

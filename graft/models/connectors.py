@@ -11,43 +11,30 @@ it is an error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 
 from torch import nn
 
 from graft.errors import UserError
 from graft.models.compress import AvgPoolProjector, PixelShuffleProjector
+from graft.models.connector_config import ConnectorConfig
 from graft.models.projectors import LinearProjector, MLPProjector
-from graft.models.qformer import QFormerConfig, QFormerConnector
+from graft.models.qformer import QFormerConnector
 from graft.models.resampler import ResamplerConnector
 
 
-@dataclass
-class ConnectorConfig:
-    kind: str = "mlp"  # linear | mlp (one token per patch); more in CONNECTORS
-    scale_factor: int = 2  # pixel_shuffle: r x r patches become one token (P → P / r²)
-    tokens: int = 16  # avgpool: image tokens after average pooling (a square number)
-    latents: int = 16  # resampler: learned queries, one image token each
-    layers: int = 2  # resampler: cross-attention layers
-    heads: int = 4  # resampler: attention heads
-    qformer: QFormerConfig = field(default_factory=QFormerConfig)  # qformer: the Q-Former's architecture
-    # qformer: a stage-1 run (model=qformer_stage1) whose image encoder and Q-Former this one starts
-    # from (BLIP-2 stage 2); its architecture must be this config's (checked before training)
-    init_from: str | None = None
-
-    @staticmethod
-    def check(cfg: "ConnectorConfig", num_patches: int | None = None, lm_dim: int | None = None) -> None:
-        """The kind exists, reads every field set away from its default, and fits the patch grid
-        and the LM width (each checked when known)."""
-        if cfg.kind not in CONNECTORS:
-            raise UserError(f"connector.kind={cfg.kind!r} is not one of {', '.join(CONNECTORS)}")
-        for name, value in _changed(cfg, ConnectorConfig()):
-            if name != "kind" and name.split(".")[0] not in KEYS.get(cfg.kind, ()):
-                raise UserError(f"connector.{name}={value} is not read by connector.kind={cfg.kind} "
-                                f"(it reads: {', '.join(KEYS.get(cfg.kind, ())) or 'no other key'})")
-        check = getattr(CONNECTORS[cfg.kind], "check", None)
-        if check is not None and num_patches is not None:
-            check(cfg, num_patches, lm_dim=lm_dim)
+def check_connector(cfg: ConnectorConfig, num_patches: int | None = None, lm_dim: int | None = None) -> None:
+    """The kind exists, reads every field set away from its default, and fits the patch grid
+    and the LM width (each checked when known)."""
+    if cfg.kind not in CONNECTORS:
+        raise UserError(f"connector.kind={cfg.kind!r} is not one of {', '.join(CONNECTORS)}")
+    for name, value in _changed(cfg, ConnectorConfig()):
+        if name != "kind" and name.split(".")[0] not in KEYS.get(cfg.kind, ()):
+            raise UserError(f"connector.{name}={value} is not read by connector.kind={cfg.kind} "
+                            f"(it reads: {', '.join(KEYS.get(cfg.kind, ())) or 'no other key'})")
+    check = getattr(CONNECTORS[cfg.kind], "check", None)
+    if check is not None and num_patches is not None:
+        check(cfg, num_patches, lm_dim=lm_dim)
 
 
 def _changed(cfg, default, prefix: str = "") -> list[tuple[str, object]]:
@@ -84,5 +71,5 @@ def per_patch(kind: str) -> bool:
 
 
 def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_patches: int | None = None) -> nn.Module:
-    ConnectorConfig.check(cfg, num_patches, lm_dim)
+    check_connector(cfg, num_patches, lm_dim)
     return CONNECTORS[cfg.kind](vision_dim, lm_dim, cfg)  # PyTorch's default (fan-in scaled) init

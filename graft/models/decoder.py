@@ -15,7 +15,7 @@ modality ids (models/image_layout.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,85 +24,10 @@ from torch import nn
 from graft.errors import UserError
 from graft.models import moe
 from graft.models.image_layout import image_mask, mrope_positions
+from graft.models.context import Context
 from graft.models.layers import RMSNorm
+from graft.models.lm_config import LMConfig  # noqa: F401 (re-exported: the decoder's config)
 from graft.models.modality import IMAGE, image_twins
-
-IMAGE_ATTENTION = ("causal", "bidirectional")
-IMAGE_POSITIONS = ("1d", "mrope")
-
-
-@dataclass
-class LMConfig:
-    vocab_size: int = 0  # 0 = take the tokenizer's size when the model is built
-    hidden_size: int = 128
-    layers: int = 3
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate_size: int = 384
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    max_seq_len: int = 160
-    # Weight init std; 0 = 1/sqrt(hidden_size). HF's fixed 0.02 suits d~4096; at d=128 it leaves
-    # attention uniform for hundreds of steps (measured on the Shapes world).
-    init_std: float = 0.0
-    # A local Hugging Face AutoModelForCausalLM folder (Llama, Qwen2, GPT-2, ...) to use instead of
-    # the built-in decoder, with its own tokenizer and chat template (models/hf_backbones.py).
-    hf_path: str | None = None
-    # With hf_path: load the folder's weights into this built-in decoder (a Llama folder: the same
-    # function, parity-tested) instead of running the HF module, so that every built-in option
-    # applies (Flamingo's blocks, the image tokens' own modules, MoE layers).
-    builtin: bool = False
-    # LoRA (Hu et al. 2021) through peft: rank 0 = off. The LM's own weights are then frozen and
-    # only the adapters train; targets [] = every linear layer of the decoder blocks (models/lora.py).
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=list)
-    # Image tokens in the built-in decoder (docs/spatial.md measured both on the built-in world):
-    # causal = like text | bidirectional = every token of an image sees the whole image (the
-    # prefix-LM mask of PaliGemma); 1d = consecutive positions | mrope = 2-D rotary positions,
-    # (time, row, column) over interleaved frequency pairs (M-RoPE, Qwen2-VL), text staying 1-D.
-    image_attention: str = "causal"
-    image_positions: str = "1d"
-    # Parameters of the image tokens' own (EVEv2, VLMo; the mission's "domain-specific norms"), each
-    # a copy of the text one at initialisation, so an untrained model is unchanged by them; part
-    # `lm_image` of train.freeze (`train.freeze: [vision, lm]` trains only them and the connector).
-    modality_norms: bool = False  # image tokens through RMSNorms of their own in every layer (both)
-    modality_ffn: bool = False  # image tokens through an FFN of their own in every layer
-    # Sparse mixture-of-experts FFNs (models/moe.py) in layers k-1, 2k-1, ... (k = moe_every); 0 = dense
-    moe_experts: int = 0
-    moe_top_k: int = 2
-    moe_every: int = 1
-    moe_intermediate_size: int = 0  # each expert's hidden width; 0 = intermediate_size
-    moe_routing: str = "agnostic"  # agnostic | aware (image tokens to the first half of the experts, text to the rest)
-    moe_balance: str = "loss"  # loss (named loss moe_balance, weigh it in train.objectives) | bias (aux-loss-free)
-    moe_bias_rate: float = 1e-3
-
-    @property
-    def hf_module(self) -> bool:
-        """Whether the LM is a Hugging Face module (lm.hf_path without lm.builtin)."""
-        return bool(self.hf_path) and not self.builtin
-
-    @staticmethod
-    def check(cfg: LMConfig, image_grid: bool = True) -> None:
-        """Values exist; the image keys need the built-in decoder, and `mrope` a connector whose
-        tokens form a square grid (`image_grid`)."""
-        moe.check(cfg)
-        for key in ("modality_norms", "modality_ffn"):
-            if cfg.hf_module and getattr(cfg, key):
-                raise UserError(f"lm.{key} needs the built-in decoder (lm.hf_path is set: add lm.builtin=true)")
-        for key, valid in (("image_attention", IMAGE_ATTENTION), ("image_positions", IMAGE_POSITIONS)):
-            value = getattr(cfg, key)
-            if value not in valid:
-                raise UserError(f"lm.{key}={value!r} is not one of {', '.join(valid)}")
-            if cfg.hf_module and value != valid[0]:
-                raise UserError(f"lm.{key}={value} needs the built-in decoder (lm.hf_path is set: add lm.builtin=true)")
-        if cfg.builtin and not cfg.hf_path:
-            raise UserError("lm.builtin=true loads an HF folder into the built-in decoder: set lm.hf_path")
-        if cfg.image_positions == "mrope" and not image_grid:
-            raise UserError("lm.image_positions=mrope needs image tokens on a grid; this connector's tokens have none")
-
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (B, T, head_dim) for integer `positions` (B, T); RoFormer, Su et al. 2021.
@@ -125,22 +50,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate queries or keys (B, H, T, head_dim) by the tables of `rope_tables` (B, T, head_dim)."""
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
-
-
-@dataclass
-class Context:
-    """What one forward call gives every layer; built per call, never kept on a module.
-
-    cos, sin: rotary tables (B, T, head_dim). mask: (B, 1, T, T), True = may attend, or None for
-    plain causal attention. modality_ids: (B, T), TEXT or IMAGE (models/modality.py), or None (text only). aux:
-    auxiliary losses a layer adds by name, as local sums over the batch's positions (the caller
-    returns them beside its own; none of graft's built-in layers adds one yet)."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-    mask: torch.Tensor | None = None
-    modality_ids: torch.Tensor | None = None
-    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

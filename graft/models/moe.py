@@ -20,44 +20,15 @@ experts that got fewer tokens than the mean during it (counts summed over the pr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from graft.errors import UserError
 from graft.models.layers import SwiGLU
+from graft.models.context import Context
+from graft.models.lm_config import LMConfig
 from graft.models.modality import IMAGE
-
-if TYPE_CHECKING:
-    from graft.models.decoder import Context, LMConfig
-
-ROUTING = ("agnostic", "aware")
-BALANCE = ("loss", "bias")
-
-
-def check(cfg: LMConfig) -> None:
-    """The MoE keys of an LM config: in range, and consistent with each other."""
-    if cfg.moe_experts == 0:
-        return
-    if cfg.moe_experts < 2:
-        raise UserError(f"lm.moe_experts={cfg.moe_experts}: a mixture needs at least 2 experts (0 = a dense FFN)")
-    groups = 2 if cfg.moe_routing == "aware" else 1
-    if not 1 <= cfg.moe_top_k <= cfg.moe_experts // groups:
-        raise UserError(f"lm.moe_top_k={cfg.moe_top_k} must be between 1 and the {cfg.moe_experts // groups} experts "
-                        "a token may choose from")
-    if cfg.moe_routing not in ROUTING:
-        raise UserError(f"lm.moe_routing={cfg.moe_routing!r} is not one of {', '.join(ROUTING)}")
-    if cfg.moe_routing == "aware" and cfg.moe_experts % 2:
-        raise UserError(f"lm.moe_experts={cfg.moe_experts}: modality-aware routing splits the experts in two halves")
-    if cfg.moe_balance not in BALANCE:
-        raise UserError(f"lm.moe_balance={cfg.moe_balance!r} is not one of {', '.join(BALANCE)}")
-    if not 1 <= cfg.moe_every <= cfg.layers:
-        raise UserError(f"lm.moe_every={cfg.moe_every} must be between 1 and lm.layers={cfg.layers}")
-    if cfg.hf_module:
-        raise UserError("lm.moe_experts needs the built-in decoder (lm.hf_path is set: add lm.builtin=true)")
-
 
 def is_moe_layer(cfg: LMConfig, index: int) -> bool:
     """Layers k-1, 2k-1, ... get experts (k = lm.moe_every): every layer for k = 1."""

@@ -26,17 +26,15 @@ then reads N tokens: its cost is flat in P.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from graft.errors import UserError
+from graft.models.connector_config import ConnectorConfig
 from graft.models.layers import RMSNorm, SwiGLU
 
-if TYPE_CHECKING:
-    from graft.models.connectors import ConnectorConfig
 
 EPS = 1e-6  # Idefics2PerceiverConfig.rms_norm_eps
 MAX_LATENTS_PER_PATCH = 4  # more latents than 4 x the patches is no longer compression
