@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING
 
 from graft import config
 from graft.data.limits import check_image_formats
-from graft.data.shapes import SPLITS
 from graft.data.sources import SOURCES, source_kind
 from graft.designs import DESIGNS, EMBEDS, GENERATES, can_pack, design, model_sections
 from graft.errors import UserError
-from graft.eval.tasks import check_task
+from graft.eval.tasks import TASKS, check_task
 from graft.eval.zero_shot import load_prompts, read_prompts
 
 if TYPE_CHECKING:
@@ -59,12 +58,13 @@ def validate(cfg: Config, sources: bool = True) -> Config:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise UserError(f"{key}={value!r} is not one of {', '.join(valid)}")
+    splits = TASKS[source_kind(cfg).world].splits  # of the built-in world of the run's modality
     for split in cfg.eval.splits:
-        if split not in SPLITS:
-            raise UserError(f"eval.splits: unknown split '{split}' (valid: {', '.join(SPLITS)})")
+        if split not in splits:
+            raise UserError(f"eval.splits: unknown split '{split}' (valid: {', '.join(splits)})")
     _validate_numbers(cfg)
     _validate_documents(cfg)
-    _validate_streaming(cfg.data)
+    _validate_streaming(cfg)
     _validate_tasks(cfg)
     if cfg.eval.image_root and not Path(cfg.eval.image_root).is_dir():
         raise UserError(f"eval.image_root: folder not found: {cfg.eval.image_root}")
@@ -77,6 +77,10 @@ def validate(cfg: Config, sources: bool = True) -> Config:
     if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
         raise UserError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
     _validate_hf(cfg)
+    modality = source_kind(cfg).modality.name
+    if modality not in design(cfg.model).modalities:
+        raise UserError(f"data.source={cfg.data.source} gives {modality} items; model={cfg.model} reads "
+                        f"{', '.join(sorted(design(cfg.model).modalities))} (model=vlm reads series)")
     if cfg.data.pack is True and not can_pack(cfg):
         packers = ", ".join(name for name, d in DESIGNS.items() if d.packs)
         raise UserError(f"data.pack=true needs data.source=shapes, model={packers} and the built-in LM (no lm.hf_path)")
@@ -207,8 +211,9 @@ def _validate_tasks(cfg: Config) -> None:
             raise UserError(f"eval.tasks: {path} (for {name}) not found")
 
 
-def _validate_streaming(d: DataConfig) -> None:
-    SOURCES[d.source].check(d)  # what the chosen source needs (data/sources.py)
+def _validate_streaming(cfg: Config) -> None:
+    d = cfg.data
+    SOURCES[d.source].check(cfg)  # what the chosen source needs (data/sources.py)
     if d.weights and (len(d.weights) != len(d.shards) or min(d.weights) <= 0):
         raise UserError(f"data.weights={d.weights} must be {len(d.shards)} positive numbers, one per data.shards entry")
     if d.workers < 0 or d.shuffle_buffer < 0 or d.check_batches < 0:

@@ -72,6 +72,7 @@ from graft.build import assemble, resolve, tokenizer_for
 from graft.config import Config
 from graft.data.sources import source_kind
 from graft.designs import design, uses_packing
+from graft.designs.shared import TOWER_SECTIONS
 from graft.errors import UserError
 from graft.models.connectors import CONNECTORS
 from graft.models.decoder import gqa_in_kernel
@@ -130,7 +131,11 @@ def activations(cfg: Config, shape: Shape, p: Precision, trains: dict[str, bool]
                 checkpointing: bool = False, device: str = "cpu") -> tuple[dict[str, int], list[str]]:
     """Bytes by term (module docstring) for the sections the design reads, and notes on what is
     not counted. `trains[part]`: whether that part has trainable weights."""
-    sections, terms, notes, blocks = design(cfg.model).sections, {}, [], [0]
+    modality = source_kind(cfg).modality.name  # the other modalities' tower sections are not read
+    sections = [s for s in design(cfg.model).sections
+                if s not in {sec for name, (sec, _) in TOWER_SECTIONS.items() if name != modality}]
+    terms, notes, blocks = {}, [], [0]
+    tower = getattr(cfg, TOWER_SECTIONS[modality][0]) if modality in TOWER_SECTIONS else cfg.vision
     if "vision" in sections and trains.get("vision"):
         v = cfg.vision
         run = v.layers if v.hf_path or "connector" not in sections else v.feature_layer % v.layers + 1
@@ -149,7 +154,7 @@ def activations(cfg: Config, shape: Shape, p: Precision, trains: dict[str, bool]
     if "connector" in sections and (trains.get("connector") or trains.get("vision")):
         width = getattr(CONNECTORS[cfg.connector.kind], "activation_width", None)
         if width is not None:
-            terms["connector"] = shape.images * shape.image_tokens * p.act * width(cfg.vision.hidden_size,
+            terms["connector"] = shape.images * shape.image_tokens * p.act * width(tower.hidden_size,
                                                                                   cfg.lm.hidden_size)
         else:
             notes.append(f"the {cfg.connector.kind} connector's activations are not counted")

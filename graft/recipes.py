@@ -137,6 +137,16 @@ def shapes_interleaved() -> Config:
     return cfg
 
 
+def sensors_vlm() -> Config:
+    """Series tower + MLP connector + LM on the built-in sensor world: questions about 8 s wrist IMU recordings."""
+    cfg = Config(name="sensors_vlm")
+    cfg.data.source = "sensors"  # 6-channel recordings of activities; test = people never seen
+    cfg.data.questions_per_image = 3  # every question a recording allows
+    cfg.eval.splits, cfg.eval.captions = ["test"], 0
+    cfg.train.steps = 600
+    return cfg
+
+
 def tiny() -> Config:
     """A seconds-long smoke test: tiny model, few steps (for tests and trying the CLI)."""
     cfg = shapes_vqa()
@@ -329,6 +339,7 @@ def shapes_qformer() -> Config:
 
 RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, shapes_resampler, shapes_pixel_shuffle, shapes_avgpool,
                                    shapes_flamingo, shapes_fuyu, shapes_moe, shapes_moe_aware, shapes_interleaved,
+                                   sensors_vlm,
                                    tiny, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, clippo, lit,
                                    shapes_qformer_stage1, shapes_qformer)}
 # Recipes that start from another recipe's run: recipe → (the key naming that run, the recipe that

@@ -38,8 +38,10 @@ def first_fit(lengths: list[int], max_len: int) -> list[list[int]]:
     return rows
 
 
-def pack(items: list[Item], pad_id: int, max_len: int, image_size: int | None = None) -> dict[str, torch.Tensor]:
-    """input_ids, labels, position_ids, doc_ids (R, W) and pixel_values (images, 3, S, S).
+def pack(items: list[Item], pad_id: int, max_len: int, image_size: int | None = None,
+         inputs=None) -> dict[str, torch.Tensor]:
+    """input_ids, labels, position_ids, doc_ids (R, W) and pixel_values (images, 3, S, S), or with
+    `inputs` (the processor's) the items under their modality's key.
 
     Padding at the end of a row is a document of its own (id = number of documents in the row),
     so no token's attention row is empty.
@@ -66,4 +68,4 @@ def pack(items: list[Item], pad_id: int, max_len: int, image_size: int | None = 
         position_ids[r, at:] = torch.arange(width - at)
         doc_ids[r, at:] = len(row)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "doc_ids": doc_ids,
-            "pixel_values": stack_images(pixels, image_size)}
+            **(inputs(pixels) if inputs else {"pixel_values": stack_images(pixels, image_size)})}

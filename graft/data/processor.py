@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from graft.data.images import open_image, to_rgb
+from graft.data.images import open_image, open_within, to_rgb
 from graft.data.samples import ONE_IMAGE, BadSample, Place, encode
 from graft.data.tokenizer import ChatTokenizer
 from graft.errors import UserError
@@ -49,13 +49,21 @@ class Processor:
     reads_captions = False  # its rows are conversations (a dual encoder's processor reads (image, caption) pairs)
 
     def __init__(self, tokenizer: ChatTokenizer, image_size: int, num_image_tokens: int, max_seq_len: int,
-                 mean: list[float] | None = None, std: list[float] | None = None, image_row: int = 0):
+                 mean: list[float] | None = None, std: list[float] | None = None, image_row: int = 0,
+                 placeholder: int | None = None):
         self.tok, self.image_size = tokenizer, image_size
+        # the token each feature of an item fills: <image>, or another modality's (SeriesProcessor)
+        self.placeholder = tokenizer.image if placeholder is None else placeholder
         self.num_image_tokens, self.max_seq_len = num_image_tokens, max_seq_len
         # Fuyu: a newline token after every `image_row` placeholders (each row of patches); 0 = none
         self.image_row = image_row
         # Per-channel normalisation of [0, 1] pixels; None = SigLIP's mean 0.5, std 0.5 ([-1, 1]).
         self.mean, self.std = mean, std
+
+    def open(self, data, d) -> tuple[Image.Image, str | None]:
+        """One of a record's items, decoded within the data config's limits (`images.open_within`),
+        and how it was converted (or None); BadSample if unusable."""
+        return open_within(data, d)
 
     def pixels(self, img: Image.Image) -> torch.Tensor:
         """(3, S, S) float: (x/255 - mean) / std, by default in [-1, 1] (SigLIP: mean 0.5, std 0.5)."""
@@ -93,8 +101,8 @@ class Processor:
     def _placeholders(self) -> list[int]:
         """One image's placeholders: N <image> tokens, or rows of them each ended by a newline."""
         if not self.image_row:
-            return [self.tok.image] * self.num_image_tokens
-        row = [self.tok.image] * self.image_row + self.tok.encode("\n")
+            return [self.placeholder] * self.num_image_tokens
+        row = [self.placeholder] * self.image_row + self.tok.encode("\n")
         return row * (self.num_image_tokens // self.image_row)
 
     def conversation(self, turns: list[tuple[str, str]], places: list[Place] | None = None) -> tuple[list[int], list[int]]:
@@ -126,7 +134,7 @@ class Processor:
         """(ids, labels) of the conversation, whether turns were cut to fit, and how many of the
         record's images (the first ones) the kept turns hold; BadSample if unusable."""
         ids, labels, truncated = encode(self, turns, places)
-        return (ids, labels), truncated, ids.count(self.tok.image) // self.num_image_tokens
+        return (ids, labels), truncated, ids.count(self.placeholder) // self.num_image_tokens
 
     def row(self, text, images) -> tuple[list[int], list[int], list[torch.Tensor]]:
         """`images`: the kept images (PIL), an iterable read one at a time (one decoded image in memory)."""
@@ -134,7 +142,11 @@ class Processor:
         return ids, labels, [self.pixels(image) for image in images]
 
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
-        return collate(rows, self.tok.pad, self.image_size)
+        return collate(rows, self.tok.pad, inputs=self.inputs)
+
+    def inputs(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch's items (every row's, in order) under the modality's batch key."""
+        return {"pixel_values": stack_images(items, self.image_size)}
 
 
 def images_of(pixels) -> list[torch.Tensor]:
@@ -152,15 +164,17 @@ def stack_images(images: list[torch.Tensor], image_size: int | None) -> torch.Te
 
 
 def collate(items: list[tuple[list[int], list[int], object]], pad_id: int,
-            image_size: int | None = None) -> dict[str, torch.Tensor]:
+            image_size: int | None = None, inputs=None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence (causal attention never looks right, so no mask is needed).
     pixel_values (total images, 3, S, S): every row's images in order, rows top to bottom, which is
-    the order of their placeholder runs read row by row (the order `VLM.embed` fills them in)."""
+    the order of their placeholder runs read row by row (the order `VLM.embed` fills them in);
+    `inputs` (the processor's): those items under their modality's key instead."""
     width = max(len(ids) for ids, _, _ in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
     for row, (ids, lab, _) in enumerate(items):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(lab)] = torch.tensor(lab)
-    pixels = stack_images([p for _, _, pix in items for p in images_of(pix)], image_size)
-    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels}
+    pixels = [p for _, _, pix in items for p in images_of(pix)]
+    return {"input_ids": input_ids, "labels": labels,
+            **(inputs(pixels) if inputs else {"pixel_values": stack_images(pixels, image_size)})}

@@ -171,5 +171,5 @@ def encode(proc, turns: list[tuple[str, str]], places: list[Place] | None = None
         raise BadSample("answer_truncated", f"prompt{what} is longer than lm.max_seq_len={proc.max_seq_len}")
     if places and not images:  # the image turns were dropped: what is left would train text only
         raise BadSample("answer_truncated", f"no turn with an image fits in lm.max_seq_len={proc.max_seq_len}")
-    check_placeholders(ids, proc.tok.image, proc.num_image_tokens, images, proc.image_row)
+    check_placeholders(ids, proc.placeholder, proc.num_image_tokens, images, proc.image_row)
     return ids, labels, truncated

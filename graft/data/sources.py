@@ -1,6 +1,7 @@
 """`data.source` → the data a run trains on: the one registry of sources, and the trainer's entry points.
 
     shapes      the built-in world (world_source.py): indexed, its own tokenizer, its own settings
+    sensors     the built-in sensor world (sensor_source.py): recordings of activities, a series each
     webdataset  tar shards, one `data.shards` entry per source, mixed by `data.weights`
     llava       LLaVA conversation JSON (`data.path`) + image folder (`data.image_root`)
     hf          a Hugging Face dataset saved with `save_to_disk` (`data.path`, `data.*_column`)
@@ -26,11 +27,15 @@ from graft.data.interleaved import InterleavedShards, JsonlDocuments
 from graft.data.limits import bounded_turns
 from graft.data.llava_json import LlavaSource
 from graft.data.samples import BadSample
+from graft.data.sensor_source import SensorSource, sensor_tokenizer
+from graft.data.sensor_source import check as check_sensors
+from graft.data.sensors import SPLITS as SENSOR_SPLITS
 from graft.data.shapes import CAPTION_PROMPT, SPLITS
 from graft.data.skips import SkipLog
 from graft.data.tokenizer import ChatTokenizer
 from graft.data.webdataset import ShardSource
 from graft.data.world_source import LABEL_TEMPLATES, WorldSource, world_tokenizer
+from graft.models.modality import IMAGES, TIME_SERIES, Modality
 from graft.errors import UserError
 
 
@@ -49,18 +54,19 @@ def _trained_tokenizer(cfg: Config) -> ChatTokenizer:
     return ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size)
 
 
-def _needs_shards(d: DataConfig) -> None:
-    if not d.shards:
+def _needs_shards(cfg: Config) -> None:
+    if not cfg.data.shards:
         raise UserError("data.source=webdataset needs data.shards (e.g. data.shards=data/shard-{000000..000009}.tar)")
 
 
-def _needs_path(d: DataConfig) -> None:
-    if not d.path:
-        raise UserError(f"data.source={d.source} needs data.path")
+def _needs_path(cfg: Config) -> None:
+    if not cfg.data.path:
+        raise UserError(f"data.source={cfg.data.source} needs data.path")
 
 
-def _check_interleaved(d: DataConfig) -> None:
+def _check_interleaved(cfg: Config) -> None:
     """Interleaved documents come from data.path (JSON Lines) or data.shards; a key neither reads is refused."""
+    d = cfg.data
     if bool(d.path) == bool(d.shards):
         raise UserError("data.source=interleaved reads data.path (.jsonl documents) or data.shards (tar shards): "
                         f"set one of them, not {'both' if d.path else 'neither'}")
@@ -88,14 +94,19 @@ class SourceKind:
     options: tuple[str, ...] = ()  # `data.*` settings only this kind reads (others refuse them: config_checks)
     max_images: Callable = lambda d: d.max_images  # (data config) → the most images an example holds
     label_templates: tuple[str, ...] = ()  # zero-shot prompts in its captions' words ({} = a class name)
-    check: Callable = lambda d: None  # (data config) → UserError for what it needs and lacks
+    check: Callable = lambda cfg: None  # (config) → UserError for what it needs and lacks
     splits: tuple[str, ...] = ("train",)  # what `graft data show --split` may pick (training reads "train")
+    modality: Modality = IMAGES  # what its records' items are (the design builds the tower that reads them)
+    world: str = "shapes"  # the evaluation task that `eval.splits` names splits of (eval/tasks.py)
 
 
 SOURCES: dict[str, SourceKind] = {
     "shapes": SourceKind(lambda cfg, proc, split: [WorldSource(cfg, proc, split)], indexed=True,
                          tokenizer=world_tokenizer, options=("images_per_doc", "text_only"),
                          max_images=lambda d: d.images_per_doc, label_templates=LABEL_TEMPLATES, splits=SPLITS),
+    "sensors": SourceKind(lambda cfg, proc, split: [SensorSource(cfg, proc, split)], indexed=True,
+                          tokenizer=sensor_tokenizer, check=check_sensors, splits=SENSOR_SPLITS,
+                          modality=TIME_SERIES, world="sensors"),
     "webdataset": SourceKind(_webdataset, check=_needs_shards),
     "llava": SourceKind(lambda cfg, proc, split: [LlavaSource(cfg.data)], check=_needs_path),
     "hf": SourceKind(lambda cfg, proc, split: [HFSource(cfg.data)], check=_needs_path),

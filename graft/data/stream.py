@@ -48,7 +48,7 @@ class IndexedStream:
             raise UserError(f"data: none of the {n} records {self.source.key(start)}… of step {step} is usable "
                             f"({counts}); run `graft data check RECIPE` for details")
         if self.packs:
-            return pack(rows, self.proc.tok.pad, self.proc.max_seq_len, self.proc.image_size)
+            return pack(rows, self.proc.tok.pad, self.proc.max_seq_len, inputs=self.proc.inputs)
         return self.proc.collate(rows)
 
     def row(self, index: int):

@@ -35,7 +35,6 @@ from itertools import islice
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from graft.data.images import open_within
 from graft.data.limits import bounded_turns
 from graft.data.processor import Processor
 from graft.data.samples import BadSample
@@ -77,7 +76,7 @@ def read_record(proc: Processor, d, source, raw):
 
     def images():
         for data in ex.images[:kept]:
-            image, converted = open_within(data, d)
+            image, converted = proc.open(data, d)
             notes.extend([f"converted_{converted}"] if converted else [])
             yield image
 

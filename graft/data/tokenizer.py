@@ -59,6 +59,14 @@ class ChatTokenizer:
     def __len__(self) -> int:
         return self.tok.get_vocab_size()
 
+    def placeholder(self, token: str) -> int:
+        """The id of a modality's placeholder token beyond `<image>` (e.g. `<series>`), which only
+        tokenizers trained for that modality hold (`train(..., extra=...)`)."""
+        token_id = self.tok.token_to_id(token)
+        if token_id is None:
+            raise UserError(f"the tokenizer has no {token} token: it was not trained for this modality's data")
+        return token_id
+
     def encode(self, text: str) -> list[int]:
         """Ids of `text` as plain text: a literal special token in it is spelled out, never its id."""
         return self._plain.encode(text, add_special_tokens=False).ids
@@ -82,14 +90,15 @@ class ChatTokenizer:
             raise UserError(f"{path} is not a tokenizers JSON file ({str(e).splitlines()[0][:80]})") from None
 
     @classmethod
-    def train(cls, texts: list[str], vocab_size: int) -> "ChatTokenizer":
-        """A byte-level BPE on the start of `texts` (see the module docstring for the bounds)."""
+    def train(cls, texts: list[str], vocab_size: int, extra: tuple[str, ...] = ()) -> "ChatTokenizer":
+        """A byte-level BPE on the start of `texts` (see the module docstring for the bounds), with
+        the chat's special tokens and the `extra` ones (another modality's placeholder)."""
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = _pre_tokenizer()
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=list(SPECIAL_TOKENS.values()),
+            special_tokens=list(SPECIAL_TOKENS.values()) + list(extra),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )

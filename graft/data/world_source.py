@@ -60,14 +60,14 @@ def in_words(sample: Sample, turns: list[tuple[str, str]]) -> list[tuple[str, st
     return [(f"{SCENE_PREFIX}{sample.caption}. {question}", answer), *rest]
 
 
-class WorldSource:
-    """Records 0, 1, 2, … of a split of the built-in world, as examples for `proc` (see the module
-    docstring). A record is its index."""
+class BuiltInSource:
+    """Records 0, 1, 2, … of a split of a built-in world (`world`), as examples for `proc`. A record
+    is its index; a processor that `reads_captions` gets (item, caption) pairs."""
 
     indexed = True
 
-    def __init__(self, cfg: Config, proc=None, split: str = "train"):
-        self.world, self.d, self.split = make_world(cfg), cfg.data, split
+    def __init__(self, world, cfg: Config, proc=None, split: str = "train"):
+        self.world, self.d, self.split = world, cfg.data, split
         self.captions = proc is not None and proc.reads_captions
 
     def epoch(self, epoch: int, slot: int, nslots: int, log=None):
@@ -76,6 +76,13 @@ class WorldSource:
 
     def key(self, index: int) -> str:
         return f"{self.split} #{index}"
+
+
+class WorldSource(BuiltInSource):
+    """The Shapes world's records (see the module docstring)."""
+
+    def __init__(self, cfg: Config, proc=None, split: str = "train"):
+        super().__init__(make_world(cfg), cfg, proc, split)
 
     def example(self, index: int) -> Example:
         d, key = self.d, self.key(index)

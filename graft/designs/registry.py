@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from graft import config
 from graft.data.sources import source_kind
 from graft.errors import UserError
+from graft.models.modality import IMAGES
 
 SHARED_SECTIONS = ("name", "model", "data", "optim", "train", "eval")
 GENERATES = "generates"  # answers in text, from images and a prompt
@@ -45,6 +46,8 @@ class Design:
     # the config sections it brings (name → dataclass), registered into the config with it
     # (config.SECTIONS: `cfg.<name>`, `--set <name>.<key>=...`); `sections` names them among what it reads
     config_sections: dict = field(default_factory=dict)
+    # the modalities of the items it reads besides text (models/modality.py; a source says its own)
+    modalities: frozenset[str] = frozenset({IMAGES.name})
 
     def can(self, capability: str) -> bool:
         return capability in self.capabilities

@@ -3,9 +3,17 @@ config names, and the built-in tower's checks."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
+from graft.data.sources import source_kind
 from graft.errors import UserError
 from graft.models.hf_backbones import HFVisionTower, load_into_builtin
+from graft.models.modality import IMAGES, TIME_SERIES
+from graft.models.series import SeriesConfig, SeriesTower
 from graft.models.vit import VisionConfig
+
+# each modality's tower section: what a run on a source of that modality reads (the other is refused)
+TOWER_SECTIONS = {IMAGES.name: ("vision", VisionConfig), TIME_SERIES.name: ("series", SeriesConfig)}
 
 
 def resolve_vocab(cfg, tok) -> None:
@@ -19,6 +27,25 @@ def vision_tower(cfg, pretrained: bool):
     """The HF tower of vision.hf_path (its weights unless `pretrained` is false), else the built-in
     tower's config."""
     return HFVisionTower.load(cfg.vision, pretrained) if cfg.vision.hf_path else cfg.vision
+
+
+def item_tower(cfg, pretrained: bool):
+    """The tower of the run's items: a series tower for a source of series, else `vision_tower`."""
+    return SeriesTower(cfg.series) if source_kind(cfg).modality is TIME_SERIES else vision_tower(cfg, pretrained)
+
+
+def check_tower_sections(cfg) -> None:
+    """The section of the source's modality's tower is read; a setting of another tower's would change
+    nothing, so it is refused."""
+    modality = source_kind(cfg).modality
+    for name, (section, cls) in TOWER_SECTIONS.items():
+        if name == modality.name:
+            continue
+        mine, default = getattr(cfg, section), cls()
+        for f in fields(cls):
+            if getattr(mine, f.name) != getattr(default, f.name):
+                raise UserError(f"{section}.{f.name}={getattr(mine, f.name)} is not read: data.source={cfg.data.source} "
+                                f"gives {modality.name} items, read by the '{TOWER_SECTIONS[modality.name][0]}' section")
 
 
 def builtin_lm(lm, pretrained: bool):

@@ -1,4 +1,6 @@
-"""Prefix fusion (LLaVA): vision → connector → image tokens spliced into the LM's input. Its
+"""Prefix fusion (LLaVA): vision → connector → image tokens spliced into the LM's input; on a source
+of series (data.source=sensors) the series tower (models/series.py, section `series`) in the vision
+tower's place. Its
 processor, world batches and token count serve the other designs that generate (flamingo, fuyu).
 BLIP-2's stage 2 is this design with `connector.kind=qformer` and `connector.init_from=STAGE1_RUN`
 (the stage-1 run is checked here)."""
@@ -10,12 +12,17 @@ from pathlib import Path
 from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
 from graft.data.processor import Processor
 from graft.designs.registry import GENERATES, Design, register
-from graft.designs.shared import builtin_lm, check_something_trains, lm_losses, resolve_vocab, validate_vision, vision_tower
+from graft.data.series_processor import SeriesProcessor
+from graft.data.sources import source_kind
+from graft.designs.shared import (builtin_lm, check_something_trains, check_tower_sections, item_tower, lm_losses,
+                                  resolve_vocab, validate_vision)
 from graft.errors import UserError
 from graft.models.connectors import CONNECTORS, check_connector
 from graft.models.decoder import LMConfig
 from graft.models.hf_backbones import HFLanguageModel
+from graft.models.modality import IMAGES, TIME_SERIES
 from graft.models.qformer import QFormerConfig
+from graft.models.series import SeriesConfig
 from graft.models.vlm import VLM
 from graft.parts import VISION_ARCH
 from graft.rundir import RunDir
@@ -27,10 +34,14 @@ STAGE1 = "qformer_stage1"  # the design whose runs `connector.init_from` names (
 def build(cfg, tok, pretrained: bool = True):
     resolve_vocab(cfg, tok)
     lm = HFLanguageModel.load(cfg.lm, pretrained) if cfg.lm.hf_module else builtin_lm(cfg.lm, pretrained)
-    return VLM(vision_tower(cfg, pretrained), cfg.connector, lm, tok.image)
+    modality = source_kind(cfg).modality
+    placeholder = tok.image if modality is IMAGES else tok.placeholder(modality.token)
+    return VLM(item_tower(cfg, pretrained), cfg.connector, lm, placeholder, modality)
 
 
 def processor(cfg, tok, model):
+    if source_kind(cfg).modality is TIME_SERIES:
+        return SeriesProcessor(tok, cfg.series, model.num_image_tokens, cfg.lm.max_seq_len)
     v = cfg.vision
     cls = TemplateProcessor if isinstance(tok, HFChatTokenizer) else Processor
     return cls(tok, v.image_size, model.num_image_tokens, cfg.lm.max_seq_len, v.image_mean, v.image_std)
@@ -51,11 +62,29 @@ def validate(cfg) -> None:
     if "lm_image" in cfg.train.freeze and "lm_image" not in parts:
         raise UserError("train.freeze: lm_image: this model has none (see lm.modality_norms, lm.modality_ffn)")
     check_something_trains(parts, cfg.train.freeze)
+    check_tower_sections(cfg)
+    if source_kind(cfg).modality is TIME_SERIES:
+        return validate_series(cfg)
     v = cfg.vision  # the built-in tower's grid and LM's width (HF ones are checked when the model is built)
     check_connector(cfg.connector, None if v.hf_path else (v.image_size // v.patch_size) ** 2,
                           None if cfg.lm.hf_module else cfg.lm.hidden_size)
     LMConfig.check(cfg.lm, image_grid=CONNECTORS[cfg.connector.kind].grid)
     validate_vision(cfg)
+
+
+def validate_series(cfg) -> None:
+    """A series' tokens are a line, not a grid (a connector that merges a grid's neighbours refuses
+    them), through the built-in LM (an HF LM's chat template has no series placeholder yet)."""
+    SeriesConfig.check(cfg.series)
+    if cfg.eval.captions:
+        raise UserError(f"eval.captions={cfg.eval.captions}: the sensor world's captions are not scored yet (set 0)")
+    if cfg.connector.init_from:
+        raise UserError(f"connector.init_from={cfg.connector.init_from}: a stage-1 Q-Former run reads images, not series")
+    for key, default in (("image_attention", "causal"), ("image_positions", "1d"), ("hf_path", None)):
+        if getattr(cfg.lm, key) != default:
+            raise UserError(f"lm.{key}={getattr(cfg.lm, key)} is not available with series data (data.source={cfg.data.source})")
+    check_connector(cfg.connector, cfg.series.num_patches, cfg.lm.hidden_size)
+    LMConfig.check(cfg.lm, image_grid=False)
 
 
 def check_stage1_run(cfg) -> None:
@@ -87,6 +116,7 @@ def check_stage1_run(cfg) -> None:
                             "(its Q-Former reads that image encoder)")
 
 
-register("vlm", Design(frozenset({GENERATES}), ("vision", "connector", "lm"), PARTS, build, processor,
+register("vlm", Design(frozenset({GENERATES}), ("vision", "connector", "lm", "series"), PARTS, build, processor,
                        tokens, validate, losses=("lm",), packs=True, sources=check_stage1_run, exports_llava=True,
-                       config_losses=lm_losses, train_inputs=train_inputs))
+                       config_losses=lm_losses, train_inputs=train_inputs, config_sections={"series": SeriesConfig},
+                       modalities=frozenset({IMAGES.name, TIME_SERIES.name})))

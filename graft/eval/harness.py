@@ -19,17 +19,24 @@ import torch
 
 from graft import atomic
 from graft.config import Config
-from graft.eval.tasks import run_task
-from graft.eval.world import WORLD
+from graft.data.sources import source_kind
+from graft.eval.tasks import TASKS, run_task
 
 
 def entries(cfg: Config) -> list[tuple[str, str]]:
-    """The run's evaluations: (task, data) for each split of `eval.splits` and entry of `eval.tasks`."""
-    return [(WORLD, split) for split in cfg.eval.splits] + [tuple(t.split("=", 1)) for t in cfg.eval.tasks]
+    """The run's evaluations: (task, data) for each split of `eval.splits` (of the built-in world of
+    the run's modality: `SourceKind.world`) and entry of `eval.tasks`."""
+    world = source_kind(cfg).world
+    return [(world, split) for split in cfg.eval.splits] + [tuple(t.split("=", 1)) for t in cfg.eval.tasks]
+
+
+def on_splits(task: str) -> bool:
+    """A built-in world's task: its data are splits."""
+    return bool(TASKS[task].splits)
 
 
 def prefix(task: str, data: str, alone: bool) -> str:
-    if task == WORLD:
+    if on_splits(task):
         return "" if data == "test" else f"{data}/"
     return "" if alone else f"{Path(data.rstrip('/')).name}/"
 
@@ -37,7 +44,7 @@ def prefix(task: str, data: str, alone: bool) -> str:
 def unprefixed(todo: list[tuple[str, str]]) -> str:
     """The name of the data set whose metrics are unprefixed (a results table's first column)."""
     alone = len(todo) == 1
-    return next((d if t == WORLD else Path(d.rstrip("/")).name for t, d in todo if not prefix(t, d, alone)), "test")
+    return next((d if on_splits(t) else Path(d.rstrip("/")).name for t, d in todo if not prefix(t, d, alone)), "test")
 
 
 @torch.no_grad()
@@ -51,7 +58,7 @@ def evaluate(model, proc, cfg: Config, todo: list[tuple[str, str]] | None = None
         head = prefix(task, data, len(todo) == 1)
         metrics, predictions = run_task(task, model, proc, cfg, data)
         if out is not None:
-            file = out / (f"eval_{WORLD}_{data}.jsonl" if task == WORLD else f"eval_{head.replace('/', '_')}{task}.jsonl")
+            file = out / (f"eval_{task}_{data}.jsonl" if on_splits(task) else f"eval_{head.replace('/', '_')}{task}.jsonl")
             atomic.write_text(file, "".join(json.dumps(p) + "\n" for p in predictions))
         results |= {head + k: round(v, 4) for k, v in metrics.items()}
     model.train(was_training)

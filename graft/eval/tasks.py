@@ -10,6 +10,7 @@ metrics to `RUN/eval.json` and the predictions (id, prediction, reference, corre
 `RUN/eval_<task>.jsonl`.
 
 - `shapes` (eval/world.py): the built-in world; `--data` is a split (test, val, compositional, train).
+- `sensors` (eval/sensor_world.py): the built-in sensor world (series QA, activity F1); `--data` is a split.
 - `fewshot`, `documents` (eval/fewshot.py): the world in context — k-shot VQA and captioning
   (k in `eval.shots`), and questions across the images of interleaved documents; `--data` is a split.
 - `text` (eval/text_world.py): the world's questions about scenes told in words, no image: held-out
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from graft.data.sensors import SPLITS as SENSOR_SPLITS
 from graft.data.shapes import SPLITS
 from graft.data.skips import records_skipped
 from graft.designs import CAPABILITIES, EMBEDS, GENERATES, design
@@ -41,6 +43,7 @@ from graft.eval.questions import load_questions
 from graft.eval.retrieval import retrieval_on
 from graft.eval.text_world import text_vlm
 from graft.eval.vqa import vqa_on
+from graft.eval.sensor_world import SENSOR_WORLD, load_sensor_split, sensors_vlm
 from graft.eval.world import WORLD, load_split, world_dual, world_vlm
 from graft.eval.zero_shot import zero_shot_on
 
@@ -52,10 +55,14 @@ class Task:
     # a design that has several capabilities is scored by the first scorer here that it can use
     score: dict[str, Callable]
     exists: Callable[[str], bool] = lambda path: "{" in path or Path(path).exists()  # checked before training
+    splits: tuple[str, ...] = ()  # a built-in world's task: its splits (`eval.splits` of a run on it)
 
 
 TASKS = {
-    WORLD: Task(load_split, {GENERATES: world_vlm, EMBEDS: world_dual}, exists=lambda split: split in SPLITS),
+    WORLD: Task(load_split, {GENERATES: world_vlm, EMBEDS: world_dual}, exists=lambda split: split in SPLITS,
+                splits=SPLITS),
+    SENSOR_WORLD: Task(load_sensor_split, {GENERATES: sensors_vlm}, exists=lambda split: split in SENSOR_SPLITS,
+                       splits=SENSOR_SPLITS),
     "fewshot": Task(load_split, {GENERATES: fewshot_vlm}, exists=lambda split: split in SPLITS),
     "documents": Task(load_split, {GENERATES: documents_vlm}, exists=lambda split: split in SPLITS),
     "text": Task(load_split, {GENERATES: text_vlm}, exists=lambda split: split in SPLITS),

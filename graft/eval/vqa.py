@@ -23,16 +23,17 @@ from graft.eval.shard import shard_map
 from graft.eval.vqav2 import soft_accuracy
 
 
-def questions(world: ShapesWorld, split: str, per_type: int) -> list[tuple[int, QA]]:
+def questions(world: ShapesWorld, split: str, per_type: int, types: tuple[str, ...] = QUESTION_TYPES) -> list[tuple[int, QA]]:
+    """(sample index, question) pairs: per type, the first `per_type` samples that pose it (see above)."""
     items = []
-    for offset, kind in enumerate(QUESTION_TYPES):
+    for offset, kind in enumerate(types):
         found, index = 0, offset
-        while found < per_type and index < offset + 50 * per_type * len(QUESTION_TYPES):
+        while found < per_type and index < offset + 50 * per_type * len(types):
             qa = world.sample(split, index).question(kind)
             if qa is not None:
                 items.append((index, qa))
                 found += 1
-            index += len(QUESTION_TYPES)
+            index += len(types)
     return items
 
 
@@ -75,10 +76,12 @@ def _answer(model, proc, prompts, batch_size: int, max_new_tokens: int) -> list[
     return out
 
 
-def vqa_accuracy(model, proc, world: ShapesWorld, split: str, per_type: int, batch_size: int) -> tuple[dict[str, float], list[dict]]:
-    """Accuracy overall and per question type, and one prediction per question."""
-    items = questions(world, split, per_type)
-    prompts = [(world.sample(split, i).image, qa.question) for i, qa in items]
+def vqa_accuracy(model, proc, world: ShapesWorld, split: str, per_type: int, batch_size: int,
+                 types: tuple[str, ...] = QUESTION_TYPES, item=lambda sample: sample.image) -> tuple[dict[str, float], list[dict]]:
+    """Accuracy overall and per question type, and one prediction per question. `types`, `item`:
+    another world's question types and what of its sample the model reads (the sensor world's)."""
+    items = questions(world, split, per_type, types)
+    prompts = [(item(world.sample(split, i)), qa.question) for i, qa in items]
     preds = answer(model, proc, prompts, batch_size, max_new_tokens=4)
     right, predictions = defaultdict(list), []
     for (index, qa), pred in zip(items, preds):
@@ -86,7 +89,7 @@ def vqa_accuracy(model, proc, world: ShapesWorld, split: str, per_type: int, bat
         predictions.append({"id": f"{split}/{index}", "question": qa.question, "prediction": pred,
                             "reference": qa.answer, "correct": right[qa.kind][-1]})
     result = {"vqa_acc": sum(sum(v) for v in right.values()) / max(1, len(items))}
-    for kind in QUESTION_TYPES:
+    for kind in types:
         if right[kind]:
             result[f"vqa_acc/{kind}"] = sum(right[kind]) / len(right[kind])
     return result, predictions

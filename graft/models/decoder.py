@@ -27,7 +27,7 @@ from graft.models.image_layout import image_mask, mrope_positions
 from graft.models.context import Context
 from graft.models.layers import RMSNorm
 from graft.models.lm_config import LMConfig  # noqa: F401 (re-exported: the decoder's config)
-from graft.models.modality import IMAGE, image_twins
+from graft.models.modality import IMAGE, TEXT, image_twins
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (B, T, head_dim) for integer `positions` (B, T); RoFormer, Su et al. 2021.
@@ -57,7 +57,7 @@ class Layout:
     """Where each token of the rows sits, which sets the decoder's positions and mask; built per
     call by the model that lays the rows out (VLM.lm_inputs). Packed rows (data/packing.py) give
     `position_ids` (B, T), restarting at each document, and `doc_ids` (B, T): attention is then
-    causal within a document and blind across documents. `modality_ids` (B, T): TEXT or IMAGE
+    causal within a document and blind across documents. `modality_ids` (B, T): TEXT, IMAGE or SERIES
     (models/modality.py); image tokens attend and sit as `lm.image_attention` / `lm.image_positions`
     say, every `tokens_per_image` of them in a row making one image whose tokens form a square grid
     of side `image_grid` (None: no grid)."""
@@ -175,7 +175,8 @@ class DecoderLayer(nn.Module):
 class ModalityLayer(DecoderLayer):
     """A Llama block whose image tokens have their own norms and/or FFN (`lm.modality_norms` /
     `lm.modality_ffn`; EVEv2, VLMo): each `<text module>_image` beside its text twin, applied
-    where `ctx.modality_ids` is IMAGE (models/modality.py)."""
+    where `ctx.modality_ids` is not TEXT (models/modality.py): the tokens of the model's one other
+    modality, an image's or a series'."""
 
     def __init__(self, cfg: LMConfig, index: int):
         super().__init__(cfg, index)
@@ -196,7 +197,7 @@ class ModalityLayer(DecoderLayer):
         text, image = getattr(self, name), getattr(self, f"{name}_image", None)
         if image is None or ctx.modality_ids is None:
             return text(x, ctx) if isinstance(text, moe.MoE) else text(x)  # an MoE routes each token itself
-        at = ctx.modality_ids == IMAGE  # (B, T)
+        at = ctx.modality_ids != TEXT  # (B, T)
         out = torch.empty_like(x)
         out[~at], out[at] = text(x[~at]), image(x[at])
         return out

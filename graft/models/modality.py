@@ -1,16 +1,17 @@
 """The modalities a batch carries: named ids of the LM's sequence, and each modality's batch keys.
 
-`modality_ids` (B, T) holds TEXT or IMAGE for each token of the LM's sequence. The decoder's
+`modality_ids` (B, T) holds TEXT, IMAGE or SERIES for each token of the LM's sequence. The decoder's
 image-specific behaviour (attention, positions, the image tokens' own norms and FFN,
 modality-aware MoE routing) asks `== IMAGE`, never a bare number. A layer's modules of the image
 tokens' own are named `<text module>_image` (`image_twins`).
 
 A batch carries each modality's items under the modality's own key, item first (`inputs`: the
-images' `pixel_values` (n, 3, S, S)); the trainer counts items through `MODALITIES` (`items`), never
-by an image key. A new modality whose items enter the sequence (a series, a video) is a new
-`Modality` here, with its source, tower and processor. Every image has the same number of
-placeholders today (`num_image_tokens`); per-item token counts come with the first modality whose
-items differ in length.
+images' `pixel_values` (n, 3, S, S), a series' `series_values` (n, C, L)); the trainer counts items
+through `MODALITIES` (`items`), never by an image key. A modality whose items enter the sequence is
+a `Modality` here, with its source (data/sources.py), tower and processor; each of its features
+fills one of its placeholder tokens. Every item of a modality has the same number of placeholders
+today (`num_image_tokens`: series are read at one length, `series.length`); per-item token counts
+come with the first source whose items differ in length.
 """
 
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torch import nn
 
 TEXT = 0
 IMAGE = 1
+SERIES = 2
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,16 @@ class Modality:
     name: str
     id: int  # in `modality_ids`
     inputs: str  # the batch key of its items' inputs, item first
+    token: str  # the special token each of an item's features fills (its placeholder)
 
 
-IMAGES = Modality("image", IMAGE, "pixel_values")
-MODALITIES = (IMAGES,)
+IMAGES = Modality("image", IMAGE, "pixel_values", "<image>")
+TIME_SERIES = Modality("series", SERIES, "series_values", "<series>")  # multichannel time series (models/series.py)
+MODALITIES = (IMAGES, TIME_SERIES)
 
 
 def items(batch: dict) -> int:
-    """The items of every modality a batch holds (images; a dual encoder's image–text pairs)."""
+    """The items of every modality a batch holds (images, series; a dual encoder's image–text pairs)."""
     return sum(batch[m.inputs].shape[0] for m in MODALITIES if m.inputs in batch)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from graft.models.layers import SwiGLU
 from graft.models.context import Context
 from graft.models.lm_config import LMConfig
-from graft.models.modality import IMAGE
+from graft.models.modality import TEXT
 
 def is_moe_layer(cfg: LMConfig, index: int) -> bool:
     """Layers k-1, 2k-1, ... get experts (k = lm.moe_every): every layer for k = 1."""
@@ -51,8 +51,8 @@ class MoE(nn.Module):
         probabilities (N, E)."""
         logits = self.router(x).float()  # (N, E)
         if self.routing == "aware" and modality_ids is not None:
-            image = (modality_ids.reshape(-1) == IMAGE)[:, None]
-            first = torch.arange(logits.shape[1], device=x.device) < logits.shape[1] // 2  # the image tokens' experts
+            image = (modality_ids.reshape(-1) != TEXT)[:, None]  # an image's or a series' tokens
+            first = torch.arange(logits.shape[1], device=x.device) < logits.shape[1] // 2  # the non-text tokens' experts
             logits = logits.masked_fill(image != first, float("-inf"))
         probs = logits.softmax(-1)
         chosen = (probs + self.bias if self.balance == "bias" else probs).topk(self.top_k, dim=-1).indices

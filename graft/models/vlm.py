@@ -15,7 +15,7 @@ from graft.errors import UserError
 from graft.losses import IGNORE, at_least_fp32, lm_loss_sum, supervised
 from graft.models.connectors import ConnectorConfig, build_connector
 from graft.models.decoder import KVCache, LanguageModel, Layout, LMConfig
-from graft.models.modality import IMAGE
+from graft.models.modality import IMAGES, Modality
 from graft.models.vit import VisionConfig, ViT
 
 
@@ -26,11 +26,14 @@ class VLM(nn.Module):
         connector: ConnectorConfig,
         lm: LMConfig | nn.Module,
         image_token_id: int,
+        modality: Modality = IMAGES,
     ):
         """`vision` / `lm` are configs of graft's own ViT / decoder, or ready modules with the same
-        interface (e.g. the Hugging Face backbones of `models/hf_backbones.py`)."""
+        interface (e.g. the Hugging Face backbones of `models/hf_backbones.py`; a series tower,
+        models/series.py, with `modality` TIME_SERIES: its items come under their own batch key and
+        fill their own placeholder token, `image_token_id`)."""
         super().__init__()
-        self.image_token_id = image_token_id
+        self.image_token_id, self.modality = image_token_id, modality
         self.vision = vision if isinstance(vision, nn.Module) else ViT(vision)
         # LMConfig and LM modules both have .hidden_size; built in this order (vision, connector,
         # LM) so that a seed gives the same initial weights as before modules could be passed in.
@@ -102,14 +105,16 @@ class VLM(nn.Module):
     def forward(self, input_ids, pixel_values=None, labels=None, cache: KVCache | None = None,
                 image_tokens: torch.Tensor | None = None, answers_only: bool = False,
                 position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                hidden: dict | None = None):
+                hidden: dict | None = None, **items):
         """Returns (logits (B, T, vocab), {"lm": Σ answer-token losses, and the LM's auxiliary
         losses} or {} without labels). With `labels` and `answers_only` (how the trainer calls it:
         the design's `train_inputs`) the LM head and loss run only where an answer token is
         predicted, and no logits are returned: the same loss for fewer FLOPs. The images come as
         `pixel_values` or encoded as `image_tokens` (see `embed`). `position_ids`, `doc_ids`: of
         packed rows (data/packing.py), for the built-in decoder. `hidden` {layer: None}: filled
-        with those LM layers' outputs (the built-in decoder)."""
+        with those LM layers' outputs (the built-in decoder). `items`: another modality's inputs
+        under its batch key (a series' `series_values`), in place of `pixel_values`."""
+        pixel_values = self._items(pixel_values, items)
         aux: dict = {}
         lm_args = dict(self.lm_inputs(input_ids, pixel_values, image_tokens, cache, position_ids, doc_ids), aux=aux)
         if hidden is not None:
@@ -119,12 +124,19 @@ class VLM(nn.Module):
         logits = self.lm(**lm_args)
         return logits, ({"lm": lm_loss_sum(logits, labels), **aux} if labels is not None else {})
 
+    def _items(self, pixel_values, items: dict):
+        """The tower's inputs: `pixel_values`, or this model's modality's batch key."""
+        unknown = set(items) - {self.modality.inputs}
+        if unknown:
+            raise TypeError(f"VLM.forward got {sorted(unknown)}; its items come as pixel_values or {self.modality.inputs}")
+        return items.get(self.modality.inputs, pixel_values)
+
     def lm_inputs(self, input_ids, pixel_values, image_tokens, cache: KVCache | None, position_ids=None,
                   doc_ids=None) -> dict:
         """The decoder's inputs for a batch: the image tokens spliced into the text's embeddings, and
         the rows' `Layout` (packed rows' positions and documents: the decoder's mask keeps each
         document to itself; which tokens are an image's)."""
-        layout = Layout(position_ids, doc_ids, (input_ids == self.image_token_id).long() * IMAGE,
+        layout = Layout(position_ids, doc_ids, (input_ids == self.image_token_id).long() * self.modality.id,
                         self.num_image_tokens, self.image_grid)
         return {"inputs_embeds": self.embed(input_ids, pixel_values, image_tokens), "cache": cache, "layout": layout}
 

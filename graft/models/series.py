@@ -1,0 +1,90 @@
+"""The series tower: a multichannel time series → a sequence of patch features, like a ViT's.
+
+    (B, C, L) → normalised per recording and channel (RevIN without its affine, Kim et al. 2022),
+                the statistics kept as one more token (each channel's mean and log std, embedded
+                linearly: a posture is a mean, the gravity the accelerometer reads at rest)
+              → patches of `patch` steps every `stride` steps, all channels together, each linearly
+                embedded (a Conv1d, as PatchTST / GPT4TS embed patches) + a learned position table
+              → `layers` pre-LN encoder layers (the ViT's own layer, models/vit.py) → (B, P, D)
+
+It offers what a VLM asks of a tower (`features`, `embed_dim`, `num_patches`, `post_layernorm`), so
+its tokens enter the language model through the same connectors as an image's; their modality id
+is SERIES. With `layers: 0` the patches' embeddings are the features (GPT4TS feeds them to the LM
+directly). Channel-independent patches (PatchTST's) are not built yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graft.errors import UserError
+from graft.models.vit import Encoder, VisionTower, _init_weights
+
+
+@dataclass
+class SeriesConfig:
+    channels: int = 6
+    length: int = 256  # steps of every recording the tower reads (the processor refuses others)
+    patch: int = 16  # steps per patch
+    stride: int = 16  # steps between patch starts (< patch: overlapping patches)
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    intermediate_size: int = 256
+    layer_norm_eps: float = 1e-6
+    normalise: bool = True  # per recording and channel: zero mean, unit variance (RevIN), + a statistics token
+    max_gap: int = 16  # longest run of missing (NaN) steps the processor fills by interpolation
+
+    @staticmethod
+    def check(cfg: "SeriesConfig") -> None:
+        for key in ("channels", "length", "patch", "stride", "hidden_size", "heads"):
+            if getattr(cfg, key) <= 0:
+                raise UserError(f"series.{key}={getattr(cfg, key)} must be positive")
+        if cfg.patch > cfg.length:
+            raise UserError(f"series.patch={cfg.patch} is longer than series.length={cfg.length}")
+        if cfg.hidden_size % cfg.heads:
+            raise UserError(f"series.hidden_size={cfg.hidden_size} is not divisible by series.heads={cfg.heads}")
+        if cfg.layers < 0 or cfg.max_gap < 0:
+            raise UserError("series.layers and series.max_gap must be >= 0")
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per recording: its patches, and the statistics token when normalised."""
+        return (self.length - self.patch) // self.stride + 1 + self.normalise
+
+
+class SeriesTower(VisionTower):
+    """A tower as the VLM asks of one (`VisionTower`: `cfg`, `features`, `embed_dim`, `num_patches`)."""
+
+    def __init__(self, cfg: SeriesConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv1d(cfg.channels, cfg.hidden_size, cfg.patch, stride=cfg.stride)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+        self.statistics = nn.Linear(2 * cfg.channels, cfg.hidden_size) if cfg.normalise else None
+        self.encoder = Encoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.patch_embedding.weight, std=0.02)
+
+    def features(self, series: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """(B, C, L) → the last encoder layer's output (or `layer`'s), no post norm: (B, P, D)."""
+        x = series.to(self.patch_embedding.weight.dtype)
+        if self.statistics is not None:  # each recording and channel on its own scale (RevIN)
+            mean, std = x.mean(-1, keepdim=True), (x.var(-1, keepdim=True, unbiased=False) + 1e-5).sqrt()
+            x = self.patch_embedding((x - mean) / std).transpose(1, 2)  # (B, P - 1, D)
+            stats = self.statistics(torch.cat([mean, std.log()], 1).transpose(1, 2))  # (B, 1, D)
+            x = torch.cat([stats, x], 1)
+        else:
+            x = self.patch_embedding(x).transpose(1, 2)  # (B, P, D)
+        x = x + self.position_embedding.weight
+        stop = len(self.encoder.layers) if layer is None else layer % len(self.encoder.layers) + 1
+        for block in self.encoder.layers[:stop]:
+            x = block(x)
+        return x
+
+    def forward(self, series: torch.Tensor) -> torch.Tensor:
+        return self.post_layernorm(self.features(series))
