@@ -20,10 +20,12 @@ from graft import recipes
 from graft.build import build_processor, load_run
 from graft.config import Config
 from graft.data.processor import load_image
+from graft.data.sources import source_kind
 from graft.designs import GENERATES, design
 from graft.errors import UserError
 from graft.eval.harness import evaluate
 from graft.eval.vqa import answer
+from graft.models.modality import IMAGES
 from graft.rundir import RunDir
 from graft.trainer.loop import train as train_loop
 
@@ -51,8 +53,16 @@ class Run:
         """Metrics of one task (eval/tasks.py) on one data set; predictions to RUN/eval_<task>.jsonl."""
         return evaluate(self.model, self.processor, self.cfg, [(task, data)], out=self.dir.path)
 
+    def require_images(self, what: str) -> None:
+        """A one-line error where the run's items are not images (a series run: `generate` with an array)."""
+        modality = source_kind(self.cfg).modality
+        if modality is not IMAGES:
+            raise UserError(f"{what} reads images; {self.dir.path} reads {modality.name} items (data.source="
+                            f"{self.cfg.data.source}): ask it with graft.api.load(RUN).generate(array, prompt)")
+
     def generate(self, image, prompt: str, max_new_tokens: int = 32) -> str:
-        """The VLM's greedy answer to `prompt` about `image` (a PIL image or a file path)."""
+        """The VLM's greedy answer to `prompt` about `image` (a PIL image or a file path; for a
+        series run, a (channels, length) array)."""
         if not design(self.cfg.model).can(GENERATES):
             raise UserError(f"{self.dir.path} holds a {self.cfg.model} model, which does not generate text")
         image = load_image(image) if isinstance(image, (str, Path)) else image

@@ -86,6 +86,7 @@ def cmd_generate(args) -> None:
 
     image = load_image(args.image)
     run = load(args.dir)  # "<image>" typed in the prompt is plain text, never a placeholder
+    run.require_images("graft generate --image")
     try:
         print(run.generate(image, args.prompt, args.max_new_tokens))
     except BadSample as e:  # e.g. a chat template that rewrites a prompt holding a control-token string
@@ -96,7 +97,9 @@ def cmd_serve(args) -> None:
     from graft.api import load
     from graft.serve import serve
 
-    serve(load(args.dir), args.host, args.port)
+    run = load(args.dir)
+    run.require_images("graft serve")
+    serve(run, args.host, args.port)
 
 
 def cmd_export(args) -> None:

@@ -18,11 +18,13 @@ from pathlib import Path
 
 from graft.build import load_run
 from graft.data.hf_tokenizer import GRAFT_TEMPLATE, IMAGE_TOKEN, HFChatTokenizer
+from graft.data.sources import source_kind
 from graft.designs import design
 from graft.errors import UserError
 from graft.models.connectors import per_patch
 from graft.models.hf_llava import to_llava, uses_cls_token
 from graft.models.lora import merge_lora
+from graft.models.modality import IMAGES
 from graft.rundir import RunDir
 
 FORMATS = ("hf",)
@@ -67,6 +69,7 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "hf") -> Path:
         raise UserError(f"--out {out} exists and is not an empty directory")
     cfg = RunDir(run_dir).require().config()
     what = (f"model={cfg.model}" if not design(cfg.model).exports_llava
+            else f"{source_kind(cfg).modality.name} items (data.source={cfg.data.source})" if source_kind(cfg).modality is not IMAGES
             else f"connector.kind={cfg.connector.kind}" if not per_patch(cfg.connector.kind)
             else next((f"lm.{k}=true" for k in ("modality_norms", "modality_ffn") if getattr(cfg.lm, k)), None))
     if what:

@@ -15,9 +15,9 @@ import random
 
 from tokenizers import Tokenizer
 
-from graft.config import CAPTION_PROMPT, Config
+from graft.config import Config
 from graft.data.samples import ONE_IMAGE, Example
-from graft.data.sensors import SensorWorld
+from graft.data.sensors import RECORDING_PROMPT, SensorWorld
 from graft.data.tokenizer import ChatTokenizer
 from graft.data.world_source import BuiltInSource, training_turns
 from graft.errors import UserError
@@ -48,10 +48,10 @@ class SensorSource(BuiltInSource):
     def example(self, index: int) -> Example:
         rec, key = self.world.sample(self.split, index), self.key(index)
         if self.captions:
-            return Example(key, [rec.values], [(CAPTION_PROMPT, rec.caption)], ONE_IMAGE)
+            return Example(key, [rec.values], [(RECORDING_PROMPT, rec.caption)], ONE_IMAGE)
         rng = random.Random(f"turns/{self.d.seed}/{index}")
-        return Example(key, [rec.values], training_turns(rec, rng, self.d.questions_per_image, self.d.caption_prob),
-                       ONE_IMAGE)
+        turns = training_turns(rec, rng, self.d.questions_per_image, self.d.caption_prob, RECORDING_PROMPT)
+        return Example(key, [rec.values], turns, ONE_IMAGE)
 
 
 def sensor_tokenizer(cfg: Config) -> ChatTokenizer:
@@ -61,7 +61,7 @@ def sensor_tokenizer(cfg: Config) -> ChatTokenizer:
 @functools.lru_cache(maxsize=4)
 def _sensor_tokenizer(seed: int, vocab_size: int, n: int = 2000) -> str:
     """As JSON, trained once per process on the world's captions, questions and answers."""
-    world, texts = SensorWorld(SECONDS, 16, seed, gap_prob=0.0), [CAPTION_PROMPT]
+    world, texts = SensorWorld(SECONDS, 16, seed, gap_prob=0.0), [RECORDING_PROMPT]
     for i in range(n):
         rec = world.sample("train", i)
         texts += [rec.caption] + [t for qa in rec.qa for t in (qa.question, qa.answer)]

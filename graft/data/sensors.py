@@ -34,6 +34,7 @@ QUESTION_TYPES = ("activity", "moving", "changed", "first", "last", "when")
 CHANNELS = ("acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z")
 SUBJECTS = {"train": range(0, 8), "val": range(0, 8), "test": range(8, 10)}
 ACTIVITY_PROMPT = "what is the person doing?"
+RECORDING_PROMPT = "describe the recording."  # the caption request
 
 # posture → gravity in the sensor's frame (unit vector); motion → (step Hz, bounce g, swing rad/s)
 GRAVITY = {"lying": (0.95, 0.05, 0.3), "sitting": (0.35, 0.55, 0.75), "standing": (0.1, 0.98, 0.15),

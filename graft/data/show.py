@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from graft import atomic
@@ -27,7 +28,6 @@ from graft.build import build_processor, load_run
 from graft.config import Config
 from graft.data import skips
 from graft.data.check import processor_for
-from graft.data.images import open_within
 from graft.data.limits import bounded_turns
 from graft.data.samples import BadSample
 from graft.data.sources import build_sources, source_kind
@@ -131,7 +131,7 @@ def stream_records(cfg: Config, n: int, split: str = "train") -> tuple[list[Reco
             example = source.example(raw)
             turns, _ = bounded_turns(example.turns, cfg.data)
             # the first image of a multi-image record; a text-only one (data.text_only) draws blank
-            image = open_within(example.images[0], cfg.data)[0] if example.images else _blank(proc.image_size)
+            image = proc.open(example.images[0], cfg.data)[0] if example.images else _blank(proc.image_size)
         except BadSample as e:
             log.skip(e.reason, source.key(raw), e.detail)
             continue
@@ -225,12 +225,17 @@ def draw(records: list[Record], cells: list[list[tuple[str, str]]]) -> bytes:
     return png_bytes(fig, DPI)
 
 
-def _draw_cell(image_ax, text_ax, image: Image.Image, lines: list[tuple[str, str]], text_h: float) -> None:
-    box = (round(image_ax.get_position().width * image_ax.figure.get_figwidth() * DPI), round(IMAGE_H * DPI))
-    image_ax.imshow(_scaled(image, box), interpolation="nearest")
-    image_ax.set_anchor("W")  # flush left, over its text
-    for ax in (image_ax, text_ax):
-        ax.set_axis_off()
+def _draw_cell(image_ax, text_ax, image, lines: list[tuple[str, str]], text_h: float) -> None:
+    """An image, or a series (C, L) as one line per channel over its lines of text."""
+    if isinstance(image, np.ndarray):
+        image_ax.plot(image.T, linewidth=0.6)
+        image_ax.set_xticks([]), image_ax.set_yticks([])
+    else:
+        box = (round(image_ax.get_position().width * image_ax.figure.get_figwidth() * DPI), round(IMAGE_H * DPI))
+        image_ax.imshow(_scaled(image, box), interpolation="nearest")
+        image_ax.set_anchor("W")  # flush left, over its text
+        image_ax.set_axis_off()
+    text_ax.set_axis_off()
     for j, (text, colour) in enumerate(lines):  # data text: no mathtext, clipped to the cell
         text_ax.text(0, 1 - j * LINE_H / text_h, text, color=colour, fontsize=FONT, va="top", ha="left",
                      transform=text_ax.transAxes, clip_on=True, parse_math=False, usetex=False)

@@ -46,10 +46,13 @@ def make_world(cfg: Config) -> ShapesWorld:
     return ShapesWorld(cfg.vision.image_size, d.grid, d.max_objects, d.seed)
 
 
-def training_turns(sample: Sample, rng: random.Random, questions: int, caption_prob: float) -> list[tuple[str, str]]:
+def training_turns(sample: Sample, rng: random.Random, questions: int, caption_prob: float,
+                   prompt: str = CAPTION_PROMPT) -> list[tuple[str, str]]:
+    """`questions` of the sample's questions in random order, and with `caption_prob` the caption
+    request (`prompt`) somewhere among them."""
     turns = [(qa.question, qa.answer) for qa in rng.sample(sample.qa, min(questions, len(sample.qa)))]
     if rng.random() < caption_prob:
-        turns.insert(rng.randint(0, len(turns)), (CAPTION_PROMPT, sample.caption))
+        turns.insert(rng.randint(0, len(turns)), (prompt, sample.caption))
     return turns
 
 
