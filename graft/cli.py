@@ -60,9 +60,10 @@ def cmd_eval(args) -> None:
     run = RunDir(args.dir)
     cfg, tok, model, ckpt = load_run(run)
     if args.task:
+        from graft.data.sources import source_kind
         from graft.eval.tasks import check_task
 
-        task = check_task(args.task, cfg.model, f"--task {args.task}")
+        task = check_task(args.task, cfg.model, f"--task {args.task}", source_kind(cfg).modality.name)
         for data in args.data:
             if not task.exists(data):
                 raise UserError(f"--data {data}: not found (for --task {args.task})")

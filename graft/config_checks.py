@@ -22,7 +22,7 @@ from graft.eval.tasks import TASKS, check_task
 from graft.eval.zero_shot import load_prompts, read_prompts
 
 if TYPE_CHECKING:
-    from graft.config import Config, DataConfig
+    from graft.config import Config
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -58,7 +58,8 @@ def validate(cfg: Config, sources: bool = True) -> Config:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise UserError(f"{key}={value!r} is not one of {', '.join(valid)}")
-    splits = TASKS[source_kind(cfg).world].splits  # of the built-in world of the run's modality
+    world = source_kind(cfg).world  # None: a source without one refuses eval.splits itself
+    splits = TASKS[world].splits if world else cfg.eval.splits  # of the built-in world of the run's modality
     for split in cfg.eval.splits:
         if split not in splits:
             raise UserError(f"eval.splits: unknown split '{split}' (valid: {', '.join(splits)})")
@@ -207,7 +208,7 @@ def _validate_tasks(cfg: Config) -> None:
         name, sep, path = entry.partition("=")
         if not sep or not path:
             raise UserError(f"eval.tasks: {entry!r} is not TASK=PATH (e.g. zeroshot=/data/pets)")
-        if not check_task(name, cfg.model, f"eval.tasks {entry!r}").exists(path):
+        if not check_task(name, cfg.model, f"eval.tasks {entry!r}", source_kind(cfg).modality.name).exists(path):
             raise UserError(f"eval.tasks: {path} (for {name}) not found")
 
 

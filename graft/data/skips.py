@@ -33,6 +33,7 @@ REASONS = {
     "too_many_images": "more images than data.max_images (a dual encoder's pair: more than one)",
     "series_bad": "a series that is not a finite (channels, length) array of series.channels x series.length, "
                   "or has a gap (NaN) of more than series.max_gap steps",
+    "label_unknown": "a class label the file's header does not declare (.ts)",
     "text_missing": "no caption or conversation",
     "text_not_utf8": "the caption is not UTF-8 (or holds a lone surrogate escape)",
     "text_too_long": "caption or conversation over data.max_text_bytes",

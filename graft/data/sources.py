@@ -6,6 +6,7 @@
     llava       LLaVA conversation JSON (`data.path`) + image folder (`data.image_root`)
     hf          a Hugging Face dataset saved with `save_to_disk` (`data.path`, `data.*_column`)
     interleaved web documents, text and images in turn (OBELICS, MMC4): JSON Lines (`data.path`) or shards
+    ts          a UEA/UCR time-series classification file (`data.path`, ts_file.py): series with labels
 
 To add a source: write a class with `epoch(epoch, slot, nslots, log)` (its raw records for one slot,
 deterministic), `key(raw)` and `example(raw) -> samples.Example`, and register a `SourceKind` here.
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 
 from graft.config import Config, DataConfig
 from graft.data.hf_dataset import HFSource
@@ -33,6 +35,7 @@ from graft.data.sensors import SPLITS as SENSOR_SPLITS
 from graft.data.shapes import CAPTION_PROMPT, SPLITS
 from graft.data.skips import SkipLog
 from graft.data.tokenizer import ChatTokenizer
+from graft.data.ts_file import TsSource, read_ts
 from graft.data.webdataset import ShardSource
 from graft.data.world_source import LABEL_TEMPLATES, WorldSource, world_tokenizer
 from graft.models.modality import IMAGES, TIME_SERIES, Modality
@@ -51,7 +54,22 @@ def _interleaved(cfg: Config, proc, split: str) -> list:
 
 
 def _trained_tokenizer(cfg: Config) -> ChatTokenizer:
-    return ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size)
+    """A BPE on the first records' text, with the placeholder of the source's items if not <image>."""
+    modality = source_kind(cfg).modality
+    return ChatTokenizer.train(training_corpus(cfg), cfg.data.vocab_size, () if modality is IMAGES else (modality.token,))
+
+
+def _check_ts(cfg: Config) -> None:
+    """A .ts file whose header declares what the series tower reads (`series.channels`, `.length`),
+    and no built-in world's splits to evaluate on."""
+    _needs_path(cfg)
+    header, _, _ = read_ts(Path(cfg.data.path))
+    for key, name in (("dimensions", "channels"), ("serieslength", "length")):
+        if key in header and header[key] != str(getattr(cfg.series, name)):
+            raise UserError(f"series.{name}={getattr(cfg.series, name)}, but {cfg.data.path} declares @{key} {header[key]}")
+    if cfg.eval.splits:
+        raise UserError(f"eval.splits={cfg.eval.splits}: data.source=ts has no built-in world to split; "
+                        "evaluate with eval.tasks=[classify=FILE.ts] (and eval.splits=[])")
 
 
 def _needs_shards(cfg: Config) -> None:
@@ -97,7 +115,7 @@ class SourceKind:
     check: Callable = lambda cfg: None  # (config) → UserError for what it needs and lacks
     splits: tuple[str, ...] = ("train",)  # what `graft data show --split` may pick (training reads "train")
     modality: Modality = IMAGES  # what its records' items are (the design builds the tower that reads them)
-    world: str = "shapes"  # the evaluation task that `eval.splits` names splits of (eval/tasks.py)
+    world: str | None = "shapes"  # the evaluation task that `eval.splits` names splits of (eval/tasks.py), if any
 
 
 SOURCES: dict[str, SourceKind] = {
@@ -111,6 +129,7 @@ SOURCES: dict[str, SourceKind] = {
     "llava": SourceKind(lambda cfg, proc, split: [LlavaSource(cfg.data)], check=_needs_path),
     "hf": SourceKind(lambda cfg, proc, split: [HFSource(cfg.data)], check=_needs_path),
     "interleaved": SourceKind(_interleaved, check=_check_interleaved),
+    "ts": SourceKind(lambda cfg, proc, split: [TsSource(cfg.data)], check=_check_ts, modality=TIME_SERIES, world=None),
 }
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from graft.data.sensor_source import make_sensor_world
 from graft.data.sensors import ACTIVITIES, ACTIVITY_PROMPT, QUESTION_TYPES, SPLITS, SensorWorld
 from graft.errors import UserError
+from graft.eval.series_classes import class_scores
 from graft.eval.vqa import normalise, vqa_accuracy
 
 SENSOR_WORLD = "sensors"
@@ -38,20 +39,4 @@ def sensors_vlm(model, proc, data: SensorSplit, cfg) -> tuple[dict[str, float], 
     metrics, predictions = vqa_accuracy(model, proc, data.world, data.name, e.vqa_per_type, e.batch_size,
                                         QUESTION_TYPES, item=lambda rec: rec.values)
     asked = [(normalise(p["reference"]), normalise(p["prediction"])) for p in predictions if p["question"] == ACTIVITY_PROMPT]
-    return metrics | activity_scores(asked), predictions
-
-
-def activity_scores(pairs: list[tuple[str, str]]) -> dict[str, float]:
-    """Macro-F1 and mean recall over the activities asked about, and each one's recall, from (true,
-    predicted) pairs."""
-    out, f1s = {}, []
-    for name in ACTIVITIES:
-        tp = sum(t == name and p == name for t, p in pairs)
-        truth, said = sum(t == name for t, _ in pairs), sum(p == name for _, p in pairs)
-        if not truth:
-            continue
-        out[f"activity_recall/{name}"] = tp / truth
-        f1s.append(2 * tp / (truth + said))
-    if not f1s:
-        return {}
-    return {"activity_f1": sum(f1s) / len(f1s), "activity_recall": sum(out.values()) / len(out)} | out
+    return metrics | class_scores(asked, ACTIVITIES, "activity"), predictions

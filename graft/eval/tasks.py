@@ -19,6 +19,8 @@ metrics to `RUN/eval.json` and the predictions (id, prediction, reference, corre
   embedding similarity (eval/zero_shot.py), VLMs by the likelihood of each class name (eval/class_scores.py).
 - `retrieval` (eval/captioned.py): image–caption shards, COCO or Karpathy JSON; dual encoders.
 - `caption` (the same layouts): CIDEr-D and BLEU-4 of a VLM's captions.
+- `classify` (eval/series_classes.py): a UEA/UCR `.ts` file; a VLM on series answers `data.class_prompt`
+  (accuracy, macro-F1, recall per label).
 - `vqa` (eval/questions.py): LLaVA-style JSON (exact match), VLMEvalKit TSV (multiple choice),
   VQAv2 questions + annotations JSON (soft accuracy over 10 human answers, eval/vqav2.py).
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 from graft.data.sensors import SPLITS as SENSOR_SPLITS
 from graft.data.shapes import SPLITS
 from graft.data.skips import records_skipped
+from graft.data.sources import source_kind
 from graft.designs import CAPABILITIES, EMBEDS, GENERATES, design
 from graft.errors import UserError
 from graft.eval.captioned import load_captioned
@@ -41,11 +44,13 @@ from graft.eval.fewshot import documents_vlm, fewshot_vlm
 from graft.eval.labelled import load_labelled
 from graft.eval.questions import load_questions
 from graft.eval.retrieval import retrieval_on
+from graft.eval.sensor_world import SENSOR_WORLD, load_sensor_split, sensors_vlm
+from graft.eval.series_classes import classify_vlm, load_ts
 from graft.eval.text_world import text_vlm
 from graft.eval.vqa import vqa_on
-from graft.eval.sensor_world import SENSOR_WORLD, load_sensor_split, sensors_vlm
 from graft.eval.world import WORLD, load_split, world_dual, world_vlm
 from graft.eval.zero_shot import zero_shot_on
+from graft.models.modality import TIME_SERIES
 
 
 @dataclass(frozen=True)
@@ -56,13 +61,14 @@ class Task:
     score: dict[str, Callable]
     exists: Callable[[str], bool] = lambda path: "{" in path or Path(path).exists()  # checked before training
     splits: tuple[str, ...] = ()  # a built-in world's task: its splits (`eval.splits` of a run on it)
+    modality: str = "image"  # what its data's items are: a run must read the same (models/modality.py)
 
 
 TASKS = {
     WORLD: Task(load_split, {GENERATES: world_vlm, EMBEDS: world_dual}, exists=lambda split: split in SPLITS,
                 splits=SPLITS),
     SENSOR_WORLD: Task(load_sensor_split, {GENERATES: sensors_vlm}, exists=lambda split: split in SENSOR_SPLITS,
-                       splits=SENSOR_SPLITS),
+                       splits=SENSOR_SPLITS, modality=TIME_SERIES.name),
     "fewshot": Task(load_split, {GENERATES: fewshot_vlm}, exists=lambda split: split in SPLITS),
     "documents": Task(load_split, {GENERATES: documents_vlm}, exists=lambda split: split in SPLITS),
     "text": Task(load_split, {GENERATES: text_vlm}, exists=lambda split: split in SPLITS),
@@ -70,6 +76,7 @@ TASKS = {
     "retrieval": Task(load_captioned, {EMBEDS: retrieval_on}),
     "caption": Task(load_captioned, {GENERATES: caption_on}),
     "vqa": Task(load_questions, {GENERATES: vqa_on}),
+    "classify": Task(load_ts, {GENERATES: classify_vlm}, modality=TIME_SERIES.name),
 }
 
 
@@ -78,11 +85,14 @@ def scorer(task: Task, model: str) -> Callable | None:
     return next((fn for capability, fn in task.score.items() if design(model).can(capability)), None)
 
 
-def check_task(name: str, model: str, where: str) -> Task:
-    """The task `name`, if it can score a run of this design (`model`); else a one-line UserError."""
+def check_task(name: str, model: str, where: str, modality: str = "image") -> Task:
+    """The task `name`, if it can score a run of this design (`model`) reading items of `modality`;
+    else a one-line UserError."""
     if name not in TASKS:
         raise UserError(f"{where}: unknown task {name!r} (valid: {', '.join(TASKS)})")
     task = TASKS[name]
+    if task.modality != modality:
+        raise UserError(f"{where}: {name} scores a run that reads {task.modality} items; this run reads {modality}")
     if scorer(task, model) is None:
         raise UserError(f"{where}: {name} needs {' or '.join(CAPABILITIES[c] for c in task.score)}; "
                         f"this run is model={model}")
@@ -91,7 +101,7 @@ def check_task(name: str, model: str, where: str) -> Task:
 
 def run_task(name: str, model, proc, cfg, path: str) -> tuple[dict[str, float], list[dict]]:
     """Metrics (with `<name>_skipped`: records and images skipped as bad) and per-example predictions."""
-    task = check_task(name, cfg.model, f"--task {name}")
+    task = check_task(name, cfg.model, f"--task {name}", source_kind(cfg).modality.name)
     data = task.load(path, cfg)
     metrics, predictions = scorer(task, cfg.model)(model, proc, data, cfg)
     if data.log is not None:
