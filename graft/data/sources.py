@@ -129,7 +129,8 @@ SOURCES: dict[str, SourceKind] = {
     "llava": SourceKind(lambda cfg, proc, split: [LlavaSource(cfg.data)], check=_needs_path),
     "hf": SourceKind(lambda cfg, proc, split: [HFSource(cfg.data)], check=_needs_path),
     "interleaved": SourceKind(_interleaved, check=_check_interleaved),
-    "ts": SourceKind(lambda cfg, proc, split: [TsSource(cfg.data)], check=_check_ts, modality=TIME_SERIES, world=None),
+    "ts": SourceKind(lambda cfg, proc, split: [TsSource(cfg.data)], check=_check_ts, modality=TIME_SERIES, world=None,
+                     options=("class_prompt",)),
 }
 
 
