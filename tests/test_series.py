@@ -221,3 +221,69 @@ def test_ts_runs_evaluate_by_task_and_image_runs_do_not_classify_series(capsys, 
                        "--set", f"data.path={path}", "--set", "series.channels=2"), "data.source=ts has no built-in world")
     one_line_error(cli(capsys, "train", "tiny", "--out", tmp_path / "b", "--dry-run", "--set",
                        f"eval.tasks=[classify={path}]"), "classify scores a run that reads series items; this run reads image")
+
+
+def world_arrays(folder: Path, split: str, n: int, csv_files: bool = False) -> list[str]:
+    """The sensor world's one-activity recordings of `split` as an arrays folder; their labels."""
+    world, recs = SensorWorld(), []
+    for i in range(4 * n):
+        rec = world.sample(split, i)
+        if len(rec.activities) == 1 and not np.isnan(rec.values).any():
+            recs.append(rec)
+        if len(recs) == n:
+            break
+    folder.mkdir()
+    labels = [rec.activities[0][0] for rec in recs]
+    if not csv_files:
+        np.save(folder / "series.npy", np.stack([rec.values for rec in recs]))
+        (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+        return labels
+    for i, rec in enumerate(recs):
+        rows = "\n".join(",".join(f"{v:.5f}" for v in step) for step in rec.values.T)
+        (folder / f"rec{i:03d}.csv").write_text("ax,ay,az,gx,gy,gz\n" + rows + "\n")
+    (folder / "labels.csv").write_text("".join(f"rec{i:03d}.csv,{label}\n" for i, label in enumerate(labels)))
+    return labels
+
+
+def test_a_vlm_learns_from_numpy_arrays_and_classifies_csv_files_of_unseen_people(capsys, tmp_path):
+    """Trained on 400 of the world's training recordings saved as series.npy + labels.txt (100 steps,
+    ~12 s), scored on 60 recordings of the held-out people saved as CSV files (chance 1/7; the
+    commonest label alone under 0.3). Measured on AMD EPYC: 0.917 (twice, one and two workers)."""
+    world_arrays(tmp_path / "train", "train", 400)
+    world_arrays(tmp_path / "test", "test", 60, csv_files=True)
+    code, _, _ = cli(capsys, "train", "sensors_vlm", "--out", tmp_path / "run", "--set", "data.source=arrays",
+                     "--set", f"data.path={tmp_path / 'train'}", "--set", "eval.splits=[]",
+                     "--set", f"eval.tasks=[classify={tmp_path / 'test'}]", "--set", "train.steps=100",
+                     "--set", "train.batch_size=32", "--set", "series.layers=1", "--set", "lm.layers=2")
+    assert code == 0
+    metrics = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert metrics["class_acc"] >= 0.6 and metrics["classify_skipped"] == 0, metrics
+
+
+def test_every_file_of_an_arrays_folder_is_used_or_skipped(capsys, tmp_path):
+    folder = tmp_path / "csv"
+    world_arrays(folder, "train", 6, csv_files=True)
+    (folder / "rec001.csv").write_text("a,b\nx,y\n")  # not numbers
+    (folder / "rec002.csv").write_text("1,2,3\n4,5\n")  # ragged
+    (folder / "labels.csv").write_text((folder / "labels.csv").read_text().replace("rec003.csv,", "other.csv,"))
+    code, out, _ = cli(capsys, "data", "check", "sensors_vlm", "--set", "data.source=arrays", "--set",
+                       f"data.path={folder}", "--set", "eval.splits=[]")
+    assert code == 0 and "6 records read = 3 used + 3 skipped" in out, out
+    assert "series_bad                    2" in out and "label_unknown                 1" in out, out
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda d: None, "holds neither series.npy + labels.txt nor *.csv files + labels.csv"),
+    (lambda d: np.save(d / "series.npy", np.array([{"a": 1}], dtype=object)), "is not a numeric NumPy array"),
+    (lambda d: np.save(d / "series.npy", np.zeros((2, 6, 256))), "has series.npy but no labels.txt"),
+    (lambda d: (np.save(d / "series.npy", np.zeros((2, 6, 256))), (d / "labels.txt").write_text("a\n")),
+     "has 1 lines for 2 series"),
+    (lambda d: (np.save(d / "series.npy", np.zeros((1, 6, 100))), (d / "labels.txt").write_text("a\n")),
+     "holds series of (6, 100)"),
+])
+def test_an_arrays_folder_graft_cannot_read_is_named_in_one_line(capsys, tmp_path, make, needle):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    make(folder)
+    one_line_error(cli(capsys, "train", "sensors_vlm", "--out", tmp_path / "run", "--dry-run", "--set",
+                       "data.source=arrays", "--set", f"data.path={folder}", "--set", "eval.splits=[]"), needle)

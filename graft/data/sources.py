@@ -7,6 +7,7 @@
     hf          a Hugging Face dataset saved with `save_to_disk` (`data.path`, `data.*_column`)
     interleaved web documents, text and images in turn (OBELICS, MMC4): JSON Lines (`data.path`) or shards
     ts          a UEA/UCR time-series classification file (`data.path`, ts_file.py): series with labels
+    arrays      a folder of series.npy + labels.txt, or *.csv + labels.csv (series_arrays.py)
 
 To add a source: write a class with `epoch(epoch, slot, nslots, log)` (its raw records for one slot,
 deterministic), `key(raw)` and `example(raw) -> samples.Example`, and register a `SourceKind` here.
@@ -29,6 +30,7 @@ from graft.data.interleaved import InterleavedShards, JsonlDocuments
 from graft.data.limits import bounded_turns
 from graft.data.llava_json import LlavaSource
 from graft.data.samples import BadSample
+from graft.data.series_arrays import ArraySource, read_folder
 from graft.data.sensor_source import SensorSource, sensor_tokenizer
 from graft.data.sensor_source import check as check_sensors
 from graft.data.sensors import SPLITS as SENSOR_SPLITS
@@ -67,9 +69,24 @@ def _check_ts(cfg: Config) -> None:
     for key, name in (("dimensions", "channels"), ("serieslength", "length")):
         if key in header and header[key] != str(getattr(cfg.series, name)):
             raise UserError(f"series.{name}={getattr(cfg.series, name)}, but {cfg.data.path} declares @{key} {header[key]}")
+    _no_world(cfg)
+
+
+def _check_arrays(cfg: Config) -> None:
+    """A folder in one of the two layouts (series_arrays.py), and no built-in world's splits."""
+    _needs_path(cfg)
+    names, _, load = read_folder(Path(cfg.data.path))
+    shape, s = load(names[0]).shape, cfg.series
+    if (Path(cfg.data.path) / "series.npy").is_file() and shape not in ((s.channels, s.length), (s.length, s.channels)):
+        raise UserError(f"series.channels={s.channels}, series.length={s.length}, but {cfg.data.path}/series.npy "
+                        f"holds series of {shape}")
+    _no_world(cfg)
+
+
+def _no_world(cfg: Config) -> None:
     if cfg.eval.splits:
-        raise UserError(f"eval.splits={cfg.eval.splits}: data.source=ts has no built-in world to split; "
-                        "evaluate with eval.tasks=[classify=FILE.ts] (and eval.splits=[])")
+        raise UserError(f"eval.splits={cfg.eval.splits}: data.source={cfg.data.source} has no built-in world to "
+                        "split; evaluate with eval.tasks=[classify=PATH] (and eval.splits=[])")
 
 
 def _needs_shards(cfg: Config) -> None:
@@ -131,6 +148,8 @@ SOURCES: dict[str, SourceKind] = {
     "interleaved": SourceKind(_interleaved, check=_check_interleaved),
     "ts": SourceKind(lambda cfg, proc, split: [TsSource(cfg.data)], check=_check_ts, modality=TIME_SERIES, world=None,
                      options=("class_prompt",)),
+    "arrays": SourceKind(lambda cfg, proc, split: [ArraySource(cfg.data)], check=_check_arrays, modality=TIME_SERIES,
+                         world=None, options=("class_prompt",)),
 }
 
 

@@ -1,7 +1,7 @@
 """Classification of series by a model that answers in text: task `classify` (eval/tasks.py).
 
-`graft eval RUN --task classify --data FILE.ts` (or `eval.tasks: [classify=FILE.ts]`): each
-recording of a UEA/UCR `.ts` file (data/ts_file.py) is asked `data.class_prompt` and the greedy
+`graft eval RUN --task classify --data PATH` (or `eval.tasks: [classify=PATH]`): each recording
+of a UEA/UCR `.ts` file (data/ts_file.py) or an arrays folder (data/series_arrays.py) is asked `data.class_prompt` and the greedy
 answer is compared with its label (case and a final full stop ignored). Metrics: `class_acc`,
 `class_f1` (macro over the labels present), `class_recall` (their mean: balanced accuracy) and
 `class_recall/<label>`. Lines that cannot be read are skipped and counted (`classify_skipped`).
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from graft.data.samples import BadSample
+from graft.data.series_arrays import read_folder
 from graft.data.skips import SkipLog
 from graft.data.ts_file import parse_line, read_ts
 from graft.errors import UserError
@@ -29,15 +30,28 @@ class Labelled:
     log: SkipLog
 
 
-def load_ts(path: str, cfg) -> Labelled:
-    _, labels, lines = read_ts(Path(path))
-    log, items = SkipLog(), []
-    for i, line in enumerate(lines):
+def load_series(path: str, cfg) -> Labelled:
+    """The labelled recordings of a `.ts` file or an arrays folder (data/series_arrays.py)."""
+    log, items, name = SkipLog(), [], Path(path.rstrip("/")).name
+    if path.endswith(".ts"):
+        _, labels, lines = read_ts(Path(path))
+        read = [(f"{name}[{i}]", lambda line=line: parse_line(line, labels, cfg.data.max_text_bytes)) for i, line in
+                enumerate(lines)]
+    else:
+        names, labels, load = read_folder(Path(path))
+        read = [(f"{name}/{n}", lambda n=n, label=label: (load(n), _known(label))) for n, label in zip(names, labels)]
+    for key, get in read:
         try:
-            items.append((f"{Path(path).name}[{i}]", *parse_line(line, labels, cfg.data.max_text_bytes)))
+            items.append((key, *get()))
         except BadSample as e:
-            log.skip(e.reason, f"{path} line {i}", e.detail)
-    return Labelled(Path(path).name, items, log)
+            log.skip(e.reason, key, e.detail)
+    return Labelled(name, items, log)
+
+
+def _known(label: str | None) -> str:
+    if label is None:
+        raise BadSample("label_unknown", "no label for this recording")
+    return label
 
 
 def classify_vlm(model, proc, data: Labelled, cfg) -> tuple[dict[str, float], list[dict]]:

@@ -19,7 +19,7 @@ metrics to `RUN/eval.json` and the predictions (id, prediction, reference, corre
   embedding similarity (eval/zero_shot.py), VLMs by the likelihood of each class name (eval/class_scores.py).
 - `retrieval` (eval/captioned.py): image–caption shards, COCO or Karpathy JSON; dual encoders.
 - `caption` (the same layouts): CIDEr-D and BLEU-4 of a VLM's captions.
-- `classify` (eval/series_classes.py): a UEA/UCR `.ts` file; a VLM on series answers `data.class_prompt`
+- `classify` (eval/series_classes.py): a UEA/UCR `.ts` file or an arrays folder; a VLM on series answers `data.class_prompt`
   (accuracy, macro-F1, recall per label).
 - `vqa` (eval/questions.py): LLaVA-style JSON (exact match), VLMEvalKit TSV (multiple choice),
   VQAv2 questions + annotations JSON (soft accuracy over 10 human answers, eval/vqav2.py).
@@ -45,7 +45,7 @@ from graft.eval.labelled import load_labelled
 from graft.eval.questions import load_questions
 from graft.eval.retrieval import retrieval_on
 from graft.eval.sensor_world import SENSOR_WORLD, load_sensor_split, sensors_vlm
-from graft.eval.series_classes import classify_vlm, load_ts
+from graft.eval.series_classes import classify_vlm, load_series
 from graft.eval.text_world import text_vlm
 from graft.eval.vqa import vqa_on
 from graft.eval.world import WORLD, load_split, world_dual, world_vlm
@@ -76,7 +76,7 @@ TASKS = {
     "retrieval": Task(load_captioned, {EMBEDS: retrieval_on}),
     "caption": Task(load_captioned, {GENERATES: caption_on}),
     "vqa": Task(load_questions, {GENERATES: vqa_on}),
-    "classify": Task(load_ts, {GENERATES: classify_vlm}, modality=TIME_SERIES.name),
+    "classify": Task(load_series, {GENERATES: classify_vlm}, modality=TIME_SERIES.name),
 }
 
 
