@@ -25,7 +25,7 @@ from graft.designs import GENERATES, design
 from graft.errors import UserError
 from graft.eval.harness import evaluate
 from graft.eval.vqa import answer
-from graft.models.modality import IMAGES
+from graft.models.modality import IMAGES, TIME_SERIES
 from graft.rundir import RunDir
 from graft.trainer.loop import train as train_loop
 
@@ -58,7 +58,14 @@ class Run:
         modality = source_kind(self.cfg).modality
         if modality is not IMAGES:
             raise UserError(f"{what} reads images; {self.dir.path} reads {modality.name} items (data.source="
-                            f"{self.cfg.data.source}): ask it with graft.api.load(RUN).generate(array, prompt)")
+                            f"{self.cfg.data.source}): ask it with --series FILE")
+
+    def require_series(self, what: str) -> None:
+        """A one-line error where the run's items are not series."""
+        modality = source_kind(self.cfg).modality
+        if modality is not TIME_SERIES:
+            raise UserError(f"{what} reads a series; {self.dir.path} reads {modality.name} items (data.source="
+                            f"{self.cfg.data.source})")
 
     def generate(self, image, prompt: str, max_new_tokens: int = 32) -> str:
         """The VLM's greedy answer to `prompt` about `image` (a PIL image or a file path; for a

@@ -85,11 +85,20 @@ def cmd_generate(args) -> None:
     from graft.data.processor import load_image
     from graft.data.samples import BadSample
 
-    image = load_image(args.image)
-    run = load(args.dir)  # "<image>" typed in the prompt is plain text, never a placeholder
-    run.require_images("graft generate --image")
+    if (args.image is None) == (args.series is None):
+        raise UserError("graft generate takes one of --image FILE or --series FILE")
+    if args.series is not None:
+        from graft.data.series_arrays import load_series_file
+
+        item = load_series_file(args.series)
+        run = load(args.dir)
+        run.require_series("graft generate --series")
+    else:
+        item = load_image(args.image)
+        run = load(args.dir)  # "<image>" typed in the prompt is plain text, never a placeholder
+        run.require_images("graft generate --image")
     try:
-        print(run.generate(image, args.prompt, args.max_new_tokens))
+        print(run.generate(item, args.prompt, args.max_new_tokens))
     except BadSample as e:  # e.g. a chat template that rewrites a prompt holding a control-token string
         raise UserError(f"--prompt cannot be encoded: {e}") from None
 
@@ -230,9 +239,11 @@ def parser() -> argparse.ArgumentParser:
                    "caption: image-caption shards, COCO-captions or Karpathy JSON; vqa: LLaVA JSON, VLMEvalKit TSV, "
                    "or VQAv2 (a folder with the questions and annotations JSON, or the questions JSON)")
     e.set_defaults(fn=cmd_eval)
-    g = sub.add_parser("generate", help="answer a prompt about an image")
+    g = sub.add_parser("generate", help="answer a prompt about an image (or a series: a series run)")
     g.add_argument("dir")
-    g.add_argument("--image", required=True)
+    g.add_argument("--image")
+    g.add_argument("--series", help="a recording of a series run: FILE.npy (channels, length) or FILE.csv "
+                   "(a row per step, a column per channel)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.set_defaults(fn=cmd_generate)

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -93,6 +94,10 @@ def test_cli_generate_rejects_missing_and_non_image_files(tmp_path, capsys):
     assert code == 0 and out.endswith("\n"), err  # the answer (a 2-step model may say nothing)
     code, _, err = cli(capsys, "generate", run, "--image", img, "--prompt", "what is <image> here? <eos>")
     assert code == 0, err  # control-token strings in a prompt are plain text
+    one_line_error(cli(capsys, "generate", run, "--prompt", "hi"), "takes one of --image FILE or --series FILE")
+    series = tmp_path / "rec.npy"
+    np.save(series, np.zeros((6, 256), dtype=np.float32))
+    one_line_error(cli(capsys, "generate", run, "--series", series, "--prompt", "hi"), "reads image items")
 
 
 def test_pack_defaults_to_the_built_in_world_and_fails_loudly_elsewhere():

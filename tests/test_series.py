@@ -138,8 +138,15 @@ def test_sensors_vlm_learns_the_activities_of_people_it_never_saw(capsys, tmp_pa
     assert metrics["vqa_acc/changed"] >= 0.85 and metrics["vqa_acc/first"] >= 0.35
     lines = (tmp_path / "run" / "eval_sensors_test.jsonl").read_text().splitlines()
     assert len(lines) == 50 * len(QUESTION_TYPES)
-    # asked through the API with an array; the image-only commands refuse it in one line
-    assert load(tmp_path / "run").generate(SensorWorld().sample("test", 0).values, ACTIVITY_PROMPT) in ACTIVITIES
+    # asked through the API with an array, and by `graft generate --series` from .npy and .csv files
+    values = SensorWorld().sample("test", 0).values
+    said = load(tmp_path / "run").generate(values, ACTIVITY_PROMPT)
+    assert said in ACTIVITIES
+    np.save(tmp_path / "rec.npy", values)
+    (tmp_path / "rec.csv").write_text("\n".join(",".join(repr(float(v)) for v in step) for step in values.T))
+    for file in ("rec.npy", "rec.csv"):
+        code, out, err = cli(capsys, "generate", tmp_path / "run", "--series", tmp_path / file, "--prompt", ACTIVITY_PROMPT)
+        assert code == 0 and out.strip() == said, err
     png = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(png)
     one_line_error(cli(capsys, "generate", tmp_path / "run", "--image", png, "--prompt", "hi"), "reads series items")

@@ -89,6 +89,26 @@ def _csv(file: Path) -> np.ndarray:
     return np.asarray(numbers, dtype=np.float32)
 
 
+def load_series_file(path: str) -> np.ndarray:
+    """One recording a user points at (`graft generate --series`): a .npy array (never unpickled) or
+    a CSV file; errors name the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"series file not found: {file}")
+    if file.suffix == ".csv":
+        try:
+            return _csv(file)
+        except BadSample as e:
+            raise UserError(f"{file} is not a usable series ({e.detail})") from None
+    try:
+        values = np.load(file, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{file} is not a numeric NumPy array ({str(e)[:80]})") from None
+    if values.ndim != 2 or values.dtype.kind not in "fiu":
+        raise UserError(f"{file} holds {values.dtype} {values.shape}, not numbers (channels, length)")
+    return values.astype(np.float32)
+
+
 class ArraySource(IndexedSource):
     """The labelled recordings of a folder (see above), in a seeded permutation per epoch."""
 
