@@ -37,7 +37,7 @@ from graft.data.sensors import SPLITS as SENSOR_SPLITS
 from graft.data.shapes import CAPTION_PROMPT, SPLITS
 from graft.data.skips import SkipLog
 from graft.data.tokenizer import ChatTokenizer
-from graft.data.ts_file import TsSource, read_ts
+from graft.data.ts_file import TsSource, read_header
 from graft.data.webdataset import ShardSource
 from graft.data.world_source import LABEL_TEMPLATES, WorldSource, world_tokenizer
 from graft.models.modality import IMAGES, TIME_SERIES, Modality
@@ -65,7 +65,7 @@ def _check_ts(cfg: Config) -> None:
     """A .ts file whose header declares what the series tower reads (`series.channels`, `.length`),
     and no built-in world's splits to evaluate on."""
     _needs_path(cfg)
-    header, _, _ = read_ts(Path(cfg.data.path))
+    header, _, _ = read_header(Path(cfg.data.path))  # the header only: validation runs often
     for key, name in (("dimensions", "channels"), ("serieslength", "length")):
         if key in header and header[key] != str(getattr(cfg.series, name)):
             raise UserError(f"series.{name}={getattr(cfg.series, name)}, but {cfg.data.path} declares @{key} {header[key]}")

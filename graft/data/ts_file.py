@@ -26,27 +26,26 @@ from graft.errors import UserError
 MAX_FILE_BYTES = 1 << 30  # a .ts file is read whole; larger ones are refused
 
 
-def read_ts(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
-    """(header fields, class labels, data lines) of a .ts file; UserError naming it if unusable."""
+def read_header(path: Path) -> tuple[dict[str, str], list[str], int]:
+    """(header fields, class labels, the number of lines up to @data) of a .ts file, reading no
+    further than @data (the config check reads only this); UserError naming the file if unusable."""
     if not path.is_file():
         raise UserError(f"data.path: .ts file not found: {path}")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise UserError(f"data.path: {path} is over {MAX_FILE_BYTES >> 20} MiB")
+    header, at = {}, None
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                line = line.strip()
+                if line.lower() == "@data":
+                    at = i + 1
+                    break
+                if line.startswith("@"):
+                    name, _, value = line[1:].partition(" ")
+                    header[name.lower()] = value.strip()
     except UnicodeDecodeError:
         raise UserError(f"data.path: {path} is not UTF-8 text") from None
-    header, at = {}, None
-    for i, line in enumerate(lines):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.lower() == "@data":
-            at = i + 1
-            break
-        if line.startswith("@"):
-            name, _, value = line[1:].partition(" ")
-            header[name.lower()] = value.strip()
     if at is None:
         raise UserError(f"data.path: {path} has no @data line (not a .ts file)")
     if header.get("timestamps", "false").lower() != "false":
@@ -54,7 +53,17 @@ def read_ts(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
     flag, _, labels = header.get("classlabel", "false").partition(" ")
     if flag.lower() != "true" or not labels.split():
         raise UserError(f"data.path: {path} declares no class labels (@classLabel true A B ...)")
-    return header, labels.split(), [line for line in lines[at:] if line.strip()]
+    return header, labels.split(), at
+
+
+def read_ts(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
+    """(header fields, class labels, data lines) of a .ts file; UserError naming it if unusable."""
+    header, labels, at = read_header(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"data.path: {path} is not UTF-8 text") from None
+    return header, labels, [line for line in lines[at:] if line.strip()]
 
 
 def parse_line(line: str, labels: list[str], max_bytes: int) -> tuple[np.ndarray, str]:
