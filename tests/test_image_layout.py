@@ -7,8 +7,8 @@ import torch
 
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
-from graft.models.decoder import Layout, LMConfig
-from graft.models.image_layout import image_mask, mrope_positions
+from graft.models.decoder import LMConfig
+from graft.models.image_layout import item_mask, item_numbers, mrope_positions
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM
 from tests.helpers import cli, one_line_error
@@ -30,7 +30,7 @@ def two_image_ids() -> torch.Tensor:
 
 def test_image_mask_joins_tokens_of_one_image_only():
     images = two_image_ids() == IMG
-    m = image_mask(images, 4)[0]
+    m = item_mask(images, 4)[0]
     assert m[2:6, 2:6].all() and m[8:12, 8:12].all()
     assert not m[2:6, 8:12].any() and not m[8:12, 2:6].any()  # two images never see each other both ways
     assert not m[0].any() and not m[:, 6].any()  # text rows and columns are untouched
@@ -38,10 +38,24 @@ def test_image_mask_joins_tokens_of_one_image_only():
 
 def test_adjacent_images_are_told_apart_by_their_token_count():
     ids = torch.tensor([[1, 2] + [IMG] * 8 + [9]])  # two 2x2 images with nothing between them
-    m = image_mask(ids == IMG, 4)[0]
+    m = item_mask(ids == IMG, 4)[0]
     assert m[2:6, 2:6].all() and m[6:10, 6:10].all() and not m[2:6, 6:10].any()
     t, row, col = mrope_positions(torch.arange(11)[None], ids == IMG, grid=2)[:, 0].tolist()
     assert t[2:10] == [2] * 4 + [6] * 4 and row[6:10] == [6, 6, 7, 7] and col[6:10] == [6, 7, 6, 7]
+
+
+def test_items_of_different_token_counts_are_numbered_across_rows():
+    """Per-item counts (a series of each length): items are read left to right, top to bottom,
+    the same with counts as a tensor as with one int where they are all alike."""
+    ids = torch.tensor([[1] + [IMG] * 3 + [7] + [IMG] * 2, [1, 7, 7] + [IMG] * 4])
+    number, k = item_numbers(ids == IMG, torch.tensor([3, 2, 4]))
+    assert number.tolist() == [[-1, 0, 0, 0, -1, 1, 1], [-1, -1, -1, 2, 2, 2, 2]]
+    assert k.tolist() == [[-1, 0, 1, 2, -1, 0, 1], [-1, -1, -1, 0, 1, 2, 3]]
+    m = item_mask(ids == IMG, torch.tensor([3, 2, 4]))
+    assert m[0, 1:4, 1:4].all() and not m[0, 1:4, 5:].any() and m[1, 3:, 3:].all()
+    same = torch.tensor([[1] + [IMG] * 4 + [IMG] * 4])
+    for a, b in zip(item_numbers(same == IMG, 4), item_numbers(same == IMG, torch.tensor([4, 4]))):
+        assert torch.equal(a, b)
 
 
 def test_mrope_positions_put_image_tokens_on_their_grid():
@@ -71,14 +85,12 @@ def test_cached_generation_equals_recomputing_the_whole_sequence(key, value):
     model, pixels = tiny_vlm(**{key: value}), torch.randn(2, 3, 16, 16)
     prompt = two_image_ids()
     new = model.generate(prompt, pixels, max_new_tokens=4, eos_id=15)[0]
-    images = (prompt == IMG).long()
     with torch.no_grad():
         prefix = model.embed(prompt, pixels)
     for i, token in enumerate(new):  # greedy, recomputed from scratch each step
         tail = torch.tensor([new[:i]], dtype=torch.long)
         with torch.no_grad():
-            layout = Layout(modality_ids=torch.cat([images, torch.zeros_like(tail)], 1),
-                            tokens_per_image=model.num_image_tokens, image_grid=model.image_grid)
+            layout = model.layout(torch.cat([prompt == IMG, torch.zeros_like(tail, dtype=torch.bool)], 1), None, None, None)
             logits = model.lm(inputs_embeds=torch.cat([prefix, model.lm.embed_tokens(tail)], 1), layout=layout)
         assert int(logits[0, -1].argmax()) == token
 

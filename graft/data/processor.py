@@ -139,7 +139,13 @@ class Processor:
     def row(self, text, images) -> tuple[list[int], list[int], list[torch.Tensor]]:
         """`images`: the kept images (PIL), an iterable read one at a time (one decoded image in memory)."""
         ids, labels = text
-        return ids, labels, [self.pixels(image) for image in images]
+        items = [self.pixels(image) for image in images]
+        return *self.fit(ids, labels, items), items
+
+    def fit(self, ids: list[int], labels: list[int] | None, items: list[torch.Tensor]):
+        """(ids, labels) with each item's run of placeholders cut to the item's own token count
+        (a shorter series' fewer patches, SeriesProcessor); every image has them all."""
+        return ids, labels
 
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
         return collate(rows, self.tok.pad, inputs=self.inputs)

@@ -3,10 +3,16 @@ ids with `<series>` placeholders (one per feature of the series tower) and label
 
 It is the image processor (data/processor.py) with another item: what a row is made of, how rows
 are batched and packed, and the checks on the text are the same; the items go under their own batch
-key, `series_values` (n, C, L), and fill `<series>` tokens (models/modality.py). A recording must be
-a finite array of `series.channels` x `series.length` (either orientation); short gaps of missing
-values (NaN, as PAMAP2's files have) up to `series.max_gap` steps are filled by linear interpolation
-per channel, anything else is skipped and counted as `series_bad`.
+key, `series_values` (n, C, L), and fill `<series>` tokens (models/modality.py). A recording is a
+finite array of `series.channels` channels (either orientation) and up to `series.length` steps;
+short gaps of missing values (NaN, as PAMAP2's files have) up to `series.max_gap` steps are filled by
+linear interpolation per channel, anything else is skipped and counted as `series_bad`.
+
+Recordings of different lengths: a recording of ℓ steps (series.patch <= ℓ <= series.length) has
+the tokens of its own patches (`SeriesConfig.tokens`), the steps after its last patch dropped; its
+run of placeholders is cut to that count (`fit`), a batch pads the shorter ones at the end and
+carries each one's count as `series_counts` (n,). This needs a connector that maps each patch on
+its own (linear, mlp); with another, every recording must have series.length steps.
 """
 
 from __future__ import annotations
@@ -17,14 +23,18 @@ import torch
 from graft.data.processor import Processor
 from graft.data.samples import BadSample
 from graft.data.tokenizer import ChatTokenizer
+from graft.models.connectors import per_patch
 from graft.models.modality import TIME_SERIES
 from graft.models.series import SeriesConfig
 
 
 class SeriesProcessor(Processor):
-    def __init__(self, tokenizer: ChatTokenizer, series: SeriesConfig, num_tokens: int, max_seq_len: int):
+    def __init__(self, tokenizer: ChatTokenizer, series: SeriesConfig, num_tokens: int, max_seq_len: int,
+                 connector: str = "mlp"):
         super().__init__(tokenizer, 0, num_tokens, max_seq_len, placeholder=tokenizer.placeholder(TIME_SERIES.token))
         self.series = series
+        self.connector = connector  # connector.kind; lengths may differ only when it is per-patch
+        self.any_length = per_patch(connector)
 
     def open(self, data, d) -> tuple[np.ndarray, None]:
         """A recording the source made (an array); files of series are not read yet."""
@@ -33,20 +43,49 @@ class SeriesProcessor(Processor):
         return data, None
 
     def pixels(self, values: np.ndarray) -> torch.Tensor:
-        """(C, L) float32, gaps filled; BadSample where it is not a usable recording."""
-        c, n = self.series.channels, self.series.length
+        """(C, ℓ) float32, gaps filled, cut to the steps its patches read; BadSample where it is not
+        a usable recording."""
+        s = self.series
         x = np.asarray(values, dtype=np.float32)
-        if x.ndim == 2 and x.shape == (n, c) and c != n:
+        if x.ndim == 2 and x.shape[0] != s.channels and x.shape[1] == s.channels:
             x = x.T
-        if x.shape != (c, n):
-            raise BadSample("series_bad", f"shape {tuple(x.shape)}, not ({c}, {n}) (series.channels, series.length)")
+        if x.ndim != 2 or x.shape[0] != s.channels:
+            raise BadSample("series_bad", f"shape {tuple(x.shape)}, not ({s.channels}, steps) (series.channels)")
+        steps = x.shape[1]
+        if steps > s.length or steps < s.patch:
+            raise BadSample("series_bad", f"{steps} steps, not between series.patch={s.patch} and series.length={s.length}")
+        if steps != s.length and not self.any_length:
+            raise BadSample("series_bad", f"{steps} steps, not series.length={s.length} (connector.kind="
+                                          f"{self.connector} reads recordings of one length; linear and mlp read any)")
+        x = x[:, :s.steps(s.tokens(steps))]
         if np.isinf(x).any():
             raise BadSample("series_bad", "infinite values")
-        return torch.from_numpy(np.stack([fill_gaps(row, self.series.max_gap) for row in x]))
+        return torch.from_numpy(np.stack([fill_gaps(row, s.max_gap) for row in x]))
+
+    def fit(self, ids: list[int], labels: list[int] | None, items: list[torch.Tensor]):
+        """Item k's run of N placeholders (the k-th N of them) cut to its own token count."""
+        counts = [self.series.tokens(x.shape[1]) for x in items]
+        n = self.num_image_tokens
+        if all(c == n for c in counts):
+            return ids, labels
+        keep, seen = [], 0
+        for t in ids:
+            if t == self.placeholder:
+                keep.append(seen % n < counts[seen // n])
+                seen += 1
+            else:
+                keep.append(True)
+        return [t for t, k in zip(ids, keep) if k], None if labels is None else [t for t, k in zip(labels, keep) if k]
 
     def inputs(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        shape = (0, self.series.channels, self.series.length)
-        return {TIME_SERIES.inputs: torch.stack(items) if items else torch.zeros(shape)}
+        """`series_values` (n, C, longest) with the shorter recordings zero-padded at the end, and
+        `series_counts` (n,): each one's tokens."""
+        steps = max((x.shape[1] for x in items), default=self.series.length)
+        values = torch.zeros(len(items), self.series.channels, steps)
+        for i, x in enumerate(items):
+            values[i, :, : x.shape[1]] = x
+        counts = torch.tensor([self.series.tokens(x.shape[1]) for x in items], dtype=torch.long)
+        return {TIME_SERIES.inputs: values, TIME_SERIES.counts: counts}
 
 
 def fill_gaps(row: np.ndarray, max_gap: int) -> np.ndarray:

@@ -40,6 +40,7 @@ from graft.data.tokenizer import ChatTokenizer
 from graft.data.ts_file import TsSource, read_header
 from graft.data.webdataset import ShardSource
 from graft.data.world_source import LABEL_TEMPLATES, WorldSource, world_tokenizer
+from graft.models.connectors import per_patch
 from graft.models.modality import IMAGES, TIME_SERIES, Modality
 from graft.errors import UserError
 
@@ -66,10 +67,21 @@ def _check_ts(cfg: Config) -> None:
     and no built-in world's splits to evaluate on."""
     _needs_path(cfg)
     header, _, _ = read_header(Path(cfg.data.path))  # the header only: validation runs often
-    for key, name in (("dimensions", "channels"), ("serieslength", "length")):
-        if key in header and header[key] != str(getattr(cfg.series, name)):
-            raise UserError(f"series.{name}={getattr(cfg.series, name)}, but {cfg.data.path} declares @{key} {header[key]}")
+    if "dimensions" in header and header["dimensions"] != str(cfg.series.channels):
+        raise UserError(f"series.channels={cfg.series.channels}, but {cfg.data.path} declares @dimensions "
+                        f"{header['dimensions']}")
+    if header.get("serieslength", "").isdigit():
+        _check_steps(cfg, int(header["serieslength"]), f"{cfg.data.path} declares @seriesLength")
     _no_world(cfg)
+
+
+def _check_steps(cfg: Config, steps: int, what: str) -> None:
+    """Recordings of `steps` steps fit the series tower: at most series.length, and exactly that
+    unless the connector maps each patch on its own (data/series_processor.py)."""
+    s = cfg.series
+    if steps > s.length or (steps != s.length and not per_patch(cfg.connector.kind)):
+        raise UserError(f"series.length={s.length}, but {what} {steps} steps"
+                        + ("" if steps > s.length else f" (connector.kind={cfg.connector.kind} reads one length)"))
 
 
 def _check_arrays(cfg: Config) -> None:
@@ -77,9 +89,10 @@ def _check_arrays(cfg: Config) -> None:
     _needs_path(cfg)
     names, _, load = read_folder(Path(cfg.data.path))
     shape, s = load(names[0]).shape, cfg.series
-    if (Path(cfg.data.path) / "series.npy").is_file() and shape not in ((s.channels, s.length), (s.length, s.channels)):
-        raise UserError(f"series.channels={s.channels}, series.length={s.length}, but {cfg.data.path}/series.npy "
-                        f"holds series of {shape}")
+    if (Path(cfg.data.path) / "series.npy").is_file():
+        if s.channels not in shape:
+            raise UserError(f"series.channels={s.channels}, but {cfg.data.path}/series.npy holds series of {shape}")
+        _check_steps(cfg, shape[1] if shape[0] == s.channels else shape[0], f"{cfg.data.path}/series.npy holds")
     _no_world(cfg)
 
 

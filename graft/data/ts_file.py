@@ -8,8 +8,8 @@ its dimensions separated by `:`, each a comma-separated list of numbers (`?` = m
 NaN), then the class label. A line is kept as text and parsed only when it is read, so one bad line
 is one skipped record (`series_bad`: not numbers, another number of dimensions, over
 `data.max_text_bytes`; `label_unknown`: a label the header does not declare). Each record becomes one
-turn: `data.class_prompt` → the label, about its one series (the processor then checks its shape
-against `series.channels` x `series.length` and fills short gaps, data/series_processor.py).
+turn: `data.class_prompt` → the label, about its one series (the processor then checks its
+channels and length, at most `series.length` steps, and fills short gaps, data/series_processor.py).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def build(cfg, tok, pretrained: bool = True):
 
 def processor(cfg, tok, model):
     if source_kind(cfg).modality is TIME_SERIES:
-        return SeriesProcessor(tok, cfg.series, model.num_image_tokens, cfg.lm.max_seq_len)
+        return SeriesProcessor(tok, cfg.series, model.num_image_tokens, cfg.lm.max_seq_len, cfg.connector.kind)
     v = cfg.vision
     cls = TemplateProcessor if isinstance(tok, HFChatTokenizer) else Processor
     return cls(tok, v.image_size, model.num_image_tokens, cfg.lm.max_seq_len, v.image_mean, v.image_std)

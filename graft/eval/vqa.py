@@ -48,13 +48,13 @@ def answer(model, proc, prompts: list[tuple], batch_size: int, max_new_tokens: i
     return shard_map(lambda share: _answer(model, proc, share, batch_size, max_new_tokens), prompts)
 
 
-def _encoded(proc, prompt: tuple) -> tuple[list[int], torch.Tensor]:
+def _encoded(proc, prompt: tuple) -> tuple[list[int], list[torch.Tensor]]:
     images, question, *context = prompt
     images = images if isinstance(images, list) else [images]
     context = context[0] if context else ((), ())
-    ids = proc.prompt(question, len(images) - len(context[1]), context)
-    pixels = [proc.pixels(img) for img in images]
-    return ids, torch.stack(pixels) if pixels else torch.zeros(0, 3, proc.image_size, proc.image_size)
+    items = [proc.pixels(img) for img in images]
+    ids, _ = proc.fit(proc.prompt(question, len(images) - len(context[1]), context), None, items)
+    return ids, items
 
 
 @torch.no_grad()
@@ -70,8 +70,8 @@ def _answer(model, proc, prompts, batch_size: int, max_new_tokens: int) -> list[
         for s in range(0, len(idxs), batch_size):
             chunk = idxs[s : s + batch_size]
             ids = torch.tensor([encoded[i][0] for i in chunk], device=device)
-            pix = torch.cat([encoded[i][1] for i in chunk]).to(device)
-            for i, new in zip(chunk, model.generate(ids, pix, max_new_tokens, proc.tok.eos)):
+            items = {k: v.to(device) for k, v in proc.inputs([x for i in chunk for x in encoded[i][1]]).items()}
+            for i, new in zip(chunk, model.generate(ids, max_new_tokens=max_new_tokens, eos_id=proc.tok.eos, **items)):
                 out[i] = proc.tok.decode(new)
     return out
 

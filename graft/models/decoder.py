@@ -7,9 +7,9 @@ length. Module names follow HF with the `model.` prefix dropped (see `models/hf.
 
 Every layer gets one `Context` per forward call — rotary tables, the attention mask, per-token
 modality ids, and a dict where a layer may add an auxiliary loss — built by `LanguageModel.forward`
-and passed down explicitly, never stored on a module between calls. How image tokens attend
-(`lm.image_attention`) and where they sit (`lm.image_positions`) are decided there, from the
-modality ids (models/image_layout.py).
+from the rows' `Layout` and passed down explicitly, never stored on a module between calls. The
+decoder knows nothing of images: the model that lays its rows out gives the positions (1-D, or on
+M-RoPE's three axes) and the pairs beyond causal that may attend (models/image_layout.py).
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from torch import nn
 
 from graft.errors import UserError
 from graft.models import moe
-from graft.models.image_layout import image_mask, mrope_positions
 from graft.models.context import Context
 from graft.models.layers import RMSNorm
 from graft.models.lm_config import LMConfig  # noqa: F401 (re-exported: the decoder's config)
-from graft.models.modality import IMAGE, TEXT, image_twins
+from graft.models.modality import TEXT, image_twins
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (B, T, head_dim) for integer `positions` (B, T); RoFormer, Su et al. 2021.
@@ -55,18 +54,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 @dataclass
 class Layout:
     """Where each token of the rows sits, which sets the decoder's positions and mask; built per
-    call by the model that lays the rows out (VLM.lm_inputs). Packed rows (data/packing.py) give
-    `position_ids` (B, T), restarting at each document, and `doc_ids` (B, T): attention is then
-    causal within a document and blind across documents. `modality_ids` (B, T): TEXT, IMAGE or SERIES
-    (models/modality.py); image tokens attend and sit as `lm.image_attention` / `lm.image_positions`
-    say, every `tokens_per_image` of them in a row making one image whose tokens form a square grid
-    of side `image_grid` (None: no grid)."""
+    call by the model that lays the rows out (VLM.lm_inputs). `position_ids`: (B, T), or (3, B, T)
+    on M-RoPE's (time, row, column) axes; packed rows (data/packing.py) restart them at each
+    document and give `doc_ids` (B, T): attention is then causal within a document and blind across
+    documents. `visible` (B, T, T): pairs that may attend beyond causal (an image's tokens seeing
+    each other). `modality_ids` (B, T): TEXT, IMAGE or SERIES (models/modality.py), for the layers
+    whose modules differ by modality."""
 
     position_ids: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
     modality_ids: torch.Tensor | None = None
-    tokens_per_image: int | None = None
-    image_grid: int | None = None
+    visible: torch.Tensor | None = None
 
 
 class KVCache:
@@ -271,23 +269,19 @@ class LanguageModel(nn.Module):
 
     def context(self, x, cache, layout: Layout) -> Context:
         B, T, _ = x.shape
-        position_ids, doc_ids, modality_ids = layout.position_ids, layout.doc_ids, layout.modality_ids
+        position_ids, doc_ids, visible = layout.position_ids, layout.doc_ids, layout.visible
         start = cache.seen() if cache is not None else 0
         positions = torch.arange(start, start + T, device=x.device).expand(B, T) if position_ids is None else position_ids
-        images = modality_ids == IMAGE if modality_ids is not None and start == 0 else None  # decoding: text
-        if images is not None and self.cfg.image_positions == "mrope":
-            positions = mrope_positions(positions, images, layout.image_grid)
         cos, sin = rope_tables(positions, self.cfg.hidden_size // self.cfg.heads, self.cfg.rope_theta, x.dtype)
-        bidirectional = images is not None and self.cfg.image_attention == "bidirectional"
         mask = None
-        if doc_ids is not None or bidirectional:
+        if doc_ids is not None or visible is not None:
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril().expand(B, T, T)
-            if bidirectional:
-                mask = mask | image_mask(images, layout.tokens_per_image)
+            if visible is not None:
+                mask = mask | visible
             if doc_ids is not None:
                 mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
             mask = mask[:, None]  # (B, 1, T, T)
-        return Context(cos, sin, mask, modality_ids)
+        return Context(cos, sin, mask, layout.modality_ids)
 
 
 def _init_weights(module: nn.Module, std: float) -> None:

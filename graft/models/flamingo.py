@@ -142,14 +142,13 @@ class Flamingo(VLM):
     def num_image_tokens(self) -> int:
         return 1  # one <image> token per image in the text
 
-    @property
-    def image_grid(self) -> None:
-        return None
-
     def lm_inputs(self, input_ids, pixel_values, image_tokens, cache: KVCache | None, position_ids=None,
-                  doc_ids=None) -> dict:
+                  doc_ids=None, counts=None) -> dict:
         """The text's own embeddings (the <image> tokens included), the images as `Media`, and the
-        packed rows' `Layout`; in packed rows (`doc_ids`) a token sees only its own document's images."""
+        packed rows' `Layout`; in packed rows (`doc_ids`) a token sees only its own document's images.
+        Every image is one <image> token here: per-item `counts` are refused."""
+        if counts is not None:
+            raise ValueError("Flamingo reads images of one <image> token each: no per-item token counts")
         slots = input_ids == self.image_token_id
         if image_tokens is None and pixel_values is not None and pixel_values.shape[0]:
             image_tokens = self.image_tokens(pixel_values)  # (I, N, D)

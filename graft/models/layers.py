@@ -1,4 +1,5 @@
-"""The small layers several models share: RMSNorm and the SwiGLU feed-forward."""
+"""The small layers several models share: RMSNorm and the SwiGLU feed-forward; and `AfterStep`, the
+mark of a module whose state the trainer moves after each optimizer step."""
 
 from __future__ import annotations
 
@@ -32,3 +33,12 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class AfterStep:
+    """A module with state that no gradient moves (the MoE's balancing biases, models/moe.py): the
+    trainer calls `after_step()` on every such module of the model, on every process, after each
+    optimizer step (a skipped step included), and on nothing else."""
+
+    def after_step(self) -> None:
+        raise NotImplementedError

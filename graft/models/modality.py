@@ -6,12 +6,12 @@ modality-aware MoE routing) asks `== IMAGE`, never a bare number. A layer's modu
 tokens' own are named `<text module>_image` (`image_twins`).
 
 A batch carries each modality's items under the modality's own key, item first (`inputs`: the
-images' `pixel_values` (n, 3, S, S), a series' `series_values` (n, C, L)); the trainer counts items
-through `MODALITIES` (`items`), never by an image key. A modality whose items enter the sequence is
-a `Modality` here, with its source (data/sources.py), tower and processor; each of its features
-fills one of its placeholder tokens. Every item of a modality has the same number of placeholders
-today (`num_image_tokens`: series are read at one length, `series.length`); per-item token counts
-come with the first source whose items differ in length.
+images' `pixel_values` (n, 3, S, S), a series' `series_values` (n, C, L)), and, where its items'
+token counts differ, each item's count (n,) under `counts` (`series_counts`: a shorter recording
+has fewer patches; its values are padded at the end). Without counts every item has the model's
+`num_image_tokens`. The trainer counts items through `MODALITIES` (`items`), never by an image key.
+A modality whose items enter the sequence is a `Modality` here, with its source (data/sources.py),
+tower and processor; each of its features fills one of its placeholder tokens.
 """
 
 from dataclasses import dataclass
@@ -29,10 +29,12 @@ class Modality:
     id: int  # in `modality_ids`
     inputs: str  # the batch key of its items' inputs, item first
     token: str  # the special token each of an item's features fills (its placeholder)
+    counts: str  # the batch key of its items' token counts, where they differ
 
 
-IMAGES = Modality("image", IMAGE, "pixel_values", "<image>")
-TIME_SERIES = Modality("series", SERIES, "series_values", "<series>")  # multichannel time series (models/series.py)
+IMAGES = Modality("image", IMAGE, "pixel_values", "<image>", "image_counts")
+# multichannel time series (models/series.py), of any length up to series.length
+TIME_SERIES = Modality("series", SERIES, "series_values", "<series>", "series_counts")
 MODALITIES = (IMAGES, TIME_SERIES)
 
 

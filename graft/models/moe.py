@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from graft.models.layers import SwiGLU
+from graft.models.layers import AfterStep, SwiGLU
 from graft.models.context import Context
 from graft.models.lm_config import LMConfig
 from graft.models.modality import TEXT
@@ -35,7 +35,7 @@ def is_moe_layer(cfg: LMConfig, index: int) -> bool:
     return cfg.moe_experts > 0 and index % cfg.moe_every == cfg.moe_every - 1
 
 
-class MoE(nn.Module):
+class MoE(nn.Module, AfterStep):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.top_k, self.routing, self.balance, self.rate = cfg.moe_top_k, cfg.moe_routing, cfg.moe_balance, cfg.moe_bias_rate

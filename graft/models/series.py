@@ -27,7 +27,7 @@ from graft.models.vit import Encoder, VisionTower, _init_weights
 @dataclass
 class SeriesConfig:
     channels: int = 6
-    length: int = 256  # steps of every recording the tower reads (the processor refuses others)
+    length: int = 256  # steps of the longest recording the tower reads (shorter ones: fewer tokens)
     patch: int = 16  # steps per patch
     stride: int = 16  # steps between patch starts (< patch: overlapping patches)
     hidden_size: int = 64
@@ -52,8 +52,17 @@ class SeriesConfig:
 
     @property
     def num_patches(self) -> int:
-        """Tokens per recording: its patches, and the statistics token when normalised."""
-        return (self.length - self.patch) // self.stride + 1 + self.normalise
+        """Tokens of a recording of `length` steps (the most any has): its patches, and the
+        statistics token when normalised."""
+        return self.tokens(self.length)
+
+    def tokens(self, steps: int) -> int:
+        """Tokens of a recording of `steps` steps (patch <= steps <= length)."""
+        return (steps - self.patch) // self.stride + 1 + int(self.normalise)
+
+    def steps(self, tokens: int) -> int:
+        """The steps the patches of a recording of `tokens` tokens read (the recording's start)."""
+        return self.patch + (tokens - int(self.normalise) - 1) * self.stride
 
 
 class SeriesTower(VisionTower):
@@ -70,21 +79,43 @@ class SeriesTower(VisionTower):
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.patch_embedding.weight, std=0.02)
 
-    def features(self, series: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """(B, C, L) → the last encoder layer's output (or `layer`'s), no post norm: (B, P, D)."""
+    def features(self, series: torch.Tensor, layer: int | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, L) → the last encoder layer's output (or `layer`'s), no post norm: (B, P, D).
+        `counts` (B,): each recording's tokens, when they differ (data/series_processor.py pads the
+        shorter ones at the end): its statistics come from its own steps, and its tokens attend
+        only to each other; a padded token's output is not a feature (VLM.embed skips it)."""
         x = series.to(self.patch_embedding.weight.dtype)
+        valid = self._valid(counts, x.shape[-1])  # (B, 1, L) steps read, or None: all of them
         if self.statistics is not None:  # each recording and channel on its own scale (RevIN)
-            mean, std = x.mean(-1, keepdim=True), (x.var(-1, keepdim=True, unbiased=False) + 1e-5).sqrt()
-            x = self.patch_embedding((x - mean) / std).transpose(1, 2)  # (B, P - 1, D)
+            mean, std = _statistics(x, valid)
+            x = (x - mean) / std
+            x = self.patch_embedding(x if valid is None else x * valid).transpose(1, 2)  # (B, P - 1, D)
             stats = self.statistics(torch.cat([mean, std.log()], 1).transpose(1, 2))  # (B, 1, D)
             x = torch.cat([stats, x], 1)
         else:
             x = self.patch_embedding(x).transpose(1, 2)  # (B, P, D)
-        x = x + self.position_embedding.weight
+        x = x + self.position_embedding.weight[: x.shape[1]]
+        mask = None if valid is None else (torch.arange(x.shape[1], device=x.device) < counts[:, None])[:, None, None]
         stop = len(self.encoder.layers) if layer is None else layer % len(self.encoder.layers) + 1
         for block in self.encoder.layers[:stop]:
-            x = block(x)
+            x = block(x, mask=mask)
         return x
 
-    def forward(self, series: torch.Tensor) -> torch.Tensor:
-        return self.post_layernorm(self.features(series))
+    def _valid(self, counts: torch.Tensor | None, length: int) -> torch.Tensor | None:
+        if counts is None or bool((counts == self.cfg.tokens(length)).all()):
+            return None
+        steps = self.cfg.steps(counts)  # a tensor of steps, as SeriesConfig.steps gives for an int
+        return (torch.arange(length, device=counts.device) < steps[:, None])[:, None]
+
+    def forward(self, series: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        return self.post_layernorm(self.features(series, counts=counts))
+
+
+def _statistics(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each recording's and channel's mean and std (B, C, 1) over its steps (`valid`, or all)."""
+    if valid is None:
+        return x.mean(-1, keepdim=True), (x.var(-1, keepdim=True, unbiased=False) + 1e-5).sqrt()
+    n = valid.sum(-1, keepdim=True)
+    mean = (x * valid).sum(-1, keepdim=True) / n
+    var = ((x - mean) ** 2 * valid).sum(-1, keepdim=True) / n
+    return mean, (var + 1e-5).sqrt()

@@ -15,6 +15,7 @@ from graft.errors import UserError
 from graft.losses import IGNORE, at_least_fp32, lm_loss_sum, supervised
 from graft.models.connectors import ConnectorConfig, build_connector
 from graft.models.decoder import KVCache, LanguageModel, Layout, LMConfig
+from graft.models.image_layout import item_mask, mrope_positions
 from graft.models.modality import IMAGES, Modality
 from graft.models.vit import VisionConfig, ViT
 
@@ -79,27 +80,32 @@ class VLM(nn.Module):
         side = math.isqrt(self.num_image_tokens)
         return side if self.connector.grid and side * side == self.num_image_tokens else None
 
-    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B_img, N, D_lm): what an image becomes in the LM's input."""
-        return self.connector(self.vision.features(pixel_values))
+    def image_tokens(self, pixel_values: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """(B_img, N, D_lm): what an image becomes in the LM's input; with per-item `counts` (B_img,)
+        (series of different lengths, padded), item i's first counts[i] tokens are its own."""
+        if counts is None:
+            return self.connector(self.vision.features(pixel_values))
+        return self.connector(self.vision.features(pixel_values, counts=counts))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+              image_tokens: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features at the placeholders: (B, T, D_lm). The images come as
         pixels or, already encoded (to reuse one image across many texts), as `image_tokens`; image k
-        fills the k-th run of N placeholders, reading the rows left to right, top to bottom. A batch
-        without images (text-only rows) does not run the vision tower."""
+        fills the k-th run of N placeholders (of counts[k], given per-item `counts`), reading the rows
+        left to right, top to bottom. A batch without images (text-only rows) does not run the tower."""
         embeds = self.lm.embed_tokens(input_ids)  # (B, T, D_lm)
         if image_tokens is None and (pixel_values is None or pixel_values.shape[0] == 0):
             image_tokens = embeds.new_zeros(0, self.num_image_tokens, embeds.shape[-1])
         elif image_tokens is None:
-            image_tokens = self.image_tokens(pixel_values)  # (B_img, N, D_lm)
+            image_tokens = self.image_tokens(pixel_values, counts)  # (B_img, N, D_lm)
         slots = input_ids == self.image_token_id
         n_images, n = image_tokens.shape[:2]
+        if counts is not None:  # each item's own tokens, in order: (Σ counts, D_lm)
+            image_tokens = image_tokens[torch.arange(n, device=counts.device) < counts[:, None]]
         if torch.compiler.is_compiling():  # inside a graph: the same check, without a host sync
             torch._assert_async(slots.sum() == n_images * n, "image placeholders and image features differ")
         else:
-            _check_placeholders(slots, n_images, n)
+            _check_placeholders(slots, n_images, n, counts)
         return embeds.masked_scatter(slots[..., None], image_tokens.to(embeds.dtype))
 
     def forward(self, input_ids, pixel_values=None, labels=None, cache: KVCache | None = None,
@@ -113,10 +119,12 @@ class VLM(nn.Module):
         `pixel_values` or encoded as `image_tokens` (see `embed`). `position_ids`, `doc_ids`: of
         packed rows (data/packing.py), for the built-in decoder. `hidden` {layer: None}: filled
         with those LM layers' outputs (the built-in decoder). `items`: another modality's inputs
-        under its batch key (a series' `series_values`), in place of `pixel_values`."""
-        pixel_values = self._items(pixel_values, items)
+        under its batch key (a series' `series_values`), in place of `pixel_values`, and their
+        per-item token counts where they differ (`series_counts`, models/modality.py)."""
+        pixel_values, counts = self._items(pixel_values, items)
         aux: dict = {}
-        lm_args = dict(self.lm_inputs(input_ids, pixel_values, image_tokens, cache, position_ids, doc_ids), aux=aux)
+        lm_args = dict(self.lm_inputs(input_ids, pixel_values, image_tokens, cache, position_ids, doc_ids, counts),
+                       aux=aux)
         if hidden is not None:
             lm_args["hidden"] = hidden
         if labels is not None and answers_only:
@@ -124,21 +132,41 @@ class VLM(nn.Module):
         logits = self.lm(**lm_args)
         return logits, ({"lm": lm_loss_sum(logits, labels), **aux} if labels is not None else {})
 
-    def _items(self, pixel_values, items: dict):
-        """The tower's inputs: `pixel_values`, or this model's modality's batch key."""
-        unknown = set(items) - {self.modality.inputs}
+    def _items(self, pixel_values, items: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The tower's inputs (`pixel_values`, or this model's modality's batch key) and their
+        per-item token counts (None: all alike)."""
+        m = self.modality
+        unknown = set(items) - {m.inputs, m.counts}
         if unknown:
-            raise TypeError(f"VLM.forward got {sorted(unknown)}; its items come as pixel_values or {self.modality.inputs}")
-        return items.get(self.modality.inputs, pixel_values)
+            raise TypeError(f"VLM.forward got {sorted(unknown)}; its items come as pixel_values or {m.inputs}, "
+                            f"with {m.counts}")
+        return items.get(m.inputs, pixel_values), items.get(m.counts)
 
     def lm_inputs(self, input_ids, pixel_values, image_tokens, cache: KVCache | None, position_ids=None,
-                  doc_ids=None) -> dict:
+                  doc_ids=None, counts: torch.Tensor | None = None) -> dict:
         """The decoder's inputs for a batch: the image tokens spliced into the text's embeddings, and
-        the rows' `Layout` (packed rows' positions and documents: the decoder's mask keeps each
-        document to itself; which tokens are an image's)."""
-        layout = Layout(position_ids, doc_ids, (input_ids == self.image_token_id).long() * self.modality.id,
-                        self.num_image_tokens, self.image_grid)
-        return {"inputs_embeds": self.embed(input_ids, pixel_values, image_tokens), "cache": cache, "layout": layout}
+        the rows' `Layout` (`layout`)."""
+        layout = self.layout(input_ids == self.image_token_id, position_ids, doc_ids, cache, counts)
+        return {"inputs_embeds": self.embed(input_ids, pixel_values, image_tokens, counts), "cache": cache,
+                "layout": layout}
+
+    def layout(self, slots: torch.Tensor, position_ids, doc_ids, cache: KVCache | None,
+               counts: torch.Tensor | None = None) -> Layout:
+        """The rows' `Layout`: packed rows' positions and documents, which tokens are an item's
+        (`slots`), and, composed in at prefill, the built-in decoder's image settings
+        `lm.image_attention` / `lm.image_positions` (models/image_layout.py)."""
+        layout = Layout(position_ids, doc_ids, slots.long() * self.modality.id)
+        cfg = self.lm.cfg if isinstance(self.lm, LanguageModel) else None
+        bidirectional, mrope = cfg and cfg.image_attention == "bidirectional", cfg and cfg.image_positions == "mrope"
+        if not (bidirectional or mrope) or (cache is not None and cache.seen() > 0):
+            return layout  # plain causal 1-D; a decoding step's new tokens are text
+        if bidirectional:
+            layout.visible = item_mask(slots, self.num_image_tokens if counts is None else counts)
+        if mrope:
+            B, T = slots.shape
+            positions = torch.arange(T, device=slots.device).expand(B, T) if position_ids is None else position_ids
+            layout.position_ids = mrope_positions(positions, slots, self.image_grid)
+        return layout
 
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, 1, vocab) of one more token per row (B, 1) after what `cache` holds."""
@@ -161,14 +189,15 @@ class VLM(nn.Module):
         return {"lm": int(supervised(labels)), **dict.fromkeys(self.lm.aux_losses, input_ids.numel())}
 
     @torch.no_grad()
-    def generate(self, input_ids, pixel_values, max_new_tokens: int, eos_id: int, temperature: float = 0.0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None, on_token=None) -> list[list[int]]:
+    def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 32, eos_id: int = -1,
+                 temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 on_token=None, **items) -> list[list[int]]:
         """Decoding with a KV cache for prompts of equal length (B, T); returns new ids per row.
         Greedy at temperature 0; above it, samples from softmax(logits / temperature) cut to the
         top_p nucleus, drawing from `generator`. `on_token((B,) ids)` sees each step's tokens as they
-        come (a server streaming them)."""
+        come (a server streaming them). `items`: another modality's batch keys (see `forward`)."""
         cache = self.lm.new_cache()
-        logits, _ = self(input_ids, pixel_values, cache=cache)
+        logits, _ = self(input_ids, pixel_values, cache=cache, **items)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         out = []
         for _ in range(max_new_tokens):
@@ -196,11 +225,16 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _check_placeholders(slots: torch.Tensor, n_images: int, n: int) -> None:
+def _check_placeholders(slots: torch.Tensor, n_images: int, n: int, counts: torch.Tensor | None = None) -> None:
     """Scattering image features into placeholders that are not whole images would silently
     misalign text and images: fail, saying where (cheaply: the first row whose placeholders are not
-    whole images, else the images per row)."""
+    whole images, else the images per row). With per-item `counts`, their sum must be the slots'."""
     n_slots = int(slots.sum())
+    if counts is not None:
+        if n_slots != int(counts.sum()):
+            raise ValueError(f"item placeholders and item features differ: {n_slots} placeholder tokens in the batch "
+                             f"vs {int(counts.sum())} features of {n_images} items (token counts {counts.tolist()})")
+        return
     if n_slots == n_images * n:
         return
     per_row = slots.sum(1).tolist()

@@ -28,6 +28,7 @@ from graft.eval.shard import sharded
 from graft.losses import weighted
 from graft.objectives import StepLosses
 from graft.models import modality
+from graft.models.layers import AfterStep
 from graft.models.moe import expert_loads
 from graft.report import write_report
 from graft.rundir import RunDir
@@ -310,7 +311,7 @@ def _train_step(s: _Session, step: int, flops: MeasuredFlops):
     else:
         optimizer.step()
     for module in model.modules():  # state kept outside the gradients (MoE balancing biases), on every process
-        if hasattr(module, "after_step"):
+        if isinstance(module, AfterStep):
             module.after_step()
     stats = {"time": time.perf_counter() - t0 - counting, "data": data_s, "images": images, "tokens": tokens,
              "flops": step_flops, "teacher_flops": teacher_flops, "skipped": int(skipped), "losses": named}
