@@ -35,7 +35,7 @@ CAPTION_PROMPT = "describe the image."  # the built-in world's caption question,
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes | sensors | webdataset | llava | hf | interleaved | ts | arrays (graft/data/sources.py)
+    source: str = "shapes"  # shapes | sensors | webdataset | llava | hf | interleaved | ts | arrays | pamap2 (graft/data/sources.py)
     seed: int = 0  # world seed: sample i of split s is a pure function of (seed, s, i)
     grid: int = 4  # objects sit in a grid x grid layout of cells
     max_objects: int = 4
@@ -56,12 +56,17 @@ class DataConfig:
     # Streaming sources (graft/data/sources.py); the fields above configure the built-in world.
     shards: list[str] = field(default_factory=list)  # webdataset, interleaved: one brace pattern per source
     weights: list[float] = field(default_factory=list)  # webdataset: mixing weight per shards entry (default equal)
-    path: str | None = None  # llava: conversation .json/.jsonl; hf: save_to_disk folder; interleaved: .jsonl file or folder; ts: a .ts file; arrays: a folder
+    path: str | None = None  # llava: conversation .json/.jsonl; hf: save_to_disk folder; interleaved: .jsonl file or folder; ts: a .ts file; arrays: a folder; pamap2: .dat file, folder or glob
     image_root: str | None = None  # llava/hf/interleaved: folder image paths are relative to (default: next to data.path)
     image_column: str = "image"  # hf
     text_column: str = "text"  # hf: a caption string or a conversation list
     caption_prompt: str = CAPTION_PROMPT  # the user turn for caption-only records
-    class_prompt: str = "which class is this?"  # ts, arrays, and evaluation task classify: the question a label answers
+    class_prompt: str = "which class is this?"  # ts, arrays, pamap2, and evaluation task classify: the question a label answers
+    # pamap2 (graft/data/pamap2.py): the IMUs read (hand, chest, ankle; 6 channels each), time steps
+    # averaged per series step (100 Hz / downsample), and steps between window starts (0: series.length)
+    imus: list[str] = field(default_factory=lambda: ["hand"])
+    downsample: int = 1
+    window_stride: int = 0
     shuffle_buffer: int = 1000  # webdataset: records held for shuffling within a worker
     workers: int = 2  # DataLoader worker processes per rank (0: read in the training process)
     # Bounded work per record (data/limits.py): over-limit records are skipped and counted.

@@ -215,9 +215,11 @@ def _validate_tasks(cfg: Config) -> None:
 def _validate_streaming(cfg: Config) -> None:
     d = cfg.data
     SOURCES[d.source].check(cfg)  # what the chosen source needs (data/sources.py)
-    if d.class_prompt != config.DataConfig().class_prompt and "class_prompt" not in source_kind(cfg).options and not any(
-            t.partition("=")[0] == "classify" for t in cfg.eval.tasks):
-        raise UserError("data.class_prompt is read by data.source=ts and the classify task; this run has neither")
+    classify = any(t.partition("=")[0] == "classify" for t in cfg.eval.tasks)
+    for key, readers in (("class_prompt", "data.source=ts, arrays or pamap2"), ("imus", "data.source=pamap2"),
+                         ("downsample", "data.source=pamap2"), ("window_stride", "data.source=pamap2")):
+        if getattr(d, key) != getattr(config.DataConfig(), key) and key not in source_kind(cfg).options and not classify:
+            raise UserError(f"data.{key} is read by {readers} and the classify task; this run has neither")
     if d.weights and (len(d.weights) != len(d.shards) or min(d.weights) <= 0):
         raise UserError(f"data.weights={d.weights} must be {len(d.shards)} positive numbers, one per data.shards entry")
     if d.workers < 0 or d.shuffle_buffer < 0 or d.check_batches < 0:

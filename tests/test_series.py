@@ -155,7 +155,7 @@ def test_a_connector_that_merges_tokens_reads_one_length_only(capsys, tmp_path):
     (["--set", "eval.splits=[compositional]"], "unknown split 'compositional' (valid: train, val, test)"),
     (["--set", "series.length=100"], "series.length=100"),
     (["--set", "series.patch=512"], "series.patch=512 is longer than series.length=256"),
-    (["--set", "data.class_prompt=which?"], "data.class_prompt is read by data.source=ts and the classify task"),
+    (["--set", "data.class_prompt=which?"], "data.class_prompt is read by data.source=ts, arrays or pamap2 and the classify task"),
 ])
 def test_settings_that_cannot_act_on_series_are_refused(capsys, tmp_path, args, needle):
     one_line_error(cli(capsys, "train", "sensors_vlm", "--out", tmp_path / "run", "--dry-run", *args), needle)

@@ -28,7 +28,9 @@ from graft.config import Config, DataConfig
 from graft.data.hf_dataset import HFSource
 from graft.data.interleaved import InterleavedShards, JsonlDocuments
 from graft.data.limits import bounded_turns
+from graft.data import pamap2
 from graft.data.llava_json import LlavaSource
+from graft.data.pamap2 import Pamap2Source
 from graft.data.samples import BadSample
 from graft.data.series_arrays import ArraySource, read_folder
 from graft.data.sensor_source import SensorSource, sensor_tokenizer
@@ -93,6 +95,19 @@ def _check_arrays(cfg: Config) -> None:
         if s.channels not in shape:
             raise UserError(f"series.channels={s.channels}, but {cfg.data.path}/series.npy holds series of {shape}")
         _check_steps(cfg, shape[1] if shape[0] == s.channels else shape[0], f"{cfg.data.path}/series.npy holds")
+    _no_world(cfg)
+
+
+def _check_pamap2(cfg: Config) -> None:
+    """Files to read, IMUs that give series.channels, a whole downsampling factor and stride."""
+    _needs_path(cfg)
+    d = cfg.data
+    pamap2.files(d.path)
+    if len(pamap2.channels(d.imus)) != cfg.series.channels:
+        raise UserError(f"series.channels={cfg.series.channels}, but data.imus={d.imus} gives "
+                        f"{len(pamap2.channels(d.imus))} channels (6 per IMU)")
+    if d.downsample < 1 or d.window_stride < 0:
+        raise UserError(f"data.downsample={d.downsample} must be >= 1 and data.window_stride={d.window_stride} >= 0")
     _no_world(cfg)
 
 
@@ -163,6 +178,9 @@ SOURCES: dict[str, SourceKind] = {
                      options=("class_prompt",)),
     "arrays": SourceKind(lambda cfg, proc, split: [ArraySource(cfg.data)], check=_check_arrays, modality=TIME_SERIES,
                          world=None, options=("class_prompt",)),
+    "pamap2": SourceKind(lambda cfg, proc, split: [Pamap2Source(cfg.data, cfg.series.length)], check=_check_pamap2,
+                         modality=TIME_SERIES, world=None,
+                         options=("class_prompt", "imus", "downsample", "window_stride")),
 }
 
 

@@ -1,7 +1,9 @@
 """Classification of series by a model that answers in text: task `classify` (eval/tasks.py).
 
 `graft eval RUN --task classify --data PATH` (or `eval.tasks: [classify=PATH]`): each recording
-of a UEA/UCR `.ts` file (data/ts_file.py) or an arrays folder (data/series_arrays.py) is asked `data.class_prompt` and the greedy
+of a UEA/UCR `.ts` file (data/ts_file.py), an arrays folder (data/series_arrays.py) or PAMAP2
+`.dat` files (a file, a folder or a glob; windows as the run's data.imus / downsample /
+window_stride / series.length cut them, data/pamap2.py) is asked `data.class_prompt` and the greedy
 answer is compared with its label (case and a final full stop ignored). Metrics: `class_acc`,
 `class_f1` (macro over the labels present), `class_recall` (their mean: balanced accuracy) and
 `class_recall/<label>`. Lines that cannot be read are skipped and counted (`classify_skipped`).
@@ -10,11 +12,12 @@ The built-in sensor world's activities are scored the same way (`class_scores`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from graft.data.pamap2 import Pamap2Source
 from graft.data.samples import BadSample
 from graft.data.series_arrays import read_folder
 from graft.data.skips import SkipLog
@@ -31,9 +34,12 @@ class Labelled:
 
 
 def load_series(path: str, cfg) -> Labelled:
-    """The labelled recordings of a `.ts` file or an arrays folder (data/series_arrays.py)."""
+    """The labelled recordings of a `.ts` file, PAMAP2 `.dat` files or an arrays folder."""
     log, items, name = SkipLog(), [], Path(path.rstrip("/")).name
-    if path.endswith(".ts"):
+    if is_pamap2(path):
+        source = Pamap2Source(replace(cfg.data, path=path), cfg.series.length)
+        read = [(source.key(i), lambda i=i: source.recording(i)) for i in range(len(source))]
+    elif path.endswith(".ts"):
         _, labels, lines = read_ts(Path(path))
         read = [(f"{name}[{i}]", lambda line=line: parse_line(line, labels, cfg.data.max_text_bytes)) for i, line in
                 enumerate(lines)]
@@ -46,6 +52,12 @@ def load_series(path: str, cfg) -> Labelled:
         except BadSample as e:
             log.skip(e.reason, key, e.detail)
     return Labelled(name, items, log)
+
+
+def is_pamap2(path: str) -> bool:
+    """A .dat file, a glob of them, or a folder holding them (and not an arrays folder)."""
+    p = Path(path)
+    return path.endswith(".dat") or (p.is_dir() and any(p.glob("*.dat")) and not any(p.glob("*.csv")))
 
 
 def _known(label: str | None) -> str:

@@ -27,6 +27,8 @@ metrics to `RUN/eval.json` and the predictions (id, prediction, reference, corre
 
 from __future__ import annotations
 
+import glob
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +78,8 @@ TASKS = {
     "retrieval": Task(load_captioned, {EMBEDS: retrieval_on}),
     "caption": Task(load_captioned, {GENERATES: caption_on}),
     "vqa": Task(load_questions, {GENERATES: vqa_on}),
-    "classify": Task(load_series, {GENERATES: classify_vlm}, modality=TIME_SERIES.name),
+    "classify": Task(load_series, {GENERATES: classify_vlm}, modality=TIME_SERIES.name,
+                     exists=lambda path: bool(glob.glob(path))),
 }
 
 
