@@ -35,7 +35,7 @@ CAPTION_PROMPT = "describe the image."  # the built-in world's caption question,
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes | sensors | webdataset | llava | hf | interleaved | ts | arrays | pamap2 (graft/data/sources.py)
+    source: str = "shapes"  # shapes | sensors | webdataset | llava | hf | interleaved | ts | arrays | series_shards | pamap2 (graft/data/sources.py)
     seed: int = 0  # world seed: sample i of split s is a pure function of (seed, s, i)
     grid: int = 4  # objects sit in a grid x grid layout of cells
     max_objects: int = 4
@@ -54,14 +54,14 @@ class DataConfig:
     tokenizer: str | None = None  # a tokenizer.json to use instead of training one on the world
     vocab_size: int = 384
     # Streaming sources (graft/data/sources.py); the fields above configure the built-in world.
-    shards: list[str] = field(default_factory=list)  # webdataset, interleaved: one brace pattern per source
+    shards: list[str] = field(default_factory=list)  # webdataset, interleaved, series_shards: one brace pattern per source
     weights: list[float] = field(default_factory=list)  # webdataset: mixing weight per shards entry (default equal)
     path: str | None = None  # llava: conversation .json/.jsonl; hf: save_to_disk folder; interleaved: .jsonl file or folder; ts: a .ts file; arrays: a folder; pamap2: .dat file, folder or glob
     image_root: str | None = None  # llava/hf/interleaved: folder image paths are relative to (default: next to data.path)
     image_column: str = "image"  # hf
     text_column: str = "text"  # hf: a caption string or a conversation list
     caption_prompt: str = CAPTION_PROMPT  # the user turn for caption-only records
-    class_prompt: str = "which class is this?"  # ts, arrays, pamap2, and evaluation task classify: the question a label answers
+    class_prompt: str = "which class is this?"  # ts, arrays, pamap2, series_shards (.cls), and evaluation task classify: the question a label answers
     # pamap2 (graft/data/pamap2.py): the IMUs read (hand, chest, ankle; 6 channels each), time steps
     # averaged per series step (100 Hz / downsample), and steps between window starts (0: series.length)
     imus: list[str] = field(default_factory=lambda: ["hand"])

@@ -17,6 +17,9 @@ its own (linear, mlp); with another, every recording must have series.length ste
 
 from __future__ import annotations
 
+import io
+import math
+
 import numpy as np
 import torch
 
@@ -37,7 +40,9 @@ class SeriesProcessor(Processor):
         self.any_length = per_patch(connector)
 
     def open(self, data, d) -> tuple[np.ndarray, None]:
-        """A recording the source made (an array); files of series are not read yet."""
+        """A recording the source made (an array), or the bytes of a `.npy` member (a shard's)."""
+        if isinstance(data, bytes):
+            return npy_array(data), None
         if not isinstance(data, np.ndarray):
             raise BadSample("series_bad", f"a {type(data).__name__}, not an array")
         return data, None
@@ -86,6 +91,24 @@ class SeriesProcessor(Processor):
             values[i, :, : x.shape[1]] = x
         counts = torch.tensor([self.series.tokens(x.shape[1]) for x in items], dtype=torch.long)
         return {TIME_SERIES.inputs: values, TIME_SERIES.counts: counts}
+
+
+def npy_array(data: bytes) -> np.ndarray:
+    """The array of a `.npy` file's bytes, never unpickled: its header must declare numbers whose
+    size is the data's (so a lying header allocates nothing), else BadSample."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, _, dtype = read(f)
+    except (ValueError, KeyError, EOFError) as e:
+        raise BadSample("series_bad", f"not a .npy array of format 1.0 or 2.0 ({str(e)[:60]})") from None
+    if dtype.kind not in "fiu":
+        raise BadSample("series_bad", f"a .npy array of {dtype}, not numbers")
+    if math.prod(shape) * dtype.itemsize != len(data) - f.tell():
+        raise BadSample("series_bad", f"a .npy header of {shape} {dtype} for {len(data) - f.tell()} bytes of data")
+    f.seek(0)
+    return np.load(f, allow_pickle=False)
 
 
 def fill_gaps(row: np.ndarray, max_gap: int) -> np.ndarray:

@@ -31,8 +31,11 @@ REASONS = {
     "image_truncated": "the image data ends early or is corrupt",
     "image_too_large": "over data.max_image_pixels (judged from the header) or data.max_image_bytes",
     "too_many_images": "more images than data.max_images (a dual encoder's pair: more than one)",
-    "series_bad": "a series that is not a finite (channels, length) array of series.channels x series.length, "
-                  "or has a gap (NaN) of more than series.max_gap steps",
+    "series_bad": "a series that is not a finite (channels, steps) array of series.channels x at most series.length "
+                  "steps (a .npy member: numbers, its header true to its data), or has a gap (NaN) over series.max_gap steps",
+    "series_missing": "a series shard's record has no .npy member",
+    "series_members": "series members other than one KEY.npy or KEY.0.npy, KEY.1.npy, ... without a gap",
+    "series_too_large": "a .npy member over data.max_image_bytes",
     "label_unknown": "a class label the file's header does not declare (.ts)",
     "text_missing": "no caption or conversation",
     "text_not_utf8": "the caption is not UTF-8 (or holds a lone surrogate escape)",

@@ -8,6 +8,8 @@
     interleaved web documents, text and images in turn (OBELICS, MMC4): JSON Lines (`data.path`) or shards
     ts          a UEA/UCR time-series classification file (`data.path`, ts_file.py): series with labels
     arrays      a folder of series.npy + labels.txt, or *.csv + labels.csv (series_arrays.py)
+    series_shards  tar shards of KEY.npy + KEY.cls/.txt/.json (series_shards.py), like webdataset's
+    pamap2      PAMAP2 .dat files (`data.path`, pamap2.py), cut into windows of one activity
 
 To add a source: write a class with `epoch(epoch, slot, nslots, log)` (its raw records for one slot,
 deterministic), `key(raw)` and `example(raw) -> samples.Example`, and register a `SourceKind` here.
@@ -33,6 +35,7 @@ from graft.data.llava_json import LlavaSource
 from graft.data.pamap2 import Pamap2Source
 from graft.data.samples import BadSample
 from graft.data.series_arrays import ArraySource, read_folder
+from graft.data.series_shards import SeriesShards
 from graft.data.sensor_source import SensorSource, sensor_tokenizer
 from graft.data.sensor_source import check as check_sensors
 from graft.data.sensors import SPLITS as SENSOR_SPLITS
@@ -119,7 +122,7 @@ def _no_world(cfg: Config) -> None:
 
 def _needs_shards(cfg: Config) -> None:
     if not cfg.data.shards:
-        raise UserError("data.source=webdataset needs data.shards (e.g. data.shards=data/shard-{000000..000009}.tar)")
+        raise UserError(f"data.source={cfg.data.source} needs data.shards (e.g. data.shards=data/shard-{{000000..000009}}.tar)")
 
 
 def _needs_path(cfg: Config) -> None:
@@ -178,6 +181,9 @@ SOURCES: dict[str, SourceKind] = {
                      options=("class_prompt",)),
     "arrays": SourceKind(lambda cfg, proc, split: [ArraySource(cfg.data)], check=_check_arrays, modality=TIME_SERIES,
                          world=None, options=("class_prompt",)),
+    "series_shards": SourceKind(lambda cfg, proc, split: [SeriesShards(p, i, cfg.data) for i, p in enumerate(cfg.data.shards)],
+                                check=lambda cfg: (_needs_shards(cfg), _no_world(cfg)), modality=TIME_SERIES, world=None,
+                                options=("class_prompt",)),
     "pamap2": SourceKind(lambda cfg, proc, split: [Pamap2Source(cfg.data, cfg.series.length)], check=_check_pamap2,
                          modality=TIME_SERIES, world=None,
                          options=("class_prompt", "imus", "downsample", "window_stride")),

@@ -45,20 +45,28 @@ from graft.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 NUMBERED = re.compile(r"(\d+)\.(?:" + "|".join(IMAGE_EXTS) + ")")  # KEY.3.png's extension: image 3
-OVERSIZE = {"txt": ("text_too_long", "data.max_text_bytes"), "json": ("json_too_large", "data.max_json_bytes")}
+OVERSIZE = {"txt": ("text_too_long", "data.max_text_bytes"), "cls": ("text_too_long", "data.max_text_bytes"),
+            "json": ("json_too_large", "data.max_json_bytes")}
 
 
 class ShardSource:
+    """A brace pattern of shards whose records' items are image members (`EXTS`); a source of another
+    item (data/series_shards.py) names its own members and the word its skip reasons use (`ITEM`)."""
+
+    EXTS: tuple[str, ...] = IMAGE_EXTS
+    ITEM = "image"
+
     def __init__(self, pattern: str, index: int, cfg: DataConfig):
         self.name, self.index, self.cfg = pattern, index, cfg
         self.urls = expand_urls(pattern)
         if not self.urls:
             raise UserError(f"data.shards: {pattern!r} expands to no shard")
         n = cfg.max_images
-        numbered = {f"{i}.{ext}": cfg.max_image_bytes for i in range(n) for ext in IMAGE_EXTS}
-        past = {f"{n}.{ext}": -1 for ext in IMAGE_EXTS}  # noted as present (oversize), never read
-        self.limits = {ext: cfg.max_image_bytes for ext in IMAGE_EXTS} | numbered | past | {
+        numbered = {f"{i}.{ext}": cfg.max_image_bytes for i in range(n) for ext in self.EXTS}
+        past = {f"{n}.{ext}": -1 for ext in self.EXTS}  # noted as present (oversize), never read
+        self.limits = {ext: cfg.max_image_bytes for ext in self.EXTS} | numbered | past | {
             "txt": cfg.max_text_bytes, "json": cfg.max_json_bytes}
+        self.numbered = re.compile(r"(\d+)\.(?:" + "|".join(self.EXTS) + ")")
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -82,28 +90,28 @@ class ShardSource:
 
     def example(self, raw: dict) -> Example:
         oversize = raw.get("__oversize__", {})
-        if any(f"{self.cfg.max_images}.{ext}" in oversize for ext in IMAGE_EXTS):
-            raise BadSample("too_many_images", f"an image numbered {self.cfg.max_images} > data.max_images - 1")
+        if any(f"{self.cfg.max_images}.{ext}" in oversize for ext in self.EXTS):
+            raise BadSample("too_many_images", f"an item numbered {self.cfg.max_images} > data.max_images - 1")
         for ext, size in oversize.items():
-            reason, key = OVERSIZE.get(ext, ("image_too_large", "data.max_image_bytes"))
+            reason, key = OVERSIZE.get(ext, (f"{self.ITEM}_too_large", "data.max_image_bytes"))
             raise BadSample(reason, f".{ext} of {size} bytes > {key}")
         images = self._images(raw)
         return make_example(self.key(raw), images, text_turns(self._text(raw), self.cfg.caption_prompt))
 
     def _images(self, raw: dict) -> list[bytes]:
-        """The one `KEY.jpg` (first of IMAGE_EXTS), or the numbered images 0, 1, ... in order."""
-        plain = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
-        numbered = {int(m.group(1)) for k in raw if (m := NUMBERED.fullmatch(k))}
+        """The one `KEY.jpg` (first of EXTS), or the numbered items 0, 1, ... in order."""
+        plain = next((raw[e] for e in self.EXTS if e in raw), None)
+        numbered = {int(m.group(1)) for k in raw if (m := self.numbered.fullmatch(k))}
         if plain is None and not numbered:
             members = [k for k in raw if not k.startswith("__")] + raw.get("__unread__", [])
-            raise BadSample("image_missing", f"members: {', '.join(members) or 'none'}")
+            raise BadSample(f"{self.ITEM}_missing", f"members: {', '.join(members) or 'none'}")
         if plain is not None and numbered:
-            raise BadSample("image_members", "both KEY.<ext> and numbered KEY.<n>.<ext> images")
+            raise BadSample(f"{self.ITEM}_members", "both KEY.<ext> and numbered KEY.<n>.<ext> members")
         if plain is not None:
             return [plain]
         if numbered != set(range(len(numbered))):
-            raise BadSample("image_members", f"images numbered {sorted(numbered)}, not 0..{len(numbered) - 1}")
-        return [next(raw[f"{i}.{e}"] for e in IMAGE_EXTS if f"{i}.{e}" in raw) for i in range(len(numbered))]
+            raise BadSample(f"{self.ITEM}_members", f"members numbered {sorted(numbered)}, not 0..{len(numbered) - 1}")
+        return [next(raw[f"{i}.{e}"] for e in self.EXTS if f"{i}.{e}" in raw) for i in range(len(numbered))]
 
     def _text(self, raw: dict):
         meta = parse_json(raw["json"], self.cfg, ".json") if "json" in raw else None
