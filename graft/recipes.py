@@ -147,6 +147,20 @@ def sensors_vlm() -> Config:
     return cfg
 
 
+def sensors_clip() -> Config:
+    """A series–text dual encoder (series tower + text tower, CLIP's loss) on the sensor world: each
+    recording with its caption; scored by zero-shot activity and retrieval on people never seen."""
+    cfg = Config(name="sensors_clip", model="dual")
+    cfg.data.source = "sensors"
+    cfg.contrastive.loss, cfg.contrastive.embed_dim = "clip", 64
+    cfg.text.causal, cfg.text.pool = True, "eos"
+    cfg.text.max_len = 16  # the longest caption ("the person was ..., then ... after 5 seconds") + <eos>
+    cfg.eval.splits, cfg.eval.zeroshot_images, cfg.eval.retrieval_pairs = ["test"], 350, 500
+    cfg.train.steps, cfg.train.batch_size = 300, 64
+    cfg.optim.lr = 1e-3
+    return cfg
+
+
 def tiny() -> Config:
     """A seconds-long smoke test: tiny model, few steps (for tests and trying the CLI)."""
     cfg = shapes_vqa()
@@ -339,7 +353,7 @@ def shapes_qformer() -> Config:
 
 RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, shapes_resampler, shapes_pixel_shuffle, shapes_avgpool,
                                    shapes_flamingo, shapes_fuyu, shapes_moe, shapes_moe_aware, shapes_interleaved,
-                                   sensors_vlm,
+                                   sensors_vlm, sensors_clip,
                                    tiny, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, clippo, lit,
                                    shapes_qformer_stage1, shapes_qformer)}
 # Recipes that start from another recipe's run: recipe → (the key naming that run, the recipe that

@@ -65,6 +65,7 @@ def write_subject(path: Path, split: str, start: int, rng, per_activity: int = 4
     path.write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_a_vlm_learns_activities_from_pamap2_files_and_classifies_held_out_people(capsys, tmp_path):
     """Two training files (6 activities x 4 runs of 3 recordings each: 432 windows of 256 steps
     every 64), 150 steps (~17 s); the classify task on a file of the held-out people (108 windows;

@@ -309,6 +309,7 @@ def world_ts(path: Path, split: str, n: int, seed: int) -> None:
                     f"{' '.join(ACTIVITIES)}\n@data\n" + "".join(lines))
 
 
+@pytest.mark.slow
 def test_a_vlm_learns_from_recordings_of_different_lengths(capsys, tmp_path):
     """Per-item token counts end to end: 400 training recordings of 3-8 s in a .ts file (7 to 17
     series tokens each), 100 steps (~15 s), scored on 60 recordings of 3-8 s of the held-out people

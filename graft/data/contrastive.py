@@ -14,7 +14,9 @@ import torch
 from graft.data.processor import Processor
 from graft.data.render import render_text
 from graft.data.samples import BadSample
+from graft.data.series_processor import SeriesProcessor
 from graft.data.shapes import Sample
+from graft.models.series import SeriesConfig
 
 
 def pair_text(sample: Sample) -> str:
@@ -44,7 +46,7 @@ class ContrastiveProcessor(Processor):
         return {"input_ids": torch.tensor([self.text_ids(t) for t in texts], dtype=torch.long)}
 
     def pairs(self, images, texts: list[str]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.stack([self.pixels(img) for img in images]), **self.texts(texts)}
+        return {**self.inputs([self.pixels(img) for img in images]), **self.texts(texts)}
 
     # The streaming pipeline's interface (see processor.Processor.text_row): a record's text is its
     # caption: the caption of a caption record, the first answer of a conversation (LLaVA-Pretrain's
@@ -65,7 +67,26 @@ class ContrastiveProcessor(Processor):
         return self.pixels(next(iter(images))), text
 
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([p for p, _ in rows])
+        items = self.inputs([p for p, _ in rows])
         if self.render:
-            return {"pixel_values": pixels, **self.texts([t for _, t in rows])}
-        return {"pixel_values": pixels, "input_ids": torch.tensor([t for _, t in rows], dtype=torch.long)}
+            return {**items, **self.texts([t for _, t in rows])}
+        return {**items, "input_ids": torch.tensor([t for _, t in rows], dtype=torch.long)}
+
+
+class SeriesPairProcessor(ContrastiveProcessor):
+    """(recording, caption) pairs: a recording opened, checked and batched as the series processor
+    does (data/series_processor.py: `series_values` + `series_counts`, any length up to
+    series.length: the dual encoder pools each one's own tokens), its caption as for an image."""
+
+    def __init__(self, tokenizer, series: SeriesConfig, text_len: int):
+        super().__init__(tokenizer, 0, text_len)
+        self.series = SeriesProcessor(tokenizer, series, series.num_patches, text_len)
+
+    def open(self, data, d):
+        return self.series.open(data, d)
+
+    def pixels(self, values) -> torch.Tensor:
+        return self.series.pixels(values)
+
+    def inputs(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.series.inputs(items)

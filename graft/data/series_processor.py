@@ -26,18 +26,17 @@ import torch
 from graft.data.processor import Processor
 from graft.data.samples import BadSample
 from graft.data.tokenizer import ChatTokenizer
-from graft.models.connectors import per_patch
 from graft.models.modality import TIME_SERIES
 from graft.models.series import SeriesConfig
 
 
 class SeriesProcessor(Processor):
     def __init__(self, tokenizer: ChatTokenizer, series: SeriesConfig, num_tokens: int, max_seq_len: int,
-                 connector: str = "mlp"):
+                 one_length: str | None = None):
+        """`one_length`: why the model reads recordings of series.length steps only (its connector
+        merges tokens), or None: any length up to it."""
         super().__init__(tokenizer, 0, num_tokens, max_seq_len, placeholder=tokenizer.placeholder(TIME_SERIES.token))
-        self.series = series
-        self.connector = connector  # connector.kind; lengths may differ only when it is per-patch
-        self.any_length = per_patch(connector)
+        self.series, self.one_length = series, one_length
 
     def open(self, data, d) -> tuple[np.ndarray, None]:
         """A recording the source made (an array), or the bytes of a `.npy` member (a shard's)."""
@@ -59,9 +58,8 @@ class SeriesProcessor(Processor):
         steps = x.shape[1]
         if steps > s.length or steps < s.patch:
             raise BadSample("series_bad", f"{steps} steps, not between series.patch={s.patch} and series.length={s.length}")
-        if steps != s.length and not self.any_length:
-            raise BadSample("series_bad", f"{steps} steps, not series.length={s.length} (connector.kind="
-                                          f"{self.connector} reads recordings of one length; linear and mlp read any)")
+        if steps != s.length and self.one_length:
+            raise BadSample("series_bad", f"{steps} steps, not series.length={s.length} ({self.one_length})")
         x = x[:, :s.steps(s.tokens(steps))]
         if np.isinf(x).any():
             raise BadSample("series_bad", "infinite values")

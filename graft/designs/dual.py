@@ -1,6 +1,8 @@
 """Dual encoders (CLIP, SigLIP, CLIPPO, LiT): an image tower and a text tower (or one tower for
 both, CLIPPO) trained with a contrastive loss. Its token count serves the other design that embeds
-(qformer_stage1). With `distill.teachers` (CLIP-KD, graft/distill.py) the trainer
+(qformer_stage1). On a source of series (data.source=sensors, ts, ...) the series tower
+(models/series.py, section `series`) takes the ViT's place: series–text pairs, each recording with its
+caption. With `distill.teachers` (CLIP-KD, graft/distill.py) the trainer
 also holds frozen dual-encoder teachers (graft runs or HF CLIP/SigLIP folders: dual_teachers.py)
 and adds the losses `distill_*` (`objectives`)."""
 
@@ -9,12 +11,15 @@ from __future__ import annotations
 from torch import nn
 
 from graft import distill
-from graft.data.contrastive import ContrastiveProcessor
+from graft.data.contrastive import ContrastiveProcessor, SeriesPairProcessor
+from graft.data.sources import source_kind
 from graft.designs.dual_teachers import check_sources, embed_dims, teacher
 from graft.designs.registry import EMBEDS, Design, register
-from graft.designs.shared import validate_vision
+from graft.designs.shared import check_tower_sections, validate_vision
 from graft.errors import UserError
 from graft.models.dual_encoder import PARTS, ContrastiveConfig, DualEncoder
+from graft.models.modality import IMAGES, TIME_SERIES
+from graft.models.series import SeriesConfig, SeriesTower
 from graft.models.text_encoder import TextConfig
 
 
@@ -29,8 +34,8 @@ class DistilledDualEncoder(DualEncoder):
         self.distill_proj = nn.ModuleList(nn.Linear(own, d, bias=False) if project and d != own else nn.Identity()
                                           for d in teacher_dims)
 
-    def forward(self, pixel_values, input_ids=None, text_pixels=None):
-        (image, text), losses = super().forward(pixel_values, input_ids, text_pixels)
+    def forward(self, pixel_values=None, input_ids=None, text_pixels=None, **items):
+        (image, text), losses = super().forward(pixel_values, input_ids, text_pixels, **items)
         return {"image": image, "text": text, "scale": self.logit_scale.exp().clamp(max=100.0),  # (B, E) each
                 "projected": [(p(image), p(text)) for p in self.distill_proj]}, losses
 
@@ -40,6 +45,8 @@ def build(cfg, tok, pretrained: bool = True):
         cfg.text.vocab_size = len(tok)  # resolved here and saved with the config
     elif cfg.text.vocab_size < len(tok):
         raise UserError(f"text.vocab_size={cfg.text.vocab_size} is smaller than the tokenizer's {len(tok)}")
+    if series(cfg):
+        return DualEncoder(SeriesTower(cfg.series), cfg.text, cfg.contrastive, tok.eos, TIME_SERIES)
     if not cfg.distill.teachers:
         return DualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos)
     dims = embed_dims(cfg, tok)
@@ -55,7 +62,13 @@ def sources(cfg) -> None:
     check_sources(cfg, build)
 
 
+def series(cfg) -> bool:
+    return source_kind(cfg).modality is TIME_SERIES
+
+
 def processor(cfg, tok, model):
+    if series(cfg):
+        return SeriesPairProcessor(tok, cfg.series, cfg.text.max_len)
     c = cfg.contrastive
     return ContrastiveProcessor(tok, cfg.vision.image_size, cfg.text.max_len, c.shared_tower, c.render_font_size)
 
@@ -68,14 +81,24 @@ def tokens(batch, pad: int) -> int:
 def validate(cfg) -> None:
     TextConfig.check(cfg.text)
     ContrastiveConfig.check(cfg.contrastive)
-    validate_vision(cfg)
+    check_tower_sections(cfg)
+    if series(cfg):
+        SeriesConfig.check(cfg.series)
+        for key, why in (("contrastive.shared_tower", "CLIPPO renders the text as an image for the one image tower"),
+                         ("distill.teachers", "the teachers embed images")):
+            section, name = key.split(".")
+            if getattr(getattr(cfg, section), name):
+                raise UserError(f"{key} is not available with series data (data.source={cfg.data.source}): {why}")
+    else:
+        validate_vision(cfg)
     distill.DistillConfig.check(cfg.distill)
     if cfg.contrastive.shared_tower and "text" in cfg.train.freeze:
         raise UserError("train.freeze: 'text' has no tower of its own when contrastive.shared_tower=true (CLIPPO)")
 
 
-register("dual", Design(frozenset({EMBEDS}), ("vision", "text", "contrastive", "distill"), PARTS, build, processor,
+register("dual", Design(frozenset({EMBEDS}), ("vision", "text", "contrastive", "distill", "series"), PARTS, build, processor,
                         tokens, validate, losses=("itc",), sources=sources,
                         config_losses=lambda cfg: distill.loss_names(cfg.distill), teacher=teacher,
                         objectives=objectives, config_sections={"text": TextConfig, "contrastive": ContrastiveConfig,
-                                                                "distill": distill.DistillConfig}))
+                                                                "distill": distill.DistillConfig, "series": SeriesConfig},
+                        modalities=frozenset({IMAGES.name, TIME_SERIES.name})))

@@ -17,7 +17,7 @@ from graft.data.sources import source_kind
 from graft.designs.shared import (builtin_lm, check_something_trains, check_tower_sections, item_tower, lm_losses,
                                   resolve_vocab, validate_vision)
 from graft.errors import UserError
-from graft.models.connectors import CONNECTORS, check_connector
+from graft.models.connectors import CONNECTORS, check_connector, per_patch
 from graft.models.decoder import LMConfig
 from graft.models.hf_backbones import HFLanguageModel
 from graft.models.modality import IMAGES, TIME_SERIES
@@ -41,7 +41,9 @@ def build(cfg, tok, pretrained: bool = True):
 
 def processor(cfg, tok, model):
     if source_kind(cfg).modality is TIME_SERIES:
-        return SeriesProcessor(tok, cfg.series, model.num_image_tokens, cfg.lm.max_seq_len, cfg.connector.kind)
+        kind = cfg.connector.kind
+        one_length = None if per_patch(kind) else f"connector.kind={kind} reads recordings of one length; linear and mlp read any"
+        return SeriesProcessor(tok, cfg.series, model.num_image_tokens, cfg.lm.max_seq_len, one_length)
     v = cfg.vision
     cls = TemplateProcessor if isinstance(tok, HFChatTokenizer) else Processor
     return cls(tok, v.image_size, model.num_image_tokens, cfg.lm.max_seq_len, v.image_mean, v.image_std)

@@ -46,7 +46,7 @@ from graft.eval.fewshot import documents_vlm, fewshot_vlm
 from graft.eval.labelled import load_labelled
 from graft.eval.questions import load_questions
 from graft.eval.retrieval import retrieval_on
-from graft.eval.sensor_world import SENSOR_WORLD, load_sensor_split, sensors_vlm
+from graft.eval.sensor_world import sensors_dual, SENSOR_WORLD, load_sensor_split, sensors_vlm
 from graft.eval.series_classes import classify_vlm, load_series
 from graft.eval.text_world import text_vlm
 from graft.eval.vqa import vqa_on
@@ -69,7 +69,7 @@ class Task:
 TASKS = {
     WORLD: Task(load_split, {GENERATES: world_vlm, EMBEDS: world_dual}, exists=lambda split: split in SPLITS,
                 splits=SPLITS),
-    SENSOR_WORLD: Task(load_sensor_split, {GENERATES: sensors_vlm}, exists=lambda split: split in SENSOR_SPLITS,
+    SENSOR_WORLD: Task(load_sensor_split, {GENERATES: sensors_vlm, EMBEDS: sensors_dual}, exists=lambda split: split in SENSOR_SPLITS,
                        splits=SENSOR_SPLITS, modality=TIME_SERIES.name),
     "fewshot": Task(load_split, {GENERATES: fewshot_vlm}, exists=lambda split: split in SPLITS),
     "documents": Task(load_split, {GENERATES: documents_vlm}, exists=lambda split: split in SPLITS),

@@ -92,8 +92,8 @@ def embed_images(model, proc, images, batch_size: int) -> torch.Tensor:
     def share(part):
         device = next(model.parameters()).device
         with torch.no_grad():
-            out = [model.encode_image(torch.stack([proc.pixels(im) for im in part[i:i + batch_size]]).to(device))
-                   for i in range(0, len(part), batch_size)]
+            batches = (proc.inputs([proc.pixels(im) for im in part[i:i + batch_size]]) for i in range(0, len(part), batch_size))
+            out = [model.encode_image(**{k: v.to(device) for k, v in b.items()}) for b in batches]
         return list(torch.cat(out).float().cpu())
 
     return torch.stack(shard_map(share, images))

@@ -9,6 +9,10 @@ and goes through the same ViT, pooling and projection. LiT (Zhai et al. 2022) is
 of the image side (`vision`, optionally `image_head`) with weights from `vision.init_from`.
 The learnable temperature starts at log(1/0.07) for CLIP (CLIP §2.5) and log 10 for SigLIP, and
 SigLIP's bias at -10 (SigLIP §3.3), so the many negatives do not swamp the first steps.
+
+The image side may be another modality's tower (a series tower, models/series.py: series–text
+pairs); its items then come under their modality's batch keys (`series_values`, and `series_counts`
+where recordings differ in length: pooling reads each one's own tokens).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from torch import nn
 
 from graft.errors import UserError
 from graft.losses import as_local_sum, clip_loss, siglip_loss
+from graft.models.modality import IMAGES, Modality
+from graft.models.modality import items as count_items
 from graft.models.text_encoder import TextConfig, TextTower
 from graft.models.vit import MLP, ViT, VisionConfig
 
@@ -61,29 +67,35 @@ class AttentionPool(nn.Module):
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, P, D) → (B, D)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, P, D) → (B, D); `mask` (B, P), True = an item's own token (None: all)."""
         probe = self.probe.expand(x.shape[0], -1, -1)
-        h = self.attention(probe, x, x, need_weights=False)[0]  # (B, 1, D)
+        pad = None if mask is None else ~mask
+        h = self.attention(probe, x, x, key_padding_mask=pad, need_weights=False)[0]  # (B, 1, D)
         return (h + self.mlp(self.layernorm(h)))[:, 0]
 
 
 class MeanPool(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(1)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            return x.mean(1)
+        return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
 
 
 class DualEncoder(nn.Module):
     # The loss already averages over the global batch (features are gathered from every rank), so
     # a DDP trainer must undo DDP's gradient averaging: `global_batch_loss` of its design entry.
 
-    def __init__(self, vision: VisionConfig, text: TextConfig, cfg: ContrastiveConfig, eos_id: int):
+    def __init__(self, vision: VisionConfig | nn.Module, text: TextConfig, cfg: ContrastiveConfig, eos_id: int,
+                 modality: Modality = IMAGES):
+        """`vision`: the built-in ViT's config, or a ready tower of `modality`'s items (a series tower)."""
         super().__init__()
         ContrastiveConfig.check(cfg)
-        self.cfg = cfg
-        self.vision = ViT(vision)
-        self.image_pool = AttentionPool(vision) if cfg.image_pool == "map" else MeanPool()
-        self.image_proj = nn.Linear(vision.hidden_size, cfg.embed_dim, bias=False)
+        self.cfg, self.modality = cfg, modality
+        self.vision = vision if isinstance(vision, nn.Module) else ViT(vision)
+        tower = self.vision.cfg
+        self.image_pool = AttentionPool(tower) if cfg.image_pool == "map" else MeanPool()
+        self.image_proj = nn.Linear(tower.hidden_size, cfg.embed_dim, bias=False)
         if not cfg.shared_tower:
             self.text = TextTower(text, eos_id)
             self.text_proj = nn.Linear(text.hidden_size, cfg.embed_dim, bias=False)
@@ -104,9 +116,19 @@ class DualEncoder(nn.Module):
             for name in self.part_modules(part):
                 getattr(self, name).requires_grad_(False)
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) → (B, E), L2-normalised."""
-        return F.normalize(self.image_proj(self.image_pool(self.vision(pixel_values))), dim=-1)
+    def encode_image(self, pixel_values: torch.Tensor | None = None, **items) -> torch.Tensor:
+        """(B, 3, S, S) → (B, E), L2-normalised; or another modality's items under its batch keys
+        (`series_values` (B, C, L) with `series_counts` (B,))."""
+        m = self.modality
+        unknown = set(items) - {m.inputs, m.counts}
+        if unknown:
+            raise TypeError(f"encode_image got {sorted(unknown)}; its items come as pixel_values or {m.inputs}")
+        values, counts = items.get(m.inputs, pixel_values), items.get(m.counts)
+        if counts is None:
+            return F.normalize(self.image_proj(self.image_pool(self.vision(values))), dim=-1)
+        h = self.vision(values, counts)  # (B, P, D), each item's first counts[i] tokens its own
+        mask = torch.arange(h.shape[1], device=h.device) < counts[:, None]
+        return F.normalize(self.image_proj(self.image_pool(h, mask)), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor | None = None, text_pixels: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, L), or for CLIPPO rendered text (B, 3, S, S) → (B, E), L2-normalised."""
@@ -128,16 +150,17 @@ class DualEncoder(nn.Module):
         return siglip_loss(image_emb, text_emb, self.logit_scale.exp(), self.logit_bias,
                            chunk_size=self.cfg.chunk_size, **world)
 
-    def forward(self, pixel_values, input_ids=None, text_pixels=None):
+    def forward(self, pixel_values=None, input_ids=None, text_pixels=None, **items):
         """Returns ((image_emb, text_emb), {"itc": the contrastive loss as a local sum over this
-        process's pairs}) — divided by the pairs of all processes it is the global batch's loss."""
-        image_emb = self.encode_image(pixel_values)
+        process's pairs}) — divided by the pairs of all processes it is the global batch's loss.
+        `items`: another modality's batch keys (see `encode_image`)."""
+        image_emb = self.encode_image(pixel_values, **items)
         text_emb = self.encode_text(input_ids, text_pixels)
         n = image_emb.shape[0]
         world = dist.get_world_size() if self.training and dist.is_available() and dist.is_initialized() else 1
         return (image_emb, text_emb), {"itc": as_local_sum(self.loss(image_emb, text_emb), n, n * world)}
 
     @staticmethod
-    def loss_counts(pixel_values, **batch) -> dict[str, int]:
-        """What each loss of `forward` sums over: the image–text pairs."""
-        return {"itc": pixel_values.shape[0]}
+    def loss_counts(**batch) -> dict[str, int]:
+        """What each loss of `forward` sums over: the image–text (or series–text) pairs."""
+        return {"itc": count_items(batch)}
