@@ -69,7 +69,7 @@ class SeriesProcessor(Processor):
         """Item k's run of N placeholders (the k-th N of them) cut to its own token count."""
         counts = [self.series.tokens(x.shape[1]) for x in items]
         n = self.num_image_tokens
-        if all(c == n for c in counts):
+        if self.one_length or all(c == n for c in counts):
             return ids, labels
         keep, seen = [], 0
         for t in ids:
@@ -82,11 +82,13 @@ class SeriesProcessor(Processor):
 
     def inputs(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """`series_values` (n, C, longest) with the shorter recordings zero-padded at the end, and
-        `series_counts` (n,): each one's tokens."""
+        `series_counts` (n,): each one's tokens (none where every recording has series.length steps)."""
         steps = max((x.shape[1] for x in items), default=self.series.length)
         values = torch.zeros(len(items), self.series.channels, steps)
         for i, x in enumerate(items):
             values[i, :, : x.shape[1]] = x
+        if self.one_length:
+            return {TIME_SERIES.inputs: values}
         counts = torch.tensor([self.series.tokens(x.shape[1]) for x in items], dtype=torch.long)
         return {TIME_SERIES.inputs: values, TIME_SERIES.counts: counts}
 

@@ -41,8 +41,11 @@ def build(cfg, tok, pretrained: bool = True):
 
 def processor(cfg, tok, model):
     if source_kind(cfg).modality is TIME_SERIES:
-        kind = cfg.connector.kind
-        one_length = None if per_patch(kind) else f"connector.kind={kind} reads recordings of one length; linear and mlp read any"
+        kind, one_length = cfg.connector.kind, None
+        if model.num_image_tokens != model.connector.num_tokens(model.vision.num_patches):
+            one_length = f"model={cfg.model} gives a recording one token"  # Flamingo's <series> for its cross-attention
+        elif not per_patch(kind):
+            one_length = f"connector.kind={kind} reads recordings of one length; linear and mlp read any"
         return SeriesProcessor(tok, cfg.series, model.num_image_tokens, cfg.lm.max_seq_len, one_length)
     v = cfg.vision
     cls = TemplateProcessor if isinstance(tok, HFChatTokenizer) else Processor

@@ -33,6 +33,7 @@ from torch import nn
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
 from graft.models.decoder import KVCache, LanguageModel, Layout, LMConfig
+from graft.models.modality import IMAGES, Modality
 from graft.models.layers import RMSNorm, SwiGLU
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM, _check_placeholders
@@ -129,8 +130,8 @@ class Flamingo(VLM):
     """VLM's vision tower and connector; the image tokens reach the LM through `xattn` blocks."""
 
     def __init__(self, vision: VisionConfig | nn.Module, connector: ConnectorConfig, lm: LMConfig | nn.Module,
-                 image_token_id: int, cfg: FlamingoConfig):
-        super().__init__(vision, connector, lm, image_token_id)
+                 image_token_id: int, cfg: FlamingoConfig, modality: Modality = IMAGES):
+        super().__init__(vision, connector, lm, image_token_id, modality)
         if not isinstance(self.lm, LanguageModel):
             raise UserError("model=flamingo needs the built-in decoder (with lm.hf_path, set lm.builtin=true)")
         lm = self.lm.cfg
