@@ -1,6 +1,8 @@
 """Fuyu: no vision encoder, raw patches → one linear map → the LM; each row of patches ends with a
 newline token. With `eve.teacher` (EVE) the LM is also taught a frozen tower's features of its
-patches: the trainer holds the tower (`teacher`) and adds the loss `align` (`objectives`)."""
+patches: the trainer holds the tower (`teacher`) and adds the loss `align` (`objectives`). On a
+source of series the patches are a recording's (models/series.py `SeriesPatches`: normalised steps
+of all channels, the statistics first), one run of tokens per recording, no newlines."""
 
 from __future__ import annotations
 
@@ -10,13 +12,17 @@ import torch
 
 from graft.data.processor import Processor
 from graft.designs.registry import GENERATES, Design, register
-from graft.designs.shared import builtin_lm, check_something_trains, lm_losses, resolve_vocab
+from graft.data.sources import source_kind
+from graft.designs.shared import builtin_lm, check_something_trains, check_tower_sections, lm_losses, resolve_vocab
+from graft.designs.vlm import processor as vlm_processor
 from graft.designs.vlm import tokens, train_inputs
 from graft.errors import UserError
 from graft.losses import cosine_distance_sum
 from graft.models.connectors import per_patch
 from graft.models.decoder import LMConfig
 from graft.models.fuyu import READS, AlignedFuyu, EveConfig, Patches
+from graft.models.modality import IMAGES, TIME_SERIES
+from graft.models.series import PATCHES_READ, SeriesConfig, SeriesPatches
 from graft.models.vit import VisionConfig
 from graft.models.vlm import VLM
 from graft.objectives import Objective, Teacher
@@ -28,6 +34,8 @@ PARTS = ("connector", "lm", "lm_image")
 def build(cfg, tok, pretrained: bool = True):
     resolve_vocab(cfg, tok)
     lm = builtin_lm(cfg.lm, pretrained)
+    if source_kind(cfg).modality is TIME_SERIES:
+        return VLM(SeriesPatches(cfg.series), cfg.connector, lm, tok.placeholder(TIME_SERIES.token), TIME_SERIES)
     if not cfg.eve.teacher:
         return VLM(Patches(cfg.vision), cfg.connector, lm, tok.image)
     seen_as, v = teacher_config(cfg.eve.teacher), cfg.vision
@@ -67,17 +75,27 @@ def objectives(cfg, model) -> dict[str, Objective]:
 
 
 def processor(cfg, tok, model):
+    if source_kind(cfg).modality is TIME_SERIES:
+        return vlm_processor(cfg, tok, model)
     v = cfg.vision
     return Processor(tok, v.image_size, model.num_image_tokens, cfg.lm.max_seq_len, v.image_mean, v.image_std,
                      image_row=v.image_size // v.patch_size)
 
 
 def validate(cfg) -> None:
-    defaults = VisionConfig()
-    for key in (f.name for f in dataclasses.fields(VisionConfig) if f.name not in READS):
-        if getattr(cfg.vision, key) != getattr(defaults, key):
-            raise UserError(f"vision.{key} has no effect with model=fuyu: it has no vision encoder "
-                            f"(it reads vision.{', vision.'.join(READS)})")
+    series = source_kind(cfg).modality is TIME_SERIES
+    check_tower_sections(cfg)
+    section, cls, reads = ("series", SeriesConfig, PATCHES_READ) if series else ("vision", VisionConfig, READS)
+    defaults = cls()
+    for key in (f.name for f in dataclasses.fields(cls) if f.name not in reads):
+        if getattr(getattr(cfg, section), key) != getattr(defaults, key):
+            raise UserError(f"{section}.{key} has no effect with model=fuyu: it has no encoder "
+                            f"(it reads {section}.{f', {section}.'.join(reads)})")
+    if series:
+        SeriesConfig.check(cfg.series)
+        if cfg.eve.teacher:
+            raise UserError(f"eve.teacher={cfg.eve.teacher}: EVE's teachers are image towers; data.source="
+                            f"{cfg.data.source} gives series")
     if not per_patch(cfg.connector.kind):
         raise UserError(f"connector.kind={cfg.connector.kind}: model=fuyu projects each raw patch (linear or mlp)")
     if cfg.lm.hf_module:
@@ -85,14 +103,15 @@ def validate(cfg) -> None:
     for key in ("image_attention", "image_positions"):
         if getattr(cfg.lm, key) != getattr(LMConfig(), key):
             raise UserError(f"lm.{key} needs each image as one run of tokens; model=fuyu ends every row with a newline")
-    if cfg.vision.image_size % cfg.vision.patch_size:
+    if not series and cfg.vision.image_size % cfg.vision.patch_size:
         raise UserError(f"vision.image_size={cfg.vision.image_size} is not a multiple of vision.patch_size={cfg.vision.patch_size}")
     EveConfig.check(cfg.eve, cfg.lm.layers)
     check_something_trains(PARTS[:2], cfg.train.freeze)  # lm_image alone is no model
 
 
-register("fuyu", Design(frozenset({GENERATES}), ("vision", "connector", "lm", "eve"), PARTS, build, processor,
-                        tokens, validate, losses=("lm",), packs=True,
+register("fuyu", Design(frozenset({GENERATES}), ("vision", "connector", "lm", "eve", "series"), PARTS, build,
+                        processor, tokens, validate, losses=("lm",), packs=True,
                         config_losses=lambda cfg: lm_losses(cfg) + (("align",) if cfg.eve.teacher else ()),
                         teacher=teacher, objectives=objectives, train_inputs=train_inputs,
-                        config_sections={"eve": EveConfig}))
+                        config_sections={"eve": EveConfig, "series": SeriesConfig},
+                        modalities=frozenset({IMAGES.name, TIME_SERIES.name})))

@@ -111,6 +111,41 @@ class SeriesTower(VisionTower):
         return self.post_layernorm(self.features(series, counts=counts))
 
 
+# The series.* keys an encoder-free model (SeriesPatches) reads; the others would have no effect.
+PATCHES_READ = ("channels", "length", "patch", "stride", "normalise", "max_gap")
+
+
+class SeriesPatches(SeriesTower):
+    """The encoder-free stand-in for a series tower (Fuyu on series): `features` are the raw patches,
+    each flattened (step, channel) after the per-recording normalisation, with the statistics (each
+    channel's mean and log std, zero-padded to a patch's width) as the first token: as many tokens as
+    the tower's, and nothing learned before the connector."""
+
+    def __init__(self, cfg: SeriesConfig):
+        nn.Module.__init__(self)
+        self.cfg = cfg
+        self.post_layernorm = nn.Identity()  # nothing after the last layer: there are no layers
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.channels * self.cfg.patch
+
+    def features(self, series: torch.Tensor, layer: int | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, L) → (B, P, C · patch); `counts` as for the tower (padded patches are not features)."""
+        x = series.float()
+        valid = self._valid(counts, x.shape[-1])
+        stats = None
+        if self.cfg.normalise:
+            mean, std = _statistics(x, valid)
+            x = (x - mean) / std
+            stats = torch.cat([mean, std.log()], 1).transpose(1, 2)  # (B, 1, 2C)
+        patches = x.unfold(-1, self.cfg.patch, self.cfg.stride)  # (B, C, P, patch)
+        x = patches.permute(0, 2, 3, 1).flatten(2)  # (B, P, patch · C): step by step, channels within
+        if stats is not None:
+            x = torch.cat([nn.functional.pad(stats, (0, x.shape[-1] - stats.shape[-1])), x], 1)
+        return x
+
+
 def _statistics(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each recording's and channel's mean and std (B, C, 1) over its steps (`valid`, or all)."""
     if valid is None:
