@@ -10,7 +10,13 @@
 It offers what a VLM asks of a tower (`features`, `embed_dim`, `num_patches`, `post_layernorm`), so
 its tokens enter the language model through the same connectors as an image's; their modality id
 is SERIES. With `layers: 0` the patches' embeddings are the features (GPT4TS feeds them to the LM
-directly). Channel-independent patches (PatchTST's) are not built yet.
+directly).
+
+`channel_independent` (PatchTST, Nie et al. 2023): each channel is patched on its own by one shared
+embedding, plus a learned embedding of its channel, and its patches are encoded apart from the other
+channels' (a batch of B x C sequences); the LM gets every channel's tokens, patch by patch
+(position 0 of channels 0..C-1, then position 1, ...), C times as many, after the statistics token
+(which is embedded, not encoded).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class SeriesConfig:
     layer_norm_eps: float = 1e-6
     normalise: bool = True  # per recording and channel: zero mean, unit variance (RevIN), + a statistics token
     max_gap: int = 16  # longest run of missing (NaN) steps the processor fills by interpolation
+    channel_independent: bool = False  # PatchTST: each channel's patches embedded and encoded on their own
 
     @staticmethod
     def check(cfg: "SeriesConfig") -> None:
@@ -56,13 +63,18 @@ class SeriesConfig:
         statistics token when normalised."""
         return self.tokens(self.length)
 
+    @property
+    def per_patch(self) -> int:
+        """Tokens per patch position: every channel's with `channel_independent`, else one."""
+        return self.channels if self.channel_independent else 1
+
     def tokens(self, steps: int) -> int:
         """Tokens of a recording of `steps` steps (patch <= steps <= length)."""
-        return (steps - self.patch) // self.stride + 1 + int(self.normalise)
+        return ((steps - self.patch) // self.stride + 1) * self.per_patch + int(self.normalise)
 
     def steps(self, tokens: int) -> int:
         """The steps the patches of a recording of `tokens` tokens read (the recording's start)."""
-        return self.patch + (tokens - int(self.normalise) - 1) * self.stride
+        return self.patch + ((tokens - int(self.normalise)) // self.per_patch - 1) * self.stride
 
 
 class SeriesTower(VisionTower):
@@ -71,8 +83,13 @@ class SeriesTower(VisionTower):
     def __init__(self, cfg: SeriesConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embedding = nn.Conv1d(cfg.channels, cfg.hidden_size, cfg.patch, stride=cfg.stride)
-        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+        if cfg.channel_independent:  # one embedding for every channel's patches, and one per channel
+            self.patch_embedding = nn.Conv1d(1, cfg.hidden_size, cfg.patch, stride=cfg.stride)
+            self.channel_embedding = nn.Embedding(cfg.channels, cfg.hidden_size)
+            self.position_embedding = nn.Embedding((cfg.length - cfg.patch) // cfg.stride + 1, cfg.hidden_size)
+        else:
+            self.patch_embedding = nn.Conv1d(cfg.channels, cfg.hidden_size, cfg.patch, stride=cfg.stride)
+            self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
         self.statistics = nn.Linear(2 * cfg.channels, cfg.hidden_size) if cfg.normalise else None
         self.encoder = Encoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -86,6 +103,8 @@ class SeriesTower(VisionTower):
         only to each other; a padded token's output is not a feature (VLM.embed skips it)."""
         x = series.to(self.patch_embedding.weight.dtype)
         valid = self._valid(counts, x.shape[-1])  # (B, 1, L) steps read, or None: all of them
+        if self.cfg.channel_independent:
+            return self._independent(x, valid, layer, counts)
         if self.statistics is not None:  # each recording and channel on its own scale (RevIN)
             mean, std = _statistics(x, valid)
             x = (x - mean) / std
@@ -100,6 +119,28 @@ class SeriesTower(VisionTower):
         for block in self.encoder.layers[:stop]:
             x = block(x, mask=mask)
         return x
+
+    def _independent(self, x: torch.Tensor, valid, layer: int | None, counts) -> torch.Tensor:
+        """`features` of channel-independent patches: (B, stats + P · C, D), patch-major."""
+        B, C, L = x.shape
+        stats = None
+        if self.statistics is not None:
+            mean, std = _statistics(x, valid)
+            x = (x - mean) / std
+            stats = self.statistics(torch.cat([mean, std.log()], 1).transpose(1, 2))  # (B, 1, D)
+        x = x if valid is None else x * valid
+        h = self.patch_embedding(x.reshape(B * C, 1, L)).transpose(1, 2)  # (B·C, P, D), row b·C + c
+        P = h.shape[1]
+        h = h + self.position_embedding.weight[:P] + self.channel_embedding.weight.repeat(B, 1)[:, None]
+        mask = None
+        if valid is not None:  # each channel's own patches of each recording
+            patches = (counts - int(self.cfg.normalise)) // C
+            mask = (torch.arange(P, device=x.device) < patches.repeat_interleave(C)[:, None])[:, None, None]
+        stop = len(self.encoder.layers) if layer is None else layer % len(self.encoder.layers) + 1
+        for block in self.encoder.layers[:stop]:
+            h = block(h, mask=mask)
+        h = h.view(B, C, P, -1).transpose(1, 2).reshape(B, P * C, -1)  # patch by patch, channels within
+        return h if stats is None else torch.cat([stats, h], 1)
 
     def _valid(self, counts: torch.Tensor | None, length: int) -> torch.Tensor | None:
         if counts is None or bool((counts == self.cfg.tokens(length)).all()):
