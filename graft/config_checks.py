@@ -81,7 +81,7 @@ def validate(cfg: Config, sources: bool = True) -> Config:
     modality = source_kind(cfg).modality.name
     if modality not in design(cfg.model).modalities:
         raise UserError(f"data.source={cfg.data.source} gives {modality} items; model={cfg.model} reads "
-                        f"{', '.join(sorted(design(cfg.model).modalities))} (model=vlm reads series)")
+                        f"{', '.join(sorted(design(cfg.model).modalities))} items")
     if cfg.data.pack is True and not can_pack(cfg):
         packers = ", ".join(name for name, d in DESIGNS.items() if d.packs)
         raise UserError(f"data.pack=true needs data.source=shapes, model={packers} and the built-in LM (no lm.hf_path)")

@@ -161,6 +161,18 @@ def sensors_clip() -> Config:
     return cfg
 
 
+def sensors_qformer_stage1() -> Config:
+    """BLIP-2 stage 1 on the sensor world: series tower + Q-Former (8 queries), ITC + ITM + ITG on
+    each recording's caption; scored by zero-shot activity and retrieval on people never seen."""
+    cfg = Config(name="sensors_qformer_stage1", model="qformer_stage1")
+    cfg.data.source = "sensors"
+    cfg.train.objectives = {"itc": 1.0, "itm": 1.0, "itg": 1.0}
+    cfg.eval.splits, cfg.eval.zeroshot_images, cfg.eval.retrieval_pairs = ["test"], 350, 500
+    cfg.train.steps, cfg.train.batch_size = 300, 64
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 40
+    return cfg
+
+
 def tiny() -> Config:
     """A seconds-long smoke test: tiny model, few steps (for tests and trying the CLI)."""
     cfg = shapes_vqa()
@@ -353,7 +365,7 @@ def shapes_qformer() -> Config:
 
 RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, shapes_resampler, shapes_pixel_shuffle, shapes_avgpool,
                                    shapes_flamingo, shapes_fuyu, shapes_moe, shapes_moe_aware, shapes_interleaved,
-                                   sensors_vlm, sensors_clip,
+                                   sensors_vlm, sensors_clip, sensors_qformer_stage1,
                                    tiny, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, clippo, lit,
                                    shapes_qformer_stage1, shapes_qformer)}
 # Recipes that start from another recipe's run: recipe → (the key naming that run, the recipe that

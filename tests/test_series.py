@@ -148,7 +148,6 @@ def test_a_connector_that_merges_tokens_reads_one_length_only(capsys, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--set", "vision.image_size=64"], "vision.image_size=64 is not read: data.source=sensors gives series"),
-    (["--set", "model=qformer_stage1"], "data.source=sensors gives series items; model=qformer_stage1 reads image"),
     (["--set", "lm.image_attention=bidirectional"], "lm.image_attention=bidirectional is not available with series"),
     (["--set", "connector.kind=pixel_shuffle"], "needs a square patch grid; the tower gives 17 patches"),
     (["--set", "eval.captions=5"], "eval.captions=5: the sensor world's captions are not scored yet"),

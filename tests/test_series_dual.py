@@ -5,12 +5,14 @@ classification and retrieval on people it never saw."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from graft.config_checks import apply_overrides
+from graft.data.samples import BadSample
 from graft.data.sensors import SensorWorld
-from graft.recipes import sensors_clip
+from graft.recipes import sensors_clip, sensors_qformer_stage1
 from tests.helpers import cli, one_line_error
 from tests.test_series import built
 
@@ -53,3 +55,19 @@ def test_sensors_clip_learns_activities_of_people_it_never_saw(capsys, tmp_path)
     metrics = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert metrics["zeroshot_acc"] >= 0.8 and metrics["activity_recall/lying"] >= 0.5, metrics
     assert metrics["i2t_r@1"] >= 0.4 and metrics["t2i_r@1"] >= 0.4, metrics
+
+
+def test_a_qformer_stage_one_reads_series_caption_pairs_of_one_length():
+    cfg, model, proc = built(apply_overrides(sensors_qformer_stage1(), ["series.layers=1", "qformer.layers=1"]))
+    world = SensorWorld()
+    rows = []
+    for i in range(4):
+        rec = world.sample("train", i)
+        text = proc.text_row([("describe the recording.", rec.caption)], [(0, 0)])[0]
+        rows.append(proc.row(text, [np.nan_to_num(rec.values)]))
+    batch = proc.collate(rows)
+    assert set(batch) == {"series_values", "input_ids"}  # one length: no counts
+    _, losses = model(**batch)
+    assert set(losses) == {"itc", "itm", "itg"} and all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(BadSample, match="the Q-Former's queries read every token of a recording"):
+        proc.pixels(world.sample("train", 0).values[:, :128])

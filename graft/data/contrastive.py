@@ -78,9 +78,10 @@ class SeriesPairProcessor(ContrastiveProcessor):
     does (data/series_processor.py: `series_values` + `series_counts`, any length up to
     series.length: the dual encoder pools each one's own tokens), its caption as for an image."""
 
-    def __init__(self, tokenizer, series: SeriesConfig, text_len: int):
+    def __init__(self, tokenizer, series: SeriesConfig, text_len: int, one_length: str | None = None):
+        """`one_length`: why the model reads recordings of series.length steps only (see SeriesProcessor)."""
         super().__init__(tokenizer, 0, text_len)
-        self.series = SeriesProcessor(tokenizer, series, series.num_patches, text_len)
+        self.series = SeriesProcessor(tokenizer, series, series.num_patches, text_len, one_length)
 
     def open(self, data, d):
         return self.series.open(data, d)

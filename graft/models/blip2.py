@@ -50,6 +50,7 @@ from graft.models.qformer import (
     init_std,
     init_weights,
 )
+from graft.models.modality import IMAGES, Modality
 from graft.models.vit import VisionConfig, ViT
 
 PARTS = ("vision", "qformer", "heads")
@@ -116,11 +117,15 @@ def itg_mask(n_queries: int, real: torch.Tensor) -> torch.Tensor:
 class QFormerStage1(nn.Module):
     """Image encoder + Q-Former with ITC/ITM/ITG heads (parts: vision, qformer, heads)."""
 
-    def __init__(self, vision: VisionConfig | nn.Module, cfg: QFormerConfig, vocab_size: int, pad_id: int):
+    def __init__(self, vision: VisionConfig | nn.Module, cfg: QFormerConfig, vocab_size: int, pad_id: int,
+                 modality: Modality = IMAGES):
+        """`vision`: the ViT's config or a ready tower of `modality`'s items (a series tower: series–text
+        pairs, their items under `series_values`)."""
         super().__init__()
         QFormerConfig.check(cfg)
         self.cfg, self.pad_id, self.vocab_size = cfg, pad_id, vocab_size
         self.cls_id, self.dec_id = vocab_size, vocab_size + 1  # task tokens after the tokenizer's ids
+        self.modality = modality
         self.vision = vision if isinstance(vision, nn.Module) else ViT(vision)
         self.vision.post_layernorm.requires_grad_(False)  # the Q-Former reads `features` (as a VLM connector)
         d = cfg.hidden_size
@@ -164,9 +169,16 @@ class QFormerStage1(nn.Module):
         out = self.qformer.qformer(self.embeddings(ids), 0, mask=real)
         return F.normalize(self.text_projection(out[:, 0]), dim=-1)
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixel_values: torch.Tensor | None = None, **items) -> torch.Tensor:
         """(B, 3, S, S) → (B, N, E): one L2-normalised embedding per query (ITC's image side)."""
-        return self.image_side(pixel_values)[1]
+        return self.image_side(self._items(pixel_values, items))[1]
+
+    def _items(self, pixel_values, items: dict) -> torch.Tensor:
+        """The tower's inputs: `pixel_values`, or this model's modality's batch key."""
+        unknown = set(items) - {self.modality.inputs}
+        if unknown:
+            raise TypeError(f"got {sorted(unknown)}; the items come as pixel_values or {self.modality.inputs}")
+        return items.get(self.modality.inputs, pixel_values)
 
     @staticmethod
     def similarity(image_queries: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -181,9 +193,11 @@ class QFormerStage1(nn.Module):
             return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
         return {}
 
-    def forward(self, pixel_values, input_ids):
+    def forward(self, pixel_values=None, input_ids=None, **items):
         """Returns (per-query image embeddings (B, N, E), {"itc", "itm", "itg": local sums over
-        what `loss_counts` says}): ITC's value divided by the global pairs is the global batch's."""
+        what `loss_counts` says}): ITC's value divided by the global pairs is the global batch's.
+        `items`: another modality's batch key (`series_values`) in place of `pixel_values`."""
+        pixel_values = self._items(pixel_values, items)
         B = pixel_values.shape[0]
         if B < 2:
             raise ValueError("ITM needs at least 2 pairs per micro-batch for its negatives")
