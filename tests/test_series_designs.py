@@ -81,9 +81,14 @@ def test_fuyu_learns_the_sensor_world(capsys, tmp_path):
     people never seen (activity chance 1/7; a "no" to every "changed?" gives about 0.6). Measured on
     AMD EPYC: activity 0.650, changed 0.983, moving 1.000 (300 steps of the full-size LM: 1.000,
     0.987, 1.000)."""
-    code, _, _ = cli(capsys, "train", "sensors_vlm", "--out", tmp_path / "run", "--set", "model=fuyu",
-                     "--set", "connector.kind=linear", "--set", "train.steps=100", "--set", "eval.vqa_per_type=60",
-                     "--set", "lm.layers=2", "--set", "lm.hidden_size=64", "--set", "lm.intermediate_size=192")
-    assert code == 0
-    metrics = json.loads((tmp_path / "run" / "eval.json").read_text())
+    metrics = small_run(capsys, tmp_path, "model=fuyu", "connector.kind=linear")
     assert metrics["vqa_acc/activity"] >= 0.45 and metrics["vqa_acc/changed"] >= 0.85, metrics
+
+
+def small_run(capsys, tmp_path, *settings: str) -> dict:
+    """The test-split metrics of 100 steps of sensors_vlm with a small LM (2 layers of 64) and `settings`."""
+    sets = [x for s in ("train.steps=100", "eval.vqa_per_type=60", "lm.layers=2", "lm.hidden_size=64",
+                        "lm.intermediate_size=192", *settings) for x in ("--set", s)]
+    code, _, _ = cli(capsys, "train", "sensors_vlm", "--out", tmp_path / "run", *sets)
+    assert code == 0
+    return json.loads((tmp_path / "run" / "eval.json").read_text())

@@ -82,11 +82,12 @@ def _check_ts(cfg: Config) -> None:
 
 def _check_steps(cfg: Config, steps: int, what: str) -> None:
     """Recordings of `steps` steps fit the series tower: at most series.length, and exactly that
-    unless the connector maps each patch on its own (data/series_processor.py)."""
+    unless the connector maps each patch on its own and the tower reads any length
+    (data/series_processor.py; a design's own one-length reasons are checked per record)."""
     s = cfg.series
-    if steps > s.length or (steps != s.length and not per_patch(cfg.connector.kind)):
-        raise UserError(f"series.length={s.length}, but {what} {steps} steps"
-                        + ("" if steps > s.length else f" (connector.kind={cfg.connector.kind} reads one length)"))
+    why = s.one_length() or (None if per_patch(cfg.connector.kind) else f"connector.kind={cfg.connector.kind} reads one length")
+    if steps > s.length or (steps != s.length and why):
+        raise UserError(f"series.length={s.length}, but {what} {steps} steps" + ("" if steps > s.length else f" ({why})"))
 
 
 def _check_arrays(cfg: Config) -> None:

@@ -19,7 +19,7 @@ from graft.designs.shared import check_tower_sections, validate_vision
 from graft.errors import UserError
 from graft.models.dual_encoder import PARTS, ContrastiveConfig, DualEncoder
 from graft.models.modality import IMAGES, TIME_SERIES
-from graft.models.series import SeriesConfig, SeriesTower
+from graft.models.series import SeriesConfig, series_tower
 from graft.models.text_encoder import TextConfig
 
 
@@ -46,7 +46,7 @@ def build(cfg, tok, pretrained: bool = True):
     elif cfg.text.vocab_size < len(tok):
         raise UserError(f"text.vocab_size={cfg.text.vocab_size} is smaller than the tokenizer's {len(tok)}")
     if series(cfg):
-        return DualEncoder(SeriesTower(cfg.series), cfg.text, cfg.contrastive, tok.eos, TIME_SERIES)
+        return DualEncoder(series_tower(cfg.series), cfg.text, cfg.contrastive, tok.eos, TIME_SERIES)
     if not cfg.distill.teachers:
         return DualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos)
     dims = embed_dims(cfg, tok)
@@ -68,7 +68,7 @@ def series(cfg) -> bool:
 
 def processor(cfg, tok, model):
     if series(cfg):
-        return SeriesPairProcessor(tok, cfg.series, cfg.text.max_len)
+        return SeriesPairProcessor(tok, cfg.series, cfg.text.max_len, cfg.series.one_length())
     c = cfg.contrastive
     return ContrastiveProcessor(tok, cfg.vision.image_size, cfg.text.max_len, c.shared_tower, c.render_font_size)
 

@@ -9,7 +9,7 @@ from graft.data.sources import source_kind
 from graft.errors import UserError
 from graft.models.hf_backbones import HFVisionTower, load_into_builtin
 from graft.models.modality import IMAGES, TIME_SERIES
-from graft.models.series import SeriesConfig, SeriesTower
+from graft.models.series import SeriesConfig, series_tower
 from graft.models.vit import VisionConfig
 
 # each modality's tower section: what a run on a source of that modality reads (the other is refused)
@@ -31,7 +31,7 @@ def vision_tower(cfg, pretrained: bool):
 
 def item_tower(cfg, pretrained: bool):
     """The tower of the run's items: a series tower for a source of series, else `vision_tower`."""
-    return SeriesTower(cfg.series) if source_kind(cfg).modality is TIME_SERIES else vision_tower(cfg, pretrained)
+    return series_tower(cfg.series) if source_kind(cfg).modality is TIME_SERIES else vision_tower(cfg, pretrained)
 
 
 def check_tower_sections(cfg) -> None:

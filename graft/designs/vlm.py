@@ -41,15 +41,22 @@ def build(cfg, tok, pretrained: bool = True):
 
 def processor(cfg, tok, model):
     if source_kind(cfg).modality is TIME_SERIES:
-        kind, one_length = cfg.connector.kind, None
-        if model.num_image_tokens != model.connector.num_tokens(model.vision.num_patches):
-            one_length = f"model={cfg.model} gives a recording one token"  # Flamingo's <series> for its cross-attention
-        elif not per_patch(kind):
-            one_length = f"connector.kind={kind} reads recordings of one length; linear and mlp read any"
-        return SeriesProcessor(tok, cfg.series, model.num_image_tokens, cfg.lm.max_seq_len, one_length)
+        return SeriesProcessor(tok, cfg.series, model.num_image_tokens, cfg.lm.max_seq_len, one_length(cfg, model))
     v = cfg.vision
     cls = TemplateProcessor if isinstance(tok, HFChatTokenizer) else Processor
     return cls(tok, v.image_size, model.num_image_tokens, cfg.lm.max_seq_len, v.image_mean, v.image_std)
+
+
+def one_length(cfg, model) -> str | None:
+    """Why this series model reads recordings of series.length steps only (None: any length)."""
+    kind = cfg.connector.kind
+    if cfg.series.one_length():
+        return cfg.series.one_length()
+    if model.num_image_tokens != model.connector.num_tokens(model.vision.num_patches):
+        return f"model={cfg.model} gives a recording one token"  # Flamingo's <series> for its cross-attention
+    if not per_patch(kind):
+        return f"connector.kind={kind} reads recordings of one length; linear and mlp read any"
+    return None
 
 
 def tokens(batch, pad: int) -> int:

@@ -28,6 +28,7 @@ from torch import nn
 
 from graft.errors import UserError
 from graft.models.vit import Encoder, VisionTower, _init_weights
+from graft.models.wrn1d import WRNTower
 
 
 @dataclass
@@ -44,9 +45,21 @@ class SeriesConfig:
     normalise: bool = True  # per recording and channel: zero mean, unit variance (RevIN), + a statistics token
     max_gap: int = 16  # longest run of missing (NaN) steps the processor fills by interpolation
     channel_independent: bool = False  # PatchTST: each channel's patches embedded and encoded on their own
+    tower: str = "patch"  # patch (the transformer above) | wrn (a 1-D wide ResNet, models/wrn1d.py)
+    wrn_depth: int = 16  # WRN-d-k: d = 6n + 4 layers (16: WRN16-k, 28: WRN28-k)
+    wrn_width: int = 3  # k, the widening factor (WRN16-3, WRN28-1)
 
     @staticmethod
     def check(cfg: "SeriesConfig") -> None:
+        if cfg.tower not in TOWERS:
+            raise UserError(f"series.tower={cfg.tower!r} is not one of {', '.join(TOWERS)}")
+        default, other = SeriesConfig(), "wrn" if cfg.tower == "patch" else "patch"
+        for key in TOWER_KEYS[other]:  # the other tower's settings would change nothing
+            if getattr(cfg, key) != getattr(default, key):
+                raise UserError(f"series.{key} is read by series.tower={other}, not {cfg.tower}")
+        if cfg.tower == "wrn" and (cfg.wrn_depth < 10 or (cfg.wrn_depth - 4) % 6 or cfg.wrn_width < 1):
+            raise UserError(f"series.wrn_depth={cfg.wrn_depth} must be 6n + 4 (10, 16, 22, 28, ...) and "
+                            f"series.wrn_width={cfg.wrn_width} >= 1")
         for key in ("channels", "length", "patch", "stride", "hidden_size", "heads"):
             if getattr(cfg, key) <= 0:
                 raise UserError(f"series.{key}={getattr(cfg, key)} must be positive")
@@ -56,6 +69,11 @@ class SeriesConfig:
             raise UserError(f"series.hidden_size={cfg.hidden_size} is not divisible by series.heads={cfg.heads}")
         if cfg.layers < 0 or cfg.max_gap < 0:
             raise UserError("series.layers and series.max_gap must be >= 0")
+
+    def one_length(self) -> str | None:
+        """Why recordings must have `length` steps with this tower (None: any length up to it)."""
+        return "series.tower=wrn reads recordings of one length (its convolutions see past an end)" \
+            if self.tower == "wrn" else None
 
     @property
     def num_patches(self) -> int:
@@ -75,6 +93,16 @@ class SeriesConfig:
     def steps(self, tokens: int) -> int:
         """The steps the patches of a recording of `tokens` tokens read (the recording's start)."""
         return self.patch + ((tokens - int(self.normalise)) // self.per_patch - 1) * self.stride
+
+
+TOWERS = ("patch", "wrn")
+TOWER_KEYS = {"patch": ("hidden_size", "layers", "heads", "intermediate_size", "layer_norm_eps", "channel_independent"),
+              "wrn": ("wrn_depth", "wrn_width")}  # what only that tower reads
+
+
+def series_tower(cfg: SeriesConfig) -> VisionTower:
+    """The tower `series.tower` names."""
+    return WRNTower(cfg) if cfg.tower == "wrn" else SeriesTower(cfg)
 
 
 class SeriesTower(VisionTower):
@@ -153,7 +181,7 @@ class SeriesTower(VisionTower):
 
 
 # The series.* keys an encoder-free model (SeriesPatches) reads; the others would have no effect.
-PATCHES_READ = ("channels", "length", "patch", "stride", "normalise", "max_gap")
+PATCHES_READ = ("channels", "length", "patch", "stride", "normalise", "max_gap")  # `tower` neither
 
 
 class SeriesPatches(SeriesTower):
