@@ -142,7 +142,7 @@ def sensors_vlm() -> Config:
     cfg = Config(name="sensors_vlm")
     cfg.data.source = "sensors"  # 6-channel recordings of activities; test = people never seen
     cfg.data.questions_per_image = 3  # every question a recording allows
-    cfg.eval.splits, cfg.eval.captions = ["test"], 0
+    cfg.eval.splits, cfg.eval.captions = ["test"], 100  # captions: CIDEr-D of "describe the recording."
     cfg.train.steps = 600
     return cfg
 

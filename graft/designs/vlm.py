@@ -88,8 +88,6 @@ def validate_series(cfg) -> None:
     """A series' tokens are a line, not a grid (a connector that merges a grid's neighbours refuses
     them), through the built-in LM (an HF LM's chat template has no series placeholder yet)."""
     SeriesConfig.check(cfg.series)
-    if cfg.eval.captions:
-        raise UserError(f"eval.captions={cfg.eval.captions}: the sensor world's captions are not scored yet (set 0)")
     if cfg.connector.init_from:
         raise UserError(f"connector.init_from={cfg.connector.init_from}: a stage-1 Q-Former run reads images, not series")
     for key, default in (("image_attention", "causal"), ("image_positions", "1d"), ("hf_path", None)):

@@ -35,11 +35,13 @@ def cider(candidates: list[str], references: list[list[str]]) -> float:
     return float(score)
 
 
-def caption_cider(model, proc, world: ShapesWorld, split: str, n: int, batch_size: int,
-                  max_new_tokens: int) -> tuple[dict[str, float], list[dict]]:
+def caption_cider(model, proc, world: ShapesWorld, split: str, n: int, batch_size: int, max_new_tokens: int,
+                  prompt: str = CAPTION_PROMPT, item=lambda sample: sample.image) -> tuple[dict[str, float], list[dict]]:
+    """CIDEr-D and exact match of the captions of the first n samples of `split`; `prompt`, `item`:
+    another world's caption request and what of its sample the model reads (the sensor world's)."""
     samples = [world.sample(split, i) for i in range(n)]
-    preds = answer(model, proc, [(s.image, CAPTION_PROMPT) for s in samples], batch_size, max_new_tokens)
-    predictions = [{"id": f"{split}/{i}", "question": CAPTION_PROMPT, "prediction": p, "reference": s.caption,
+    preds = answer(model, proc, [(item(s), prompt) for s in samples], batch_size, max_new_tokens)
+    predictions = [{"id": f"{split}/{i}", "question": prompt, "prediction": p, "reference": s.caption,
                     "correct": tokenize(p) == tokenize(s.caption)} for i, (p, s) in enumerate(zip(preds, samples))]
     exact = sum(p["correct"] for p in predictions) / n
     return {"caption_cider": cider(preds, [[s.caption] for s in samples]), "caption_exact": exact}, predictions

@@ -5,7 +5,8 @@ the people of the training splits (data/sensors.py). A VLM is scored on question
 question type (`vqa_acc`, `vqa_acc/activity`, ...; `eval.vqa_per_type` questions of each type) and,
 from its answers to "what is the person doing?", on activity classification: macro-F1 over the
 activities, their mean recall (balanced accuracy) and each one's (`activity_f1`, `activity_recall`,
-`activity_recall/walking`, ...). A dual encoder (series–text) is scored on zero-shot activity
+`activity_recall/walking`, ...), and with `eval.captions` > 0 on its answers to "describe the
+recording." against the world's captions (`caption_cider`, `caption_exact`). A dual encoder (series–text) is scored on zero-shot activity
 classification — each of `eval.zeroshot_images` one-activity recordings against the captions "the
 person was <activity>", the world's own wording (`zeroshot_acc`, and `activity_f1`, `activity_recall`,
 per activity) — and on retrieval between `eval.retrieval_pairs` recordings and their captions
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from graft.data.sensor_source import make_sensor_world
-from graft.data.sensors import ACTIVITIES, ACTIVITY_PROMPT, QUESTION_TYPES, SPLITS, SensorWorld, caption
+from graft.data.sensors import ACTIVITIES, ACTIVITY_PROMPT, QUESTION_TYPES, RECORDING_PROMPT, SPLITS, SensorWorld, caption
 from graft.errors import UserError
+from graft.eval.captioning import caption_cider
 from graft.eval.retrieval import recall_at_k
 from graft.eval.series_classes import class_scores
 from graft.eval.zero_shot import embed_images, embed_texts
@@ -72,5 +74,9 @@ def sensors_vlm(model, proc, data: SensorSplit, cfg) -> tuple[dict[str, float], 
     e = cfg.eval
     metrics, predictions = vqa_accuracy(model, proc, data.world, data.name, e.vqa_per_type, e.batch_size,
                                         QUESTION_TYPES, item=lambda rec: rec.values)
+    if e.captions > 0:  # "describe the recording." against the world's caption
+        more, captions = caption_cider(model, proc, data.world, data.name, e.captions, e.batch_size, e.max_new_tokens,
+                                       RECORDING_PROMPT, item=lambda rec: rec.values)
+        metrics, predictions = metrics | more, predictions + captions
     asked = [(normalise(p["reference"]), normalise(p["prediction"])) for p in predictions if p["question"] == ACTIVITY_PROMPT]
     return metrics | class_scores(asked, ACTIVITIES, "activity"), predictions
