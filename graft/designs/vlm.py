@@ -50,8 +50,8 @@ def processor(cfg, tok, model):
 def one_length(cfg, model) -> str | None:
     """Why this series model reads recordings of series.length steps only (None: any length)."""
     kind = cfg.connector.kind
-    if cfg.series.one_length():
-        return cfg.series.one_length()
+    if why := cfg.series.one_length():
+        return why
     if model.num_image_tokens != model.connector.num_tokens(model.vision.num_patches):
         return f"model={cfg.model} gives a recording one token"  # Flamingo's <series> for its cross-attention
     if not per_patch(kind):
