@@ -181,6 +181,16 @@ def cmd_scale_fit(args) -> None:
     print(f"wrote {Path(args.out) / 'fit.json'} and {Path(args.out) / 'report.md'}")
 
 
+def cmd_scale_sweep(args) -> None:
+    from graft.sweep import sweep
+
+    path = sweep(args.recipe, args.budgets, args.sizes, Path(args.out), args.seeds, args.set, args.jobs, args.launch,
+                 args.plan, args.bootstrap, shlex.join(["graft", "scale", "sweep", *sys.argv[3:]]))
+    if path is not None:
+        print(path.read_text())
+        print(f"report: {path}")
+
+
 def cmd_scale_predict(args) -> None:
     from graft.scale import predict
 
@@ -291,6 +301,21 @@ def _scale_parser(sub) -> None:
     f.add_argument("--flops", type=float, default=5.76e23, help="compute of the frontier point to report "
                    "(default: Chinchilla's 5.76e23)")
     f.set_defaults(fn=cmd_scale_fit)
+    w = scale.add_parser("sweep", help="train a size ladder to isoFLOP budgets, then fit (DIR/report.md, docs/scaling.md)")
+    w.add_argument("recipe", nargs="?", help="default: shapes_scale at the default budgets and sizes (graft/sweep.py)")
+    w.add_argument("--budgets", type=float, nargs="+", metavar="C",
+                   help="training FLOPs per run, counted as graft compare counts them")
+    w.add_argument("--sizes", nargs="+", metavar="S",
+                   help="parameter counts (300k 1.5M) or LM shapes WIDTHxDEPTH (64x2); graft/ladder.py")
+    w.add_argument("--out", required=True)
+    w.add_argument("--seeds", type=int, default=1)
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applied to every run")
+    w.add_argument("--jobs", type=int, default=1, metavar="K", help="runs at once, each pinned to its share of the cores")
+    w.add_argument("--launch", choices=("slurm", "torchrun"),
+                   help="write DIR/commands.txt and a Slurm array or torchrun script instead of training here")
+    w.add_argument("--plan", action="store_true", help="print the plan (runs, FLOPs, estimated time) and stop")
+    w.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap refits of both fits")
+    w.set_defaults(fn=cmd_scale_sweep)
     p = scale.add_parser("predict", help="the compute-optimal N, D and loss at a compute, from a fit")
     p.add_argument("dir", help="a folder written by `graft scale fit`")
     p.add_argument("--flops", type=float, required=True)

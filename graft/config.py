@@ -172,6 +172,10 @@ class EvalConfig:
     # VQAv2 (eval/vqav2.py): the annotations JSON (human answers) for the questions in --data;
     # None: the one *annotations*.json beside the questions file
     vqa_annotations: str | None = None
+    # The training objective on this many steps of unseen records (the built-in world's val split, made
+    # into rows as training makes them): `heldout_loss` at the end of training, the loss `graft scale
+    # sweep` fits (trainer/heldout.py). 0 = off.
+    heldout_batches: int = 0
 
 
 # The sections only some designs read (the text tower, the contrastive loss, the Q-Former, Flamingo's

@@ -178,8 +178,19 @@ def _validate_numbers(cfg: Config) -> None:
         raise UserError(f"eval.shots={cfg.eval.shots}, eval.documents={cfg.eval.documents} and eval.doc_images="
                         f"{cfg.eval.doc_images}: shots and documents must be >= 0, doc_images >= 2")
     _validate_optim(cfg)
+    _validate_heldout(cfg)
     if cfg.data.max_objects > cfg.data.grid**2:
         raise UserError(f"data.max_objects={cfg.data.max_objects} exceeds the {cfg.data.grid}x{cfg.data.grid} grid")
+
+
+def _validate_heldout(cfg: Config) -> None:
+    """eval.heldout_batches reads records no run trained on: a built-in world's val split."""
+    n, kind = cfg.eval.heldout_batches, source_kind(cfg)
+    if n < 0:
+        raise UserError(f"eval.heldout_batches={n} must be >= 0 (0: off)")
+    if n and not (kind.indexed and "val" in kind.splits):
+        raise UserError(f"eval.heldout_batches={n}: data.source={cfg.data.source} has no held-out split whose records "
+                        "are known unseen (a built-in world's val split: data.source=shapes or sensors)")
 
 
 def _validate_documents(cfg: Config) -> None:

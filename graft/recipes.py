@@ -185,6 +185,21 @@ def tiny() -> Config:
     return cfg
 
 
+def shapes_scale() -> Config:
+    """shapes_vqa with 8-wide heads, batches of 16 and a 20-step warmup: the base of `graft scale sweep`'s default ladder.
+
+    8-wide heads (2 per KV head) make the ladder's width unit 16 instead of 64, so that it reaches
+    the compute-optimal sizes (tens of thousands of parameters) of budgets a 2-core CPU trains in
+    minutes; smaller batches give such budgets enough steps, and runs of 40 steps and more get past
+    the warmup (docs/scaling.md).
+    """
+    cfg = shapes_vqa()
+    cfg.name = "shapes_scale"
+    cfg.lm.heads, cfg.lm.kv_heads, cfg.vision.heads = 16, 8, 16
+    cfg.train.batch_size, cfg.optim.warmup_steps = 16, 20
+    return cfg
+
+
 def llava_stage1() -> Config:
     """LLaVA stage 1: train the connector only (vision and LM frozen), on captions.
 
@@ -366,7 +381,7 @@ def shapes_qformer() -> Config:
 RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, shapes_resampler, shapes_pixel_shuffle, shapes_avgpool,
                                    shapes_flamingo, shapes_fuyu, shapes_moe, shapes_moe_aware, shapes_interleaved,
                                    sensors_vlm, sensors_clip, sensors_qformer_stage1,
-                                   tiny, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, clippo, lit,
+                                   tiny, shapes_scale, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, clippo, lit,
                                    shapes_qformer_stage1, shapes_qformer)}
 # Recipes that start from another recipe's run: recipe → (the key naming that run, the recipe that
 # makes it). `graft compare` trains such a stage once per seed and points the key at it.

@@ -27,7 +27,8 @@ LAYERS = (
     ("graft.trainer", "graft.report"),  # the trainer and its report
     ("graft.api", "graft.compare", "graft.export", "graft.plan", "graft.recipes",
      "graft.serve", "graft.serve_embed", "graft.serve_request",
-     "graft.data.check", "graft.data.show", "graft.data.export", "graft.scale", "graft.scaling"),  # what the commands call
+     "graft.data.check", "graft.data.show", "graft.data.export", "graft.scale", "graft.scaling",
+     "graft.ladder", "graft.isoflop", "graft.sweep", "graft.sweep_report"),  # what the commands call
     ("graft.cli", "graft.__main__"),
 )
 # `graft` itself exposes the API lazily (graft/__init__.py): the package root is above everything.

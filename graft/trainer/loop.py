@@ -34,6 +34,7 @@ from graft.report import write_report
 from graft.rundir import RunDir
 from graft.trainer import checkpoint, parallel, runtime
 from graft.trainer.flops import MeasuredFlops
+from graft.trainer.heldout import heldout_losses
 from graft.trainer.metrics import MetricsLog
 from graft.trainer.optim import build_optimizer, build_scheduler
 from graft.trainer.stop import SkipGuard, StopOnSignal
@@ -73,6 +74,8 @@ def train(cfg: Config, out: str | Path) -> dict:
     if s.rt.is_main and data_summary:
         print(data_summary, flush=True)
     results = _evaluate(s.model, s.proc, s.cfg, s.run, s.rt)
+    if s.cfg.eval.heldout_batches:
+        results |= {k: round(v, 5) for k, v in heldout_losses(s.cfg, s.proc, s.losses, s.engine, s.rt).items()}
     log.log({"step": s.cfg.train.steps, "event": "eval", **results})
     log.close()
     if s.rt.is_main:
