@@ -192,9 +192,29 @@ def cmd_scale_sweep(args) -> None:
 
 
 def cmd_scale_predict(args) -> None:
-    from graft.scale import predict
+    folder = Path(args.dir)
+    if not (folder / "sweep.json").is_file():  # a `graft scale fit` folder
+        from graft.scale import predict
 
-    _print_frontier(predict(Path(args.dir), args.flops))
+        if args.train:
+            raise UserError(f"--train needs a sweep folder (graft scale sweep --out DIR); {folder} holds none")
+        _print_frontier(predict(folder, args.flops))
+        return
+    from graft.sweep_predict import predict as predict_sweep, train_and_check
+
+    p = train_and_check(folder, args.flops, args.seeds, args.jobs) if args.train else \
+        predict_sweep(folder, args.flops)["prediction"]
+    two = p["N_opt_approach2"]
+    print(f"compute-optimal at C = {p['flops']:.3g} FLOPs (measured, as the sweep's):")
+    print(f"  N_opt           {p['N_opt']:.4g}  (95 %: {p['N_opt_ci95'][0]:.4g} – {p['N_opt_ci95'][1]:.4g}); approach 2: "
+          + (f"{two:.4g}" if two else "none (under two bracketed profiles)"))
+    print(f"  nearest size    {p['size']} ({p['params']:,} parameters), {p['steps']} steps, {p['tokens']:.3g} tokens")
+    print(f"  held-out loss   {p['loss']:.4f}  (95 %: {p['loss_ci95'][0]:.4f} – {p['loss_ci95'][1]:.4f})")
+    print(f"  train it:       {p['command']}")
+    if args.train:
+        spread = f" ± {p['observed_sd']:.4f} (sd over seeds)" if p["observed_sd"] is not None else ""
+        print(f"  trained         {p['observed_mean']:.4f}{spread} over {len(p['observed'])} seed(s): "
+              f"absolute relative error {100 * p['abs_rel_error']:.2f} %")
 
 
 def _print_frontier(f: dict) -> None:
@@ -317,8 +337,12 @@ def _scale_parser(sub) -> None:
     w.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap refits of both fits")
     w.set_defaults(fn=cmd_scale_sweep)
     p = scale.add_parser("predict", help="the compute-optimal N, D and loss at a compute, from a fit")
-    p.add_argument("dir", help="a folder written by `graft scale fit`")
+    p.add_argument("dir", help="a folder written by `graft scale fit` or `graft scale sweep`")
     p.add_argument("--flops", type=float, required=True)
+    p.add_argument("--train", action="store_true", help="a sweep's: write the prediction, then train it and "
+                   "report the error (DIR/predictions/)")
+    p.add_argument("--seeds", type=int, default=1, help="with --train: seeds of the predicted run")
+    p.add_argument("--jobs", type=int, default=1, help="with --train: runs at once")
     p.set_defaults(fn=cmd_scale_predict)
 
 

@@ -284,7 +284,7 @@ def sweep(recipe_name: str | None, budgets: list[float] | None, specs: list[str]
               "to collect them")
         return None
     failed = execute(p, out, overrides)
-    path = sweep_report.write(p.runs, out, command or f"graft scale sweep {recipe_name}", samples)
+    path = sweep_report.write(p.runs, out, command or f"graft scale sweep {recipe_name}", samples, recipe_name, overrides)
     if failed:
         raise UserError(f"{len(failed)} of {len(p.runs)} runs failed (logs: " +
                         ", ".join(str(out / 'logs' / f'{n}.log') for n in failed[:3]) + "); the report holds the rest")

@@ -39,7 +39,7 @@ def collect(runs, out: Path) -> list[dict]:
     return rows
 
 
-def write(runs, out: Path, command: str, samples: int = 200) -> Path:
+def write(runs, out: Path, command: str, samples: int = 200, recipe: str = "", overrides: tuple = ()) -> Path:
     rows = collect(runs, out)
     text = io.StringIO()
     writer = csv.DictWriter(text, COLUMNS)
@@ -60,11 +60,12 @@ def write(runs, out: Path, command: str, samples: int = 200) -> Path:
     report = _report(rows, found, two, boot2, three, per_token, command, samples)
     atomic.write_text(out / "report.md", report)
     atomic.write_text(out / "sweep.json", json.dumps({
+        "recipe": recipe, "overrides": list(overrides), "command": command,
         "approach2": {"profiles": [{"flops": p.flops, "n_opt": p.n_opt, "d_opt": p.d_opt, "loss_opt": p.loss_opt,
                                     "bracketed": p.bracketed} for p in found], "exponents": two,
                       "bootstrap": boot2},
         "approach3": None if three is None else {k: getattr(three, k) for k in scaling.NAMES},
-        "flops_per_token": per_token}, indent=1))
+        "flops_per_token": {str(k): v for k, v in per_token.items()}}, indent=1))
     return out / "report.md"
 
 
@@ -118,8 +119,9 @@ def _report(rows, found, two, boot2, three, per_token, command, samples) -> str:
                   "| budget | N_opt, approach 2 | N_opt, approach 3 | approach 3 / approach 2 |", "|---|---|---|---|"]
         for p in found:
             n3, _ = optimum3(three, p.flops, per_token)
-            ratio = f"{n3 / p.n_opt:.2f}" if p.has_minimum else "-"
-            lines.append(f"| {p.flops:.3g} | {p.n_opt:.4g} | {n3:.4g} | {ratio} |")
+            two_n = f"{p.n_opt:.4g}" + ("" if p.bracketed else " (extrapolated)") if p.has_minimum else "-"
+            ratio = f"{n3 / p.n_opt:.2f}" if p.bracketed else "-"
+            lines.append(f"| {p.flops:.3g} | {two_n} | {n3:.4g} | {ratio} |")
     return "\n".join(lines + ["", "![the sweep](sweep.png)", ""])
 
 

@@ -23,7 +23,8 @@ from graft.ladder import ladder
 from graft.losses import batch_loss
 from graft.recipes import recipe
 from graft.rundir import RunDir
-from graft.scaling import Fit
+from graft.scaling import NAMES, Fit
+from graft.sweep import plan
 from tests.helpers import cli, one_line_error
 
 
@@ -200,3 +201,38 @@ def test_a_sweep_can_be_written_out_for_a_cluster(tmp_path, capsys, kind):
 def test_bad_sweeps_are_one_line_errors(tmp_path, capsys, args, needle):
     one_line_error(cli(capsys, "scale", "sweep", *args, "--out", tmp_path / "s", "--plan"), needle)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_sweeps_prediction_is_the_fits_optimum_on_measured_compute_with_a_ready_command(tmp_path, capsys):
+    """A sweep folder whose fit is a known law: `graft scale predict DIR --flops C` names the N that
+    minimises the law along C's isoFLOP line (searched here by brute force over the measured FLOPs
+    per token), the ladder size nearest it, that size's steps to C, and the law's loss there."""
+    law = Fit(E=0.3, A=30.0, B=300.0, alpha=0.45, beta=0.5, objective=0.0, points=0)
+    sized = plan("tiny", [1e12], ["16x1", "32x1", "48x1", "64x1"], 1, [])
+    per_token = {r.size.params: r.flops_per_step / r.tokens_per_step for r in sized.runs}
+    (tmp_path / "fit").mkdir()
+    (tmp_path / "sweep.json").write_text(json.dumps({
+        "recipe": "tiny", "overrides": [], "flops_per_token": {str(k): v for k, v in per_token.items()},
+        "approach2": {"exponents": None}}))
+    constants = [law.E, law.A, law.B, law.alpha, law.beta]
+    (tmp_path / "fit" / "fit.json").write_text(json.dumps({"fit": dict(zip(NAMES, constants)),
+                                                            "bootstrap": [constants] * 3}))
+    c = 2e11
+    n = np.geomspace(min(per_token) / 2, max(per_token) * 2, 4000)
+    fpt = np.exp(np.interp(np.log(n), np.log(sorted(per_token)), np.log([per_token[k] for k in sorted(per_token)])))
+    inside = (n >= min(per_token)) & (n <= max(per_token))
+    best = n[inside][np.argmin(law.loss(n, c / fpt)[inside])]
+    code, printed, err = cli(capsys, "scale", "predict", tmp_path, "--flops", c)
+    assert code == 0, err
+    got = float(printed.split("N_opt")[1].split()[0])
+    assert got == pytest.approx(best, rel=0.02)
+    size = min(sized.runs, key=lambda r: abs(math.log(r.size.params / got))).size
+    assert f"nearest size    {size.name}" in printed
+    steps = int(printed.split(" steps")[0].split()[-1])
+    fps = next(r.flops_per_step for r in sized.runs if r.size == size)
+    assert steps == int(c // fps)
+    tokens = steps * next(r.tokens_per_step for r in sized.runs if r.size == size)
+    assert float(printed.split("held-out loss")[1].split()[0]) == pytest.approx(float(law.loss(size.params, tokens)), abs=1e-4)
+    words = shlex.split(printed.split("train it:")[1].strip().splitlines()[0])
+    assert f"train.steps={steps}" in words and cli(capsys, *words[1:], "--dry-run")[0] == 0
+    one_line_error(cli(capsys, "scale", "predict", tmp_path / "fit", "--flops", c, "--train"), "needs a sweep folder")
