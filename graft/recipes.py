@@ -10,6 +10,7 @@ import math
 from graft.config import Config
 from graft.config_checks import apply_overrides
 from graft.errors import UserError
+from graft.models.vit import VisionConfig
 
 
 def shapes_vqa() -> Config:
@@ -200,6 +201,14 @@ def shapes_scale() -> Config:
     return cfg
 
 
+def shapes_scale_fuyu() -> Config:
+    """shapes_scale as Fuyu (no vision encoder, 8 px patches projected linearly): the early-fusion side of the per-design sweep."""
+    cfg = shapes_scale()
+    cfg.name, cfg.model, cfg.connector.kind = "shapes_scale_fuyu", "fuyu", "linear"
+    cfg.vision.heads = VisionConfig().heads  # Fuyu has no tower to give heads to
+    return cfg
+
+
 def llava_stage1() -> Config:
     """LLaVA stage 1: train the connector only (vision and LM frozen), on captions.
 
@@ -381,7 +390,7 @@ def shapes_qformer() -> Config:
 RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, shapes_resampler, shapes_pixel_shuffle, shapes_avgpool,
                                    shapes_flamingo, shapes_fuyu, shapes_moe, shapes_moe_aware, shapes_interleaved,
                                    sensors_vlm, sensors_clip, sensors_qformer_stage1,
-                                   tiny, shapes_scale, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, clippo, lit,
+                                   tiny, shapes_scale, shapes_scale_fuyu, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, clippo, lit,
                                    shapes_qformer_stage1, shapes_qformer)}
 # Recipes that start from another recipe's run: recipe → (the key naming that run, the recipe that
 # makes it). `graft compare` trains such a stage once per seed and points the key at it.

@@ -147,7 +147,9 @@ def _as_fit(theta: np.ndarray, value: float, n: int) -> Fit:
 def bootstrap(pts: Points, best: Fit, samples: int = 200, seed: int = 0) -> list[Fit]:
     """Refits on `samples` resamples of the points (with replacement), each started at `best`."""
     rng = np.random.default_rng(seed)
-    start = np.log([best.E, best.A, best.B]).tolist()
+    # A constant fitted to 0 (E of a loss with no floor) is started at the smallest normal float: log 0 = -inf
+    # would leave L-BFGS where it starts, and every refit equal to `best`
+    start = np.log(np.maximum([best.E, best.A, best.B], np.finfo(float).tiny)).tolist()
     theta = np.array([start[0], start[1], start[2], best.alpha, best.beta])
     out = []
     for _ in range(samples):

@@ -150,6 +150,7 @@ def _plot(rows, found, three, per_token) -> bytes:
             opt.plot([n3], [l3], "rx", ms=8)
     opt.set(xscale="log", xlabel="parameters N", ylabel="held-out loss",
             title="isoFLOP profiles (* approach 2, x approach 3)")
+    opt.tick_params(axis="x", which="minor", labelbottom=False)  # the log axis' minor labels overlap
     if found:
         opt.legend(fontsize=7)
     fig.tight_layout()

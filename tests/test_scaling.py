@@ -2,6 +2,7 @@
 points against Besiroglu et al.'s replication, the early-stop trap, recovery of known constants,
 and `graft scale fit` / `predict` with bad points files refused in one line."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from graft.cli import main
-from graft.scaling import Points, fit, objective, read_points
+from graft.scaling import Points, bootstrap, fit, objective, read_points
 
 CHINCHILLA = Path(__file__).parent / "data" / "chinchilla_fig4_points.csv"  # tests/data/README.md
 # Besiroglu et al. (2024), Table 1: the 240 points left after dropping the 5 highest losses
@@ -54,6 +55,22 @@ def test_known_constants_are_recovered():
     f = fit(Points(n, d, loss))
     for name, value in true.items():
         assert getattr(f, name) == pytest.approx(value, rel=0.1), name
+
+
+def test_a_loss_without_a_floor_still_has_bootstrap_intervals():
+    """Points of A/N^alpha + B/D^beta with no E (graft's world is learnable to zero loss): the fit
+    takes E to 0 (in the default sweep exp(e) underflowed to exactly 0.0), and the refits, started
+    from it, still move — each constant's interval has width (a start at log 0 = -inf once left every
+    refit equal to the fit: zero-width intervals)."""
+    rng = np.random.default_rng(1)
+    n, d = 10 ** rng.uniform(4, 6, 40), 10 ** rng.uniform(5, 7, 40)
+    loss = (600 / n ** 0.8 + 100 / d ** 0.4) * np.exp(rng.normal(0, 0.02, 40))
+    pts = Points(n, d, loss)
+    best = fit(pts)
+    assert best.E < 1e-3 and best.alpha == pytest.approx(0.8, rel=0.15) and best.beta == pytest.approx(0.4, rel=0.15)
+    boot = bootstrap(pts, dataclasses.replace(best, E=0.0), samples=20)  # as exp(e) underflows to in a sweep's fit
+    for name in ("A", "B", "alpha", "beta"):
+        assert np.std([getattr(f, name) for f in boot]) > 0, name
 
 
 def test_scale_fit_and_predict_through_the_cli(tmp_path, capsys):
