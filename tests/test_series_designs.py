@@ -37,14 +37,15 @@ def test_flamingo_reads_each_recording_as_one_token_through_cross_attention():
 
 @pytest.mark.slow
 def test_flamingo_learns_the_sensor_world(capsys, tmp_path):
-    """150 steps (~40 s, one thread) of a small Flamingo (resampler of 8 latents, 2-layer LM of 64) on
-    the sensor world, scored on people never seen: "moving" and "changed" need the recording (a "no"
-    to every one gives about 0.43 and 0.6), and so does the activity (chance 1/7). Measured on AMD
-    EPYC: moving 1.000, changed 0.983, activity 0.650 (postures are what it has not learned yet)."""
+    """A small Flamingo (resampler of 8 latents) on the sensor world, scored on people never seen:
+    "moving" and "changed" need the recording (the commonest answer to each gives 0.55 and 0.53 of
+    these 60), and so does the activity (chance 1/7, the commonest 0.22). Measured on AMD EPYC, one
+    thread, seeds 0/1/2: moving 1.00 each, changed 0.95 each, activity 0.50/0.52/0.47 (postures are
+    what it has not learned yet)."""
     metrics = small_run(capsys, tmp_path, "model=flamingo", "connector.kind=resampler", "connector.latents=8",
-                        "train.steps=150", "series.layers=1")
+                        "series.layers=1")
     assert metrics["vqa_acc/moving"] >= 0.85 and metrics["vqa_acc/changed"] >= 0.85, metrics
-    assert metrics["vqa_acc/activity"] >= 0.4, metrics
+    assert metrics["vqa_acc/activity"] >= 0.35, metrics
 
 
 def test_fuyu_reads_raw_normalised_patches_of_a_recording_of_any_length():
@@ -73,18 +74,19 @@ def test_fuyu_refuses_what_it_cannot_read_on_series(capsys, tmp_path, args, need
 
 @pytest.mark.slow
 def test_fuyu_learns_the_sensor_world(capsys, tmp_path):
-    """Encoder-free on series: 100 steps (one thread) of a small LM reading raw patches, scored on
-    people never seen (activity chance 1/7; a "no" to every "changed?" gives about 0.6). Measured on
-    AMD EPYC: activity 0.650, changed 0.983, moving 1.000 (300 steps of the full-size LM: 1.000,
-    0.987, 1.000)."""
-    metrics = small_run(capsys, tmp_path, "model=fuyu", "connector.kind=linear")
-    assert metrics["vqa_acc/activity"] >= 0.45 and metrics["vqa_acc/changed"] >= 0.85, metrics
+    """Encoder-free on series: 150 steps of a small LM reading raw patches, scored on people never seen
+    (activity chance 1/7, the commonest 0.22; a "no" to every "changed?" gives 0.53). Measured on AMD
+    EPYC, one thread, seeds 0/1/2: activity 0.67/0.85/0.68, changed 0.92/0.90/0.95, moving 1.00 each
+    (300 steps of batch 64 with the full-size LM: 1.000, 0.987, 1.000)."""
+    metrics = small_run(capsys, tmp_path, "model=fuyu", "connector.kind=linear", "train.steps=150")
+    assert metrics["vqa_acc/activity"] >= 0.45 and metrics["vqa_acc/changed"] >= 0.8, metrics
 
 
 def small_run(capsys, tmp_path, *settings: str) -> dict:
-    """The test-split metrics of 100 steps of sensors_vlm with a small LM (2 layers of 64) and `settings`."""
-    sets = [x for s in ("train.steps=100", "eval.vqa_per_type=60", "eval.captions=0", "lm.layers=2", "lm.hidden_size=64",
-                        "lm.intermediate_size=192", *settings) for x in ("--set", s)]
+    """The test-split metrics of 120 steps of batch 16 of sensors_vlm with a small LM (2 layers of 64)
+    and `settings` (which may set the steps)."""
+    sets = [x for s in ("train.steps=120", "train.batch_size=16", "eval.vqa_per_type=60", "eval.captions=0",
+                        "lm.layers=2", "lm.hidden_size=64", "lm.intermediate_size=192", *settings) for x in ("--set", s)]
     code, _, _ = cli(capsys, "train", "sensors_vlm", "--out", tmp_path / "run", *sets)
     assert code == 0
     return json.loads((tmp_path / "run" / "eval.json").read_text())
