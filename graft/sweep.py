@@ -106,6 +106,8 @@ def plan(recipe_name: str, budgets: list[float], specs: list[str], seeds: int, o
          jobs: int = 1) -> Plan:
     if seeds < 1 or jobs < 1:
         raise UserError(f"--seeds={seeds} and --jobs={jobs} must be at least 1")
+    if jobs > len(os.sched_getaffinity(0)):
+        raise UserError(f"--jobs={jobs}: this process may run on {len(os.sched_getaffinity(0))} cores, one job per core at most")
     if not budgets or any(c <= 0 for c in budgets):
         raise UserError(f"--budgets {budgets}: give positive training FLOPs, e.g. --budgets 1e12 2e12 4e12")
     owned = sorted({o.partition("=")[0] for o in overrides} & set(OWNED))

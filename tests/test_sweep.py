@@ -142,7 +142,7 @@ def test_a_heldout_loss_needs_a_split_no_run_reads(capsys, tmp_path):
 def test_a_sweep_trains_each_size_to_its_budget_on_its_own_core_and_reuses_its_runs(tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ("scale", "sweep", "tiny", "--budgets", "5e9", "--sizes", "16x1", "32x1", "48x1", "--out", out,
-            "--jobs", "2", "--bootstrap", "20")
+            "--jobs", min(2, len(os.sched_getaffinity(0))), "--bootstrap", "20")
     code, printed, err = cli(capsys, *args)
     assert code == 0, err
     rows = list(csv.DictReader((out / "points.csv").open()))
@@ -197,6 +197,7 @@ def test_a_sweep_can_be_written_out_for_a_cluster(tmp_path, capsys, kind):
     (("clip", "--budgets", "4e9", "--sizes", "16x1"), "has no LM to scale"),
     (("sensors_vlm", "--budgets", "4e9", "--sizes", "16x1"), "series"),
     (("tiny", "--budgets", "4e9", "--sizes", "16x1", "--jobs", "0"), "--jobs=0"),
+    (("tiny", "--budgets", "4e9", "--sizes", "16x1", "--jobs", "999"), "--jobs=999: this process may run on"),
 ])
 def test_bad_sweeps_are_one_line_errors(tmp_path, capsys, args, needle):
     one_line_error(cli(capsys, "scale", "sweep", *args, "--out", tmp_path / "s", "--plan"), needle)
