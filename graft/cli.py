@@ -193,6 +193,8 @@ def cmd_scale_sweep(args) -> None:
 
 def cmd_scale_predict(args) -> None:
     folder = Path(args.dir)
+    if (args.seeds != 1 or args.jobs != 1) and not args.train:
+        raise UserError("graft scale predict: --seeds and --jobs go with --train (the runs it trains)")
     if not (folder / "sweep.json").is_file():  # a `graft scale fit` folder
         from graft.scale import predict
 

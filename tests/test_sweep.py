@@ -237,3 +237,4 @@ def test_a_sweeps_prediction_is_the_fits_optimum_on_measured_compute_with_a_read
     words = shlex.split(printed.split("train it:")[1].strip().splitlines()[0])
     assert f"train.steps={steps}" in words and cli(capsys, *words[1:], "--dry-run")[0] == 0
     one_line_error(cli(capsys, "scale", "predict", tmp_path / "fit", "--flops", c, "--train"), "needs a sweep folder")
+    one_line_error(cli(capsys, "scale", "predict", tmp_path, "--flops", c, "--seeds", 3), "go with --train")
