@@ -262,7 +262,7 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run; writes DIR/eval.json")
     e.add_argument("dir")
-    e.add_argument("--split", help="one split (test, val, compositional, train); default: the config's")
+    e.add_argument("--split", help="one split (test, val, compositional, train, restyled); default: the config's")
     e.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
                    help="override an eval key, e.g. eval.zeroshot_file=prompts.yaml")
     e.add_argument("--task", help="a task on your own data (with --data): zeroshot | retrieval | caption | vqa; "

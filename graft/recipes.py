@@ -20,6 +20,8 @@ def shapes_vqa() -> Config:
     cfg.vision.image_size, cfg.data.grid = 24, 3
     cfg.data.questions_per_image = 6  # every question the scene allows: one image, many answers
     cfg.train.steps = 800  # 263-310 s of training on a 2-core CPU (README benchmarks)
+    # and the test scenes drawn by a second renderer (data/restyle.py): the world's concepts, not its pixels
+    cfg.eval.splits = ["test", "compositional", "restyled"]
     return cfg
 
 

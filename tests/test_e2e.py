@@ -37,7 +37,7 @@ def test_short_training_run_learns_from_images(tmp_path):
     # size 1.00 / 0.86 (at 100 steps seed 1 had only 0.54 / 0.68, hence 150).
     assert results["vqa_acc/color"] >= 0.6, results
     assert results["vqa_acc/size"] >= 0.7, results
-    assert "compositional/vqa_acc" in results and "caption_cider" in results
+    assert "compositional/vqa_acc" in results and "caption_cider" in results and "restyled/vqa_acc" in results
 
     records = [r for r in read(run) if r.get("event") != "eval"]
     for key in ("step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu", "data_wait_frac"):

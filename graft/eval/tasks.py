@@ -9,7 +9,8 @@ task is one loader, its scorers and one line in `TASKS`. The harness (eval/harne
 metrics to `RUN/eval.json` and the predictions (id, prediction, reference, correct) to
 `RUN/eval_<task>.jsonl`.
 
-- `shapes` (eval/world.py): the built-in world; `--data` is a split (test, val, compositional, train).
+- `shapes` (eval/world.py): the built-in world; `--data` is a split (test, val, compositional,
+  train, or restyled: the test scenes drawn by a second renderer, data/restyle.py).
 - `sensors` (eval/sensor_world.py): the built-in sensor world (series QA, activity F1); `--data` is a split.
 - `fewshot`, `documents` (eval/fewshot.py): the world in context — k-shot VQA and captioning
   (k in `eval.shots`), and questions across the images of interleaved documents; `--data` is a split.
@@ -50,7 +51,7 @@ from graft.eval.sensor_world import sensors_dual, SENSOR_WORLD, load_sensor_spli
 from graft.eval.series_classes import classify_vlm, load_series
 from graft.eval.text_world import text_vlm
 from graft.eval.vqa import vqa_on
-from graft.eval.world import WORLD, load_split, world_dual, world_vlm
+from graft.eval.world import EVAL_SPLITS, WORLD, load_eval_split, load_split, world_dual, world_vlm
 from graft.eval.zero_shot import zero_shot_on
 from graft.models.modality import TIME_SERIES
 
@@ -67,8 +68,8 @@ class Task:
 
 
 TASKS = {
-    WORLD: Task(load_split, {GENERATES: world_vlm, EMBEDS: world_dual}, exists=lambda split: split in SPLITS,
-                splits=SPLITS),
+    WORLD: Task(load_eval_split, {GENERATES: world_vlm, EMBEDS: world_dual}, exists=lambda split: split in EVAL_SPLITS,
+                splits=EVAL_SPLITS),
     SENSOR_WORLD: Task(load_sensor_split, {GENERATES: sensors_vlm, EMBEDS: sensors_dual}, exists=lambda split: split in SENSOR_SPLITS,
                        splits=SENSOR_SPLITS, modality=TIME_SERIES.name),
     "fewshot": Task(load_split, {GENERATES: fewshot_vlm}, exists=lambda split: split in SPLITS),

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from graft.data.restyle import RESTYLED, RestyledWorld
 from graft.data.shapes import SPLITS, ShapesWorld
-from graft.data.world_source import make_world
 from graft.errors import UserError
 from graft.eval.captioning import caption_cider
 from graft.eval.retrieval import retrieval
@@ -19,6 +19,7 @@ from graft.eval.vqa import vqa_accuracy
 from graft.eval.zero_shot import zero_shot
 
 WORLD = "shapes"
+EVAL_SPLITS = (*SPLITS, RESTYLED)  # restyled: the test scenes drawn by another renderer (data/restyle.py)
 
 
 @dataclass
@@ -28,10 +29,16 @@ class WorldSplit:
     log: None = None
 
 
-def load_split(split: str, cfg) -> WorldSplit:
-    if split not in SPLITS:
-        raise UserError(f"--data {split!r}: the {WORLD} task takes a split of the built-in world ({', '.join(SPLITS)})")
-    return WorldSplit(split, make_world(cfg))
+def load_split(split: str, cfg, splits: tuple[str, ...] = SPLITS) -> WorldSplit:
+    if split not in splits:
+        raise UserError(f"--data {split!r}: the {WORLD} task takes a split of the built-in world ({', '.join(splits)})")
+    d = cfg.data
+    return WorldSplit(split, RestyledWorld(cfg.vision.image_size, d.grid, d.max_objects, d.seed))
+
+
+def load_eval_split(split: str, cfg) -> WorldSplit:
+    """`load_split`, also taking `restyled`: the `shapes` task's own splits."""
+    return load_split(split, cfg, EVAL_SPLITS)
 
 
 def world_vlm(model, proc, data: WorldSplit, cfg) -> tuple[dict[str, float], list[dict]]:
