@@ -139,7 +139,7 @@ def _validate_parts_and_losses(cfg: Config, sources: bool) -> None:
             raise UserError(f"train.objectives: {name!r} is not a loss of model={cfg.model} (its losses: {', '.join(losses)})")
         if not 0 <= weight < float("inf"):
             raise UserError(f"train.objectives: the weight of {name} is {weight}; it must be finite and ≥ 0")
-    if not any(cfg.train.objectives.get(name, 1.0) > 0 for name in entry.losses):
+    if not any(cfg.train.objectives.get(name, 1.0) > 0 for name in losses):
         raise UserError("train.objectives: every loss weighs 0, nothing would train")
 
 

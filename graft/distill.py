@@ -39,35 +39,47 @@ from graft.losses import (
 from graft.objectives import Objective
 
 LOSSES = ("fd", "icl", "crd", "kd")
+DEFAULT = ("fd", "icl", "crd")  # CLIP-KD's three
 
 
 @dataclass
 class DistillConfig:
-    teachers: list[str] = field(default_factory=list)  # graft dual-encoder run directories; empty = no distillation
+    """Distillation from frozen teachers, read by the dual design (this module) and the vlm design
+    (graft/distill_lm.py); each says which losses it has and which of them read the temperature."""
+
+    teachers: list[str] = field(default_factory=list)  # graft runs of the student's design (dual: or HF CLIP/SigLIP folders); empty = off
     weights: list[float] = field(default_factory=list)  # one per teacher, summing to 1; empty = equal
-    losses: list[str] = field(default_factory=lambda: list(LOSSES[:3]))  # of fd, icl, crd (CLIP-KD), kd (open_clip)
-    temperature: float = 1.0  # crd: the teacher's similarities are divided by it
+    losses: list[str] = field(default_factory=list)  # empty = the design's default (dual: fd, icl, crd; vlm: logits)
+    temperature: float = 1.0  # dual's crd: the teacher's similarities are divided by it; vlm's logits: both models'
+    layers: dict[int, int] = field(default_factory=dict)  # vlm's hidden: {student layer: teacher layer}, e.g. {-1: -1}
+
+    def chosen(self, default: tuple[str, ...]) -> list[str]:
+        return list(self.losses) or list(default)
 
     @staticmethod
-    def check(cfg: DistillConfig) -> None:
+    def check(cfg: DistillConfig, losses: tuple[str, ...] = LOSSES, default: tuple[str, ...] = DEFAULT,
+              temperature_read_by: tuple[str, ...] = ("crd",)) -> None:
         if not cfg.teachers:
-            default = DistillConfig()
-            for key in ("weights", "losses", "temperature"):
-                if getattr(cfg, key) != getattr(default, key):
+            for key in ("weights", "losses", "temperature", "layers"):
+                if getattr(cfg, key) != getattr(DistillConfig(), key):
                     raise UserError(f"distill.{key} has no effect without distill.teachers")
         for name in cfg.losses:
-            if name not in LOSSES:
-                raise UserError(f"distill.losses: {name!r} is not one of {', '.join(LOSSES)}")
-        if cfg.teachers and not cfg.losses:
-            raise UserError("distill.losses is empty: name at least one of " + ", ".join(LOSSES))
+            if name not in losses:
+                raise UserError(f"distill.losses: {name!r} is not one of {', '.join(losses)}")
         if cfg.weights and len(cfg.weights) != len(cfg.teachers):
             raise UserError(f"distill.weights has {len(cfg.weights)} entries for {len(cfg.teachers)} distill.teachers")
         if cfg.weights and (min(cfg.weights) < 0 or abs(sum(cfg.weights) - 1) > 1e-6):
             raise UserError(f"distill.weights={cfg.weights} must be non-negative and sum to 1")
         if not cfg.temperature > 0:
             raise UserError(f"distill.temperature={cfg.temperature} must be positive")
-        if cfg.temperature != DistillConfig.temperature and "crd" not in cfg.losses:
-            raise UserError(f"distill.temperature={cfg.temperature} is read by crd only, not in distill.losses={cfg.losses}")
+        chosen = cfg.chosen(default)
+        if cfg.temperature != DistillConfig.temperature and not set(temperature_read_by) & set(chosen):
+            raise UserError(f"distill.temperature={cfg.temperature} is read by {' and '.join(temperature_read_by)} "
+                            f"only, not in distill.losses={chosen}")
+        if cfg.layers and "hidden" not in chosen:
+            raise UserError(f"distill.layers={cfg.layers} is read by the hidden loss only, not in distill.losses={chosen}")
+        if "hidden" in chosen and not cfg.layers:
+            raise UserError("distill.losses: hidden needs distill.layers, e.g. {-1: -1} (student layer: teacher layer)")
 
 
 def teacher_weights(cfg: DistillConfig) -> list[float]:
@@ -206,8 +218,8 @@ def objectives(cfg: DistillConfig) -> dict[str, Objective]:
             "icl": lambda out, batch, taught: _icl(out, taught, weights),
             "crd": lambda out, batch, taught: _crd(out, taught, weights, cfg.temperature),
             "kd": lambda out, batch, taught: _kd(out, taught, weights)}
-    return {f"distill_{name}": Objective(loss[name], pairs) for name in cfg.losses}
+    return {f"distill_{name}": Objective(loss[name], pairs) for name in cfg.chosen(DEFAULT)}
 
 
-def loss_names(cfg: DistillConfig) -> tuple[str, ...]:
-    return tuple(f"distill_{name}" for name in cfg.losses) if cfg.teachers else ()
+def loss_names(cfg: DistillConfig, default: tuple[str, ...] = DEFAULT) -> tuple[str, ...]:
+    return tuple(f"distill_{name}" for name in cfg.chosen(default)) if cfg.teachers else ()

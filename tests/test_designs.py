@@ -224,6 +224,6 @@ def test_a_design_brings_its_config_section_without_touching_config_py(tmp_path)
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == [
-        "3 True", "--set echo.depth: model=vlm does not read the 'echo' section (it reads vision, connector, lm, series)",
+        "3 True", "--set echo.depth: model=vlm does not read the 'echo' section (it reads vision, connector, lm, series, distill)",
         "data.source=sensors gives series items; model=stills reads image items"]
     assert "echo:\n  depth: 3" in (tmp_path / "config.yaml").read_text()

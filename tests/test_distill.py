@@ -150,9 +150,12 @@ def test_bad_teachers_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, te
         assert len(err) == 1 and needle in err[0], (sets, err)
         assert not out.exists()
     assert main(["train", "tiny", "--out", str(tmp_path / "tiny"), "--set", f"distill.teachers=[{teacher}]"]) == 2
+    err = capsys.readouterr().err.strip()  # a VLM reads distill.teachers too, but its teachers are VLMs
+    assert len(err.splitlines()) == 1 and "is a model=dual run, not a VLM" in err
+    assert not (tmp_path / "tiny").exists()
+    assert main(["train", "shapes_fuyu", "--out", str(tmp_path / "fuyu"), "--set", f"distill.teachers=[{teacher}]"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--set distill.teachers" in err and "does not read" in err
-    assert not (tmp_path / "tiny").exists()
 
 
 def test_a_distill_setting_without_teachers_is_refused(tmp_path, capsys):

@@ -16,7 +16,7 @@ import graft
 # keeps a layer's modules from importing each other in a circle). A module belongs to the layer of
 # its longest matching prefix, so `graft.data.check` sits above `graft.data`.
 LAYERS = (
-    ("graft.errors", "graft.atomic", "graft.losses", "graft.objectives", "graft.distill"),
+    ("graft.errors", "graft.atomic", "graft.losses", "graft.objectives", "graft.distill", "graft.distill_lm"),
     ("graft.models",),  # modules and their config dataclasses
     ("graft.config",),  # parse, override, type-check: a leaf above the models' configs
     ("graft.data", "graft.trainer.checkpoint"),  # records → rows, tokenizers; checkpoint files

@@ -50,7 +50,7 @@ def build(cfg, tok, pretrained: bool = True):
     if not cfg.distill.teachers:
         return DualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos)
     dims = embed_dims(cfg, tok)
-    project = bool({"fd", "icl"} & set(cfg.distill.losses))  # crd compares within each model's own space
+    project = bool({"fd", "icl"} & set(cfg.distill.chosen(distill.DEFAULT)))  # crd compares within each model's own space
     return DistilledDualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos, teacher_dims=dims, project=project)
 
 
@@ -91,6 +91,8 @@ def validate(cfg) -> None:
                 raise UserError(f"{key} is not available with series data (data.source={cfg.data.source}): {why}")
     else:
         validate_vision(cfg)
+    if cfg.distill.layers:
+        raise UserError(f"distill.layers={cfg.distill.layers}: a dual encoder's distillation has no hidden loss (model=vlm has)")
     distill.DistillConfig.check(cfg.distill)
     if cfg.contrastive.shared_tower and "text" in cfg.train.freeze:
         raise UserError("train.freeze: 'text' has no tower of its own when contrastive.shared_tower=true (CLIPPO)")

@@ -3,19 +3,23 @@ of series (data.source=sensors) the series tower (models/series.py, section `ser
 tower's place. Its
 processor, world batches and token count serve the other designs that generate (flamingo, fuyu).
 BLIP-2's stage 2 is this design with `connector.kind=qformer` and `connector.init_from=STAGE1_RUN`
-(the stage-1 run is checked here)."""
+(the stage-1 run is checked here). With `distill.teachers` (graft VLM runs) the trainer also holds
+frozen teachers and adds `distill_logits` / `distill_hidden` (graft/distill_lm.py, vlm_teachers.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from graft import distill_lm
 from graft.data.hf_tokenizer import HFChatTokenizer, TemplateProcessor
 from graft.data.processor import Processor
 from graft.designs.registry import GENERATES, Design, register
 from graft.data.series_processor import SeriesProcessor
 from graft.data.sources import source_kind
+from graft.designs import vlm_teachers
 from graft.designs.shared import (builtin_lm, check_something_trains, check_tower_sections, item_tower, lm_losses,
                                   resolve_vocab, validate_vision)
+from graft.distill import DistillConfig, loss_names, teacher_weights
 from graft.errors import UserError
 from graft.models.connectors import CONNECTORS, check_connector, per_patch
 from graft.models.decoder import LMConfig
@@ -36,7 +40,30 @@ def build(cfg, tok, pretrained: bool = True):
     lm = HFLanguageModel.load(cfg.lm, pretrained) if cfg.lm.hf_module else builtin_lm(cfg.lm, pretrained)
     modality = source_kind(cfg).modality
     placeholder = tok.image if modality is IMAGES else tok.placeholder(modality.token)
-    return VLM(item_tower(cfg, pretrained), cfg.connector, lm, placeholder, modality)
+    if not cfg.distill.teachers:
+        return VLM(item_tower(cfg, pretrained), cfg.connector, lm, placeholder, modality)
+    widths = [RunDir(path).config().lm.hidden_size for path in cfg.distill.teachers]  # the student's maps to them
+    return vlm_teachers.DistilledVLM(item_tower(cfg, pretrained), cfg.connector, lm, placeholder, modality,
+                                     pairs=vlm_teachers.teacher_pairs(cfg), teacher_widths=widths, pad=tok.pad)
+
+
+def teacher(cfg, model, tok):
+    return vlm_teachers.teacher(cfg, model, tok, build)
+
+
+def objectives(cfg, model) -> dict:
+    if not cfg.distill.teachers:
+        return {}
+    return distill_lm.objectives(cfg.distill, teacher_weights(cfg.distill), model.pad)
+
+
+def config_losses(cfg) -> tuple[str, ...]:
+    return lm_losses(cfg) + loss_names(cfg.distill, distill_lm.DEFAULT)
+
+
+def sources(cfg) -> None:
+    check_stage1_run(cfg)
+    vlm_teachers.check_sources(cfg, build)
 
 
 def processor(cfg, tok, model):
@@ -64,9 +91,9 @@ def tokens(batch, pad: int) -> int:
 
 
 def train_inputs(cfg) -> dict:
-    """In training the LM head runs only where an answer token is predicted (no objective reads
-    the logits): the same loss for fewer FLOPs (models/vlm.py)."""
-    return {"answers_only": True}
+    """In training the LM head runs only where an answer token is predicted, unless distillation
+    reads the logits: the same loss for fewer FLOPs (models/vlm.py)."""
+    return {} if cfg.distill.teachers else {"answers_only": True}
 
 
 def validate(cfg) -> None:
@@ -75,6 +102,9 @@ def validate(cfg) -> None:
         raise UserError("train.freeze: lm_image: this model has none (see lm.modality_norms, lm.modality_ffn)")
     check_something_trains(parts, cfg.train.freeze)
     check_tower_sections(cfg)
+    DistillConfig.check(cfg.distill, distill_lm.LOSSES, distill_lm.DEFAULT, ("logits",))
+    if cfg.distill.layers:
+        vlm_teachers.teacher_pairs(cfg)
     if source_kind(cfg).modality is TIME_SERIES:
         return validate_series(cfg)
     v = cfg.vision  # the built-in tower's grid and LM's width (HF ones are checked when the model is built)
@@ -90,6 +120,8 @@ def validate_series(cfg) -> None:
     SeriesConfig.check(cfg.series)
     if cfg.connector.init_from:
         raise UserError(f"connector.init_from={cfg.connector.init_from}: a stage-1 Q-Former run reads images, not series")
+    if cfg.distill.teachers:
+        raise UserError("distill.teachers is not available with series data yet (data.source=" + cfg.data.source + ")")
     for key, default in (("image_attention", "causal"), ("image_positions", "1d"), ("hf_path", None)):
         if getattr(cfg.lm, key) != default:
             raise UserError(f"lm.{key}={getattr(cfg.lm, key)} is not available with series data (data.source={cfg.data.source})")
@@ -126,7 +158,8 @@ def check_stage1_run(cfg) -> None:
                             "(its Q-Former reads that image encoder)")
 
 
-register("vlm", Design(frozenset({GENERATES}), ("vision", "connector", "lm", "series"), PARTS, build, processor,
-                       tokens, validate, losses=("lm",), packs=True, sources=check_stage1_run, exports_llava=True,
-                       config_losses=lm_losses, train_inputs=train_inputs, config_sections={"series": SeriesConfig},
+register("vlm", Design(frozenset({GENERATES}), ("vision", "connector", "lm", "series", "distill"), PARTS, build,
+                       processor, tokens, validate, losses=("lm",), packs=True, sources=sources, exports_llava=True,
+                       config_losses=config_losses, train_inputs=train_inputs, teacher=teacher, objectives=objectives,
+                       config_sections={"series": SeriesConfig, "distill": DistillConfig},
                        modalities=frozenset({IMAGES.name, TIME_SERIES.name})))

@@ -94,11 +94,11 @@ def _start(cfg: Config, run: RunDir) -> _Session:
     cfg, changes = resolve(cfg, tok)
     if changes and rt.is_main:
         print(f"vision.init_from: took {', '.join(changes)} from {cfg.vision.init_from}", flush=True)
-    _prepare_run_dir(cfg, tok, run, rt)
     model = assemble(cfg, tok)
     model.to(rt.device)
     engine = parallel.apply(model, cfg, rt)  # DDP wrapper, or the model itself (sharded in place by FSDP2)
     losses = step_losses(cfg, model, tok).to(rt.device)  # a teacher stays outside the model and its wrapper
+    _prepare_run_dir(cfg, tok, run, rt)  # after the model and its teachers: one they refuse leaves nothing written
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     ckpt = run.latest_checkpoint()
