@@ -47,7 +47,6 @@ from graft.serve_request import (
 
 MAX_BODY = 20 << 20  # bytes of a request body, judged from Content-Length before reading it
 READ_S = 60  # seconds to receive a whole body; also each socket read or write (a stalled client)
-MAX_IMAGES = 1  # per request in this slice: one image at the start of the last user message
 FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stream")
 EMBED_FIELDS = ("model", "input", "encoding_format")
 ZERO_SHOT_FIELDS = ("model", "image_url", "labels", "templates")
@@ -78,12 +77,13 @@ class Served:
         """The chat-completion request `body` checked and encoded; raises BadRequest."""
         self.check(body, FIELDS, GENERATES)
         turns, question, urls = conversation(body.get("messages"))
-        if len(urls) > MAX_IMAGES:
-            raise BadRequest(f"{len(urls)} images in the request; this server takes at most {MAX_IMAGES}")
+        most = self.run.cfg.data.max_images
+        if len(urls) > most:
+            raise BadRequest(f"{len(urls)} images in the request; this model takes at most {most} (data.max_images)")
         proc, context = self.run.processor, self.run.cfg.lm.max_seq_len
-        images = [decode_image(u, self.run.cfg.data) for u in urls]
+        images = [decode_image(u, self.run.cfg.data) for u, _ in urls]
         try:
-            ids = proc.prompt(question, len(images), (turns, []))
+            ids = proc.prompt(question, len(images), (turns, []), [at for _, at in urls])
         except BadSample as e:  # a chat template that rewrites a prompt holding a control-token string
             raise BadRequest(f"the prompt cannot be encoded ({e})") from None
         if len(ids) >= context:

@@ -49,8 +49,10 @@ def check_number(body: dict, name: str, kind: type, lo: float, hi: float, defaul
     return kind(value)
 
 
-def _content(content, where: str) -> tuple[str, list[str]]:
-    """A message's text and image URLs: `content` is a string or a list of text / image_url parts."""
+def _content(content, where: str) -> tuple[str, list[tuple[str, int]]]:
+    """A message's text (its text parts joined by newlines) and its image URLs, each with the
+    character offset in that text where it stands: `content` is a string or a list of text /
+    image_url parts, in order."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
@@ -61,16 +63,17 @@ def _content(content, where: str) -> tuple[str, list[str]]:
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind == "image_url" and isinstance(part.get("image_url"), dict) and isinstance(part["image_url"].get("url"), str):
-            urls.append(part["image_url"]["url"])
+            urls.append((part["image_url"]["url"], len("\n".join(texts))))
         else:
             raise BadRequest(f"{where}.content[{i}] must be {{'type': 'text', 'text': ...}} or "
                              "{'type': 'image_url', 'image_url': {'url': 'data:...'}}")
     return "\n".join(texts), urls
 
 
-def conversation(messages) -> tuple[list[tuple[str, str]], str, list[str]]:
-    """(earlier (user, assistant) turns, the last user message's text, its image URLs) of OpenAI
-    `messages`: user and assistant alternating, ending with the user; only the last holds images."""
+def conversation(messages) -> tuple[list[tuple[str, str]], str, list[tuple[str, int]]]:
+    """(earlier (user, assistant) turns, the last user message's text, its image URLs with their
+    offsets in that text) of OpenAI `messages`: user and assistant alternating, ending with the
+    user; only the last holds images."""
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise BadRequest("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
     roles = [m.get("role") for m in messages]

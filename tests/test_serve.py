@@ -150,7 +150,7 @@ def _bad_requests(name: str, image: str) -> list[tuple[dict, int, str]]:
         ({**good, "messages": message(PROMPT, "data:image/png;base64,@@@")}, 400, "base64"),
         ({**good, "messages": message(PROMPT, _bomb())}, 400, "image_too_large"),
         ({**good, "messages": message(PROMPT, "https://example.com/cat.png")}, 400, "nothing is fetched"),
-        ({**good, "messages": message(PROMPT, image, image)}, 400, "at most 1"),
+        ({**good, "messages": message(PROMPT, *[image] * 9)}, 400, "at most 8 (data.max_images)"),
         ({**good, "messages": message("red " * 500, image)}, 400, "lm.max_seq_len"),
         ({**good, "max_tokens": 0}, 400, "max_tokens"),
         ({**good, "max_tokens": 10**6}, 400, "max_tokens"),
@@ -189,13 +189,32 @@ def test_bad_requests_get_4xx_json_and_the_server_goes_on(url, run):
         assert status == 200 and good["choices"][0]["message"]["content"] == expected
 
 
-def test_sixteen_concurrent_requests_queue_and_all_get_their_answer(url, run):
+def test_sixty_four_concurrent_requests_queue_and_all_get_their_answer(url, run):
     name = run.dir.path.name
-    expected = [run.generate(scene(i % 4), PROMPT, max_new_tokens=8) for i in range(16)]
+    expected = [run.generate(scene(i % 4), PROMPT, max_new_tokens=8) for i in range(4)]
     ask = lambda i: chat(url, model=name, messages=message(PROMPT, data_url(scene(i % 4))), max_tokens=8)
-    with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(ask, range(16)))
-    assert [(s, a["choices"][0]["message"]["content"]) for s, a in answers] == [(200, e) for e in expected]
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(ask, range(64)))
+    assert [(s, a["choices"][0]["message"]["content"]) for s, a in answers] == [(200, expected[i % 4]) for i in range(64)]
+
+
+def test_several_images_go_where_their_parts_are(client, run):
+    """Two images between text parts: the answer is the model's greedy one for the prompt with each
+    image's placeholders at its part's place (Processor.prompt's offsets), not at the start."""
+    proc, model = run.processor, run.model
+    first, second = "the first:", "and the second. what color is the circle?"
+    parts = [{"type": "text", "text": first}, {"type": "image_url", "image_url": {"url": data_url(scene(0))}},
+             {"type": "text", "text": second}, {"type": "image_url", "image_url": {"url": data_url(scene(1))}}]
+    question = first + "\n" + second
+    ids = proc.prompt(question, 2, at=[len(first), len(question)])
+    assert ids.count(proc.tok.image) == 2 * proc.num_image_tokens and ids != proc.prompt(question, 2)
+    pixels = torch.stack([proc.pixels(scene(0)), proc.pixels(scene(1))])
+    with torch.no_grad():
+        new = model.generate(torch.tensor([ids]), pixels, max_new_tokens=6, eos_id=proc.tok.eos)[0]
+    got = client.chat.completions.create(model=run.dir.path.name, messages=[{"role": "user", "content": parts}],
+                                         max_tokens=6)
+    assert got.choices[0].message.content == proc.tok.decode(new)
+    assert got.usage.prompt_tokens == len(ids)
 
 
 def test_text_only_and_earlier_turns_reach_the_prompt(url, run):

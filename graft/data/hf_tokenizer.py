@@ -204,19 +204,23 @@ class TemplateProcessor(Processor):
                             "in it cannot be told from the template's own")
         return self.tok.encode_pieces([(part, i % 2 == 1) for i, part in enumerate(parts) if part])
 
-    def prompt_text(self, question: str, images: int = 1, context: Context = ((), ())) -> str:
-        turns, places = self._prompt_turns(question, images, context)
+    def prompt_text(self, question: str, images: int = 1, context: Context = ((), ()),
+                    at: list[int] | None = None) -> str:
+        turns, places = self._prompt_turns(question, images, context, at)
         return self.tok.render(self._messages(turns, places=places), generation=True)
 
-    def prompt(self, question: str, images: int = 1, context: Context = ((), ())) -> list[int]:
-        turns, places = self._prompt_turns(question, images, context)
-        ids, _ = self._encode(turns, True, self.prompt_text(question, images, context), places)
+    def prompt(self, question: str, images: int = 1, context: Context = ((), ()),
+               at: list[int] | None = None) -> list[int]:
+        """Processor.prompt's ids through the chat template (`at`: the images' offsets in the question)."""
+        turns, places = self._prompt_turns(question, images, context, at)
+        ids, _ = self._encode(turns, True, self.prompt_text(question, images, context, at), places)
         return self._expand(ids, ids)[0]
 
     @staticmethod
-    def _prompt_turns(question: str, images: int, context: Context) -> tuple[list, list[Place]]:
+    def _prompt_turns(question: str, images: int, context: Context,
+                      at: list[int] | None = None) -> tuple[list, list[Place]]:
         turns, places = context
-        return [*turns, (question, None)], [*places] + [(len(turns), 0)] * images
+        return [*turns, (question, None)], [*places] + [(len(turns), o) for o in ([0] * images if at is None else at)]
 
     def encode_conversation(self, turns: list[tuple[str, str]],
                             places: list[Place] | None = None) -> tuple[list[int], list[int], int]:

@@ -76,16 +76,17 @@ class Processor:
         mean, std = torch.tensor(self.mean)[:, None, None], torch.tensor(self.std)[:, None, None]
         return (x / 255.0 - mean) / std
 
-    def prompt(self, question: str, images: int = 1, context: Context = ((), ())) -> list[int]:
-        """Ids for a prompt with `images` images at the start of its question, ending where the answer
-        should begin; `context`: earlier (turns, places) before it (few-shot examples, a document),
-        never cut to max_seq_len."""
+    def prompt(self, question: str, images: int = 1, context: Context = ((), ()),
+               at: list[int] | None = None) -> list[int]:
+        """Ids for a prompt with `images` images in its question — at the character offsets `at`,
+        by default all at the start — ending where the answer should begin; `context`: earlier
+        (turns, places) before it (few-shot examples, a document), never cut to max_seq_len."""
         t, (turns, places) = self.tok, context
         ids = [t.bos]
         for i, (q, answer) in enumerate(turns):
-            ids += [t.user] + self._question(q, [at for turn, at in places if turn == i]) + [t.assistant]
+            ids += [t.user] + self._question(q, [o for turn, o in places if turn == i]) + [t.assistant]
             ids += t.encode(answer) + [t.eos]
-        return ids + [t.user] + self._question(question, [0] * images) + [t.assistant]
+        return ids + [t.user] + self._question(question, [0] * images if at is None else at) + [t.assistant]
 
     def _question(self, question: str, offsets: list[int]) -> list[int]:
         """A question's ids with N placeholders per image, at the images' character offsets. Two
