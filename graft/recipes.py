@@ -269,6 +269,16 @@ def clip() -> Config:
     return cfg
 
 
+def coca() -> Config:
+    """CoCa: CLIP's towers plus a 2-layer captioning decoder over the patch tokens; contrastive + captioning (1 : 2)."""
+    cfg = clip()
+    cfg.name, cfg.model = "coca", "coca"
+    cfg.text.max_len = 21  # <bos>, the longest caption's 19 tokens, <eos>
+    cfg.train.objectives = {"itc": 1.0, "caption": 2.0}  # open_clip's CoCa defaults
+    cfg.eval.captions = 100
+    return cfg
+
+
 def clippo() -> Config:
     """CLIPPO: one ViT for images and for captions rendered as images, softmax loss as in CLIP (~8 CPU min).
 
@@ -392,7 +402,7 @@ def shapes_qformer() -> Config:
 RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, shapes_resampler, shapes_pixel_shuffle, shapes_avgpool,
                                    shapes_flamingo, shapes_fuyu, shapes_moe, shapes_moe_aware, shapes_interleaved,
                                    sensors_vlm, sensors_clip, sensors_qformer_stage1,
-                                   tiny, shapes_scale, shapes_scale_fuyu, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, clippo, lit,
+                                   tiny, shapes_scale, shapes_scale_fuyu, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, coca, clippo, lit,
                                    shapes_qformer_stage1, shapes_qformer)}
 # Recipes that start from another recipe's run: recipe → (the key naming that run, the recipe that
 # makes it). `graft compare` trains such a stage once per seed and points the key at it.

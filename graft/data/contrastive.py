@@ -34,7 +34,11 @@ class ContrastiveProcessor(Processor):
         self.render, self.font_size = render, font_size
 
     def text_ids(self, text: str) -> list[int]:
-        return self._fixed(self.tok.encode(text))
+        return self._fixed(self._ids(text))
+
+    def _ids(self, text: str) -> list[int]:
+        """A text's ids before <eos> and padding (CoCa's processor starts them with <bos>)."""
+        return self.tok.encode(text)
 
     def _fixed(self, ids: list[int]) -> list[int]:
         ids = ids[: self.max_seq_len - 1] + [self.tok.eos]
@@ -60,7 +64,7 @@ class ContrastiveProcessor(Processor):
             raise BadSample("empty_answer", "empty caption")
         if self.render:
             return caption, False, 1
-        ids = self.tok.encode(caption)
+        ids = self._ids(caption)
         return self._fixed(ids), len(ids) > self.max_seq_len - 1, 1
 
     def row(self, text, images):
@@ -71,6 +75,14 @@ class ContrastiveProcessor(Processor):
         if self.render:
             return {**items, **self.texts([t for _, t in rows])}
         return {**items, "input_ids": torch.tensor([t for _, t in rows], dtype=torch.long)}
+
+
+class CaptionerProcessor(ContrastiveProcessor):
+    """CoCa's pairs: as a dual encoder's, each caption starting with <bos> (what its captioner
+    predicts the first word from, and generates from)."""
+
+    def _ids(self, text: str) -> list[int]:
+        return [self.tok.bos, *self.tok.encode(text)]
 
 
 class SeriesPairProcessor(ContrastiveProcessor):

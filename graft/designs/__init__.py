@@ -7,7 +7,7 @@ type:
 - `capabilities`: what its models can do, which decides what evaluation, `data show`, generation
   and export ask of them — GENERATES (answers in text from images and a prompt: VQA, captions,
   class-name likelihoods) and EMBEDS (embeds images and texts in one space: zero-shot by
-  similarity, retrieval). A design may have both; each task scores with the first of its scorers
+  similarity, retrieval), and CAPTIONS (captions an image with no prompt: CoCa). A design may have several; each task scores with the first of its scorers
   whose capability the design has (eval/tasks.py).
 - `sections`: the config sections it reads besides the shared ones (name, model, data, optim,
   train, eval); `--set` on a model section it does not read is an error (config_checks.py).
@@ -36,10 +36,11 @@ from graft.designs import flamingo  # noqa: F401
 from graft.designs import fuyu  # noqa: F401
 from graft.designs import dual  # noqa: F401
 from graft.designs import qformer_stage1  # noqa: F401
-from graft.designs.registry import (CAPABILITIES, DESIGNS, EMBEDS, GENERATES, SHARED_SECTIONS, Design, can_pack,
+from graft.designs import coca  # noqa: F401
+from graft.designs.registry import (CAPABILITIES, CAPTIONS, DESIGNS, EMBEDS, GENERATES, SHARED_SECTIONS, Design, can_pack,
                                     design, model_sections, uses_packing)
 
 MODEL_SECTIONS = model_sections()
 
-__all__ = ["CAPABILITIES", "DESIGNS", "EMBEDS", "GENERATES", "MODEL_SECTIONS", "SHARED_SECTIONS", "Design", "model_sections",
+__all__ = ["CAPABILITIES", "CAPTIONS", "DESIGNS", "EMBEDS", "GENERATES", "MODEL_SECTIONS", "SHARED_SECTIONS", "Design", "model_sections",
            "can_pack", "design", "uses_packing"]

@@ -15,7 +15,9 @@ from graft.models.modality import IMAGES
 SHARED_SECTIONS = ("name", "model", "data", "optim", "train", "eval")
 GENERATES = "generates"  # answers in text, from images and a prompt
 EMBEDS = "embeds"  # images and texts into one space
-CAPABILITIES = {GENERATES: "a run that generates text (a VLM)", EMBEDS: "a run that embeds images and texts (clip, "
+CAPTIONS = "captions"  # writes an image's caption with no prompt (CoCa); beside EMBEDS it is scored on both
+CAPABILITIES = {GENERATES: "a run that generates text (a VLM)", CAPTIONS: "a run that captions images (coca)",
+                EMBEDS: "a run that embeds images and texts (clip, "
                 "siglip, clippo, lit, qformer_stage1)"}
 
 

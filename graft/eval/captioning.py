@@ -41,9 +41,24 @@ def caption_cider(model, proc, world: ShapesWorld, split: str, n: int, batch_siz
     another world's caption request and what of its sample the model reads (the sensor world's)."""
     samples = [world.sample(split, i) for i in range(n)]
     preds = answer(model, proc, [(item(s), prompt) for s in samples], batch_size, max_new_tokens)
+    return _scored(preds, samples, split, prompt)
+
+
+@torch.no_grad()
+def captioner_cider(model, proc, world: ShapesWorld, split: str, n: int, batch_size: int) -> tuple[dict[str, float], list[dict]]:
+    """`caption_cider` for a model that captions with no prompt (CoCa's greedy `caption`)."""
+    samples = [world.sample(split, i) for i in range(n)]
+    device, preds = next(model.parameters()).device, []
+    for s in range(0, n, batch_size):
+        pixels = torch.stack([proc.pixels(x.image) for x in samples[s : s + batch_size]]).to(device)
+        preds += [proc.tok.decode(ids) for ids in model.caption(pixels)]
+    return _scored(preds, samples, split, None)
+
+
+def _scored(preds: list[str], samples: list, split: str, prompt: str | None) -> tuple[dict[str, float], list[dict]]:
     predictions = [{"id": f"{split}/{i}", "question": prompt, "prediction": p, "reference": s.caption,
                     "correct": tokenize(p) == tokenize(s.caption)} for i, (p, s) in enumerate(zip(preds, samples))]
-    exact = sum(p["correct"] for p in predictions) / n
+    exact = sum(p["correct"] for p in predictions) / len(samples)
     return {"caption_cider": cider(preds, [[s.caption] for s in samples]), "caption_exact": exact}, predictions
 
 

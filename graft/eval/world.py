@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from graft.data.restyle import RESTYLED, RestyledWorld
 from graft.data.shapes import SPLITS, ShapesWorld
 from graft.errors import UserError
-from graft.eval.captioning import caption_cider
+from graft.designs import CAPTIONS, design
+from graft.eval.captioning import caption_cider, captioner_cider
 from graft.eval.retrieval import retrieval
 from graft.eval.vqa import vqa_accuracy
 from graft.eval.zero_shot import zero_shot
@@ -51,11 +52,15 @@ def world_vlm(model, proc, data: WorldSplit, cfg) -> tuple[dict[str, float], lis
 
 
 def world_dual(model, proc, data: WorldSplit, cfg) -> tuple[dict[str, float], list[dict]]:
-    """Zero-shot top-1/top-5 and image↔text Recall@1/5/10."""
+    """Zero-shot top-1/top-5 and image↔text Recall@1/5/10; and CIDEr-D of its captions where the
+    design also captions (CoCa) and `eval.captions > 0`."""
     e, metrics, predictions = cfg.eval, {}, []
     if e.zeroshot_images > 0:
         metrics, predictions = zero_shot(model, proc, data.world, data.name, e.zeroshot_images, e.zeroshot_file, e.batch_size)
     if e.retrieval_pairs > 0:
         more, pairs = retrieval(model, proc, data.world, data.name, e.retrieval_pairs, e.batch_size)
         metrics, predictions = metrics | more, predictions + pairs
+    if design(cfg.model).can(CAPTIONS) and e.captions > 0:
+        more, captions = captioner_cider(model, proc, data.world, data.name, e.captions, e.batch_size)
+        metrics, predictions = metrics | more, predictions + captions
     return metrics, predictions

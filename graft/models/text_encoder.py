@@ -54,10 +54,17 @@ class TextTower(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids → (B, D) pooled text features."""
+        return self.pool(self.states(input_ids), input_ids)
+
+    def states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids → (B, L, D) features of every token, after the final norm."""
         x = self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
         for layer in self.encoder.layers:
             x = layer(x, causal=self.cfg.causal)
-        x = self.final_layer_norm(x)  # (B, L, D)
+        return self.final_layer_norm(x)
+
+    def pool(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) → (B, D): the first <eos>'s features (pool=eos) or the last position's."""
         if self.cfg.pool == "eos":
             at = (input_ids == self.eos_id).int().argmax(1)  # first <eos>; the processor always writes one
             return x[torch.arange(x.shape[0], device=x.device), at]
