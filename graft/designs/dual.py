@@ -48,10 +48,15 @@ def build(cfg, tok, pretrained: bool = True):
     if series(cfg):
         return DualEncoder(series_tower(cfg.series), cfg.text, cfg.contrastive, tok.eos, TIME_SERIES)
     if not cfg.distill.teachers:
-        return DualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos)
+        return DualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos, pad_id=tok.pad)
     dims = embed_dims(cfg, tok)
     project = bool({"fd", "icl"} & set(cfg.distill.chosen(distill.DEFAULT)))  # crd compares within each model's own space
-    return DistilledDualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos, teacher_dims=dims, project=project)
+    return DistilledDualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos, IMAGES, tok.pad, teacher_dims=dims,
+                                project=project)
+
+
+def config_losses(cfg) -> tuple[str, ...]:
+    return (("itm",) if cfg.contrastive.itm_layers else ()) + distill.loss_names(cfg.distill)
 
 
 def objectives(cfg, model) -> dict:
@@ -85,7 +90,8 @@ def validate(cfg) -> None:
     if series(cfg):
         SeriesConfig.check(cfg.series)
         for key, why in (("contrastive.shared_tower", "CLIPPO renders the text as an image for the one image tower"),
-                         ("distill.teachers", "the teachers embed images")):
+                         ("distill.teachers", "the teachers embed images"),
+                         ("contrastive.itm_layers", "image–text matching reads image patches")):
             section, name = key.split(".")
             if getattr(getattr(cfg, section), name):
                 raise UserError(f"{key} is not available with series data (data.source={cfg.data.source}): {why}")
@@ -100,7 +106,7 @@ def validate(cfg) -> None:
 
 register("dual", Design(frozenset({EMBEDS}), ("vision", "text", "contrastive", "distill", "series"), PARTS, build, processor,
                         tokens, validate, losses=("itc",), sources=sources,
-                        config_losses=lambda cfg: distill.loss_names(cfg.distill), teacher=teacher,
+                        config_losses=config_losses, teacher=teacher,
                         objectives=objectives, config_sections={"text": TextConfig, "contrastive": ContrastiveConfig,
                                                                 "distill": distill.DistillConfig, "series": SeriesConfig},
                         modalities=frozenset({IMAGES.name, TIME_SERIES.name})))

@@ -27,8 +27,9 @@ from torch import nn
 from graft.errors import UserError
 from graft.losses import as_local_sum
 from graft.models.dual_encoder import DualEncoder
+from graft.models.fusion import FusionLayer
 from graft.models.text_encoder import TextConfig
-from graft.models.vit import MLP, Attention, _init_weights
+from graft.models.vit import _init_weights
 
 
 @dataclass
@@ -41,44 +42,12 @@ class CoCaConfig:
             raise UserError(f"coca.decoder_layers={cfg.decoder_layers} must be at least 1")
 
 
-class CrossAttention(nn.Module):
-    """Queries from the text, keys and values from the image tokens (both of the text's width)."""
-
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        d, self.heads = cfg.hidden_size, cfg.heads
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        split = lambda t: t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)
-        y = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(image)), split(self.v_proj(image)))
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
-
-
-class DecoderLayer(nn.Module):
-    """Pre-LN: causal self-attention, cross-attention to the image tokens, MLP, each with a residual."""
-
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        norm = lambda: nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.layer_norm1, self.self_attn = norm(), Attention(cfg)
-        self.layer_norm2, self.cross_attn = norm(), CrossAttention(cfg)
-        self.layer_norm3, self.mlp = norm(), MLP(cfg)
-
-    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), causal=True)
-        x = x + self.cross_attn(self.layer_norm2(x), image)
-        return x + self.mlp(self.layer_norm3(x))
-
-
 class CoCa(DualEncoder):
     def __init__(self, vision, text: TextConfig, cfg, eos_id: int, coca: CoCaConfig, bos_id: int, pad_id: int):
         super().__init__(vision, text, cfg, eos_id)
         self.bos_id, self.pad_id, self.max_len = bos_id, pad_id, text.max_len
         self.image_to_text = nn.Linear(self.vision.cfg.hidden_size, text.hidden_size)
-        self.decoder = nn.ModuleList(DecoderLayer(text) for _ in range(coca.decoder_layers))
+        self.decoder = nn.ModuleList(FusionLayer(text, causal=True) for _ in range(coca.decoder_layers))
         self.decoder_norm = nn.LayerNorm(text.hidden_size, eps=text.layer_norm_eps)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         for module in (self.image_to_text, self.decoder, self.decoder_norm, self.lm_head):

@@ -27,6 +27,7 @@ from torch import nn
 
 from graft.errors import UserError
 from graft.losses import as_local_sum, clip_loss, siglip_loss
+from graft.models.itm import ImageTextMatching
 from graft.models.modality import IMAGES, Modality
 from graft.models.modality import items as count_items
 from graft.models.text_encoder import TextConfig, TextTower
@@ -47,14 +48,20 @@ class ContrastiveConfig:
     init_logit_scale: float | None = None  # log of the temperature multiplier; None: the paper's
     init_logit_bias: float = -10.0  # SigLIP only
     render_font_size: int = 0  # CLIPPO: font height in pixels; 0 = derived from the image size
+    # > 0: an image–text matching head with this many fusion layers and hard negatives (ALBEF/BLIP;
+    # models/itm.py), trained as the loss `itm` beside `itc`
+    itm_layers: int = 0
 
     @staticmethod
     def check(cfg: "ContrastiveConfig") -> None:
         for key, value, valid in (("loss", cfg.loss, LOSSES), ("image_pool", cfg.image_pool, IMAGE_POOLS)):
             if value not in valid:
                 raise UserError(f"contrastive.{key}={value!r} is not one of {', '.join(valid)}")
-        if cfg.embed_dim <= 0 or cfg.chunk_size < 0:
-            raise UserError("contrastive.embed_dim must be positive and contrastive.chunk_size non-negative")
+        if cfg.embed_dim <= 0 or cfg.chunk_size < 0 or cfg.itm_layers < 0:
+            raise UserError("contrastive.embed_dim must be positive, contrastive.chunk_size and .itm_layers non-negative")
+        if cfg.itm_layers and cfg.shared_tower:
+            raise UserError("contrastive.itm_layers: image–text matching reads the text tower's states; CLIPPO "
+                            "(contrastive.shared_tower=true) has none")
 
 
 class AttentionPool(nn.Module):
@@ -87,8 +94,9 @@ class DualEncoder(nn.Module):
     # a DDP trainer must undo DDP's gradient averaging: `global_batch_loss` of its design entry.
 
     def __init__(self, vision: VisionConfig | nn.Module, text: TextConfig, cfg: ContrastiveConfig, eos_id: int,
-                 modality: Modality = IMAGES):
-        """`vision`: the built-in ViT's config, or a ready tower of `modality`'s items (a series tower)."""
+                 modality: Modality = IMAGES, pad_id: int = 0):
+        """`vision`: the built-in ViT's config, or a ready tower of `modality`'s items (a series tower);
+        `pad_id`: the text's padding, which image–text matching masks."""
         super().__init__()
         ContrastiveConfig.check(cfg)
         self.cfg, self.modality = cfg, modality
@@ -104,11 +112,14 @@ class DualEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor([float(init)]))  # shape (1,) as in HF SiglipModel (FSDP2 shards no 0-d tensor)
         if cfg.loss == "siglip":
             self.logit_bias = nn.Parameter(torch.tensor([float(cfg.init_logit_bias)]))
+        if cfg.itm_layers:
+            self.itm = ImageTextMatching(text, tower.hidden_size, cfg.itm_layers, eos_id, pad_id)
 
     def part_modules(self, part: str) -> list[str]:
         """The submodules (by attribute name) that make up a part of `train.freeze` / `train.init_parts`."""
         groups = {"vision": ["vision"], "image_head": ["image_pool", "image_proj"],
-                  "text": ["text", "text_proj"] if not self.cfg.shared_tower else []}
+                  "text": ["text", "text_proj"] if not self.cfg.shared_tower else [],
+                  "itm": ["itm"] if self.cfg.itm_layers else []}
         return groups[part]
 
     def freeze(self, parts: list[str]) -> None:
@@ -154,13 +165,28 @@ class DualEncoder(nn.Module):
         """Returns ((image_emb, text_emb), {"itc": the contrastive loss as a local sum over this
         process's pairs}) — divided by the pairs of all processes it is the global batch's loss.
         `items`: another modality's batch keys (see `encode_image`)."""
+        if self.cfg.itm_layers:
+            return self._with_matching(pixel_values, input_ids)
         image_emb = self.encode_image(pixel_values, **items)
         text_emb = self.encode_text(input_ids, text_pixels)
+        return (image_emb, text_emb), {"itc": self._itc(image_emb, text_emb)}
+
+    def _itc(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         n = image_emb.shape[0]
         world = dist.get_world_size() if self.training and dist.is_available() and dist.is_initialized() else 1
-        return (image_emb, text_emb), {"itc": as_local_sum(self.loss(image_emb, text_emb), n, n * world)}
+        return as_local_sum(self.loss(image_emb, text_emb), n, n * world)
 
-    @staticmethod
-    def loss_counts(**batch) -> dict[str, int]:
-        """What each loss of `forward` sums over: the image–text (or series–text) pairs."""
-        return {"itc": count_items(batch)}
+    def _with_matching(self, pixel_values, input_ids):
+        """`forward` with `itm` beside `itc`: the towers run once, their token states feed both."""
+        patches, states = self.vision(pixel_values), self.text.states(input_ids)
+        image_emb = F.normalize(self.image_proj(self.image_pool(patches)), dim=-1)
+        text_emb = F.normalize(self.text_proj(self.text.pool(states, input_ids)), dim=-1)
+        similarity = self.logit_scale.exp().clamp(max=100.0) * self.similarity(image_emb, text_emb)
+        itm = self.itm.loss(patches, states, input_ids, similarity.detach())
+        return (image_emb, text_emb), {"itc": self._itc(image_emb, text_emb), "itm": itm}
+
+    def loss_counts(self, **batch) -> dict[str, int]:
+        """What each loss of `forward` sums over: the image–text (or series–text) pairs; `itm`'s: the
+        positives and the two hard negatives of each."""
+        n = count_items(batch)
+        return {"itc": n, "itm": 3 * n} if self.cfg.itm_layers else {"itc": n}
