@@ -85,7 +85,7 @@ def test_a_short_run_learns_to_match(tmp_path):
 
 def test_bad_settings_are_one_line(tmp_path, capsys):
     cases = [("clippo", ["contrastive.itm_layers=1"], "CLIPPO (contrastive.shared_tower=true) has none"),
-             ("coca", ["contrastive.itm_layers=1"], "model=coca has no image–text matching head"),
+             ("coca", ["contrastive.itm_layers=1"], "contrastive.itm_layers: model=coca does not train it"),
              ("clip", ["contrastive.itm_layers=-1"], ".itm_layers non-negative"),
              ("sensors_clip", ["contrastive.itm_layers=1"], "image–text matching reads image patches"),
              ("shapes_vqa", ["contrastive.itm_layers=1"], "does not read the 'contrastive' section")]

@@ -39,8 +39,9 @@ def validate(cfg) -> None:
     if not cfg.text.causal or cfg.text.pool != "eos":
         raise UserError(f"model=coca: the text tower is CoCa's unimodal decoder, so text.causal must be true and "
                         f"text.pool eos (got {cfg.text.causal}, {cfg.text.pool})")
-    if cfg.contrastive.itm_layers:
-        raise UserError("contrastive.itm_layers: model=coca has no image–text matching head (model=dual has)")
+    for key in ("itm_layers", "mlm_prob"):
+        if getattr(cfg.contrastive, key):
+            raise UserError(f"contrastive.{key}: model=coca does not train it (model=dual does)")
     if cfg.contrastive.shared_tower:
         raise UserError("contrastive.shared_tower=true (CLIPPO) has no text tower to caption with; model=coca needs one")
 

@@ -46,17 +46,23 @@ def build(cfg, tok, pretrained: bool = True):
     elif cfg.text.vocab_size < len(tok):
         raise UserError(f"text.vocab_size={cfg.text.vocab_size} is smaller than the tokenizer's {len(tok)}")
     if series(cfg):
-        return DualEncoder(series_tower(cfg.series), cfg.text, cfg.contrastive, tok.eos, TIME_SERIES)
+        return DualEncoder(series_tower(cfg.series), cfg.text, cfg.contrastive, tok.eos, TIME_SERIES, tok.pad, special(tok))
     if not cfg.distill.teachers:
-        return DualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos, pad_id=tok.pad)
+        return DualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos, pad_id=tok.pad, special=special(tok))
     dims = embed_dims(cfg, tok)
     project = bool({"fd", "icl"} & set(cfg.distill.chosen(distill.DEFAULT)))  # crd compares within each model's own space
-    return DistilledDualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos, IMAGES, tok.pad, teacher_dims=dims,
-                                project=project)
+    return DistilledDualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos, IMAGES, tok.pad, special(tok),
+                                teacher_dims=dims, project=project)
+
+
+def special(tok) -> tuple[int, ...]:
+    """The token ids masked language modelling never chooses."""
+    return tok.pad, tok.bos, tok.eos
 
 
 def config_losses(cfg) -> tuple[str, ...]:
-    return (("itm",) if cfg.contrastive.itm_layers else ()) + distill.loss_names(cfg.distill)
+    c = cfg.contrastive
+    return (("itm",) if c.itm_layers else ()) + (("mlm",) if c.mlm_prob else ()) + distill.loss_names(cfg.distill)
 
 
 def objectives(cfg, model) -> dict:
@@ -100,6 +106,9 @@ def validate(cfg) -> None:
     if cfg.distill.layers:
         raise UserError(f"distill.layers={cfg.distill.layers}: a dual encoder's distillation has no hidden loss (model=vlm has)")
     distill.DistillConfig.check(cfg.distill)
+    if cfg.contrastive.mlm_prob and cfg.text.causal:
+        raise UserError(f"contrastive.mlm_prob={cfg.contrastive.mlm_prob}: masked language modelling needs a "
+                        "bidirectional text tower (text.causal=false, as siglip's)")
     if cfg.contrastive.shared_tower and "text" in cfg.train.freeze:
         raise UserError("train.freeze: 'text' has no tower of its own when contrastive.shared_tower=true (CLIPPO)")
 

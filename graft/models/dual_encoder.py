@@ -28,6 +28,7 @@ from torch import nn
 from graft.errors import UserError
 from graft.losses import as_local_sum, clip_loss, siglip_loss
 from graft.models.itm import ImageTextMatching
+from graft.models.mlm import MaskedLM
 from graft.models.modality import IMAGES, Modality
 from graft.models.modality import items as count_items
 from graft.models.text_encoder import TextConfig, TextTower
@@ -51,6 +52,9 @@ class ContrastiveConfig:
     # > 0: an image–text matching head with this many fusion layers and hard negatives (ALBEF/BLIP;
     # models/itm.py), trained as the loss `itm` beside `itc`
     itm_layers: int = 0
+    # > 0: masked language modelling of the text tower at this rate (BERT: 0.15; models/mlm.py),
+    # the loss `mlm`; needs a bidirectional text tower (text.causal=false)
+    mlm_prob: float = 0.0
 
     @staticmethod
     def check(cfg: "ContrastiveConfig") -> None:
@@ -59,6 +63,11 @@ class ContrastiveConfig:
                 raise UserError(f"contrastive.{key}={value!r} is not one of {', '.join(valid)}")
         if cfg.embed_dim <= 0 or cfg.chunk_size < 0 or cfg.itm_layers < 0:
             raise UserError("contrastive.embed_dim must be positive, contrastive.chunk_size and .itm_layers non-negative")
+        if not 0 <= cfg.mlm_prob < 1:
+            raise UserError(f"contrastive.mlm_prob={cfg.mlm_prob} must be in [0, 1)")
+        if cfg.mlm_prob and cfg.shared_tower:
+            raise UserError("contrastive.mlm_prob: masked language modelling reads the text tower; CLIPPO "
+                            "(contrastive.shared_tower=true) has none")
         if cfg.itm_layers and cfg.shared_tower:
             raise UserError("contrastive.itm_layers: image–text matching reads the text tower's states; CLIPPO "
                             "(contrastive.shared_tower=true) has none")
@@ -94,9 +103,10 @@ class DualEncoder(nn.Module):
     # a DDP trainer must undo DDP's gradient averaging: `global_batch_loss` of its design entry.
 
     def __init__(self, vision: VisionConfig | nn.Module, text: TextConfig, cfg: ContrastiveConfig, eos_id: int,
-                 modality: Modality = IMAGES, pad_id: int = 0):
+                 modality: Modality = IMAGES, pad_id: int = 0, special: tuple[int, ...] = ()):
         """`vision`: the built-in ViT's config, or a ready tower of `modality`'s items (a series tower);
-        `pad_id`: the text's padding, which image–text matching masks."""
+        `pad_id`: the text's padding, which image–text matching masks; `special`: token ids masked
+        language modelling never chooses (padding, <bos>, <eos>)."""
         super().__init__()
         ContrastiveConfig.check(cfg)
         self.cfg, self.modality = cfg, modality
@@ -114,12 +124,14 @@ class DualEncoder(nn.Module):
             self.logit_bias = nn.Parameter(torch.tensor([float(cfg.init_logit_bias)]))
         if cfg.itm_layers:
             self.itm = ImageTextMatching(text, tower.hidden_size, cfg.itm_layers, eos_id, pad_id)
+        if cfg.mlm_prob:
+            self.mlm = MaskedLM(text, cfg.mlm_prob, special)
 
     def part_modules(self, part: str) -> list[str]:
         """The submodules (by attribute name) that make up a part of `train.freeze` / `train.init_parts`."""
         groups = {"vision": ["vision"], "image_head": ["image_pool", "image_proj"],
                   "text": ["text", "text_proj"] if not self.cfg.shared_tower else [],
-                  "itm": ["itm"] if self.cfg.itm_layers else []}
+                  "itm": ["itm"] if self.cfg.itm_layers else [], "mlm": ["mlm"] if self.cfg.mlm_prob else []}
         return groups[part]
 
     def freeze(self, parts: list[str]) -> None:
@@ -166,10 +178,13 @@ class DualEncoder(nn.Module):
         process's pairs}) — divided by the pairs of all processes it is the global batch's loss.
         `items`: another modality's batch keys (see `encode_image`)."""
         if self.cfg.itm_layers:
-            return self._with_matching(pixel_values, input_ids)
-        image_emb = self.encode_image(pixel_values, **items)
-        text_emb = self.encode_text(input_ids, text_pixels)
-        return (image_emb, text_emb), {"itc": self._itc(image_emb, text_emb)}
+            (image_emb, text_emb), losses = self._with_matching(pixel_values, input_ids)
+        else:
+            image_emb, text_emb = self.encode_image(pixel_values, **items), self.encode_text(input_ids, text_pixels)
+            losses = {"itc": self._itc(image_emb, text_emb)}
+        if self.cfg.mlm_prob:
+            losses["mlm"] = self.mlm.loss(self.text, input_ids)
+        return (image_emb, text_emb), losses
 
     def _itc(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         n = image_emb.shape[0]
@@ -187,6 +202,7 @@ class DualEncoder(nn.Module):
 
     def loss_counts(self, **batch) -> dict[str, int]:
         """What each loss of `forward` sums over: the image–text (or series–text) pairs; `itm`'s: the
-        positives and the two hard negatives of each."""
+        positives and the two hard negatives of each; `mlm`'s: the chosen tokens."""
         n = count_items(batch)
-        return {"itc": n, "itm": 3 * n} if self.cfg.itm_layers else {"itc": n}
+        counts = {"itc": n, "itm": 3 * n} if self.cfg.itm_layers else {"itc": n}
+        return counts | ({"mlm": self.mlm.count(batch["input_ids"])} if self.cfg.mlm_prob else {})

@@ -56,9 +56,14 @@ class TextTower(nn.Module):
         """(B, L) token ids → (B, D) pooled text features."""
         return self.pool(self.states(input_ids), input_ids)
 
-    def states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids → (B, L, D) features of every token, after the final norm."""
-        x = self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
+    def states(self, input_ids: torch.Tensor, replace: tuple | None = None) -> torch.Tensor:
+        """(B, L) token ids → (B, L, D) features of every token, after the final norm. `replace`:
+        (where (B, L) bool, vector (D,)): those tokens' embeddings are the vector (MLM's [MASK])."""
+        tokens = self.token_embedding(input_ids)
+        if replace is not None:
+            where, vector = replace
+            tokens = torch.where(where[..., None], vector.to(tokens.dtype), tokens)
+        x = tokens + self.position_embedding.weight[: input_ids.shape[1]]
         for layer in self.encoder.layers:
             x = layer(x, causal=self.cfg.causal)
         return self.final_layer_norm(x)
