@@ -78,3 +78,16 @@ def wait_for(paths: list[Path], proc, guard_s: float = 300, detail=lambda: "") -
         assert proc.poll() is None, f"the process ended (exit {proc.returncode}) before it paused {detail()}"
         assert time.monotonic() < deadline, f"not paused after {guard_s} s {detail()}"
         time.sleep(0.05)
+
+
+def assert_refused(tmp_path, capsys, cases) -> None:
+    """Each (recipe, --set items, needle): `graft train` exits 2 with one line of stderr holding
+    `needle`, and writes no run directory."""
+    from graft.cli import main
+
+    for name, sets, needle in cases:
+        out = tmp_path / "refused"
+        assert main(["train", name, "--out", str(out), *(a for s in sets for a in ("--set", s))]) == 2, (name, sets)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (name, sets, err)
+        assert not out.exists(), (name, sets)
