@@ -39,7 +39,7 @@ def validate(cfg) -> None:
     if not cfg.text.causal or cfg.text.pool != "eos":
         raise UserError(f"model=coca: the text tower is CoCa's unimodal decoder, so text.causal must be true and "
                         f"text.pool eos (got {cfg.text.causal}, {cfg.text.pool})")
-    for key in ("itm_layers", "mlm_prob"):
+    for key in ("itm_layers", "mlm_prob", "mim_prob"):
         if getattr(cfg.contrastive, key):
             raise UserError(f"contrastive.{key}: model=coca does not train it (model=dual does)")
     if cfg.contrastive.shared_tower:

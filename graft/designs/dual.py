@@ -62,7 +62,8 @@ def special(tok) -> tuple[int, ...]:
 
 def config_losses(cfg) -> tuple[str, ...]:
     c = cfg.contrastive
-    return (("itm",) if c.itm_layers else ()) + (("mlm",) if c.mlm_prob else ()) + distill.loss_names(cfg.distill)
+    own = (("itm",) if c.itm_layers else ()) + (("mlm",) if c.mlm_prob else ()) + (("mim",) if c.mim_prob else ())
+    return own + distill.loss_names(cfg.distill)
 
 
 def objectives(cfg, model) -> dict:
@@ -97,7 +98,8 @@ def validate(cfg) -> None:
         SeriesConfig.check(cfg.series)
         for key, why in (("contrastive.shared_tower", "CLIPPO renders the text as an image for the one image tower"),
                          ("distill.teachers", "the teachers embed images"),
-                         ("contrastive.itm_layers", "image–text matching reads image patches")):
+                         ("contrastive.itm_layers", "image–text matching reads image patches"),
+                         ("contrastive.mim_prob", "masked image modelling masks image patches")):
             section, name = key.split(".")
             if getattr(getattr(cfg, section), name):
                 raise UserError(f"{key} is not available with series data (data.source={cfg.data.source}): {why}")
@@ -106,6 +108,9 @@ def validate(cfg) -> None:
     if cfg.distill.layers:
         raise UserError(f"distill.layers={cfg.distill.layers}: a dual encoder's distillation has no hidden loss (model=vlm has)")
     distill.DistillConfig.check(cfg.distill)
+    if cfg.contrastive.mim_prob and cfg.vision.hf_path:
+        raise UserError("contrastive.mim_prob: masked image modelling masks the built-in ViT's patches; "
+                        f"vision.hf_path={cfg.vision.hf_path} is an HF tower")
     if cfg.contrastive.mlm_prob and cfg.text.causal:
         raise UserError(f"contrastive.mlm_prob={cfg.contrastive.mlm_prob}: masked language modelling needs a "
                         "bidirectional text tower (text.causal=false, as siglip's)")

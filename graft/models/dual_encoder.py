@@ -28,6 +28,7 @@ from torch import nn
 from graft.errors import UserError
 from graft.losses import as_local_sum, clip_loss, siglip_loss
 from graft.models.itm import ImageTextMatching
+from graft.models.mim import MaskedImageModel
 from graft.models.mlm import MaskedLM
 from graft.models.modality import IMAGES, Modality
 from graft.models.modality import items as count_items
@@ -55,6 +56,9 @@ class ContrastiveConfig:
     # > 0: masked language modelling of the text tower at this rate (BERT: 0.15; models/mlm.py),
     # the loss `mlm`; needs a bidirectional text tower (text.causal=false)
     mlm_prob: float = 0.0
+    # > 0: masked image modelling of the image tower with pixel targets at this patch rate (SimMIM:
+    # 0.6; models/mim.py), the loss `mim`; the built-in ViT only
+    mim_prob: float = 0.0
 
     @staticmethod
     def check(cfg: "ContrastiveConfig") -> None:
@@ -63,8 +67,9 @@ class ContrastiveConfig:
                 raise UserError(f"contrastive.{key}={value!r} is not one of {', '.join(valid)}")
         if cfg.embed_dim <= 0 or cfg.chunk_size < 0 or cfg.itm_layers < 0:
             raise UserError("contrastive.embed_dim must be positive, contrastive.chunk_size and .itm_layers non-negative")
-        if not 0 <= cfg.mlm_prob < 1:
-            raise UserError(f"contrastive.mlm_prob={cfg.mlm_prob} must be in [0, 1)")
+        for key in ("mlm_prob", "mim_prob"):
+            if not 0 <= getattr(cfg, key) < 1:
+                raise UserError(f"contrastive.{key}={getattr(cfg, key)} must be in [0, 1)")
         if cfg.mlm_prob and cfg.shared_tower:
             raise UserError("contrastive.mlm_prob: masked language modelling reads the text tower; CLIPPO "
                             "(contrastive.shared_tower=true) has none")
@@ -126,12 +131,15 @@ class DualEncoder(nn.Module):
             self.itm = ImageTextMatching(text, tower.hidden_size, cfg.itm_layers, eos_id, pad_id)
         if cfg.mlm_prob:
             self.mlm = MaskedLM(text, cfg.mlm_prob, special)
+        if cfg.mim_prob:
+            self.mim = MaskedImageModel(self.vision, cfg.mim_prob)
 
     def part_modules(self, part: str) -> list[str]:
         """The submodules (by attribute name) that make up a part of `train.freeze` / `train.init_parts`."""
         groups = {"vision": ["vision"], "image_head": ["image_pool", "image_proj"],
                   "text": ["text", "text_proj"] if not self.cfg.shared_tower else [],
-                  "itm": ["itm"] if self.cfg.itm_layers else [], "mlm": ["mlm"] if self.cfg.mlm_prob else []}
+                  "itm": ["itm"] if self.cfg.itm_layers else [], "mlm": ["mlm"] if self.cfg.mlm_prob else [],
+                  "mim": ["mim"] if self.cfg.mim_prob else []}
         return groups[part]
 
     def freeze(self, parts: list[str]) -> None:
@@ -184,6 +192,8 @@ class DualEncoder(nn.Module):
             losses = {"itc": self._itc(image_emb, text_emb)}
         if self.cfg.mlm_prob:
             losses["mlm"] = self.mlm.loss(self.text, input_ids)
+        if self.cfg.mim_prob:
+            losses["mim"] = self.mim.loss(self.vision, pixel_values)
         return (image_emb, text_emb), losses
 
     def _itc(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
@@ -202,7 +212,8 @@ class DualEncoder(nn.Module):
 
     def loss_counts(self, **batch) -> dict[str, int]:
         """What each loss of `forward` sums over: the image–text (or series–text) pairs; `itm`'s: the
-        positives and the two hard negatives of each; `mlm`'s: the chosen tokens."""
+        positives and the two hard negatives of each; `mlm`'s: the chosen tokens; `mim`'s: the masked patches."""
         n = count_items(batch)
         counts = {"itc": n, "itm": 3 * n} if self.cfg.itm_layers else {"itc": n}
-        return counts | ({"mlm": self.mlm.count(batch["input_ids"])} if self.cfg.mlm_prob else {})
+        counts |= {"mlm": self.mlm.count(batch["input_ids"])} if self.cfg.mlm_prob else {}
+        return counts | ({"mim": self.mim.count(batch["pixel_values"])} if self.cfg.mim_prob else {})

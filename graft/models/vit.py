@@ -62,9 +62,14 @@ class PatchEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
         self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, replace: tuple | None = None) -> torch.Tensor:
+        """`replace`: (where (B, P) bool, vector (D,)): those patches' content is the vector (masked
+        image modelling's mask token); their positions stay."""
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)  # (B, P, D), patches in row-major order
+        if replace is not None:
+            where, vector = replace
+            x = torch.where(where[..., None], vector.to(x.dtype), x)
         return x + self.position_embedding.weight
 
 
@@ -141,11 +146,12 @@ class ViT(VisionTower):
         if cfg.position_init_std != 0.02:  # re-drawn; at the default a seed gives the weights it always did
             nn.init.normal_(self.embeddings.position_embedding.weight, std=cfg.position_init_std)
 
-    def features(self, pixel_values: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """Output of encoder layer `layer` (negative counts from the end), no post norm: (B, P, D)."""
+    def features(self, pixel_values: torch.Tensor, layer: int | None = None, replace: tuple | None = None) -> torch.Tensor:
+        """Output of encoder layer `layer` (negative counts from the end), no post norm: (B, P, D);
+        `replace`: patches read as a vector instead (see PatchEmbeddings)."""
         layer = self.cfg.feature_layer if layer is None else layer
         stop = layer % len(self.encoder.layers) + 1
-        x = self.embeddings(pixel_values)
+        x = self.embeddings(pixel_values, replace)
         for block in self.encoder.layers[:stop]:
             x = block(x)
         return x
