@@ -13,9 +13,12 @@ logit scale s. Per teacher:
   over the batch of image–text similarities, both directions;
 - `kd` (open_clip's logit distillation, `DistillClipLoss`): the soft cross-entropy of the student's
   logits s · s_img s_txtᵀ against the softmax of the teacher's t · t_img t_txtᵀ (its own scale),
-  both directions.
+  both directions;
+- `dense` (RADIO's feature distillation, Ranzinger et al. 2024): the student's patch tokens through
+  a per-teacher MLP head against the teacher's patch features (resized to the student's grid),
+  cosine distance + smooth-L1, averaged over patches, summed over images.
 
-The named losses `distill_fd`, `distill_icl`, `distill_crd`, `distill_kd` are the `distill.weights`-weighted sums
+The named losses `distill_fd`, `distill_icl`, `distill_crd`, `distill_kd`, `distill_dense` are the `distill.weights`-weighted sums
 over teachers, as local sums over this process's pairs (counted like `itc`). Loading the teachers
 and the student's projections is the dual design's (designs/dual.py).
 """
@@ -23,6 +26,8 @@ and the student's projections is the dual design's (designs/dual.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -38,7 +43,7 @@ from graft.losses import (
 )
 from graft.objectives import Objective
 
-LOSSES = ("fd", "icl", "crd", "kd")
+LOSSES = ("fd", "icl", "crd", "kd", "dense")
 DEFAULT = ("fd", "icl", "crd")  # CLIP-KD's three
 
 
@@ -49,7 +54,7 @@ class DistillConfig:
 
     teachers: list[str] = field(default_factory=list)  # graft runs of the student's design (dual: or HF CLIP/SigLIP folders); empty = off
     weights: list[float] = field(default_factory=list)  # one per teacher, summing to 1; empty = equal
-    losses: list[str] = field(default_factory=list)  # empty = the design's default (dual: fd, icl, crd; vlm: logits)
+    losses: list[str] = field(default_factory=list)  # empty = the design's default (dual: fd, icl, crd; vlm: logits); dual: kd, dense too
     temperature: float = 1.0  # dual's crd: the teacher's similarities are divided by it; vlm's logits: both models'
     layers: dict[int, int] = field(default_factory=dict)  # vlm's hidden: {student layer: teacher layer}, e.g. {-1: -1}
 
@@ -183,28 +188,51 @@ def _world() -> dict:
 
 def _fd(out: dict, taught: list, weights: list[float]) -> torch.Tensor:
     return sum(w * (fd_loss_sum(proj_img, t_img) + fd_loss_sum(proj_txt, t_txt))
-               for w, (proj_img, proj_txt), (t_img, t_txt, _) in zip(weights, out["projected"], taught))
+               for w, (proj_img, proj_txt), (t_img, t_txt, *_) in zip(weights, out["projected"], taught))
 
 
 def _icl(out: dict, taught: list, weights: list[float]) -> torch.Tensor:
     n, world = out["image"].shape[0], _world()
     mean = sum(w * icl_loss(F.normalize(p_img, dim=-1), F.normalize(p_txt, dim=-1), t_img, t_txt, out["scale"], **world)
-               for w, (p_img, p_txt), (t_img, t_txt, _) in zip(weights, out["projected"], taught))
+               for w, (p_img, p_txt), (t_img, t_txt, *_) in zip(weights, out["projected"], taught))
     return as_local_sum(mean, n, n * world.get("world_size", 1))
 
 
 def _crd(out: dict, taught: list, weights: list[float], temperature: float) -> torch.Tensor:
     n, world = out["image"].shape[0], _world()
     mean = sum(w * crd_loss(out["image"], out["text"], t_img, t_txt, out["scale"], temperature, **world)
-               for w, (t_img, t_txt, _) in zip(weights, taught))
+               for w, (t_img, t_txt, *_) in zip(weights, taught))
     return as_local_sum(mean, n, n * world.get("world_size", 1))
 
 
 def _kd(out: dict, taught: list, weights: list[float]) -> torch.Tensor:
     n, world = out["image"].shape[0], _world()
     mean = sum(w * kd_loss(out["image"], out["text"], t_img, t_txt, out["scale"], t_scale, **world)
-               for w, (t_img, t_txt, t_scale) in zip(weights, taught))
+               for w, (t_img, t_txt, t_scale, _) in zip(weights, taught))
     return as_local_sum(mean, n, n * world.get("world_size", 1))
+
+
+def dense_loss_sum(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Σ over images of the mean over patches of (1 - cos(s, t)) + smooth-L1(s, t) (the mean over
+    features), student (B, P, D) through its head for this teacher, teacher (B, P', D) resized to
+    the student's grid when P' ≠ P (`to_grid`): RADIO's feature loss (Ranzinger et al. 2024)."""
+    s, t = at_least_fp32(student), at_least_fp32(to_grid(teacher, student.shape[1]))
+    per_patch = 1 - F.cosine_similarity(s, t, dim=-1) + F.smooth_l1_loss(s, t, reduction="none").mean(-1)
+    return per_patch.mean(1).sum()
+
+
+def to_grid(features: torch.Tensor, patches: int) -> torch.Tensor:
+    """(B, P', D) patch features on a square grid → (B, patches, D), bilinearly resized."""
+    B, P, D = features.shape
+    if P == patches:
+        return features
+    side, new = math.isqrt(P), math.isqrt(patches)
+    grid = features.transpose(1, 2).reshape(B, D, side, side)
+    return F.interpolate(grid, size=(new, new), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+
+
+def _dense(out: dict, taught: list, weights: list[float]) -> torch.Tensor:
+    return sum(w * dense_loss_sum(mine, t_patches) for w, mine, (*_, t_patches) in zip(weights, out["dense"], taught))
 
 
 def objectives(cfg: DistillConfig) -> dict[str, Objective]:
@@ -217,7 +245,8 @@ def objectives(cfg: DistillConfig) -> dict[str, Objective]:
     loss = {"fd": lambda out, batch, taught: _fd(out, taught, weights),
             "icl": lambda out, batch, taught: _icl(out, taught, weights),
             "crd": lambda out, batch, taught: _crd(out, taught, weights, cfg.temperature),
-            "kd": lambda out, batch, taught: _kd(out, taught, weights)}
+            "kd": lambda out, batch, taught: _kd(out, taught, weights),
+            "dense": lambda out, batch, taught: _dense(out, taught, weights)}
     return {f"distill_{name}": Objective(loss[name], pairs) for name in cfg.chosen(DEFAULT)}
 
 

@@ -201,7 +201,8 @@ def test_an_hf_teacher_embeds_as_its_own_model_does(tmp_path, kind):
     samples = [make_world(cfg).sample("test", i) for i in range(4)]
     ids = torch.tensor([proc.text_ids(s.caption) for s in samples])
     pixels = torch.stack([proc.pixels(s.image) for s in samples])
-    (image, text, scale), = teacher(cfg, None, proc.tok)({"input_ids": ids, "pixel_values": pixels})
+    (image, text, scale, patches), = teacher(cfg, None, proc.tok)({"input_ids": ids, "pixel_values": pixels})
+    assert patches is None  # read only for the dense loss
 
     hf, tok = AutoModel.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder))
     padding = "max_length" if kind == "siglip" else "longest"
@@ -240,7 +241,7 @@ def test_a_graft_teachers_logit_scale_is_its_trained_one(teacher):
 
     cfg = recipe("clip", [*SMALL[1::2], "contrastive.embed_dim=16", f"distill.teachers=[{teacher}]"])
     pixels, ids = torch.zeros(2, 3, 24, 24), torch.zeros(2, cfg.text.max_len, dtype=torch.long)
-    (_, _, scale), = teachers(cfg, None, RunDir(teacher).tokenizer())({"input_ids": ids, "pixel_values": pixels})
+    (_, _, scale, _), = teachers(cfg, None, RunDir(teacher).tokenizer())({"input_ids": ids, "pixel_values": pixels})
     trained = read_model(teacher / "checkpoints" / "step_00000003")["logit_scale"]
     assert scale.item() == pytest.approx(trained.exp().item(), rel=1e-6)
     assert abs(trained.item() - torch.tensor(1 / 0.07).log().item()) > 1e-4  # it moved in training

@@ -13,7 +13,7 @@ from torch import nn
 from graft import distill
 from graft.data.contrastive import ContrastiveProcessor, SeriesPairProcessor
 from graft.data.sources import source_kind
-from graft.designs.dual_teachers import check_sources, embed_dims, teacher
+from graft.designs.dual_teachers import check_sources, embed_dims, patch_dims, teacher
 from graft.designs.registry import EMBEDS, Design, register
 from graft.designs.shared import check_tower_sections, validate_vision
 from graft.errors import UserError
@@ -28,16 +28,20 @@ class DistilledDualEncoder(DualEncoder):
     embeddings, its scale and, per teacher, its embeddings mapped to that teacher's width (a learned
     linear map where the widths differ, CLIP-KD §3.2; saved with the student)."""
 
-    def __init__(self, *args, teacher_dims: list[int], project: bool):
+    def __init__(self, *args, teacher_dims: list[int], project: bool, patch_dims: list[int] | None = None):
         super().__init__(*args)
         own = self.cfg.embed_dim
         self.distill_proj = nn.ModuleList(nn.Linear(own, d, bias=False) if project and d != own else nn.Identity()
                                           for d in teacher_dims)
+        width = self.vision.cfg.hidden_size  # `dense`: RADIO's per-teacher MLP heads on the patch tokens
+        self.dense_heads = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, d))
+                                         for d in patch_dims or [])
 
     def forward(self, pixel_values=None, input_ids=None, text_pixels=None, **items):
-        (image, text), losses = super().forward(pixel_values, input_ids, text_pixels, **items)
+        (image, text), losses, patches = self.forward_patches(pixel_values, input_ids, text_pixels, **items)
         return {"image": image, "text": text, "scale": self.logit_scale.exp().clamp(max=100.0),  # (B, E) each
-                "projected": [(p(image), p(text)) for p in self.distill_proj]}, losses
+                "projected": [(p(image), p(text)) for p in self.distill_proj],
+                "dense": [head(patches) for head in self.dense_heads]}, losses
 
 
 def build(cfg, tok, pretrained: bool = True):
@@ -51,8 +55,9 @@ def build(cfg, tok, pretrained: bool = True):
         return DualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos, pad_id=tok.pad, special=special(tok))
     dims = embed_dims(cfg, tok)
     project = bool({"fd", "icl"} & set(cfg.distill.chosen(distill.DEFAULT)))  # crd compares within each model's own space
+    dense = patch_dims(cfg) if "dense" in cfg.distill.losses else None
     return DistilledDualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos, IMAGES, tok.pad, special(tok),
-                                teacher_dims=dims, project=project)
+                                teacher_dims=dims, project=project, patch_dims=dense)
 
 
 def special(tok) -> tuple[int, ...]:

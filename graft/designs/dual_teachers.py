@@ -18,7 +18,7 @@ from graft.designs.registry import design
 from graft.errors import UserError
 from graft.models.dual_encoder import DualEncoder
 from graft.models.hf_backbones import resolve_vision
-from graft.models.teachers import Adapted, HFDualTeacher, ImagesAs, hf_embed_dim, hf_kind
+from graft.models.teachers import Adapted, HFDualTeacher, ImagesAs, hf_embed_dim, hf_kind, hf_patch_dim
 from graft.models.vit import VisionConfig
 from graft.objectives import Teacher
 from graft.rundir import RunDir
@@ -40,6 +40,12 @@ def embed_dims(cfg, tok) -> list[int]:
     return dims
 
 
+def patch_dims(cfg) -> list[int]:
+    """Each teacher's patch-feature width (what the student's dense heads map to)."""
+    return [hf_patch_dim(path) if hf_kind(path) else RunDir(path).config().vision.hidden_size
+            for path in cfg.distill.teachers]
+
+
 def same_tokenizer(tok, theirs) -> bool:
     if len(tok) != len(theirs):
         return False
@@ -49,15 +55,19 @@ def same_tokenizer(tok, theirs) -> bool:
 
 def teacher(cfg, model, tok) -> Teacher | None:
     """The frozen teachers (a ModuleList), each reading the student's pixels and text into its
-    normalised (image, text) embeddings and its logit scale; loading them leaves the global RNG alone."""
+    normalised (image, text) embeddings, its logit scale and (for `dense`) its patch features;
+    loading them leaves the global RNG alone."""
     if not cfg.distill.teachers:
         return None
     with torch.random.fork_rng():
         teachers = nn.ModuleList(_load(path, cfg, tok) for path in cfg.distill.teachers)
 
+    dense = "dense" in cfg.distill.losses
+
     def read(teachers, batch):
-        ids, text_pixels = batch.get("input_ids"), batch.get("text_pixels")
-        return [(t.encode_image(batch["pixel_values"]), t.encode_text(ids, text_pixels), t.scale()) for t in teachers]
+        ids, text_pixels, pixels = batch.get("input_ids"), batch.get("text_pixels"), batch["pixel_values"]
+        return [(t.encode_image(pixels), t.encode_text(ids, text_pixels), t.scale(),
+                 t.patch_features(pixels) if dense else None) for t in teachers]
 
     return Teacher(teachers, read)
 

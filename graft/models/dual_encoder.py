@@ -183,18 +183,31 @@ class DualEncoder(nn.Module):
 
     def forward(self, pixel_values=None, input_ids=None, text_pixels=None, **items):
         """Returns ((image_emb, text_emb), {"itc": the contrastive loss as a local sum over this
-        process's pairs}) — divided by the pairs of all processes it is the global batch's loss.
-        `items`: another modality's batch keys (see `encode_image`)."""
+        process's pairs, and `itm` / `mlm` / `mim` where configured}) — divided by the pairs of all
+        processes `itc` is the global batch's loss. `items`: another modality's batch keys (see
+        `encode_image`)."""
+        embeddings, losses, _ = self.forward_patches(pixel_values, input_ids, text_pixels, **items)
+        return embeddings, losses
+
+    def forward_patches(self, pixel_values=None, input_ids=None, text_pixels=None, **items):
+        """`forward`'s (embeddings, losses), and the image tower's patch tokens (B, P, D) when it read
+        images (None for another modality's items)."""
+        patches = None
         if self.cfg.itm_layers:
-            (image_emb, text_emb), losses = self._with_matching(pixel_values, input_ids)
+            (image_emb, text_emb), losses, patches = self._with_matching(pixel_values, input_ids)
         else:
-            image_emb, text_emb = self.encode_image(pixel_values, **items), self.encode_text(input_ids, text_pixels)
+            if self.modality is IMAGES:
+                patches = self.vision(pixel_values)
+                image_emb = F.normalize(self.image_proj(self.image_pool(patches)), dim=-1)
+            else:
+                image_emb = self.encode_image(pixel_values, **items)
+            text_emb = self.encode_text(input_ids, text_pixels)
             losses = {"itc": self._itc(image_emb, text_emb)}
         if self.cfg.mlm_prob:
             losses["mlm"] = self.mlm.loss(self.text, input_ids)
         if self.cfg.mim_prob:
             losses["mim"] = self.mim.loss(self.vision, pixel_values)
-        return (image_emb, text_emb), losses
+        return (image_emb, text_emb), losses, patches
 
     def _itc(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         n = image_emb.shape[0]
@@ -208,7 +221,7 @@ class DualEncoder(nn.Module):
         text_emb = F.normalize(self.text_proj(self.text.pool(states, input_ids)), dim=-1)
         similarity = self.logit_scale.exp().clamp(max=100.0) * self.similarity(image_emb, text_emb)
         itm = self.itm.loss(patches, states, input_ids, similarity.detach())
-        return (image_emb, text_emb), {"itc": self._itc(image_emb, text_emb), "itm": itm}
+        return (image_emb, text_emb), {"itc": self._itc(image_emb, text_emb), "itm": itm}, patches
 
     def loss_counts(self, **batch) -> dict[str, int]:
         """What each loss of `forward` sums over: the image–text (or series–text) pairs; `itm`'s: the

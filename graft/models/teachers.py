@@ -60,6 +60,10 @@ class Adapted(nn.Module):
     def encode_text(self, ids, text_pixels=None) -> torch.Tensor:
         return self.model.encode_text(ids, text_pixels)
 
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Its image tower's last layer at every patch (B, P, D)."""
+        return self.model.vision(self.images(pixels))
+
     def scale(self) -> torch.Tensor:
         """Its own logit scale, exponentiated (clipped at 100 as in training)."""
         return self.model.logit_scale.exp().clamp(max=100.0)
@@ -78,6 +82,14 @@ def hf_kind(path: str) -> str | None:
         raise UserError(f"distill.teachers: {path} is an HF '{kind}' model; a teacher is a CLIP or SigLIP model "
                         f"({', '.join(HF_KINDS)}) or a graft dual-encoder run")
     return kind
+
+
+def hf_patch_dim(path: str) -> int:
+    """The width of the vision tower's patch features of the HF CLIP/SigLIP folder at `path`."""
+    # lazy: imports transformers, only for an HF teacher folder
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).vision_config.hidden_size
 
 
 def hf_embed_dim(path: str) -> int:
@@ -109,6 +121,12 @@ class HFDualTeacher(nn.Module):
     def scale(self) -> torch.Tensor:
         """Its own logit scale, exponentiated (CLIP clips it at 100 in training)."""
         return self.model.logit_scale.exp().clamp(max=100.0)
+
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Its vision model's last hidden state at every patch (B, P, D); CLIP's class token dropped."""
+        hidden = self.model.vision_model(pixel_values=self.images(pixels)).last_hidden_state
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        return hidden[:, -side * side:]
 
     def encode_text(self, ids: torch.Tensor | None, text_pixels=None) -> torch.Tensor:
         texts = [self.decode(row) for row in ids.tolist()]
