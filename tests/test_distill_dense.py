@@ -10,7 +10,6 @@ from hf_models import make_dual
 
 from graft.distill import dense_loss_sum, to_grid
 from graft.models.teachers import HFDualTeacher, ImagesAs
-from graft.trainer.checkpoint import read_model
 from tests.test_distill import learned, train
 
 

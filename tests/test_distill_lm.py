@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from graft.build import load_run, processor_for, step_losses
 from graft.cli import main

@@ -6,12 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graft.build import build_model, load_run, processor_for
-from graft.cli import main
+from graft.build import build_model, processor_for
 from graft.data.world_source import make_world
 from graft.models.blip2 import hard_negatives
 from graft.recipes import recipe
-from graft.rundir import RunDir
 from tests.helpers import assert_refused
 
 SMALL = ["vision.hidden_size=32", "vision.intermediate_size=64", "vision.layers=1", "text.hidden_size=32",
@@ -58,30 +56,6 @@ def test_padding_is_masked():
         short = model.itm.logits(patches, model.text.states(ids), ids)
         padded = model.itm.logits(patches, model.text.states(longer), longer)
     torch.testing.assert_close(padded, short)
-
-
-@pytest.mark.slow
-def test_a_short_run_learns_to_match(tmp_path):
-    """A 64-wide CLIP with one fusion layer, one object per image, 400 steps (~45 s on one thread,
-    AMD EPYC): on 200 test images its match probability for the image's own caption exceeds that
-    for the next test image's (a different) caption 0.93 of the time (0.68 after 200 steps); an
-    ITM head blind to the image would be at 0.5."""
-    out = tmp_path / "clip_itm"
-    sets = ["train.steps=400", "train.progress=false", "contrastive.itm_layers=1", "eval.splits=[]",
-            "data.max_objects=1", "train.batch_size=64", "vision.hidden_size=64", "vision.intermediate_size=128",
-            "vision.layers=2", "text.hidden_size=64", "text.intermediate_size=128", "text.layers=1"]
-    assert main(["train", "clip", "--out", str(out), *(a for s in sets for a in ("--set", s))]) == 0
-    cfg, _, model, _ = load_run(RunDir(out))
-    proc, world = processor_for(cfg), make_world(cfg)
-    samples = [world.sample("test", i) for i in range(202)]
-    own = torch.tensor([proc.text_ids(s.caption) for s in samples[:200]])
-    other = torch.tensor([proc.text_ids(samples[i + 1].caption if samples[i + 1].caption != samples[i].caption
-                                        else samples[i + 2].caption) for i in range(200)])
-    with torch.no_grad():
-        patches = model.vision(torch.stack([proc.pixels(s.image) for s in samples[:200]]))
-        p_own = model.itm.logits(patches, model.text.states(own), own).softmax(-1)[:, 1]
-        p_other = model.itm.logits(patches, model.text.states(other), other).softmax(-1)[:, 1]
-    assert (p_own > p_other).float().mean().item() >= 0.8
 
 
 def test_bad_settings_are_one_line(tmp_path, capsys):

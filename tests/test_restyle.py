@@ -31,7 +31,7 @@ def _object_box(img: np.ndarray, background: np.ndarray) -> tuple[int, int, int,
 def test_one_object_stays_in_its_cell_with_its_size_and_colour():
     """At 96 px on a 3x3 board (32 px cells): the object's box lies inside its cell, spans the
     size range its word names, and its colour is a shade of the named colour."""
-    w, size, cell = RestyledWorld(image_size=96, grid=3, seed=0), 96, 32
+    w, cell = RestyledWorld(image_size=96, grid=3, seed=0), 32
     seen = set()
     for i in range(300):
         s = w.sample(RESTYLED, i)
