@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from graft.build import build_model, load_run, processor_for
 from graft.cli import main
 from graft.data.world_source import make_world
+from graft.eval.captioning import captioner_cider
 from graft.recipes import recipe
 from graft.rundir import RunDir
 from tests.helpers import assert_refused
@@ -90,8 +91,18 @@ def test_a_short_run_learns_to_embed_and_to_caption(tmp_path):
     assert steps[-1]["loss/caption"] < 0.3 * steps[0]["loss/caption"] and steps[-1]["loss/itc"] < steps[0]["loss/itc"]
     cfg, tok, model, _ = load_run(RunDir(out))  # loads back and captions
     proc = processor_for(cfg)
-    sample = make_world(cfg).sample("test", 0)
-    assert tok.decode(model.caption(proc.pixels(sample.image)[None])[0]) == sample.caption
+    samples = [make_world(cfg).sample("test", i) for i in range(12)]
+    assert tok.decode(model.caption(proc.pixels(samples[0].image)[None])[0]) == samples[0].caption
+    # the `caption` task on a COCO-style file scores its captions as the world's evaluation does
+    for i, s in enumerate(samples):
+        s.image.save(tmp_path / f"{i:03d}.png")
+    coco = {"images": [{"id": i, "file_name": f"{i:03d}.png"} for i in range(12)],
+            "annotations": [{"image_id": i, "caption": s.caption} for i, s in enumerate(samples)]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    assert main(["eval", str(out), "--task", "caption", "--data", str(tmp_path / "captions.json")]) == 0
+    on_file = json.loads((out / "eval.json").read_text())
+    world = captioner_cider(model, proc, make_world(cfg), "test", 12, 8)[0]
+    assert on_file["caption_exact"] == round(world["caption_exact"], 4) and on_file["caption_skipped"] == 0
 
 
 def test_bad_settings_are_one_line(tmp_path, capsys):

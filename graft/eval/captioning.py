@@ -44,15 +44,20 @@ def caption_cider(model, proc, world: ShapesWorld, split: str, n: int, batch_siz
     return _scored(preds, samples, split, prompt)
 
 
-@torch.no_grad()
 def captioner_cider(model, proc, world: ShapesWorld, split: str, n: int, batch_size: int) -> tuple[dict[str, float], list[dict]]:
     """`caption_cider` for a model that captions with no prompt (CoCa's greedy `caption`)."""
     samples = [world.sample(split, i) for i in range(n)]
-    device, preds = next(model.parameters()).device, []
-    for s in range(0, n, batch_size):
-        pixels = torch.stack([proc.pixels(x.image) for x in samples[s : s + batch_size]]).to(device)
-        preds += [proc.tok.decode(ids) for ids in model.caption(pixels)]
-    return _scored(preds, samples, split, None)
+    return _scored(captions_of(model, proc, [s.image for s in samples], batch_size), samples, split, None)
+
+
+@torch.no_grad()
+def captions_of(model, proc, images: list, batch_size: int) -> list[str]:
+    """The greedy captions of a model that captions with no prompt (CoCa), batch by batch."""
+    device, out = next(model.parameters()).device, []
+    for s in range(0, len(images), batch_size):
+        pixels = torch.stack([proc.pixels(img) for img in images[s : s + batch_size]]).to(device)
+        out += [proc.tok.decode(ids) for ids in model.caption(pixels)]
+    return out
 
 
 def _scored(preds: list[str], samples: list, split: str, prompt: str | None) -> tuple[dict[str, float], list[dict]]:
@@ -79,14 +84,22 @@ def rouge_l(candidates: list[str], references: list[list[str]]) -> float:
 
 
 @torch.no_grad()
-def caption_on(model, proc, data, cfg, chunk: int = 256) -> tuple[dict[str, float], list[dict]]:
-    """CIDEr-D and BLEU-4 of greedy captions (prompt: the run's data.caption_prompt) for a
-    CaptionedSet (eval/captioned.py); images decoded with the data limits, bad ones counted."""
+def captioner_on(model, proc, data, cfg) -> tuple[dict[str, float], list[dict]]:
+    """`caption_on` for a model that captions with no prompt (CoCa)."""
+    return caption_on(model, proc, data, cfg, write=lambda images: captions_of(model, proc, images, cfg.eval.batch_size))
+
+
+def caption_on(model, proc, data, cfg, chunk: int = 256, write=None) -> tuple[dict[str, float], list[dict]]:
+    """CIDEr-D and BLEU-4 of greedy captions (prompt: the run's data.caption_prompt; `write`: images →
+    captions otherwise) for a CaptionedSet (eval/captioned.py); images decoded with the data
+    limits, bad ones counted."""
     d, e = cfg.data, cfg.eval
     keys, preds, refs, pending = [], [], [], []
+    write = write or (lambda images: answer(model, proc, [(img, d.caption_prompt) for img in images], e.batch_size,
+                                            e.max_new_tokens))
 
     def flush():
-        preds.extend(answer(model, proc, [(img, d.caption_prompt) for _, img, _ in pending], e.batch_size, e.max_new_tokens))
+        preds.extend(write([img for _, img, _ in pending]))
         keys.extend(k for k, _, _ in pending), refs.extend(r for _, _, r in pending)
         pending.clear()
 

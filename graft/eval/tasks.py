@@ -38,10 +38,10 @@ from graft.data.sensors import SPLITS as SENSOR_SPLITS
 from graft.data.shapes import SPLITS
 from graft.data.skips import records_skipped
 from graft.data.sources import source_kind
-from graft.designs import CAPABILITIES, EMBEDS, GENERATES, design
+from graft.designs import CAPABILITIES, CAPTIONS, EMBEDS, GENERATES, design
 from graft.errors import UserError
 from graft.eval.captioned import load_captioned
-from graft.eval.captioning import caption_on
+from graft.eval.captioning import caption_on, captioner_on
 from graft.eval.class_scores import zero_shot_vlm
 from graft.eval.fewshot import documents_vlm, fewshot_vlm
 from graft.eval.labelled import load_labelled
@@ -77,7 +77,7 @@ TASKS = {
     "text": Task(load_split, {GENERATES: text_vlm}, exists=lambda split: split in SPLITS),
     "zeroshot": Task(load_labelled, {EMBEDS: zero_shot_on, GENERATES: zero_shot_vlm}),
     "retrieval": Task(load_captioned, {EMBEDS: retrieval_on}),
-    "caption": Task(load_captioned, {GENERATES: caption_on}),
+    "caption": Task(load_captioned, {GENERATES: caption_on, CAPTIONS: captioner_on}),
     "vqa": Task(load_questions, {GENERATES: vqa_on}),
     "classify": Task(load_series, {GENERATES: classify_vlm}, modality=TIME_SERIES.name,
                      exists=lambda path: bool(glob.glob(path))),
