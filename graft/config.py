@@ -41,6 +41,9 @@ class DataConfig:
     max_objects: int = 4
     questions_per_image: int = 4  # QA turns per training conversation (amortises the image)
     caption_prob: float = 0.25  # chance a training conversation also asks for the caption
+    # Built-in world, training only: the share of spatial questions asked with each object's cell
+    # after its name ("the red circle at top left"), the location words supervised (data/grounding.py)
+    grounded_spatial: float = 0.0
     # Images per training item: 1 = one image's conversation; n > 1 = interleaved documents of n images,
     # each with its questions, then questions about them together (data/documents.py)
     images_per_doc: int = 1

@@ -202,6 +202,7 @@ def _validate_documents(cfg: Config) -> None:
     if cfg.data.text_only and ("text_only" not in options or not design(cfg.model).can(GENERATES) or n > 1):
         raise UserError("data.text_only tells the built-in world's scenes in words to a VLM design: it needs "
                         "data.source=shapes, a VLM model and data.images_per_doc=1")
+    _validate_grounding(cfg, options)
     if n == 1:
         return
     if "images_per_doc" not in options:
@@ -209,6 +210,17 @@ def _validate_documents(cfg: Config) -> None:
                         f"{cfg.data.source} each record holds its own images")
     if not design(cfg.model).can(GENERATES):
         raise UserError(f"data.images_per_doc={n}: model={cfg.model} reads one image per example")
+
+
+def _validate_grounding(cfg: Config, options: tuple[str, ...]) -> None:
+    """data.grounded_spatial: the built-in world's one-image conversations, a VLM, the world's tokenizer."""
+    share = cfg.data.grounded_spatial
+    if not 0 <= share <= 1:
+        raise UserError(f"data.grounded_spatial={share} must be in [0, 1]")
+    if share and ("grounded_spatial" not in options or not design(cfg.model).can(GENERATES)
+                  or cfg.data.images_per_doc > 1 or cfg.data.text_only or cfg.data.tokenizer or cfg.lm.hf_path):
+        raise UserError(f"data.grounded_spatial={share} grounds the built-in world's spatial questions for a VLM: it "
+                        "needs data.source=shapes, a VLM model, one image per conversation and the world's own tokenizer")
 
 
 def _validate_tasks(cfg: Config) -> None:

@@ -125,8 +125,25 @@ class Processor:
             if i > 0 and len(ids) + len(prompt) + len(reply) > self.max_seq_len:
                 return ids, labels, i
             ids += prompt + reply
-            labels += [IGNORE] * len(prompt) + reply
+            labels += self._prompt_labels(question, prompt) + reply
         return ids, labels, len(turns)
+
+    def _prompt_labels(self, question: str, prompt: list[int]) -> list[int]:
+        """IGNORE over the prompt, but for the tokens of a `Supervised` question's spans (the built-in
+        world's grounded questions, data/grounding.py), which are targets. A question read from data
+        is a plain string: its prompt is never a target."""
+        labels = [IGNORE] * len(prompt)
+        spans = getattr(question, "spans", ())
+        if not spans:
+            return labels
+        cuts = [0, *(c for span in spans for c in span), len(question)]
+        pieces = [self.tok.encode(question[a:b]) if b > a else [] for a, b in zip(cuts, cuts[1:])]
+        text = [t for piece in pieces for t in piece]
+        start = len(prompt) - 1 - len(text)  # the question's text ends the prompt, before <|assistant|>
+        if prompt[start:-1] != text:
+            raise ValueError(f"the spans of {question!r} do not fall on token boundaries")
+        targets = [t if k % 2 else IGNORE for k, piece in enumerate(pieces) for t in piece]  # odd pieces: spans
+        return labels[:start] + targets + [IGNORE]
 
     # The streaming pipeline's view of a processor (data/streaming.py): one record's text, then its
     # row, then a batch of rows. A dual encoder's processor (data/contrastive.py) answers the same.

@@ -169,7 +169,7 @@ class SourceKind:
 
 SOURCES: dict[str, SourceKind] = {
     "shapes": SourceKind(lambda cfg, proc, split: [WorldSource(cfg, proc, split)], indexed=True,
-                         tokenizer=world_tokenizer, options=("images_per_doc", "text_only"),
+                         tokenizer=world_tokenizer, options=("images_per_doc", "text_only", "grounded_spatial"),
                          max_images=lambda d: d.images_per_doc, label_templates=LABEL_TEMPLATES, splits=SPLITS),
     "sensors": SourceKind(lambda cfg, proc, split: [SensorSource(cfg, proc, split)], indexed=True,
                           tokenizer=sensor_tokenizer, check=check_sensors, splits=SENSOR_SPLITS,

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 from graft.config import Config
 from graft.data.contrastive import pair_text
 from graft.data.documents import document
+from graft.data.grounding import grounded_questions, grounded_turns
 from graft.data.samples import ONE_IMAGE, Example
 from graft.data.shapes import CAPTION_PROMPT, Sample, ShapesWorld
 from graft.data.tokenizer import ChatTokenizer, world_corpus
@@ -98,19 +99,27 @@ class WorldSource(BuiltInSource):
         rng = random.Random(f"turns/{d.seed}/{index}")
         if d.text_only:  # the scene in words, no image (and no caption request: it would be a copy)
             return Example(key, [], in_words(sample, training_turns(sample, rng, d.questions_per_image, 0.0)), [])
-        return Example(key, [sample.image], training_turns(sample, rng, d.questions_per_image, d.caption_prob),
-                       ONE_IMAGE)
+        turns = training_turns(sample, rng, d.questions_per_image, d.caption_prob)
+        if d.grounded_spatial and self.split == "train":  # its own draws: the other turns stay as they were
+            turns = grounded_turns(sample, turns, d.grounded_spatial, random.Random(f"grounded/{d.seed}/{index}"))
+        return Example(key, [sample.image], turns, ONE_IMAGE)
 
 
 def world_tokenizer(cfg: Config) -> ChatTokenizer:
-    """The BPE trained on the world's text (which depends on these settings alone, not the image size)."""
+    """The BPE trained on the world's text (which depends on these settings alone, not the image size;
+    with grounded spatial questions, their location words too)."""
     d = cfg.data
     return ChatTokenizer(Tokenizer.from_str(_world_tokenizer(d.seed, d.grid, d.max_objects, d.images_per_doc,
-                                                             d.vocab_size)))
+                                                             d.vocab_size, d.grounded_spatial > 0)))
 
 
 @functools.lru_cache(maxsize=8)
-def _world_tokenizer(seed: int, grid: int, max_objects: int, images_per_doc: int, vocab_size: int) -> str:
+def _world_tokenizer(seed: int, grid: int, max_objects: int, images_per_doc: int, vocab_size: int,
+                     grounded: bool = False) -> str:
     """As JSON, trained once per process (`graft compare` and the tests build many runs in one)."""
     world = ShapesWorld(grid=grid, max_objects=max_objects, seed=seed)
-    return ChatTokenizer.train(world_corpus(world, images_per_doc=images_per_doc), vocab_size).tok.to_str()
+    corpus = world_corpus(world, images_per_doc=images_per_doc)
+    if grounded:
+        corpus += [q for i in range(3000) for q in grounded_questions(world.sample("train", i).qa,
+                                                                      world.sample("train", i).objects)]
+    return ChatTokenizer.train(corpus, vocab_size).tok.to_str()

@@ -1,0 +1,62 @@
+"""Grounded spatial questions: a training-only signal that teaches the built-in world's spatial
+relations (`data.grounded_spatial`; docs/spatial.md).
+
+A spatial question ("is the red circle left of the blue square?") is learned only if the model
+fetches each named object's position where the name stands and compares the two at the answer;
+with the yes/no answer as the only target, nothing rewards the first step and training sits at
+chance. With probability `data.grounded_spatial`, a training spatial question is asked Kosmos-2
+style, each name followed by its cell — "is the red circle at top left left of the blue square at
+bottom center?" — and the location words are supervised (next-token loss) besides the answer.
+Evaluation questions are never grounded, so the test wording and scoring stay the world's.
+
+The supervision travels out of band: the question is a `Supervised` string that carries the
+character spans to label. Only the world's own training source makes one; text read from data
+is a plain string and is never labelled in the prompt (Processor.encode_conversation).
+"""
+
+from __future__ import annotations
+
+import random
+
+from graft.data.shapes import QA, Obj, Sample
+
+ROWS = ("top", "middle", "bottom")
+COLUMNS = ("left", "center", "right")
+
+
+class Supervised(str):
+    """A prompt string whose `spans` [(start, end), ...] of characters are training targets."""
+
+    spans: tuple[tuple[int, int], ...] = ()
+
+
+def location(o: Obj) -> str:
+    """The words naming an object's cell on the world's 3x3 board ("top left")."""
+    return f"{ROWS[o.row]} {COLUMNS[o.col]}"
+
+
+def ground(question: str, objects: list[Obj]) -> Supervised:
+    """`question` with " at ROW COLUMN" after each named object, and the spans of the ROW COLUMN words."""
+    named = sorted((question.find(f" {o.name}"), o) for o in objects if f" {o.name}" in question)
+    text, spans, cursor = "", [], 0
+    for at, o in named:
+        end = at + 1 + len(o.name)
+        text += question[cursor:end] + " at"
+        spans.append((len(text), len(text) + 1 + len(location(o))))
+        text += " " + location(o)
+        cursor = end
+    out = Supervised(text + question[cursor:])
+    out.spans = tuple(spans)
+    return out
+
+
+def grounded_turns(sample: Sample, turns: list[tuple[str, str]], share: float, rng: random.Random) -> list[tuple[str, str]]:
+    """`turns` about `sample` with each spatial question grounded with probability `share` (one draw
+    of `rng` per spatial question, none for the others)."""
+    spatial = {qa.question for qa in sample.qa if qa.kind == "spatial"}
+    return [(ground(q, sample.objects), a) if q in spatial and rng.random() < share else (q, a) for q, a in turns]
+
+
+def grounded_questions(questions: list[QA], objects: list[Obj]) -> list[str]:
+    """The grounded form of each spatial question among `questions` (the tokenizer's corpus)."""
+    return [str(ground(qa.question, objects)) for qa in questions if qa.kind == "spatial"]
