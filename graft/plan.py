@@ -162,8 +162,8 @@ def activations(cfg: Config, shape: Shape, p: Precision, trains: dict[str, bool]
         lm_terms, block = _lm(cfg, shape, p, checkpointing, device)
         terms |= lm_terms
         blocks.append(block)
-    for section in sections:
-        if section not in ("vision", "text", "connector", "lm", "contrastive"):
+    for section in sections:  # distill: frozen teachers save nothing for backward; the student's heads are small
+        if section not in ("vision", "text", "connector", "lm", "contrastive", "distill"):
             notes.append(f"the {section} section's activations are not counted")
     if checkpointing:
         terms["recompute"] = max(blocks)
