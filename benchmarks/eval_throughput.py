@@ -28,7 +28,7 @@ from graft.eval.class_scores import answer_logprobs
 from graft.eval.vqa import answer, questions
 from graft.eval.zero_shot import TEMPLATES
 from graft.models.hf_llava import to_llava
-from graft.build import build_processor
+from graft.build import build_processor, load_run
 from graft.rundir import RunDir
 
 
@@ -73,7 +73,7 @@ def hf_answers(hf, proc, prompts, batch_size: int, max_new_tokens: int) -> list[
 
 
 def vlm_rates(args) -> list[str]:
-    cfg, tok, model, _ = RunDir(args.run).load()
+    cfg, tok, model, _ = load_run(RunDir(args.run))
     model.eval()
     proc, world, bs = build_processor(cfg, tok, model), make_world(cfg), cfg.eval.batch_size
     hf = to_llava(model, cfg, tok).eval()
@@ -106,7 +106,7 @@ def dual_rates(args) -> list[str]:
     from graft.eval.retrieval import retrieval
     from graft.eval.zero_shot import zero_shot
 
-    cfg, tok, model, _ = RunDir(args.dual).load()
+    cfg, tok, model, _ = load_run(RunDir(args.dual))
     model.eval()
     proc, world, bs = build_processor(cfg, tok, model), make_world(cfg), cfg.eval.batch_size
     z, _ = timed(lambda: zero_shot(model, proc, world, "test", 1000, None, bs), args.rounds)

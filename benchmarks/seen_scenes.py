@@ -20,7 +20,7 @@ import torch
 from graft.data.shapes import QUESTION_TYPES
 from graft.data.world_source import make_world
 from graft.eval.vqa import answer, normalise, questions
-from graft.build import build_processor
+from graft.build import build_processor, load_run
 from graft.rundir import RunDir
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--per-type", type=int, default=300)
     p.add_argument("--processes", type=int, default=1, help="world size the run trained with")
     args = p.parse_args()
-    cfg, tok, model, ckpt = RunDir(args.run).load()
+    cfg, tok, model, ckpt = load_run(RunDir(args.run))
     step = int(ckpt.name.removeprefix("step_"))
     proc = build_processor(cfg, tok, model)
     world = make_world(cfg)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from graft.data.world_source import make_world
 from graft.models.decoder import apply_rope, rope_tables
-from graft.build import build_processor
+from graft.build import build_processor, load_run
 from graft.rundir import RunDir
 
 
@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("run")
     p.add_argument("--question", default="where is the", help="text before the object's name")
     args = p.parse_args()
-    cfg, tok, model, _ = RunDir(args.run).load()
+    cfg, tok, model, _ = load_run(RunDir(args.run))
     if cfg.vision.image_size // cfg.vision.patch_size != cfg.data.grid:
         raise SystemExit("spatial_probe.py needs one ViT patch per board cell (image_size / patch_size == data.grid)")
     proc, world, grid = build_processor(cfg, tok, model), make_world(cfg), cfg.data.grid
