@@ -23,7 +23,7 @@ LAYERS = (
     ("graft.rundir", "graft.parts"),  # a run directory; a run's parts copied into a model
     ("graft.designs",),  # the registry: what each design builds, processes, validates, can do
     ("graft.eval",),  # tasks ask the registry what a run can do
-    ("graft.config_checks", "graft.build"),  # cross-field validation; assembly
+    ("graft.config_checks", "graft.build", "graft.recipes_contrastive"),  # cross-field validation; assembly; recipes a listing imports
     ("graft.trainer", "graft.report"),  # the trainer and its report
     ("graft.api", "graft.compare", "graft.export", "graft.plan", "graft.recipes",
      "graft.serve", "graft.serve_embed", "graft.serve_request",

@@ -120,6 +120,6 @@ def _world_tokenizer(seed: int, grid: int, max_objects: int, images_per_doc: int
     world = ShapesWorld(grid=grid, max_objects=max_objects, seed=seed)
     corpus = world_corpus(world, images_per_doc=images_per_doc)
     if grounded:
-        corpus += [q for i in range(3000) for q in grounded_questions(world.sample("train", i).qa,
-                                                                      world.sample("train", i).objects)]
+        samples = (world.sample("train", i) for i in range(3000))
+        corpus += [q for s in samples for q in grounded_questions(s.qa, s.objects)]
     return ChatTokenizer.train(corpus, vocab_size).tok.to_str()
