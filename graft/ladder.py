@@ -88,12 +88,26 @@ def ladder(cfg: Config, specs: list[str]) -> list[Size]:
                                 f"{cfg.lm.hidden_size // cfg.lm.heads}-wide heads) and the depth at least 1")
             size = at(width, depth)
         else:
-            target = parse_count(spec)
-            size = min((at(unit * k) for k in range(1, MAX_MULTIPLE + 1)), key=lambda s: abs(math.log(s.params / target)))
+            size = _nearest(lambda k: at(unit * k), parse_count(spec))
         if size.name in sizes:
             raise UserError(f"--sizes {sizes[size.name][0]} and {spec} both give {size.name} ({size.params:,} parameters)")
         sizes[size.name] = (spec, size)
     return sorted((s for _, s in sizes.values()), key=lambda s: s.params)
+
+
+def _nearest(at, target: float) -> Size:
+    """The size among `at(1)` … `at(MAX_MULTIPLE)` whose count is nearest `target` on a log scale.
+    Counts grow with the multiple (depth and tower follow the width), so the nearest is one of the
+    two around the first multiple reaching `target`: found by doubling then bisection, which builds
+    a dozen models instead of all 64 (the largest, 4,096 wide, take seconds even on the meta device)."""
+    hi = 1
+    while hi < MAX_MULTIPLE and at(hi).params < target:
+        hi = min(2 * hi, MAX_MULTIPLE)
+    lo = hi // 2  # at(lo) < target <= at(hi), or hi is an end of the range
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if at(mid).params < target else (lo, mid)
+    return min((at(k) for k in (lo, hi) if k >= 1), key=lambda s: abs(math.log(s.params / target)))
 
 
 def parse_count(spec: str) -> float:
