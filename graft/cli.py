@@ -160,6 +160,29 @@ def cmd_data_export_shapes(args) -> None:
     print(f"train on them: {shlex.join(command)}")  # quoted: pasted into a shell, braces stay braces
 
 
+def cmd_data_export_noisy(args) -> None:
+    from graft.data.noisy_export import export_noisy
+
+    if args.n <= 0 or args.shard_size <= 0:
+        raise UserError(f"--n={args.n} and --shard-size={args.shard_size} must be positive")
+    cfg = _recipe(args.recipe, ["data.source=noisy", *args.set])
+    settings = export_noisy(cfg, Path(args.out), args.n, args.shard_size)
+    print(f"wrote {args.n} records of the noisy-web pool to {args.out} (each record's noise in its .json and the "
+          "shard's .parquet)")
+    command = ["graft", "train", args.recipe, "--out", f"runs/{args.recipe}-noisy"]
+    print(f"train on them: {shlex.join(command + [x for kv in settings for x in ('--set', kv)])}")
+
+
+def cmd_data_score(args) -> None:
+    from graft.data.score import score_shards
+
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size={args.batch_size} must be positive")
+    t = score_shards(args.shards, args.with_run, Path(args.out), args.embeddings, args.batch_size)
+    print(f"graft data score: {t['records']} records of {t['shards']} shards scored, {t['skipped']} skipped "
+          f"(counts per shard in each .parquet's metadata) -> {args.out}")
+
+
 def cmd_compare(args) -> None:
     from graft.compare import compare, parse_arm
 
@@ -351,7 +374,7 @@ def _scale_parser(sub) -> None:
 def _data_parser(sub) -> None:
     from graft.data.export import FORMATS
 
-    data = sub.add_parser("data", help="check or show a recipe's data; export the built-in world").add_subparsers(
+    data = sub.add_parser("data", help="check or show a recipe's data; export the built-in world or its noisy-web pool").add_subparsers(
         dest="data_command", required=True)
     c = data.add_parser("check", help="read a sample of a recipe's data through the processor; exit 1 if unusable")
     c.add_argument("recipe")
@@ -375,6 +398,23 @@ def _data_parser(sub) -> None:
     x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     x.add_argument("--shard-size", type=int, default=1000, help="webdataset: samples per shard")
     x.set_defaults(fn=cmd_data_export_shapes)
+    y = data.add_parser("export-noisy", help="write the built-in world's noisy-web pool (data.noise) as img2dataset "
+                        "shards, each record's noise recorded")
+    y.add_argument("--out", required=True, help="a new folder")
+    y.add_argument("--n", type=int, required=True, help="number of records")
+    y.add_argument("--recipe", default="clip", help="recipe whose world settings to use")
+    y.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. data.noise={mismatch: 0.5}")
+    y.add_argument("--shard-size", type=int, default=1000, help="records per shard")
+    y.set_defaults(fn=cmd_data_export_noisy)
+    z = data.add_parser("score", help="each record's image-caption similarity under a dual-encoder run: a .parquet "
+                        "per shard (DataComp's CLIP score); the same command resumes")
+    z.add_argument("shards", help="a folder of *.tar, a shard, or a brace pattern")
+    z.add_argument("--with", dest="with_run", required=True, metavar="RUN_DIR", help="a dual-encoder run (clip, "
+                   "siglip, clippo, lit, coca, qformer_stage1)")
+    z.add_argument("--out", required=True, help="a new folder, or one this command started (it resumes)")
+    z.add_argument("--embeddings", action="store_true", help="also save each shard's image and text embeddings (.npy)")
+    z.add_argument("--batch-size", type=int, default=256)
+    z.set_defaults(fn=cmd_data_score)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ CAPTION_PROMPT = "describe the image."  # the built-in world's caption question,
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes | sensors | webdataset | llava | hf | interleaved | ts | arrays | series_shards | pamap2 (graft/data/sources.py)
+    source: str = "shapes"  # shapes | noisy | sensors | webdataset | llava | hf | interleaved | ts | arrays | series_shards | pamap2 (graft/data/sources.py)
     seed: int = 0  # world seed: sample i of split s is a pure function of (seed, s, i)
     grid: int = 4  # objects sit in a grid x grid layout of cells
     max_objects: int = 4
@@ -54,6 +54,9 @@ class DataConfig:
     # longest (data/packing.py): same loss, less work. Supported for the built-in world with the
     # built-in LM; None (default) = pack there, pad elsewhere; true = pack or fail; false = pad.
     pack: bool | None = None
+    # data.source=noisy (data/noisy_world.py): the share of each kind of noise in the built-in world's
+    # training pool, e.g. {mismatch: 0.3, boilerplate: 0.1}; empty: that module's DEFAULT_NOISE
+    noise: dict[str, float] = field(default_factory=dict)
     tokenizer: str | None = None  # a tokenizer.json to use instead of training one on the world
     vocab_size: int = 384
     # Streaming sources (graft/data/sources.py); the fields above configure the built-in world.

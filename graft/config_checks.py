@@ -243,6 +243,9 @@ def _validate_streaming(cfg: Config) -> None:
                          ("downsample", "data.source=pamap2"), ("window_stride", "data.source=pamap2")):
         if getattr(d, key) != getattr(config.DataConfig(), key) and key not in source_kind(cfg).options and not classify:
             raise UserError(f"data.{key} is read by {readers} and the classify task; this run has neither")
+    if d.noise and "noise" not in source_kind(cfg).options:
+        raise UserError("data.noise is read by data.source=noisy (the built-in world's noisy-web pool); this run "
+                        f"reads data.source={d.source}")
     if d.weights and (len(d.weights) != len(d.shards) or min(d.weights) <= 0):
         raise UserError(f"data.weights={d.weights} must be {len(d.shards)} positive numbers, one per data.shards entry")
     if d.workers < 0 or d.shuffle_buffer < 0 or d.check_batches < 0:

@@ -1,6 +1,7 @@
 """`data.source` → the data a run trains on: the one registry of sources, and the trainer's entry points.
 
     shapes      the built-in world (world_source.py): indexed, its own tokenizer, its own settings
+    noisy       the built-in world's training pool as web pairs are, with recorded noise (noisy_world.py)
     sensors     the built-in sensor world (sensor_source.py): recordings of activities, a series each
     webdataset  tar shards, one `data.shards` entry per source, mixed by `data.weights`
     llava       LLaVA conversation JSON (`data.path`) + image folder (`data.image_root`)
@@ -32,6 +33,7 @@ from graft.data.interleaved import InterleavedShards, JsonlDocuments
 from graft.data.limits import bounded_turns
 from graft.data import pamap2
 from graft.data.llava_json import LlavaSource
+from graft.data.noisy_world import NoisySource, noise_shares
 from graft.data.pamap2 import Pamap2Source
 from graft.data.samples import BadSample
 from graft.data.series_arrays import ArraySource, read_folder
@@ -44,7 +46,7 @@ from graft.data.skips import SkipLog
 from graft.data.tokenizer import ChatTokenizer
 from graft.data.ts_file import TsSource, read_header
 from graft.data.webdataset import ShardSource
-from graft.data.world_source import LABEL_TEMPLATES, WorldSource, world_tokenizer
+from graft.data.world_source import LABEL_TEMPLATES, WorldSource, make_world, world_tokenizer
 from graft.models.connectors import per_patch
 from graft.models.modality import IMAGES, TIME_SERIES, Modality
 from graft.errors import UserError
@@ -171,6 +173,8 @@ SOURCES: dict[str, SourceKind] = {
     "shapes": SourceKind(lambda cfg, proc, split: [WorldSource(cfg, proc, split)], indexed=True,
                          tokenizer=world_tokenizer, options=("images_per_doc", "text_only", "grounded_spatial"),
                          max_images=lambda d: d.images_per_doc, label_templates=LABEL_TEMPLATES, splits=SPLITS),
+    "noisy": SourceKind(lambda cfg, proc, split: [NoisySource(make_world(cfg), cfg, split)], indexed=True,
+                        tokenizer=world_tokenizer, options=("noise",), check=noise_shares, label_templates=LABEL_TEMPLATES),
     "sensors": SourceKind(lambda cfg, proc, split: [SensorSource(cfg, proc, split)], indexed=True,
                           tokenizer=sensor_tokenizer, check=check_sensors, splits=SENSOR_SPLITS,
                           modality=TIME_SERIES, world="sensors"),
