@@ -29,14 +29,17 @@ SMALL = ["vision.hidden_size=64", "vision.intermediate_size=128", "vision.layers
          "train.batch_size=32", "optim.warmup_steps=50"]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A VLM with a 64-wide, 2-layer LM (the tiny students': 32 wide), trained 150 steps: on the
-    test split colour 1.00, size 1.00 (one thread, AMD EPYC; ~22 s)."""
-    out = tmp_path_factory.mktemp("distill_lm") / "teacher"
-    assert train(out, *SMALL, "lm.hidden_size=64", "lm.intermediate_size=192", "train.steps=150",
+def _teacher(out):
+    assert train(out / "teacher", *SMALL, "lm.hidden_size=64", "lm.intermediate_size=192", "train.steps=150",
                  "train.ckpt_every=150") == 0
-    return out
+
+
+@pytest.fixture
+def teacher(shared_run):
+    """A VLM with a 64-wide, 2-layer LM (the tiny students': 32 wide), trained 150 steps: on the
+    test split colour 1.00, size 1.00 (one thread, AMD EPYC; ~22 s). Trained once per session
+    (conftest's `shared_run`), whichever xdist worker asks first; the tests only read it."""
+    return shared_run("distill_lm_teacher", _teacher) / "teacher"
 
 
 def records(out):

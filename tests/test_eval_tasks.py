@@ -13,6 +13,7 @@ from graft.eval.zero_shot import TEMPLATES, zero_shot
 from graft.build import build_processor, load_run
 from graft.rundir import RunDir
 from tests.data_helpers import encoded, write_tar
+from tests.helpers import copy_run
 from tests.scoring import direct_zero_shot, greedy
 
 N = 96
@@ -20,12 +21,19 @@ SETS = ["--set", "train.progress=false", "--set", "eval.splits=", "--set", "trai
         "--set", "train.log_every=5", "--set", "train.peak_flops=1e11"]
 
 
-@pytest.fixture(scope="module")
-def clip_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zs")
-    run = root / "clip"
-    assert main(["train", "clip", "--out", str(run), *SETS, "--set", "train.steps=40", "--set", "train.ckpt_every=40"]) == 0
-    cfg, _, _, _ = load_run(RunDir(run))
+def _clip(out):
+    assert main(["train", "clip", "--out", str(out / "clip"), *SETS, "--set", "train.steps=40",
+                 "--set", "train.ckpt_every=40"]) == 0
+
+
+@pytest.fixture
+def clip_run(shared_run, tmp_path):
+    """`clip`, 40 steps, trained once per session (conftest's `shared_run`); each test gets its own
+    copy of the run (evaluating writes eval.json into it) and its own folder beside it."""
+    root = tmp_path / "zs"
+    root.mkdir()
+    run = copy_run(shared_run("eval_tasks_clip", _clip) / "clip", root / "clip")
+    cfg = RunDir(run).config()
     single = ShapesWorld(cfg.vision.image_size, cfg.data.grid, max_objects=1, seed=cfg.data.seed)
     samples = [single.sample("test", i) for i in range(N)]
     prompts = root / "prompts.yaml"
@@ -274,11 +282,15 @@ def _zeroshot_with_a_vlm(run, model, proc, d, tmp_path):
     assert len(other) == 240 and json.loads((run / "eval.json").read_text()) != results
 
 
-@pytest.fixture(scope="module")
-def vlm_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("vqa") / "vlm"
-    assert main(["train", "tiny", "--out", str(run), *SETS, "--set", "train.steps=80", "--set", "train.ckpt_every=80"]) == 0
-    return run
+def _vlm(out):
+    assert main(["train", "tiny", "--out", str(out / "vlm"), *SETS, "--set", "train.steps=80",
+                 "--set", "train.ckpt_every=80"]) == 0
+
+
+@pytest.fixture
+def vlm_run(shared_run, tmp_path):
+    """`tiny`, 80 steps, trained once per session; each test evaluates into its own copy."""
+    return copy_run(shared_run("eval_tasks_vlm", _vlm) / "vlm", tmp_path / "vlm")
 
 
 def test_vqa_on_llava_json_matches_a_direct_computation(vlm_run, tmp_path):
@@ -353,12 +365,11 @@ def test_vqa_multiple_choice_from_a_vlmevalkit_tsv(vlm_run, tmp_path, capsys):
 
 def test_eval_tasks_run_at_training_time_with_prefixes_and_are_checked_before_training(clip_run, tmp_path, capsys):
     _, root, samples, _ = clip_run
-    folders = root / "folders"  # written by the folder test above, or here
-    if not folders.exists():
-        for name in CLASSES:
-            (folders / name).mkdir(parents=True)
-        for i, s in enumerate(samples):
-            (folders / CLASSES[s.label] / f"{i:04d}.png").write_bytes(encoded(s.image))
+    folders = root / "folders"
+    for name in CLASSES:
+        (folders / name).mkdir(parents=True)
+    for i, s in enumerate(samples):
+        (folders / CLASSES[s.label] / f"{i:04d}.png").write_bytes(encoded(s.image))
     coco = {"images": [{"id": i, "file_name": f"folders/{CLASSES[s.label]}/{i:04d}.png"} for i, s in enumerate(samples)],
             "annotations": [{"image_id": i, "caption": s.caption} for i, s in enumerate(samples)]}
     (root / "pairs.json").write_text(json.dumps(coco))

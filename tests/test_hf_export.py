@@ -30,13 +30,17 @@ def tiny_settings(steps: int) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    run, out = root / "run", root / "hf"
-    graft_cli("train", "tiny", "--out", str(run), *tiny_settings(STEPS))
-    graft_cli("export", str(run), "--format", "hf", "--out", str(out))
-    return run, out
+def _export(root):
+    graft_cli("train", "tiny", "--out", str(root / "run"), *tiny_settings(STEPS))
+    graft_cli("export", str(root / "run"), "--format", "hf", "--out", str(root / "hf"))
+
+
+@pytest.fixture
+def exported(shared_run):
+    """The tiny run and its export, made once per session (conftest's `shared_run`) whichever xdist
+    worker asks first; the tests only read both."""
+    root = shared_run("hf_export_tiny", _export)
+    return root / "run", root / "hf"
 
 
 def load_hf(out):
