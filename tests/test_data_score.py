@@ -5,6 +5,7 @@ records, and refuses what it cannot do in one line."""
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -28,16 +29,18 @@ def train(out, recipe_name, *sets):
     return out
 
 
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    """250 records of the default pool in shards of 100, and a 32-wide CLIP trained 60 steps on the
-    clean world (~10 s on one thread), which scores them."""
-    root = tmp_path_factory.mktemp("score")
+def _score(root):
     assert main(["data", "export-noisy", "--out", str(root / "pool"), "--n", "250", "--shard-size", "100"]) == 0
     clip = train(root / "clip", "clip", "train.steps=60", *SMALL)
     assert main(["data", "score", str(root / "pool"), "--with", str(clip), "--out", str(root / "scores"),
                  "--embeddings"]) == 0
-    return root
+
+
+@pytest.fixture
+def scored(shared_run):
+    """250 records of the default pool in shards of 100, and a 32-wide CLIP trained 60 steps on the
+    clean world (~10 s on one thread), which scores them; made once per session, only read."""
+    return shared_run("noisy_scored", _score)
 
 
 def rows(folder, pattern="*.parquet"):
@@ -61,10 +64,10 @@ def test_the_score_ranks_clean_pairs_above_mismatched_and_boilerplate_ones(score
     assert np.allclose((image * text).sum(1), [r["score"] for r in first], atol=1e-5)
 
 
-def test_a_rerun_resumes_and_torchrun_splits_the_shards(scored, capsys):
+def test_a_rerun_resumes_and_torchrun_splits_the_shards(scored, tmp_path, capsys):
     """A shard whose .parquet is missing (the kill came before it was written) is scored again and
     alone; two processes under torchrun score every shard once, with the one-process scores."""
-    out = scored / "scores"
+    out = shutil.copytree(scored / "scores", tmp_path / "scores")
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
     want = rows(out)
     (out / "00001.parquet").unlink()
@@ -73,7 +76,7 @@ def test_a_rerun_resumes_and_torchrun_splits_the_shards(scored, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet") if p.name != "00001.parquet"} == \
         {k: v for k, v in done.items() if k != "00001.parquet"}
     assert rows(out) == want
-    two = scored / "two"
+    two = tmp_path / "two"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                            "graft", "data", "score", str(scored / "pool"), "--with", str(scored / "clip"), "--out",
                            str(two)], capture_output=True, text=True, timeout=300)
