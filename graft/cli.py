@@ -183,6 +183,19 @@ def cmd_data_score(args) -> None:
           f"(counts per shard in each .parquet's metadata) -> {args.out}")
 
 
+def cmd_data_filter(args) -> None:
+    from graft.data.filter import filter_shards
+
+    m = filter_shards(args.shards, Path(args.scores), args.keep, Path(args.out))
+    print(f"graft data filter: kept {m['kept']} of {m['records']} records -> {args.out}")
+    for rule, n in m["dropped"].items():
+        print(f"  {rule}: dropped {n}")
+    if "truth" in m:
+        t = m["truth"]
+        print(f"  against the noisy world's truth ({t['noisy']} noisy of {t['records']}): precision "
+              f"{t['precision']:.3f}, recall {t['recall']:.3f}")
+
+
 def cmd_compare(args) -> None:
     from graft.compare import compare, parse_arm
 
@@ -415,6 +428,14 @@ def _data_parser(sub) -> None:
     z.add_argument("--embeddings", action="store_true", help="also save each shard's image and text embeddings (.npy)")
     z.add_argument("--batch-size", type=int, default=256)
     z.set_defaults(fn=cmd_data_score)
+    f = data.add_parser("filter", help="keep the records that pass every --keep rule (CLIP score, caption, "
+                        "duplicates, near an evaluation set) as new shards, with a manifest")
+    f.add_argument("shards", help="a folder of *.tar, a shard, or a brace pattern")
+    f.add_argument("--scores", required=True, help="what `graft data score` wrote for these shards")
+    f.add_argument("--keep", action="append", default=[], metavar="RULE", help="repeatable: score>=T, top=F, "
+                   "words>=N, no_boilerplate, dedup, near_dup<C, far_from=DIR<C (docs/curation.md)")
+    f.add_argument("--out", required=True, help="a new folder")
+    f.set_defaults(fn=cmd_data_filter)
 
 
 def main(argv: list[str] | None = None) -> int:
