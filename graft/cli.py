@@ -433,7 +433,7 @@ def _data_parser(sub) -> None:
     f.add_argument("shards", help="a folder of *.tar, a shard, or a brace pattern")
     f.add_argument("--scores", required=True, help="what `graft data score` wrote for these shards")
     f.add_argument("--keep", action="append", default=[], metavar="RULE", help="repeatable: score>=T, top=F, "
-                   "words>=N, no_boilerplate, dedup, near_dup<C, far_from=DIR<C (docs/curation.md)")
+                   "random=F, words>=N, no_boilerplate, dedup, near_dup<C, far_from=DIR<C (docs/curation.md)")
     f.add_argument("--out", required=True, help="a new folder")
     f.set_defaults(fn=cmd_data_filter)
 

@@ -232,3 +232,12 @@ def test_filter_refuses_in_one_line_and_writes_nothing(scored, tmp_path, capsys)
     (tmp_path / "out").mkdir()
     one_line_error(cli(capsys, "data", "filter", scored / "pool", "--scores", scored / "scores", "--keep", "top=0.5",
                        "--out", tmp_path / "out"), "exists")
+
+
+def test_a_random_subset_is_its_fraction_and_the_same_every_time(scored, tmp_path, capsys):
+    kept = []
+    for name in ("a", "b"):
+        assert cli(capsys, "data", "filter", scored / "pool", "--scores", scored / "scores", "--keep", "random=0.3",
+                   "--out", tmp_path / name)[0] == 0
+        kept.append(list(np.load(tmp_path / name / "keys.npy")))
+    assert kept[0] == kept[1] and len(kept[0]) == 75

@@ -153,7 +153,8 @@ def test_only_the_entry_point_imports_the_cli():
 # saying so. graft's own modules wait only in the CLI and the package roots, which keep `graft
 # --help` quick (their comment says so once).
 HEAVY = ("transformers", "datasets", "matplotlib", "peft", "torch.distributed.fsdp", "torch.utils.tensorboard",
-         "graft.models.hf", "graft.models.hf_llava")  # each ≥ 0.1 s on top of torch (graft.models.hf* import transformers)
+         "graft.models.hf", "graft.models.hf_llava",  # each ≥ 0.1 s on top of torch (graft.models.hf* import transformers)
+         "faiss")  # an optional extra (`.[curate]`): imported where a rule needs it, a one-line error without it
 LAZY_FILES = ("cli.py", "__init__.py")
 
 

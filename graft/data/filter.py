@@ -5,6 +5,7 @@ Rules (`--keep`, repeatable; a record is kept when it passes all):
 
     score>=T          its CLIP score (`graft data score`) at least T
     top=F             among the best fraction F by CLIP score (DataComp's 30 % is top=0.3)
+    random=F          a random fraction F (seeded: the same records every time; DataComp's baseline)
     words>=N          a caption of at least N words
     no_boilerplate    a caption that is not stock alt-text ("image", "click to enlarge", a file name)
     dedup             the first of records with the same image bytes (exact duplicates)
@@ -43,7 +44,7 @@ from graft.data.tar import read_shard
 from graft.errors import UserError
 from graft.eval.labelled import SHARD_IMAGE_EXTS, shard_urls
 
-RULES = ("score>=T", "top=F", "words>=N", "no_boilerplate", "dedup", "near_dup<C", "far_from=DIR<C")
+RULES = ("score>=T", "top=F", "random=F", "words>=N", "no_boilerplate", "dedup", "near_dup<C", "far_from=DIR<C")
 FILE_NAME = re.compile(r"^\S+\.(jpe?g|png|gif|webp|bmp)$", re.I)
 MEMBER_LIMIT = 64 << 20  # bytes of one member copied to the output
 
@@ -130,6 +131,12 @@ def _rule(rule: str, pool: Pool, keep: np.ndarray) -> np.ndarray:
             raise UserError(f"--keep {rule}: the fraction must be in (0, 1]")
         n = max(1, round(value * len(pool.scores)))
         return pool.scores >= np.sort(pool.scores)[::-1][n - 1]
+    if name == "random=":
+        if not 0 < value <= 1:
+            raise UserError(f"--keep {rule}: the fraction must be in (0, 1]")
+        out = np.zeros(len(pool.scores), bool)
+        out[np.random.default_rng(0).permutation(len(out))[:max(1, round(value * len(out)))]] = True
+        return out
     if name == "words>=":
         return np.array([len(c.split()) >= value for c in pool.captions])
     if name == "no_boilerplate":
@@ -145,7 +152,7 @@ def _rule(rule: str, pool: Pool, keep: np.ndarray) -> np.ndarray:
 
 
 def _split(rule: str):
-    for name in ("score>=", "top=", "words>=", "near_dup<"):
+    for name in ("score>=", "top=", "random=", "words>=", "near_dup<"):
         if rule.startswith(name):
             try:
                 return name, float(rule[len(name):])
