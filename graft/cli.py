@@ -422,8 +422,8 @@ def _data_parser(sub) -> None:
     z = data.add_parser("score", help="each record's image-caption similarity under a dual-encoder run: a .parquet "
                         "per shard (DataComp's CLIP score); the same command resumes")
     z.add_argument("shards", help="a folder of *.tar, a shard, or a brace pattern")
-    z.add_argument("--with", dest="with_run", required=True, metavar="RUN_DIR", help="a dual-encoder run (clip, "
-                   "siglip, clippo, lit, coca, qformer_stage1)")
+    z.add_argument("--with", dest="with_run", required=True, metavar="MODEL", help="a dual-encoder run (clip, "
+                   "siglip, clippo, lit, coca, qformer_stage1) or a local HF CLIP/SigLIP folder")
     z.add_argument("--out", required=True, help="a new folder, or one this command started (it resumes)")
     z.add_argument("--embeddings", action="store_true", help="also save each shard's image and text embeddings (.npy)")
     z.add_argument("--batch-size", type=int, default=256)

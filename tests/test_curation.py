@@ -17,11 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from PIL import Image
 
 from graft.cli import main
 from graft.data.noisy_world import BOILERPLATE, LEAK_POOL
 from graft.data.shapes import ShapesWorld
 from tests.helpers import cli, one_line_error
+from tests.hf_models import make_dual, make_lm
 
 pytestmark = pytest.mark.slow  # trains a small CLIP, starts torchrun
 
@@ -241,3 +244,36 @@ def test_a_random_subset_is_its_fraction_and_the_same_every_time(scored, tmp_pat
                    "--out", tmp_path / name)[0] == 0
         kept.append(list(np.load(tmp_path / name / "keys.npy")))
     assert kept[0] == kept[1] and len(kept[0]) == 75
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_an_hf_folder_scores_what_its_own_forward_computes(scored, tmp_path, capsys, kind):
+    """A local HF CLIP/SigLIP folder (random weights) as the scorer: each record's score is the
+    cosine that the model's full forward gives (its logits less bias, over its scale), through the
+    model's own image processor and tokenizer."""
+    from transformers import AutoModel, AutoProcessor, SiglipImageProcessorPil
+
+    folder = make_dual(kind, tmp_path / kind, image_size=24)
+    if kind == "siglip":  # make_dual saves CLIP's image processor only
+        SiglipImageProcessorPil(size={"height": 24, "width": 24}).save_pretrained(str(folder))
+    shard = scored / "pool" / "00000.tar"
+    assert cli(capsys, "data", "score", shard, "--with", folder, "--out", tmp_path / "s")[0] == 0
+    # the whole shard in one batch, as the scorer reads it: this test tokenizer appends no <eos>, so
+    # CLIP pools its first pad token, and where that falls depends on the batch's longest caption
+    got = pq.read_table(tmp_path / "s" / "00000.parquet").to_pylist()
+    model, proc = AutoModel.from_pretrained(str(folder)).eval(), AutoProcessor.from_pretrained(str(folder))
+    with tarfile.open(shard) as tar:
+        pngs = {m.name[:-4]: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")}
+    images = [Image.open(io.BytesIO(pngs[r["key"]])).convert("RGB") for r in got]
+    padding = "max_length" if kind == "siglip" else True
+    inputs = proc(text=[r["caption"] for r in got], images=images, padding=padding, truncation=True,
+                  max_length=model.config.text_config.max_position_embeddings, return_tensors="pt")
+    if kind == "siglip":
+        inputs.pop("attention_mask", None)
+    with torch.no_grad():
+        out = model(**inputs)
+    bias = getattr(model, "logit_bias", torch.zeros(()))
+    cosines = ((out.logits_per_image - bias) / model.logit_scale.exp()).diagonal()
+    assert [r["score"] for r in got] == pytest.approx(cosines.tolist(), abs=1e-5)
+    one_line_error(cli(capsys, "data", "score", shard, "--with", make_lm("llama", tmp_path / "lm"), "--out", tmp_path / "t"),
+                   "CLIP or SigLIP")

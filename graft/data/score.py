@@ -1,6 +1,6 @@
-"""`graft data score SHARDS --with RUN --out DIR`: each record's image–caption similarity under a
-trained dual encoder (a graft run: clip, siglip, clippo, lit, coca, or a BLIP-2 stage-1 run's ITC),
-the CLIP score that DataComp filters by.
+"""`graft data score SHARDS --with MODEL --out DIR`: each record's image–caption similarity under a
+trained dual encoder — a graft run (clip, siglip, clippo, lit, coca, or a BLIP-2 stage-1 run's ITC)
+or a local Hugging Face CLIP/SigLIP folder — the CLIP score that DataComp filters by.
 
     DIR/score.json        what was asked (the shards, the model); the same command again resumes
     DIR/SHARD.parquet     a row per scored record: key (the record's, as in the shard), caption, score;
@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from graft import atomic
 from graft.build import load_run, processor_for
+from graft.data.hf_scorer import HFScorer, is_hf_folder
 from graft.data.images import open_within
 from graft.data.samples import BadSample
 from graft.designs import design
@@ -47,18 +48,13 @@ def score_shards(shards: str, model_dir: str, out: Path, embeddings: bool = Fals
     """Score every shard of `shards` (a folder of *.tar, a path or a brace pattern) not yet done in
     `out`; returns the totals of this process's shards."""
     urls = shard_urls(shards, "no webdataset shards there")
-    cfg, _, model, _ = load_run(RunDir(Path(model_dir)))
-    if not design(cfg.model).can(EMBEDS):
-        raise UserError(f"--with {model_dir}: model={cfg.model} does not embed images and texts into one space; "
-                        "scoring needs a dual encoder run (clip, siglip, clippo, lit, coca, qformer_stage1)")
+    scorer = _scorer(model_dir)
     _claim(out, {"shards": urls, "model": str(Path(model_dir).resolve()), "embeddings": embeddings})
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    proc = processor_for(cfg)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     mine = [u for u in urls[rank::world] if not (out / f"{Path(u).stem}.parquet").exists()]
     totals = {"shards": 0, "records": 0, "skipped": 0}
     for url in tqdm(mine, desc="graft data score", unit="shard", disable=not sys.stderr.isatty()):
-        scored, skipped = _score_shard(url, cfg, model, proc, out, embeddings, batch_size)
+        scored, skipped = _score_shard(url, scorer, out, embeddings, batch_size)
         totals["shards"] += 1
         totals["records"] += scored
         totals["skipped"] += skipped
@@ -84,19 +80,45 @@ def _ours(name: str) -> bool:
     return name.startswith(".") or name == "score.json" or name.endswith((".parquet", ".npy"))
 
 
-def _score_shard(url: str, cfg, model, proc, out: Path, embeddings: bool, batch_size: int) -> tuple[int, int]:
-    data = load_captioned(url, cfg)
+def _scorer(model_dir: str):
+    """A graft dual-encoder run, or a Hugging Face CLIP/SigLIP folder (data/hf_scorer.py)."""
+    if is_hf_folder(model_dir):
+        return HFScorer(model_dir)
+    cfg, _, model, _ = load_run(RunDir(Path(model_dir)))
+    if not design(cfg.model).can(EMBEDS):
+        raise UserError(f"--with {model_dir}: model={cfg.model} does not embed images and texts into one space; "
+                        "scoring needs a dual encoder run (clip, siglip, clippo, lit, coca, qformer_stage1)")
+    return GraftScorer(cfg, model.to("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+class GraftScorer:
+    """A graft run's embeddings, through its own processor (as evaluation computes them)."""
+
+    def __init__(self, cfg, model):
+        self.cfg, self.model, self.proc = cfg, model, processor_for(cfg)
+
+    @torch.no_grad()
+    def embed(self, images, captions, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (embed_images(self.model, self.proc, images, batch_size),
+                embed_texts(self.model, self.proc, captions, batch_size))
+
+    def similarity(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        return self.model.similarity(img, txt)
+
+
+def _score_shard(url: str, scorer, out: Path, embeddings: bool, batch_size: int) -> tuple[int, int]:
+    data = load_captioned(url, scorer.cfg)
     keys, images, captions = [], [], []
     for key, raw, caps in data.items():
         try:
-            images.append(open_within(raw, cfg.data)[0])
+            images.append(open_within(raw, scorer.cfg.data)[0])
         except BadSample as e:
             data.log.skip(e.reason, key, e.detail)
             continue
         keys.append(key.split(":", 1)[1])  # load_captioned prefixes the shard's name
         captions.append(caps[0])
-    rows = pa.table({"key": keys, "caption": captions, "score": _pair_scores(model, proc, images, captions, batch_size,
-                                                                             out, Path(url).stem if embeddings else None)})
+    scores = _pair_scores(scorer, images, captions, batch_size, out, Path(url).stem if embeddings else None)
+    rows = pa.table({"key": keys, "caption": captions, "score": scores})
     skipped = dict(data.log.skipped)
     table = io.BytesIO()
     pq.write_table(rows.replace_schema_metadata({"skipped": json.dumps(skipped)}), table)
@@ -104,16 +126,15 @@ def _score_shard(url: str, cfg, model, proc, out: Path, embeddings: bool, batch_
     return len(keys), sum(skipped.values())
 
 
-@torch.no_grad()
-def _pair_scores(model, proc, images, captions, batch_size: int, out: Path, stem: str | None) -> list[float]:
+def _pair_scores(scorer, images, captions, batch_size: int, out: Path, stem: str | None) -> list[float]:
     """Each image's similarity to its own caption (and, with `stem`, both embeddings saved)."""
     if not images:
         return []
-    img, txt = embed_images(model, proc, images, batch_size), embed_texts(model, proc, captions, batch_size)
+    img, txt = scorer.embed(images, captions, batch_size)
     if stem is not None:
         for name, emb in (("image", img), ("text", txt)):
             buf = io.BytesIO()
             np.save(buf, emb.numpy().astype(np.float32), allow_pickle=False)
             atomic.write_bytes(out / f"{stem}.{name}.npy", buf.getvalue())
     return [s for i in range(0, len(images), batch_size)
-            for s in model.similarity(img[i:i + batch_size], txt[i:i + batch_size]).diagonal().tolist()]
+            for s in scorer.similarity(img[i:i + batch_size], txt[i:i + batch_size]).diagonal().tolist()]
