@@ -196,6 +196,16 @@ def cmd_data_filter(args) -> None:
               f"{t['precision']:.3f}, recall {t['recall']:.3f}")
 
 
+def cmd_data_recaption(args) -> None:
+    from graft.data.recaption import recaption
+
+    if args.batch_size <= 0 or args.max_new_tokens <= 0:
+        raise UserError(f"--batch-size={args.batch_size} and --max-new-tokens={args.max_new_tokens} must be positive")
+    t = recaption(args.shards, args.with_run, Path(args.out), args.batch_size, args.max_new_tokens)
+    print(f"graft data recaption: {t['shards']} shards, {t['skipped']} records skipped -> {args.out} (train with "
+          "data.caption_mix=P to read KEY.syn.txt with probability P)")
+
+
 def cmd_compare(args) -> None:
     from graft.compare import compare, parse_arm
 
@@ -436,6 +446,14 @@ def _data_parser(sub) -> None:
                    "random=F, words>=N, no_boilerplate, dedup, near_dup<C, far_from=DIR<C (docs/curation.md)")
     f.add_argument("--out", required=True, help="a new folder")
     f.set_defaults(fn=cmd_data_filter)
+    r = data.add_parser("recaption", help="a VLM run writes a synthetic caption per image (KEY.syn.txt) beside the "
+                        "original, into new shards; the same command resumes")
+    r.add_argument("shards", help="a folder of *.tar, a shard, or a brace pattern")
+    r.add_argument("--with", dest="with_run", required=True, metavar="VLM_RUN")
+    r.add_argument("--out", required=True, help="a new folder, or one this command started (it resumes)")
+    r.add_argument("--batch-size", type=int, default=128)
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.set_defaults(fn=cmd_data_recaption)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,9 @@ class DataConfig:
     imus: list[str] = field(default_factory=lambda: ["hand"])
     downsample: int = 1
     window_stride: int = 0
+    # webdataset: the probability that a record is read with its synthetic caption (KEY.syn.txt, from
+    # `graft data recaption`) instead of its own; fixed per record (data.seed and its key)
+    caption_mix: float = 0.0
     shuffle_buffer: int = 1000  # webdataset: records held for shuffling within a worker
     workers: int = 2  # DataLoader worker processes per rank (0: read in the training process)
     # Bounded work per record (data/limits.py): over-limit records are skipped and counted.

@@ -243,6 +243,11 @@ def _validate_streaming(cfg: Config) -> None:
                          ("downsample", "data.source=pamap2"), ("window_stride", "data.source=pamap2")):
         if getattr(d, key) != getattr(config.DataConfig(), key) and key not in source_kind(cfg).options and not classify:
             raise UserError(f"data.{key} is read by {readers} and the classify task; this run has neither")
+    if not 0 <= d.caption_mix <= 1:
+        raise UserError(f"data.caption_mix={d.caption_mix} must be a probability in [0, 1]")
+    if d.caption_mix and "caption_mix" not in source_kind(cfg).options:
+        raise UserError(f"data.caption_mix mixes webdataset shards' synthetic captions (KEY.syn.txt); this run reads "
+                        f"data.source={d.source}")
     if d.noise and "noise" not in source_kind(cfg).options:
         raise UserError("data.noise is read by data.source=noisy (the built-in world's noisy-web pool); this run "
                         f"reads data.source={d.source}")

@@ -27,7 +27,7 @@ LAYERS = (
     ("graft.trainer", "graft.report"),  # the trainer and its report
     ("graft.api", "graft.compare", "graft.export", "graft.plan", "graft.recipes",
      "graft.serve", "graft.serve_embed", "graft.serve_request",
-     "graft.data.check", "graft.data.show", "graft.data.export", "graft.data.score", "graft.data.filter", "graft.scale", "graft.scaling",
+     "graft.data.check", "graft.data.show", "graft.data.export", "graft.data.score", "graft.data.filter", "graft.data.recaption", "graft.scale", "graft.scaling",
      "graft.ladder", "graft.isoflop", "graft.sweep", "graft.sweep_report", "graft.sweep_predict"),  # what the commands call
     ("graft.cli", "graft.__main__"),
 )

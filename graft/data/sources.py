@@ -178,7 +178,7 @@ SOURCES: dict[str, SourceKind] = {
     "sensors": SourceKind(lambda cfg, proc, split: [SensorSource(cfg, proc, split)], indexed=True,
                           tokenizer=sensor_tokenizer, check=check_sensors, splits=SENSOR_SPLITS,
                           modality=TIME_SERIES, world="sensors"),
-    "webdataset": SourceKind(_webdataset, check=_needs_shards),
+    "webdataset": SourceKind(_webdataset, check=_needs_shards, options=("caption_mix",)),
     "llava": SourceKind(lambda cfg, proc, split: [LlavaSource(cfg.data)], check=_needs_path),
     "hf": SourceKind(lambda cfg, proc, split: [HFSource(cfg.data)], check=_needs_path),
     "interleaved": SourceKind(_interleaved, check=_check_interleaved),

@@ -45,8 +45,9 @@ from graft.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 NUMBERED = re.compile(r"(\d+)\.(?:" + "|".join(IMAGE_EXTS) + ")")  # KEY.3.png's extension: image 3
+SYNTHETIC = "syn.txt"  # a record's synthetic caption (`graft data recaption`), read with data.caption_mix
 OVERSIZE = {"txt": ("text_too_long", "data.max_text_bytes"), "cls": ("text_too_long", "data.max_text_bytes"),
-            "json": ("json_too_large", "data.max_json_bytes")}
+            "json": ("json_too_large", "data.max_json_bytes"), SYNTHETIC: ("text_too_long", "data.max_text_bytes")}
 
 
 class ShardSource:
@@ -65,7 +66,7 @@ class ShardSource:
         numbered = {f"{i}.{ext}": cfg.max_image_bytes for i in range(n) for ext in self.EXTS}
         past = {f"{n}.{ext}": -1 for ext in self.EXTS}  # noted as present (oversize), never read
         self.limits = {ext: cfg.max_image_bytes for ext in self.EXTS} | numbered | past | {
-            "txt": cfg.max_text_bytes, "json": cfg.max_json_bytes}
+            "txt": cfg.max_text_bytes, "json": cfg.max_json_bytes, SYNTHETIC: cfg.max_text_bytes}
         self.numbered = re.compile(r"(\d+)\.(?:" + "|".join(self.EXTS) + ")")
 
     def __len__(self) -> int:
@@ -114,6 +115,12 @@ class ShardSource:
         return [next(raw[f"{i}.{e}"] for e in self.EXTS if f"{i}.{e}" in raw) for i in range(len(numbered))]
 
     def _text(self, raw: dict):
+        mix = self.cfg.caption_mix
+        if mix and SYNTHETIC in raw and random.Random(f"caption_mix/{self.cfg.seed}/{self.key(raw)}").random() < mix:
+            try:
+                return raw[SYNTHETIC].decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadSample("text_not_utf8", f".{SYNTHETIC}") from None
         meta = parse_json(raw["json"], self.cfg, ".json") if "json" in raw else None
         if isinstance(meta, dict) and "conversations" in meta:
             return meta
