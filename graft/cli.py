@@ -201,7 +201,10 @@ def cmd_data_recaption(args) -> None:
 
     if args.batch_size <= 0 or args.max_new_tokens <= 0:
         raise UserError(f"--batch-size={args.batch_size} and --max-new-tokens={args.max_new_tokens} must be positive")
-    t = recaption(args.shards, args.with_run, Path(args.out), args.batch_size, args.max_new_tokens)
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError(f"--temperature={args.temperature} must be >= 0 and --top-p={args.top_p} in (0, 1]")
+    sampling = (args.temperature, args.top_p, args.seed) if args.temperature > 0 else None
+    t = recaption(args.shards, args.with_run, Path(args.out), args.batch_size, args.max_new_tokens, sampling)
     print(f"graft data recaption: {t['shards']} shards, {t['skipped']} records skipped -> {args.out} (train with "
           "data.caption_mix=P to read KEY.syn.txt with probability P)")
 
@@ -453,6 +456,9 @@ def _data_parser(sub) -> None:
     r.add_argument("--out", required=True, help="a new folder, or one this command started (it resumes)")
     r.add_argument("--batch-size", type=int, default=128)
     r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: nucleus sampling")
+    r.add_argument("--top-p", type=float, default=0.9, help="with --temperature: the nucleus (BLIP: 0.9)")
+    r.add_argument("--seed", type=int, default=0, help="with --temperature: the sampling seed")
     r.set_defaults(fn=cmd_data_recaption)
 
 

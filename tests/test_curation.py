@@ -289,8 +289,9 @@ def test_an_hf_folder_scores_what_its_own_forward_computes(scored, tmp_path, cap
 
 def test_recaption_writes_the_vlms_captions_beside_the_originals_and_training_mixes_them(scored, tmp_path, capsys):
     """A `tiny` VLM trained 40 steps on captions (~9 s) recaptions a shard: every original member
-    byte for byte plus KEY.syn.txt, its greedy caption as `graft.api` generates it; a run's source
-    reads the synthetic caption with probability data.caption_mix, fixed per record."""
+    byte for byte plus KEY.syn.txt, its greedy caption as `graft.api` generates it (sampled ones:
+    seeded); a run's source reads the synthetic caption with probability data.caption_mix, fixed
+    per record."""
     vlm = train(tmp_path / "vlm", "tiny", "train.steps=40", "data.caption_prob=1.0")
     shard = scored / "pool" / "00000.tar"
     code, stdout, _ = cli(capsys, "data", "recaption", shard, "--with", vlm, "--out", tmp_path / "rc")
@@ -314,6 +315,11 @@ def test_recaption_writes_the_vlms_captions_beside_the_originals_and_training_mi
     assert read[0.0] == [r["caption"] for r in table] and read[1.0] == [r["synthetic"] for r in table]
     mixed = np.mean([a == r["synthetic"] != r["caption"] for a, r in zip(read[0.5], table)])
     assert 0.3 < mixed < 0.7
+    sampled = []
+    for name in ("s1", "s2"):  # nucleus sampling: seeded, so the same captions twice; not the greedy ones
+        assert cli(capsys, "data", "recaption", shard, "--with", vlm, "--out", tmp_path / name, "--temperature", 1.0)[0] == 0
+        sampled.append(pq.read_table(tmp_path / name / "00000.parquet").column("synthetic").to_pylist())
+    assert sampled[0] == sampled[1] != [r["synthetic"] for r in table]
     one_line_error(cli(capsys, "data", "recaption", shard, "--with", scored / "clip", "--out", tmp_path / "x"),
                    "does not write text")
     one_line_error(cli(capsys, "train", "clip", "--out", tmp_path / "y", "--set", "data.caption_mix=0.5"),

@@ -2,7 +2,9 @@
 caption for every image, kept beside the original (BLIP's CapFilt, Recap-DataComp).
 
 Each output shard is its input shard with one member added per record, `KEY.syn.txt` (the VLM's
-greedy answer to its run's caption prompt, `data.caption_prompt`; none where the answer is empty),
+greedy answer to its run's caption prompt, `data.caption_prompt`, or with `--temperature` above 0
+a nucleus sample (`--top-p`; BLIP found sampling gives more useful captions than beam search),
+seeded per shard from `--seed`; none where the answer is empty),
 every other member byte for byte; `SHARD.parquet` lists key, caption (the original's first line) and synthetic. Training mixes
 the two with `data.caption_mix` (data/webdataset.py: the probability of reading a record's
 `.syn.txt`; Recap-DataComp found 0.8 best for retrieval). A record whose image cannot be read is
@@ -39,13 +41,14 @@ from graft.rundir import RunDir
 MEMBER_LIMIT = 64 << 20
 
 
-def recaption(shards: str, run_dir: str, out: Path, batch_size: int = 128, max_new_tokens: int = 32) -> dict:
+def recaption(shards: str, run_dir: str, out: Path, batch_size: int = 128, max_new_tokens: int = 32,
+              sampling: tuple[float, float, int] | None = None) -> dict:
     urls = shard_urls(shards, "no webdataset shards there")
     cfg, tok, model, _ = load_run(RunDir(Path(run_dir)))
     if not design(cfg.model).can(GENERATES):
         raise UserError(f"--with {run_dir}: model={cfg.model} does not write text; recaptioning needs a VLM run")
     manifest = out / "recaption.json"
-    asked = {"shards": urls, "model": str(Path(run_dir).resolve())}
+    asked = {"shards": urls, "model": str(Path(run_dir).resolve()), "sampling": list(sampling or ())}
     if manifest.exists() and json.loads(manifest.read_text())["asked"] != asked:
         raise UserError(f"{out} holds captions of other shards or another model; use a new --out")
     if not manifest.exists() and out.exists() and any(out.iterdir()):
@@ -56,13 +59,14 @@ def recaption(shards: str, run_dir: str, out: Path, batch_size: int = 128, max_n
     for url in tqdm(urls, desc="graft data recaption", unit="shard", disable=not sys.stderr.isatty()):
         if (out / f"{Path(url).stem}.parquet").exists():
             continue
-        done[Path(url).name] = _recaption_shard(url, cfg, model, proc, out, batch_size, max_new_tokens)
+        shard_sampling = sampling and (*sampling[:2], sampling[2] * 100_003 + urls.index(url))  # a seed per shard
+        done[Path(url).name] = _recaption_shard(url, cfg, model, proc, out, batch_size, max_new_tokens, shard_sampling)
         atomic.write_text(manifest, json.dumps({"asked": asked, "skipped": done}, indent=1))
     atomic.write_text(manifest, json.dumps({"asked": asked, "skipped": done}, indent=1))
     return {"shards": len(urls), "skipped": sum(sum(s.values()) for s in done.values())}
 
 
-def _recaption_shard(url, cfg, model, proc, out: Path, batch_size: int, max_new_tokens: int) -> dict:
+def _recaption_shard(url, cfg, model, proc, out: Path, batch_size: int, max_new_tokens: int, sampling) -> dict:
     data = load_captioned(url, cfg)
     keys, images, captions = [], [], []
     for key, raw, caps in data.items():
@@ -73,7 +77,8 @@ def _recaption_shard(url, cfg, model, proc, out: Path, batch_size: int, max_new_
             continue
         keys.append(key.split(":", 1)[1])
         captions.append(caps[0])
-    synthetic = answer(model, proc, [(im, cfg.data.caption_prompt) for im in images], batch_size, max_new_tokens)
+    synthetic = answer(model, proc, [(im, cfg.data.caption_prompt) for im in images], batch_size, max_new_tokens,
+                       sampling)
     by_key = dict(zip(keys, synthetic))
     members: dict[str, list[tuple[str, bytes]]] = {key: [] for key in keys}  # a record's members stay together
     with tarfile.open(url, "r|*") as src:

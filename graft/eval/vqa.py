@@ -41,11 +41,13 @@ def normalise(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
 
 
-def answer(model, proc, prompts: list[tuple], batch_size: int, max_new_tokens: int) -> list[str]:
+def answer(model, proc, prompts: list[tuple], batch_size: int, max_new_tokens: int,
+           sampling: tuple[float, float, int] | None = None) -> list[str]:
     """Greedy answers (each process answers its share, eval/shard.py) to prompts (image, question) or
     (images, question, context): `context` = earlier (turns, places) holding the first images
-    (few-shot examples, a document; Processor.prompt), the question the rest."""
-    return shard_map(lambda share: _answer(model, proc, share, batch_size, max_new_tokens), prompts)
+    (few-shot examples, a document; Processor.prompt), the question the rest. `sampling`:
+    (temperature, top_p, seed) to sample instead (VLM.generate), the same answers for the same seed."""
+    return shard_map(lambda share: _answer(model, proc, share, batch_size, max_new_tokens, sampling), prompts)
 
 
 def _encoded(proc, prompt: tuple) -> tuple[list[int], list[torch.Tensor]]:
@@ -58,7 +60,7 @@ def _encoded(proc, prompt: tuple) -> tuple[list[int], list[torch.Tensor]]:
 
 
 @torch.no_grad()
-def _answer(model, proc, prompts, batch_size: int, max_new_tokens: int) -> list[str]:
+def _answer(model, proc, prompts, batch_size: int, max_new_tokens: int, sampling=None) -> list[str]:
     """Prompts of equal length are batched together."""
     encoded = [_encoded(proc, p) for p in prompts]
     by_len = defaultdict(list)
@@ -66,12 +68,16 @@ def _answer(model, proc, prompts, batch_size: int, max_new_tokens: int) -> list[
         by_len[len(ids)].append(i)
     out = [""] * len(prompts)
     device = next(model.parameters()).device
+    temperature, top_p, seed = sampling or (0.0, 1.0, 0)
+    generator = torch.Generator(device=device).manual_seed(seed)
     for idxs in by_len.values():
         for s in range(0, len(idxs), batch_size):
             chunk = idxs[s : s + batch_size]
             ids = torch.tensor([encoded[i][0] for i in chunk], device=device)
             items = {k: v.to(device) for k, v in proc.inputs([x for i in chunk for x in encoded[i][1]]).items()}
-            for i, new in zip(chunk, model.generate(ids, max_new_tokens=max_new_tokens, eos_id=proc.tok.eos, **items)):
+            new_ids = model.generate(ids, max_new_tokens=max_new_tokens, eos_id=proc.tok.eos, temperature=temperature,
+                                     top_p=top_p, generator=generator, **items)
+            for i, new in zip(chunk, new_ids):
                 out[i] = proc.tok.decode(new)
     return out
 
