@@ -204,8 +204,12 @@ def cmd_data_recaption(args) -> None:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError(f"--temperature={args.temperature} must be >= 0 and --top-p={args.top_p} in (0, 1]")
     sampling = (args.temperature, args.top_p, args.seed) if args.temperature > 0 else None
-    t = recaption(args.shards, args.with_run, Path(args.out), args.batch_size, args.max_new_tokens, sampling)
-    print(f"graft data recaption: {t['shards']} shards, {t['skipped']} records skipped -> {args.out} (train with "
+    if (args.filter_with is None) != (args.min_score is None):
+        raise UserError("--filter-with SCORER and --min-score T go together (CapFilt's filter)")
+    t = recaption(args.shards, args.with_run, Path(args.out), args.batch_size, args.max_new_tokens, sampling,
+                  args.filter_with, args.min_score or 0.0)
+    print(f"graft data recaption: {t['shards']} shards, {t['skipped']} records skipped, {t['rejected']} dropped by "
+          f"the filter -> {args.out} (train with "
           "data.caption_mix=P to read KEY.syn.txt with probability P)")
 
 
@@ -459,6 +463,9 @@ def _data_parser(sub) -> None:
     r.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: nucleus sampling")
     r.add_argument("--top-p", type=float, default=0.9, help="with --temperature: the nucleus (BLIP: 0.9)")
     r.add_argument("--seed", type=int, default=0, help="with --temperature: the sampling seed")
+    r.add_argument("--filter-with", metavar="SCORER", help="CapFilt: a dual-encoder run or HF CLIP/SigLIP folder that "
+                   "keeps each caption (original, synthetic) whose score reaches --min-score")
+    r.add_argument("--min-score", type=float, help="with --filter-with: the similarity a caption needs")
     r.set_defaults(fn=cmd_data_recaption)
 
 

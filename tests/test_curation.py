@@ -320,9 +320,33 @@ def test_recaption_writes_the_vlms_captions_beside_the_originals_and_training_mi
         assert cli(capsys, "data", "recaption", shard, "--with", vlm, "--out", tmp_path / name, "--temperature", 1.0)[0] == 0
         sampled.append(pq.read_table(tmp_path / name / "00000.parquet").column("synthetic").to_pylist())
     assert sampled[0] == sampled[1] != [r["synthetic"] for r in table]
+    capfilt(scored, shard, vlm, tmp_path / "cf", capsys)
     one_line_error(cli(capsys, "data", "recaption", shard, "--with", scored / "clip", "--out", tmp_path / "x"),
                    "does not write text")
+    one_line_error(cli(capsys, "data", "recaption", shard, "--with", vlm, "--out", tmp_path / "x", "--filter-with",
+                       scored / "clip"), "--min-score")
     one_line_error(cli(capsys, "train", "clip", "--out", tmp_path / "y", "--set", "data.caption_mix=0.5"),
                    "data.caption_mix")
     one_line_error(cli(capsys, "train", "clip", "--out", tmp_path / "y", "--set", "data.source=webdataset", "--set",
                        f"data.shards=[{shard}]", "--set", "data.caption_mix=1.5"), "data.caption_mix=1.5")
+
+
+def capfilt(scored, shard, vlm, out, capsys):
+    """CapFilt's filter with the scored pool's CLIP at 0.5: each caption kept where its score (the
+    same as `graft data score` gives the original) reaches it; the shard holds what was kept."""
+    assert cli(capsys, "data", "recaption", shard, "--with", vlm, "--out", out, "--filter-with", scored / "clip",
+               "--min-score", 0.5)[0] == 0
+    rows_ = pq.read_table(out / "00000.parquet").to_pylist()
+    want = {r["key"]: r["score"] for r in rows(scored / "scores", "00000.parquet")}
+    assert [r["score_caption"] for r in rows_] == pytest.approx([want[r["key"]] for r in rows_], abs=1e-5)
+    got = {name: data for (_, name), data in members(out).items()}
+    kinds = set()
+    for r in rows_:
+        o, s = r["score_caption"] >= 0.5, r["score_synthetic"] >= 0.5 and r["synthetic"].strip() != ""
+        assert r["kept"] == {(True, True): "both", (True, False): "original", (False, True): "synthetic"}.get((o, s), "none")
+        kinds.add(r["kept"])
+        txt, syn = got.get(f"{r['key']}.txt"), got.get(f"{r['key']}.syn.txt")
+        expected = {"both": (r["caption"], r["synthetic"]), "original": (r["caption"], None),
+                    "synthetic": (r["synthetic"], r["synthetic"]), "none": (None, None)}[r["kept"]]
+        assert (txt and txt.decode(), syn and syn.decode()) == expected
+    assert kinds == {"both", "original", "synthetic", "none"}  # each outcome occurs with this scorer and VLM

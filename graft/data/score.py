@@ -48,7 +48,7 @@ def score_shards(shards: str, model_dir: str, out: Path, embeddings: bool = Fals
     """Score every shard of `shards` (a folder of *.tar, a path or a brace pattern) not yet done in
     `out`; returns the totals of this process's shards."""
     urls = shard_urls(shards, "no webdataset shards there")
-    scorer = _scorer(model_dir)
+    scorer = scorer_for(model_dir)
     _claim(out, {"shards": urls, "model": str(Path(model_dir).resolve()), "embeddings": embeddings})
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     mine = [u for u in urls[rank::world] if not (out / f"{Path(u).stem}.parquet").exists()]
@@ -80,7 +80,7 @@ def _ours(name: str) -> bool:
     return name.startswith(".") or name == "score.json" or name.endswith((".parquet", ".npy"))
 
 
-def _scorer(model_dir: str):
+def scorer_for(model_dir: str):
     """A graft dual-encoder run, or a Hugging Face CLIP/SigLIP folder (data/hf_scorer.py)."""
     if is_hf_folder(model_dir):
         return HFScorer(model_dir)
@@ -117,7 +117,12 @@ def _score_shard(url: str, scorer, out: Path, embeddings: bool, batch_size: int)
             continue
         keys.append(key.split(":", 1)[1])  # load_captioned prefixes the shard's name
         captions.append(caps[0])
-    scores = _pair_scores(scorer, images, captions, batch_size, out, Path(url).stem if embeddings else None)
+    scores, img, txt = pair_scores(scorer, images, captions, batch_size)
+    if embeddings and images:
+        for name, emb in (("image", img), ("text", txt)):
+            buf = io.BytesIO()
+            np.save(buf, emb.numpy().astype(np.float32), allow_pickle=False)
+            atomic.write_bytes(out / f"{Path(url).stem}.{name}.npy", buf.getvalue())
     rows = pa.table({"key": keys, "caption": captions, "score": scores})
     skipped = dict(data.log.skipped)
     table = io.BytesIO()
@@ -126,15 +131,10 @@ def _score_shard(url: str, scorer, out: Path, embeddings: bool, batch_size: int)
     return len(keys), sum(skipped.values())
 
 
-def _pair_scores(scorer, images, captions, batch_size: int, out: Path, stem: str | None) -> list[float]:
-    """Each image's similarity to its own caption (and, with `stem`, both embeddings saved)."""
+def pair_scores(scorer, images, captions, batch_size: int) -> tuple[list[float], torch.Tensor | None, torch.Tensor | None]:
+    """Each image's similarity to its own caption, and the two embeddings (None for no records)."""
     if not images:
-        return []
+        return [], None, None
     img, txt = scorer.embed(images, captions, batch_size)
-    if stem is not None:
-        for name, emb in (("image", img), ("text", txt)):
-            buf = io.BytesIO()
-            np.save(buf, emb.numpy().astype(np.float32), allow_pickle=False)
-            atomic.write_bytes(out / f"{stem}.{name}.npy", buf.getvalue())
     return [s for i in range(0, len(images), batch_size)
-            for s in scorer.similarity(img[i:i + batch_size], txt[i:i + batch_size]).diagonal().tolist()]
+            for s in scorer.similarity(img[i:i + batch_size], txt[i:i + batch_size]).diagonal().tolist()], img, txt
