@@ -102,23 +102,30 @@ def test_a_rerun_resumes_and_torchrun_splits_the_shards(scored, tmp_path, capsys
 
 
 def test_hostile_records_are_skipped_and_counted(scored, tmp_path, capsys):
-    """A shard with an image that is not one, a record without a caption and one good record: the
-    good one is scored, the others counted in the .parquet's metadata."""
+    """A shard with an image that is not one, a record without a caption, one good record and a copy
+    of it with a .json nested 200,000 deep: the good two are scored, the others counted in the
+    .parquet's metadata; the filter reads it too."""
     shard = tmp_path / "bad" / "00000.tar"
     shard.parent.mkdir()
     good = tarfile.open(scored / "pool" / "00000.tar")
     members = {m.name: good.extractfile(m).read() for m in good.getmembers()[:3]}
     with tarfile.open(shard, "w") as tar:
+        deep = b"[" * 200_000 + b"]" * 200_000  # JSON nested past any recursion limit
         for name, data in {**members, "x1.png": b"not a png", "x1.txt": b"a small red circle",
-                           "x2.png": members["000000000.png"]}.items():
+                           "x2.png": members["000000000.png"], "x3.png": members["000000000.png"],
+                           "x3.txt": b"a small red circle", "x3.json": deep}.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     code, stdout, _ = cli(capsys, "data", "score", shard.parent, "--with", scored / "clip", "--out", tmp_path / "s")
-    assert code == 0 and "1 records of 1 shards scored, 2 skipped" in stdout
+    assert code == 0 and "2 records of 1 shards scored, 2 skipped" in stdout
     table = pq.read_table(tmp_path / "s" / "00000.parquet")
-    assert table.column("key").to_pylist() == ["000000000"]
+    assert table.column("key").to_pylist() == ["000000000", "x3"]
     assert sum(json.loads(table.schema.metadata[b"skipped"]).values()) == 2
+    # the filter reads the same shard (the deep .json is no truth, not a crash) and keeps both
+    assert cli(capsys, "data", "filter", shard.parent, "--scores", tmp_path / "s", "--keep", "top=1.0", "--keep", "dedup",
+               "--out", tmp_path / "f")[0] == 0
+    assert list(np.load(tmp_path / "f" / "keys.npy")) == ["000000000"]  # x3's image is the same bytes
 
 
 def test_what_it_cannot_do_is_one_line(scored, tmp_path, capsys):

@@ -38,7 +38,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from webdataset.tariterators import base_plus_ext
 
+from graft.config import DataConfig
+from graft.data.limits import parse_json
 from graft.data.noisy_world import BOILERPLATE
+from graft.data.samples import BadSample
 from graft.data.skips import SkipLog
 from graft.data.tar import read_shard
 from graft.errors import UserError
@@ -69,7 +72,7 @@ def filter_shards(shards: str, scores: Path, rules: list[str], out: Path) -> dic
     pool = _read_pool(shard_urls(shards, "no webdataset shards there"), scores)
     keep, dropped = np.ones(len(pool.keys), bool), {}
     for rule in rules:
-        passed = _rule(rule, pool, keep)
+        passed = _rule(rule, pool)
         dropped[rule] = int((keep & ~passed).sum())
         keep &= passed
     if not keep.any():
@@ -109,20 +112,20 @@ def _read_pool(urls: list[str], scores: Path) -> Pool:
 
 def _shard_keys(url: str) -> tuple[set[str], dict[str, str]]:
     """A shard's record keys, and the noisy world's truth where its .json holds one."""
-    keys, truth = set(), {}
-    for rec in read_shard(url, {"json": 1 << 20}, SkipLog()):
+    keys, truth, limits = set(), {}, DataConfig()
+    for rec in read_shard(url, {"json": limits.max_json_bytes}, SkipLog()):
         keys.add(rec["__key__"])
-        try:
-            meta = json.loads(rec["json"]) if "json" in rec else None
-        except (ValueError, UnicodeDecodeError):
+        try:  # within graft's JSON limits (size, depth): a hostile .json is no truth, never a crash
+            meta = parse_json(rec["json"], limits, ".json") if "json" in rec else None
+        except BadSample:
             meta = None
         if isinstance(meta, dict) and isinstance(meta.get("noise"), str):
             truth[rec["__key__"]] = meta["noise"]
     return keys, truth
 
 
-def _rule(rule: str, pool: Pool, keep: np.ndarray) -> np.ndarray:
-    """The records `rule` passes (`keep`: those the rules before it kept)."""
+def _rule(rule: str, pool: Pool) -> np.ndarray:
+    """The records of the whole pool that `rule` passes (a fraction is of the whole pool)."""
     name, value = _split(rule)
     if name == "score>=":
         return pool.scores >= value

@@ -67,7 +67,8 @@ def _claim(out: Path, asked: dict) -> None:
     manifest = out / "score.json"
     if manifest.exists():
         if json.loads(manifest.read_text()) != asked:
-            raise UserError(f"{out} holds scores of other shards or another model ({manifest}); use a new --out")
+            raise UserError(f"{out} holds scores of other shards, another model or another --embeddings choice "
+                            f"({manifest}); use a new --out")
         return
     if out.exists() and any(not _ours(p.name) for p in out.iterdir()):
         raise UserError(f"{out} exists and is not a `graft data score` folder; use a new --out")
