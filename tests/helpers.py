@@ -41,6 +41,11 @@ def tiny_vlm(kind: str = "mlp") -> tuple[VLM, Processor]:
     return model, Processor(tok, 32, model.num_image_tokens, 128)
 
 
+# quiet short runs for the evaluation tests (tests/test_eval_tasks.py, test_eval_vqa_data.py)
+EVAL_RUN_SETS = ["--set", "train.progress=false", "--set", "eval.splits=", "--set", "train.batch_size=32",
+                 "--set", "train.log_every=5", "--set", "train.peak_flops=1e11"]
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     """A private copy of a shared run (conftest's `shared_run`), for a test that writes into it."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".complete"))

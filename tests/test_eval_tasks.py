@@ -13,12 +13,10 @@ from graft.eval.zero_shot import TEMPLATES, zero_shot
 from graft.build import build_processor, load_run
 from graft.rundir import RunDir
 from tests.data_helpers import encoded, write_tar
-from tests.helpers import copy_run
+from tests.helpers import EVAL_RUN_SETS as SETS, copy_run
 from tests.scoring import direct_zero_shot, greedy
 
 N = 96
-SETS = ["--set", "train.progress=false", "--set", "eval.splits=", "--set", "train.batch_size=32",
-        "--set", "train.log_every=5", "--set", "train.peak_flops=1e11"]
 
 
 def _clip(out):

@@ -13,11 +13,8 @@ from graft.cli import main
 from graft.data.shapes import COLORS, ShapesWorld
 from graft.rundir import RunDir
 from tests.data_helpers import encoded
-from tests.helpers import cli, copy_run
+from tests.helpers import EVAL_RUN_SETS as SETS, cli, copy_run
 from tests.scoring import greedy
-
-SETS = ["--set", "train.progress=false", "--set", "eval.splits=", "--set", "train.batch_size=32",
-        "--set", "train.log_every=5", "--set", "train.peak_flops=1e11"]
 
 
 def _vlm(out):
