@@ -34,14 +34,11 @@ from webdataset.tariterators import base_plus_ext
 
 from graft import atomic
 from graft.build import build_processor, load_run
-from graft.data.images import open_within
-from graft.data.samples import BadSample
-from graft.data.score import pair_scores, scorer_for
+from graft.data.score import pair_scores, scorer_for, shard_pairs
 from graft.data.webdataset import SYNTHETIC
 from graft.designs import design
 from graft.designs.registry import GENERATES
 from graft.errors import UserError
-from graft.eval.captioned import load_captioned
 from graft.eval.labelled import shard_urls
 from graft.eval.vqa import answer
 from graft.rundir import RunDir
@@ -92,16 +89,7 @@ def recaption(shards: str, run_dir: str, out: Path, batch_size: int = 128, max_n
 
 
 def _recaption_shard(url: str, job: Captioner, sampling, out: Path) -> dict:
-    data = load_captioned(url, job.cfg)
-    keys, images, captions = [], [], []
-    for key, raw, caps in data.items():
-        try:
-            images.append(open_within(raw, job.cfg.data)[0])
-        except BadSample as e:
-            data.log.skip(e.reason, key, e.detail)
-            continue
-        keys.append(key.split(":", 1)[1])
-        captions.append(caps[0])
+    log, keys, images, captions = shard_pairs(url, job.cfg)
     prompts = [(im, job.cfg.data.caption_prompt) for im in images]
     synthetic = answer(job.model, job.proc, prompts, job.batch_size, job.max_new_tokens, sampling)
     columns = {"key": keys, "caption": captions, "synthetic": synthetic}
@@ -117,7 +105,7 @@ def _recaption_shard(url: str, job: Captioner, sampling, out: Path) -> dict:
     table = io.BytesIO()
     pq.write_table(pa.table(columns), table)
     atomic.write_bytes(out / f"{Path(url).stem}.parquet", table.getvalue())  # last: the shard is done
-    return {"skipped": dict(data.log.skipped), "rejected": kept.count("none")}
+    return {"skipped": dict(log.skipped), "rejected": kept.count("none")}
 
 
 def _choice(original: bool, synthetic: bool) -> str:

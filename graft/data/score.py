@@ -107,17 +107,24 @@ class GraftScorer:
         return self.model.similarity(img, txt)
 
 
-def _score_shard(url: str, scorer, out: Path, embeddings: bool, batch_size: int) -> tuple[int, int]:
-    data = load_captioned(url, scorer.cfg)
+def shard_pairs(url: str, cfg):
+    """One shard's readable records: (its skip log, keys, images, first captions). Records are read
+    as for evaluation (eval/captioned.py), images within cfg.data's limits; the others are counted."""
+    data = load_captioned(url, cfg)
     keys, images, captions = [], [], []
     for key, raw, caps in data.items():
         try:
-            images.append(open_within(raw, scorer.cfg.data)[0])
+            images.append(open_within(raw, cfg.data)[0])
         except BadSample as e:
             data.log.skip(e.reason, key, e.detail)
             continue
         keys.append(key.split(":", 1)[1])  # load_captioned prefixes the shard's name
         captions.append(caps[0])
+    return data.log, keys, images, captions
+
+
+def _score_shard(url: str, scorer, out: Path, embeddings: bool, batch_size: int) -> tuple[int, int]:
+    log, keys, images, captions = shard_pairs(url, scorer.cfg)
     scores, img, txt = pair_scores(scorer, images, captions, batch_size)
     if embeddings and images:
         for name, emb in (("image", img), ("text", txt)):
@@ -125,7 +132,7 @@ def _score_shard(url: str, scorer, out: Path, embeddings: bool, batch_size: int)
             np.save(buf, emb.numpy().astype(np.float32), allow_pickle=False)
             atomic.write_bytes(out / f"{Path(url).stem}.{name}.npy", buf.getvalue())
     rows = pa.table({"key": keys, "caption": captions, "score": scores})
-    skipped = dict(data.log.skipped)
+    skipped = dict(log.skipped)
     table = io.BytesIO()
     pq.write_table(rows.replace_schema_metadata({"skipped": json.dumps(skipped)}), table)
     atomic.write_bytes(out / f"{Path(url).stem}.parquet", table.getvalue())
