@@ -39,11 +39,12 @@ def run(argv: list[str]) -> None:
 
 
 def arms(clip: Path, siglip: Path) -> list[str]:
-    soft = ["distill.losses=[kd]", f"train.objectives={{itc: {1 - LAMBDA:.2f}, distill_kd: {LAMBDA}}}"]
+    soft = ["distill.losses=[kd]", f"distill.lambda={LAMBDA}"]
     specs = {"none": [], "clip_only": [f"distill.teachers=[{clip}]", *soft],
              "siglip_only": [f"distill.teachers=[{siglip}]", *soft]}
     for alpha in ALPHAS:
-        specs[f"alpha{alpha}"] = [f"distill.teachers=[{clip},{siglip}]", f"distill.weights=[{alpha},{1 - alpha:.1f}]", *soft]
+        entries = f"{{from: {clip}, weight: {alpha}}}, {{from: {siglip}, weight: {1 - alpha:.1f}}}"
+        specs[f"alpha{alpha}"] = [f"distill.teachers=[{entries}]", *soft]
     out = []
     for name, sets in specs.items():
         out += ["--arm", " ".join(shlex.quote(w) for w in [f"{name}=clip", *sets])]

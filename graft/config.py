@@ -15,6 +15,7 @@ config_checks.py (`apply_overrides` and `load` there validate as well).
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import types
 import typing
 from dataclasses import dataclass, field
@@ -237,8 +238,13 @@ def _coerce(key: str, value, tp):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        error = None
+        for inner in (a for a in args if a is not type(None)):  # the first type that takes the value
+            try:
+                return _coerce(key, value, inner)
+            except UserError as e:
+                error = error or e
+        raise error
     if origin is dict:
         key_type, value_type = typing.get_args(tp)
         if not isinstance(value, dict):
@@ -284,7 +290,22 @@ def _field_types(obj) -> dict:
     if isinstance(obj, Config):
         del hints["sections"]
         hints |= SECTIONS
-    return hints
+    return {_key(name): tp for name, tp in hints.items()}
+
+
+def _key(name: str) -> str:
+    """A field's config key: the field `lambda_` is the key `lambda` (a Python keyword cannot name a field)."""
+    return name[:-1] if isinstance(name, str) and name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def _attr(key: str) -> str:
+    """The field behind a config key (`_key`'s inverse)."""
+    return key + "_" if keyword.iskeyword(key) else key
+
+
+def _keyed(value):
+    """`dataclasses.asdict`'s output with config keys for field names, at every depth."""
+    return {_key(k): _keyed(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def set_key(cfg: Config, dotted: str, raw) -> None:
@@ -297,13 +318,13 @@ def set_key(cfg: Config, dotted: str, raw) -> None:
             valid = ", ".join(sorted(hints))
             raise UserError(f"unknown config key '{dotted}' ('{part}' is not in {where}; valid: {valid})")
         if i < len(parts) - 1:
-            node = getattr(node, part)
+            node = getattr(node, _attr(part))
             if not dataclasses.is_dataclass(node):
                 raise UserError(f"unknown config key '{dotted}' ('{part}' has no sub-keys)")
-        elif dataclasses.is_dataclass(getattr(node, part)):
+        elif dataclasses.is_dataclass(getattr(node, _attr(part))):
             raise UserError(f"config key '{dotted}' is a section; set one of its keys instead")
         else:
-            setattr(node, part, _coerce(dotted, raw, hints[part]))
+            setattr(node, _attr(part), _coerce(dotted, raw, hints[part]))
 
 
 def override(cfg: Config, overrides: list[str]) -> list[str]:
@@ -338,7 +359,7 @@ def _expects_str(cfg: Config, dotted: str) -> bool:
 def to_dict(cfg: Config) -> dict:
     out = dataclasses.asdict(cfg)
     del out["sections"]
-    return out | {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+    return _keyed(out | {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS})
 
 
 def from_dict(data: dict, cls=Config, prefix: str = ""):
@@ -356,7 +377,7 @@ def from_dict(data: dict, cls=Config, prefix: str = ""):
         elif dataclasses.is_dataclass(hints[key]):
             setattr(obj, key, from_dict(value, hints[key], dotted + "."))
         else:
-            setattr(obj, key, _coerce(dotted, value, hints[key]))
+            setattr(obj, _attr(key), _coerce(dotted, value, hints[key]))
     return obj
 
 

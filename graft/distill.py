@@ -52,11 +52,21 @@ class DistillConfig:
     """Distillation from frozen teachers, read by the dual design (this module) and the vlm design
     (graft/distill_lm.py); each says which losses it has and which of them read the temperature."""
 
-    teachers: list[str] = field(default_factory=list)  # graft runs of the student's design (dual: or HF CLIP/SigLIP folders); empty = off
-    weights: list[float] = field(default_factory=list)  # one per teacher, summing to 1; empty = equal
+    # graft runs of the student's design (dual: or HF CLIP/SigLIP folders), each a path or
+    # {from: PATH, weight: W}; empty = off
+    teachers: list[str | dict[str, str]] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # one per teacher, summing to 1; empty = the entries' or equal
     losses: list[str] = field(default_factory=list)  # empty = the design's default (dual: fd, icl, crd; vlm: logits); dual: kd, dense too
     temperature: float = 1.0  # dual's crd: the teacher's similarities are divided by it; vlm's logits: both models'
     layers: dict[int, int] = field(default_factory=dict)  # vlm's hidden: {student layer: teacher layer}, e.g. {-1: -1}
+    # the soft/hard mix (config key `distill.lambda`): each distillation loss weighed λ, every other loss
+    # of the run 1 - λ, on top of train.objectives; None = train.objectives alone
+    lambda_: float | None = None
+
+    @property
+    def paths(self) -> list[str]:
+        """Each teacher's run directory or folder."""
+        return [t if isinstance(t, str) else t.get("from", "") for t in self.teachers]
 
     def chosen(self, default: tuple[str, ...]) -> list[str]:
         return list(self.losses) or list(default)
@@ -65,16 +75,15 @@ class DistillConfig:
     def check(cfg: DistillConfig, losses: tuple[str, ...] = LOSSES, default: tuple[str, ...] = DEFAULT,
               temperature_read_by: tuple[str, ...] = ("crd",)) -> None:
         if not cfg.teachers:
-            for key in ("weights", "losses", "temperature", "layers"):
+            for key in ("weights", "losses", "temperature", "layers", "lambda_"):
                 if getattr(cfg, key) != getattr(DistillConfig(), key):
-                    raise UserError(f"distill.{key} has no effect without distill.teachers")
+                    raise UserError(f"distill.{key.rstrip('_')} has no effect without distill.teachers")
         for name in cfg.losses:
             if name not in losses:
                 raise UserError(f"distill.losses: {name!r} is not one of {', '.join(losses)}")
-        if cfg.weights and len(cfg.weights) != len(cfg.teachers):
-            raise UserError(f"distill.weights has {len(cfg.weights)} entries for {len(cfg.teachers)} distill.teachers")
-        if cfg.weights and (min(cfg.weights) < 0 or abs(sum(cfg.weights) - 1) > 1e-6):
-            raise UserError(f"distill.weights={cfg.weights} must be non-negative and sum to 1")
+        _check_weights(cfg)
+        if cfg.lambda_ is not None and not 0 <= cfg.lambda_ <= 1:
+            raise UserError(f"distill.lambda={cfg.lambda_} must be between 0 and 1 (the distillation losses' share)")
         if not cfg.temperature > 0:
             raise UserError(f"distill.temperature={cfg.temperature} must be positive")
         chosen = cfg.chosen(default)
@@ -87,8 +96,54 @@ class DistillConfig:
             raise UserError("distill.losses: hidden needs distill.layers, e.g. {-1: -1} (student layer: teacher layer)")
 
 
+def _entry_weight(entry: dict[str, str]) -> float | None:
+    """The weight of a `{from: PATH, weight: W}` teacher entry (None without one)."""
+    unknown = set(entry) - {"from", "weight"}
+    if unknown or not entry.get("from"):
+        raise UserError(f"distill.teachers: {entry} is not a path or {{from: PATH, weight: W}}"
+                        + (f" (unknown key {sorted(unknown)[0]!r})" if unknown else " (no 'from')"))
+    if "weight" not in entry:
+        return None
+    try:
+        weight = float(entry["weight"])
+    except ValueError:
+        raise UserError(f"distill.teachers: weight {entry['weight']!r} of {entry['from']} is not a number") from None
+    if not math.isfinite(weight) or weight < 0:
+        raise UserError(f"distill.teachers: weight {entry['weight']} of {entry['from']} must be finite and non-negative")
+    return weight
+
+
+def _check_weights(cfg: DistillConfig) -> None:
+    given = [_entry_weight(t) if isinstance(t, dict) else None for t in cfg.teachers]
+    if any(w is not None for w in given):
+        if None in given:
+            raise UserError("distill.teachers: give every entry a weight or none (" + ", ".join(
+                f"{p}: {w}" for p, w in zip(cfg.paths, given)) + ")")
+        if cfg.weights:
+            raise UserError("distill.weights and weights in the distill.teachers entries: give one of them")
+    if cfg.weights and len(cfg.weights) != len(cfg.teachers):
+        raise UserError(f"distill.weights has {len(cfg.weights)} entries for {len(cfg.teachers)} distill.teachers")
+    weights = teacher_weights(cfg) if cfg.teachers else []
+    if weights and (not all(math.isfinite(w) and w >= 0 for w in weights) or abs(sum(weights) - 1) > 1e-6):
+        where = f"distill.weights={cfg.weights}" if cfg.weights else f"the distill.teachers weights {weights}"
+        raise UserError(f"{where} must be non-negative and sum to 1")
+
+
 def teacher_weights(cfg: DistillConfig) -> list[float]:
-    return list(cfg.weights) or [1 / len(cfg.teachers)] * len(cfg.teachers)
+    """One weight per teacher: the entries' `weight`, or distill.weights, or equal."""
+    given = [float(t["weight"]) for t in cfg.teachers if isinstance(t, dict) and "weight" in t]
+    return given if len(given) == len(cfg.teachers) else list(cfg.weights) or [1 / len(cfg.teachers)] * len(cfg.teachers)
+
+
+def loss_weights(cfg, names) -> dict[str, float]:
+    """The trainer's weight of each named loss: train.objectives' (default 1), and where
+    distill.lambda is set, times λ for a distillation loss (`distill_*`) and 1 - λ for every other."""
+    mix = cfg.distill.lambda_
+
+    def share(name: str) -> float:
+        return 1.0 if mix is None else mix if name.startswith("distill_") else 1 - mix
+
+    return {name: cfg.train.objectives.get(name, 1.0) * share(name) for name in names}
 
 
 def fd_loss_sum(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

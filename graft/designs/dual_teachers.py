@@ -28,7 +28,7 @@ from graft.trainer.checkpoint import read_model
 def embed_dims(cfg, tok) -> list[int]:
     """Each teacher's embedding width (what the student's projections map to)."""
     dims = []
-    for path in cfg.distill.teachers:
+    for path in cfg.distill.paths:
         if hf_kind(path):
             dims.append(hf_embed_dim(path))
             continue
@@ -43,7 +43,7 @@ def embed_dims(cfg, tok) -> list[int]:
 def patch_dims(cfg) -> list[int]:
     """Each teacher's patch-feature width (what the student's dense heads map to)."""
     return [hf_patch_dim(path) if hf_kind(path) else RunDir(path).config().vision.hidden_size
-            for path in cfg.distill.teachers]
+            for path in cfg.distill.paths]
 
 
 def same_tokenizer(tok, theirs) -> bool:
@@ -60,7 +60,7 @@ def teacher(cfg, model, tok) -> Teacher | None:
     if not cfg.distill.teachers:
         return None
     with torch.random.fork_rng():
-        teachers = nn.ModuleList(_load(path, cfg, tok) for path in cfg.distill.teachers)
+        teachers = nn.ModuleList(_load(path, cfg, tok) for path in cfg.distill.paths)
 
     dense = "dense" in cfg.distill.losses
 
@@ -100,7 +100,7 @@ def check_sources(cfg, build) -> None:
     """Each `distill.teachers` entry is an HF CLIP/SigLIP folder (and the student's text is token ids)
     or a graft run of the dual design (`build`) with a complete checkpoint whose towers read text as
     the student's do (images of another size, mean or std are adapted)."""
-    for path in cfg.distill.teachers:
+    for path in cfg.distill.paths:
         if hf_kind(path):
             if cfg.contrastive.shared_tower:
                 raise UserError(f"distill.teachers: {path} is an HF model, which reads text as token ids; this run's "

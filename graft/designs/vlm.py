@@ -42,7 +42,7 @@ def build(cfg, tok, pretrained: bool = True):
     placeholder = tok.image if modality is IMAGES else tok.placeholder(modality.token)
     if not cfg.distill.teachers:
         return VLM(item_tower(cfg, pretrained), cfg.connector, lm, placeholder, modality)
-    widths = [RunDir(path).config().lm.hidden_size for path in cfg.distill.teachers]  # the student's maps to them
+    widths = [RunDir(path).config().lm.hidden_size for path in cfg.distill.paths]  # the student's maps to them
     return vlm_teachers.DistilledVLM(item_tower(cfg, pretrained), cfg.connector, lm, placeholder, modality,
                                      pairs=vlm_teachers.teacher_pairs(cfg), teacher_widths=widths, pad=tok.pad)
 

@@ -66,7 +66,7 @@ def load(paths: list[str], cfg, tok, build) -> list[tuple[nn.Module, ImagesAs]]:
 def check_teachers(cfg, tok, student_tokens: int, teachers: list[tuple[nn.Module, ImagesAs]]) -> list[int]:
     """The teachers' widths, after checking that each reads the student's rows (one line each otherwise)."""
     widths = []
-    for path, (model, _) in zip(cfg.distill.teachers, teachers):
+    for path, (model, _) in zip(cfg.distill.paths, teachers):
         if model.num_image_tokens != student_tokens:
             raise UserError(f"distill.teachers: {path} gives an image {model.num_image_tokens} tokens, this run "
                             f"{student_tokens}; a VLM teacher reads the student's token ids")
@@ -87,12 +87,12 @@ def teacher(cfg, model, tok, build) -> Teacher | None:
     [hidden states at real tokens per layer pair]); loading them leaves the global RNG alone."""
     if not cfg.distill.teachers:
         return None
-    for path in cfg.distill.teachers:
+    for path in cfg.distill.paths:
         if not same_tokenizer(tok, RunDir(path).tokenizer()):
             raise UserError(f"distill.teachers: {path} has another tokenizer; a VLM teacher reads the student's "
                             "token ids and its logits are over the student's vocabulary")
     with torch.random.fork_rng():
-        loaded = load(cfg.distill.teachers, cfg, tok, build)
+        loaded = load(cfg.distill.paths, cfg, tok, build)
     check_teachers(cfg, tok, model.num_image_tokens, loaded)
     modules = nn.ModuleList(nn.ModuleList([m, images]) for m, images in loaded)
     pairs, pad = model.pairs, tok.pad
@@ -113,7 +113,7 @@ def teacher(cfg, model, tok, build) -> Teacher | None:
 def check_sources(cfg, build) -> None:
     """Each `distill.teachers` entry is a graft run of this design (`build`) with a complete
     checkpoint (its tokenizer, image tokens and layers are checked when it is loaded)."""
-    for path in cfg.distill.teachers:
+    for path in cfg.distill.paths:
         run = RunDir(path).require()
         theirs = run.config()
         if design(theirs.model).build is not build:

@@ -20,6 +20,7 @@ import torch
 from graft.data.sources import build_sources
 from graft.data.stream import IndexedStream
 from graft.designs import uses_packing
+from graft.distill import loss_weights
 from graft.trainer import runtime
 
 SPLIT = "val"
@@ -46,5 +47,6 @@ def heldout_losses(cfg, proc, losses, engine, rt) -> dict[str, float]:
     model.train(was_training)
     sums, counted = runtime.all_sum(sums, rt), runtime.all_sum(counted, rt)
     named = {name: sums[name] / max(counted[name], 1) for name in sums}
-    total = sum(cfg.train.objectives.get(name, 1.0) * value for name, value in named.items())
+    weights = loss_weights(cfg, named)
+    total = sum(weights[name] * value for name, value in named.items())
     return {"heldout_loss": total, **({f"heldout_loss/{k}": v for k, v in named.items()} if len(named) > 1 else {})}

@@ -22,6 +22,7 @@ from graft import config as config_mod
 from graft.build import assemble, build_processor, build_stream, resolve, step_losses, tokenizer_for
 from graft.config import Config
 from graft.designs import design
+from graft.distill import loss_weights
 from graft.errors import Stopped, UserError
 from graft.eval.harness import entries, evaluate, unprefixed
 from graft.eval.shard import sharded
@@ -286,7 +287,7 @@ def _train_step(s: _Session, step: int, flops: MeasuredFlops):
             _vary(batch)
     data_s = time.perf_counter() - t0
     counts = runtime.all_sum(_sum_counts(composed.counts(b) for b in batches), rt)
-    weights = {name: cfg.train.objectives.get(name, 1.0) for name in counts}
+    weights = loss_weights(cfg, counts)  # train.objectives, and distill.lambda's soft/hard mix
     sums = dict.fromkeys(counts, 0.0)
     tc = time.perf_counter()
     step_flops = flops.step(model, batches, parallel.is_sharded(model), composed)  # once per new shape, then cached
