@@ -134,6 +134,34 @@ def cmd_compare(args) -> None:
     print(f"report: {path}")
 
 
+def cmd_distill_precompute(args) -> None:
+    """The teachers of RECIPE (with --set) over the records its run reads in train.steps steps, saved by record."""
+    from graft.build import build_stream, processor_for, resolve
+    from graft.designs import design
+    from graft.teacher_store import precompute
+    from graft.trainer import runtime
+
+    cfg = _recipe(args.recipe, args.set)
+    if not cfg.distill.teachers:
+        raise UserError("graft distill precompute: the run has no distill.teachers (--set 'distill.teachers=[RUN]')")
+    if cfg.distill.precomputed:
+        raise UserError("graft distill precompute: distill.precomputed names what this command writes (--out); leave it out")
+    proc = processor_for(cfg)
+    cfg, _ = resolve(cfg, proc.tok)
+    rt = runtime.setup(cfg.train.device, cfg.train.precision)  # one process: no group
+    teacher = design(cfg.model).teacher(cfg, None, proc.tok).to(rt.device)
+    stream = build_stream(cfg, proc, rt)
+    try:
+        with rt.autocast():
+            m = precompute(cfg, Path(args.out), teacher, stream)
+    finally:
+        stream.close()
+    size = sum(f.stat().st_size for f in Path(args.out).iterdir()) / 2**20
+    print(f"wrote the outputs of {len(m['teachers'])} teacher(s) for {m['records']} records ({m['steps']} steps) "
+          f"to {args.out}: {size:.2f} MiB, {m['seconds']} s")
+    print(f"train with them: --set distill.precomputed={args.out} (and the same settings)")
+
+
 def cmd_scale_fit(args) -> None:
     from graft.scale import fit_command
 
@@ -261,6 +289,14 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
     add_data_parser(sub)
     _scale_parser(sub)
+    k = sub.add_parser("distill", help="distillation: precompute teacher outputs (docs/distill.md)")
+    ks = k.add_subparsers(dest="distill_command", required=True)
+    kp = ks.add_parser("precompute", help="run RECIPE's distill.teachers over the records of its train.steps steps "
+                       "and save their outputs by record (read back with --set distill.precomputed=DIR)")
+    kp.add_argument("recipe")
+    kp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the run's settings")
+    kp.add_argument("--out", required=True, help="a new folder")
+    kp.set_defaults(fn=cmd_distill_precompute)
     c = sub.add_parser("compare", help="train recipes to the same training FLOPs and compare them (DIR/report.md)")
     c.add_argument("recipes", nargs="*", help="default: every connector design (graft/compare.py DEFAULT_RECIPES)")
     c.add_argument("--budget", type=float, help="training FLOPs per run, vision included (default: DEFAULT_BUDGET, "

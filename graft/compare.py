@@ -88,7 +88,7 @@ def compare(arms: list[Arm | str], budget: float | None, seeds: int, overrides: 
     rows = []
     for arm, cfg in plans:
         per_seed = [stages.apply(arm, cfg, seed) for seed in range(seeds)]  # trains a shared stage once
-        info = _measure(per_seed[0])
+        info = measure(per_seed[0])
         steps = int(budget // info["flops_per_step"])
         if steps < 1:
             raise UserError(f"--budget {budget:.3g} is smaller than one step of {arm.name} ({info['flops_per_step']:.3g} FLOPs)")
@@ -131,7 +131,7 @@ class _Stages:
     def _train(self, stage: str) -> dict:
         reads = set(design(RECIPES[stage]().model).sections) | set(SHARED_SECTIONS)
         cfg = recipe(stage, [o for o in self.overrides if o.partition("=")[0].split(".")[0] in reads])
-        info = _measure(cfg)
+        info = measure(cfg)
         runs = []
         for seed in range(self.seeds):
             run = self.root / f"{stage}-seed{seed}"
@@ -153,7 +153,7 @@ def first_batches(cfg):
     return model, proc, batches
 
 
-def _measure(cfg) -> dict:
+def measure(cfg) -> dict:
     """Training FLOPs of one step (the first batch), a frozen teacher's forward FLOPs apart,
     parameters, image features the LM reads per image."""
     model, proc, batches = first_batches(cfg)

@@ -62,6 +62,9 @@ class DistillConfig:
     # the soft/hard mix (config key `distill.lambda`): each distillation loss weighed λ, every other loss
     # of the run 1 - λ, on top of train.objectives; None = train.objectives alone
     lambda_: float | None = None
+    # a folder of the teachers' outputs written by `graft distill precompute` (graft/teacher_store.py),
+    # read by record instead of running the teachers; dual encoders
+    precomputed: str | None = None
 
     @property
     def paths(self) -> list[str]:
@@ -75,7 +78,7 @@ class DistillConfig:
     def check(cfg: DistillConfig, losses: tuple[str, ...] = LOSSES, default: tuple[str, ...] = DEFAULT,
               temperature_read_by: tuple[str, ...] = ("crd",)) -> None:
         if not cfg.teachers:
-            for key in ("weights", "losses", "temperature", "layers", "lambda_"):
+            for key in ("weights", "losses", "temperature", "layers", "lambda_", "precomputed"):
                 if getattr(cfg, key) != getattr(DistillConfig(), key):
                     raise UserError(f"distill.{key.rstrip('_')} has no effect without distill.teachers")
         for name in cfg.losses:

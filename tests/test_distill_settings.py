@@ -3,13 +3,16 @@
 in a real student run, against the same run spelled with the older keys, and bad values are one line."""
 
 import json
+import shutil
 
 import pytest
+import torch
 
 from graft import config as C
 from graft.cli import main
 from graft.distill import loss_weights, teacher_weights
 from graft.recipes import recipe
+from tests.helpers import copy_run
 
 SMALL = ["vision.hidden_size=32", "vision.layers=1", "vision.intermediate_size=64", "text.hidden_size=32",
          "text.layers=1", "text.intermediate_size=64", "train.progress=false", "train.log_every=1", "eval.splits=",
@@ -88,3 +91,107 @@ def test_bad_teacher_entries_and_lambda_are_one_line_exit_2(tmp_path, capsys, se
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not out.exists()
+
+
+# ---- precomputed teacher outputs (graft/teacher_store.py) ------------------------------------------
+
+STORE_STEPS = 6
+LOSSES = "distill.losses=[fd,icl,crd,kd,dense]"
+
+
+def entries(a, b, alpha=0.3):
+    return f"distill.teachers=[{{from: {a}, weight: {alpha}}}, {{from: {b}, weight: {1 - alpha:.1f}}}]"
+
+
+def precompute(out, *sets):
+    args = [*SMALL, f"train.steps={STORE_STEPS}", *sets]
+    return main(["distill", "precompute", "clip", "--out", str(out), *(a for s in args for a in ("--set", s))])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, teachers):
+    out = tmp_path_factory.mktemp("store") / "store"
+    assert precompute(out, entries(*teachers), LOSSES) == 0
+    return out
+
+
+def tensors(out, step=STORE_STEPS):
+    from graft.trainer.checkpoint import read_model
+
+    return read_model(out / "checkpoints" / f"step_{step:08d}")
+
+
+def test_precomputed_outputs_train_exactly_as_the_live_teachers(tmp_path, teachers, store):
+    """All five losses read from the store give the live teachers' losses and weights bit for bit,
+    with no teacher FLOPs; one store serves other teacher weights and lambda too."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["records"] == STORE_STEPS * 16 and manifest["outputs"] == [["row", "row", "one", "row"]] * 2
+    for name, alpha in (("a", 0.3), ("b", 0.8)):
+        sets = [entries(*teachers, alpha), LOSSES, f"train.steps={STORE_STEPS}", "distill.lambda=0.9"]
+        assert train(tmp_path / f"live_{name}", *sets, steps=STORE_STEPS) == 0
+        assert train(tmp_path / f"stored_{name}", *sets, f"distill.precomputed={store}", steps=STORE_STEPS) == 0
+        live, stored = losses(tmp_path / f"live_{name}"), losses(tmp_path / f"stored_{name}")
+        assert len(live) == STORE_STEPS and live == stored
+        mine, theirs = tensors(tmp_path / f"live_{name}"), tensors(tmp_path / f"stored_{name}")
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        rows = [json.loads(line) for line in (tmp_path / f"stored_{name}" / "metrics.jsonl").read_text().splitlines()]
+        assert not any("teacher_flops_per_s" in r for r in rows)  # no teacher ran
+    assert losses(tmp_path / "stored_a") != losses(tmp_path / "stored_b")
+    b = teachers[1]  # one of the store's teachers alone
+    assert train(tmp_path / "live_one", f"distill.teachers=[{b}]", LOSSES, steps=3) == 0
+    assert train(tmp_path / "stored_one", f"distill.teachers=[{b}]", LOSSES, f"distill.precomputed={store}", steps=3) == 0
+    assert losses(tmp_path / "live_one") == losses(tmp_path / "stored_one")
+
+
+def test_a_run_reading_the_store_resumes_exactly(tmp_path, teachers, store):
+    sets = [entries(*teachers), LOSSES, f"distill.precomputed={store}"]
+    whole = tmp_path / "whole"
+    assert train(whole, *sets, steps=STORE_STEPS) == 0
+    half = tmp_path / "half"  # the same run stopped after its step-3 checkpoint, then the same command again
+    assert train(half, *sets, "train.ckpt_every=3", steps=STORE_STEPS) == 0
+    shutil.rmtree(half / "checkpoints" / f"step_{STORE_STEPS:08d}")
+    assert train(half, *sets, "train.ckpt_every=3", steps=STORE_STEPS) == 0
+    mine, theirs = tensors(whole), tensors(half)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_a_store_of_other_teachers_data_or_records_is_refused_in_one_line(tmp_path, capsys, teachers, store):
+    a, b = teachers
+    moved = copy_run(a, tmp_path / "moved")  # a teacher that trains on after its outputs were stored
+    assert precompute(tmp_path / "of_moved", f"distill.teachers=[{moved}]") == 0
+    assert train(moved, "train.seed=0", steps=4) == 0
+    capsys.readouterr()
+    cases = [([entries(a, b), f"distill.precomputed={store}", "distill.losses=[fd]", "data.seed=1"],
+              "computed over other data or settings (data.seed=0 there, 1 here)"),
+             ([entries(a, b), f"distill.precomputed={store}", "vision.image_size=32"], "(vision.image_size=24 there, 32 here)"),
+             ([f"distill.teachers=[{a},{tmp_path / 'moved'}]", f"distill.precomputed={store}"], "not of all of this run's"),
+             ([f"distill.teachers=[{moved}]", f"distill.precomputed={tmp_path / 'of_moved'}"], "from another state of"),
+             ([f"distill.teachers=[{moved}]", f"distill.precomputed={tmp_path / 'of_moved'}"][:1]
+              + [f"distill.precomputed={tmp_path}"], "is not a folder written by graft distill precompute"),
+             ([f"distill.precomputed={store}"], "distill.precomputed has no effect without distill.teachers")]
+    for sets, needle in cases:
+        assert train(tmp_path / "run", *sets) == 2, sets
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (sets, err)
+        assert not (tmp_path / "run").exists()
+    # a run longer than the store fails the step after its last stored record, in one line
+    assert train(tmp_path / "longer", entries(a, b), LOSSES, f"distill.precomputed={store}", "train.ckpt_every=3",
+                 steps=STORE_STEPS + 1) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no teacher outputs for 16 of this batch's 16 records" in err[0], err
+    assert (tmp_path / "longer" / "checkpoints" / f"step_{STORE_STEPS:08d}").is_dir()  # the steps before it are kept
+
+
+def test_precompute_refuses_what_it_cannot_write_in_one_line(tmp_path, capsys, teachers, store):
+    a = teachers[0]
+    cases = [(tmp_path / "x", [], "the run has no distill.teachers"),
+             (store, [f"distill.teachers=[{a}]"], "exists: graft distill precompute writes a new folder"),
+             (tmp_path / "y", [entries(*teachers), LOSSES, f"distill.precomputed={store}"], "leave it out")]
+    for out, sets, needle in cases:
+        assert precompute(out, *sets) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (sets, err)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert main(["train", "tiny", "--out", str(tmp_path / "vlm"), "--set", f"distill.teachers=[{a}]",
+                 "--set", f"distill.precomputed={store}"]) == 2
+    assert "per answer token, not per record" in capsys.readouterr().err

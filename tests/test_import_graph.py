@@ -20,7 +20,7 @@ LAYERS = (
     ("graft.models",),  # modules and their config dataclasses
     ("graft.config",),  # parse, override, type-check: a leaf above the models' configs
     ("graft.data", "graft.trainer.checkpoint"),  # records → rows, tokenizers; checkpoint files
-    ("graft.rundir", "graft.parts"),  # a run directory; a run's parts copied into a model
+    ("graft.rundir", "graft.parts", "graft.teacher_store"),  # a run directory; a run's parts copied into a model; stored teacher outputs
     ("graft.designs",),  # the registry: what each design builds, processes, validates, can do
     ("graft.eval",),  # tasks ask the registry what a run can do
     ("graft.config_checks", "graft.build", "graft.recipes_contrastive"),  # cross-field validation; assembly; recipes a listing imports

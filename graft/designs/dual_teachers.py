@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from graft import teacher_store
 from graft.designs.registry import design
 from graft.errors import UserError
 from graft.models.dual_encoder import DualEncoder
@@ -59,6 +60,8 @@ def teacher(cfg, model, tok) -> Teacher | None:
     loading them leaves the global RNG alone."""
     if not cfg.distill.teachers:
         return None
+    if cfg.distill.precomputed:  # read by record, the teachers not loaded (graft/teacher_store.py)
+        return teacher_store.stored_teacher(cfg.distill.precomputed, check_store(cfg), cfg.distill.paths)
     with torch.random.fork_rng():
         teachers = nn.ModuleList(_load(path, cfg, tok) for path in cfg.distill.paths)
 
@@ -66,10 +69,22 @@ def teacher(cfg, model, tok) -> Teacher | None:
 
     def read(teachers, batch):
         ids, text_pixels, pixels = batch.get("input_ids"), batch.get("text_pixels"), batch["pixel_values"]
-        return [(t.encode_image(pixels), t.encode_text(ids, text_pixels), t.scale(),
+        return [(t.encode_image(pixels), t.encode_text(ids, text_pixels), t.scale().reshape(()),  # scale: 0-d
                  t.patch_features(pixels) if dense else None) for t in teachers]
 
     return Teacher(teachers, read)
+
+
+def check_store(cfg) -> dict:
+    """`distill.precomputed`: written by this run's teachers over its data, with patch features if
+    `dense` reads them; its manifest."""
+    path = cfg.distill.precomputed
+    m = teacher_store.manifest(path)
+    teacher_store.check(cfg, m, path)
+    if "dense" in cfg.distill.losses and any(outputs[3] == "none" for outputs in m["outputs"]):  # (img, txt, scale, patches)
+        raise UserError(f"distill.precomputed: {path} holds no patch features for dense (distill.losses there: "
+                        f"{m['losses'] or 'the default'})")
+    return m
 
 
 def _images(v: VisionConfig) -> tuple[int, list[float], list[float]]:
@@ -115,3 +130,5 @@ def check_sources(cfg, build) -> None:
             raise UserError(f"distill.teachers: {path} reads text another way (contrastive.shared_tower="
                             f"{theirs.contrastive.shared_tower}, text.max_len={theirs.text.max_len}; this run's "
                             f"{cfg.contrastive.shared_tower}, {cfg.text.max_len})")
+    if cfg.distill.precomputed:
+        check_store(cfg)

@@ -103,6 +103,9 @@ def validate(cfg) -> None:
     check_something_trains(parts, cfg.train.freeze)
     check_tower_sections(cfg)
     DistillConfig.check(cfg.distill, distill_lm.LOSSES, distill_lm.DEFAULT, ("logits",))
+    if cfg.distill.precomputed:
+        raise UserError("distill.precomputed: a VLM teacher's outputs are per answer token, not per record; "
+                        "precomputed outputs are for dual encoders so far")
     if cfg.distill.layers:
         vlm_teachers.teacher_pairs(cfg)
     if source_kind(cfg).modality is TIME_SERIES:
