@@ -123,8 +123,6 @@ def validate_series(cfg) -> None:
     SeriesConfig.check(cfg.series)
     if cfg.connector.init_from:
         raise UserError(f"connector.init_from={cfg.connector.init_from}: a stage-1 Q-Former run reads images, not series")
-    if cfg.distill.teachers:
-        raise UserError("distill.teachers is not available with series data yet (data.source=" + cfg.data.source + ")")
     for key, default in (("image_attention", "causal"), ("image_positions", "1d"), ("hf_path", None)):
         if getattr(cfg.lm, key) != default:
             raise UserError(f"lm.{key}={getattr(cfg.lm, key)} is not available with series data (data.source={cfg.data.source})")

@@ -14,10 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from graft.data.sources import source_kind
 from graft.designs.dual_teachers import same_tokenizer
 from graft.designs.registry import design
 from graft.distill_lm import answer_positions, parse_layers
 from graft.errors import UserError
+from graft.models.modality import TIME_SERIES
 from graft.models.teachers import ImagesAs
 from graft.models.vlm import VLM
 from graft.objectives import Teacher
@@ -50,7 +52,8 @@ class DistilledVLM(VLM):
 
 
 def load(paths: list[str], cfg, tok, build) -> list[tuple[nn.Module, ImagesAs]]:
-    """Each teacher run's model (its latest weights, eval mode) and how it reads the student's pixels."""
+    """Each teacher run's model (its latest weights, eval mode) and how it reads the student's pixels
+    (a series teacher reads the student's recordings as they are: `check_modality`)."""
     teachers = []
     for path in paths:
         run = RunDir(path).require()
@@ -61,6 +64,18 @@ def load(paths: list[str], cfg, tok, build) -> list[tuple[nn.Module, ImagesAs]]:
         teachers.append((model, ImagesAs((v.image_size, list(v.image_mean), list(v.image_std)),
                                          (w.image_size, list(w.image_mean), list(w.image_std)))))
     return teachers
+
+
+def check_modality(path: str, theirs, cfg) -> None:
+    """A teacher reads items of the student's modality; a series teacher, recordings of the student's
+    channels and length (its own tower may patch them another way: a WRN teacher, a patch student)."""
+    mine, its = source_kind(cfg).modality, source_kind(theirs).modality
+    if mine is not its:
+        raise UserError(f"distill.teachers: {path} reads {its.name} items (data.source={theirs.data.source}), this run "
+                        f"reads {mine.name} items (data.source={cfg.data.source})")
+    if mine is TIME_SERIES and (theirs.series.channels, theirs.series.length) != (cfg.series.channels, cfg.series.length):
+        raise UserError(f"distill.teachers: {path} reads recordings of series.channels={theirs.series.channels}, "
+                        f"series.length={theirs.series.length}; this run's are {cfg.series.channels}, {cfg.series.length}")
 
 
 def check_teachers(cfg, tok, student_tokens: int, teachers: list[tuple[nn.Module, ImagesAs]]) -> list[int]:
@@ -96,14 +111,26 @@ def teacher(cfg, model, tok, build) -> Teacher | None:
     check_teachers(cfg, tok, model.num_image_tokens, loaded)
     modules = nn.ModuleList(nn.ModuleList([m, images]) for m, images in loaded)
     pairs, pad = model.pairs, tok.pad
+    fixed = [RunDir(path).config().series.one_length() for path in cfg.distill.paths]  # WRN: one length
+
+    def items_for(k: int, m, rows: dict) -> dict:
+        """The rows as teacher k reads them: a one-length tower gets no per-item counts (every item full)."""
+        counts = rows.get(TIME_SERIES.counts)
+        if not fixed[k] or counts is None:
+            return rows
+        if not bool((counts == m.num_image_tokens).all()):
+            raise UserError(f"distill.teachers: {cfg.distill.paths[k]} reads recordings of one length ({fixed[k]}); "
+                            "this batch has shorter ones")
+        return {key: v for key, v in rows.items() if key != TIME_SERIES.counts}
 
     def read(teachers, batch):
         at, real = answer_positions(batch["labels"]), batch["input_ids"] != pad
         rows = {k: v for k, v in batch.items() if k not in ("labels", "pixel_values")}
         out = []
-        for m, images in teachers:
+        for k, (m, images) in enumerate(teachers):
             hidden = {t % len(m.lm.layers): None for _, t in pairs}
-            logits, _ = m(pixel_values=images(batch["pixel_values"]), hidden=hidden, **rows)
+            items = {"pixel_values": images(batch["pixel_values"])} if "pixel_values" in batch else {}  # series: in rows
+            logits, _ = m(hidden=hidden, **items, **items_for(k, m, rows))
             out.append((logits[at], [hidden[t % len(m.lm.layers)][real] for _, t in pairs]))
         return out
 
@@ -120,3 +147,4 @@ def check_sources(cfg, build) -> None:
             raise UserError(f"distill.teachers: {path} is a model={theirs.model} run, not a VLM (model=vlm)")
         if run.latest_checkpoint() is None:
             raise UserError(f"distill.teachers: {path} has no complete checkpoint")
+        check_modality(path, theirs, cfg)
