@@ -17,8 +17,13 @@ logit scale s. Per teacher:
 - `dense` (RADIO's feature distillation, Ranzinger et al. 2024): the student's patch tokens through
   a per-teacher MLP head against the teacher's patch features (resized to the student's grid),
   cosine distance + smooth-L1, averaged over patches, summed over images.
+- `masked` (masked image modelling with a teacher's features as targets: BEiT v2, EVA): each patch
+  masked with probability `distill.mask_prob` (a learned mask vector read instead), the student's
+  states at the masked patches through a per-teacher MLP head against the teacher's features of
+  the *unmasked* image there, the same per-patch distance, summed over masked patches and counted
+  over them.
 
-The named losses `distill_fd`, `distill_icl`, `distill_crd`, `distill_kd`, `distill_dense` are the `distill.weights`-weighted sums
+The named losses `distill_fd`, `distill_icl`, `distill_crd`, `distill_kd`, `distill_dense`, `distill_masked` are the teacher-weighted sums
 over teachers, as local sums over this process's pairs (counted like `itc`). Loading the teachers
 and the student's projections is the dual design's (designs/dual.py).
 """
@@ -41,9 +46,11 @@ from graft.losses import (
     as_local_sum,
     at_least_fp32,
 )
+from graft.models.mim import patch_mask
 from graft.objectives import Objective
 
-LOSSES = ("fd", "icl", "crd", "kd", "dense")
+LOSSES = ("fd", "icl", "crd", "kd", "dense", "masked")
+PATCH_LOSSES = ("dense", "masked")  # read the teachers' patch features
 DEFAULT = ("fd", "icl", "crd")  # CLIP-KD's three
 
 
@@ -59,6 +66,7 @@ class DistillConfig:
     losses: list[str] = field(default_factory=list)  # empty = the design's default (dual: fd, icl, crd; vlm: logits); dual: kd, dense too
     temperature: float = 1.0  # dual's crd: the teacher's similarities are divided by it; vlm's logits: both models'
     layers: dict[int, int] = field(default_factory=dict)  # vlm's hidden: {student layer: teacher layer}, e.g. {-1: -1}
+    mask_prob: float = 0.4  # dual's masked: the share of patches masked (BEiT v2 and EVA mask 40 %)
     # the soft/hard mix (config key `distill.lambda`): each distillation loss weighed λ, every other loss
     # of the run 1 - λ, on top of train.objectives; None = train.objectives alone
     lambda_: float | None = None
@@ -78,7 +86,7 @@ class DistillConfig:
     def check(cfg: DistillConfig, losses: tuple[str, ...] = LOSSES, default: tuple[str, ...] = DEFAULT,
               temperature_read_by: tuple[str, ...] = ("crd",)) -> None:
         if not cfg.teachers:
-            for key in ("weights", "losses", "temperature", "layers", "lambda_", "precomputed"):
+            for key in ("weights", "losses", "temperature", "layers", "lambda_", "precomputed", "mask_prob"):
                 if getattr(cfg, key) != getattr(DistillConfig(), key):
                     raise UserError(f"distill.{key.rstrip('_')} has no effect without distill.teachers")
         for name in cfg.losses:
@@ -93,6 +101,11 @@ class DistillConfig:
         if cfg.temperature != DistillConfig.temperature and not set(temperature_read_by) & set(chosen):
             raise UserError(f"distill.temperature={cfg.temperature} is read by {' and '.join(temperature_read_by)} "
                             f"only, not in distill.losses={chosen}")
+        if cfg.mask_prob != DistillConfig.mask_prob and "masked" not in chosen:
+            raise UserError(f"distill.mask_prob={cfg.mask_prob} is read by the masked loss only, not in "
+                            f"distill.losses={chosen}")
+        if not 0 < cfg.mask_prob < 1:
+            raise UserError(f"distill.mask_prob={cfg.mask_prob} must be between 0 and 1")
         if cfg.layers and "hidden" not in chosen:
             raise UserError(f"distill.layers={cfg.layers} is read by the hidden loss only, not in distill.losses={chosen}")
         if "hidden" in chosen and not cfg.layers:
@@ -270,13 +283,26 @@ def _kd(out: dict, taught: list, weights: list[float]) -> torch.Tensor:
     return as_local_sum(mean, n, n * world.get("world_size", 1))
 
 
+def patch_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """(1 - cos(s, t)) + smooth-L1(s, t) (the mean over features) of each patch, (..., D) x (..., D)
+    → (...), in at least fp32: RADIO's per-patch feature loss (Ranzinger et al. 2024)."""
+    s, t = at_least_fp32(student), at_least_fp32(teacher)
+    return 1 - F.cosine_similarity(s, t, dim=-1) + F.smooth_l1_loss(s, t, reduction="none").mean(-1)
+
+
 def dense_loss_sum(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Σ over images of the mean over patches of (1 - cos(s, t)) + smooth-L1(s, t) (the mean over
-    features), student (B, P, D) through its head for this teacher, teacher (B, P', D) resized to
-    the student's grid when P' ≠ P (`to_grid`): RADIO's feature loss (Ranzinger et al. 2024)."""
-    s, t = at_least_fp32(student), at_least_fp32(to_grid(teacher, student.shape[1]))
-    per_patch = 1 - F.cosine_similarity(s, t, dim=-1) + F.smooth_l1_loss(s, t, reduction="none").mean(-1)
-    return per_patch.mean(1).sum()
+    """Σ over images of the mean over patches of `patch_distance`, student (B, P, D) through its head
+    for this teacher, teacher (B, P', D) resized to the student's grid when P' ≠ P (`to_grid`).
+    Memory: O(B·P·D)."""
+    return patch_distance(student, to_grid(teacher, student.shape[1])).mean(1).sum()
+
+
+def masked_loss_sum(student: torch.Tensor, teacher: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Σ over the masked patches of `patch_distance` between the student's prediction there (M, D),
+    read from the masked image through its head for this teacher, and the teacher's feature of the
+    whole image at that patch (teacher (B, P', D) on its grid, resized; `masked` (B, P) bool with M
+    True): masked feature modelling (BEiT v2, Peng et al. 2022; EVA, Fang et al. 2023). Memory: O(B·P·D)."""
+    return patch_distance(student, to_grid(teacher, masked.shape[1])[masked]).sum()
 
 
 def to_grid(features: torch.Tensor, patches: int) -> torch.Tensor:
@@ -293,10 +319,17 @@ def _dense(out: dict, taught: list, weights: list[float]) -> torch.Tensor:
     return sum(w * dense_loss_sum(mine, t_patches) for w, mine, (*_, t_patches) in zip(weights, out["dense"], taught))
 
 
-def objectives(cfg: DistillConfig) -> dict[str, Objective]:
+def _masked(out: dict, taught: list, weights: list[float]) -> torch.Tensor:
+    return sum(w * masked_loss_sum(mine, t_patches, out["mask"])
+               for w, mine, (*_, t_patches) in zip(weights, out["masked"], taught))
+
+
+def objectives(cfg: DistillConfig, grid: int = 0) -> dict[str, Objective]:
     """`distill_<loss>` for each of `cfg.losses`, over the student's outputs ({"image", "text":
-    (B, E_s) normalised; "projected": per teacher (image, text) mapped to its width; "scale"}) and
-    the teachers' [(t_img, t_txt, t_scale)], each counting the batch's pairs like `itc`."""
+    (B, E_s) normalised; "projected": per teacher (image, text) mapped to its width; "scale";
+    "dense" / "masked": per teacher its head's outputs; "mask"}) and the teachers' [(t_img, t_txt,
+    t_scale, patches)], each counting the batch's pairs like `itc` (`masked`: its masked patches of
+    the student's `grid` x `grid`)."""
     if not cfg.teachers:
         return {}
     weights, pairs = teacher_weights(cfg), lambda batch: batch["pixel_values"].shape[0]
@@ -304,8 +337,11 @@ def objectives(cfg: DistillConfig) -> dict[str, Objective]:
             "icl": lambda out, batch, taught: _icl(out, taught, weights),
             "crd": lambda out, batch, taught: _crd(out, taught, weights, cfg.temperature),
             "kd": lambda out, batch, taught: _kd(out, taught, weights),
-            "dense": lambda out, batch, taught: _dense(out, taught, weights)}
-    return {f"distill_{name}": Objective(loss[name], pairs) for name in cfg.chosen(DEFAULT)}
+            "dense": lambda out, batch, taught: _dense(out, taught, weights),
+            "masked": lambda out, batch, taught: _masked(out, taught, weights)}
+    masked = lambda batch: int(patch_mask(batch["pixel_values"], grid, cfg.mask_prob).sum())  # noqa: E731
+    return {f"distill_{name}": Objective(loss[name], masked if name == "masked" else pairs)
+            for name in cfg.chosen(DEFAULT)}
 
 
 def loss_names(cfg: DistillConfig, default: tuple[str, ...] = DEFAULT) -> tuple[str, ...]:

@@ -1,6 +1,7 @@
 """Dense (RADIO-style) distillation of a dual encoder's image tower (`distill.losses=[dense]`,
 graft/distill.py): the loss against its formula and gradcheck, grids resized, an HF teacher's patch
-features its model's own, a student taught by two teachers of other image sizes at once."""
+features its model's own, a student taught by two teachers of other image sizes at once; and masked
+feature modelling (`distill.losses=[masked]`, BEiT v2 / EVA): its loss, mask and a student run."""
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 
 from hf_models import make_dual
 
-from graft.distill import dense_loss_sum, to_grid
+from graft.distill import dense_loss_sum, masked_loss_sum, to_grid
+from graft.models.mim import patch_mask
 from graft.models.teachers import HFDualTeacher, ImagesAs
 from tests.test_distill import learned, train
 
@@ -57,3 +59,51 @@ def test_a_student_learns_from_two_teachers_at_once(tmp_path):
         f"dense_heads.{i}.{layer}.{p}" for i in (0, 1) for layer in (0, 2) for p in ("weight", "bias")}
     assert not any(k.startswith(("teacher", "model.")) for k in weights)
     assert weights["dense_heads.1.2.weight"].shape == (32, 32)
+
+
+# ---- masked feature modelling with a teacher's features as targets (BEiT v2, EVA) -----------------
+
+
+def test_masked_is_the_patch_distance_summed_over_masked_patches_only():
+    s, t = torch.randn(5, 4, dtype=torch.float64), torch.randn(2, 9, 4, dtype=torch.float64)
+    masked = torch.zeros(2, 9, dtype=torch.bool)
+    masked[0, [0, 3]], masked[1, [2, 7, 8]] = True, True
+    targets = t[masked]  # row-major: image 0's patches 0, 3, then image 1's 2, 7, 8
+    expected = sum((1 - F.cosine_similarity(s[i], targets[i], dim=0) + F.smooth_l1_loss(s[i], targets[i])).item()
+                   for i in range(5))
+    assert masked_loss_sum(s, t, masked).item() == pytest.approx(expected, rel=1e-12)
+    t2 = t.clone()
+    t2[~masked] = 100.0  # an unmasked patch's target changes nothing
+    assert masked_loss_sum(s, t2, masked).item() == pytest.approx(expected, rel=1e-12)
+    s.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: masked_loss_sum(x, t, masked), (s,))
+
+
+def test_the_mask_is_a_function_of_the_batch_with_one_patch_at_least():
+    pixels = torch.rand(64, 3, 24, 24)
+    a, b = patch_mask(pixels, 3, 0.4), patch_mask(pixels.clone(), 3, 0.4)
+    assert torch.equal(a, b) and a.shape == (64, 9) and bool(a.any(1).all())
+    assert 0.3 < a.float().mean().item() < 0.55  # about 40 % (plus the one forced per image)
+    assert not torch.equal(a, patch_mask(torch.rand(64, 3, 24, 24), 3, 0.4))
+
+
+def test_a_masked_student_learns_the_teachers_features(tmp_path, capsys):
+    """The student reads a masked image a second time and predicts the teacher's features of the
+    masked patches through its head: the loss falls (`learned`), the head and mask vector are the
+    student's, and distill.mask_prob changes what is masked (the count the loss is over)."""
+    teacher = tmp_path / "teacher"
+    assert train(teacher, "vision.image_size=32", embed=16, steps=3) == 0
+    weights = learned(tmp_path / "student", str(teacher), losses=["distill_masked"])
+    assert {k for k in weights if k.startswith(("masked_heads", "masker"))} == {
+        "masker.mask_embedding", *(f"masked_heads.0.{layer}.{p}" for layer in (0, 2) for p in ("weight", "bias"))}
+    from graft.designs import design
+    from graft.recipes import recipe
+
+    counts = []
+    for prob in (0.4, 0.8):
+        cfg = recipe("clip", [f"distill.teachers=[{teacher}]", "distill.losses=[masked]", f"distill.mask_prob={prob}"])
+        objective = design(cfg.model).objectives(cfg, None)["distill_masked"]
+        counts.append(objective.count({"pixel_values": torch.rand(32, 3, 24, 24, generator=torch.Generator().manual_seed(0))}))
+    assert counts[0] < counts[1] <= 32 * 9
+    assert train(tmp_path / "bad", f"distill.teachers=[{teacher}]", "distill.mask_prob=0.5") == 2
+    assert "distill.mask_prob=0.5 is read by the masked loss only" in capsys.readouterr().err

@@ -16,9 +16,9 @@ import graft
 # keeps a layer's modules from importing each other in a circle). A module belongs to the layer of
 # its longest matching prefix, so `graft.data.check` sits above `graft.data`.
 LAYERS = (
-    ("graft.errors", "graft.atomic", "graft.losses", "graft.objectives", "graft.distill", "graft.distill_lm"),
+    ("graft.errors", "graft.atomic", "graft.losses", "graft.objectives", "graft.distill_lm"),
     ("graft.models",),  # modules and their config dataclasses
-    ("graft.config",),  # parse, override, type-check: a leaf above the models' configs
+    ("graft.config", "graft.distill"),  # parse, override, type-check: a leaf above the models' configs; distillation losses (masks from models)
     ("graft.data", "graft.trainer.checkpoint"),  # records → rows, tokenizers; checkpoint files
     ("graft.rundir", "graft.parts", "graft.teacher_store"),  # a run directory; a run's parts copied into a model; stored teacher outputs
     ("graft.designs",),  # the registry: what each design builds, processes, validates, can do

@@ -18,6 +18,7 @@ from graft.designs.registry import EMBEDS, Design, register
 from graft.designs.shared import check_tower_sections, validate_vision
 from graft.errors import UserError
 from graft.models.dual_encoder import PARTS, ContrastiveConfig, DualEncoder
+from graft.models.mim import PatchMasker
 from graft.models.modality import IMAGES, TIME_SERIES
 from graft.models.series import SeriesConfig, series_tower
 from graft.models.text_encoder import TextConfig
@@ -28,20 +29,31 @@ class DistilledDualEncoder(DualEncoder):
     embeddings, its scale and, per teacher, its embeddings mapped to that teacher's width (a learned
     linear map where the widths differ, CLIP-KD §3.2; saved with the student)."""
 
-    def __init__(self, *args, teacher_dims: list[int], project: bool, patch_dims: list[int] | None = None):
+    def __init__(self, *args, teacher_dims: list[int], project: bool, patch_dims: list[int] | None = None,
+                 masked_dims: list[int] | None = None, mask_prob: float = 0.0):
         super().__init__(*args)
         own = self.cfg.embed_dim
         self.distill_proj = nn.ModuleList(nn.Linear(own, d, bias=False) if project and d != own else nn.Identity()
                                           for d in teacher_dims)
         width = self.vision.cfg.hidden_size  # `dense`: RADIO's per-teacher MLP heads on the patch tokens
-        self.dense_heads = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, d))
-                                         for d in patch_dims or [])
+
+        def heads(dims):
+            return nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, d)) for d in dims or [])
+
+        self.dense_heads = heads(patch_dims)
+        self.masked_heads = heads(masked_dims)  # `masked`: per-teacher heads on the masked image's states
+        self.masker = PatchMasker(self.vision, mask_prob) if masked_dims else None
 
     def forward(self, pixel_values=None, input_ids=None, text_pixels=None, **items):
         (image, text), losses, patches = self.forward_patches(pixel_values, input_ids, text_pixels, **items)
-        return {"image": image, "text": text, "scale": self.logit_scale.exp().clamp(max=100.0),  # (B, E) each
-                "projected": [(p(image), p(text)) for p in self.distill_proj],
-                "dense": [head(patches) for head in self.dense_heads]}, losses
+        out = {"image": image, "text": text, "scale": self.logit_scale.exp().clamp(max=100.0),  # (B, E) each
+               "projected": [(p(image), p(text)) for p in self.distill_proj],
+               "dense": [head(patches) for head in self.dense_heads]}
+        if self.masker is not None:  # a second pass of the image tower, over the masked image
+            out["mask"] = self.masker.mask(pixel_values)
+            states = self.masker.states(self.vision, pixel_values, out["mask"])[out["mask"]]  # (M, D)
+            out["masked"] = [head(states) for head in self.masked_heads]
+        return out, losses
 
 
 def build(cfg, tok, pretrained: bool = True):
@@ -56,8 +68,10 @@ def build(cfg, tok, pretrained: bool = True):
     dims = embed_dims(cfg, tok)
     project = bool({"fd", "icl"} & set(cfg.distill.chosen(distill.DEFAULT)))  # crd compares within each model's own space
     dense = patch_dims(cfg) if "dense" in cfg.distill.losses else None
+    masked = patch_dims(cfg) if "masked" in cfg.distill.losses else None
     return DistilledDualEncoder(cfg.vision, cfg.text, cfg.contrastive, tok.eos, IMAGES, tok.pad, special(tok),
-                                teacher_dims=dims, project=project, patch_dims=dense)
+                                teacher_dims=dims, project=project, patch_dims=dense, masked_dims=masked,
+                                mask_prob=cfg.distill.mask_prob)
 
 
 def special(tok) -> tuple[int, ...]:
@@ -72,7 +86,7 @@ def config_losses(cfg) -> tuple[str, ...]:
 
 
 def objectives(cfg, model) -> dict:
-    return distill.objectives(cfg.distill)
+    return distill.objectives(cfg.distill, cfg.vision.image_size // cfg.vision.patch_size)
 
 
 def sources(cfg) -> None:
@@ -113,9 +127,10 @@ def validate(cfg) -> None:
     if cfg.distill.layers:
         raise UserError(f"distill.layers={cfg.distill.layers}: a dual encoder's distillation has no hidden loss (model=vlm has)")
     distill.DistillConfig.check(cfg.distill)
-    if cfg.contrastive.mim_prob and cfg.vision.hf_path:
-        raise UserError("contrastive.mim_prob: masked image modelling masks the built-in ViT's patches; "
-                        f"vision.hf_path={cfg.vision.hf_path} is an HF tower")
+    for key, on in (("contrastive.mim_prob", cfg.contrastive.mim_prob), ("distill.losses=[masked]", "masked" in cfg.distill.losses)):
+        if on and cfg.vision.hf_path:
+            raise UserError(f"{key}: masked image modelling masks the built-in ViT's patches; "
+                            f"vision.hf_path={cfg.vision.hf_path} is an HF tower")
     if cfg.contrastive.mlm_prob and cfg.text.causal:
         raise UserError(f"contrastive.mlm_prob={cfg.contrastive.mlm_prob}: masked language modelling needs a "
                         "bidirectional text tower (text.causal=false, as siglip's)")

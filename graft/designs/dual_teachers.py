@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graft import teacher_store
+from graft import distill, teacher_store
 from graft.designs.registry import design
 from graft.errors import UserError
 from graft.models.dual_encoder import DualEncoder
@@ -65,7 +65,7 @@ def teacher(cfg, model, tok) -> Teacher | None:
     with torch.random.fork_rng():
         teachers = nn.ModuleList(_load(path, cfg, tok) for path in cfg.distill.paths)
 
-    dense = "dense" in cfg.distill.losses
+    dense = bool(set(distill.PATCH_LOSSES) & set(cfg.distill.losses))  # the teachers' patch features are read
 
     def read(teachers, batch):
         ids, text_pixels, pixels = batch.get("input_ids"), batch.get("text_pixels"), batch["pixel_values"]
@@ -81,9 +81,10 @@ def check_store(cfg) -> dict:
     path = cfg.distill.precomputed
     m = teacher_store.manifest(path)
     teacher_store.check(cfg, m, path)
-    if "dense" in cfg.distill.losses and any(outputs[3] == "none" for outputs in m["outputs"]):  # (img, txt, scale, patches)
-        raise UserError(f"distill.precomputed: {path} holds no patch features for dense (distill.losses there: "
-                        f"{m['losses'] or 'the default'})")
+    patches = set(distill.PATCH_LOSSES) & set(cfg.distill.losses)
+    if patches and any(outputs[3] == "none" for outputs in m["outputs"]):  # (img, txt, scale, patches)
+        raise UserError(f"distill.precomputed: {path} holds no patch features for {', '.join(sorted(patches))} "
+                        f"(distill.losses there: {m['losses'] or 'the default'})")
     return m
 
 

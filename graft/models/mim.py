@@ -21,22 +21,39 @@ from torch import nn
 from graft.models.vit import ViT
 
 
-class MaskedImageModel(nn.Module):
+def patch_mask(pixel_values: torch.Tensor, grid: int, prob: float) -> torch.Tensor:
+    """(B, grid²) bool: each patch masked with probability `prob`, at least one per image, drawn from
+    a generator seeded by the pixels (a pure function of the batch)."""
+    B = pixel_values.shape[0]
+    gen = torch.Generator().manual_seed(zlib.crc32(pixel_values.detach().float().cpu().numpy().tobytes()))
+    u = torch.rand(B, grid**2, generator=gen)
+    masked = u < prob
+    masked[torch.arange(B), u.argmin(1)] = True
+    return masked.to(pixel_values.device)
+
+
+class PatchMasker(nn.Module):
+    """A tower's patches masked with probability `prob` and read as a learned mask vector instead."""
+
     def __init__(self, tower: ViT, prob: float):
         super().__init__()
         c = tower.cfg
         self.prob, self.patch, self.grid = prob, c.patch_size, c.image_size // c.patch_size
         self.mask_embedding = nn.Parameter(torch.randn(c.hidden_size) * 0.02)
-        self.head = nn.Linear(c.hidden_size, 3 * c.patch_size**2)
 
     def mask(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, P) bool: the masked patches, at least one per image."""
-        B = pixel_values.shape[0]
-        gen = torch.Generator().manual_seed(zlib.crc32(pixel_values.detach().float().cpu().numpy().tobytes()))
-        u = torch.rand(B, self.grid**2, generator=gen)
-        masked = u < self.prob
-        masked[torch.arange(B), u.argmin(1)] = True
-        return masked.to(pixel_values.device)
+        return patch_mask(pixel_values, self.grid, self.prob)
+
+    def states(self, tower: ViT, pixel_values: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """The tower's last (post-normed) states (B, P, D) with the `masked` patches replaced."""
+        return tower.post_layernorm(tower.features(pixel_values, -1, (masked, self.mask_embedding)))
+
+
+class MaskedImageModel(PatchMasker):
+    def __init__(self, tower: ViT, prob: float):
+        super().__init__(tower, prob)
+        self.head = nn.Linear(tower.cfg.hidden_size, 3 * tower.cfg.patch_size**2)
 
     def patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) → (B, P, 3·p·p), patches in the ViT's row-major order."""
@@ -50,6 +67,5 @@ class MaskedImageModel(nn.Module):
     def loss(self, tower: ViT, pixel_values: torch.Tensor) -> torch.Tensor:
         """Σ over masked patches of the mean |predicted - true| pixel value."""
         masked = self.mask(pixel_values)
-        states = tower.post_layernorm(tower.features(pixel_values, -1, (masked, self.mask_embedding)))
-        predicted = self.head(states[masked]).float()
+        predicted = self.head(self.states(tower, pixel_values, masked)[masked]).float()
         return F.l1_loss(predicted, self.patches(pixel_values)[masked].float(), reduction="none").mean(-1).sum()
