@@ -96,11 +96,18 @@ class DataConfig:
     check_batches: int = 4  # micro-batches checked at the start of training (0: no check)
 
 
+SCHEDULES = ("cosine", "wsd")  # optim.schedule (graft/trainer/optim.py)
+
+
 @dataclass
 class OptimConfig:
     lr: float = 2e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 50
+    # after the linear warmup: cosine to the floor at train.steps, or wsd (warmup-stable-decay,
+    # Hägele et al. 2024): constant, then linear to the floor over the last decay_fraction of the steps
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2  # wsd only
     # On matrices (position tables included: exempting the ViT's cost shape accuracy early in a
     # 320-step run, 0.30 vs 0.50, measured); norms, biases and scalars are exempt.
     weight_decay: float = 0.05
@@ -128,6 +135,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 250
     keep_checkpoints: int = 2
+    keep_steps: list[int] = field(default_factory=list)  # steps whose checkpoints are saved and never pruned (WSD branches)
     # Write checkpoints in a background thread (torch.distributed.checkpoint.async_save): training
     # waits only for the copy of the state; the checkpoint counts once every process has written it.
     async_save: bool = False

@@ -153,10 +153,15 @@ def _validate_optim(cfg: Config) -> None:
         "optim.beta1": (o.beta1, 0 <= o.beta1 < 1, "must lie in [0, 1)"),
         "optim.beta2": (o.beta2, 0 <= o.beta2 < 1, "must lie in [0, 1)"),
         "optim.grad_clip": (o.grad_clip, o.grad_clip >= 0, "must be >= 0 (0: no clipping)"),
+        "optim.decay_fraction": (o.decay_fraction, 0 < o.decay_fraction <= 1, "must be in (0, 1]"),
     }
     for key, (value, valid, rule) in rules.items():
         if not (valid and math.isfinite(value)):  # NaN fails every comparison above
             raise UserError(f"{key}={value} {rule}")
+    if o.schedule not in config.SCHEDULES:
+        raise UserError(f"optim.schedule={o.schedule!r} is not one of {', '.join(config.SCHEDULES)}")
+    if o.schedule != "wsd" and o.decay_fraction != config.OptimConfig.decay_fraction:
+        raise UserError(f"optim.decay_fraction={o.decay_fraction} is read by optim.schedule=wsd only")
 
 
 def _validate_numbers(cfg: Config) -> None:
@@ -170,6 +175,8 @@ def _validate_numbers(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"{key}={value} must be positive")
+    if any(not 0 < k <= cfg.train.steps for k in cfg.train.keep_steps):
+        raise UserError(f"train.keep_steps={cfg.train.keep_steps}: each must be a step of the run, 1 to train.steps={cfg.train.steps}")
     if cfg.train.max_skipped_steps < 0:
         raise UserError(f"train.max_skipped_steps={cfg.train.max_skipped_steps} must be >= 0 (0: never stop)")
     if cfg.train.batch_size % cfg.train.grad_accum:

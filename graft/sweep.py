@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from graft import atomic, sweep_report
+from graft import atomic, sweep_report, sweep_wsd
 from graft.build import build_stream, step_losses
 from graft.compare import first_batches
 from graft.designs import design
@@ -79,6 +79,9 @@ class Run:
     tokens_per_step: int
     samples_per_step: int
     est_s: float
+    parent: str | None = None  # optim.schedule=wsd: the longer run this one branches from (graft/sweep_wsd.py)
+    start: int = 0  # ... at this step of it
+    keep: tuple[int, ...] = ()  # the steps whose checkpoints its branches start from
 
     @property
     def name(self) -> str:
@@ -86,8 +89,9 @@ class Run:
 
     def sets(self, overrides: list[str]) -> list[str]:
         every = f"train.ckpt_every={max(1, self.steps // 4)}"  # resumable, without a checkpoint every few steps
+        keep = [f"train.keep_steps=[{','.join(map(str, self.keep))}]"] if self.keep else []
         return [*SWEEP_SETS, every, *overrides, *self.size.sets, f"train.steps={self.steps}", f"train.seed={self.seed}",
-                f"eval.heldout_batches={HELDOUT_BATCHES}"]
+                f"eval.heldout_batches={HELDOUT_BATCHES}", *keep]
 
     def command(self, recipe_name: str, out: Path, overrides: list[str], launcher: list[str]) -> list[str]:
         sets = [word for s in self.sets(overrides) for word in ("--set", s)]
@@ -131,6 +135,8 @@ def plan(recipe_name: str, budgets: list[float], specs: list[str], seeds: int, o
     if not runs:
         raise UserError("graft scale sweep: no run is long enough; raise --budgets or lower --sizes ("
                         + "; ".join(left_out) + ")")
+    if cfg.optim.schedule == "wsd":  # one run per size and seed, the shorter budgets decayed from its checkpoints
+        runs = sweep_wsd.link(runs, cfg.optim.warmup_steps, cfg.optim.decay_fraction, STARTUP_S)
     return Plan(recipe_name, runs, left_out, jobs)
 
 
@@ -171,7 +177,7 @@ def render(p: Plan, out: Path, overrides: list[str], done: set[str]) -> str:
     lines = [f"graft scale sweep {p.recipe}: {len(p.runs)} runs ({len(done)} already done) in {out}",
              f"{'run':34s} {'params':>10s} {'steps':>6s} {'FLOPs':>9s} {'tokens':>9s} {'est. s':>7s}"]
     for r in p.runs:
-        mark = " (done)" if r.name in done else ""
+        mark = (f" (decays from step {r.start} of {r.parent})" if r.parent else "") + (" (done)" if r.name in done else "")
         lines.append(f"{r.name:34s} {r.size.params:>10,} {r.steps:>6d} {r.steps * r.flops_per_step:>9.3g} "
                      f"{r.steps * r.tokens_per_step:>9.3g} {r.est_s:>7.0f}{mark}")
     todo = sum(r.est_s for r in p.runs if r.name not in done)
@@ -208,6 +214,14 @@ def execute(p: Plan, out: Path, overrides: list[str]) -> list[str]:
     bar = tqdm(total=round(sum(r.est_s for r in todo)), unit="est-s", desc="sweep", dynamic_ncols=True)
 
     def one(run: Run) -> None:
+        if run.parent is not None:
+            try:
+                sweep_wsd.branch(out / "runs" / run.parent, run.start, out / "runs" / run.name)
+            except FileNotFoundError as e:  # its parent failed
+                with lock:
+                    failed.append(run.name)
+                    bar.set_postfix_str(f"{run.name} failed: {e}")
+                return
         mine = slots.get()
         try:
             env = {**os.environ, "OMP_NUM_THREADS": str(len(mine)), "MKL_NUM_THREADS": str(len(mine))}
@@ -228,7 +242,8 @@ def execute(p: Plan, out: Path, overrides: list[str]) -> list[str]:
             bar.set_postfix_str(f"{run.name} {'failed' if rc else 'done'}")
 
     with ThreadPoolExecutor(max_workers=slots.qsize()) as pool:
-        list(pool.map(one, todo))
+        list(pool.map(one, [r for r in todo if r.parent is None]))  # WSD branches after the runs they start from
+        list(pool.map(one, [r for r in todo if r.parent is not None]))
     bar.close()
     return failed
 
@@ -237,6 +252,9 @@ def write_launch(p: Plan, out: Path, overrides: list[str], kind: str) -> Path:
     """DIR/commands.txt (one `graft train` per line) and the script that runs them on a cluster."""
     if kind not in LAUNCHERS:
         raise UserError(f"--launch {kind!r} is not one of {', '.join(LAUNCHERS)}")
+    if any(r.parent for r in p.runs):
+        raise UserError("--launch with optim.schedule=wsd: a branch starts from its parent run's checkpoint, which "
+                        "these scripts do not wait for; run the sweep here, or with the cosine schedule")
     done = finished(out, p.runs)
     todo = [r for r in p.runs if r.name not in done]
     out.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ def write(runs, out: Path, command: str, samples: int = 200, recipe: str = "", o
         summary = fit_command(out / "points.csv", out / "fit", samples=samples, flops=float(budget.max()))
         three = scaling.from_constants([summary["fit"][k] for k in scaling.NAMES])
     atomic.write_bytes(out / "sweep.png", _plot(rows, found, three, per_token))
-    report = _report(rows, found, two, boot2, three, per_token, command, samples)
+    report = _report(rows, found, two, boot2, three, per_token, command, samples, _schedule(runs))
     atomic.write_text(out / "report.md", report)
     atomic.write_text(out / "sweep.json", json.dumps({
         "recipe": recipe, "overrides": list(overrides), "command": command,
@@ -88,8 +88,17 @@ def optimum3(fit: scaling.Fit, flops: float, per_token: dict[int, float]) -> tup
     return float(grid[i]), float(losses[i])
 
 
-def _report(rows, found, two, boot2, three, per_token, command, samples) -> str:
-    lines = ["# graft scale sweep", "", f"`{command}`", "",
+def _schedule(runs) -> str:
+    """What learning-rate schedule the points come from (docs/scaling.md)."""
+    if any(r.parent for r in runs):
+        return ("Schedule: warmup-stable-decay (optim.schedule=wsd); each size and seed trained once to its longest "
+                "budget, every shorter budget's run decayed from that run's checkpoint at its own decay start "
+                "(graft/sweep_wsd.py).")
+    return "Schedule: each run's own, ending at its budget (train.steps = its steps)."
+
+
+def _report(rows, found, two, boot2, three, per_token, command, samples, schedule: str = "") -> str:
+    lines = ["# graft scale sweep", "", f"`{command}`", "", schedule, "",
              "| run | params | steps | tokens | FLOPs | held-out loss |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['params']:,} | {r['steps']} | {r['tokens']:.3g} | {r['flops']:.3g} | {r['loss']:.4f} |"
               for r in rows]

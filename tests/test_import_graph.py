@@ -28,7 +28,7 @@ LAYERS = (
     ("graft.api", "graft.compare", "graft.export", "graft.plan", "graft.recipes",
      "graft.serve", "graft.serve_embed", "graft.serve_request",
      "graft.data.check", "graft.data.show", "graft.data.export", "graft.data.score", "graft.data.filter", "graft.data.recaption", "graft.scale", "graft.scaling",
-     "graft.ladder", "graft.isoflop", "graft.sweep", "graft.sweep_report", "graft.sweep_predict"),  # what the commands call
+     "graft.ladder", "graft.isoflop", "graft.sweep", "graft.sweep_report", "graft.sweep_predict", "graft.sweep_wsd"),  # what the commands call
     ("graft.cli", "graft.cli_data", "graft.__main__"),
 )
 # `graft` itself exposes the API lazily (graft/__init__.py): the package root is above everything.

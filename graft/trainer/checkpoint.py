@@ -140,8 +140,9 @@ class Saver:
     """Writes checkpoints from every process; with `async_save` the files are written in the
     background and `poll()` completes them at a later step boundary."""
 
-    def __init__(self, root: Path, keep: int, async_save: bool = False):
+    def __init__(self, root: Path, keep: int, async_save: bool = False, keep_steps: tuple[int, ...] = ()):
         self.root, self.keep, self.async_save = root, keep, async_save
+        self.kept = {step_dir(root, k).name for k in keep_steps}  # never pruned (train.keep_steps)
         self.pending = None  # (futures, tmp, final, meta)
         self.group = self.pool = None
         if async_save:
@@ -207,7 +208,7 @@ class Saver:
             (tmp / "meta.json").write_text(json.dumps(meta))
             _fsync_tree(tmp)
             os.replace(tmp, final)
-            for old in complete_checkpoints(self.root)[: -self.keep]:
+            for old in [c for c in complete_checkpoints(self.root) if c.name not in self.kept][: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
 

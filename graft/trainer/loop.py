@@ -42,7 +42,7 @@ from graft.trainer.stop import SkipGuard, StopOnSignal
 
 # Keys that may change between a run and its resumption (they do not change what is learned).
 RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.ckpt_every", "train.async_save",
-                     "train.max_skipped_steps", "train.keep_checkpoints", "train.eval_every", "eval.", "parallel.",
+                     "train.max_skipped_steps", "train.keep_checkpoints", "train.keep_steps", "train.eval_every", "eval.", "parallel.",
                      "optim.fused")
 
 
@@ -117,7 +117,7 @@ def _steps(s: _Session, log: MetricsLog) -> None:
     peak = runtime.peak_flops(rt, cfg.train.peak_flops)
     bar = _progress(cfg, s.start, rt)
     window, flops, guard = _Window(), MeasuredFlops(), SkipGuard(cfg.train.max_skipped_steps)
-    saver = checkpoint.Saver(s.run.checkpoints, cfg.train.keep_checkpoints, cfg.train.async_save)
+    saver = checkpoint.Saver(s.run.checkpoints, cfg.train.keep_checkpoints, cfg.train.async_save, tuple(cfg.train.keep_steps))
     step = s.start
     try:
         with StopOnSignal() as stop:
@@ -139,7 +139,7 @@ def _steps(s: _Session, log: MetricsLog) -> None:
                 guard.update(stats["skipped"], done, s.run.latest_checkpoint)  # Diverged after too many in a row
                 signum = stop.requested(rt)  # SIGINT / SIGTERM: checkpoint this step, then stop
                 saver.poll()  # an asynchronous save completes once every process has written its files
-                if signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
+                if signum or done % cfg.train.ckpt_every == 0 or done == cfg.train.steps or done in cfg.train.keep_steps:
                     t = time.perf_counter()
                     meta = {"samples_seen": s.samples_seen, "global_batch": cfg.train.batch_size * rt.world_size,
                             "micro_batch": cfg.train.batch_size // cfg.train.grad_accum,

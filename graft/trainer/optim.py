@@ -1,4 +1,8 @@
-"""AdamW with weight-decay groups and a linear-warmup + cosine learning-rate schedule."""
+"""AdamW with weight-decay groups, and the learning-rate schedules: linear warmup, then cosine to a
+floor at the last step, or warmup-stable-decay (WSD: constant, then a linear decay over the last
+`decay_fraction` of the steps, Hägele et al. 2024). A WSD run of T steps and the first steps of a
+longer one agree until T's decay starts (`wsd_decay_start`): a checkpoint there, resumed with
+train.steps = T, continues as the shorter run would have (graft scale sweep --schedule wsd)."""
 
 from __future__ import annotations
 
@@ -37,6 +41,25 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
+    if cfg.schedule == "wsd":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: wsd_factor(s, total_steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_fraction))
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
     )
+
+
+def wsd_decay_start(total: int, warmup: int, fraction: float) -> int:
+    """The step at which a WSD run of `total` steps starts to decay (never inside the warmup)."""
+    return max(warmup, total - math.ceil(fraction * total))
+
+
+def wsd_factor(step: int, total: int, warmup: int, min_ratio: float, fraction: float) -> float:
+    """Multiplier of the base lr at `step` under WSD: linear warmup from ~0, 1 until the decay
+    starts (where it is still 1), then linear to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    start = wsd_decay_start(total, warmup, fraction)
+    if step <= start:
+        return 1.0
+    return 1 - (1 - min_ratio) * min(1.0, (step - start) / max(1, total - start))
