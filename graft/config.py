@@ -180,6 +180,9 @@ class EvalConfig:
     zeroshot_file: str | None = None  # YAML/JSON with `classes` and/or `templates` (default: the world's)
     zeroshot_prompt: str | None = None  # VLMs: the question class names answer (default: data.caption_prompt)
     retrieval_pairs: int = 1000  # image–caption pairs per split
+    # models with image–text matching (contrastive.itm_layers > 0, qformer_stage1): also retrieve with each
+    # query's contrastive top K re-ranked by the match probability (BLIP); 0 = off
+    itm_rerank: int = 0
     # Tasks on a user's data (eval/tasks.py), `TASK=PATH` each, e.g. ["zeroshot=/data/pets"]: run at
     # the end of training, every train.eval_every steps, and by `graft eval RUN`.
     tasks: list[str] = field(default_factory=list)

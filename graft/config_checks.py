@@ -97,9 +97,11 @@ def _validate_capabilities(cfg: Config) -> None:
     if cfg.eval.zeroshot_prompt is not None and not design(cfg.model).can(GENERATES):
         raise UserError(f"eval.zeroshot_prompt is for runs that generate text; model={cfg.model} scores class names "
                         "by their embeddings")
+    if cfg.eval.itm_rerank and not design(cfg.model).can(EMBEDS):
+        raise UserError(f"eval.itm_rerank re-ranks retrieval; model={cfg.model} does not retrieve")
     if not design(cfg.model).can(EMBEDS):
         return
-    for key in ("zeroshot_images", "retrieval_pairs"):  # zero-shot by similarity, retrieval
+    for key in ("zeroshot_images", "retrieval_pairs", "itm_rerank"):  # zero-shot by similarity, retrieval
         if getattr(cfg.eval, key) < 0:
             raise UserError(f"eval.{key}={getattr(cfg.eval, key)} must not be negative")
     if cfg.eval.zeroshot_file and cfg.eval.splits:

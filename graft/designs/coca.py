@@ -36,6 +36,8 @@ def validate(cfg) -> None:
     CoCaConfig.check(cfg.coca)
     check_tower_sections(cfg)
     validate_vision(cfg)
+    if cfg.eval.itm_rerank:
+        raise UserError(f"eval.itm_rerank={cfg.eval.itm_rerank}: model=coca has no image–text matching to re-rank with")
     if not cfg.text.causal or cfg.text.pool != "eos":
         raise UserError(f"model=coca: the text tower is CoCa's unimodal decoder, so text.causal must be true and "
                         f"text.pool eos (got {cfg.text.causal}, {cfg.text.pool})")

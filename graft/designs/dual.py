@@ -126,6 +126,9 @@ def validate(cfg) -> None:
         validate_vision(cfg)
     if cfg.distill.layers:
         raise UserError(f"distill.layers={cfg.distill.layers}: a dual encoder's distillation has no hidden loss (model=vlm has)")
+    if cfg.eval.itm_rerank and not cfg.contrastive.itm_layers:
+        raise UserError(f"eval.itm_rerank={cfg.eval.itm_rerank} re-ranks by image–text matching; this dual encoder has "
+                        "none (contrastive.itm_layers=0)")
     distill.DistillConfig.check(cfg.distill)
     for key, on in (("contrastive.mim_prob", cfg.contrastive.mim_prob), ("distill.losses=[masked]", "masked" in cfg.distill.losses)):
         if on and cfg.vision.hf_path:

@@ -58,7 +58,7 @@ def world_dual(model, proc, data: WorldSplit, cfg) -> tuple[dict[str, float], li
     if e.zeroshot_images > 0:
         metrics, predictions = zero_shot(model, proc, data.world, data.name, e.zeroshot_images, e.zeroshot_file, e.batch_size)
     if e.retrieval_pairs > 0:
-        more, pairs = retrieval(model, proc, data.world, data.name, e.retrieval_pairs, e.batch_size)
+        more, pairs = retrieval(model, proc, data.world, data.name, e.retrieval_pairs, e.batch_size, e.itm_rerank)
         metrics, predictions = metrics | more, predictions + pairs
     if design(cfg.model).can(CAPTIONS) and e.captions > 0:
         more, captions = captioner_cider(model, proc, data.world, data.name, e.captions, e.batch_size)

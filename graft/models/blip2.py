@@ -218,6 +218,15 @@ class QFormerStage1(nn.Module):
         embeds = torch.cat([queries, self.embeddings(ids).to(image.dtype)], dim=1)
         return self.qformer.qformer(embeds, self.qformer.num_queries, image, mask)
 
+    def match(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Image–text matching, row by row: (B, 3, S, S) and (B, L) → (B,) log P(match), the ITM head
+        averaged over the queries as in training."""
+        image, _ = self.image_side(pixel_values)
+        ids, real = self._text(self.cls_id, input_ids)
+        keys = torch.cat([real.new_ones(ids.shape[0], self.qformer.num_queries), real], dim=1)
+        logits = self.itm_head(self._joint(image, ids, keys)[:, :self.qformer.num_queries]).mean(1)
+        return F.log_softmax(at_least_fp32(logits), -1)[:, 1]
+
     def _itm(self, image, input_ids, neg_text, neg_image) -> torch.Tensor:
         """Σ over 3B pairs (positive; image i with text neg_text[i]; image neg_image[j] with text j)."""
         B, N = input_ids.shape[0], self.qformer.num_queries

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.errors import UserError
-from graft.losses import as_local_sum, clip_loss, siglip_loss
+from graft.losses import as_local_sum, at_least_fp32, clip_loss, siglip_loss
 from graft.models.itm import ImageTextMatching
 from graft.models.mim import MaskedImageModel
 from graft.models.mlm import MaskedLM
@@ -160,6 +160,12 @@ class DualEncoder(nn.Module):
         h = self.vision(values, counts)  # (B, P, D), each item's first counts[i] tokens its own
         mask = torch.arange(h.shape[1], device=h.device) < counts[:, None]
         return F.normalize(self.image_proj(self.image_pool(h, mask)), dim=-1)
+
+    def match(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Image–text matching (`contrastive.itm_layers`): (B, 3, S, S) images and (B, L) captions,
+        row by row → (B,) log P(the caption belongs to the image)."""
+        logits = self.itm.logits(self.vision(pixel_values), self.text.states(input_ids), input_ids)
+        return F.log_softmax(at_least_fp32(logits), -1)[:, 1]
 
     def encode_text(self, input_ids: torch.Tensor | None = None, text_pixels: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, L), or for CLIPPO rendered text (B, 3, S, S) → (B, E), L2-normalised."""
