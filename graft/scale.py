@@ -36,8 +36,9 @@ def fit_command(points: Path, out: Path, drop_highest: int = 0, samples: int = 2
         raise UserError(f"--bootstrap={samples} must be >= 2 and --flops={flops} positive")
     kept = pts.subset(np.sort(np.argsort(pts.loss, kind="stable")[: len(pts) - drop_highest]))
     best = scaling.fit(kept)
-    summary = scaling.summary(best, scaling.bootstrap(kept, best, samples), flops)
-    summary |= {"points_file": str(points), "dropped_highest": drop_highest}
+    boot = scaling.bootstrap(kept, best, samples)
+    summary = scaling.summary(best, boot, flops)
+    summary |= {"points_file": str(points), "dropped_highest": drop_highest, "bootstrap_diverged": samples - len(boot)}
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "fit.json", json.dumps(summary, indent=1))
     atomic.write_bytes(out / "fit.png", _plot(kept, best, summary))
@@ -64,7 +65,9 @@ def report(summary: dict) -> str:
              f"L(N, D) = E + A / N^alpha + B / D^beta, fitted to {f['points']} points of `{summary['points_file']}`"
              f" (the {summary['dropped_highest']} highest-loss points dropped) by minimising the summed Huber "
              f"loss (delta 1e-3) of log-loss residuals with L-BFGS from Hoffmann et al.'s grid: objective "
-             f"{f['objective']:.7f}. Intervals: {len(summary['bootstrap'])} bootstrap refits.", "",
+             f"{f['objective']:.7f}. Intervals: {len(summary['bootstrap'])} bootstrap refits"
+             + (f" ({summary['bootstrap_diverged']} more diverged and are left out)." if summary.get("bootstrap_diverged")
+                else "."), "",
              "| constant | value | s.e. | 95 % interval |", "|---|---|---|---|"]
     for name, s in summary["constants"].items():
         lines.append(f"| {name} | {s['value']:.4g} | {s['se']:.3g} | {s['ci95'][0]:.4g} – {s['ci95'][1]:.4g} |")

@@ -145,7 +145,9 @@ def _as_fit(theta: np.ndarray, value: float, n: int) -> Fit:
 
 
 def bootstrap(pts: Points, best: Fit, samples: int = 200, seed: int = 0) -> list[Fit]:
-    """Refits on `samples` resamples of the points (with replacement), each started at `best`."""
+    """Refits on `samples` resamples of the points (with replacement), each started at `best`; a refit
+    whose constants run off past a float's range (a resample with no floor or no curvature in N or D:
+    exp(log A) overflows) is left out, so the list may be shorter (the reports say how many remain)."""
     rng = np.random.default_rng(seed)
     # A constant fitted to 0 (E of a loss with no floor) is started at the smallest normal float: log 0 = -inf
     # would leave L-BFGS where it starts, and every refit equal to `best`
@@ -155,7 +157,10 @@ def bootstrap(pts: Points, best: Fit, samples: int = 200, seed: int = 0) -> list
     for _ in range(samples):
         sub = pts.subset(rng.integers(0, len(pts), len(pts)))
         r = _minimise(theta, sub, "sum", tight=True)
-        out.append(_as_fit(r.x, r.fun, len(sub)))
+        try:
+            out.append(_as_fit(r.x, r.fun, len(sub)))
+        except OverflowError:
+            continue
     return out
 
 

@@ -73,6 +73,20 @@ def test_a_loss_without_a_floor_still_has_bootstrap_intervals():
         assert np.std([getattr(f, name) for f in boot]) > 0, name
 
 
+def test_a_bootstrap_refit_that_runs_off_is_left_out_and_counted(tmp_path):
+    """A real sweep's points (tests/data/README.md) where a resample's refit sent log A past a float's
+    range: the fit and its report are written, the refits that remain and those left out add up to
+    --bootstrap, and the report says how many were left out."""
+    out = tmp_path / "fit"
+    assert main(["scale", "fit", str(CHINCHILLA.parent / "wsd_sweep_points.csv"), "--out", str(out),
+                 "--bootstrap", "200"]) == 0
+    data = json.loads((out / "fit.json").read_text())
+    assert len(data["bootstrap"]) + data["bootstrap_diverged"] == 200 and len(data["bootstrap"]) >= 150
+    said = "diverged and are left out" in (out / "report.md").read_text()
+    assert said == (data["bootstrap_diverged"] > 0)
+    assert all(np.isfinite(v).all() for v in data["bootstrap"])
+
+
 def test_scale_fit_and_predict_through_the_cli(tmp_path, capsys):
     out = tmp_path / "fit"
     assert main(["scale", "fit", str(CHINCHILLA), "--out", str(out), "--drop-highest", "5", "--bootstrap", "40"]) == 0
