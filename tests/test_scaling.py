@@ -78,10 +78,11 @@ def test_a_bootstrap_refit_that_runs_off_is_left_out_and_counted(tmp_path):
     range: the fit and its report are written, the refits that remain and those left out add up to
     --bootstrap, and the report says how many were left out."""
     out = tmp_path / "fit"
+    # resample 54 of the seeded 60 ran off on the AMD EPYC (log A 1728)
     assert main(["scale", "fit", str(CHINCHILLA.parent / "wsd_sweep_points.csv"), "--out", str(out),
-                 "--bootstrap", "200"]) == 0
+                 "--bootstrap", "60"]) == 0
     data = json.loads((out / "fit.json").read_text())
-    assert len(data["bootstrap"]) + data["bootstrap_diverged"] == 200 and len(data["bootstrap"]) >= 150
+    assert len(data["bootstrap"]) + data["bootstrap_diverged"] == 60 and len(data["bootstrap"]) >= 45
     said = "diverged and are left out" in (out / "report.md").read_text()
     assert said == (data["bootstrap_diverged"] > 0)
     assert all(np.isfinite(v).all() for v in data["bootstrap"])
