@@ -64,7 +64,7 @@ def cmd_data_score(args) -> None:
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size={args.batch_size} must be positive")
-    t = score_shards(args.shards, args.with_run, Path(args.out), args.embeddings, args.batch_size)
+    t = score_shards(args.shards, args.with_run, Path(args.out), args.embeddings, args.batch_size, args.score)
     print(f"graft data score: {t['records']} records of {t['shards']} shards scored, {t['skipped']} skipped "
           f"(counts per shard in each .parquet's metadata) -> {args.out}")
 
@@ -142,6 +142,8 @@ def add_data_parser(sub) -> None:
     z.add_argument("--out", required=True, help="a new folder, or one this command started (it resumes)")
     z.add_argument("--embeddings", action="store_true", help="also save each shard's image and text embeddings (.npy)")
     z.add_argument("--batch-size", type=int, default=256)
+    z.add_argument("--score", default="itc", help="itc: the contrastive similarity (default); itm: the probability "
+                   "of the run's image-text matching head (contrastive.itm_layers > 0, qformer_stage1)")
     z.set_defaults(fn=cmd_data_score)
     f = data.add_parser("filter", help="keep the records that pass every --keep rule (CLIP score, caption, "
                         "duplicates, near an evaluation set) as new shards, with a manifest")

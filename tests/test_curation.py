@@ -357,3 +357,34 @@ def capfilt(scored, shard, vlm, out, capsys):
                     "synthetic": (r["synthetic"], r["synthetic"]), "none": (None, None)}[r["kept"]]
         assert (txt and txt.decode(), syn and syn.decode()) == expected
     assert kinds == {"both", "original", "synthetic", "none"}  # each outcome occurs with this scorer and VLM
+
+
+def test_an_itm_score_is_the_runs_match_probability(scored, tmp_path, capsys):
+    """`--score itm` with a run that has an image–text matching head (a 2-step siglip with one ITM
+    layer): each record's score is exp(model.match) of its image and first caption, computed here
+    pair by pair; runs and folders without a head are refused in one line."""
+    from graft.build import load_run, processor_for
+    from graft.data.score import shard_pairs
+    from graft.rundir import RunDir
+
+    run = train(tmp_path / "itm", "siglip", "train.steps=2", "train.batch_size=8", "contrastive.itm_layers=1", *SMALL)
+    assert main(["data", "score", str(scored / "pool"), "--with", str(run), "--out", str(tmp_path / "s"),
+                 "--score", "itm", "--batch-size", "7"]) == 0
+    got = {r["key"]: r["score"] for r in rows(tmp_path / "s")}
+    cfg, _, model, _ = load_run(RunDir(run))
+    proc = processor_for(cfg)
+    shard = sorted((scored / "pool").glob("*.tar"))[0]
+    _, keys, images, captions = shard_pairs(str(shard), cfg)
+    with torch.no_grad():
+        for key, image, caption in list(zip(keys, images, captions))[:20]:
+            batch = proc.pairs([image], [caption])
+            want = model.match(batch["pixel_values"], batch["input_ids"]).exp().item()
+            assert got[key] == pytest.approx(want, abs=1e-5), key  # batches of 7 there, of 1 here
+    assert len(got) == len(rows(scored / "scores"))
+    one_line_error(cli(capsys, "data", "score", scored / "pool", "--with", scored / "clip", "--out", tmp_path / "c",
+                       "--score", "itm"), "has no image–text matching head")
+    one_line_error(cli(capsys, "data", "score", scored / "pool", "--with", run, "--out", tmp_path / "d",
+                       "--score", "nll"), "--score 'nll' is not one of itc, itm")
+    # the same folder with another --score: refused, nothing changed
+    one_line_error(cli(capsys, "data", "score", scored / "pool", "--with", run, "--out", tmp_path / "s"),
+                   "another --score")

@@ -26,6 +26,8 @@ def is_hf_folder(path: str) -> bool:
 
 
 class HFScorer:
+    score = "itc"  # its similarity (an HF CLIP/SigLIP has no matching head)
+
     def __init__(self, path: str):
         # lazy: transformers takes ~1 s to import, only for an HF folder
         from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer

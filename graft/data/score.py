@@ -9,7 +9,10 @@ or a local Hugging Face CLIP/SigLIP folder — the CLIP score that DataComp filt
     DIR/SHARD.text.npy    in the rows' order (for later filters: near duplicates, an evaluation set)
 
 The score is the model's own similarity of a record's image and its (first) caption: the cosine of
-the two normalised embeddings; a Q-Former's, the best of its queries (`similarity`). A shard's
+the two normalised embeddings; a Q-Former's, the best of its queries (`similarity`). With `--score
+itm` it is instead the probability that the caption belongs to the image under the run's image–text
+matching head (a dual encoder with `contrastive.itm_layers`, a BLIP-2 stage-1 run: BLIP's CapFilt
+filters by it); `--embeddings` still saves the contrastive embeddings. A shard's
 files are written whole, its `.parquet` last (graft/atomic.py), so a shard with a `.parquet` is done
 and a rerun after a kill skips it. Under torchrun each process scores every WORLD_SIZE-th shard from
 its RANK. Records are read as for evaluation (eval/captioned.py, within the data limits): one that
@@ -44,12 +47,17 @@ from graft.eval.zero_shot import embed_images, embed_texts
 from graft.rundir import RunDir
 
 
-def score_shards(shards: str, model_dir: str, out: Path, embeddings: bool = False, batch_size: int = 256) -> dict:
+SCORES = ("itc", "itm")  # the contrastive similarity; the image–text matching probability
+
+
+def score_shards(shards: str, model_dir: str, out: Path, embeddings: bool = False, batch_size: int = 256,
+                 score: str = "itc") -> dict:
     """Score every shard of `shards` (a folder of *.tar, a path or a brace pattern) not yet done in
     `out`; returns the totals of this process's shards."""
     urls = shard_urls(shards, "no webdataset shards there")
-    scorer = scorer_for(model_dir)
-    _claim(out, {"shards": urls, "model": str(Path(model_dir).resolve()), "embeddings": embeddings})
+    scorer = scorer_for(model_dir, score)
+    asked = {"shards": urls, "model": str(Path(model_dir).resolve()), "embeddings": embeddings}
+    _claim(out, asked | ({"score": score} if score != "itc" else {}))  # (folders written before --score: itc)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     mine = [u for u in urls[rank::world] if not (out / f"{Path(u).stem}.parquet").exists()]
     totals = {"shards": 0, "records": 0, "skipped": 0}
@@ -67,8 +75,8 @@ def _claim(out: Path, asked: dict) -> None:
     manifest = out / "score.json"
     if manifest.exists():
         if json.loads(manifest.read_text()) != asked:
-            raise UserError(f"{out} holds scores of other shards, another model or another --embeddings choice "
-                            f"({manifest}); use a new --out")
+            raise UserError(f"{out} holds scores of other shards, another model, another --score or another "
+                            f"--embeddings choice ({manifest}); use a new --out")
         return
     if out.exists() and any(not _ours(p.name) for p in out.iterdir()):
         raise UserError(f"{out} exists and is not a `graft data score` folder; use a new --out")
@@ -81,22 +89,41 @@ def _ours(name: str) -> bool:
     return name.startswith(".") or name == "score.json" or name.endswith((".parquet", ".npy"))
 
 
-def scorer_for(model_dir: str):
-    """A graft dual-encoder run, or a Hugging Face CLIP/SigLIP folder (data/hf_scorer.py)."""
+def scorer_for(model_dir: str, score: str = "itc"):
+    """A graft dual-encoder run, or a Hugging Face CLIP/SigLIP folder (data/hf_scorer.py); `score`
+    itm: a run with an image–text matching head."""
+    if score not in SCORES:
+        raise UserError(f"--score {score!r} is not one of {', '.join(SCORES)}")
     if is_hf_folder(model_dir):
+        if score == "itm":
+            raise UserError(f"--score itm: {model_dir} is an HF CLIP/SigLIP folder, which has no image–text matching head")
         return HFScorer(model_dir)
     cfg, _, model, _ = load_run(RunDir(Path(model_dir)))
     if not design(cfg.model).can(EMBEDS):
         raise UserError(f"--with {model_dir}: model={cfg.model} does not embed images and texts into one space; "
                         "scoring needs a dual encoder run (clip, siglip, clippo, lit, coca, qformer_stage1)")
-    return GraftScorer(cfg, model.to("cuda" if torch.cuda.is_available() else "cpu"))
+    if score == "itm" and not model.matches:
+        raise UserError(f"--score itm: {model_dir} has no image–text matching head (a dual encoder trained with "
+                        "contrastive.itm_layers > 0, or a qformer_stage1 run)")
+    return GraftScorer(cfg, model.to("cuda" if torch.cuda.is_available() else "cpu"), score)
 
 
 class GraftScorer:
-    """A graft run's embeddings, through its own processor (as evaluation computes them)."""
+    """A graft run's embeddings, through its own processor (as evaluation computes them), and with
+    `score` itm its match probabilities."""
 
-    def __init__(self, cfg, model):
-        self.cfg, self.model, self.proc = cfg, model, processor_for(cfg)
+    def __init__(self, cfg, model, score: str = "itc"):
+        self.cfg, self.model, self.proc, self.score = cfg, model, processor_for(cfg), score
+
+    @torch.no_grad()
+    def match(self, images, captions, batch_size: int) -> list[float]:
+        """P(caption i belongs to image i) for each pair."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = self.proc.pairs(images[i:i + batch_size], captions[i:i + batch_size])
+            device = next(self.model.parameters()).device
+            out += self.model.match(batch["pixel_values"].to(device), batch["input_ids"].to(device)).exp().tolist()
+        return out
 
     @torch.no_grad()
     def embed(self, images, captions, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,5 +171,7 @@ def pair_scores(scorer, images, captions, batch_size: int) -> tuple[list[float],
     if not images:
         return [], None, None
     img, txt = scorer.embed(images, captions, batch_size)
+    if scorer.score == "itm":
+        return scorer.match(images, captions, batch_size), img, txt
     return [s for i in range(0, len(images), batch_size)
             for s in scorer.similarity(img[i:i + batch_size], txt[i:i + batch_size]).diagonal().tolist()], img, txt

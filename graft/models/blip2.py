@@ -117,6 +117,8 @@ def itg_mask(n_queries: int, real: torch.Tensor) -> torch.Tensor:
 class QFormerStage1(nn.Module):
     """Image encoder + Q-Former with ITC/ITM/ITG heads (parts: vision, qformer, heads)."""
 
+    matches = True  # has an image–text matching head: `match`
+
     def __init__(self, vision: VisionConfig | nn.Module, cfg: QFormerConfig, vocab_size: int, pad_id: int,
                  modality: Modality = IMAGES):
         """`vision`: the ViT's config or a ready tower of `modality`'s items (a series tower: series–text

@@ -127,6 +127,7 @@ class DualEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor([float(init)]))  # shape (1,) as in HF SiglipModel (FSDP2 shards no 0-d tensor)
         if cfg.loss == "siglip":
             self.logit_bias = nn.Parameter(torch.tensor([float(cfg.init_logit_bias)]))
+        self.matches = bool(cfg.itm_layers)  # has an image–text matching head: `match`
         if cfg.itm_layers:
             self.itm = ImageTextMatching(text, tower.hidden_size, cfg.itm_layers, eos_id, pad_id)
         if cfg.mlm_prob:
