@@ -92,8 +92,10 @@ def cmd_data_recaption(args) -> None:
     sampling = (args.temperature, args.top_p, args.seed) if args.temperature > 0 else None
     if (args.filter_with is None) != (args.min_score is None):
         raise UserError("--filter-with SCORER and --min-score T go together (CapFilt's filter)")
+    if args.filter_score != "itc" and args.filter_with is None:
+        raise UserError(f"--filter-score {args.filter_score} goes with --filter-with SCORER --min-score T")
     t = recaption(args.shards, args.with_run, Path(args.out), args.batch_size, args.max_new_tokens, sampling,
-                  args.filter_with, args.min_score or 0.0)
+                  args.filter_with, args.min_score or 0.0, args.filter_score)
     print(f"graft data recaption: {t['shards']} shards, {t['skipped']} records skipped, {t['rejected']} dropped by "
           f"the filter -> {args.out} (train with "
           "data.caption_mix=P to read KEY.syn.txt with probability P)")
@@ -166,4 +168,6 @@ def add_data_parser(sub) -> None:
     r.add_argument("--filter-with", metavar="SCORER", help="CapFilt: a dual-encoder run or HF CLIP/SigLIP folder that "
                    "keeps each caption (original, synthetic) whose score reaches --min-score")
     r.add_argument("--min-score", type=float, help="with --filter-with: the similarity a caption needs")
+    r.add_argument("--filter-score", default="itc", help="with --filter-with: itc (similarity, default) or itm "
+                   "(the scorer's image-text matching probability, as BLIP's filter)")
     r.set_defaults(fn=cmd_data_recaption)

@@ -388,3 +388,11 @@ def test_an_itm_score_is_the_runs_match_probability(scored, tmp_path, capsys):
     # the same folder with another --score: refused, nothing changed
     one_line_error(cli(capsys, "data", "score", scored / "pool", "--with", run, "--out", tmp_path / "s"),
                    "another --score")
+    # CapFilt's filter by the matching head (BLIP's): the original captions' scores are those above
+    vlm = train(tmp_path / "vlm", "tiny", "train.steps=2")
+    assert cli(capsys, "data", "recaption", shard, "--with", vlm, "--out", tmp_path / "cf", "--filter-with", run,
+               "--min-score", 0.5, "--filter-score", "itm")[0] == 0
+    filtered = pq.read_table(tmp_path / "cf" / shard.name.replace(".tar", ".parquet")).to_pylist()
+    assert [r["score_caption"] for r in filtered] == pytest.approx([got[r["key"]] for r in filtered], abs=1e-5)
+    one_line_error(cli(capsys, "data", "recaption", shard, "--with", vlm, "--out", tmp_path / "x",
+                       "--filter-score", "itm"), "--filter-score itm goes with --filter-with")

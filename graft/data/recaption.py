@@ -11,7 +11,8 @@ the two with `data.caption_mix` (data/webdataset.py: the probability of reading 
 
 CapFilt's filter (`--filter-with SCORER --min-score T`, a dual encoder as `graft data score`
 takes): each caption, original and synthetic, is kept when the scorer's image–caption similarity
-is at least T. A record keeps both (`.txt` and `.syn.txt`), the original only (no `.syn.txt`), the
+is at least T (with `--filter-score itm`, the scorer's image–text matching probability: BLIP's own
+filter). A record keeps both (`.txt` and `.syn.txt`), the original only (no `.syn.txt`), the
 synthetic only (written as its `.txt` too, so every reader takes it), or is dropped; the
 `.parquet` says which (`kept`) with both scores. A record whose image cannot be read is skipped
 and counted (`recaption.json`, beside the records the filter dropped); shards are written whole, so a rerun after a kill skips those
@@ -61,7 +62,7 @@ class Captioner:
 
 def recaption(shards: str, run_dir: str, out: Path, batch_size: int = 128, max_new_tokens: int = 32,
               sampling: tuple[float, float, int] | None = None, filter_with: str | None = None,
-              min_score: float = 0.0) -> dict:
+              min_score: float = 0.0, filter_score: str = "itc") -> dict:
     urls = shard_urls(shards, "no webdataset shards there")
     cfg, tok, model, _ = load_run(RunDir(Path(run_dir)))
     if not design(cfg.model).can(GENERATES):
@@ -69,12 +70,13 @@ def recaption(shards: str, run_dir: str, out: Path, batch_size: int = 128, max_n
     manifest = out / "recaption.json"
     asked = {"shards": urls, "model": str(Path(run_dir).resolve()), "sampling": list(sampling or ()),
              "filter_with": filter_with and str(Path(filter_with).resolve()), "min_score": min_score}
+    asked |= {"filter_score": filter_score} if filter_score != "itc" else {}  # (folders written before: itc)
     if manifest.exists() and json.loads(manifest.read_text())["asked"] != asked:
         raise UserError(f"{out} holds captions of other shards, another model or other settings; use a new --out")
     if not manifest.exists() and out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not a `graft data recaption` folder; use a new --out")
     job = Captioner(cfg, model, build_processor(cfg, tok, model), batch_size, max_new_tokens, sampling,
-                    scorer_for(filter_with) if filter_with else None, min_score)
+                    scorer_for(filter_with, filter_score) if filter_with else None, min_score)
     out.mkdir(parents=True, exist_ok=True)
     done = json.loads(manifest.read_text())["shards"] if manifest.exists() else {}
     for i, url in enumerate(tqdm(urls, desc="graft data recaption", unit="shard", disable=not sys.stderr.isatty())):
