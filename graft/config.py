@@ -15,8 +15,6 @@ config_checks.py (`apply_overrides` and `load` there validate as well).
 from __future__ import annotations
 
 import dataclasses
-import keyword
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from graft import atomic
+from graft.config_values import coerce, field_of, key_of, keyed
 from graft.errors import UserError
 from graft.models.connectors import ConnectorConfig
 from graft.models.decoder import LMConfig
@@ -241,82 +240,13 @@ _FIELDS = {f.name for f in dataclasses.fields(Config)}
 # ---- conversion between values and typed fields -------------------------------------------------
 
 
-def _coerce(key: str, value, tp):
-    """Return `value` as type `tp`, or raise UserError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        error = None
-        for inner in (a for a in args if a is not type(None)):  # the first type that takes the value
-            try:
-                return _coerce(key, value, inner)
-            except UserError as e:
-                error = error or e
-        raise error
-    if origin is dict:
-        key_type, value_type = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise UserError(f"config key '{key}' expects a mapping such as {{lm: 1}}, got {value!r}")
-        return {_coerce(key, k, key_type): _coerce(key, v, value_type) for k, v in value.items()}
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}' expects a list, got {value!r}")
-        return [_coerce(key, v, item) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise UserError(f"config key '{key}' expects true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise UserError(f"config key '{key}' expects an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise UserError(f"config key '{key}' expects an integer, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise UserError(f"config key '{key}' expects a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"config key '{key}' expects a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise UserError(f"config key '{key}' expects a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"unsupported config type {tp} for {key}")
-
-
 def _field_types(obj) -> dict:
     """The settable keys of a config node and their types (at the top: the sections too)."""
     hints = typing.get_type_hints(type(obj))
     if isinstance(obj, Config):
         del hints["sections"]
         hints |= SECTIONS
-    return {_key(name): tp for name, tp in hints.items()}
-
-
-def _key(name: str) -> str:
-    """A field's config key: the field `lambda_` is the key `lambda` (a Python keyword cannot name a field)."""
-    return name[:-1] if isinstance(name, str) and name.endswith("_") and keyword.iskeyword(name[:-1]) else name
-
-
-def _attr(key: str) -> str:
-    """The field behind a config key (`_key`'s inverse)."""
-    return key + "_" if keyword.iskeyword(key) else key
-
-
-def _keyed(value):
-    """`dataclasses.asdict`'s output with config keys for field names, at every depth."""
-    return {_key(k): _keyed(v) for k, v in value.items()} if isinstance(value, dict) else value
+    return {key_of(name): tp for name, tp in hints.items()}
 
 
 def set_key(cfg: Config, dotted: str, raw) -> None:
@@ -329,13 +259,13 @@ def set_key(cfg: Config, dotted: str, raw) -> None:
             valid = ", ".join(sorted(hints))
             raise UserError(f"unknown config key '{dotted}' ('{part}' is not in {where}; valid: {valid})")
         if i < len(parts) - 1:
-            node = getattr(node, _attr(part))
+            node = getattr(node, field_of(part))
             if not dataclasses.is_dataclass(node):
                 raise UserError(f"unknown config key '{dotted}' ('{part}' has no sub-keys)")
-        elif dataclasses.is_dataclass(getattr(node, _attr(part))):
+        elif dataclasses.is_dataclass(getattr(node, field_of(part))):
             raise UserError(f"config key '{dotted}' is a section; set one of its keys instead")
         else:
-            setattr(node, _attr(part), _coerce(dotted, raw, hints[part]))
+            setattr(node, field_of(part), coerce(dotted, raw, hints[part]))
 
 
 def override(cfg: Config, overrides: list[str]) -> list[str]:
@@ -370,7 +300,7 @@ def _expects_str(cfg: Config, dotted: str) -> bool:
 def to_dict(cfg: Config) -> dict:
     out = dataclasses.asdict(cfg)
     del out["sections"]
-    return _keyed(out | {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS})
+    return keyed(out | {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS})
 
 
 def from_dict(data: dict, cls=Config, prefix: str = ""):
@@ -388,7 +318,7 @@ def from_dict(data: dict, cls=Config, prefix: str = ""):
         elif dataclasses.is_dataclass(hints[key]):
             setattr(obj, key, from_dict(value, hints[key], dotted + "."))
         else:
-            setattr(obj, _attr(key), _coerce(dotted, value, hints[key]))
+            setattr(obj, field_of(key), coerce(dotted, value, hints[key]))
     return obj
 
 

@@ -16,7 +16,7 @@ import graft
 # keeps a layer's modules from importing each other in a circle). A module belongs to the layer of
 # its longest matching prefix, so `graft.data.check` sits above `graft.data`.
 LAYERS = (
-    ("graft.errors", "graft.atomic", "graft.losses", "graft.objectives", "graft.distill_lm"),
+    ("graft.errors", "graft.atomic", "graft.losses", "graft.objectives", "graft.distill_lm", "graft.config_values"),
     ("graft.models",),  # modules and their config dataclasses
     ("graft.config", "graft.distill"),  # parse, override, type-check: a leaf above the models' configs; distillation losses (masks from models)
     ("graft.data", "graft.trainer.checkpoint"),  # records → rows, tokenizers; checkpoint files
@@ -140,7 +140,7 @@ def test_models_import_only_errors_losses_and_other_models():
 
 def test_config_is_a_leaf():
     """config.py parses, overrides and type-checks; it reads no design, data or evaluation module."""
-    assert imports("graft.config") <= {"graft.atomic", "graft.errors", "graft.distill"} | {m for m in graph().modules
+    assert imports("graft.config") <= {"graft.atomic", "graft.errors", "graft.distill", "graft.config_values"} | {m for m in graph().modules
                                                                           if m.startswith("graft.models.")}
 
 
