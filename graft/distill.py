@@ -64,7 +64,7 @@ class DistillConfig:
     teachers: list[str | dict[str, str]] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)  # one per teacher, summing to 1; empty = the entries' or equal
     losses: list[str] = field(default_factory=list)  # empty = the design's default (dual: fd, icl, crd; vlm: logits); dual: kd, dense too
-    temperature: float = 1.0  # dual's crd: the teacher's similarities are divided by it; vlm's logits: both models'
+    temperature: float = 1.0  # dual's crd: the teacher's similarities / τ; dual's kd and vlm's logits: both models' / τ, × τ²
     layers: dict[int, int] = field(default_factory=dict)  # vlm's hidden: {student layer: teacher layer}, e.g. {-1: -1}
     mask_prob: float = 0.4  # dual's masked: the share of patches masked (BEiT v2 and EVA mask 40 %)
     # the soft/hard mix (config key `distill.lambda`): each distillation loss weighed λ, every other loss
@@ -84,7 +84,7 @@ class DistillConfig:
 
     @staticmethod
     def check(cfg: DistillConfig, losses: tuple[str, ...] = LOSSES, default: tuple[str, ...] = DEFAULT,
-              temperature_read_by: tuple[str, ...] = ("crd",)) -> None:
+              temperature_read_by: tuple[str, ...] = ("crd", "kd")) -> None:
         if not cfg.teachers:
             for key in ("weights", "losses", "temperature", "layers", "lambda_", "precomputed", "mask_prob"):
                 if getattr(cfg, key) != getattr(DistillConfig(), key):
@@ -219,25 +219,27 @@ def crd_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t_tx
 
 
 def kd_loss(s_img: torch.Tensor, s_txt: torch.Tensor, t_img: torch.Tensor, t_txt: torch.Tensor,
-            logit_scale: torch.Tensor, teacher_scale: torch.Tensor, *, rank: int = 0, world_size: int = 1,
-            group=None) -> torch.Tensor:
-    """open_clip's logit distillation (`DistillClipLoss.dist_loss`), the global batch's mean.
+            logit_scale: torch.Tensor, teacher_scale: torch.Tensor, temperature: float = 1.0, *, rank: int = 0,
+            world_size: int = 1, group=None) -> torch.Tensor:
+    """open_clip's logit distillation (`DistillClipLoss.dist_loss`), the global batch's mean, with
+    Hinton's temperature τ (1: open_clip's exactly).
 
     With student logits S_ij = s · s_img_i·s_txt_j and teacher logits T_ij = t · t_img_i·t_txt_j (each
     model's own exponentiated scale) over the N pairs of the global batch, p = softmax over a row:
 
-        L = 1/2 · 1/N Σ_i [ -Σ_j p(T_i,:)_j log p(S_i,:)_j  -Σ_j p(T_:,i)_j log p(S_:,i)_j ]
+        L = τ² · 1/2 · 1/N Σ_i [ -Σ_j p(T_i,:/τ)_j log p(S_i,:/τ)_j  -Σ_j p(T_:,i/τ)_j log p(S_:,i/τ)_j ]
 
-    = `crd` with τ = 1/t plus the teacher's entropy, a constant for the student. Gathered and split
-    over processes as `crd_loss`. Memory: four (b, N) fp32 logit blocks per rank and O(N·E) gathered.
+    At τ = 1, `crd` with τ = 1/t plus the teacher's entropy, a constant for the student; τ > 1 softens
+    both distributions (the τ² keeps the gradient's size). Gathered and split over processes as
+    `crd_loss`. Memory: four (b, N) fp32 logit blocks per rank and O(N·E) gathered.
     """
     s_x, s_y, offset = local_and_gathered(s_img, s_txt, rank, world_size, group)
     t_x, t_y, _ = local_and_gathered(t_img, t_txt, rank, world_size, group)
-    b, t = s_img.shape[0], at_least_fp32(teacher_scale)
+    b, t, s = s_img.shape[0], at_least_fp32(teacher_scale) / temperature, logit_scale / temperature
     rows = slice(offset, offset + b)
-    i2t = _soft_ce_rows(t * t_x[rows] @ t_y.T, logit_scale * s_x[rows] @ s_y.T)
-    t2i = _soft_ce_rows(t * t_y[rows] @ t_x.T, logit_scale * s_y[rows] @ s_x.T)
-    return global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
+    i2t = _soft_ce_rows(t * t_x[rows] @ t_y.T, s * s_x[rows] @ s_y.T)
+    t2i = _soft_ce_rows(t * t_y[rows] @ t_x.T, s * s_y[rows] @ s_x.T)
+    return temperature**2 * global_mean((i2t + t2i) / 2, b * world_size, world_size, group)
 
 
 def _soft_ce_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -276,9 +278,9 @@ def _crd(out: dict, taught: list, weights: list[float], temperature: float) -> t
     return as_local_sum(mean, n, n * world.get("world_size", 1))
 
 
-def _kd(out: dict, taught: list, weights: list[float]) -> torch.Tensor:
+def _kd(out: dict, taught: list, weights: list[float], temperature: float) -> torch.Tensor:
     n, world = out["image"].shape[0], _world()
-    mean = sum(w * kd_loss(out["image"], out["text"], t_img, t_txt, out["scale"], t_scale, **world)
+    mean = sum(w * kd_loss(out["image"], out["text"], t_img, t_txt, out["scale"], t_scale, temperature, **world)
                for w, (t_img, t_txt, t_scale, _) in zip(weights, taught))
     return as_local_sum(mean, n, n * world.get("world_size", 1))
 
@@ -336,7 +338,7 @@ def objectives(cfg: DistillConfig, grid: int = 0) -> dict[str, Objective]:
     loss = {"fd": lambda out, batch, taught: _fd(out, taught, weights),
             "icl": lambda out, batch, taught: _icl(out, taught, weights),
             "crd": lambda out, batch, taught: _crd(out, taught, weights, cfg.temperature),
-            "kd": lambda out, batch, taught: _kd(out, taught, weights),
+            "kd": lambda out, batch, taught: _kd(out, taught, weights, cfg.temperature),
             "dense": lambda out, batch, taught: _dense(out, taught, weights),
             "masked": lambda out, batch, taught: _masked(out, taught, weights)}
     masked = lambda batch: int(patch_mask(batch["pixel_values"], grid, cfg.mask_prob).sum())  # noqa: E731

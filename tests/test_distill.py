@@ -93,6 +93,9 @@ def test_kd_is_open_clips_soft_cross_entropy():
     entropy = -(T.softmax(1) * T.log_softmax(1)).sum() / 12 - (T.T.softmax(1) * T.T.log_softmax(1)).sum() / 12
     crd = crd_loss(si, st, ti, tt, s, 1 / t.item())  # = crd at τ = 1/t plus the teacher's entropy
     assert kd_loss(si, st, ti, tt, s, t).item() == pytest.approx((crd + entropy).item(), rel=1e-10)
+    tau = 3.0  # Hinton's temperature: both models' logits / τ, the loss × τ²
+    hot = tau**2 * (dist_loss(T / tau, S / tau) + dist_loss(T.T / tau, S.T / tau)) / 2
+    assert kd_loss(si, st, ti, tt, s, t, tau).item() == pytest.approx(hot.item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", ["fd", "icl", "crd", "kd"])
@@ -102,7 +105,7 @@ def test_losses_pass_gradcheck_in_fp64(name):
     fn = {"fd": lambda a, b, s: fd_loss_sum(a, ti) + fd_loss_sum(b, tt) + 0 * s,
           "icl": lambda a, b, s: icl_loss(a, b, ti, tt, s),
           "crd": lambda a, b, s: crd_loss(a, b, ti, tt, s, 0.7),
-          "kd": lambda a, b, s: kd_loss(a, b, ti, tt, s, torch.tensor(9.0, dtype=torch.float64))}[name]
+          "kd": lambda a, b, s: kd_loss(a, b, ti, tt, s, torch.tensor(9.0, dtype=torch.float64), 2.0)}[name]
     assert torch.autograd.gradcheck(fn, (si, st, scale))
 
 
@@ -138,7 +141,7 @@ def test_bad_teachers_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, te
     cases = [([f"distill.teachers=[{teacher}]", "distill.weights=[0.5]"], "distill.weights=[0.5] must be"),
              ([f"distill.teachers=[{teacher},{teacher}]", "distill.weights=[1.0]"], "distill.weights has 1 entries"),
              ([f"distill.teachers=[{teacher}]", "distill.losses=[fd,kl]"], "'kl' is not one of fd, icl, crd, kd"),
-             ([f"distill.teachers=[{teacher}]", "distill.losses=[fd]", "distill.temperature=2"], "read by crd only"),
+             ([f"distill.teachers=[{teacher}]", "distill.losses=[fd]", "distill.temperature=2"], "read by crd and kd only"),
              ([f"distill.teachers=[{vlm}]"], "is a model=vlm run, not a dual encoder"),
              ([f"distill.teachers=[{tmp_path / 'nowhere'}]"], "run directory not found"),
              ([f"distill.teachers=[{llama}]"], "is an HF 'llama' model"),
