@@ -107,3 +107,28 @@ def test_a_masked_student_learns_the_teachers_features(tmp_path, capsys):
     assert counts[0] < counts[1] <= 32 * 9
     assert train(tmp_path / "bad", f"distill.teachers=[{teacher}]", "distill.mask_prob=0.5") == 2
     assert "distill.mask_prob=0.5 is read by the masked loss only" in capsys.readouterr().err
+
+
+def test_an_hf_vision_tower_alone_teaches_the_patch_losses(tmp_path, capsys):
+    """A CLIP vision tower saved alone (no text tower, no shared space: DINO-style teachers are towers)
+    teaches `dense`: its features are the tower's own last hidden state without the class token, the
+    student's loss falls; asked for an embedding loss it is refused in one line."""
+    from transformers import CLIPVisionModel
+
+    from graft.models.teachers import HFVisionTeacher
+    from hf_models import CLIP_MEAN, CLIP_STD, make_vision
+
+    tower = make_vision("clip", tmp_path / "tower")  # 24 px, 8 px patches, CLIP's mean and std
+    teacher = HFVisionTeacher(str(tower), ImagesAs((24, CLIP_MEAN, CLIP_STD), (24, [0.5] * 3, [0.5] * 3)))
+    pixels = torch.rand(2, 3, 24, 24) * 2 - 1
+    with torch.no_grad():
+        theirs = (pixels * 0.5 + 0.5 - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+        own = CLIPVisionModel.from_pretrained(str(tower))(pixel_values=theirs).last_hidden_state
+        torch.testing.assert_close(teacher.patch_features(pixels), own[:, 1:])
+    weights = learned(tmp_path / "student", str(tower), losses=["distill_dense"])
+    assert weights["dense_heads.0.2.weight"].shape == (32, 32)
+    capsys.readouterr()
+    assert train(tmp_path / "bad", f"distill.teachers=[{tower}]", "distill.losses=[dense,fd]") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is an HF vision tower alone" in err[0] and "not fd" in err[0], err
+    assert not (tmp_path / "bad").exists()

@@ -19,7 +19,8 @@ from graft.designs.registry import design
 from graft.errors import UserError
 from graft.models.dual_encoder import DualEncoder
 from graft.models.hf_backbones import resolve_vision
-from graft.models.teachers import Adapted, HFDualTeacher, ImagesAs, hf_embed_dim, hf_kind, hf_patch_dim
+from graft.models.teachers import (HF_VISION_KINDS, Adapted, HFDualTeacher, HFVisionTeacher, ImagesAs, hf_embed_dim,
+                                   hf_kind, hf_patch_dim)
 from graft.models.vit import VisionConfig
 from graft.objectives import Teacher
 from graft.rundir import RunDir
@@ -30,7 +31,10 @@ def embed_dims(cfg, tok) -> list[int]:
     """Each teacher's embedding width (what the student's projections map to)."""
     dims = []
     for path in cfg.distill.paths:
-        if hf_kind(path):
+        if (kind := hf_kind(path)) in HF_VISION_KINDS:
+            dims.append(0)  # a tower alone has no embedding space (check_sources: patch losses only)
+            continue
+        if kind:
             dims.append(hf_embed_dim(path))
             continue
         run = RunDir(path).require()
@@ -65,11 +69,14 @@ def teacher(cfg, model, tok) -> Teacher | None:
     with torch.random.fork_rng():
         teachers = nn.ModuleList(_load(path, cfg, tok) for path in cfg.distill.paths)
 
-    dense = bool(set(distill.PATCH_LOSSES) & set(cfg.distill.losses))  # the teachers' patch features are read
+    chosen = set(cfg.distill.chosen(distill.DEFAULT))
+    dense = bool(set(distill.PATCH_LOSSES) & chosen)  # the teachers' patch features are read
+    embeds = bool(chosen - set(distill.PATCH_LOSSES))  # and their embeddings and scale
 
     def read(teachers, batch):
         ids, text_pixels, pixels = batch.get("input_ids"), batch.get("text_pixels"), batch["pixel_values"]
-        return [(t.encode_image(pixels), t.encode_text(ids, text_pixels), t.scale().reshape(()),  # scale: 0-d
+        return [(t.encode_image(pixels) if embeds else None, t.encode_text(ids, text_pixels) if embeds else None,
+                 t.scale().reshape(()) if embeds else None,  # scale: 0-d
                  t.patch_features(pixels) if dense else None) for t in teachers]
 
     return Teacher(teachers, read)
@@ -94,9 +101,10 @@ def _images(v: VisionConfig) -> tuple[int, list[float], list[float]]:
 
 
 def _load(path: str, cfg, tok) -> nn.Module:
-    if hf_kind(path):
+    if kind := hf_kind(path):
         theirs = resolve_vision(VisionConfig(hf_path=path))  # its image processor's size, mean and std
-        return HFDualTeacher(path, tok.decode, ImagesAs(_images(theirs), _images(cfg.vision)))
+        images = ImagesAs(_images(theirs), _images(cfg.vision))
+        return HFVisionTeacher(path, images) if kind in HF_VISION_KINDS else HFDualTeacher(path, tok.decode, images)
     run = RunDir(path).require()
     theirs, their_tok = run.config(), run.tokenizer()
     theirs.text.vocab_size = theirs.text.vocab_size or len(their_tok)  # 0 in its config: its tokenizer's (build)
@@ -117,7 +125,13 @@ def check_sources(cfg, build) -> None:
     or a graft run of the dual design (`build`) with a complete checkpoint whose towers read text as
     the student's do (images of another size, mean or std are adapted)."""
     for path in cfg.distill.paths:
-        if hf_kind(path):
+        if (kind := hf_kind(path)) in HF_VISION_KINDS:
+            other = sorted(set(cfg.distill.chosen(distill.DEFAULT)) - set(distill.PATCH_LOSSES))
+            if other:
+                raise UserError(f"distill.teachers: {path} is an HF vision tower alone: it gives patch features, for "
+                                f"{' and '.join(distill.PATCH_LOSSES)} only, not {', '.join(other)} (distill.losses)")
+            continue
+        if kind:
             if cfg.contrastive.shared_tower:
                 raise UserError(f"distill.teachers: {path} is an HF model, which reads text as token ids; this run's "
                                 "text is rendered as images (contrastive.shared_tower=true, CLIPPO)")

@@ -25,6 +25,7 @@ from torch import nn
 from graft.errors import UserError
 
 HF_KINDS = ("clip", "siglip")  # the `model_type`s of config.json taken as teachers
+HF_VISION_KINDS = ("clip_vision_model", "siglip_vision_model")  # vision towers alone: patch features only
 
 
 class ImagesAs(nn.Module):
@@ -78,18 +79,19 @@ def hf_kind(path: str) -> str | None:
     from transformers import AutoConfig
 
     kind = AutoConfig.from_pretrained(path).model_type
-    if kind not in HF_KINDS:
+    if kind not in HF_KINDS + HF_VISION_KINDS:
         raise UserError(f"distill.teachers: {path} is an HF '{kind}' model; a teacher is a CLIP or SigLIP model "
-                        f"({', '.join(HF_KINDS)}) or a graft dual-encoder run")
+                        f"({', '.join(HF_KINDS)}), their vision tower alone (patch losses), or a graft dual-encoder run")
     return kind
 
 
 def hf_patch_dim(path: str) -> int:
-    """The width of the vision tower's patch features of the HF CLIP/SigLIP folder at `path`."""
+    """The width of the vision tower's patch features of the HF CLIP/SigLIP folder (or tower) at `path`."""
     # lazy: imports transformers, only for an HF teacher folder
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path).vision_config.hidden_size
+    config = AutoConfig.from_pretrained(path)
+    return getattr(config, "vision_config", config).hidden_size
 
 
 def hf_embed_dim(path: str) -> int:
@@ -135,6 +137,24 @@ class HFDualTeacher(nn.Module):
         if self.padding == "max_length":  # SigLIP pools the last position and was trained without a mask
             enc.pop("attention_mask", None)
         return F.normalize(_features(self.model.get_text_features(**enc)), dim=-1)
+
+
+class HFVisionTeacher(nn.Module):
+    """An HF CLIP or SigLIP vision tower alone (no text tower, no shared space): patch features only,
+    for the patch losses (`dense`, `masked`)."""
+
+    def __init__(self, path: str, images: ImagesAs):
+        super().__init__()
+        # lazy: imports transformers, only for an HF teacher folder
+        from transformers import AutoModel
+
+        self.model, self.images = AutoModel.from_pretrained(path).eval(), images
+
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Its last hidden state at every patch (B, P, D); CLIP's class token dropped."""
+        hidden = self.model(pixel_values=self.images(pixels)).last_hidden_state
+        side = self.model.config.image_size // self.model.config.patch_size
+        return hidden[:, -side * side:]
 
 
 def _features(out) -> torch.Tensor:
