@@ -58,8 +58,37 @@ def test_mlm_is_the_cross_entropy_at_the_chosen_tokens():
     assert not torch.allclose(masked_only, model.text.states(ids))  # the [MASK] vector reaches the tower
 
 
+def test_mlm_through_the_fusion_encoder_reads_the_image():
+    """contrastive.mlm_on=fusion (ALBEF, BLIP): the corrupted caption's states go through the ITM
+    fusion layers, which attend to the image, before the head — the loss is that cross-entropy, and
+    another image changes it (through the text tower alone it cannot)."""
+    torch.manual_seed(0)
+    cfg = recipe("siglip", [*SMALL, "contrastive.itm_layers=1", "contrastive.mlm_on=fusion"])
+    proc = processor_for(cfg)
+    model, world = build_model(cfg, proc.tok).eval(), make_world(cfg)
+    ids = captions(proc, world, "train", 8)
+    pixels = torch.stack([proc.pixels(world.sample("train", i).image) for i in range(8)])
+    with torch.no_grad():
+        _, losses = model(pixel_values=pixels, input_ids=ids)
+        chosen, masked, corrupted = model.mlm.corrupt(ids)
+        fused = model.itm.fuse(model.vision(pixels), model.text.states(corrupted, (masked, model.mlm.mask_embedding)),
+                               corrupted)
+        expected = sum(F.cross_entropy(model.mlm.head(fused[b, t])[None], ids[b, t][None]).item()
+                       for b, t in chosen.nonzero().tolist())
+        assert losses["mlm"].item() == pytest.approx(expected, rel=1e-5)
+        _, other = model(pixel_values=pixels.flip(0), input_ids=ids)  # each caption with another image
+    assert abs(other["mlm"].item() - losses["mlm"].item()) > 1e-4
+    text_only, _, _ = small()
+    with torch.no_grad():
+        a = text_only(pixel_values=pixels, input_ids=ids)[1]["mlm"].item()
+        b = text_only(pixel_values=pixels.flip(0), input_ids=ids)[1]["mlm"].item()
+    assert a == b
+
+
 def test_bad_settings_are_one_line(tmp_path, capsys):
     cases = [("clip", ["contrastive.mlm_prob=0.15"], "needs a bidirectional text tower"),
+             ("siglip", ["contrastive.mlm_prob=0.15", "contrastive.mlm_on=fusion"], "contrastive.itm_layers > 0"),
+             ("siglip", ["contrastive.mlm_on=image"], "contrastive.mlm_on='image' is not one of text, fusion"),
              ("siglip", ["contrastive.mlm_prob=1.0"], "must be in [0, 1)"),
              ("clippo", ["contrastive.mlm_prob=0.15", "text.causal=false"], "CLIPPO (contrastive.shared_tower=true) has none"),
              ("coca", ["contrastive.mlm_prob=0.15"], "contrastive.mlm_prob: model=coca does not train it")]

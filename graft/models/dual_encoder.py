@@ -56,6 +56,7 @@ class ContrastiveConfig:
     # > 0: masked language modelling of the text tower at this rate (BERT: 0.15; models/mlm.py),
     # the loss `mlm`; needs a bidirectional text tower (text.causal=false)
     mlm_prob: float = 0.0
+    mlm_on: str = "text"  # text: the text tower alone (BERT); fusion: through the ITM layers with the image (ALBEF)
     # > 0: masked image modelling of the image tower with pixel targets at this patch rate (SimMIM:
     # 0.6; models/mim.py), the loss `mim`; the built-in ViT only
     mim_prob: float = 0.0
@@ -70,6 +71,11 @@ class ContrastiveConfig:
         for key in ("mlm_prob", "mim_prob"):
             if not 0 <= getattr(cfg, key) < 1:
                 raise UserError(f"contrastive.{key}={getattr(cfg, key)} must be in [0, 1)")
+        if cfg.mlm_on not in ("text", "fusion"):
+            raise UserError(f"contrastive.mlm_on={cfg.mlm_on!r} is not one of text, fusion")
+        if cfg.mlm_on == "fusion" and not (cfg.mlm_prob and cfg.itm_layers):
+            raise UserError("contrastive.mlm_on=fusion masks the caption the fusion encoder reads: it needs "
+                            f"contrastive.mlm_prob > 0 and contrastive.itm_layers > 0 (now {cfg.mlm_prob}, {cfg.itm_layers})")
         if cfg.mlm_prob and cfg.shared_tower:
             raise UserError("contrastive.mlm_prob: masked language modelling reads the text tower; CLIPPO "
                             "(contrastive.shared_tower=true) has none")
@@ -211,7 +217,8 @@ class DualEncoder(nn.Module):
             text_emb = self.encode_text(input_ids, text_pixels)
             losses = {"itc": self._itc(image_emb, text_emb)}
         if self.cfg.mlm_prob:
-            losses["mlm"] = self.mlm.loss(self.text, input_ids)
+            fuse = (lambda states, ids: self.itm.fuse(patches, states, ids)) if self.cfg.mlm_on == "fusion" else None
+            losses["mlm"] = self.mlm.loss(self.text, input_ids, fuse)
         if self.cfg.mim_prob:
             losses["mim"] = self.mim.loss(self.vision, pixel_values)
         return (image_emb, text_emb), losses, patches

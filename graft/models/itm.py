@@ -35,15 +35,21 @@ class ImageTextMatching(nn.Module):
         self.head = nn.Linear(text.hidden_size, 2)
         self.apply(_init_weights)
 
-    def logits(self, patches: torch.Tensor, states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Image patch tokens (B, P, Dv), the captions' text-tower states (B, L, D) and ids (B, L) → (B, 2):
-        [no match, match] logits of each (image, caption) row."""
+    def fuse(self, patches: torch.Tensor, states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The fusion encoder: the captions' text-tower states (B, L, D) attending over the caption and to
+        the image's patch tokens (B, P, Dv) → (B, L, D), normed (also what `contrastive.mlm_on=fusion` reads)."""
         x, image = states, self.image_to_text(patches)
         keys = (input_ids != self.pad_id)[:, None, None, :]
         for layer in self.layers:
             x = layer(x, image, keys)
+        return self.norm(x)
+
+    def logits(self, patches: torch.Tensor, states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Image patch tokens (B, P, Dv), the captions' text-tower states (B, L, D) and ids (B, L) → (B, 2):
+        [no match, match] logits of each (image, caption) row."""
+        x = self.fuse(patches, states, input_ids)
         at = (input_ids == self.eos_id).int().argmax(1)
-        return self.head(self.norm(x[torch.arange(x.shape[0], device=x.device), at]))
+        return self.head(x[torch.arange(x.shape[0], device=x.device), at])
 
     def loss(self, patches: torch.Tensor, states: torch.Tensor, input_ids: torch.Tensor,
              similarity: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Masked language modelling for a dual encoder's text tower (BERT, Devlin et al. 2019):
-`contrastive.mlm_prob` > 0 (BERT: 0.15).
+`contrastive.mlm_prob` > 0 (BERT: 0.15); with `contrastive.mlm_on=fusion`, of the image–text fusion
+encoder (the ITM layers reading the corrupted caption and the image: ALBEF, BLIP), so that the
+image helps predict the masked words.
 
 Of each caption's real tokens (not <bos>, <eos> or padding) each is chosen with probability
 `prob`; of the chosen, 80 % are replaced by a learned [MASK] vector at the embedding (the world's
@@ -50,9 +52,13 @@ class MaskedLM(nn.Module):
     def count(self, input_ids: torch.Tensor) -> int:
         return int(self.corrupt(input_ids)[0].sum())
 
-    def loss(self, tower: TextTower, input_ids: torch.Tensor) -> torch.Tensor:
-        """Σ over the chosen tokens of -log p(the original token | the corrupted caption)."""
+    def loss(self, tower: TextTower, input_ids: torch.Tensor, fuse=None) -> torch.Tensor:
+        """Σ over the chosen tokens of -log p(the original token | the corrupted caption); with `fuse`
+        (states, ids → states: the image–text fusion encoder, ALBEF's and BLIP's MLM), | the caption
+        and the image."""
         chosen, masked, ids = self.corrupt(input_ids)
         states = tower.states(ids, (masked, self.mask_embedding))
+        if fuse is not None:
+            states = fuse(states, ids)
         logits = self.head(states[chosen])
         return F.cross_entropy(at_least_fp32(logits), input_ids[chosen], reduction="sum")
