@@ -174,9 +174,10 @@ def manifest(path: str) -> dict:
                         f"(no {' or '.join(FILES)})")
     try:
         m = json.loads((root / FILES[1]).read_text())
-        m["teachers"], m["reads"], m["outputs"]  # noqa: B018 (the keys every store has)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise UserError(f"distill.precomputed: {root / FILES[1]} is not a readable manifest") from None
+    except (ValueError, UnicodeDecodeError):
+        m = None
+    if not isinstance(m, dict) or not {"teachers", "reads", "outputs"} <= set(m):  # what every store's holds
+        raise UserError(f"distill.precomputed: {root / FILES[1]} is not a readable manifest")
     return m
 
 
