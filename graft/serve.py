@@ -272,12 +272,18 @@ def _finish(req: Completion, n: int) -> str:
     return "length" if n == req.max_tokens else "stop"
 
 
+class Server(ThreadingHTTPServer):
+    """One thread per connection; a listen backlog for many clients at once (socketserver's default
+    of 5 let the kernel reset connections beyond it while the machine was busy: 64 clients at once
+    must all be queued and answered)."""
+
+    request_queue_size = 256
+    daemon_threads = True
+
+
 def make_server(run, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """A server for `run` (graft.api.Run), bound but not yet serving (port 0: a free port)."""
-    handler = type("RunHandler", (Handler,), {"served": Served(run)})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return Server((host, port), type("RunHandler", (Handler,), {"served": Served(run)}))
 
 
 def serve(run, host: str, port: int) -> None:
