@@ -62,15 +62,19 @@ CASES = {
     # batch (KD_TEACHER: a 2-step run of the same small CLIP, trained before the launch)
     "distill": ["clip", *DUAL[1:], "--set", "distill.teachers=[KD_TEACHER]", "--set", "distill.losses=[fd,icl,crd,kd]"],
 }
+# the same student reading its teacher's outputs from a store (KD_STORE: `graft distill precompute` of
+# the one-process run's records, before the launch): each process looks its own rows up
+CASES["distill_stored"] = [*CASES["distill"], "--set", "distill.precomputed=KD_STORE"]
 # a contrastive loss contrasts each micro-batch of the global batch: one of 32 on one process, one
 # of 16 per process (gathered) on two
-BATCHES = {case: (["--set", "train.batch_size=32"], ["--set", "train.batch_size=16"]) for case in ("dual", "distill")}
+BATCHES = {case: (["--set", "train.batch_size=32"], ["--set", "train.batch_size=16"])
+           for case in ("dual", "distill", "distill_stored")}
 
 
 def _sets(case, out):
     """The case's recipe and settings, its teacher in `out`."""
     return [arg.replace("EVE_TEACHER", str(out / "teacher")).replace("KD_TEACHER", str(out / "kd_teacher"))
-            for arg in CASES[case]]
+            .replace("KD_STORE", str(out / "kd_store")) for arg in CASES[case]]
 
 
 def _case_runs(out, case):
@@ -86,6 +90,8 @@ def _two(out):
     evaluate = ["--set", "eval.splits=[test]", "--set", "eval.vqa_per_type=5", "--set", "eval.captions=5"]
     make_vision("siglip", out / "teacher")
     here("train", "clip", *DUAL[1:], "--set", "train.steps=2", *QUIET, "--out", str(out / "kd_teacher"))
+    here("distill", "precompute", *_sets("distill", out), *STEPS, *QUIET, *BATCHES["distill"][0],
+         "--out", str(out / "kd_store"))
     run(torchrun_each([*TINY, "--out", str(out / "fsdp2"), *TWO, *FSDP2, *evaluate],
                       [*TINY, "--out", str(out / "ddp"), *TWO, "--set", "parallel.kind=ddp"],
                       *(args for case in CASES for args in _case_runs(out, case))))
@@ -140,7 +146,7 @@ def test_other_models_on_two_processes_equal_one_process(tmp_path, two, case):
         got = losses(two / f"{case}_{kind}")
         assert len(got) == len(want) == 5
         assert got == pytest.approx(want, rel=1e-5), (kind, got, want)
-        for name in ("distill_fd", "distill_icl", "distill_crd", "distill_kd") if case == "distill" else ():
+        for name in ("distill_fd", "distill_icl", "distill_crd", "distill_kd") if case.startswith("distill") else ():
             mine, one = named(two / f"{case}_{kind}", name), named(tmp_path / "one", name)
             assert mine == pytest.approx(one, rel=1e-5), (kind, name, mine, one)
     assert want[-1] < want[0]
