@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import statistics
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -34,20 +31,8 @@ import pyarrow.parquet as pq
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from graft.cli import main  # noqa: E402
-
-METRICS = ("zeroshot_acc", "i2t_r@1", "t2i_r@1")
+from datacomp_study import METRICS, run, shards, summary  # noqa: E402 (its neighbour: the same steps and table)
 DROP = 0.4  # CapFilt's threshold: the scorer's similarity below which the pool's worst 40 % of own captions fall
-
-
-def run(argv: list) -> None:
-    print("+ graft " + " ".join(shlex.quote(str(a)) for a in argv), flush=True)
-    if main([str(a) for a in argv]) != 0:
-        sys.exit(1)
-
-
-def shards(folder: Path) -> str:
-    return ",".join(str(folder / n) for n in sorted(p.name for p in folder.glob("*.tar")))
 
 
 def prepare(out: Path, pool: int) -> float:
@@ -65,15 +50,6 @@ def prepare(out: Path, pool: int) -> float:
     run(["data", "recaption", out / "pool", "--with", out / "captioner", "--out", out / "capfilt",
          "--filter-with", out / "scorer", "--min-score", f"{threshold:.4f}"])
     return threshold
-
-
-def summary(report: dict) -> dict:
-    out = {}
-    for row in report["rows"]:
-        out[row["recipe"]] = {name: (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
-                              for name in METRICS
-                              if (xs := [r["metrics"][name] for r in row["runs"] if name in r["metrics"]])}
-    return out
 
 
 def plot(table: dict, path: Path) -> None:

@@ -153,6 +153,8 @@ def shard_pairs(url: str, cfg):
 def _score_shard(url: str, scorer, out: Path, embeddings: bool, batch_size: int) -> tuple[int, int]:
     log, keys, images, captions = shard_pairs(url, scorer.cfg)
     scores, img, txt = pair_scores(scorer, images, captions, batch_size)
+    if embeddings and images and img is None:  # scored by ITM: the contrastive embeddings only when asked
+        img, txt = scorer.embed(images, captions, batch_size)
     if embeddings and images:
         for name, emb in (("image", img), ("text", txt)):
             buf = io.BytesIO()
@@ -167,11 +169,12 @@ def _score_shard(url: str, scorer, out: Path, embeddings: bool, batch_size: int)
 
 
 def pair_scores(scorer, images, captions, batch_size: int) -> tuple[list[float], torch.Tensor | None, torch.Tensor | None]:
-    """Each image's similarity to its own caption, and the two embeddings (None for no records)."""
+    """Each image's similarity to its own caption (or match probability), and the two embeddings
+    (None for no records, or when scored by ITM)."""
     if not images:
         return [], None, None
+    if scorer.score == "itm":  # the matching head: no embeddings needed (None)
+        return scorer.match(images, captions, batch_size), None, None
     img, txt = scorer.embed(images, captions, batch_size)
-    if scorer.score == "itm":
-        return scorer.match(images, captions, batch_size), img, txt
     return [s for i in range(0, len(images), batch_size)
             for s in scorer.similarity(img[i:i + batch_size], txt[i:i + batch_size]).diagonal().tolist()], img, txt
