@@ -222,7 +222,8 @@ def _validate_documents(cfg: Config) -> None:
 
 
 def _validate_grounding(cfg: Config, options: tuple[str, ...]) -> None:
-    """data.grounded_spatial: the built-in world's one-image conversations, a VLM, the world's tokenizer."""
+    """data.grounded_spatial and data.spatial_questions: the built-in world's one-image conversations, a
+    VLM (and for grounding, the world's tokenizer)."""
     share = cfg.data.grounded_spatial
     if not 0 <= share <= 1:
         raise UserError(f"data.grounded_spatial={share} must be in [0, 1]")
@@ -230,6 +231,13 @@ def _validate_grounding(cfg: Config, options: tuple[str, ...]) -> None:
                   or cfg.data.images_per_doc > 1 or cfg.data.text_only or cfg.data.tokenizer or cfg.lm.hf_path):
         raise UserError(f"data.grounded_spatial={share} grounds the built-in world's spatial questions for a VLM: it "
                         "needs data.source=shapes, a VLM model, one image per conversation and the world's own tokenizer")
+    more = cfg.data.spatial_questions
+    if more < 0:
+        raise UserError(f"data.spatial_questions={more} must be 0 or more")
+    if more and ("spatial_questions" not in options or not design(cfg.model).can(GENERATES)
+                 or cfg.data.images_per_doc > 1 or cfg.data.text_only):
+        raise UserError(f"data.spatial_questions={more} adds spatial questions to the built-in world's conversations: "
+                        "it needs data.source=shapes, a VLM model and one image per conversation")
 
 
 def _validate_tasks(cfg: Config) -> None:

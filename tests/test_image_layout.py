@@ -1,5 +1,5 @@
 """How image tokens attend and where they sit in the built-in decoder (`lm.image_attention`,
-`lm.image_positions`; models/image_layout.py), and the per-call layer context."""
+`lm.image_positions`, `lm.image_cells`; models/image_layout.py), and the per-call layer context."""
 
 
 import pytest
@@ -68,18 +68,22 @@ def test_mrope_positions_put_image_tokens_on_their_grid():
         assert [axis[i] for i in (0, 1, 6, 7, 12)] == [0, 1, 6, 7, 12]
 
 
-@pytest.mark.parametrize("key,value", [("image_attention", "bidirectional"), ("image_positions", "mrope")])
+SETTINGS = [("image_attention", "bidirectional"), ("image_positions", "mrope"), ("image_cells", True)]
+
+
+@pytest.mark.parametrize("key,value", SETTINGS)
 def test_each_image_setting_changes_the_logits_where_it_should(key, value):
     ids, pixels = two_image_ids(), torch.randn(2, 3, 16, 16)
     base, variant = tiny_vlm(), tiny_vlm(**{key: value})
-    variant.load_state_dict(base.state_dict())
+    missing, unexpected = variant.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("cells.") for name in missing)
     with torch.no_grad():
         a, b = base(ids, pixels)[0], variant(ids, pixels)[0]
     assert torch.equal(a[0, :2], b[0, :2])  # text before the first image is untouched
     assert (a[0, 2:] - b[0, 2:]).abs().max() > 1e-4  # image tokens (and text after them) change
 
 
-@pytest.mark.parametrize("key,value", [("image_attention", "bidirectional"), ("image_positions", "mrope")])
+@pytest.mark.parametrize("key,value", SETTINGS)
 def test_cached_generation_equals_recomputing_the_whole_sequence(key, value):
     """The prompt's image context is built once at prefill; decoding steps see it through the cache."""
     model, pixels = tiny_vlm(**{key: value}), torch.randn(2, 3, 16, 16)
@@ -95,9 +99,22 @@ def test_cached_generation_equals_recomputing_the_whole_sequence(key, value):
         assert int(logits[0, -1].argmax()) == token
 
 
+def test_image_cells_add_a_row_and_a_column_vector_to_each_image_token():
+    base, model = tiny_vlm(), tiny_vlm(image_cells=True)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("cells.")}
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in own.items())  # a seed's other weights unchanged
+    assert base.cells is None and set(model.state_dict()) - set(own) == {"cells.row.weight", "cells.col.weight"}
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        plain, celled = base.image_tokens(pixels), model.image_tokens(pixels)
+    row, col = model.cells.row.weight, model.cells.col.weight
+    for k in range(4):  # a 2 x 2 grid of tokens
+        torch.testing.assert_close(celled[:, k], plain[:, k] + row[k // 2] + col[k % 2], atol=1e-6, rtol=0)
+
+
 def test_packed_rows_keep_the_image_variants_per_document():
     """A packed row (two documents) gives each document the logits it gets alone, bidirectional too."""
-    model = tiny_vlm(image_attention="bidirectional", image_positions="mrope")
+    model = tiny_vlm(image_attention="bidirectional", image_positions="mrope", image_cells=True)
     doc = [1, 2] + [IMG] * 4 + [7, 8]
     ids = torch.tensor([doc + doc])
     pixels = torch.randn(2, 3, 16, 16)
@@ -137,6 +154,10 @@ def test_bad_image_settings_are_one_line_errors():
         LMConfig.check(LMConfig(image_positions="mrope", hf_path="/some/folder"))
     with pytest.raises(UserError, match="mrope needs image tokens on a grid"):
         LMConfig.check(LMConfig(image_positions="mrope"), image_grid=False)
+    with pytest.raises(UserError, match="lm.image_cells needs the built-in decoder"):
+        LMConfig.check(LMConfig(image_cells=True, hf_path="/some/folder"))
+    with pytest.raises(UserError, match="lm.image_cells needs image tokens on a grid"):
+        LMConfig.check(LMConfig(image_cells=True), image_grid=False)
     with pytest.raises(UserError, match="vision.position_init_std=0.2 has no effect"):
         VisionConfig.check(VisionConfig(position_init_std=0.2, init_from="runs/x"))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from graft.data.shapes import QA, Obj, Sample
+from graft.data.shapes import QA, RELATIONS, Obj, Sample, _question
 
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
@@ -50,10 +50,30 @@ def ground(question: str, objects: list[Obj]) -> Supervised:
     return out
 
 
+def more_spatial(sample: Sample, turns: list[tuple[str, str]], k: int, rng: random.Random) -> list[tuple[str, str]]:
+    """`turns` with `k` more spatial questions about `sample` at random places, if one of `turns` is
+    spatial (`data.spatial_questions`): more answers per step that need the relation, the scene's
+    other questions unchanged. A pair and relation may repeat one already asked."""
+    if not any(q in spatial_set(sample) for q, _ in turns):
+        return turns
+    turns = list(turns)
+    for _ in range(k):
+        qa = _question("spatial", sample.objects, rng, None)
+        turns.insert(rng.randint(0, len(turns)), (qa.question, qa.answer))
+    return turns
+
+
+def spatial_set(sample: Sample) -> set[str]:
+    """Every spatial question the world can ask about `sample`: each ordered pair of uniquely named
+    objects with each relation."""
+    named = [o for o in sample.objects if sum(p.name == o.name for p in sample.objects) == 1]
+    return {f"is the {a.name} {rel} the {b.name}?" for a in named for b in named if a is not b for rel in RELATIONS}
+
+
 def grounded_turns(sample: Sample, turns: list[tuple[str, str]], share: float, rng: random.Random) -> list[tuple[str, str]]:
     """`turns` about `sample` with each spatial question grounded with probability `share` (one draw
     of `rng` per spatial question, none for the others)."""
-    spatial = {qa.question for qa in sample.qa if qa.kind == "spatial"}
+    spatial = spatial_set(sample)
     return [(ground(q, sample.objects), a) if q in spatial and rng.random() < share else (q, a) for q, a in turns]
 
 

@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from graft.config import Config
 from graft.data.contrastive import pair_text
 from graft.data.documents import document
-from graft.data.grounding import grounded_questions, grounded_turns
+from graft.data.grounding import grounded_questions, grounded_turns, more_spatial
 from graft.data.samples import ONE_IMAGE, Example
 from graft.data.shapes import CAPTION_PROMPT, Sample, ShapesWorld
 from graft.data.tokenizer import ChatTokenizer, world_corpus
@@ -100,6 +100,8 @@ class WorldSource(BuiltInSource):
         if d.text_only:  # the scene in words, no image (and no caption request: it would be a copy)
             return Example(key, [], in_words(sample, training_turns(sample, rng, d.questions_per_image, 0.0)), [])
         turns = training_turns(sample, rng, d.questions_per_image, d.caption_prob)
+        if d.spatial_questions and self.split == "train":  # its own draws, as grounding's
+            turns = more_spatial(sample, turns, d.spatial_questions, random.Random(f"spatial/{d.seed}/{index}"))
         if d.grounded_spatial and self.split == "train":  # its own draws: the other turns stay as they were
             turns = grounded_turns(sample, turns, d.grounded_spatial, random.Random(f"grounded/{d.seed}/{index}"))
         return Example(key, [sample.image], turns, ONE_IMAGE)

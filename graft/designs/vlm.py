@@ -123,7 +123,7 @@ def validate_series(cfg) -> None:
     SeriesConfig.check(cfg.series)
     if cfg.connector.init_from:
         raise UserError(f"connector.init_from={cfg.connector.init_from}: a stage-1 Q-Former run reads images, not series")
-    for key, default in (("image_attention", "causal"), ("image_positions", "1d"), ("hf_path", None)):
+    for key, default in (("image_attention", "causal"), ("image_positions", "1d"), ("image_cells", False), ("hf_path", None)):
         if getattr(cfg.lm, key) != default:
             raise UserError(f"lm.{key}={getattr(cfg.lm, key)} is not available with series data (data.source={cfg.data.source})")
     check_connector(cfg.connector, cfg.series.num_patches, cfg.lm.hidden_size)

@@ -6,6 +6,9 @@ composes these from its settings `lm.image_attention` and `lm.image_positions`:
 
 - `item_mask` (`bidirectional`): every token of an item may see every other token of the same item
   (the prefix-LM mask of PaliGemma, Beyer et al. 2024), added to the causal mask;
+- `CellEmbedding` (`lm.image_cells`): a learned row and column vector added to each image token
+  before the decoder, so that a token's cell is in what attention reads from it, as a word's
+  identity is (rotary positions only shape where attention looks);
 - `mrope_positions` (`mrope`): token k of an image on a grid of side g, its first token at position
   p, sits at (time, row, column) = (p, p + k // g, p + k % g); text tokens at (p, p, p).
   `rope_tables` turns these into M-RoPE rotations (Qwen2-VL, Wang et al. 2024). Text keeps its 1-D
@@ -19,6 +22,7 @@ separates them. `counts` is the per-item token count (n,), or one int when every
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def item_numbers(slots: torch.Tensor, counts: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,3 +58,21 @@ def mrope_positions(positions: torch.Tensor, slots: torch.Tensor, grid: int | No
     row = torch.where(slots, start + k // grid, positions)
     col = torch.where(slots, start + k % grid, positions)
     return torch.stack([torch.where(slots, start, positions), row, col])
+
+
+class CellEmbedding(nn.Module):
+    """Token k of a `grid` x `grid` image gets row vector k // grid and column vector k % grid added
+    (the built-in world's cells; a table per axis, so tokens in one column share a vector)."""
+
+    def __init__(self, grid: int, dim: int, std: float):
+        super().__init__()
+        self.row, self.col = nn.Embedding(grid, dim), nn.Embedding(grid, dim)
+        for table in (self.row, self.col):
+            nn.init.normal_(table.weight, std=std)
+        k = torch.arange(grid * grid)
+        self.register_buffer("rows", k // grid, persistent=False)
+        self.register_buffer("cols", k % grid, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, grid², D) image tokens with their cells added."""
+        return tokens + (self.row(self.rows) + self.col(self.cols)).to(tokens.dtype)

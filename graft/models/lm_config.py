@@ -46,6 +46,10 @@ class LMConfig:
     # (time, row, column) over interleaved frequency pairs (M-RoPE, Qwen2-VL), text staying 1-D.
     image_attention: str = "causal"
     image_positions: str = "1d"
+    # A learned row and a learned column vector added to each image token in the LM's input (its
+    # cell on the token grid; models/image_layout.py CellEmbedding): where a token sits, in the
+    # values attention reads, not only in its rotary phase (docs/spatial.md)
+    image_cells: bool = False
     # Parameters of the image tokens' own (EVEv2, VLMo; the mission's "domain-specific norms"), each
     # a copy of the text one at initialisation, so an untrained model is unchanged by them; part
     # `lm_image` of train.freeze (`train.freeze: [vision, lm]` trains only them and the connector).
@@ -83,6 +87,10 @@ class LMConfig:
             raise UserError("lm.builtin=true loads an HF folder into the built-in decoder: set lm.hf_path")
         if cfg.image_positions == "mrope" and not image_grid:
             raise UserError("lm.image_positions=mrope needs image tokens on a grid; this connector's tokens have none")
+        if cfg.image_cells and cfg.hf_module:
+            raise UserError("lm.image_cells needs the built-in decoder (lm.hf_path is set: add lm.builtin=true)")
+        if cfg.image_cells and not image_grid:
+            raise UserError("lm.image_cells needs image tokens on a grid; this connector's tokens have none")
 
 
 ROUTING = ("agnostic", "aware")

@@ -15,7 +15,7 @@ from graft.errors import UserError
 from graft.losses import IGNORE, at_least_fp32, lm_loss_sum, supervised
 from graft.models.connectors import ConnectorConfig, build_connector
 from graft.models.decoder import KVCache, LanguageModel, Layout, LMConfig
-from graft.models.image_layout import item_mask, mrope_positions
+from graft.models.image_layout import CellEmbedding, item_mask, mrope_positions
 from graft.models.modality import IMAGES, Modality
 from graft.models.vit import VisionConfig, ViT
 
@@ -40,6 +40,10 @@ class VLM(nn.Module):
         # LM) so that a seed gives the same initial weights as before modules could be passed in.
         self.connector = build_connector(connector, self.vision.embed_dim, lm.hidden_size, self.vision.num_patches)
         self.lm = lm if isinstance(lm, nn.Module) else LanguageModel(lm)
+        lm_cfg = self.lm.cfg if isinstance(self.lm, LanguageModel) else None
+        self.cells = None  # lm.image_cells; built last: without it, a seed's weights are as before
+        if lm_cfg is not None and lm_cfg.image_cells:
+            self.cells = CellEmbedding(self.image_grid, lm_cfg.hidden_size, lm_cfg.init_std or lm_cfg.hidden_size**-0.5)
         # The connector reads encoder-layer features (before post_layernorm, as HF LLaVA does),
         # so the post norm is unused here; frozen so it never needs a gradient.
         self.vision.post_layernorm.requires_grad_(False)
@@ -84,7 +88,8 @@ class VLM(nn.Module):
         """(B_img, N, D_lm): what an image becomes in the LM's input; with per-item `counts` (B_img,)
         (series of different lengths, padded), item i's first counts[i] tokens are its own."""
         if counts is None:
-            return self.connector(self.vision.features(pixel_values))
+            tokens = self.connector(self.vision.features(pixel_values))
+            return tokens if self.cells is None else self.cells(tokens)
         return self.connector(self.vision.features(pixel_values, counts=counts))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
