@@ -44,8 +44,8 @@ class DataConfig:
     # Built-in world, training only: the share of spatial questions asked with each object's cell
     # after its name ("the red circle at top left"), the location words supervised (data/grounding.py)
     grounded_spatial: float = 0.0
-    # Built-in world, training only: this many more spatial questions about the scene in each
-    # conversation that has one (fresh pairs and relations from the world's generator)
+    # Built-in world, training only: this many more spatial questions in each conversation whose
+    # scene allows one (fresh pairs and relations from the world's generator)
     spatial_questions: int = 0
     # Images per training item: 1 = one image's conversation; n > 1 = interleaved documents of n images,
     # each with its questions, then questions about them together (data/documents.py)

@@ -92,7 +92,7 @@ def test_more_spatial_questions_are_true_training_only_and_leave_the_other_turns
         spatial = spatial_set(sample)
         kept = [t for t in after if t[0] not in spatial and not isinstance(t[0], Supervised)]
         assert kept == [t for t in before if t[0] not in spatial]  # the other turns, in their order
-        has = any(q in spatial for q, _ in before)
+        has = bool(spatial)
         n_after = sum(q in spatial or isinstance(q, Supervised) for q, _ in after)
         assert n_after == sum(q in spatial for q, _ in before) + (2 if has else 0)
         added, total = added + (2 if has else 0), total + n_after

@@ -51,10 +51,10 @@ def ground(question: str, objects: list[Obj]) -> Supervised:
 
 
 def more_spatial(sample: Sample, turns: list[tuple[str, str]], k: int, rng: random.Random) -> list[tuple[str, str]]:
-    """`turns` with `k` more spatial questions about `sample` at random places, if one of `turns` is
-    spatial (`data.spatial_questions`): more answers per step that need the relation, the scene's
+    """`turns` with `k` more spatial questions about `sample` at random places, if the scene allows
+    one (`data.spatial_questions`): more answers per step that need the relation, the scene's
     other questions unchanged. A pair and relation may repeat one already asked."""
-    if not any(q in spatial_set(sample) for q, _ in turns):
+    if not spatial_set(sample):
         return turns
     turns = list(turns)
     for _ in range(k):
