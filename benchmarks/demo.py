@@ -36,7 +36,7 @@ def world_speed(cfg, n: int = 3000) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--recipe", default="shapes_demo", choices=sorted(RECIPES))
+    p.add_argument("--recipe", default="shapes_vqa", choices=sorted(RECIPES))
     p.add_argument("--out")
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()

@@ -101,22 +101,24 @@ def shapes_fuyu() -> Config:
     return cfg
 
 
-def shapes_demo() -> Config:
-    """`graft demo`'s recipe: encoder-free (Fuyu) with a per-patch MLP, cell embeddings and grounded spatial questions.
+def shapes_spatial() -> Config:
+    """Fuyu with a per-patch MLP, cell vectors and grounded spatial questions: learns spatial relations, for some seeds.
 
     Each choice is measured in docs/spatial.md: with a ViT the LM places a named object from its
     token only 0.6-0.75 of the time (the tower's attention mixes the cells), while a per-patch MLP
     keeps each token one cell's content (0.98); `lm.image_cells` puts the cell itself in the token;
     grounded questions (`data.grounded_spatial`) supervise where each named object is, and three
     more spatial questions per scene (`data.spatial_questions`) give the comparison enough answers
-    per step. Evaluation questions are the world's own.
+    per step. Evaluation questions are the world's own. At this length (720 steps of 44, within
+    180 s on a 2-core CPU) train.seed 0 learns spatial relations (test 0.847) and seeds 1 and 2 do
+    not (val 0.51): the escape from the plateau is a matter of luck here, which is why `graft demo`
+    still trains `shapes_vqa`.
     """
     cfg = shapes_fuyu()
-    cfg.name = "shapes_demo"
+    cfg.name = "shapes_spatial"
     cfg.connector.kind = "mlp"
     cfg.lm.image_cells = True
     cfg.data.grounded_spatial, cfg.data.spatial_questions = 0.75, 3
-    # 44 x 720: within 180 s of training on a 2-core CPU (48 x 800 learns a little more, in 213 s)
     cfg.train.batch_size, cfg.train.steps = 44, 720
     return cfg
 
@@ -336,7 +338,7 @@ def shapes_qformer() -> Config:
 
 
 RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, shapes_resampler, shapes_pixel_shuffle, shapes_avgpool,
-                                   shapes_flamingo, shapes_fuyu, shapes_demo, shapes_moe, shapes_moe_aware, shapes_interleaved,
+                                   shapes_flamingo, shapes_fuyu, shapes_spatial, shapes_moe, shapes_moe_aware, shapes_interleaved,
                                    sensors_vlm, sensors_clip, sensors_qformer_stage1,
                                    tiny, shapes_scale, shapes_scale_fuyu, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, coca, clippo, lit,
                                    shapes_qformer_stage1, shapes_qformer)}
