@@ -162,6 +162,18 @@ def test_bad_image_settings_are_one_line_errors():
         VisionConfig.check(VisionConfig(position_init_std=0.2, init_from="runs/x"))
 
 
+@pytest.mark.parametrize("name,sets,needle", [
+    ("shapes_resampler", ["lm.image_cells=true"], "lm.image_cells needs image tokens on a grid"),
+    ("shapes_flamingo", ["lm.image_cells=true"], "lm.image_cells has no effect with model=flamingo"),
+    ("sensors_vlm", ["lm.image_cells=true"], "lm.image_cells=True is not available with series data"),
+    ("sensors_vlm", ["model=fuyu", "connector.kind=linear", "lm.image_cells=true"], "lm.image_cells is not available with series data"),
+])
+def test_cli_refuses_image_cells_where_image_tokens_have_no_grid(tmp_path, capsys, name, sets, needle):
+    out = tmp_path / "run"
+    one_line_error(cli(capsys, "train", name, "--out", out, *[a for s in sets for a in ("--set", s)]), needle)
+    assert not out.exists()
+
+
 def test_cli_refuses_mrope_with_a_resampler(tmp_path, capsys):
     out = tmp_path / "run"
     one_line_error(cli(capsys, "train", "shapes_resampler", "--out", out, "--set", "lm.image_positions=mrope"),

@@ -30,7 +30,7 @@ def build(cfg, tok, pretrained: bool = True):
 def validate(cfg) -> None:
     if cfg.lm.hf_module:
         raise UserError("model=flamingo needs the built-in decoder: with lm.hf_path, set lm.builtin=true")
-    for key in ("image_attention", "image_positions", "modality_norms", "modality_ffn"):
+    for key in ("image_attention", "image_positions", "image_cells", "modality_norms", "modality_ffn"):
         if getattr(cfg.lm, key) != getattr(type(cfg.lm)(), key):
             raise UserError(f"lm.{key} has no effect with model=flamingo: images do not enter the LM's sequence")
     FlamingoConfig.check(cfg.flamingo, cfg.lm.layers)

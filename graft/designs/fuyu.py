@@ -96,6 +96,9 @@ def validate(cfg) -> None:
         if cfg.eve.teacher:
             raise UserError(f"eve.teacher={cfg.eve.teacher}: EVE's teachers are image towers; data.source="
                             f"{cfg.data.source} gives series")
+        if cfg.lm.image_cells:
+            raise UserError(f"lm.image_cells is not available with series data (data.source={cfg.data.source}): "
+                            "a series' patches form a line, not a grid")
     if not per_patch(cfg.connector.kind):
         raise UserError(f"connector.kind={cfg.connector.kind}: model=fuyu projects each raw patch (linear or mlp)")
     if cfg.lm.hf_module:
