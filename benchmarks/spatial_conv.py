@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from spatial_symbolic import COL_WORD, ROW_WORD, VOCAB, WORDS, Model, Source, cells_of, evaluate, tok
+from spatial_symbolic import COL_WORD, GRID, ROW_WORD, VOCAB, WORDS, Model, Source, cells_of, evaluate, name_spans, tok
 
 from graft.data.shapes import QUESTION_TYPES, _question
 
@@ -69,9 +69,15 @@ def collate_conv(examples, a):
     """Left-padded conversations; targets at every <a> and at grounded questions' location words."""
     rows = []
     for objects, turns in examples:
-        ids, tgt, wt = [0] * 9, [-100] * 9, [0.0] * 9
+        ids, tgt, wt, aux = [0] * 9, [-100] * 9, [0.0] * 9, {}
+        byname = {o.name: o for o in objects}
         for q, ans, kind, grounded in turns:
             start = len(ids)
+            if kind == "spatial":  # --auxpos: each named object's row and column at its shape word
+                for ci, si in name_spans(q):
+                    o = byname.get(f"{WORDS[q[ci]]} {WORDS[q[si]]}")
+                    if o is not None:
+                        aux[start + si] = (o.row, o.col)
             ids += q + [VOCAB["<a>"], ans]
             tgt += [-100] * len(q) + [ans, -100]
             wt += [0.0] * len(q) + [a.spatial_weight if kind == "spatial" else 1.0, 0.0]
@@ -79,14 +85,17 @@ def collate_conv(examples, a):
                 for t in range(len(q) - 1):
                     if q[t] == VOCAB["at"] or (t > 0 and q[t - 1] == VOCAB["at"]):
                         tgt[start + t], wt[start + t] = q[t + 1], a.loc_weight
-        rows.append((ids, tgt, wt, cells_of(objects)))
+        rows.append((ids, tgt, wt, cells_of(objects), aux))
     T, B = max(len(r[0]) for r in rows), len(rows)
     batch = dict(ids=torch.zeros(B, T, dtype=torch.long), is_cell=torch.zeros(B, T, dtype=torch.bool),
                  role=torch.zeros(B, T, dtype=torch.long), doc=torch.zeros(B, T, dtype=torch.long),
                  pos=torch.zeros(B, T, dtype=torch.long), visible=None, cells=torch.tensor([r[3] for r in rows]),
-                 tgt=torch.full((B, T), -100, dtype=torch.long), wt=torch.zeros(B, T))
-    for b, (ids, tgt, wt, _) in enumerate(rows):
+                 tgt=torch.full((B, T), -100, dtype=torch.long), wt=torch.zeros(B, T),
+                 auxt=torch.full((B, T, 2), -100, dtype=torch.long))
+    for b, (ids, tgt, wt, _, aux) in enumerate(rows):
         p = T - len(ids)
+        for t, cell in aux.items():
+            batch["auxt"][b, p + t] = torch.tensor(cell)
         batch["ids"][b, p:] = torch.tensor(ids)
         batch["is_cell"][b, p:p + 9] = True
         batch["doc"][b, p:] = 1
@@ -139,12 +148,13 @@ def main(argv=None):
     p.add_argument("--annot", type=float, default=0.0, help="share of spatial questions grounded")
     p.add_argument("--loc-weight", dest="loc_weight", type=float, default=1.0)
     p.add_argument("--spatial-weight", dest="spatial_weight", type=float, default=1.0)
+    p.add_argument("--auxpos", type=float, default=0.0, help="weight of a row/column head at each name of a spatial question")
     p.add_argument("--extra-spatial", dest="extra_spatial", type=int, default=0)
     p.add_argument("--eval_every", type=int, default=100)
     p.add_argument("--nval", type=int, default=500)
     p.add_argument("--out", default="runs/spatial_conv/results.jsonl")
     a = p.parse_args(argv)
-    a.init_std, a.roles, a.layout, a.bidir, a.prefix, a.mix, a.auxpos = 0.0, False, "img", False, False, "", 0.0
+    a.init_std, a.roles, a.layout, a.bidir, a.prefix, a.mix = 0.0, False, "img", False, False, ""
     _grow_vocab()
     torch.manual_seed(a.seed)
     model = Model(a)
@@ -173,10 +183,14 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         batch = collate_conv([conversation(src, a) for _ in range(a.batch)], a)
-        logits, _ = model(batch)
+        logits, h = model(batch)
         m = batch["tgt"] >= 0
         per = F.cross_entropy(logits[m], batch["tgt"][m], reduction="none")
         loss = (per * batch["wt"][m]).sum() / m.sum()
+        at = batch["auxt"][..., 0] >= 0
+        if a.auxpos and at.any():
+            ax, cell = model.aux(h)[at], batch["auxt"][at]
+            loss = loss + a.auxpos * (F.cross_entropy(ax[:, :GRID], cell[:, 0]) + F.cross_entropy(ax[:, GRID:], cell[:, 1]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
