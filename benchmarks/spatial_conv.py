@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from spatial_symbolic import COL_WORD, GRID, ROW_WORD, VOCAB, WORDS, Model, Source, cells_of, evaluate, name_spans, tok
+from spatial_symbolic import COL_WORD, GRID, ROW_WORD, VOCAB, WORDS, Model, Source, cells_of, evaluate, lr_at, name_spans, optimizer, tok
 
 from graft.data.shapes import QUESTION_TYPES, _question
 
@@ -161,15 +160,7 @@ def main(argv=None):
     sets = val_sets(a.nval)
     gval = grounded_val(sets)
     src = Source("train", a.seed, start=a.seed * 10_000_000)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and "tabs" not in n and "role" not in n]
-    rest = [p for p in model.parameters() if all(p is not d for d in decay)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.95))
-
-    def lr_at(s):
-        if s < a.warmup:
-            return a.lr * (s + 1) / a.warmup
-        f = (s - a.warmup) / max(1, a.steps - a.warmup)
-        return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * f)))
+    opt = optimizer(model, a.lr, 0.05)
 
     curve, t0 = [], time.time()
     for step in range(a.steps + 1):
@@ -181,7 +172,7 @@ def main(argv=None):
             if step == a.steps:
                 break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step, a)
         batch = collate_conv([conversation(src, a) for _ in range(a.batch)], a)
         logits, h = model(batch)
         m = batch["tgt"] >= 0

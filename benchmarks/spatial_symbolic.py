@@ -274,6 +274,24 @@ def evaluate(model, val, a):
     return correct / len(val), yes / len(val)
 
 
+def optimizer(model: nn.Module, lr: float, wd: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices, not on embeddings, tables and norms."""
+    def decays(n, p):
+        return p.dim() >= 2 and "embed" not in n and "tabs" not in n and "role" not in n
+
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    rest = [p for n, p in model.named_parameters() if not decays(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def lr_at(s: int, a) -> float:
+    """Linear warmup over a.warmup steps, then cosine to a.lr * a.min_lr_ratio at a.steps."""
+    if s < a.warmup:
+        return a.lr * (s + 1) / a.warmup
+    f = (s - a.warmup) / max(1, a.steps - a.warmup)
+    return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * f)))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--name", default="run")
@@ -313,15 +331,7 @@ def main(argv=None):
     vs = Source("val", a.seed)
     val = [vs.spatial() for _ in range(a.nval)]
     src = Source("train", a.seed, start=a.seed * 10_000_000)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and "tabs" not in n and "role" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n and "tabs" not in n and "role" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": rest, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.95))
-
-    def lr_at(s):
-        if s < a.warmup:
-            return a.lr * (s + 1) / a.warmup
-        f = (s - a.warmup) / max(1, a.steps - a.warmup)
-        return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * f)))
+    opt = optimizer(model, a.lr, a.wd)
 
     curve, t0, hit, run_hits = [], time.time(), {}, 0
     train_time = 0.0
@@ -338,7 +348,7 @@ def main(argv=None):
                 break
         ts = time.time()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step, a)
         batch = collate([draw(src, a, step) for _ in range(a.batch)], a)
         logits, h = model(batch)
         loss = F.cross_entropy(logits[:, -1], batch["ans"], ignore_index=-100)
