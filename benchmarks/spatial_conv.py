@@ -12,6 +12,11 @@ question types does to the spatial circuit is measured apart from what pixels do
 
     python benchmarks/spatial_conv.py --name NAME [--annot 0.5] [--spatial-weight 3]
 
+Signals for the comparison itself (docs/spatial.md, session 24): --auxcmp W (a head at each spatial
+question's <a> predicting how the two named objects' columns and rows compare, as
+`data.spatial_compare`), --cmpword P (that comparison as a supervised word after the "?"),
+--relq K (K "where is X from Y ?" questions a scene, answered by that word).
+
 It scores the world's `val` split: spatial questions (as spatial_symbolic.py) and every other type.
 """
 
@@ -31,7 +36,7 @@ from spatial_symbolic import COL_WORD, GRID, ROW_WORD, VOCAB, WORDS, Model, Sour
 from graft.data.shapes import QUESTION_TYPES, _question
 
 
-def _grow_vocab() -> None:
+def _grow_vocab(extra: bool) -> None:
     """Every word of the world's questions and answers (spatial_symbolic's list holds the spatial ones)."""
     src = Source("train", 0)
     for _ in range(3000):
@@ -41,6 +46,29 @@ def _grow_vocab() -> None:
                 if w not in VOCAB:
                     VOCAB[w] = len(WORDS)
                     WORDS.append(w)
+    for w in ("where", "from", *PLACEMENTS) if extra else ():
+        if w not in VOCAB:
+            VOCAB[w] = len(WORDS)
+            WORDS.append(w)
+    PLACEMENT_IDS.update(VOCAB[w] for w in PLACEMENTS if w in VOCAB)
+
+
+PLACEMENTS = [f"{c}-{r}" for c in ("left", "same", "right") for r in ("above", "level", "below")]
+PLACEMENT_IDS: set[int] = set()
+
+
+def placement(src: Source, objects):
+    """--relq: "where is the X from the Y ?" answered by one word naming how X's column and row compare with Y's."""
+    named = [o for o in objects if sum(p.name == o.name for p in objects) == 1]
+    x, y = src.rng.sample(named, 2)
+    return tok(f"where is the {x.name} from the {y.name} ?"), VOCAB[PLACEMENTS[3 * _sign(x.col - y.col) + _sign(x.row - y.row)]]
+
+
+def compare(question: str, objects) -> int:
+    """Index into PLACEMENTS of how the question's first named object sits relative to its second."""
+    x, y = sorted((question.find(f" {o.name} ") if f" {o.name} " in question else question.find(f" {o.name}?"), o)
+                  for o in objects if f" {o.name}" in question)[:2]
+    return 3 * _sign(x[1].col - y[1].col) + _sign(x[1].row - y[1].row)
 
 
 def ground(q: str, objects) -> str:
@@ -58,17 +86,29 @@ def conversation(src: Source, a):
         qa += [_question("spatial", objects, src.rng, None) for _ in range(a.extra_spatial)]
         src.rng.shuffle(qa)
     turns = []
+    if any(q.kind == "spatial" for q in qa):
+        turns += [(*placement(src, objects), "relq", False) for _ in range(a.relq)]
     for q in qa:
         grounded = q.kind == "spatial" and src.rng.random() < a.annot
-        turns.append((tok(ground(q.question, objects) if grounded else q.question), VOCAB[q.answer], q.kind, grounded))
+        ids = tok(ground(q.question, objects) if grounded else q.question)
+        if q.kind == "spatial" and a.cmpword and src.rng.random() < a.cmpword:
+            ids = ids + [VOCAB[PLACEMENTS[compare(q.question, objects)]]]  # predicted at "?"
+        turns.append((ids, VOCAB[q.answer], q.kind, grounded))
+    if a.relq:
+        src.rng.shuffle(turns)
     return objects, turns
+
+
+def _sign(d: int) -> int:
+    """0, 1, 2 for less, equal, greater."""
+    return (d > 0) - (d < 0) + 1
 
 
 def collate_conv(examples, a):
     """Left-padded conversations; targets at every <a> and at grounded questions' location words."""
     rows = []
     for objects, turns in examples:
-        ids, tgt, wt, aux = [0] * 9, [-100] * 9, [0.0] * 9, {}
+        ids, tgt, wt, aux, cmp = [0] * 9, [-100] * 9, [0.0] * 9, {}, {}
         byname = {o.name: o for o in objects}
         for q, ans, kind, grounded in turns:
             start = len(ids)
@@ -77,24 +117,32 @@ def collate_conv(examples, a):
                     o = byname.get(f"{WORDS[q[ci]]} {WORDS[q[si]]}")
                     if o is not None:
                         aux[start + si] = (o.row, o.col)
+                named = [byname.get(f"{WORDS[q[ci]]} {WORDS[q[si]]}") for ci, si in name_spans(q)[:2]]
+                if len(named) == 2 and None not in named:  # --auxcmp: how the two compare, at <a>
+                    x, y = named
+                    cmp[start + len(q)] = (_sign(x.col - y.col), _sign(x.row - y.row))
             ids += q + [VOCAB["<a>"], ans]
             tgt += [-100] * len(q) + [ans, -100]
             wt += [0.0] * len(q) + [a.spatial_weight if kind == "spatial" else 1.0, 0.0]
+            if q[-1] in PLACEMENT_IDS:  # --cmpword: "?" predicts the comparison word
+                tgt[start + len(q) - 2], wt[start + len(q) - 2] = q[-1], 1.0
             if grounded:  # "at" predicts the row word, the row word the column word
                 for t in range(len(q) - 1):
                     if q[t] == VOCAB["at"] or (t > 0 and q[t - 1] == VOCAB["at"]):
                         tgt[start + t], wt[start + t] = q[t + 1], a.loc_weight
-        rows.append((ids, tgt, wt, cells_of(objects), aux))
+        rows.append((ids, tgt, wt, cells_of(objects), aux, cmp))
     T, B = max(len(r[0]) for r in rows), len(rows)
     batch = dict(ids=torch.zeros(B, T, dtype=torch.long), is_cell=torch.zeros(B, T, dtype=torch.bool),
                  role=torch.zeros(B, T, dtype=torch.long), doc=torch.zeros(B, T, dtype=torch.long),
                  pos=torch.zeros(B, T, dtype=torch.long), visible=None, cells=torch.tensor([r[3] for r in rows]),
                  tgt=torch.full((B, T), -100, dtype=torch.long), wt=torch.zeros(B, T),
-                 auxt=torch.full((B, T, 2), -100, dtype=torch.long))
-    for b, (ids, tgt, wt, _, aux) in enumerate(rows):
+                 auxt=torch.full((B, T, 2), -100, dtype=torch.long), cmpt=torch.full((B, T, 2), -100, dtype=torch.long))
+    for b, (ids, tgt, wt, _, aux, cmp) in enumerate(rows):
         p = T - len(ids)
         for t, cell in aux.items():
             batch["auxt"][b, p + t] = torch.tensor(cell)
+        for t, signs in cmp.items():
+            batch["cmpt"][b, p + t] = torch.tensor(signs)
         batch["ids"][b, p:] = torch.tensor(ids)
         batch["is_cell"][b, p:p + 9] = True
         batch["doc"][b, p:] = 1
@@ -148,15 +196,22 @@ def main(argv=None):
     p.add_argument("--loc-weight", dest="loc_weight", type=float, default=1.0)
     p.add_argument("--spatial-weight", dest="spatial_weight", type=float, default=1.0)
     p.add_argument("--auxpos", type=float, default=0.0, help="weight of a row/column head at each name of a spatial question")
+    p.add_argument("--auxcmp", type=float, default=0.0,
+                   help="weight of a head at a spatial question's <a> predicting how the two named objects' columns and rows compare")
+    p.add_argument("--cmpword", type=float, default=0.0,
+                   help="share of spatial questions followed by a supervised word saying how the two named objects compare")
+    p.add_argument("--relq", type=int, default=0, help="placement questions added per scene with a spatial question")
     p.add_argument("--extra-spatial", dest="extra_spatial", type=int, default=0)
     p.add_argument("--eval_every", type=int, default=100)
     p.add_argument("--nval", type=int, default=500)
     p.add_argument("--out", default="runs/spatial_conv/results.jsonl")
     a = p.parse_args(argv)
     a.init_std, a.roles, a.layout, a.bidir, a.prefix, a.mix = 0.0, False, "img", False, False, ""
-    _grow_vocab()
+    _grow_vocab(a.relq > 0 or a.cmpword > 0)
     torch.manual_seed(a.seed)
     model = Model(a)
+    if a.auxcmp:
+        model.cmp = torch.nn.Linear(a.hidden, 6)
     sets = val_sets(a.nval)
     gval = grounded_val(sets)
     src = Source("train", a.seed, start=a.seed * 10_000_000)
@@ -182,6 +237,10 @@ def main(argv=None):
         if a.auxpos and at.any():
             ax, cell = model.aux(h)[at], batch["auxt"][at]
             loss = loss + a.auxpos * (F.cross_entropy(ax[:, :GRID], cell[:, 0]) + F.cross_entropy(ax[:, GRID:], cell[:, 1]))
+        ct = batch["cmpt"][..., 0] >= 0
+        if a.auxcmp and ct.any():
+            cx, signs = model.cmp(h)[ct], batch["cmpt"][ct]
+            loss = loss + a.auxcmp * (F.cross_entropy(cx[:, :3], signs[:, 0]) + F.cross_entropy(cx[:, 3:], signs[:, 1]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -47,6 +47,9 @@ class DataConfig:
     # Built-in world, training only: this many more spatial questions in each conversation whose
     # scene allows one (fresh pairs and relations from the world's generator)
     spatial_questions: int = 0
+    # Built-in world, training only: a head at each spatial question's answer position learns how
+    # the two named objects' columns and rows compare (loss `compare`; models/spatial_head.py)
+    spatial_compare: bool = False
     # Images per training item: 1 = one image's conversation; n > 1 = interleaved documents of n images,
     # each with its questions, then questions about them together (data/documents.py)
     images_per_doc: int = 1

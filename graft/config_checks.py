@@ -222,8 +222,9 @@ def _validate_documents(cfg: Config) -> None:
 
 
 def _validate_grounding(cfg: Config, options: tuple[str, ...]) -> None:
-    """data.grounded_spatial and data.spatial_questions: the built-in world's one-image conversations, a
-    VLM (and for grounding, the world's tokenizer)."""
+    """data.grounded_spatial, data.spatial_questions and data.spatial_compare: the built-in world's
+    one-image conversations, a VLM (for grounding, the world's tokenizer; for the head, the built-in
+    decoder)."""
     share = cfg.data.grounded_spatial
     if not 0 <= share <= 1:
         raise UserError(f"data.grounded_spatial={share} must be in [0, 1]")
@@ -238,6 +239,10 @@ def _validate_grounding(cfg: Config, options: tuple[str, ...]) -> None:
                  or cfg.data.images_per_doc > 1 or cfg.data.text_only):
         raise UserError(f"data.spatial_questions={more} adds spatial questions to the built-in world's conversations: "
                         "it needs data.source=shapes, a VLM model and one image per conversation")
+    if cfg.data.spatial_compare and ("spatial_compare" not in options or not design(cfg.model).can(GENERATES)
+                                     or cfg.data.images_per_doc > 1 or cfg.data.text_only or cfg.lm.hf_module):
+        raise UserError("data.spatial_compare=true trains a head on the built-in world's spatial questions: it needs "
+                        "data.source=shapes, a VLM model with the built-in decoder and one image per conversation")
 
 
 def _validate_tasks(cfg: Config) -> None:

@@ -1,5 +1,6 @@
-"""Grounded spatial questions: a training-only signal that teaches the built-in world's spatial
-relations (`data.grounded_spatial`; docs/spatial.md).
+"""Grounded spatial questions and the spatial head's targets: training-only signals that teach
+the built-in world's spatial relations (`data.grounded_spatial`, `data.spatial_compare`;
+docs/spatial.md).
 
 A spatial question ("is the red circle left of the blue square?") is learned only if the model
 fetches each named object's position where the name stands and compares the two at the answer;
@@ -25,9 +26,13 @@ COLUMNS = ("left", "center", "right")
 
 
 class Supervised(str):
-    """A prompt string whose `spans` [(start, end), ...] of characters are training targets."""
+    """A prompt string whose `spans` [(start, end), ...] of characters are training targets, and
+    for a spatial question with `data.spatial_compare`, the spatial head's target at its answer
+    (`compare`: how the first named object's column and row compare with the second's, 0 less,
+    1 equal, 2 greater; models/spatial_head.py)."""
 
     spans: tuple[tuple[int, int], ...] = ()
+    compare: tuple[int, int] | None = None
 
 
 def location(o: Obj) -> str:
@@ -46,7 +51,24 @@ def ground(question: str, objects: list[Obj]) -> Supervised:
         text += " " + location(o)
         cursor = end
     out = Supervised(text + question[cursor:])
-    out.spans = tuple(spans)
+    out.spans, out.compare = tuple(spans), getattr(question, "compare", None)
+    return out
+
+
+def _order(d: int) -> int:
+    return (d > 0) - (d < 0) + 1
+
+
+def compared_turns(sample: Sample, turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`turns` with each spatial question carrying the spatial head's target (`data.spatial_compare`):
+    how its first named object's column and row compare with its second's."""
+    spatial, out = spatial_set(sample), []
+    for q, a in turns:
+        if q in spatial:
+            x, y = (o for _, o in sorted((q.find(f" {o.name}"), o) for o in sample.objects if f" {o.name}" in q))
+            q = Supervised(q)
+            q.compare = (_order(x.col - y.col), _order(x.row - y.row))
+        out.append((q, a))
     return out
 
 

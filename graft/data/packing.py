@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from graft.data.processor import images_of, stack_images
+from graft.data.processor import compare_labels, images_of, stack_images
 from graft.losses import IGNORE
 
-# (ids, labels, pixels) of one conversation; pixels: one (3, S, S) tensor or a list, in run order
+# (ids, labels, pixels) of one conversation; pixels: one (3, S, S) tensor or a list, in run order;
+# a 4th element, where present: the spatial head's targets (processor.compare_targets)
 Item = tuple[list[int], list[int], object]
 
 
@@ -46,19 +47,21 @@ def pack(items: list[Item], pad_id: int, max_len: int, image_size: int | None = 
     Padding at the end of a row is a document of its own (id = number of documents in the row),
     so no token's attention row is empty.
     """
-    rows = first_fit([len(ids) for ids, _, _ in items], max_len)
+    rows = first_fit([len(item[0]) for item in items], max_len)
     width = max(sum(len(items[i][0]) for i in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     doc_ids = torch.zeros(shape, dtype=torch.long)
-    pixels = []
+    pixels, starts = [], []
     for r, row in enumerate(rows):
         at = 0
+        starts.append([])
         for doc, i in enumerate(row):
-            ids, lab, pix = items[i]
+            ids, lab, pix = items[i][:3]
             n = len(ids)
+            starts[r].append((at, items[i]))
             input_ids[r, at:at + n] = torch.tensor(ids)
             labels[r, at:at + n] = torch.tensor(lab)
             position_ids[r, at:at + n] = torch.arange(n)
@@ -68,4 +71,4 @@ def pack(items: list[Item], pad_id: int, max_len: int, image_size: int | None = 
         position_ids[r, at:] = torch.arange(width - at)
         doc_ids[r, at:] = len(row)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "doc_ids": doc_ids,
-            **(inputs(pixels) if inputs else {"pixel_values": stack_images(pixels, image_size)})}
+            **compare_labels(items, width, starts), **(inputs(pixels) if inputs else {"pixel_values": stack_images(pixels, image_size)})}

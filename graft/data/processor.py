@@ -152,13 +152,16 @@ class Processor:
         """(ids, labels) of the conversation, whether turns were cut to fit, and how many of the
         record's images (the first ones) the kept turns hold; BadSample if unusable."""
         ids, labels, truncated = encode(self, turns, places)
-        return (ids, labels), truncated, ids.count(self.placeholder) // self.num_image_tokens
+        compare = compare_targets(ids, turns, self.tok.assistant)
+        text = (ids, labels, compare) if compare else (ids, labels)
+        return text, truncated, ids.count(self.placeholder) // self.num_image_tokens
 
-    def row(self, text, images) -> tuple[list[int], list[int], list[torch.Tensor]]:
-        """`images`: the kept images (PIL), an iterable read one at a time (one decoded image in memory)."""
-        ids, labels = text
+    def row(self, text, images) -> tuple:
+        """`images`: the kept images (PIL), an iterable read one at a time (one decoded image in memory).
+        (ids, labels, items), and the spatial head's targets where the text has them."""
+        ids, labels, *compare = text
         items = [self.pixels(image) for image in images]
-        return *self.fit(ids, labels, items), items
+        return *self.fit(ids, labels, items), items, *compare
 
     def fit(self, ids: list[int], labels: list[int] | None, items: list[torch.Tensor]):
         """(ids, labels) with each item's run of placeholders cut to the item's own token count
@@ -187,18 +190,39 @@ def stack_images(images: list[torch.Tensor], image_size: int | None) -> torch.Te
     return torch.zeros(0, 3, image_size, image_size)
 
 
+def compare_targets(ids: list[int], turns: list[tuple[str, str]], assistant: int) -> list[tuple[int, int, int]]:
+    """(position, column order, row order) at the answer position (the `<|assistant|>` token) of each
+    kept turn whose question carries the spatial head's target (data/grounding.py `compared_turns`)."""
+    at = [i for i, t in enumerate(ids) if t == assistant]  # one per kept turn, in order
+    return [(i, *q.compare) for i, (q, _) in zip(at, turns) if getattr(q, "compare", None)]
+
+
+def compare_labels(rows: list, width: int, offsets: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """{"compare_labels": (R, width, 2)} from the items' targets (their 4th element), or {} when none
+    has any; `offsets`: where each item starts in its row, per row (packing), else item r is row r."""
+    if not any(len(item) > 3 for item in rows):
+        return {}
+    groups = [[(0, item)] for item in rows] if offsets is None else offsets
+    out = torch.full((len(groups), width, 2), IGNORE, dtype=torch.long)
+    for r, group in enumerate(groups):
+        for start, item in group:
+            for at, col, row in (item[3] if len(item) > 3 else ()):
+                out[r, start + at] = torch.tensor((col, row))
+    return {"compare_labels": out}
+
+
 def collate(items: list[tuple[list[int], list[int], object]], pad_id: int,
             image_size: int | None = None, inputs=None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence (causal attention never looks right, so no mask is needed).
     pixel_values (total images, 3, S, S): every row's images in order, rows top to bottom, which is
     the order of their placeholder runs read row by row (the order `VLM.embed` fills them in);
     `inputs` (the processor's): those items under their modality's key instead."""
-    width = max(len(ids) for ids, _, _ in items)
+    width = max(len(item[0]) for item in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-    for row, (ids, lab, _) in enumerate(items):
+    for row, (ids, lab, *_) in enumerate(items):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(lab)] = torch.tensor(lab)
-    pixels = [p for _, _, pix in items for p in images_of(pix)]
-    return {"input_ids": input_ids, "labels": labels,
+    pixels = [p for item in items for p in images_of(item[2])]
+    return {"input_ids": input_ids, "labels": labels, **compare_labels(items, width),
             **(inputs(pixels) if inputs else {"pixel_values": stack_images(pixels, image_size)})}

@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from graft.config import Config
 from graft.data.contrastive import pair_text
 from graft.data.documents import document
-from graft.data.grounding import grounded_questions, grounded_turns, more_spatial
+from graft.data.grounding import compared_turns, grounded_questions, grounded_turns, more_spatial
 from graft.data.samples import ONE_IMAGE, Example
 from graft.data.shapes import CAPTION_PROMPT, Sample, ShapesWorld
 from graft.data.tokenizer import ChatTokenizer, world_corpus
@@ -102,6 +102,8 @@ class WorldSource(BuiltInSource):
         turns = training_turns(sample, rng, d.questions_per_image, d.caption_prob)
         if d.spatial_questions and self.split == "train":  # its own draws, as grounding's
             turns = more_spatial(sample, turns, d.spatial_questions, random.Random(f"spatial/{d.seed}/{index}"))
+        if d.spatial_compare and self.split == "train":  # before grounding, which keeps the targets
+            turns = compared_turns(sample, turns)
         if d.grounded_spatial and self.split == "train":  # its own draws: the other turns stay as they were
             turns = grounded_turns(sample, turns, d.grounded_spatial, random.Random(f"grounded/{d.seed}/{index}"))
         return Example(key, [sample.image], turns, ONE_IMAGE)

@@ -10,6 +10,7 @@ from graft.errors import UserError
 from graft.models.hf_backbones import HFVisionTower, load_into_builtin
 from graft.models.modality import IMAGES, TIME_SERIES
 from graft.models.series import SeriesConfig, series_tower
+from graft.models.spatial_head import SpatialHead
 from graft.models.vit import VisionConfig
 
 # each modality's tower section: what a run on a source of that modality reads (the other is refused)
@@ -54,8 +55,18 @@ def builtin_lm(lm, pretrained: bool):
 
 
 def lm_losses(cfg) -> tuple[str, ...]:
-    """The built-in LM's auxiliary losses under `cfg` (LanguageModel.aux_losses)."""
-    return ("moe_balance",) if cfg.lm.moe_experts and cfg.lm.moe_balance == "loss" else ()
+    """The built-in LM's auxiliary losses under `cfg` (LanguageModel.aux_losses), and the spatial
+    head's (`data.spatial_compare`)."""
+    moe = ("moe_balance",) if cfg.lm.moe_experts and cfg.lm.moe_balance == "loss" else ()
+    return moe + (("compare",) if cfg.data.spatial_compare else ())
+
+
+def with_spatial_head(model, cfg):
+    """`model` (a VLM) with the training-only spatial head of `data.spatial_compare`, built last so
+    that without it a seed gives the same weights (models/spatial_head.py)."""
+    if cfg.data.spatial_compare:
+        model.spatial_head = SpatialHead(model.lm.hidden_size)
+    return model
 
 
 def validate_vision(cfg) -> None:
