@@ -71,4 +71,5 @@ def pack(items: list[Item], pad_id: int, max_len: int, image_size: int | None = 
         position_ids[r, at:] = torch.arange(width - at)
         doc_ids[r, at:] = len(row)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "doc_ids": doc_ids,
-            **compare_labels(items, width, starts), **(inputs(pixels) if inputs else {"pixel_values": stack_images(pixels, image_size)})}
+            **compare_labels(items, width, starts),
+            **(inputs(pixels) if inputs else {"pixel_values": stack_images(pixels, image_size)})}

@@ -152,7 +152,7 @@ class Processor:
         """(ids, labels) of the conversation, whether turns were cut to fit, and how many of the
         record's images (the first ones) the kept turns hold; BadSample if unusable."""
         ids, labels, truncated = encode(self, turns, places)
-        compare = compare_targets(ids, turns, self.tok.assistant)
+        compare = compare_targets(ids, turns, getattr(self.tok, "assistant", None))
         text = (ids, labels, compare) if compare else (ids, labels)
         return text, truncated, ids.count(self.placeholder) // self.num_image_tokens
 
@@ -193,16 +193,18 @@ def stack_images(images: list[torch.Tensor], image_size: int | None) -> torch.Te
 def compare_targets(ids: list[int], turns: list[tuple[str, str]], assistant: int) -> list[tuple[int, int, int]]:
     """(position, column order, row order) at the answer position (the `<|assistant|>` token) of each
     kept turn whose question carries the spatial head's target (data/grounding.py `compared_turns`)."""
+    if not any(getattr(q, "compare", None) for q, _ in turns):
+        return []
     at = [i for i, t in enumerate(ids) if t == assistant]  # one per kept turn, in order
     return [(i, *q.compare) for i, (q, _) in zip(at, turns) if getattr(q, "compare", None)]
 
 
-def compare_labels(rows: list, width: int, offsets: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+def compare_labels(items: list, width: int, rows: list[list[tuple[int, tuple]]] | None = None) -> dict[str, torch.Tensor]:
     """{"compare_labels": (R, width, 2)} from the items' targets (their 4th element), or {} when none
-    has any; `offsets`: where each item starts in its row, per row (packing), else item r is row r."""
-    if not any(len(item) > 3 for item in rows):
+    has any; `rows`: each row's (start, item) pairs when packed, else item r is row r."""
+    if not any(len(item) > 3 for item in items):
         return {}
-    groups = [[(0, item)] for item in rows] if offsets is None else offsets
+    groups = [[(0, item)] for item in items] if rows is None else rows
     out = torch.full((len(groups), width, 2), IGNORE, dtype=torch.long)
     for r, group in enumerate(groups):
         for start, item in group:
