@@ -20,7 +20,7 @@ import torch
 
 from graft.config_checks import apply_overrides
 from graft.data.world_source import make_world
-from graft.recipes import RECIPES
+from graft.recipes import DEMO, RECIPES
 from graft.trainer.loop import train
 from graft.trainer.metrics import read
 
@@ -36,7 +36,7 @@ def world_speed(cfg, n: int = 3000) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--recipe", default="shapes_vqa", choices=sorted(RECIPES))
+    p.add_argument("--recipe", default=DEMO, choices=sorted(RECIPES))
     p.add_argument("--out")
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()

@@ -115,11 +115,11 @@ def cmd_export(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from graft.recipes import shapes_vqa
+    from graft.recipes import DEMO
     from graft.trainer.loop import train
 
     out = Path(args.out)
-    cfg = _recipe("shapes_vqa", args.set) if args.set else shapes_vqa()
+    cfg = _recipe(DEMO, args.set)
     print(f"graft demo: training '{cfg.name}' on the built-in Shapes world into {out}", flush=True)
     results = train(cfg, out)  # writes report.md and loss.png, as every `graft train` does
     _print_results(results)

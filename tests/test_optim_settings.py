@@ -134,8 +134,8 @@ def test_graft_demo_trains_evaluates_and_reports(tmp_path, capsys):
             "eval.vqa_per_type=2", "eval.captions=2", "eval.splits=[test]"]
     assert main(["demo", "--out", str(out), *[a for s in sets for a in ("--set", s)]]) == 0
     printed = capsys.readouterr().out
-    assert "training 'shapes_vqa' on the built-in Shapes world" in printed
+    assert "training 'shapes_spatial' on the built-in Shapes world" in printed
     results = json.loads((out / "eval.json").read_text())
     assert "vqa_acc" in results and "caption_cider" in results
     assert "vqa_acc" in printed and f"report: {out / 'report.md'}" in printed
-    assert "# graft run: shapes_vqa" in (out / "report.md").read_text() and (out / "loss.png").is_file()
+    assert "# graft run: shapes_spatial" in (out / "report.md").read_text() and (out / "loss.png").is_file()
