@@ -60,6 +60,11 @@ def hf_processor(cfg, tok, model):
                           image_token=IMAGE_TOKEN)
 
 
+# settings of the built-in decoder that change what it computes and LLaVA cannot express
+LM_OWN = {"modality_norms": False, "modality_ffn": False, "image_cells": False, "image_attention": "causal",
+          "image_positions": "1d"}
+
+
 def export(run_dir: str | Path, out: str | Path, fmt: str = "hf") -> Path:
     """Write the latest checkpoint of `run_dir` to `out` in format `fmt`; returns `out`."""
     if fmt not in FORMATS:
@@ -71,7 +76,7 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "hf") -> Path:
     what = (f"model={cfg.model}" if not design(cfg.model).exports_llava
             else f"{source_kind(cfg).modality.name} items (data.source={cfg.data.source})" if source_kind(cfg).modality is not IMAGES
             else f"connector.kind={cfg.connector.kind}" if not per_patch(cfg.connector.kind)
-            else next((f"lm.{k}=true" for k in ("modality_norms", "modality_ffn") if getattr(cfg.lm, k)), None))
+            else next((f"lm.{k}={getattr(cfg.lm, k)}" for k, plain in LM_OWN.items() if getattr(cfg.lm, k) != plain), None))
     if what:
         raise UserError(f"--format hf writes LLaVA (a ViT, a linear or MLP connector, an LM); {run_dir} has {what}")
     cfg, tok, model, ckpt = load_run(RunDir(run_dir))

@@ -142,3 +142,42 @@ def test_a_training_run_logs_the_head_loss_and_learns_differently(tmp_path, caps
     assert any(k.startswith("spatial_head.") for k in weights["true"])
     name = "lm.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(weights["true"][name], weights["false"][name])
+
+
+def test_export_leaves_the_head_out_and_imports_back(tmp_path):
+    """`graft export --format hf` of a model with the head: LLaVA's logits equal graft's (the head
+    never answers), and the folder loads back into a model with a fresh head."""
+    from transformers import AutoModelForImageTextToText
+
+    from graft.build import build_processor
+    from graft.data.world_source import make_world
+    from graft.export import hf_processor
+    from graft.models.hf_llava import load_llava_weights, to_llava
+
+    cfg = recipe("tiny", ["data.spatial_compare=true"])
+    proc0 = processor_for(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, proc0.tok).eval()
+    out = tmp_path / "hf"
+    to_llava(model, cfg, proc0.tok).save_pretrained(str(out))
+    hf_processor(cfg, proc0.tok, model).save_pretrained(str(out))
+    hf = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+    proc = build_processor(cfg, proc0.tok, model)
+    image = make_world(cfg).sample("test", 0).image
+    ids, pixels = torch.tensor([proc.prompt("what color is the circle?")]), proc.pixels(image)[None]
+    with torch.no_grad():
+        assert (model(ids, pixels)[0] - hf(input_ids=ids, pixel_values=pixels).logits).abs().max() <= 1e-4
+    again = build_model(cfg, proc0.tok, pretrained=False)
+    load_llava_weights(again, out)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items() if not k.startswith("spatial_head."))
+
+
+def test_export_refuses_decoder_settings_llava_cannot_express(tmp_path, capsys):
+    from tests.helpers import cli
+
+    run = tmp_path / "cells"
+    assert cli(capsys, "train", "tiny", "--out", run, "--set", "lm.image_cells=true", "--set", "train.steps=1",
+               "--set", "eval.splits=[]", "--set", "train.progress=false")[0] == 0
+    code, _, err = cli(capsys, "export", run, "--out", tmp_path / "hf")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "lm.image_cells=True" in err
+    assert not (tmp_path / "hf").exists()

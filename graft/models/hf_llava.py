@@ -32,6 +32,7 @@ from graft.models.hf import llama_config, siglip_vision_config
 from graft.models.hf_backbones import HFLanguageModel, HFVisionTower
 
 _PROJ = "model.multi_modal_projector."
+TRAINING_ONLY = "spatial_head."  # data.spatial_compare's head: never used to answer, not exported
 
 
 def llava_key(key: str, model) -> str:
@@ -89,7 +90,7 @@ def llava_config(model, cfg, tok):
 
 def to_llava_state_dict(model) -> dict[str, torch.Tensor]:
     """graft VLM weights under LLaVA names (a linear connector gains an identity linear_2)."""
-    sd = {llava_key(k, model): v for k, v in model.state_dict().items()}
+    sd = {llava_key(k, model): v for k, v in model.state_dict().items() if not k.startswith(TRAINING_ONLY)}
     if isinstance(model.connector, LinearProjector):
         d = model.connector.linear_1.out_features
         w = model.connector.linear_1.weight
@@ -136,7 +137,7 @@ def read_llava(folder: Path) -> dict[str, torch.Tensor]:
 def load_llava_weights(model, folder: str | Path) -> None:
     """Load an HF LLaVA folder's weights into graft VLM `model` (whose architecture must match)."""
     llava = read_llava(Path(folder))
-    own = model.state_dict()
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(TRAINING_ONLY)}  # a head starts fresh
     names = {k: llava_key(k, model) for k in own}
     loaded = {k: llava[h] for k, h in names.items() if h in llava}
     # Tied weights (lm_head = embed_tokens) are saved once; the twin is filled by the load.
