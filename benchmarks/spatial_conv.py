@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from spatial_symbolic import COL_WORD, GRID, ROW_WORD, VOCAB, WORDS, Model, Source, cells_of, evaluate, lr_at, name_spans, optimizer, tok
 
+from graft.data.grounding import comparison, order
 from graft.data.shapes import QUESTION_TYPES, _question
 
 
@@ -61,14 +62,13 @@ def placement(src: Source, objects):
     """--relq: "where is the X from the Y ?" answered by one word naming how X's column and row compare with Y's."""
     named = [o for o in objects if sum(p.name == o.name for p in objects) == 1]
     x, y = src.rng.sample(named, 2)
-    return tok(f"where is the {x.name} from the {y.name} ?"), VOCAB[PLACEMENTS[3 * _sign(x.col - y.col) + _sign(x.row - y.row)]]
+    return tok(f"where is the {x.name} from the {y.name} ?"), VOCAB[PLACEMENTS[3 * order(x.col, y.col) + order(x.row, y.row)]]
 
 
 def compare(question: str, objects) -> int:
     """Index into PLACEMENTS of how the question's first named object sits relative to its second."""
-    x, y = sorted((question.find(f" {o.name} ") if f" {o.name} " in question else question.find(f" {o.name}?"), o)
-                  for o in objects if f" {o.name}" in question)[:2]
-    return 3 * _sign(x[1].col - y[1].col) + _sign(x[1].row - y[1].row)
+    col, row = comparison(question, objects)
+    return 3 * col + row
 
 
 def ground(q: str, objects) -> str:
@@ -99,11 +99,6 @@ def conversation(src: Source, a):
     return objects, turns
 
 
-def _sign(d: int) -> int:
-    """0, 1, 2 for less, equal, greater."""
-    return (d > 0) - (d < 0) + 1
-
-
 def collate_conv(examples, a):
     """Left-padded conversations; targets at every <a> and at grounded questions' location words."""
     rows = []
@@ -120,7 +115,7 @@ def collate_conv(examples, a):
                 named = [byname.get(f"{WORDS[q[ci]]} {WORDS[q[si]]}") for ci, si in name_spans(q)[:2]]
                 if len(named) == 2 and None not in named:  # --auxcmp: how the two compare, at <a>
                     x, y = named
-                    cmp[start + len(q)] = (_sign(x.col - y.col), _sign(x.row - y.row))
+                    cmp[start + len(q)] = (order(x.col, y.col), order(x.row, y.row))
             ids += q + [VOCAB["<a>"], ans]
             tgt += [-100] * len(q) + [ans, -100]
             wt += [0.0] * len(q) + [a.spatial_weight if kind == "spatial" else 1.0, 0.0]

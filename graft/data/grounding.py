@@ -55,19 +55,24 @@ def ground(question: str, objects: list[Obj]) -> Supervised:
     return out
 
 
-def _order(d: int) -> int:
-    return (d > 0) - (d < 0) + 1
+def order(a: int, b: int) -> int:
+    """0, 1, 2 as a is less than, equal to or greater than b."""
+    return (a > b) - (a < b) + 1
+
+
+def comparison(question: str, objects: list[Obj]) -> tuple[int, int]:
+    """How a spatial question's first named object's column and row compare with its second's."""
+    x, y = (o for _, o in sorted((question.find(f" {o.name}"), o) for o in objects if f" {o.name}" in question))
+    return order(x.col, y.col), order(x.row, y.row)
 
 
 def compared_turns(sample: Sample, turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """`turns` with each spatial question carrying the spatial head's target (`data.spatial_compare`):
-    how its first named object's column and row compare with its second's."""
+    """`turns` with each spatial question carrying the spatial head's target (`data.spatial_compare`)."""
     spatial, out = spatial_set(sample), []
     for q, a in turns:
         if q in spatial:
-            x, y = (o for _, o in sorted((q.find(f" {o.name}"), o) for o in sample.objects if f" {o.name}" in q))
-            q = Supervised(q)
-            q.compare = (_order(x.col - y.col), _order(x.row - y.row))
+            target, q = comparison(q, sample.objects), Supervised(q)
+            q.compare = target
         out.append((q, a))
     return out
 

@@ -11,7 +11,8 @@ classifications), whatever relation was asked. It is never used to answer: gener
 LM head only.
 
 `compare_labels` (B, T, 2) holds those two classes at each answer position of a spatial training
-question (data/grounding.py `compare_targets`) and IGNORE elsewhere.
+question (data/grounding.py `compared_turns`, placed by data/processor.py `compare_targets`) and
+IGNORE elsewhere.
 """
 
 from __future__ import annotations
