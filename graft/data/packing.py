@@ -23,6 +23,11 @@ from graft.losses import IGNORE
 # a 4th element, where present: the spatial head's targets (processor.compare_targets)
 Item = tuple[list[int], list[int], object]
 
+# Rows are padded to a multiple of this many tokens (never past max_len): a run then meets a few
+# batch shapes, not one per longest row, and each new shape costs a FLOP-counting pass
+# (trainer/flops.py) and, compiled, a recompile. At most WIDTH_STEP - 1 pad tokens per row.
+WIDTH_STEP = 64
+
 
 def first_fit(lengths: list[int], max_len: int) -> list[list[int]]:
     """Item indices per row: each item, longest first, goes into the first row with room."""
@@ -49,6 +54,7 @@ def pack(items: list[Item], pad_id: int, max_len: int, image_size: int | None = 
     """
     rows = first_fit([len(item[0]) for item in items], max_len)
     width = max(sum(len(items[i][0]) for i in row) for row in rows)
+    width = max(width, min(max_len, -(-width // WIDTH_STEP) * WIDTH_STEP))
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE, dtype=torch.long)

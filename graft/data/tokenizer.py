@@ -28,6 +28,8 @@ from graft.data.documents import document
 from graft.data.shapes import CAPTION_PROMPT
 from graft.errors import UserError
 
+KNOWN_TEXTS, KNOWN_CHARS = 1 << 16, 256  # the encode cache: at most 16 Mi characters
+
 SPECIAL_TOKENS = {
     "pad": "<pad>",
     "bos": "<bos>",
@@ -55,6 +57,7 @@ class ChatTokenizer:
         # keeps matching them, as the exported HF tokenizer must when it reads a rendered chat).
         self._plain = Tokenizer.from_str(tok.to_str())
         self._plain.encode_special_tokens = True
+        self._known: dict[str, tuple[int, ...]] = {}  # short texts already encoded (see `encode`)
 
     def __len__(self) -> int:
         return self.tok.get_vocab_size()
@@ -68,8 +71,18 @@ class ChatTokenizer:
         return token_id
 
     def encode(self, text: str) -> list[int]:
-        """Ids of `text` as plain text: a literal special token in it is spelled out, never its id."""
-        return self._plain.encode(text, add_special_tokens=False).ids
+        """Ids of `text` as plain text: a literal special token in it is spelled out, never its id.
+
+        Short texts recur (a world's questions and answers, a dataset's prompts): their ids are kept,
+        at most KNOWN_TEXTS of at most KNOWN_CHARS characters each (the dict starts over when full)."""
+        if len(text) > KNOWN_CHARS:
+            return self._plain.encode(text, add_special_tokens=False).ids
+        ids = self._known.get(text)
+        if ids is None:
+            if len(self._known) >= KNOWN_TEXTS:
+                self._known.clear()
+            ids = self._known[text] = tuple(self._plain.encode(text, add_special_tokens=False).ids)
+        return list(ids)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True).strip()
