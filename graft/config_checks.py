@@ -222,9 +222,9 @@ def _validate_documents(cfg: Config) -> None:
 
 
 def _validate_grounding(cfg: Config, options: tuple[str, ...]) -> None:
-    """data.grounded_spatial, data.spatial_questions and data.spatial_compare: the built-in world's
-    one-image conversations, a VLM (for grounding, the world's tokenizer; for the head, the built-in
-    decoder)."""
+    """data.grounded_spatial, data.spatial_questions, data.spatial_compare and data.cell_targets: the
+    built-in world's one-image conversations, a VLM (for grounding, the world's tokenizer; for the
+    spatial head, the built-in decoder; the cell head checks its image tokens when built)."""
     share = cfg.data.grounded_spatial
     if not 0 <= share <= 1:
         raise UserError(f"data.grounded_spatial={share} must be in [0, 1]")
@@ -243,6 +243,10 @@ def _validate_grounding(cfg: Config, options: tuple[str, ...]) -> None:
                                      or cfg.data.images_per_doc > 1 or cfg.data.text_only or cfg.lm.hf_module):
         raise UserError("data.spatial_compare=true trains a head on the built-in world's spatial questions: it needs "
                         "data.source=shapes, a VLM model with the built-in decoder and one image per conversation")
+    if cfg.data.cell_targets and ("cell_targets" not in options or not design(cfg.model).can(GENERATES)
+                                  or cfg.data.images_per_doc > 1 or cfg.data.text_only):
+        raise UserError("data.cell_targets=true trains a head on the built-in world's image tokens: it needs "
+                        "data.source=shapes, a VLM model and one image per conversation")
 
 
 def _validate_tasks(cfg: Config) -> None:

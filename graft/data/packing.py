@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from graft.data.processor import compare_labels, images_of, stack_images
+from graft.data.processor import head_labels, images_of, stack_images
 from graft.losses import IGNORE
 
 # (ids, labels, pixels) of one conversation; pixels: one (3, S, S) tensor or a list, in run order;
-# a 4th element, where present: the spatial head's targets (processor.compare_targets)
+# a 4th and 5th element, where present: the spatial and cell heads' targets (processor.head_labels)
 Item = tuple[list[int], list[int], object]
 
 # Rows are padded to a multiple of this many tokens (never past max_len): a run then meets a few
@@ -77,5 +77,5 @@ def pack(items: list[Item], pad_id: int, max_len: int, image_size: int | None = 
         position_ids[r, at:] = torch.arange(width - at)
         doc_ids[r, at:] = len(row)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "doc_ids": doc_ids,
-            **compare_labels(items, width, starts),
+            **head_labels(items, width, starts),
             **(inputs(pixels) if inputs else {"pixel_values": stack_images(pixels, image_size)})}

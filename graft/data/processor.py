@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from graft.data.cells import cell_targets
 from graft.data.images import open_image, open_within, to_rgb
 from graft.data.samples import ONE_IMAGE, BadSample, Place, encode
 from graft.data.tokenizer import ChatTokenizer
@@ -148,20 +149,23 @@ class Processor:
     # The streaming pipeline's view of a processor (data/streaming.py): one record's text, then its
     # row, then a batch of rows. A dual encoder's processor (data/contrastive.py) answers the same.
 
-    def text_row(self, turns: list[tuple[str, str]], places: list[Place]):
+    def text_row(self, turns: list[tuple[str, str]], places: list[Place], cells: list | None = None):
         """(ids, labels) of the conversation, whether turns were cut to fit, and how many of the
-        record's images (the first ones) the kept turns hold; BadSample if unusable."""
+        record's images (the first ones) the kept turns hold; BadSample if unusable. The heads'
+        targets follow where there are any: the spatial head's, then the cell head's (`cells`:
+        the record's images' cell classes, data/cells.py)."""
         ids, labels, truncated = encode(self, turns, places)
+        kept = ids.count(self.placeholder) // self.num_image_tokens
         compare = compare_targets(ids, turns, getattr(self.tok, "assistant", None))
-        text = (ids, labels, compare) if compare else (ids, labels)
-        return text, truncated, ids.count(self.placeholder) // self.num_image_tokens
+        cell = cell_targets(ids, self.placeholder, cells[:kept]) if cells else []
+        return (ids, labels, *((compare, cell) if cell else (compare,) if compare else ())), truncated, kept
 
     def row(self, text, images) -> tuple:
         """`images`: the kept images (PIL), an iterable read one at a time (one decoded image in memory).
-        (ids, labels, items), and the spatial head's targets where the text has them."""
-        ids, labels, *compare = text
+        (ids, labels, items), and the heads' targets where the text has them."""
+        ids, labels, *targets = text
         items = [self.pixels(image) for image in images]
-        return *self.fit(ids, labels, items), items, *compare
+        return *self.fit(ids, labels, items), items, *targets
 
     def fit(self, ids: list[int], labels: list[int] | None, items: list[torch.Tensor]):
         """(ids, labels) with each item's run of placeholders cut to the item's own token count
@@ -199,18 +203,26 @@ def compare_targets(ids: list[int], turns: list[tuple[str, str]], assistant: int
     return [(i, *q.compare) for i, (q, _) in zip(at, turns) if getattr(q, "compare", None)]
 
 
-def compare_labels(items: list, width: int, rows: list[list[tuple[int, tuple]]] | None = None) -> dict[str, torch.Tensor]:
-    """{"compare_labels": (R, width, 2)} from the items' targets (their 4th element), or {} when none
-    has any; `rows`: each row's (start, item) pairs when packed, else item r is row r."""
-    if not any(len(item) > 3 for item in items):
-        return {}
+# The heads' targets an item may carry after (ids, labels, pixels): (batch key, classes per position)
+HEAD_TARGETS = (("compare_labels", 2), ("cell_labels", 3))
+
+
+def head_labels(items: list, width: int, rows: list[list[tuple[int, tuple]]] | None = None) -> dict[str, torch.Tensor]:
+    """{"compare_labels": (R, width, 2), "cell_labels": (R, width, 3)} from the items' targets
+    (their 4th and 5th elements: (position, classes...) lists), each only where an item has any;
+    `rows`: each row's (start, item) pairs when packed, else item r is row r."""
+    out = {}
     groups = [[(0, item)] for item in items] if rows is None else rows
-    out = torch.full((len(groups), width, 2), IGNORE, dtype=torch.long)
-    for r, group in enumerate(groups):
-        for start, item in group:
-            for at, col, row in (item[3] if len(item) > 3 else ()):
-                out[r, start + at] = torch.tensor((col, row))
-    return {"compare_labels": out}
+    for k, (key, n) in enumerate(HEAD_TARGETS, start=3):
+        if not any(len(item) > k and item[k] for item in items):
+            continue
+        where = [(r, start + target[0], target[1:]) for r, group in enumerate(groups) for start, item in group
+                 for target in (item[k] if len(item) > k else ())]
+        labels = torch.full((len(groups), width, n), IGNORE, dtype=torch.long)
+        rows_at, columns_at, classes = zip(*where)
+        labels[list(rows_at), list(columns_at)] = torch.tensor(classes)
+        out[key] = labels
+    return out
 
 
 def collate(items: list[tuple[list[int], list[int], object]], pad_id: int,
@@ -226,5 +238,5 @@ def collate(items: list[tuple[list[int], list[int], object]], pad_id: int,
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(lab)] = torch.tensor(lab)
     pixels = [p for item in items for p in images_of(item[2])]
-    return {"input_ids": input_ids, "labels": labels, **compare_labels(items, width),
+    return {"input_ids": input_ids, "labels": labels, **head_labels(items, width),
             **(inputs(pixels) if inputs else {"pixel_values": stack_images(pixels, image_size)})}

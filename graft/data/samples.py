@@ -50,6 +50,7 @@ class Example:
     images: list[bytes | Path]  # in the order of their placeholder runs
     turns: list[tuple[str, str]]
     places: list[Place]  # one per image, in order
+    cells: list | None = None  # per image, its cells' classes (the built-in world's `data.cell_targets`)
 
 
 def check_image_count(n: int, max_images: int) -> None:

@@ -172,7 +172,7 @@ class SourceKind:
 SOURCES: dict[str, SourceKind] = {
     "shapes": SourceKind(lambda cfg, proc, split: [WorldSource(cfg, proc, split)], indexed=True,
                          tokenizer=world_tokenizer, options=("images_per_doc", "text_only", "grounded_spatial",
-                                                         "spatial_questions", "spatial_compare"),
+                                                         "spatial_questions", "spatial_compare", "cell_targets"),
                          max_images=lambda d: d.images_per_doc, label_templates=LABEL_TEMPLATES, splits=SPLITS),
     "noisy": SourceKind(lambda cfg, proc, split: [NoisySource(make_world(cfg), cfg, split)], indexed=True,
                         tokenizer=world_tokenizer, options=("noise",), check=noise_shares, label_templates=LABEL_TEMPLATES),

@@ -71,7 +71,7 @@ def read_record(proc: Processor, d, source, raw):
     ex = source.example(raw)
     turns, cut = bounded_turns(ex.turns, d)
     places = [p for p in ex.places if p[0] < len(turns)]  # the images of dropped turns go with them
-    text, truncated, kept = proc.text_row(turns, places)  # text first: cheaper than pixels
+    text, truncated, kept = proc.text_row(turns, places, **({"cells": ex.cells} if ex.cells else {}))  # text first: cheaper than pixels
     notes = ["turns_truncated"] * cut + ["sequence_truncated"] * truncated
 
     def images():

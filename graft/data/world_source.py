@@ -28,6 +28,7 @@ from itertools import count
 from tokenizers import Tokenizer
 
 from graft.config import Config
+from graft.data.cells import cell_classes
 from graft.data.contrastive import pair_text
 from graft.data.documents import document
 from graft.data.grounding import compared_turns, grounded_questions, grounded_turns, more_spatial
@@ -106,7 +107,8 @@ class WorldSource(BuiltInSource):
             turns = compared_turns(sample, turns)
         if d.grounded_spatial and self.split == "train":  # its own draws: the other turns stay as they were
             turns = grounded_turns(sample, turns, d.grounded_spatial, random.Random(f"grounded/{d.seed}/{index}"))
-        return Example(key, [sample.image], turns, ONE_IMAGE)
+        cells = [cell_classes(sample, d.grid)] if d.cell_targets and self.split == "train" else None
+        return Example(key, [sample.image], turns, ONE_IMAGE, cells)
 
 
 def world_tokenizer(cfg: Config) -> ChatTokenizer:

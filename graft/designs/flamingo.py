@@ -33,9 +33,10 @@ def validate(cfg) -> None:
     for key in ("image_attention", "image_positions", "image_cells", "modality_norms", "modality_ffn"):
         if getattr(cfg.lm, key) != getattr(type(cfg.lm)(), key):
             raise UserError(f"lm.{key} has no effect with model=flamingo: images do not enter the LM's sequence")
-    if cfg.data.spatial_compare:
-        raise UserError("data.spatial_compare is not available with model=flamingo: its head reads the answer "
-                        "positions of a VLM's own decoder (model=vlm or fuyu)")
+    for key in ("spatial_compare", "cell_targets"):
+        if getattr(cfg.data, key):
+            raise UserError(f"data.{key} is not available with model=flamingo: its head reads positions of the "
+                            "sequence of a VLM's own decoder (model=vlm or fuyu)")
     FlamingoConfig.check(cfg.flamingo, cfg.lm.layers)
     check_something_trains(PARTS, cfg.train.freeze)
     check_tower_sections(cfg)

@@ -14,7 +14,7 @@ from graft.data.processor import Processor
 from graft.designs.registry import GENERATES, Design, register
 from graft.data.sources import source_kind
 from graft.designs.shared import (builtin_lm, check_something_trains, check_tower_sections, lm_losses, resolve_vocab,
-                                  with_spatial_head)
+                                  with_heads)
 from graft.designs.vlm import processor as vlm_processor
 from graft.designs.vlm import tokens, train_inputs
 from graft.errors import UserError
@@ -38,13 +38,13 @@ def build(cfg, tok, pretrained: bool = True):
     if source_kind(cfg).modality is TIME_SERIES:
         return VLM(SeriesPatches(cfg.series), cfg.connector, lm, tok.placeholder(TIME_SERIES.token), TIME_SERIES)
     if not cfg.eve.teacher:
-        return with_spatial_head(VLM(Patches(cfg.vision), cfg.connector, lm, tok.image), cfg)
+        return with_heads(VLM(Patches(cfg.vision), cfg.connector, lm, tok.image), cfg)
     seen_as, v = teacher_config(cfg.eve.teacher), cfg.vision
     theirs, mine = seen_as.num_patches, (v.image_size // v.patch_size) ** 2
     if theirs != mine:
         raise UserError(f"eve.teacher sees {theirs} patches per image, this model {mine}: their grids must match "
                         "(image_size / patch_size)")
-    return with_spatial_head(AlignedFuyu(v, cfg.connector, lm, tok.image, seen_as.hidden_size, cfg.eve.layer), cfg)
+    return with_heads(AlignedFuyu(v, cfg.connector, lm, tok.image, seen_as.hidden_size, cfg.eve.layer), cfg)
 
 
 def teacher(cfg, model, tok) -> Teacher | None:

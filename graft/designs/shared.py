@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from graft.data.cells import CLASSES
 from graft.data.sources import source_kind
 from graft.errors import UserError
+from graft.models.cell_head import CellHead
 from graft.models.hf_backbones import HFVisionTower, load_into_builtin
 from graft.models.modality import IMAGES, TIME_SERIES
 from graft.models.series import SeriesConfig, series_tower
@@ -55,17 +57,26 @@ def builtin_lm(lm, pretrained: bool):
 
 
 def lm_losses(cfg) -> tuple[str, ...]:
-    """The built-in LM's auxiliary losses under `cfg` (LanguageModel.aux_losses), and the spatial
-    head's (`data.spatial_compare`)."""
+    """The built-in LM's auxiliary losses under `cfg` (LanguageModel.aux_losses), and the training
+    heads' (`data.spatial_compare`, `data.cell_targets`)."""
     moe = ("moe_balance",) if cfg.lm.moe_experts and cfg.lm.moe_balance == "loss" else ()
-    return moe + (("compare",) if cfg.data.spatial_compare else ())
+    return moe + (("compare",) if cfg.data.spatial_compare else ()) + (("cells",) if cfg.data.cell_targets else ())
 
 
-def with_spatial_head(model, cfg):
-    """`model` (a VLM) with the training-only spatial head of `data.spatial_compare`, built last so
-    that without it a seed gives the same weights (models/spatial_head.py)."""
+def with_heads(model, cfg):
+    """`model` (a VLM) with the training-only heads of `data.spatial_compare` (models/spatial_head.py)
+    and `data.cell_targets` (models/cell_head.py), built last so that without them a seed gives the
+    same weights. The cell head needs one image token per cell of the world's grid."""
     if cfg.data.spatial_compare:
         model.spatial_head = SpatialHead(model.lm.hidden_size)
+    if cfg.data.cell_targets:
+        cells = cfg.data.grid * cfg.data.grid
+        if model.num_image_tokens != cells or model.image_grid != cfg.data.grid:
+            raise UserError(f"data.cell_targets=true needs one image token per cell of the {cfg.data.grid}x{cfg.data.grid} "
+                            f"grid ({cells}); this model gives {model.num_image_tokens} per image (connector.kind="
+                            f"{cfg.connector.kind}, vision.image_size / vision.patch_size = "
+                            f"{cfg.vision.image_size // cfg.vision.patch_size})")
+        model.cell_head = CellHead(model.lm.hidden_size, CLASSES)
     return model
 
 

@@ -18,7 +18,7 @@ from graft.data.series_processor import SeriesProcessor
 from graft.data.sources import source_kind
 from graft.designs import vlm_teachers
 from graft.designs.shared import (builtin_lm, check_something_trains, check_tower_sections, item_tower, lm_losses,
-                                  resolve_vocab, validate_vision, with_spatial_head)
+                                  resolve_vocab, validate_vision, with_heads)
 from graft.distill import DistillConfig, loss_names, teacher_weights
 from graft.errors import UserError
 from graft.models.connectors import CONNECTORS, check_connector, per_patch
@@ -41,9 +41,9 @@ def build(cfg, tok, pretrained: bool = True):
     modality = source_kind(cfg).modality
     placeholder = tok.image if modality is IMAGES else tok.placeholder(modality.token)
     if not cfg.distill.teachers:
-        return with_spatial_head(VLM(item_tower(cfg, pretrained), cfg.connector, lm, placeholder, modality), cfg)
+        return with_heads(VLM(item_tower(cfg, pretrained), cfg.connector, lm, placeholder, modality), cfg)
     widths = [RunDir(path).config().lm.hidden_size for path in cfg.distill.paths]  # the student's maps to them
-    return with_spatial_head(vlm_teachers.DistilledVLM(item_tower(cfg, pretrained), cfg.connector, lm, placeholder, modality,
+    return with_heads(vlm_teachers.DistilledVLM(item_tower(cfg, pretrained), cfg.connector, lm, placeholder, modality,
                                                        pairs=vlm_teachers.teacher_pairs(cfg), teacher_widths=widths,
                                                        pad=tok.pad), cfg)
 

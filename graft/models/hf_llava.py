@@ -32,7 +32,7 @@ from graft.models.hf import llama_config, siglip_vision_config
 from graft.models.hf_backbones import HFLanguageModel, HFVisionTower
 
 _PROJ = "model.multi_modal_projector."
-TRAINING_ONLY = "spatial_head."  # data.spatial_compare's head: never used to answer, not exported
+TRAINING_ONLY = ("spatial_head.", "cell_head.")  # data.spatial_compare's, data.cell_targets': never used to answer, not exported
 
 
 def llava_key(key: str, model) -> str:

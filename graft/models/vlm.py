@@ -17,7 +17,7 @@ from graft.models.connectors import ConnectorConfig, build_connector
 from graft.models.decoder import KVCache, LanguageModel, Layout, LMConfig
 from graft.models.image_layout import CellEmbedding, item_mask, mrope_positions
 from graft.models.modality import IMAGES, Modality
-from graft.models.spatial_head import SpatialHead, counted
+from graft.models import cell_head, spatial_head
 from graft.models.vit import VisionConfig, ViT
 
 
@@ -45,7 +45,8 @@ class VLM(nn.Module):
         self.cells = None  # lm.image_cells; built last: without it, a seed's weights are as before
         if lm_cfg is not None and lm_cfg.image_cells:
             self.cells = CellEmbedding(self.image_grid, lm_cfg.hidden_size, lm_cfg.init_std or lm_cfg.hidden_size**-0.5)
-        self.spatial_head: SpatialHead | None = None  # data.spatial_compare (`with_spatial_head`)
+        self.spatial_head: spatial_head.SpatialHead | None = None  # data.spatial_compare (`with_heads`)
+        self.cell_head: cell_head.CellHead | None = None  # data.cell_targets (`with_heads`)
         # The connector reads encoder-layer features (before post_layernorm, as HF LLaVA does),
         # so the post norm is unused here; frozen so it never needs a gradient.
         self.vision.post_layernorm.requires_grad_(False)
@@ -118,7 +119,8 @@ class VLM(nn.Module):
     def forward(self, input_ids, pixel_values=None, labels=None, cache: KVCache | None = None,
                 image_tokens: torch.Tensor | None = None, answers_only: bool = False,
                 position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                hidden: dict | None = None, compare_labels: torch.Tensor | None = None, **items):
+                hidden: dict | None = None, compare_labels: torch.Tensor | None = None,
+                cell_labels: torch.Tensor | None = None, **items):
         """Returns (logits (B, T, vocab), {"lm": Σ answer-token losses, and the LM's auxiliary
         losses} or {} without labels). With `labels` and `answers_only` (how the trainer calls it:
         the design's `train_inputs`) the LM head and loss run only where an answer token is
@@ -128,7 +130,8 @@ class VLM(nn.Module):
         with those LM layers' outputs (the built-in decoder). `items`: another modality's inputs
         under its batch key (a series' `series_values`), in place of `pixel_values`, and their
         per-item token counts where they differ (`series_counts`, models/modality.py).
-        `compare_labels`: the targets of the spatial head (`data.spatial_compare`), its loss `compare`."""
+        `compare_labels`: the targets of the spatial head (`data.spatial_compare`), its loss `compare`;
+        `cell_labels`: the cell head's (`data.cell_targets`), its loss `cells`."""
         pixel_values, counts = self._items(pixel_values, items)
         aux: dict = {}
         lm_args = dict(self.lm_inputs(input_ids, pixel_values, image_tokens, cache, position_ids, doc_ids, counts),
@@ -148,6 +151,8 @@ class VLM(nn.Module):
             losses = {"lm": lm_loss_sum(logits, labels)}
         if last is not None:
             aux["compare"] = self.spatial_head.loss_sum(hidden[last], compare_labels)
+        if self.cell_head is not None:
+            aux["cells"] = self.cell_head.loss_sum(lm_args["inputs_embeds"], cell_labels)
         return logits, {**losses, **aux}
 
     def _items(self, pixel_values, items: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -205,7 +210,11 @@ class VLM(nn.Module):
         """What each loss of `forward` sums over: the supervised (answer) tokens; the LM's auxiliary
         losses, every position."""
         counts = {"lm": int(supervised(labels)), **dict.fromkeys(self.lm.aux_losses, input_ids.numel())}
-        return counts if self.spatial_head is None else {**counts, "compare": counted(batch.get("compare_labels"))}
+        if self.spatial_head is not None:
+            counts["compare"] = spatial_head.counted(batch.get("compare_labels"))
+        if self.cell_head is not None:
+            counts["cells"] = cell_head.counted(batch.get("cell_labels"))
+        return counts
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 32, eos_id: int = -1,
