@@ -50,8 +50,8 @@ class DataConfig:
     # Built-in world, training only: a head at each spatial question's answer position learns how
     # the two named objects' columns and rows compare (loss `compare`; models/spatial_head.py)
     spatial_compare: bool = False
-    # Built-in world, training only: a head asks each image token for its cell's shape, colour and
-    # size (loss `cells`; models/cell_head.py): a connector that keeps one token per grid cell
+    # Built-in world, training only: a head asks each image token for its cell's shape, colour, size,
+    # row and column (loss `cells`; models/cell_head.py): a connector that keeps one token per grid cell
     cell_targets: bool = False
     # Images per training item: 1 = one image's conversation; n > 1 = interleaved documents of n images,
     # each with its questions, then questions about them together (data/documents.py)

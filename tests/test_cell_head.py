@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from graft.build import build_model, processor_for
-from graft.data.cells import CLASSES, cell_classes
+from graft.data.cells import cell_classes, classes
 from graft.data.packing import pack
 from graft.data.shapes import COLORS, SHAPES, SIZES
 from graft.data.streaming import read_record
@@ -26,9 +26,10 @@ def test_classes_name_each_cells_object_row_by_row():
     for i in range(50):
         sample = world.sample("train", i)
         cells = cell_classes(sample, 3)
-        assert sum(c != (0, 0, 0) for c in cells) == len(sample.objects)
+        assert sum(c[:3] != (0, 0, 0) for c in cells) == len(sample.objects)
+        assert [c[3:] for c in cells] == [(row, col) for row in range(3) for col in range(3)]
         for o in sample.objects:
-            shape, color, size = cells[3 * o.row + o.col]
+            shape, color, size, _, _ = cells[3 * o.row + o.col]
             assert (SHAPES[shape - 1], list(COLORS)[color - 1], SIZES[size - 1]) == (o.shape, o.color, o.size)
 
 
@@ -77,7 +78,7 @@ def test_the_loss_is_counted_reaches_the_connector_and_generation_ignores_the_he
     _, losses = model(**batch, answers_only=True)
     counts = model.loss_counts(**batch)
     assert counts["cells"] == int((batch["input_ids"] == proc.placeholder).sum()) > 0
-    chance = sum(torch.log(torch.tensor(float(n))) for n in CLASSES).item() / len(CLASSES)
+    chance = sum(torch.log(torch.tensor(float(n))) for n in classes(3)).item() / len(classes(3))
     assert 0.5 * chance < losses["cells"].item() / counts["cells"] < 2 * chance
     losses["cells"].backward()
     assert model.cell_head.proj.weight.grad.abs().sum() > 0

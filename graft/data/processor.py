@@ -204,11 +204,11 @@ def compare_targets(ids: list[int], turns: list[tuple[str, str]], assistant: int
 
 
 # The heads' targets an item may carry after (ids, labels, pixels): (batch key, classes per position)
-HEAD_TARGETS = (("compare_labels", 2), ("cell_labels", 3))
+HEAD_TARGETS = (("compare_labels", 2), ("cell_labels", 5))
 
 
 def head_labels(items: list, width: int, rows: list[list[tuple[int, tuple]]] | None = None) -> dict[str, torch.Tensor]:
-    """{"compare_labels": (R, width, 2), "cell_labels": (R, width, 3)} from the items' targets
+    """{"compare_labels": (R, width, 2), "cell_labels": (R, width, 5)} from the items' targets
     (their 4th and 5th elements: (position, classes...) lists), each only where an item has any;
     `rows`: each row's (start, item) pairs when packed, else item r is row r."""
     out = {}

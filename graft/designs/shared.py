@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from graft.data.cells import CLASSES
+from graft.data.cells import classes
 from graft.data.sources import source_kind
 from graft.errors import UserError
 from graft.models.cell_head import CellHead
@@ -76,7 +76,7 @@ def with_heads(model, cfg):
                             f"grid ({cells}); this model gives {model.num_image_tokens} per image (connector.kind="
                             f"{cfg.connector.kind}, vision.image_size / vision.patch_size = "
                             f"{cfg.vision.image_size // cfg.vision.patch_size})")
-        model.cell_head = CellHead(model.lm.hidden_size, CLASSES)
+        model.cell_head = CellHead(model.lm.hidden_size, classes(cfg.data.grid))
     return model
 
 
