@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from graft.build import build_stream
+from graft.build import build_model, build_stream
 from graft.data.processor import Processor
 from graft.data.shapes import ShapesWorld
 from graft.data.tokenizer import ChatTokenizer, world_corpus
@@ -44,6 +44,17 @@ def tiny_vlm(kind: str = "mlp") -> tuple[VLM, Processor]:
 # quiet short runs for the evaluation tests (tests/test_eval_tasks.py, test_eval_vqa_data.py)
 EVAL_RUN_SETS = ["--set", "train.progress=false", "--set", "eval.splits=", "--set", "train.batch_size=32",
                  "--set", "train.log_every=5", "--set", "train.peak_flops=1e11"]
+
+
+def with_and_without(on, off, tok):
+    """The models of configs `on` and `off` (one with a training-only head, one without) from the
+    same seed; the head is built last, so every other weight is the same in both (asserted)."""
+    torch.manual_seed(0)
+    model = build_model(on, tok)
+    torch.manual_seed(0)
+    plain = build_model(off, tok)
+    assert all(torch.equal(p, q) for p, q in zip(plain.state_dict().values(), model.state_dict().values()))
+    return model, plain
 
 
 def copy_run(src: Path, dst: Path) -> Path:
