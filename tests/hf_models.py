@@ -2,7 +2,8 @@
 
 LMs: Llama (Llama-2-style [INST] template), Qwen2 (ChatML template, <|im_end|> ends a turn),
 GPT-2 (no chat template: graft's fallback is used). Vision: SigLIP (with its pooling head, unused)
-and CLIP (with a CLIP preprocessor_config.json, so its mean/std must be picked up). Two-tower
+and CLIP (with a CLIP preprocessor_config.json, so its mean/std must be picked up); DINOv2 with and
+without registers (`make_dino`: a crop and a mean/std that are not the student's). Two-tower
 CLIP and SigLIP models with their tokenizers (`make_dual`: distillation teachers). Tokenizers are
 byte-level BPEs trained on the Shapes world's text, without an <image> token (graft adds it).
 """
@@ -12,9 +13,11 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPConfig, CLIPModel, SiglipConfig, SiglipModel,
-    CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+    CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
     PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel,
 )
+from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from graft.data.shapes import ShapesWorld
@@ -30,6 +33,7 @@ CHATML_TEMPLATE = (
 )
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 _CORPUS = None
 
@@ -87,6 +91,22 @@ def make_vision(kind: str, folder: Path) -> Path:
                               image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(str(folder))
     else:
         raise ValueError(kind)
+    return folder
+
+
+def make_dino(folder: Path, registers: int = 0, crop: int = 32) -> Path:
+    """A DINOv2 model (with `registers` register tokens: Dinov2WithRegisters) of 8 px patches, its
+    position table for 24 px (interpolated to the crop, as the released models' 518 px table is to
+    224) and an image processor that crops to `crop` px with ImageNet's mean and std."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=24,
+                patch_size=8)
+    if registers:
+        Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**arch, num_register_tokens=registers)).save_pretrained(folder)
+    else:
+        Dinov2Model(Dinov2Config(**arch)).save_pretrained(folder)
+    BitImageProcessorPil(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}, do_center_crop=True,
+                         image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(str(folder))
     return folder
 
 

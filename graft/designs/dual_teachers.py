@@ -2,7 +2,8 @@
 entry is, what it needs of the student, and the frozen modules the trainer holds.
 
 An entry is a graft dual-encoder run, or a Hugging Face CLIP or SigLIP model folder (config.json,
-weights and tokenizer: a released model, e.g. `openai/clip-vit-base-patch32` saved to disk). Both
+weights and tokenizer: a released model, e.g. `openai/clip-vit-base-patch32` saved to disk), or a
+vision model alone for the patch losses (a CLIP or SigLIP tower, `facebook/dinov2-small`). Both
 read the student's pixels through `models.teachers.ImagesAs` (another image size, mean or std is
 adapted, not refused). A graft run reads the student's token ids, so it must share the student's
 tokenizer; an HF model decodes them to text and encodes it with its own tokenizer, which rendered
@@ -19,8 +20,8 @@ from graft.designs.registry import design
 from graft.errors import UserError
 from graft.models.dual_encoder import DualEncoder
 from graft.models.hf_backbones import resolve_vision
-from graft.models.teachers import (HF_VISION_KINDS, Adapted, HFDualTeacher, HFVisionTeacher, ImagesAs, hf_embed_dim,
-                                   hf_kind, hf_patch_dim)
+from graft.models.teachers import (DINO_KINDS, HF_VISION_KINDS, Adapted, HFDualTeacher, HFVisionTeacher, ImagesAs,
+                                   dino_images, hf_embed_dim, hf_kind, hf_patch_dim)
 from graft.models.vit import VisionConfig
 from graft.objectives import Teacher
 from graft.rundir import RunDir
@@ -101,9 +102,9 @@ def _images(v: VisionConfig) -> tuple[int, list[float], list[float]]:
 
 
 def _load(path: str, cfg, tok) -> nn.Module:
-    if kind := hf_kind(path):
-        theirs = resolve_vision(VisionConfig(hf_path=path))  # its image processor's size, mean and std
-        images = ImagesAs(_images(theirs), _images(cfg.vision))
+    if kind := hf_kind(path):  # its image processor's size, mean and std
+        theirs = dino_images(path) if kind in DINO_KINDS else _images(resolve_vision(VisionConfig(hf_path=path)))
+        images = ImagesAs(theirs, _images(cfg.vision))
         return HFVisionTeacher(path, images) if kind in HF_VISION_KINDS else HFDualTeacher(path, tok.decode, images)
     run = RunDir(path).require()
     theirs, their_tok = run.config(), run.tokenizer()

@@ -8,13 +8,15 @@ logit scale (`scale`):
   resample) and normalised with the teacher's mean and std. A teacher with the student's settings
   gets the pixels untouched.
 - `HFDualTeacher`: a Hugging Face CLIP or SigLIP model folder (config.json, weights, tokenizer),
-  as released models are shipped. Its text tower has its own tokenizer, so the student's token ids
+  as released models are shipped. `HFVisionTeacher`: a vision model alone (a CLIP or SigLIP
+  tower, DINOv2 with or without registers): patch features only. Its text tower has its own tokenizer, so the student's token ids
   are decoded to text (`decode`: the student's tokenizer) and encoded again with the teacher's,
   padded as the model was trained (SigLIP: to its full length; CLIP: to the batch's longest).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +27,9 @@ from torch import nn
 from graft.errors import UserError
 
 HF_KINDS = ("clip", "siglip")  # the `model_type`s of config.json taken as teachers
-HF_VISION_KINDS = ("clip_vision_model", "siglip_vision_model")  # vision towers alone: patch features only
+DINO_KINDS = ("dinov2", "dinov2_with_registers")  # self-supervised, no text: read at their processor's crop
+HF_VISION_KINDS = ("clip_vision_model", "siglip_vision_model", *DINO_KINDS)  # towers alone: patch features only
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # DINOv2's image processor
 
 
 class ImagesAs(nn.Module):
@@ -81,8 +85,25 @@ def hf_kind(path: str) -> str | None:
     kind = AutoConfig.from_pretrained(path).model_type
     if kind not in HF_KINDS + HF_VISION_KINDS:
         raise UserError(f"distill.teachers: {path} is an HF '{kind}' model; a teacher is a CLIP or SigLIP model "
-                        f"({', '.join(HF_KINDS)}), their vision tower alone (patch losses), or a graft dual-encoder run")
+                        f"({', '.join(HF_KINDS)}), a vision model alone for the patch losses "
+                        f"({', '.join(HF_VISION_KINDS)}), or a graft dual-encoder run")
     return kind
+
+
+def dino_images(path: str) -> tuple[int, list[float], list[float]]:
+    """How a DINOv2 folder reads images, as its image processor does: (crop size, mean, std), 224
+    and ImageNet's mean and std without a preprocessor_config.json. (Its config's image_size, 518
+    in the released models, sizes only the position table, which the model interpolates.)"""
+    pre = Path(path) / "preprocessor_config.json"
+    data = {}
+    if pre.is_file():
+        try:
+            data = json.loads(pre.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"distill.teachers: {pre} is not valid JSON") from None
+    crop = data.get("crop_size") or {}
+    size = crop.get("height", 224) if isinstance(crop, dict) else int(crop)
+    return int(size), [float(v) for v in data.get("image_mean", IMAGENET_MEAN)], [float(v) for v in data.get("image_std", IMAGENET_STD)]
 
 
 def hf_patch_dim(path: str) -> int:
@@ -140,8 +161,8 @@ class HFDualTeacher(nn.Module):
 
 
 class HFVisionTeacher(nn.Module):
-    """An HF CLIP or SigLIP vision tower alone (no text tower, no shared space): patch features only,
-    for the patch losses (`dense`, `masked`)."""
+    """An HF vision model alone (a CLIP or SigLIP tower, DINOv2 with or without registers; no text
+    tower, no shared space): patch features only, for the patch losses (`dense`, `masked`)."""
 
     def __init__(self, path: str, images: ImagesAs):
         super().__init__()
@@ -151,10 +172,13 @@ class HFVisionTeacher(nn.Module):
         self.model, self.images = AutoModel.from_pretrained(path).eval(), images
 
     def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Its last hidden state at every patch (B, P, D); CLIP's class token dropped."""
-        hidden = self.model(pixel_values=self.images(pixels)).last_hidden_state
-        side = self.model.config.image_size // self.model.config.patch_size
-        return hidden[:, -side * side:]
+        """Its last hidden state at every patch (B, P, D): the tokens before the patches (CLIP's and
+        DINOv2's class token, DINOv2's registers) dropped. DINOv2's is after its final norm, as its
+        released features are used; CLIP's before its post-layernorm, as in `HFDualTeacher`."""
+        x = self.images(pixels)
+        hidden = self.model(pixel_values=x).last_hidden_state
+        patch = self.model.config.patch_size
+        return hidden[:, -(x.shape[-2] // patch) * (x.shape[-1] // patch):]
 
 
 def _features(out) -> torch.Tensor:
