@@ -159,11 +159,16 @@ def members(folder):
     return out
 
 
-def test_filter_keeps_what_passes_every_rule_byte_for_byte(scored, tmp_path, capsys):
+def test_filter_keeps_what_passes_every_rule_byte_for_byte(scored, tmp_path, capsys, monkeypatch):
     """top=0.4, no boilerplate, exact and near duplicates: the kept records are exactly those, their
     members copied unchanged, keys.npy lists them; a third as many of the kept captions miss their
     image (mismatch, fragment, boilerplate; measured 0.18 against the pool's 0.54, one thread, AMD
-    EPYC), and the printed precision and recall are the truth's."""
+    EPYC), and the printed precision and recall are the truth's. The rules read each shard once
+    (keys, truth and image bytes together); copying the kept records is the second read."""
+    from graft.data import filter as data_filter
+
+    reads = []
+    monkeypatch.setattr(data_filter, "read_shard", lambda url, *a: reads.append(url) or read_shard(url, *a))
     out = tmp_path / "kept"
     code, stdout, _ = cli(capsys, "data", "filter", scored / "pool", "--scores", scored / "scores", "--keep", "top=0.4",
                           "--keep", "no_boilerplate", "--keep", "dedup", "--keep", "near_dup<0.9999", "--out", out)
@@ -188,6 +193,7 @@ def test_filter_keeps_what_passes_every_rule_byte_for_byte(scored, tmp_path, cap
     assert manifest["truth"]["precision"] == pytest.approx(precision)
     assert f"precision {precision:.3f}" in stdout
     assert sum(manifest["dropped"].values()) == len(truth) - len(kept)
+    assert sorted(reads) == sorted(str(p) for p in (scored / "pool").glob("*.tar"))
 
 
 def test_far_from_an_evaluation_set_drops_the_leaked_test_scenes(scored, tmp_path, capsys):

@@ -15,6 +15,7 @@ Rules (`--keep`, repeatable; a record is kept when it passes all):
                       score EVAL_SHARDS --embeddings` of that set with the same model)
 
 Near neighbours come from faiss (inner product of L2-normalised embeddings), not an all-pairs loop.
+Each shard is read twice: once for what the rules read (keys, truth, image bytes), once to copy.
 "Earlier" is the shards' order. The output folder gets a `.tar` per input shard that keeps
 anything (the kept records' members, byte for byte), and `manifest.json`: the rules, what each
 dropped (a record counted under the first rule it fails), and the kept count; `keys.npy` lists the
@@ -62,6 +63,7 @@ class Pool:
     scores: np.ndarray
     images: dict[int, np.ndarray] = field(default_factory=dict)  # per shard, when saved
     truth: dict[str, str] = field(default_factory=dict)  # key -> noise kind, where the shards say
+    digests: list[str] = field(default_factory=list)  # of the image bytes, when `dedup` reads them
 
 
 def filter_shards(shards: str, scores: Path, rules: list[str], out: Path) -> dict:
@@ -69,7 +71,7 @@ def filter_shards(shards: str, scores: Path, rules: list[str], out: Path) -> dic
         raise UserError(f"{out} exists: graft data filter writes a new folder (nothing is overwritten)")
     if not rules:
         raise UserError(f"--keep names no rule ({', '.join(RULES)})")
-    pool = _read_pool(shard_urls(shards, "no webdataset shards there"), scores)
+    pool = _read_pool(shard_urls(shards, "no webdataset shards there"), scores, "dedup" in rules)
     keep, dropped = np.ones(len(pool.keys), bool), {}
     for rule in rules:
         passed = _rule(rule, pool)
@@ -84,8 +86,9 @@ def filter_shards(shards: str, scores: Path, rules: list[str], out: Path) -> dic
     return manifest
 
 
-def _read_pool(urls: list[str], scores: Path) -> Pool:
-    """The scores of every shard, checked against the shards' own keys."""
+def _read_pool(urls: list[str], scores: Path, hash_images: bool) -> Pool:
+    """The scores of every shard, checked against the shards' own keys; each shard read once (its
+    .json for the noisy world's truth, and with `hash_images` its image bytes for `dedup`)."""
     pool = Pool(urls, [], [], [], np.zeros(0))
     values = []
     for i, url in enumerate(urls):
@@ -94,13 +97,14 @@ def _read_pool(urls: list[str], scores: Path) -> Pool:
             raise UserError(f"--scores {scores}: no {table_path.name} for shard {url} (run `graft data score` on "
                             "these shards first)")
         table = pq.read_table(table_path).to_pydict()
-        keys, truth = _shard_keys(url)
+        keys, truth, digests = _scan(url, hash_images)
         if not set(table["key"]) <= keys:
             stray = next(k for k in table["key"] if k not in keys)
             raise UserError(f"--scores {table_path}: key {stray!r} is not in {url}: the scores belong to other shards")
         pool.keys += table["key"]
         pool.shard += [i] * len(table["key"])
         pool.captions += table["caption"]
+        pool.digests += [digests.get(k, f"{i}/{k}") for k in table["key"]]  # no image: like no other
         values += table["score"]
         pool.truth |= {k: truth[k] for k in table["key"] if k in truth}
         emb = scores / f"{Path(url).stem}.image.npy"
@@ -110,18 +114,23 @@ def _read_pool(urls: list[str], scores: Path) -> Pool:
     return pool
 
 
-def _shard_keys(url: str) -> tuple[set[str], dict[str, str]]:
-    """A shard's record keys, and the noisy world's truth where its .json holds one."""
-    keys, truth, limits = set(), {}, DataConfig()
-    for rec in read_shard(url, {"json": limits.max_json_bytes}, SkipLog()):
+def _scan(url: str, hash_images: bool) -> tuple[set[str], dict[str, str], dict[str, str]]:
+    """A shard's record keys, the noisy world's truth where its .json holds one, and (`hash_images`)
+    the SHA-256 of each record's image bytes."""
+    keys, truth, digests, limits = set(), {}, {}, DataConfig()
+    members = {"json": limits.max_json_bytes} | ({e: MEMBER_LIMIT for e in SHARD_IMAGE_EXTS} if hash_images else {})
+    for rec in read_shard(url, members, SkipLog()):
         keys.add(rec["__key__"])
+        if hash_images:
+            image = next((rec[e] for e in SHARD_IMAGE_EXTS if e in rec), b"")
+            digests[rec["__key__"]] = hashlib.sha256(image).hexdigest()
         try:  # within graft's JSON limits (size, depth): a hostile .json is no truth, never a crash
             meta = parse_json(rec["json"], limits, ".json") if "json" in rec else None
         except BadSample:
             meta = None
         if isinstance(meta, dict) and isinstance(meta.get("noise"), str):
             truth[rec["__key__"]] = meta["noise"]
-    return keys, truth
+    return keys, truth, digests
 
 
 def _rule(rule: str, pool: Pool) -> np.ndarray:
@@ -145,7 +154,7 @@ def _rule(rule: str, pool: Pool) -> np.ndarray:
     if name == "no_boilerplate":
         return np.array([c.strip().lower() not in BOILERPLATE and not FILE_NAME.match(c.strip()) for c in pool.captions])
     if name == "dedup":
-        return _first_of_each(_image_hashes(pool))
+        return _first_of_each(pool.digests)
     if name == "near_dup<":
         return ~_near(_embeddings(pool, rule), None, value)
     if name == "far_from=":
@@ -168,15 +177,6 @@ def _split(rule: str):
         except ValueError:
             raise UserError(f"--keep {rule}: write far_from=DIR<COSINE (e.g. far_from=eval_scores<0.95)") from None
     return rule, None
-
-
-def _image_hashes(pool: Pool) -> list[str]:
-    digests = {}
-    for url in pool.urls:
-        for rec in read_shard(url, {e: MEMBER_LIMIT for e in SHARD_IMAGE_EXTS}, SkipLog()):
-            image = next((rec[e] for e in SHARD_IMAGE_EXTS if e in rec), b"")
-            digests[(url, rec["__key__"])] = hashlib.sha256(image).hexdigest()
-    return [digests.get((pool.urls[s], k), k) for s, k in zip(pool.shard, pool.keys)]
 
 
 def _first_of_each(values: list[str]) -> np.ndarray:
