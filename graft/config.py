@@ -56,6 +56,8 @@ class DataConfig:
     # Images per training item: 1 = one image's conversation; n > 1 = interleaved documents of n images,
     # each with its questions, then questions about them together (data/documents.py)
     images_per_doc: int = 1
+    # data.source=motion (data/motion.py): frames per clip, each an image of the example, in order
+    frames: int = 3
     # The scene told in words (its caption) instead of shown: text-only conversations, to pretrain a
     # language model on the world's language, or teach one that has seen images (eval task `text`)
     text_only: bool = False

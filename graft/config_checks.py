@@ -65,6 +65,7 @@ def validate(cfg: Config, sources: bool = True) -> Config:
             raise UserError(f"eval.splits: unknown split '{split}' (valid: {', '.join(splits)})")
     _validate_numbers(cfg)
     _validate_documents(cfg)
+    _validate_clips(cfg)
     _validate_streaming(cfg)
     _validate_tasks(cfg)
     if cfg.eval.image_root and not Path(cfg.eval.image_root).is_dir():
@@ -219,6 +220,17 @@ def _validate_documents(cfg: Config) -> None:
                         f"{cfg.data.source} each record holds its own images")
     if not design(cfg.model).can(GENERATES):
         raise UserError(f"data.images_per_doc={n}: model={cfg.model} reads one image per example")
+
+
+def _validate_clips(cfg: Config) -> None:
+    """data.frames: the clips of the built-in world in motion, read by a design that reads text and images."""
+    if "frames" not in source_kind(cfg).options:
+        if cfg.data.frames != config.DataConfig.frames:
+            raise UserError(f"data.frames={cfg.data.frames} sets the clips of data.source=motion; data.source="
+                            f"{cfg.data.source} does not read it")
+        return
+    if not design(cfg.model).can(GENERATES):
+        raise UserError(f"data.source=motion: a clip is several frames; model={cfg.model} pairs one image with its caption")
 
 
 def _validate_grounding(cfg: Config, options: tuple[str, ...]) -> None:

@@ -125,6 +125,23 @@ def shapes_spatial() -> Config:
     return cfg
 
 
+def motion_vqa() -> Config:
+    """The world in motion (data/motion.py): each clip's 3 frames into the LM as Fuyu patches through a per-patch MLP.
+
+    Questions need the frames in order: which way an object moved, what appeared, how many frames
+    show an object, its colour at the start, the colour it turned. A per-patch connector keeps each
+    token one cell of one frame (docs/spatial.md: a ViT mixes the cells), so a move is a change of
+    token between frames.
+    """
+    cfg = shapes_fuyu()
+    cfg.name = "motion_vqa"
+    cfg.connector.kind = "mlp"
+    cfg.data.source, cfg.data.max_objects, cfg.data.frames = "motion", 2, 3
+    cfg.data.questions_per_image = 5  # every question a clip allows
+    cfg.eval.splits = ["test"]
+    return cfg
+
+
 def shapes_moe() -> Config:
     """shapes_vqa with sparse MoE FFNs: 4 experts per LM layer, each as wide as the dense FFN, top-1 (equal active parameters).
 
@@ -343,6 +360,7 @@ DEMO = "shapes_spatial"  # what `graft demo` trains (README line 1)
 
 RECIPES = {f.__name__: f for f in (shapes_vqa, shapes_linear, shapes_resampler, shapes_pixel_shuffle, shapes_avgpool,
                                    shapes_flamingo, shapes_fuyu, shapes_spatial, shapes_moe, shapes_moe_aware, shapes_interleaved,
+                                   motion_vqa,
                                    sensors_vlm, sensors_clip, sensors_qformer_stage1,
                                    tiny, shapes_scale, shapes_scale_fuyu, llava_stage1, llava_stage2, llava_stage2_lora, llava_7b, siglip, clip, coca, clippo, lit,
                                    shapes_qformer_stage1, shapes_qformer)}

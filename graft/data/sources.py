@@ -2,6 +2,7 @@
 
     shapes      the built-in world (world_source.py): indexed, its own tokenizer, its own settings
     noisy       the built-in world's training pool as web pairs are, with recorded noise (noisy_world.py)
+    motion      the built-in world in motion (motion_source.py): clips of `data.frames` frames, each an image
     sensors     the built-in sensor world (sensor_source.py): recordings of activities, a series each
     webdataset  tar shards, one `data.shards` entry per source, mixed by `data.weights`
     llava       LLaVA conversation JSON (`data.path`) + image folder (`data.image_root`)
@@ -33,6 +34,9 @@ from graft.data.interleaved import InterleavedShards, JsonlDocuments
 from graft.data.limits import bounded_turns
 from graft.data import pamap2
 from graft.data.llava_json import LlavaSource
+from graft.data.motion import SPLITS as MOTION_SPLITS
+from graft.data.motion_source import MotionSource, motion_tokenizer
+from graft.data.motion_source import check as check_motion
 from graft.data.noisy_world import NoisySource, noise_shares
 from graft.data.pamap2 import Pamap2Source
 from graft.data.samples import BadSample
@@ -176,6 +180,9 @@ SOURCES: dict[str, SourceKind] = {
                          max_images=lambda d: d.images_per_doc, label_templates=LABEL_TEMPLATES, splits=SPLITS),
     "noisy": SourceKind(lambda cfg, proc, split: [NoisySource(make_world(cfg), cfg, split)], indexed=True,
                         tokenizer=world_tokenizer, options=("noise",), check=noise_shares, label_templates=LABEL_TEMPLATES),
+    "motion": SourceKind(lambda cfg, proc, split: [MotionSource(cfg, proc, split)], indexed=True,
+                         tokenizer=motion_tokenizer, options=("frames",), check=check_motion,
+                         max_images=lambda d: d.frames, splits=MOTION_SPLITS, world="motion"),
     "sensors": SourceKind(lambda cfg, proc, split: [SensorSource(cfg, proc, split)], indexed=True,
                           tokenizer=sensor_tokenizer, check=check_sensors, splits=SENSOR_SPLITS,
                           modality=TIME_SERIES, world="sensors"),

@@ -12,6 +12,7 @@ metrics to `RUN/eval.json` and the predictions (id, prediction, reference, corre
 - `shapes` (eval/world.py): the built-in world; `--data` is a split (test, val, compositional,
   train, or restyled: the test scenes drawn by a second renderer, data/restyle.py).
 - `sensors` (eval/sensor_world.py): the built-in sensor world (series QA, activity F1); `--data` is a split.
+- `motion` (eval/motion_world.py): the built-in world in motion (clip QA per type); `--data` is a split.
 - `fewshot`, `documents` (eval/fewshot.py): the world in context — k-shot VQA and captioning
   (k in `eval.shots`), and questions across the images of interleaved documents; `--data` is a split.
 - `text` (eval/text_world.py): the world's questions about scenes told in words, no image: held-out
@@ -34,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from graft.data.motion import SPLITS as MOTION_SPLITS
 from graft.data.sensors import SPLITS as SENSOR_SPLITS
 from graft.data.shapes import SPLITS
 from graft.data.skips import records_skipped
@@ -46,6 +48,7 @@ from graft.eval.class_scores import zero_shot_vlm
 from graft.eval.fewshot import documents_vlm, fewshot_vlm
 from graft.eval.labelled import load_labelled
 from graft.eval.questions import load_questions
+from graft.eval.motion_world import MOTION_WORLD, load_motion_split, motion_vlm
 from graft.eval.retrieval import retrieval_on
 from graft.eval.sensor_world import sensors_dual, SENSOR_WORLD, load_sensor_split, sensors_vlm
 from graft.eval.series_classes import classify_vlm, load_series
@@ -72,6 +75,8 @@ TASKS = {
                 splits=EVAL_SPLITS),
     SENSOR_WORLD: Task(load_sensor_split, {GENERATES: sensors_vlm, EMBEDS: sensors_dual}, exists=lambda split: split in SENSOR_SPLITS,
                        splits=SENSOR_SPLITS, modality=TIME_SERIES.name),
+    MOTION_WORLD: Task(load_motion_split, {GENERATES: motion_vlm}, exists=lambda split: split in MOTION_SPLITS,
+                       splits=MOTION_SPLITS),
     "fewshot": Task(load_split, {GENERATES: fewshot_vlm}, exists=lambda split: split in SPLITS),
     "documents": Task(load_split, {GENERATES: documents_vlm}, exists=lambda split: split in SPLITS),
     "text": Task(load_split, {GENERATES: text_vlm}, exists=lambda split: split in SPLITS),

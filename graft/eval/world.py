@@ -26,8 +26,8 @@ EVAL_SPLITS = (*SPLITS, RESTYLED)  # restyled: the test scenes drawn by another 
 @dataclass
 class WorldSplit:
     name: str  # the split
-    world: ShapesWorld
-    log: None = None
+    world: ShapesWorld  # or another built-in world with splits of samples (data/motion.py's MotionWorld)
+    log: None = None  # a built-in world has no bad records to count
 
 
 def load_split(split: str, cfg, splits: tuple[str, ...] = SPLITS) -> WorldSplit:
