@@ -103,3 +103,34 @@ def test_split_picks_the_built_in_worlds_held_out_samples(tmp_path, shards, caps
     for extra, needle in ((["--split", "nope"], "not a split"), (["--split", "test", *shards], "splits are the built-in world's")):
         assert main(["data", "show", "tiny", "--out", str(tmp_path / "x.png"), *extra]) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_a_clip_is_drawn_as_a_strip_of_its_frames_and_the_model_reads_them_all(tmp_path):
+    """`motion_vqa`'s records: each drawn as its frames side by side, in order; asked with --run,
+    the model gets every frame (its prompt holds three images' tokens), not the first alone."""
+    from graft.config_checks import apply_overrides
+    from graft.data.motion import MotionWorld
+    from graft.data.show import stream_records
+    from graft.eval import vqa
+    from graft.recipes import motion_vqa
+
+    cfg = apply_overrides(motion_vqa(), ["lm.layers=1", "lm.hidden_size=32", "lm.intermediate_size=64"])
+    (record,), _ = stream_records(cfg, 1)
+    frames = MotionWorld(24, 3, 2, 3, 0).sample("train", 0).frames
+    assert record.items and [f.tobytes() for f in record.items] == [f.tobytes() for f in frames]
+    gap = (record.image.width - 3 * 24) // 2
+    assert record.image.size == (3 * 24 + 2 * gap, 24) and gap >= 1
+    for k, frame in enumerate(frames):
+        assert record.image.crop((k * (24 + gap), 0, k * (24 + gap) + 24, 24)).tobytes() == frame.tobytes()
+
+    run = tmp_path / "run"
+    assert main(["train", "motion_vqa", "--out", str(run), "--set", "train.steps=1", *QUIET,
+                 "--set", "lm.layers=1", "--set", "lm.hidden_size=32", "--set", "lm.intermediate_size=64"]) == 0
+    seen = []
+    real = vqa._encoded
+    try:
+        vqa._encoded = lambda proc, prompt: seen.append(len(prompt[0])) or real(proc, prompt)
+        shown = show(cfg, 2, tmp_path / "clips.png", run=str(run))
+    finally:
+        vqa._encoded = real
+    assert shown.asked >= 2 and seen and set(seen) == {3}

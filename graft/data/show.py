@@ -3,10 +3,11 @@
 The records are the ones training would read first, read through the recipe's processor as
 training reads them (`streaming.read_record`), bad ones skipped and counted (`graft data check`):
 the built-in world's samples with the turns training gives them (a dual encoder: the caption;
-`--split` shows a held-out split), or the user's sources. Under each image: a VLM
+`--split` shows a held-out split), or the user's sources; a record of several images (a clip's
+frames, a document) is drawn as a strip of them, in order. Under each image: a VLM
 recipe's first turns (question → answer), a dual encoder's caption. With a trained VLM run, each
 shown question is also put to the model, and its answer is drawn under the reference, green when
-it matches after `vqa.normalise`, red when not.
+it matches after `vqa.normalise`, red when not (the model reads every image of the record).
 
 Text from data is untrusted: it is escaped (`skips.printable`), cut to the cell's lines and drawn
 with mathtext off, so a caption holding `$`, control characters or megabytes draws as plain text.
@@ -41,6 +42,7 @@ from graft.rundir import RunDir
 MAX_SAMPLES = 64  # one figure; beyond this the PNG gets unwieldy
 MAX_READ = 10_000  # records read at most while looking for usable ones
 TURNS = 3  # conversation turns drawn per image
+STRIP = 4  # images of one record drawn side by side (a clip's frames)
 # Layout at DPI: 4 columns of 250 px (1000 px, a README's width), images 192 px high (24 px x 8, 32 px x 6),
 # 42 characters to a text line.
 DPI, COLS, CELL_W, IMAGE_H, FONT, WRAP = 100, 4, 2.5, 1.92, 7.5, 42
@@ -51,9 +53,10 @@ RIGHT, WRONG, KEY = "#1a7f37", "#cf222e", "#6e7781"
 @dataclass
 class Record:
     key: str
-    image: Image.Image
+    image: Image.Image  # what is drawn: the item, or a record's images side by side (a clip's frames)
     turns: list[tuple[str, str]]  # (question, answer); a dual encoder pairs the image with turns[0][1]
     answers: list[str | None] = field(default_factory=list)  # the model's, per shown turn (--run)
+    items: list = field(default_factory=list)  # what the model reads (--run): every image of the record
 
 
 @dataclass
@@ -130,15 +133,32 @@ def stream_records(cfg: Config, n: int, split: str = "train") -> tuple[list[Reco
             read_record(proc, cfg.data, source, raw)  # every check training makes; then the parts to draw
             example = source.example(raw)
             turns, _ = bounded_turns(example.turns, cfg.data)
-            # the first image of a multi-image record; a text-only one (data.text_only) draws blank
-            image = proc.open(example.images[0], cfg.data)[0] if example.images else _blank(proc.image_size)
+            # a text-only record (data.text_only) draws blank
+            items = [proc.open(item, cfg.data)[0] for item in example.images] or [_blank(proc.image_size)]
         except BadSample as e:
             log.skip(e.reason, source.key(raw), e.detail)
             continue
-        records.append(Record(source.key(raw), image, turns))
+        records.append(Record(source.key(raw), strip(items), turns, items=items if example.images else []))
         if len(records) == n:
             break
     return records, log.skipped
+
+
+def strip(items: list) -> Image.Image | np.ndarray:
+    """One item as it is; several images side by side, in order, at the first one's height, with a
+    light gap (a clip's frames, a document's images): at most STRIP of them."""
+    if len(items) == 1 or not all(isinstance(x, Image.Image) for x in items):
+        return items[0]
+    shown = [x.convert("RGB") for x in items[:STRIP]]
+    h = shown[0].height
+    shown = [x if x.height == h else x.resize((max(1, round(x.width * h / x.height)), h)) for x in shown]
+    gap = max(1, h // 12)
+    out = Image.new("RGB", (sum(x.width for x in shown) + gap * (len(shown) - 1), h), (200, 200, 200))
+    left = 0
+    for x in shown:
+        out.paste(x, (left, 0))
+        left += x.width + gap
+    return out
 
 
 def _blank(size: int) -> Image.Image:
@@ -156,7 +176,7 @@ def ask(model, proc, run_cfg: Config, records: list[Record]) -> None:
                 proc.prompt(question)
             except BadSample:
                 continue
-            prompts.append((r.image, question))
+            prompts.append((r.items or [r.image], question))
             where.append((r, t))
     e = run_cfg.eval
     for (r, t), text in zip(where, answer(model, proc, prompts, e.batch_size, e.max_new_tokens)):
@@ -207,22 +227,30 @@ def _wrap(text: str, colour: str, max_lines: int) -> list[tuple[str, str]]:
 
 
 def draw(records: list[Record], cells: list[list[tuple[str, str]]]) -> bytes:
-    """A grid of COLS columns, each image over its lines; a row is as tall as its longest text.
-    Returns the PNG's bytes."""
+    """A grid of COLS columns, each image over its lines; a row is as tall as its tallest image (a
+    strip of frames is wide and low) and its longest text. Returns the PNG's bytes."""
     cols = min(COLS, len(records))
     rows = range(0, len(records), cols)
     text_hs = [max(len(lines) for lines in cells[i : i + cols]) * LINE_H + 0.1 for i in rows]  # inches
-    W, H = cols * CELL_W, len(rows) * (IMAGE_H + 0.1) + sum(text_hs)
+    image_hs = [max(_height(r.image) for r in records[i : i + cols]) for i in rows]
+    W, H = cols * CELL_W, sum(h + 0.1 for h in image_hs) + sum(text_hs)
     fig = pyplot().figure(figsize=(W, H), dpi=DPI)
     top = H
-    for first, text_h in zip(rows, text_hs):
+    for first, text_h, image_h in zip(rows, text_hs, image_hs):
         for k in range(first, min(first + cols, len(records))):
             x = (k - first) * CELL_W + 0.08  # inches from the left; `top` from the bottom
-            image = fig.add_axes((x / W, (top - 0.05 - IMAGE_H) / H, (CELL_W - 0.1) / W, IMAGE_H / H))
-            text = fig.add_axes((x / W, (top - IMAGE_H - 0.1 - text_h) / H, (CELL_W - 0.16) / W, text_h / H))
+            image = fig.add_axes((x / W, (top - 0.05 - image_h) / H, (CELL_W - 0.1) / W, image_h / H))
+            text = fig.add_axes((x / W, (top - image_h - 0.1 - text_h) / H, (CELL_W - 0.16) / W, text_h / H))
             _draw_cell(image, text, records[k].image, cells[k], text_h)
-        top -= IMAGE_H + 0.1 + text_h
+        top -= image_h + 0.1 + text_h
     return png_bytes(fig, DPI)
+
+
+def _height(image) -> float:
+    """Inches an image takes fitted into a cell (at most IMAGE_H); a series plot takes IMAGE_H."""
+    if isinstance(image, np.ndarray):
+        return IMAGE_H
+    return min(IMAGE_H, (CELL_W - 0.1) * image.height / image.width)
 
 
 def _draw_cell(image_ax, text_ax, image, lines: list[tuple[str, str]], text_h: float) -> None:
@@ -231,9 +259,10 @@ def _draw_cell(image_ax, text_ax, image, lines: list[tuple[str, str]], text_h: f
         image_ax.plot(image.T, linewidth=0.6)
         image_ax.set_xticks([]), image_ax.set_yticks([])
     else:
-        box = (round(image_ax.get_position().width * image_ax.figure.get_figwidth() * DPI), round(IMAGE_H * DPI))
+        pos, fig = image_ax.get_position(), image_ax.figure
+        box = (round(pos.width * fig.get_figwidth() * DPI), round(pos.height * fig.get_figheight() * DPI))
         image_ax.imshow(_scaled(image, box), interpolation="nearest")
-        image_ax.set_anchor("W")  # flush left, over its text
+        image_ax.set_anchor("SW")  # flush left, just over its text
         image_ax.set_axis_off()
     text_ax.set_axis_off()
     for j, (text, colour) in enumerate(lines):  # data text: no mathtext, clipped to the cell
