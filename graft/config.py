@@ -56,8 +56,10 @@ class DataConfig:
     # Images per training item: 1 = one image's conversation; n > 1 = interleaved documents of n images,
     # each with its questions, then questions about them together (data/documents.py)
     images_per_doc: int = 1
-    # data.source=motion (data/motion.py): frames per clip, each an image of the example, in order
+    # data.source=motion (data/motion.py): frames per clip, each an image of the example, in order;
+    # frame_labels: each frame after its timestamp in the text ("frame 1: ...", LLaVA-Video's way)
     frames: int = 3
+    frame_labels: bool = False
     # The scene told in words (its caption) instead of shown: text-only conversations, to pretrain a
     # language model on the world's language, or teach one that has seen images (eval task `text`)
     text_only: bool = False

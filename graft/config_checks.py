@@ -223,11 +223,13 @@ def _validate_documents(cfg: Config) -> None:
 
 
 def _validate_clips(cfg: Config) -> None:
-    """data.frames: the clips of the built-in world in motion, read by a design that reads text and images."""
+    """data.frames, data.frame_labels: the clips of the built-in world in motion, read by a design that reads
+    text and images."""
     if "frames" not in source_kind(cfg).options:
-        if cfg.data.frames != config.DataConfig.frames:
-            raise UserError(f"data.frames={cfg.data.frames} sets the clips of data.source=motion; data.source="
-                            f"{cfg.data.source} does not read it")
+        for key in ("frames", "frame_labels"):
+            if getattr(cfg.data, key) != getattr(config.DataConfig, key):
+                raise UserError(f"data.{key}={getattr(cfg.data, key)} sets the clips of data.source=motion; "
+                                f"data.source={cfg.data.source} does not read it")
         return
     if not design(cfg.model).can(GENERATES):
         raise UserError(f"data.source=motion: a clip is several frames; model={cfg.model} pairs one image with its caption")

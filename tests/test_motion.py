@@ -124,6 +124,7 @@ def test_other_designs_train_on_clips(tmp_path, capsys, recipe):
     ("motion_vqa", ["data.frames=1"], "data.frames=1: a clip of the motion world needs 2..data.grid (3) frames"),
     ("motion_vqa", ["data.frames=4"], "data.frames=4"),
     ("shapes_vqa", ["data.frames=2"], "data.frames"),
+    ("shapes_vqa", ["data.frame_labels=true"], "data.frame_labels=True sets the clips of data.source=motion"),
     ("clip", ["data.source=motion", "eval.splits=[test]"], "data.source=motion: a clip is several frames; model=dual"),
     ("motion_vqa", ["eval.splits=[compositional]"], "compositional"),
 ])
@@ -149,3 +150,31 @@ def test_a_short_motion_vqa_run_reads_the_frames(tmp_path, capsys):
     assert code == 0, err
     result = json.loads((out / "eval.json").read_text())
     assert result["vqa_acc/color"] >= 0.7, result
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_evaluation_lays_the_frames_out_as_training_does(capsys, tmp_path, labels):
+    """With `data.frame_labels` each frame follows its timestamp ("frame 1: <frame> frame 2: ..."),
+    LLaVA-Video's way of giving time; without, the frames open the question. Either way the prompt
+    evaluation asks is, token for token, the start of the training row of the same clip and question."""
+    from graft.build import build_processor, load_run
+    from graft.data.motion_source import MotionSource, pose
+    from graft.eval.vqa import _encoded
+    from graft.rundir import RunDir
+
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", "motion_vqa", "--out", out, *QUICK, "--set", f"data.frame_labels={labels}")
+    assert code == 0, err
+    cfg, tok, model, _ = load_run(RunDir(out))
+    proc = build_processor(cfg, tok, model)
+    example = MotionSource(cfg).example(3)
+    clip = WORLD.sample("train", 3)
+    question, reply = next((q, a) for q, a in [(qa.question, qa.answer) for qa in clip.qa] + [("describe the clip.", clip.caption)]
+                           if example.turns[0][0].endswith(q))
+    assert example.turns[0][0].startswith("frame 1: ") == labels and example.turns[0][1] == reply
+    row = proc.text_row(example.turns[:1], example.places)[0][0]
+    ids, items = _encoded(proc, pose(cfg)(clip, question))
+    assert row[: len(ids)] == ids and len(items) == 3
+    slots = [i for i, t in enumerate(ids) if t == model.image_token_id]
+    between = tok.decode([t for t in ids[slots[0]:slots[-1]] if t != model.image_token_id])  # text between the frames
+    assert ("frame 2:" in between and "frame 3:" in between) == labels, between

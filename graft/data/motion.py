@@ -132,6 +132,17 @@ class MotionWorld:
         return Actor(start, event, frame=rng.randint(1, last), new_color=new_color)
 
 
+def timed(question: str, frames: int) -> tuple[str, list[int]]:
+    """`question` after each frame's timestamp, "frame 1: <frame> frame 2: <frame> ... question" (the
+    way LLaVA-Video tells the LM when each frame was taken): the text and the frames' character
+    offsets in it (`data.frame_labels`)."""
+    text, at = "", []
+    for k in range(frames):
+        text += f"frame {k + 1}:" if k == 0 else f" frame {k + 1}:"
+        at.append(len(text))
+    return f"{text} {question}", at
+
+
 def _apart(actors: list[Actor], t: int) -> bool:
     cells = [(o.row, o.col) for a in actors if (o := a.at(t)) is not None]
     return len(cells) == len(set(cells))

@@ -2,7 +2,8 @@
 `data.source=shapes` is the still world (data/world_source.py).
 
 Record `i` of a split is clip i, made into an `Example` whose items are its `data.frames` frames,
-in order, at the start of the first question (as several images without markers go), and whose
+in order, at the start of the first question (as several images without markers go; with
+`data.frame_labels` each after its timestamp, "frame 1: ... frame 2: ..."), and whose
 turns are `data.questions_per_image` of its questions in random order, sometimes with the caption
 request. It is indexed (record i is a pure function of i: read by number, resumed exactly,
 packable) and its tokenizer is trained on the world's own text.
@@ -16,7 +17,7 @@ import random
 from tokenizers import Tokenizer
 
 from graft.config import Config
-from graft.data.motion import CLIP_PROMPT, MotionWorld
+from graft.data.motion import CLIP_PROMPT, MotionWorld, timed
 from graft.data.samples import Example
 from graft.data.tokenizer import ChatTokenizer
 from graft.data.world_source import BuiltInSource, training_turns
@@ -47,18 +48,39 @@ class MotionSource(BuiltInSource):
         clip, key = self.world.sample(self.split, index), self.key(index)
         rng = random.Random(f"turns/{self.d.seed}/{index}")
         turns = training_turns(clip, rng, self.d.questions_per_image, self.d.caption_prob, CLIP_PROMPT)
+        if self.d.frame_labels:
+            first, at = timed(turns[0][0], len(clip.frames))
+            return Example(key, list(clip.frames), [(first, turns[0][1]), *turns[1:]], [(0, o) for o in at])
         return Example(key, list(clip.frames), turns, [(0, 0)] * len(clip.frames))
+
+
+def pose(cfg: Config):
+    """(clip, question) → the prompt evaluation asks (eval/vqa.py `answer`): its frames laid out as
+    training lays them out."""
+    if cfg.data.frame_labels:
+        return lambda clip, question: (clip.frames, *_timed(question, len(clip.frames)))
+    return lambda clip, question: (clip.frames, question)
+
+
+def _timed(question: str, frames: int) -> tuple[str, tuple, list[int]]:
+    text, at = timed(question, frames)
+    return text, ((), ()), at  # no earlier turns; the frames at `at`
 
 
 def motion_tokenizer(cfg: Config) -> ChatTokenizer:
     d = cfg.data
-    return ChatTokenizer(Tokenizer.from_str(_motion_tokenizer(d.seed, d.grid, d.max_objects, d.frames, d.vocab_size)))
+    return ChatTokenizer(Tokenizer.from_str(_motion_tokenizer(d.seed, d.grid, d.max_objects, d.frames, d.vocab_size,
+                                                              d.frame_labels)))
 
 
 @functools.lru_cache(maxsize=4)
-def _motion_tokenizer(seed: int, grid: int, max_objects: int, frames: int, vocab_size: int, n: int = 2000) -> str:
-    """As JSON, trained once per process on the world's captions, questions and answers."""
+def _motion_tokenizer(seed: int, grid: int, max_objects: int, frames: int, vocab_size: int, labels: bool,
+                      n: int = 2000) -> str:
+    """As JSON, trained once per process on the world's captions, questions and answers (and the
+    frames' timestamps, with `data.frame_labels`)."""
     world, texts = MotionWorld(8, grid, max_objects, frames, seed), [CLIP_PROMPT]
+    if labels:
+        texts.append(timed("", frames)[0])
     for i in range(n):
         caption, qa = world.text("train", i)
         texts += [caption] + [t for q in qa for t in (q.question, q.answer)]

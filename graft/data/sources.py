@@ -181,7 +181,7 @@ SOURCES: dict[str, SourceKind] = {
     "noisy": SourceKind(lambda cfg, proc, split: [NoisySource(make_world(cfg), cfg, split)], indexed=True,
                         tokenizer=world_tokenizer, options=("noise",), check=noise_shares, label_templates=LABEL_TEMPLATES),
     "motion": SourceKind(lambda cfg, proc, split: [MotionSource(cfg, proc, split)], indexed=True,
-                         tokenizer=motion_tokenizer, options=("frames",), check=check_motion,
+                         tokenizer=motion_tokenizer, options=("frames", "frame_labels"), check=check_motion,
                          max_images=lambda d: d.frames, splits=MOTION_SPLITS, world="motion"),
     "sensors": SourceKind(lambda cfg, proc, split: [SensorSource(cfg, proc, split)], indexed=True,
                           tokenizer=sensor_tokenizer, check=check_sensors, splits=SENSOR_SPLITS,

@@ -36,11 +36,12 @@ def cider(candidates: list[str], references: list[list[str]]) -> float:
 
 
 def caption_cider(model, proc, world: ShapesWorld, split: str, n: int, batch_size: int, max_new_tokens: int,
-                  prompt: str = CAPTION_PROMPT, item=lambda sample: sample.image) -> tuple[dict[str, float], list[dict]]:
-    """CIDEr-D and exact match of the captions of the first n samples of `split`; `prompt`, `item`:
-    another world's caption request and what of its sample the model reads (the sensor world's)."""
+                  prompt: str = CAPTION_PROMPT, pose=lambda sample, question: (sample.image, question)
+                  ) -> tuple[dict[str, float], list[dict]]:
+    """CIDEr-D and exact match of the captions of the first n samples of `split`; `prompt`, `pose`:
+    another world's caption request and how its sample and a question make a prompt for `answer`."""
     samples = [world.sample(split, i) for i in range(n)]
-    preds = answer(model, proc, [(item(s), prompt) for s in samples], batch_size, max_new_tokens)
+    preds = answer(model, proc, [pose(s, prompt) for s in samples], batch_size, max_new_tokens)
     return _scored(preds, samples, split, prompt)
 
 

@@ -73,10 +73,10 @@ def sensors_dual(model, proc, data: SensorSplit, cfg) -> tuple[dict[str, float],
 def sensors_vlm(model, proc, data: SensorSplit, cfg) -> tuple[dict[str, float], list[dict]]:
     e = cfg.eval
     metrics, predictions = vqa_accuracy(model, proc, data.world, data.name, e.vqa_per_type, e.batch_size,
-                                        QUESTION_TYPES, item=lambda rec: rec.values)
+                                        QUESTION_TYPES, pose=lambda rec, question: (rec.values, question))
     if e.captions > 0:  # "describe the recording." against the world's caption
         more, captions = caption_cider(model, proc, data.world, data.name, e.captions, e.batch_size, e.max_new_tokens,
-                                       RECORDING_PROMPT, item=lambda rec: rec.values)
+                                       RECORDING_PROMPT, pose=lambda rec, question: (rec.values, question))
         metrics, predictions = metrics | more, predictions + captions
     asked = [(normalise(p["reference"]), normalise(p["prediction"])) for p in predictions if p["question"] == ACTIVITY_PROMPT]
     return metrics | class_scores(asked, ACTIVITIES, "activity"), predictions

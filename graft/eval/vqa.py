@@ -44,18 +44,20 @@ def normalise(text: str) -> str:
 def answer(model, proc, prompts: list[tuple], batch_size: int, max_new_tokens: int,
            sampling: tuple[float, float, int] | None = None) -> list[str]:
     """Greedy answers (each process answers its share, eval/shard.py) to prompts (image, question) or
-    (images, question, context): `context` = earlier (turns, places) holding the first images
-    (few-shot examples, a document; Processor.prompt), the question the rest. `sampling`:
+    (images, question, context[, at]): `context` = earlier (turns, places) holding the first images
+    (few-shot examples, a document; Processor.prompt), the question the rest, at the character
+    offsets `at` (default: at its start). `sampling`:
     (temperature, top_p, seed) to sample instead (VLM.generate), the same answers for the same seed."""
     return shard_map(lambda share: _answer(model, proc, share, batch_size, max_new_tokens, sampling), prompts)
 
 
 def _encoded(proc, prompt: tuple) -> tuple[list[int], list[torch.Tensor]]:
-    images, question, *context = prompt
+    images, question, *rest = prompt
     images = images if isinstance(images, list) else [images]
-    context = context[0] if context else ((), ())
+    context = rest[0] if rest else ((), ())
+    at = rest[1] if len(rest) > 1 else None
     items = [proc.pixels(img) for img in images]
-    ids, _ = proc.fit(proc.prompt(question, len(images) - len(context[1]), context), None, items)
+    ids, _ = proc.fit(proc.prompt(question, len(images) - len(context[1]), context, at), None, items)
     return ids, items
 
 
@@ -83,11 +85,13 @@ def _answer(model, proc, prompts, batch_size: int, max_new_tokens: int, sampling
 
 
 def vqa_accuracy(model, proc, world: ShapesWorld, split: str, per_type: int, batch_size: int,
-                 types: tuple[str, ...] = QUESTION_TYPES, item=lambda sample: sample.image) -> tuple[dict[str, float], list[dict]]:
-    """Accuracy overall and per question type, and one prediction per question. `types`, `item`:
-    another world's question types and what of its sample the model reads (the sensor world's)."""
+                 types: tuple[str, ...] = QUESTION_TYPES, pose=lambda sample, question: (sample.image, question)
+                 ) -> tuple[dict[str, float], list[dict]]:
+    """Accuracy overall and per question type, and one prediction per question. `types`, `pose`:
+    another world's question types and how its sample and a question make a prompt for `answer`
+    (the sensor world's recording; a clip's frames)."""
     items = questions(world, split, per_type, types)
-    prompts = [(item(world.sample(split, i)), qa.question) for i, qa in items]
+    prompts = [pose(world.sample(split, i), qa.question) for i, qa in items]
     preds = answer(model, proc, prompts, batch_size, max_new_tokens=4)
     right, predictions = defaultdict(list), []
     for (index, qa), pred in zip(items, preds):
