@@ -169,8 +169,11 @@ class ParallelConfig:
     # and optimizer state over the processes: FSDP2 fully_shard on each block, then the root)
     kind: str = "auto"
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
-    # torch.compile the training forward: whole (one process, DDP) or each block (FSDP2)
+    # torch.compile the training forward: whole (one process, DDP) or each block (FSDP2), with
+    # compile_backend: inductor (kernels), aot_eager (traced, run by eager ops: to tell a numerics or
+    # kernel problem from a tracing one, as torchtitan's compile.backend does) or eager (dynamo only)
     compile: bool = False
+    compile_backend: str = "inductor"
     # Seconds a collective may wait before the run fails naming the rank and the operation.
     timeout_s: int = 600
 

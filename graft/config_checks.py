@@ -53,11 +53,14 @@ def validate(cfg: Config, sources: bool = True) -> Config:
         "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
         "parallel.kind": (cfg.parallel.kind, ("auto", "none", "ddp", "fsdp2")),
+        "parallel.compile_backend": (cfg.parallel.compile_backend, ("inductor", "aot_eager", "eager")),
     }
     choices["data.source"] = (cfg.data.source, tuple(SOURCES))
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise UserError(f"{key}={value!r} is not one of {', '.join(valid)}")
+    if cfg.parallel.compile_backend != config.ParallelConfig.compile_backend and not cfg.parallel.compile:
+        raise UserError(f"parallel.compile_backend={cfg.parallel.compile_backend} has no effect without parallel.compile=true")
     world = source_kind(cfg).world  # None: a source without one refuses eval.splits itself
     splits = TASKS[world].splits if world else cfg.eval.splits  # of the built-in world of the run's modality
     for split in cfg.eval.splits:

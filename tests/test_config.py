@@ -74,6 +74,10 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     one_line_error(cli(capsys, "eval", tmp_path / "missing_run"), "missing_run")
     one_line_error(cli(capsys, "train", "tiny", "--out", tmp_path / "r", "--set", "train.freeze=[vision,connector,lm]"),
                    "train.freeze")
+    one_line_error(cli(capsys, "train", "tiny", "--out", tmp_path / "r", "--set", "parallel.compile=true",
+                       "--set", "parallel.compile_backend=tvm"), "parallel.compile_backend='tvm' is not one of inductor")
+    one_line_error(cli(capsys, "train", "tiny", "--out", tmp_path / "r", "--set", "parallel.compile_backend=eager"),
+                   "parallel.compile_backend=eager has no effect without parallel.compile=true")
     assert not (tmp_path / "r").exists()  # nothing was written for a rejected config
     (tmp_path / "a_file").write_text("keep me")
     one_line_error(cli(capsys, "train", "tiny", "--out", tmp_path / "a_file"), "a_file")

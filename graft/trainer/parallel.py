@@ -68,7 +68,7 @@ def apply(model: nn.Module, cfg: Config, rt) -> nn.Module:
     if k == "fsdp2":
         if cfg.parallel.compile:  # per block: FSDP2's gathers and reduces run between them
             for block in units:
-                block.compile()
+                block.compile(backend=cfg.parallel.compile_backend)
         shard(model, units, rt)
         return model
     # Buffers are not re-broadcast from rank 0 each forward: graft's are constants, or move alike on
@@ -79,7 +79,7 @@ def apply(model: nn.Module, cfg: Config, rt) -> nn.Module:
         # with this: its LM head runs only at the answer positions, a data-dependent count).
         # Evaluation keeps calling the eager model.
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
-        engine = torch.compile(engine)
+        engine = torch.compile(engine, backend=cfg.parallel.compile_backend)
     return engine
 
 
