@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
+import torch
 
 from graft.data.motion import COLORS, QUESTION_TYPES, STILL, MotionWorld
 from tests.helpers import cli, one_line_error
@@ -178,3 +179,43 @@ def test_evaluation_lays_the_frames_out_as_training_does(capsys, tmp_path, label
     slots = [i for i, t in enumerate(ids) if t == model.image_token_id]
     between = tok.decode([t for t in ids[slots[0]:slots[-1]] if t != model.image_token_id])  # text between the frames
     assert ("frame 2:" in between and "frame 3:" in between) == labels, between
+
+
+def test_your_own_clips_as_lists_of_frame_files_give_the_same_rows(tmp_path, capsys):
+    """Clips from files, today: a LLaVA JSON record whose `image` is its frame files in order (no
+    `<image>` marker: the frames open the first question, as the built-in clips' do). Written from
+    the motion world (PNG frames, the world's tokenizer saved beside them), each user record gives
+    the built-in record's row — ids, labels and every frame's pixels — exactly; a run trains on them."""
+    from graft.build import tokenizer_for
+    from graft.config_checks import apply_overrides
+    from graft.data.check import processor_for
+    from graft.data.llava_json import LlavaSource
+    from graft.data.motion_source import MotionSource
+    from graft.data.streaming import read_record
+    from graft.recipes import motion_vqa
+
+    base = apply_overrides(motion_vqa(), ["data.caption_prob=0"])
+    tokenizer_for(base).save(tmp_path / "tokenizer.json")
+    records = []
+    for i in range(8):
+        example = MotionSource(base).example(i)
+        (tmp_path / f"clip{i}").mkdir()
+        for k, frame in enumerate(example.images):
+            frame.save(tmp_path / f"clip{i}" / f"{k}.png")
+        records.append({"id": str(i), "image": [f"clip{i}/{k}.png" for k in range(len(example.images))],
+                        "conversations": [m for q, a in example.turns
+                                          for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]})
+    (tmp_path / "clips.json").write_text(json.dumps(records))
+    sets = ["data.source=llava", f"data.path={tmp_path / 'clips.json'}", f"data.tokenizer={tmp_path / 'tokenizer.json'}",
+            "eval.splits=[]"]
+    user = apply_overrides(motion_vqa(), sets)
+    proc = processor_for(user)
+    theirs, mine = LlavaSource(user.data), MotionSource(base)
+    for i in range(8):
+        (ids, labels, pixels), _ = read_record(proc, user.data, theirs, i)
+        (ids_, labels_, pixels_), _ = read_record(proc, base.data, mine, i)
+        assert ids == ids_ and labels == labels_ and len(pixels) == 3
+        assert all(torch.equal(a, b) for a, b in zip(pixels, pixels_))
+    code, _, err = cli(capsys, "train", "motion_vqa", "--out", tmp_path / "run", *QUICK,
+                       *[a for s in sets for a in ("--set", s)])
+    assert code == 0, err
