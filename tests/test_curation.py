@@ -164,11 +164,9 @@ def test_filter_keeps_what_passes_every_rule_byte_for_byte(scored, tmp_path, cap
     members copied unchanged, keys.npy lists them; a third as many of the kept captions miss their
     image (mismatch, fragment, boilerplate; measured 0.18 against the pool's 0.54, one thread, AMD
     EPYC), and the printed precision and recall are the truth's. The rules read each shard once
-    (keys, truth and image bytes together); copying the kept records is the second read."""
-    from graft.data import filter as data_filter
-
+    (keys, truth, image bytes); copying the kept records is the second read."""
     reads = []
-    monkeypatch.setattr(data_filter, "read_shard", lambda url, *a: reads.append(url) or read_shard(url, *a))
+    monkeypatch.setattr("graft.data.filter.read_shard", lambda url, *a: reads.append(url) or read_shard(url, *a))
     out = tmp_path / "kept"
     code, stdout, _ = cli(capsys, "data", "filter", scored / "pool", "--scores", scored / "scores", "--keep", "top=0.4",
                           "--keep", "no_boilerplate", "--keep", "dedup", "--keep", "near_dup<0.9999", "--out", out)
